@@ -1,0 +1,27 @@
+"""djprobe: direct-jump probes for live x86-64 Linux processes, driven from Python."""
+
+from __future__ import annotations
+
+from .errors import (
+    DjprobeError,
+    InvalidSiteError,
+    NoRoomError,
+    ProcessGoneError,
+    SiteBusyError,
+    SymbolNotFoundError,
+    TargetFaultError,
+    TracePermissionError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DjprobeError",
+    "InvalidSiteError",
+    "NoRoomError",
+    "ProcessGoneError",
+    "SiteBusyError",
+    "SymbolNotFoundError",
+    "TargetFaultError",
+    "TracePermissionError",
+]
