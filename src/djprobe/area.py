@@ -1,0 +1,279 @@
+"""Layout of a probe area: the memory shared by the tracer and the target.
+
+A probe area serves one *region* of the target's address space (all sites within reach of a rel32
+jump). It is a pair of adjacent mappings in the target:
+
+* the **code** part: anonymous, private, read+execute in the target (never writable there); the
+  tracer writes stubs into it through ``/proc/PID/mem``. It is cut into fixed-size stub slots.
+* the **data** part: a shared file mapping, read-write in the target, mapped by the tracer too.
+  It holds a header, the instance table (enough to restore every patched byte even if the tracer
+  dies), and the hit counters.
+
+Instance ``i`` owns stub slot ``i``, table entry ``i`` and counter column ``i``. Counters are
+sharded so that threads on different CPUs rarely share a cache line: the stub picks a shard from
+its stack pointer (threads have distinct stacks), so the count of instance ``i`` is the sum of
+column ``i`` over all shards. This module is the one definition of that layout, used by the stub
+builder, the probe lifecycle and the consumer.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"DJPROBE\x01"
+VERSION = 1
+PAGE = 4096
+
+HEADER_SIZE = PAGE
+ENTRY_SIZE = 128
+MAX_DISPLACED = 24  # room for the original bytes of the displaced instructions (5 + 14 + slack)
+
+
+class InstanceState(enum.IntEnum):
+    """State of an instance table entry (stored in the target, read by later tracers)."""
+
+    FREE = 0
+    PREPARED = 1  # stub written, jump not (yet) written
+    INSERTED = 2  # jump written at `address`
+    RETIRED = 3  # jump removed; stub slot kept because a thread might still reference it
+
+
+# Header: magic, version, sizes and addresses. Little-endian, fixed offsets.
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQ")
+_HEADER_FIELDS = (
+    "magic",
+    "version",
+    "header_size",
+    "tracer_pid",
+    "target_pid",
+    "max_instances",
+    "n_shards",
+    "shard_shift",
+    "slot_size",
+    "code_address",
+    "code_size",
+    "data_address",
+    "data_size",
+    "table_offset",
+    "counters_offset",
+    "rings_offset",
+    "rings_size",
+    "reserved",
+)
+
+# Instance entry: address, stub, state, size, action, original bytes, patched bytes, a name hint.
+_ENTRY = struct.Struct(f"<QQIBBH{MAX_DISPLACED}s{MAX_DISPLACED}sQ48s")
+assert _ENTRY.size <= ENTRY_SIZE
+
+
+@dataclass(frozen=True)
+class AreaLayout:
+    """Sizes and offsets of one probe area; a pure function of its parameters."""
+
+    max_instances: int = 1024
+    n_shards: int = 64
+    slot_size: int = 256
+    shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
+    rings_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_instances", "n_shards", "slot_size"):
+            value = getattr(self, name)
+            if value <= 0 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, not {value}")
+
+    @property
+    def table_offset(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def counters_offset(self) -> int:
+        return _page_align(self.table_offset + self.max_instances * ENTRY_SIZE)
+
+    @property
+    def shard_stride(self) -> int:
+        """Bytes between two shards of the same counter (a power of two)."""
+        return self.max_instances * 8
+
+    @property
+    def rings_offset(self) -> int:
+        return _page_align(self.counters_offset + self.n_shards * self.shard_stride)
+
+    @property
+    def data_size(self) -> int:
+        return _page_align(self.rings_offset + self.rings_size)
+
+    @property
+    def code_size(self) -> int:
+        return _page_align(self.max_instances * self.slot_size)
+
+    @property
+    def total_size(self) -> int:
+        """Address space taken in the target: code part followed by data part."""
+        return self.code_size + self.data_size
+
+    def slot_address(self, code_address: int, index: int) -> int:
+        return code_address + index * self.slot_size
+
+    def counter_address(self, data_address: int, index: int) -> int:
+        """Target address of shard 0 of the counter of instance ``index``."""
+        return data_address + self.counters_offset + index * 8
+
+
+def _page_align(n: int) -> int:
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass
+class InstanceEntry:
+    """One entry of the instance table."""
+
+    address: int = 0
+    stub_address: int = 0
+    state: InstanceState = InstanceState.FREE
+    size: int = 0
+    action: int = 0
+    original: bytes = b""
+    patched: bytes = b""
+    generation: int = 0
+    name: str = ""
+
+    def pack(self) -> bytes:
+        if len(self.original) > MAX_DISPLACED or len(self.patched) > MAX_DISPLACED:
+            raise ValueError("displaced bytes too long for the instance table")
+        return _ENTRY.pack(
+            self.address,
+            self.stub_address,
+            int(self.state),
+            self.size,
+            self.action,
+            0,
+            self.original.ljust(MAX_DISPLACED, b"\0"),
+            self.patched.ljust(MAX_DISPLACED, b"\0"),
+            self.generation,
+            self.name.encode()[:48],
+        ).ljust(ENTRY_SIZE, b"\0")
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "InstanceEntry":
+        address, stub, state, size, action, _, orig, patched, gen, name = _ENTRY.unpack_from(raw)
+        return cls(
+            address=address,
+            stub_address=stub,
+            state=InstanceState(state) if state in InstanceState._value2member_map_ else InstanceState.FREE,
+            size=size,
+            action=action,
+            original=orig[:size],
+            patched=patched[:size],
+            generation=gen,
+            name=name.rstrip(b"\0").decode(errors="replace"),
+        )
+
+
+@dataclass(frozen=True)
+class AreaHeader:
+    """The header of a probe area's data part."""
+
+    layout: AreaLayout
+    tracer_pid: int
+    target_pid: int
+    code_address: int
+    data_address: int
+
+    def pack(self) -> bytes:
+        lay = self.layout
+        values = (
+            MAGIC,
+            VERSION,
+            HEADER_SIZE,
+            self.tracer_pid,
+            self.target_pid,
+            lay.max_instances,
+            lay.n_shards,
+            lay.shard_shift,
+            lay.slot_size,
+            self.code_address,
+            lay.code_size,
+            self.data_address,
+            lay.data_size,
+            lay.table_offset,
+            lay.counters_offset,
+            lay.rings_offset,
+            lay.rings_size,
+            0,
+        )
+        return _HEADER.pack(*values)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "AreaHeader":
+        """Parse a header; raises ValueError if ``raw`` is not a djprobe area of this version."""
+        if len(raw) < _HEADER.size:
+            raise ValueError("too short for a probe area header")
+        fields = dict(zip(_HEADER_FIELDS, _HEADER.unpack_from(raw)))
+        if fields["magic"] != MAGIC:
+            raise ValueError("not a djprobe probe area (bad magic)")
+        if fields["version"] != VERSION:
+            raise ValueError(f"probe area version {fields['version']} is not supported")
+        layout = AreaLayout(
+            max_instances=fields["max_instances"],
+            n_shards=fields["n_shards"],
+            slot_size=fields["slot_size"],
+            shard_shift=fields["shard_shift"],
+            rings_size=fields["rings_size"],
+        )
+        return cls(
+            layout=layout,
+            tracer_pid=fields["tracer_pid"],
+            target_pid=fields["target_pid"],
+            code_address=fields["code_address"],
+            data_address=fields["data_address"],
+        )
+
+
+class AreaView:
+    """Typed access to a probe area's data part held in a writable buffer (the tracer's mmap)."""
+
+    def __init__(self, buffer: memoryview | bytearray, layout: AreaLayout) -> None:
+        self.buffer = memoryview(buffer)
+        self.layout = layout
+        self._counters = np.frombuffer(
+            self.buffer,
+            dtype=np.uint64,
+            count=layout.n_shards * layout.max_instances,
+            offset=layout.counters_offset,
+        ).reshape(layout.n_shards, layout.max_instances)
+
+    def write_header(self, header: AreaHeader) -> None:
+        raw = header.pack()
+        self.buffer[: len(raw)] = raw
+
+    def header(self) -> AreaHeader:
+        return AreaHeader.unpack(bytes(self.buffer[:HEADER_SIZE]))
+
+    def entry(self, index: int) -> InstanceEntry:
+        off = self.layout.table_offset + index * ENTRY_SIZE
+        return InstanceEntry.unpack(bytes(self.buffer[off : off + ENTRY_SIZE]))
+
+    def set_entry(self, index: int, entry: InstanceEntry) -> None:
+        off = self.layout.table_offset + index * ENTRY_SIZE
+        self.buffer[off : off + ENTRY_SIZE] = entry.pack()
+
+    def count(self, index: int) -> int:
+        """Hits of instance ``index``: the sum over all shards."""
+        return int(self._counters[:, index].sum(dtype=np.uint64))
+
+    def counts(self) -> np.ndarray:
+        """Hits of every instance (one vector, summed over shards)."""
+        return self._counters.sum(axis=0, dtype=np.uint64)
+
+    def reset_count(self, index: int) -> None:
+        self._counters[:, index] = 0
+
+    def release(self) -> None:
+        """Drop the numpy view so the underlying mmap can be closed."""
+        self._counters = None  # type: ignore[assignment]
+        self.buffer.release()

@@ -1,0 +1,112 @@
+"""Shared pieces of the commands that probe a live target: -p PID / -- COMMAND, patterns, signals."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import InvalidSiteError, SymbolNotFoundError
+from ..probes import Djprobe, ProbedProcess, attach, spawn
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--pid", type=int, help="probe this running process")
+    parser.add_argument("-d", "--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "patterns",
+        nargs="+",
+        metavar="PATTERN",
+        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*); no module means the main executable",
+    )
+
+
+def open_target(args: argparse.Namespace) -> ProbedProcess:
+    """Attach to -p PID, or spawn the command given after `--` (held before main)."""
+    if args.pid is not None and args.command_argv:
+        raise InvalidSiteError("give either -p PID or -- COMMAND, not both")
+    if args.pid is not None:
+        if args.pid <= 0:
+            raise InvalidSiteError(f"invalid PID {args.pid}")
+        return attach(args.pid)
+    if args.command_argv:
+        return spawn(args.command_argv)
+    raise InvalidSiteError("no target: give -p PID or -- COMMAND [ARG...]")
+
+
+@dataclass
+class Refusal:
+    site: str
+    reason: str
+
+
+def make_probes(target: ProbedProcess, patterns: list[str]) -> tuple[list[Djprobe], list[Refusal]]:
+    """One probe per distinct address matched by the patterns; refusals with their reasons."""
+    symbols = target.symbols
+    main = symbols.modules[0].name if symbols.modules else None
+    probes: dict[int, Djprobe] = {}
+    refused: list[Refusal] = []
+    for pattern in patterns:
+        spec = pattern
+        if ":" not in pattern and not pattern.startswith("0x") and main is not None:
+            spec = f"{main}:{pattern}"
+        try:
+            sites = symbols.resolve(spec)
+        except SymbolNotFoundError as exc:
+            raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
+        for site in sites:
+            if site.address in probes:
+                continue
+            djp = Djprobe(site.address)
+            djp.site = site.name
+            probes[site.address] = djp
+    placed = list(probes.values())
+    errors = target.register_many(placed)
+    bad = {id(d) for d, _ in errors}
+    for djp, exc in errors:
+        refused.append(Refusal(djp.site or hex(djp.address or 0), getattr(exc, "reason", None) or str(exc)))
+    return [d for d in placed if id(d) not in bad], refused
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGHUP arrived: end cleanly."""
+
+
+def install_signal_handlers() -> None:
+    def on_signal(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+
+def run_until_done(target: ProbedProcess, duration: float | None, interval: float | None = None) -> Iterator[None]:
+    """Yield every `interval` seconds (or every 0.1 s) until the duration passes, the target
+    ends, or Ctrl-C/SIGTERM."""
+    start = time.monotonic()
+    next_report = start + interval if interval else None
+    try:
+        while True:
+            now = time.monotonic()
+            if duration is not None and now - start >= duration:
+                return
+            if not target.process.is_alive():
+                return
+            if next_report is not None and now >= next_report:
+                next_report += interval  # type: ignore[operator]
+                yield
+            time.sleep(0.05)
+    except (KeyboardInterrupt, Interrupted):
+        return
+
+
+def exit_status(target: ProbedProcess) -> int:
+    """The spawned command's exit status (128+N for a signal), or 0 when attached by PID."""
+    popen = getattr(target.process, "popen", None)
+    if popen is None:
+        return 0
+    code = popen.wait()
+    return 128 - code if code < 0 else code

@@ -1,0 +1,504 @@
+"""Jump probes: Djprobe objects, instances per address, the phases, and the undo registry.
+
+The seed's phases, in user space:
+
+* **preparing**: analyse the site, take a stub slot in a probe area near it, write the stub
+  (action, relocated displaced instructions, jump back);
+* **inserting**: with every thread of the target stopped, move any thread that stands inside the
+  displaced bytes to the equivalent place in the stub, check that no thread can return into them,
+  write the ``jmp``; then detach;
+* **working**: the target runs untraced; the tracer only reads the counters;
+* **removing**: stop every thread again, restore the original bytes, move threads that are in
+  the stub back to the equivalent original place (stepping them out of the action if needed), and
+  free the slot only when nothing can still return into it.
+
+Several probes at one address share one instance; each keeps its own count (taken as the
+instance's counter minus its value when the probe joined, read while the world was stopped).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .area import AreaLayout, InstanceEntry, InstanceState
+from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
+from .process import Process, Thread
+from .regions import Region, create_region, unmap_region
+from .sites import SiteAnalysis, Verdict, analyse_site
+from .stubs import Stub, build_count_stub, jump_bytes, jump_target
+from .symbols import Symbols
+from .x86.relocate import RelocationError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Djprobe", object], None]
+
+STACK_SCAN_BYTES = 64 * 1024
+STEP_LIMIT = 256
+
+
+class Djprobe:
+    """A jump probe, in the seed's terms: ``addr``, ``size`` and ``handler(djp, regs)``.
+
+    ``addr`` is an integer address or a site spec (``symbol``, ``module:symbol``, ``0xADDR``, each
+    with an optional ``+offset``). ``size`` is the number of bytes to displace; leave it out to
+    have it computed. After registration, ``address`` is the resolved address and ``hits`` the
+    number of times the probe fired.
+    """
+
+    def __init__(self, addr: int | str, size: int | None = None, handler: Handler | None = None) -> None:
+        if not isinstance(addr, (int, str)) or isinstance(addr, bool):
+            raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
+        if size is not None and (not isinstance(size, int) or size < 5 or size > 24):
+            raise InvalidSiteError(f"size must be an integer from 5 to 24 bytes, not {size!r}")
+        self.addr: int | str = addr
+        self.size = size
+        self.handler = handler
+        self.address: int | None = None
+        self.site: str | None = None
+        self.analysis: SiteAnalysis | None = None
+        self._instance: Instance | None = None
+        self._baseline = 0
+        self._final_hits: int | None = None
+        self.missed = 0
+
+    @property
+    def registered(self) -> bool:
+        return self._instance is not None
+
+    @property
+    def hits(self) -> int:
+        """How many times the probe fired (exact; frozen at unregistration)."""
+        if self._instance is not None:
+            return self._instance.count() - self._baseline
+        return self._final_hits or 0
+
+    def __repr__(self) -> str:
+        where = self.site or (hex(self.addr) if isinstance(self.addr, int) else self.addr)
+        state = "registered" if self.registered else "unregistered"
+        return f"<Djprobe {where} {state} hits={self.hits}>"
+
+
+@dataclass
+class Instance:
+    """The patch at one address: a stub in a region slot, shared by the probes placed there."""
+
+    analysis: SiteAnalysis
+    region: Region
+    slot: int
+    stub: Stub
+    original: bytes
+    patched: bytes
+    probes: list[Djprobe] = field(default_factory=list)
+
+    @property
+    def address(self) -> int:
+        return self.analysis.address
+
+    @property
+    def size(self) -> int:
+        return self.analysis.size
+
+    def count(self) -> int:
+        return self.region.view.count(self.slot)
+
+
+class ProbedProcess:
+    """A live process that djprobes can be placed in. Use :func:`attach` or :func:`spawn`.
+
+    Every change to the target goes through this object, which can undo all of them:
+    :meth:`close` (also called by ``with``, at interpreter exit, and by the CLI on signals)
+    removes every probe and leaves the target running as it was.
+    """
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._symbols: Symbols | None = None
+        self._regions: list[Region] = []
+        self._instances: dict[int, Instance] = {}
+        self._closed = False
+        self._stop_depth = 0
+        self._stacks: dict[int, np.ndarray] = {}
+        self._stacks_key: int | None = None
+        self._stop_generation = 0
+        _LIVE.add(self)
+
+    # -- symbols -----------------------------------------------------------------------------
+    @property
+    def symbols(self) -> Symbols:
+        """The target's modules and symbols (reloaded after new libraries are mapped)."""
+        if self._symbols is None:
+            self._symbols = Symbols.from_process(self.pid, self.process.memory)
+        return self._symbols
+
+    def refresh_symbols(self) -> None:
+        self._symbols = None
+
+    def read(self, address: int, size: int) -> bytes:
+        """Read target memory as it is now."""
+        return self.process.read(address, size)
+
+    # -- stop the world ------------------------------------------------------------------------
+    @contextmanager
+    def stopped(self) -> Iterator[dict[int, Thread]]:
+        """Keep every thread of the target stopped inside the block (re-entrant)."""
+        if self._stop_depth == 0 and not self.process.stopped:
+            self.process.stop()
+            self._stop_generation += 1
+            owner = True
+        else:
+            owner = False
+        self._stop_depth += 1
+        try:
+            yield self.process.threads
+        finally:
+            self._stop_depth -= 1
+            if owner:
+                self.process.resume()
+
+    # -- registration --------------------------------------------------------------------------
+    def analyse(self, djp: Djprobe) -> SiteAnalysis:
+        """Resolve and analyse the site of ``djp`` without changing the target."""
+        spec = djp.addr
+        if isinstance(spec, str):
+            resolved = self.symbols.resolve(spec)
+            if len(resolved) != 1:
+                names = ", ".join(r.name for r in resolved[:5])
+                raise InvalidSiteError(f"site {spec!r} matches {len(resolved)} functions ({names}...): give one")
+            site: object = resolved[0]
+        else:
+            site = spec
+        return analyse_site(self.symbols, site, djp.size, self.process.memory)
+
+    def register(self, djp: Djprobe) -> Djprobe:
+        """Place ``djp`` in the target (the seed's ``register_djprobe``).
+
+        Raises InvalidSiteError (EINVAL) with the reason the site was refused, NoRoomError
+        (ENOMEM) when no stub memory can be placed within reach, SiteBusyError (EBUSY) when
+        something else patched the address or a thread may return into the displaced bytes.
+        """
+        errors = self.register_many([djp])
+        if errors:
+            raise errors[0][1]
+        return djp
+
+    def register_many(self, djps: Sequence[Djprobe]) -> list[tuple[Djprobe, DjprobeError]]:
+        """Place many probes under one stop of the world; returns those refused, with the error."""
+        self._check_open()
+        refused: list[tuple[Djprobe, DjprobeError]] = []
+        for djp in djps:
+            if djp.registered:
+                refused.append((djp, InvalidSiteError(f"{djp!r} is already registered")))
+        todo = [d for d in djps if not d.registered]
+        if not todo:
+            return refused
+        with self.stopped():
+            for djp in todo:
+                try:
+                    self._insert(djp)
+                except DjprobeError as exc:
+                    refused.append((djp, exc))
+        return refused
+
+    def _insert(self, djp: Djprobe) -> None:
+        analysis = self.analyse(djp)
+        address = analysis.address
+        existing = self._instances.get(address)
+        if existing is not None:
+            if djp.size is not None and djp.size != existing.size:
+                raise SiteBusyError(
+                    f"{analysis.site}: a probe with size {existing.size} is already there, not {djp.size}",
+                    address=address,
+                )
+            self._join(djp, existing, analysis)
+            return
+        for inst in self._instances.values():
+            if inst.address < address + analysis.size and address < inst.address + inst.size:
+                raise SiteBusyError(
+                    f"{analysis.site}: displaced bytes overlap the probe at {inst.address:#x}", address=address
+                )
+        if analysis.verdict is not Verdict.JUMP:
+            if analysis.busy:
+                raise SiteBusyError(f"{analysis.site}: {analysis.reason}", address=address)
+            raise InvalidSiteError(f"{analysis.site}: {analysis.reason}", address=address, reason=analysis.reason)
+        original = self.process.read(address, analysis.size)
+        blocker = self._return_into(address, address + analysis.size)
+        if blocker:
+            raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
+        region, slot, stub = self._prepare(analysis)
+        patched = jump_bytes(address, stub.address)
+        entry = InstanceEntry(
+            address=address,
+            stub_address=stub.address,
+            state=InstanceState.PREPARED,
+            size=analysis.size,
+            original=original,
+            patched=patched + original[len(patched) :],
+            name=analysis.site[:48],
+        )
+        region.view.set_entry(slot, entry)
+        self._move_threads_into_stub(analysis, stub)
+        self.process.write(address, patched)
+        entry.state = InstanceState.INSERTED
+        region.view.set_entry(slot, entry)
+        instance = Instance(analysis, region, slot, stub, original, entry.patched)
+        self._instances[address] = instance
+        self._join(djp, instance, analysis)
+
+    def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis) -> None:
+        djp.address = analysis.address
+        djp.site = analysis.site
+        djp.analysis = analysis
+        djp._baseline = instance.count()
+        djp._final_hits = None
+        djp._instance = instance
+        instance.probes.append(djp)
+
+    def _prepare(self, analysis: SiteAnalysis) -> tuple[Region, int, Stub]:
+        """Take a slot near the site and write its stub (not reachable by any thread yet)."""
+        tried_new = False
+        candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
+        while True:
+            if not candidates:
+                if tried_new:
+                    raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
+                region = create_region(self.process, analysis.address)
+                self._regions.append(region)
+                candidates = [region]
+                tried_new = True
+            region = candidates.pop(0)
+            slot = region.take_slot()
+            if slot is None:
+                continue
+            try:
+                stub = build_count_stub(analysis, region.layout, region.slot_address(slot), region.counter_address(slot))
+            except RelocationError as exc:
+                region.free_slots.append(slot)
+                if tried_new:
+                    raise NoRoomError(f"{analysis.site}: {exc.reason}", address=analysis.address) from exc
+                continue
+            self.process.write(stub.address, stub.code)
+            return region, slot, stub
+
+    def _return_into(self, start: int, end: int) -> str | None:
+        """Why a thread might resume strictly inside (start, end) other than through its rip
+        (a return address or a signal frame on its stack), or None."""
+        for tid, words in self._stack_snapshot().items():
+            i = int(np.searchsorted(words, start, side="right"))
+            if i < len(words) and words[i] < end:
+                return (
+                    f"thread {tid} holds {int(words[i]):#x} on its stack (a return address or signal "
+                    "frame inside the displaced bytes); try again later"
+                )
+        return None
+
+    def _stack_snapshot(self) -> dict[int, np.ndarray]:
+        """Sorted 8-byte words of the top of each stopped thread's stack (cached for this stop)."""
+        key = self._stop_generation
+        if self._stacks_key != key:
+            self._stacks = {}
+            for thread in self.process.threads.values():
+                rsp = thread.regs().rsp & ~7
+                data = b""
+                size = STACK_SCAN_BYTES
+                while size >= 4096 and not data:
+                    try:
+                        data = self.process.read(rsp, size)
+                    except DjprobeError:
+                        size //= 2  # the stack mapping ends sooner
+                self._stacks[thread.tid] = np.unique(np.frombuffer(data, dtype=np.uint64))
+            self._stacks_key = key
+        return self._stacks
+
+    def _move_threads_into_stub(self, analysis: SiteAnalysis, stub: Stub) -> None:
+        start, end = analysis.address, analysis.address + analysis.size
+        mapping = stub.relocated.address_map
+        for thread in self.process.threads.values():
+            regs = thread.regs()
+            if start < regs.rip < end or (thread.in_syscall_restart() and start < regs.rip - 2 < end):
+                new_rip = mapping.get(regs.rip)
+                if new_rip is None:
+                    raise SiteBusyError(
+                        f"{analysis.site}: thread {thread.tid} stopped at {regs.rip:#x}, not at an instruction "
+                        "boundary of the displaced bytes",
+                        address=start,
+                    )
+                regs = regs.copy()
+                regs.rip = new_rip
+                thread.set_regs(regs)
+
+    # -- removal -------------------------------------------------------------------------------
+    def unregister(self, djp: Djprobe) -> None:
+        """Remove ``djp`` (the seed's ``unregister_djprobe``); its count is kept in ``hits``."""
+        self.unregister_many([djp])
+
+    def unregister_many(self, djps: Iterable[Djprobe]) -> None:
+        """Remove many probes under one stop of the world."""
+        djps = [d for d in djps if d._instance is not None]
+        if not djps:
+            return
+        if not self.process.is_alive():
+            for djp in djps:
+                self._detach_probe(djp)
+            return
+        with self.stopped():
+            for djp in djps:
+                instance = djp._instance
+                assert instance is not None
+                if len(instance.probes) == 1:
+                    self._remove_instance(instance)
+                self._detach_probe(djp)
+
+    def _detach_probe(self, djp: Djprobe) -> None:
+        instance = djp._instance
+        if instance is None:
+            return
+        djp._final_hits = instance.count() - djp._baseline
+        djp._instance = None
+        if djp in instance.probes:
+            instance.probes.remove(djp)
+
+    def _remove_instance(self, instance: Instance) -> None:
+        current = self.process.read(instance.address, len(instance.patched))
+        if current[:5] != instance.patched[:5]:
+            log.warning(
+                "bytes at %#x changed since the probe was placed (%s, expected %s); restoring the original",
+                instance.address,
+                current[:5].hex(),
+                instance.patched[:5].hex(),
+            )
+        self.process.write(instance.address, instance.original)
+        self._move_threads_out_of_stub(instance)
+        # Final counts are exact: every thread is out of the action part now.
+        for djp in instance.probes:
+            djp._final_hits = instance.count() - djp._baseline
+        del self._instances[instance.address]
+        stub = instance.stub
+        if self._referenced(stub.address, stub.end):
+            entry = instance.region.view.entry(instance.slot)
+            entry.state = InstanceState.RETIRED
+            instance.region.view.set_entry(instance.slot, entry)
+        else:
+            instance.region.give_back(instance.slot)
+
+    def _move_threads_out_of_stub(self, instance: Instance) -> None:
+        stub = instance.stub
+        reloc_start = stub.address + stub.action_size
+        for thread in self.process.threads.values():
+            for _ in range(STEP_LIMIT):
+                rip = thread.regs().rip
+                if not stub.address <= rip < stub.end:
+                    break
+                if rip >= reloc_start:
+                    original = stub.original_address(rip)
+                    if original is not None:
+                        regs = thread.regs().copy()
+                        regs.rip = original
+                        thread.set_regs(regs)
+                        break
+                thread.step()
+            else:
+                raise DjprobeError(f"thread {thread.tid} did not leave the stub at {stub.address:#x}")
+
+    def _referenced(self, start: int, end: int) -> bool:
+        """Whether any thread is in [start, end) or holds an address there on its stack."""
+        for thread in self.process.threads.values():
+            if any(start <= p < end for p in thread.positions()):
+                return True
+        self._stacks_key = None  # threads may have been stepped: take a new snapshot
+        for words in self._stack_snapshot().values():
+            i = int(np.searchsorted(words, start, side="left"))
+            if i < len(words) and words[i] < end:
+                return True
+        return False
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Let a spawned (or otherwise held) target run: every thread is resumed and detached."""
+        if self.process.stopped and self._stop_depth == 0:
+            self.process.resume()
+            self._stop_generation += 1
+
+    @property
+    def probes(self) -> list[Djprobe]:
+        return [p for inst in self._instances.values() for p in inst.probes]
+
+    def close(self) -> None:
+        """Remove every probe, drop the tracer's side of the probe areas, and let the target go."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        try:
+            if self.process.is_alive():
+                probes = self.probes
+                if probes:
+                    self.unregister_many(probes)
+                if self.process.stopped:
+                    self.process.resume()
+            else:
+                for djp in self.probes:
+                    self._detach_probe(djp)
+        finally:
+            for region in self._regions:
+                region.close_tracer_side()
+            self.process.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DjprobeError("this process handle is closed")
+
+    def __enter__(self) -> "ProbedProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_LIVE: "weakref.WeakSet[ProbedProcess]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for target in list(_LIVE):
+        try:
+            target.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            log.exception("cleanup of process %d failed", target.pid)
+
+
+def attach(pid: int) -> ProbedProcess:
+    """Take control of the running process ``pid`` (its threads keep running until a probe goes in).
+
+    Raises ProcessGoneError (ESRCH) if there is no such process and TracePermissionError (EPERM)
+    if it may not be traced.
+    """
+    return ProbedProcess(Process(pid))
+
+
+def spawn(argv: Sequence[str], **kwargs: object) -> ProbedProcess:
+    """Start ``argv`` and hold it after its libraries are loaded, before ``main``.
+
+    Probes registered now are in place before ``main`` runs. The program starts running when
+    the first batch of probes is in (or on :meth:`ProbedProcess.start`).
+    """
+    return ProbedProcess(Process.spawn(list(argv), **kwargs))  # type: ignore[arg-type]
+
+
+def register_djprobe(proc: ProbedProcess, djp: Djprobe) -> Djprobe:
+    """The seed's ``register_djprobe``: place ``djp`` in ``proc``."""
+    return proc.register(djp)
+
+
+def unregister_djprobe(proc: ProbedProcess, djp: Djprobe) -> None:
+    """The seed's ``unregister_djprobe``: remove ``djp`` from ``proc``."""
+    proc.unregister(djp)
