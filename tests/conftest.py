@@ -15,12 +15,21 @@ TARGETS = Path(__file__).parent / "targets"
 _BUILD_DIR = Path(os.environ.get("DJPROBE_TEST_BUILD", "/tmp/djprobe-test-build"))
 
 
-def compile_c(source: str | Path, *flags: str, name: str | None = None) -> Path:
-    """Compile C or assembly (a path, or source text) with gcc; cached by content and flags.
+def compile_c(source: str | Path | list[Path], *flags: str, name: str | None = None) -> Path:
+    """Compile C or assembly (a path, several paths, or source text) with gcc; cached by content
+    and flags.
 
     Default flags: -O1 -g0 -pthread; pass extra flags (e.g. "-O2", "-no-pie") after.
     Assembly source text must start with the line "#asm" (it is compiled as a .S file).
     """
+    if isinstance(source, list):
+        text = "\0".join(p.read_text() for p in source)
+        key = hashlib.sha256((text + "\0" + "\0".join(flags)).encode()).hexdigest()[:16]
+        _BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        out = _BUILD_DIR / f"{name or source[0].stem}-{key}"
+        if not out.exists():
+            _gcc([str(p) for p in source], flags, out)
+        return out
     if isinstance(source, Path):
         text = source.read_text()
         suffix = source.suffix
@@ -35,13 +44,17 @@ def compile_c(source: str | Path, *flags: str, name: str | None = None) -> Path:
     if not out.exists():
         src = _BUILD_DIR / f"{stem}-{key}{suffix}"
         src.write_text(text)
-        tmp = out.with_suffix(".tmp")
-        cmd = ["gcc", "-O1", "-g0", "-pthread", *flags, "-o", str(tmp), str(src)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"gcc failed: {' '.join(cmd)}\n{res.stderr}")
-        tmp.rename(out)
+        _gcc([str(src)], flags, out)
     return out
+
+
+def _gcc(sources: list[str], flags: tuple[str, ...], out: Path) -> None:
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    cmd = ["gcc", "-O1", "-g0", "-pthread", *flags, "-o", str(tmp), *sources]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"gcc failed: {' '.join(cmd)}\n{res.stderr}")
+    tmp.rename(out)
 
 
 @pytest.fixture

@@ -32,8 +32,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import iced_x86
-from iced_x86 import Code, Decoder, Encoder, Instruction, MemoryOperand, OpKind, Register
+from iced_x86 import Code, Decoder, Encoder, Instruction, MemoryOperand, MemorySizeExt, Mnemonic, OpKind, Register
 
 from .decode import FALLS_THROUGH, Flow, Insn, decode
 
@@ -151,7 +150,7 @@ def relocation_problem(insn: Insn) -> str | None:
     if flow is Flow.JUMP and code not in _JMP_CODES:
         return f"{_where(insn)} is an unusual jump form (operand-size prefix) that cannot be relocated"
     if flow is Flow.COND_JUMP:
-        if instr.mnemonic == iced_x86.Mnemonic.XBEGIN:
+        if instr.mnemonic == Mnemonic.XBEGIN:
             if code not in _XBEGIN_OK:
                 return f"{_where(insn)} is a 16-bit xbegin form that cannot be relocated"
         elif not (instr.is_jcc_short_or_near or code in _LOOP_CODES):
@@ -277,6 +276,19 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
                 address=insn.address,
             )
 
+    lo = insns[0].address if insns else 0
+    hi = insns[-1].end if insns else 0
+    for insn in insns:
+        if insn.rip_relative:
+            t = insn.mem_target
+            size = max(1, MemorySizeExt.size(insn.instruction.memory_size))
+            if insn.instruction.mnemonic != Mnemonic.LEA and t < hi and t + size > lo:
+                raise RelocationError(
+                    f"{_where(insn)} accesses memory at {t:#x}, inside the displaced bytes that "
+                    "the probe overwrites; choose another site",
+                    address=insn.address,
+                )
+
     # layout
     pieces = [_kind_and_size(insn) for insn in insns]
     pos = new_address
@@ -288,8 +300,6 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
     if not insns and return_to is not None:
         add_jump = True
 
-    lo = insns[0].address if insns else 0
-    hi = insns[-1].end if insns else 0
     new_start = {p.insn.address: p.start for p in pieces}
 
     def resolve(insn: Insn, target: int) -> int:
@@ -363,7 +373,7 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
     if add_jump:
         assert return_to is not None
         return_jump = end_of_pieces
-        rel32(None, "return address", return_to, return_jump + _JMP_REL32_SIZE)
+        rel32(None, "jump back to", return_to, return_jump + _JMP_REL32_SIZE)
         out += _encode(Instruction.create_branch(Code.JMP_REL32_64, return_to), return_jump)
 
     amap: dict[int, int] = {}

@@ -1,0 +1,223 @@
+"""``djprobe sites``: what a jump probe at a site would displace, and whether it may.
+
+    djprobe sites [-p PID] [--size N] [--json] SITE...
+    djprobe sites [-p PID] --all MODULE [--boundaries] [--json]
+
+Without ``-p`` a site names a file: ``PATH:SYMBOL[+OFF]``, ``PATH:0xVADDR`` or a library name
+found in this process's own maps or in ``ldconfig -p`` (``libc:malloc``). With ``-p`` sites are
+resolved in the live process and the bytes there are compared with the file (another tool's
+``int3`` or ``jmp`` makes the site busy).
+
+``--json`` prints JSON lines: one object per site (keys site, address, size, verdict, reason,
+busy, module, function, offset, at_entry, flags_dead, instructions, padding); with ``--all`` one
+object with the coverage counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from ..errors import InvalidSiteError, SymbolNotFoundError
+from ..sites import SiteAnalysis, Verdict, analyse_site, coverage
+
+EPILOG = """examples:
+  djprobe sites libc:malloc            what a probe at malloc's entry displaces
+  djprobe sites /bin/ls:main+0x10      a site inside a function of a file
+  djprobe sites -p 1234 libc:free --json
+  djprobe sites --all libc --boundaries   coverage of every function of libc
+"""
+
+WIDTH = 79
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "sites",
+        help="show what a jump probe at a site would displace, and whether it may",
+        description="Disassemble probe sites: the displaced instructions, the verdict (jump or "
+        "refused) and the reason. --json prints one JSON object per line.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-p", "--pid", type=int, help="resolve and check sites in this live process")
+    parser.add_argument("--size", type=int, help="displace exactly SIZE bytes (default: the fewest "
+                        "whole instructions covering 5 bytes)")
+    parser.add_argument("--json", action="store_true", help="JSON lines output")
+    parser.add_argument("--all", metavar="MODULE", help="summarise the coverage of every function of MODULE")
+    parser.add_argument("--boundaries", action="store_true",
+                        help="with --all: also every instruction boundary, not only function entries")
+    parser.add_argument("sites", nargs="*", metavar="SITE",
+                        help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, or an address with -p")
+    parser.set_defaults(run=run)
+
+
+# -- resolution ---------------------------------------------------------------------------------
+
+
+def _own_library(name: str) -> str | None:
+    """Path of a library called ``name`` (libc, libc.so.6) mapped here, or listed by ldconfig."""
+    from ..symbols import Symbols
+
+    try:
+        with Symbols.from_process(os.getpid()) as own:
+            return own.module(name).path
+    except Exception:  # noqa: BLE001 - fall back to ldconfig
+        pass
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        line = line.strip()
+        if "=>" not in line or "x86-64" not in line:
+            continue
+        lib, path = line.split(" (", 1)[0].strip(), line.split("=>", 1)[1].strip()
+        if lib == name or lib.startswith(name + ".so"):
+            return path
+    return None
+
+
+def _file_symbols(module_name: str):
+    from ..symbols import Symbols
+
+    if "/" in module_name or os.path.exists(module_name):
+        return Symbols.from_file(module_name)
+    path = _own_library(module_name)
+    if path is None:
+        raise SymbolNotFoundError(
+            f"no file or library named {module_name!r} (give a path, or -p PID for a live process)"
+        )
+    return Symbols.from_file(path)
+
+
+def _split_module(spec: str) -> tuple[str, str]:
+    if ":" not in spec:
+        raise InvalidSiteError(f"{spec!r}: without -p a site is MODULE:SYMBOL[+OFF] or MODULE:0xVADDR")
+    module, rest = spec.rsplit(":", 1)
+    if not module or not rest:
+        raise InvalidSiteError(f"{spec!r}: expected MODULE:SYMBOL[+OFF]")
+    return module, rest
+
+
+def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
+    results: list[SiteAnalysis] = []
+    if args.pid is not None:
+        from ..symbols import Symbols
+
+        with Symbols.from_process(args.pid) as symbols:
+            for spec in args.sites:
+                for site in _resolve(symbols, spec):
+                    results.append(analyse_site(symbols, site, args.size))
+        return results
+    opened: dict[str, object] = {}
+    for spec in args.sites:
+        module, rest = _split_module(spec)
+        symbols = opened.get(module)
+        if symbols is None:
+            symbols = opened[module] = _file_symbols(module)
+        mod = symbols.modules[0]
+        for site in _resolve(symbols, f"{mod.path}:{rest}"):
+            results.append(analyse_site(symbols, site, args.size))
+    return results
+
+
+def _resolve(symbols, spec: str):
+    if spec.lower().startswith("0x") and symbols.live:
+        return [int(spec, 16)]
+    return symbols.resolve(spec)
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _wrap(text: str, indent: str) -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")
+
+
+def format_site(res: SiteAnalysis) -> str:
+    """The human form of one analysis (lines under 80 columns)."""
+    lines = []
+    head = res.site
+    if res.module is not None and res.function is not None:
+        off = res.address - res.function.address
+        where = f"{res.module.name}:{res.function.name}" + (f"+{off:#x}" if off else "")
+        if where != head:
+            head += f" ({where})"
+    lines.append(_wrap(f"{head} at {res.address:#x}", ""))
+    for ins in res.displaced:
+        lines.append(_insn_line(ins.address, ins.raw, ins.text, ""))
+    for ins in res.padding:
+        lines.append(_insn_line(ins.address, ins.raw, ins.text, "  (padding)"))
+    verdict = "JUMP" if res.verdict is Verdict.JUMP else ("BUSY" if res.busy else "REFUSED")
+    extra = []
+    if res.verdict is Verdict.JUMP:
+        if res.at_entry:
+            extra.append("function entry")
+        extra.append("flags dead" if res.flags_dead else "flags live")
+    lines.append(f"  size {res.size}: {verdict}" + (f" ({', '.join(extra)})" if extra else ""))
+    if res.verdict is not Verdict.JUMP:
+        lines.append(_wrap(res.reason, "  "))
+    return "\n".join(lines)
+
+
+def _insn_line(address: int, raw: bytes, text: str, suffix: str) -> str:
+    hexb = raw.hex(" ")
+    if len(hexb) > 23:
+        hexb = hexb[:20] + "..."
+    line = f"  {address:#014x}  {hexb:<23}  {text}{suffix}"
+    return line if len(line) <= WIDTH else line[: WIDTH - 3] + "..."
+
+
+def format_coverage(rep) -> str:
+    name = os.path.basename(rep.module)
+    lines = [f"{name}: {rep.entries} function entries, {rep.entries_jump} take a jump "
+             f"({100 * rep.entry_ratio:.2f}%), {rep.entries - rep.entries_jump} refused "
+             f"[{rep.seconds:.1f} s]"]
+    lines = [_wrap(lines[0], "")]
+    for cls, n in rep.refused.most_common():
+        lines.append(f"  {n:7d}  {cls}")
+    if rep.boundaries:
+        lines.append(_wrap(f"all instruction boundaries: {rep.boundaries}, {rep.boundaries_jump} take a jump "
+                           f"({100 * rep.boundary_ratio:.2f}%)", ""))
+        for cls, n in rep.boundary_refused.most_common():
+            lines.append(f"  {n:7d}  {cls}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    if args.all:
+        if args.sites:
+            raise InvalidSiteError("give either --all MODULE or SITEs, not both")
+        if args.pid is not None:
+            from ..symbols import Symbols
+
+            with Symbols.from_process(args.pid) as symbols:
+                module = symbols.module(args.all)
+                rep = coverage(module, symbols._mem(), all_boundaries=args.boundaries)
+        else:
+            module = _file_symbols(args.all).modules[0]
+            rep = coverage(module, all_boundaries=args.boundaries)
+        if args.json:
+            print(json.dumps(rep.to_json()), file=out)
+        else:
+            print(format_coverage(rep), file=out)
+        return 0
+    if args.boundaries:
+        raise InvalidSiteError("--boundaries goes with --all MODULE")
+    if not args.sites:
+        raise InvalidSiteError("no site given (SITE... or --all MODULE)")
+    results = _analyse(args)
+    for i, res in enumerate(results):
+        if args.json:
+            print(json.dumps(res.to_json()), file=out)
+        else:
+            if i:
+                print(file=out)
+            print(format_site(res), file=out)
+    return 0 if all(r.verdict is Verdict.JUMP for r in results) else 1

@@ -1,0 +1,1017 @@
+"""A traced process: stop and resume the world, threads, registers, single-step, injection.
+
+The tracer is *not* attached while the target runs normally. Every operation that changes the
+target stops the world first (:meth:`Process.stop`: ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT`` of
+every thread, threads created meanwhile collected through ``PTRACE_O_TRACECLONE``), does its work,
+and then detaches every thread (:meth:`Process.resume`) so that the target runs untraced at full
+speed. If the tracer dies, the kernel detaches and the target keeps running (no ``EXITKILL``).
+
+ptrace belongs to the OS thread that attached: every request made while the world is stopped must
+come from that thread (:class:`TracerStateError` otherwise).
+
+Signals. A signal that reaches a thread while we stop it leaves that thread in a
+signal-delivery-stop; the thread stays there and the signal is delivered, with its original
+``siginfo``, when we detach. A signal intercepted while we run a thread for our own purposes
+(:meth:`Thread.step`, :meth:`Process.syscall`, :meth:`Process.call`) is suppressed and sent again
+to the same thread just before detaching (``rt_tgsigqueueinfo`` with the original ``siginfo``
+where the kernel allows it, else ``tgkill``, which keeps the number but not the sender's pid);
+a synchronous fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE raised by an instruction) is not re-sent
+because re-executing the instruction raises it again. Signals sent to a process whose threads
+are all stopped simply stay pending and are delivered after :meth:`Process.resume`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Iterable, Sequence
+
+from ._sys import ptrace as pt
+from ._sys.procfs import MapEntry, ProcessMemory, read_maps
+from .errors import DjprobeError, ProcessGoneError, TargetFaultError, TracePermissionError
+
+__all__ = [
+    "Registers",
+    "Thread",
+    "Process",
+    "TracerStateError",
+    "TargetTimeoutError",
+    "RemoteSyscallError",
+]
+
+#: Options for every seized thread. No PTRACE_O_EXITKILL: if the tracer dies the target lives on.
+SEIZE_OPTIONS = pt.PTRACE_O_TRACECLONE
+
+_MASK64 = (1 << 64) - 1
+_ERESTART = frozenset({-512, -513, -514, -516})  # ERESTARTSYS NOINTR NOHAND RESTART_RESTARTBLOCK
+_FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
+_STEP_CODES = frozenset({pt.TRAP_BRKPT, pt.TRAP_TRACE, pt.TRAP_HWBKPT})
+
+SYS_read = 0
+SYS_close = 3
+SYS_mmap = 9
+SYS_munmap = 11
+SYS_getpid = 39
+SYS_openat = 257
+AT_FDCWD = -100
+AT_ENTRY = 9
+
+DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_STEP_TIMEOUT = 5.0
+DEFAULT_CALL_TIMEOUT = 5.0
+
+
+class TracerStateError(DjprobeError, RuntimeError):
+    """The operation needs another state: the world stopped, or the calling OS thread to be the
+    one that attached (ptrace requests belong to the tracer thread)."""
+
+    errno = _errno.EINVAL
+
+
+class TargetTimeoutError(DjprobeError, TimeoutError):
+    """ETIMEDOUT: a thread did not stop, or an injected call did not return, in time."""
+
+    errno = _errno.ETIMEDOUT
+
+
+class RemoteSyscallError(DjprobeError):
+    """A system call run inside the target failed; ``errno`` is the target's errno."""
+
+    def __init__(self, message: str, *, errno: int, address: int | None = None) -> None:
+        super().__init__(message, address=address)
+        self.errno = errno
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+@dataclass
+class Registers:
+    """A snapshot of ``struct user_regs_struct``, each field an unsigned 64-bit Python int.
+
+    Values may be set negative (e.g. ``orig_rax = -1``); they are truncated to 64 bits when
+    written to the thread.
+    """
+
+    r15: int = 0
+    r14: int = 0
+    r13: int = 0
+    r12: int = 0
+    rbp: int = 0
+    rbx: int = 0
+    r11: int = 0
+    r10: int = 0
+    r9: int = 0
+    r8: int = 0
+    rax: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    orig_rax: int = 0
+    rip: int = 0
+    cs: int = 0
+    eflags: int = 0
+    rsp: int = 0
+    ss: int = 0
+    fs_base: int = 0
+    gs_base: int = 0
+    ds: int = 0
+    es: int = 0
+    fs: int = 0
+    gs: int = 0
+
+    def copy(self) -> "Registers":
+        return Registers(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_user_regs(cls, regs: pt.UserRegs) -> "Registers":
+        return cls(**{name: getattr(regs, name) for name in pt.REG_NAMES})
+
+    def to_user_regs(self) -> pt.UserRegs:
+        regs = pt.UserRegs()
+        for name in pt.REG_NAMES:
+            setattr(regs, name, getattr(self, name) & _MASK64)
+        return regs
+
+    def signed(self, name: str) -> int:
+        """The register ``name`` as a signed 64-bit value (``signed("rax") == -4`` for -EINTR)."""
+        return _signed(getattr(self, name))
+
+
+_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")  # syscall convention
+_CALL_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")  # SysV function call
+
+
+class Thread:
+    """One thread of a stopped process. Valid until :meth:`Process.resume`."""
+
+    def __init__(self, process: "Process", tid: int) -> None:
+        self.process = process
+        self.tid = tid
+        self._regs: Registers | None = None
+        # The thread sits in the signal-delivery-stop of this signal, to be delivered at detach.
+        self._deliver: tuple[int, pt.SigInfo] | None = None
+        # Signals intercepted while we ran the thread, to be sent again before detaching.
+        self._requeue: list[tuple[int, pt.SigInfo]] = []
+        self.gone = False
+
+    def __repr__(self) -> str:
+        return f"<Thread {self.tid} of {self.process.pid}>"
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def pending_signals(self) -> list[int]:
+        """Signals intercepted by the tracer that this thread will receive after resume."""
+        sigs = [sig for sig, _ in self._requeue]
+        if self._deliver is not None:
+            sigs.append(self._deliver[0])
+        return sigs
+
+    def _check(self) -> None:
+        self.process._check_owner()
+        if self.gone:
+            raise ProcessGoneError(f"thread {self.tid} of process {self.process.pid} has exited")
+        if self.process.threads.get(self.tid) is not self:
+            raise TracerStateError(f"thread {self.tid} is not stopped (the world was resumed)")
+
+    def regs(self) -> Registers:
+        """The thread's registers (a copy; read once per stop and cached)."""
+        self._check()
+        if self._regs is None:
+            try:
+                self._regs = Registers.from_user_regs(pt.getregs(self.tid))
+            except OSError as exc:
+                raise self.process._thread_error(self, exc) from exc
+        return self._regs.copy()
+
+    def set_regs(self, regs: Registers) -> None:
+        """Write all registers of the thread."""
+        self._check()
+        try:
+            pt.setregs(self.tid, regs.to_user_regs())
+        except OSError as exc:
+            raise self.process._thread_error(self, exc) from exc
+        self._regs = regs.copy()
+
+    def in_syscall_restart(self) -> bool:
+        """Stopped inside an interrupted system call that the kernel restarts on resume by
+        moving rip back 2 bytes onto the ``syscall`` instruction."""
+        r = self.regs()
+        return r.signed("orig_rax") >= 0 and r.signed("rax") in _ERESTART
+
+    def positions(self) -> tuple[int, ...]:
+        """The addresses this thread may execute next: (rip,) or (rip, rip - 2) when the kernel
+        may restart an interrupted system call."""
+        rip = self.regs().rip
+        if self.in_syscall_restart():
+            return (rip, rip - 2)
+        return (rip,)
+
+    # -- running -------------------------------------------------------------------------------
+    def step(self, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
+        """Execute one instruction. Signals that arrive meanwhile are kept for delivery after
+        resume. If the instruction faults (or is an ``int3``), the thread is left stopped with
+        that signal to be delivered at resume; rip shows where it faulted.
+
+        Raises ProcessGoneError, TargetTimeoutError.
+        """
+        self._check()
+        self._drop_deliver()
+        self.process._run(self, pt.singlestep, self._step_done, timeout, "single-step")
+
+    def _step_done(self, sig: int, info: pt.SigInfo) -> bool:
+        if sig == signal.SIGTRAP and info.si_code in _STEP_CODES:
+            return True
+        if _is_fault(sig, info) or (sig == signal.SIGTRAP and info.si_code == pt.SI_KERNEL):
+            self._deliver = (sig, info)  # the instruction itself raised it
+            return True
+        return False
+
+    def _drop_deliver(self) -> None:
+        """Before running the thread: its signal-delivery-stop signal is suppressed; remember it."""
+        if self._deliver is not None:
+            sig, info = self._deliver
+            self._deliver = None
+            if not _is_fault(sig, info):
+                self._requeue.append((sig, info))
+
+
+def _is_step_trap(sig: int, info: pt.SigInfo) -> bool:
+    return sig == signal.SIGTRAP and info.si_code in _STEP_CODES
+
+
+def _is_fault(sig: int, info: pt.SigInfo) -> bool:
+    """A synchronous fault raised by the instruction at rip (raised again if re-executed)."""
+    return sig in _FAULT_SIGNALS and 0 < info.si_code < pt.SI_KERNEL
+
+
+class Process:
+    """A process under control. Not attached until :meth:`stop` (or :meth:`spawn`)."""
+
+    popen: subprocess.Popen | None
+
+    def __init__(self, pid: int) -> None:
+        """Check that ``pid`` exists and is not a zombie; does not attach.
+
+        Raises ProcessGoneError, TracePermissionError.
+        """
+        status = _read_status(pid)
+        if status is None:
+            raise ProcessGoneError(f"no such process: {pid}")
+        if not _process_alive(pid, status):
+            raise ProcessGoneError(f"no such process: {pid} (zombie)")
+        tgid = int(status.get("Tgid", pid))
+        if tgid == os.getpid():
+            raise TracePermissionError(f"cannot trace process {pid}: it is the tracer itself")
+        self.pid = tgid
+        # /proc/PID/{mem,maps} are empty once the leader has exited (a zombie leader with live
+        # threads); /proc/TID/... of a live thread shows the same address space.
+        self._proc_tid = tgid if _task_alive(tgid, tgid) else _live_tid(tgid)
+        self.memory = ProcessMemory(self._proc_tid)
+        self.popen = None
+        self.threads: dict[int, Thread] = {}
+        self._owner: int | None = None  # threading.get_ident() of the tracer thread
+        self._seized = True  # False while held after spawn (PTRACE_TRACEME attach)
+        self._syscall_insn: int | None = None
+        self._trap_insn: int | None = None
+        self.exit_status: int | None = None  # wait status if we reaped the process
+        self._attached_tids: set[int] = set()  # seized, stop not yet seen
+        self._stragglers: set[int] = set()  # seized, never stopped, to detach when they do
+
+    def __repr__(self) -> str:
+        return f"<Process {self.pid} {'stopped' if self.stopped else 'running'}>"
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- spawn ---------------------------------------------------------------------------------
+    @classmethod
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        timeout: float = 30.0,
+    ) -> "Process":
+        """Start ``argv`` and hold it, world stopped, at its ELF entry point (``AT_ENTRY``): the
+        dynamic loader has mapped the libraries and run their initialisers; ``main`` has not run.
+        Works for PIE, non-PIE and static executables. ``proc.popen`` is the Popen object (wait
+        for the exit status with it after :meth:`resume`). The child keeps the caller's stdio
+        unless told otherwise.
+
+        Raises FileNotFoundError/PermissionError (from exec), ProcessGoneError (exited before
+        its entry point), TargetTimeoutError.
+        """
+        popen = subprocess.Popen(
+            [os.fspath(a) for a in argv],
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=pt.traceme,
+        )
+        pid = popen.pid
+        try:
+            self = cls.__new__(cls)
+            self.pid = pid
+            self.popen = popen
+            self.threads = {}
+            self._owner = threading.get_ident()
+            self._seized = False
+            self._syscall_insn = None
+            self._trap_insn = None
+            self.exit_status = None
+            self._attached_tids = set()
+            self._stragglers = set()
+            deadline = time.monotonic() + timeout
+            # 1. the SIGTRAP that follows a successful execve under PTRACE_TRACEME
+            while True:
+                status = self._wait_one(pid, deadline)
+                if status is None or pt.is_gone(status):
+                    raise ProcessGoneError(f"{argv[0]}: exited before its entry point")
+                if pt.stop_signal(status) == signal.SIGTRAP:
+                    break
+                pt.cont(pid, pt.stop_signal(status) if pt.stop_event(status) == 0 else 0)
+            self._proc_tid = pid
+            self.memory = ProcessMemory(pid)
+            pt.setoptions(pid, SEIZE_OPTIONS)
+            thread = Thread(self, pid)
+            self.threads[pid] = thread
+            # 2. a breakpoint at AT_ENTRY
+            entry = _auxv(pid).get(AT_ENTRY)
+            if not entry:
+                raise DjprobeError(f"{argv[0]}: no AT_ENTRY in /proc/{pid}/auxv")
+            original = self.memory.read(entry, 1)
+            self.memory.write(entry, b"\xcc")
+            try:
+                self._run(
+                    thread,
+                    pt.cont,
+                    lambda sig, info: sig == signal.SIGTRAP and pt.getregs(pid).rip == entry + 1,
+                    max(0.0, deadline - time.monotonic()),
+                    "run to the entry point",
+                    pass_signals=True,
+                )
+            finally:
+                if self.is_alive():
+                    self.memory.write(entry, original)
+            regs = thread.regs()
+            regs.rip = entry
+            thread.set_regs(regs)
+            return self
+        except BaseException:
+            if popen.poll() is None:
+                popen.kill()
+            try:
+                popen.wait(timeout=10)
+            except (subprocess.TimeoutExpired, ChildProcessError):
+                pass
+            raise
+
+    # -- stop / resume -------------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        return bool(self.threads)
+
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[int, Thread]:
+        """Stop the world: seize and interrupt every thread, collect threads created meanwhile,
+        until the thread list is stable. Returns ``{tid: Thread}`` (also ``self.threads``).
+        Does nothing if already stopped.
+
+        Raises ProcessGoneError, TracePermissionError (with the reason), TargetTimeoutError.
+        """
+        if self.threads:
+            self._check_owner()
+            return self.threads
+        self._owner = threading.get_ident()
+        self._seized = True
+        self._collect_stragglers()
+        try:
+            self._stop_all(time.monotonic() + timeout)
+        except BaseException:
+            self._release_all()
+            raise
+        if not self.threads:
+            self._release_all()
+            raise ProcessGoneError(f"no such process: {self.pid} (exited while being stopped)")
+        return self.threads
+
+    def _stop_all(self, deadline: float) -> None:
+        seen: set[int] = set()
+        pending: set[int] = set()
+        while True:
+            new = [tid for tid in self._list_tasks() if tid not in seen]
+            if not new and not pending:
+                for tid in [t for t in self.threads if not os.path.exists(f"/proc/{self.pid}/task/{t}")]:
+                    self._abandon(self.threads.pop(tid).tid)  # a clone outside our thread group
+                return
+            for tid in new:
+                seen.add(tid)
+                if self._attach_thread(tid):
+                    pending.add(tid)
+                    self._attached_tids.add(tid)
+            while pending:
+                tid, status = self._wait_any(pending, deadline, "stop")
+                pending.discard(tid)
+                if status is None or pt.is_gone(status):
+                    self._note_gone(tid, status)
+                    continue
+                ev = pt.stop_event(status)
+                if ev == pt.PTRACE_EVENT_STOP:  # interrupt, group-stop, or a new thread's first stop
+                    self.threads[tid] = Thread(self, tid)
+                    self._attached_tids.discard(tid)
+                elif ev == 0:  # signal-delivery-stop: hold it, deliver the signal at detach
+                    thread = Thread(self, tid)
+                    thread._deliver = (pt.stop_signal(status), self._siginfo(tid))
+                    self.threads[tid] = thread
+                    self._attached_tids.discard(tid)
+                else:  # clone/exec/... event before the interrupt landed: on to the interrupt stop
+                    if ev in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
+                        child = pt.geteventmsg(tid)
+                        if child not in seen:
+                            seen.add(child)
+                            pending.add(child)  # auto-attached; reports its first stop
+                            self._attached_tids.add(child)
+                    try:
+                        pt.interrupt(tid)
+                        pt.cont(tid, 0)
+                        pending.add(tid)
+                    except OSError as exc:
+                        if exc.errno != _errno.ESRCH:
+                            raise
+                        pending.add(tid)  # dying: waitpid reports the exit
+
+    def _attach_thread(self, tid: int) -> bool:
+        """Seize and interrupt one thread. False if it is gone."""
+        try:
+            pt.seize(tid, SEIZE_OPTIONS)
+        except OSError as exc:
+            if exc.errno == _errno.ESRCH:
+                return False
+            if exc.errno != _errno.EPERM:
+                raise
+            try:  # auto-attached through PTRACE_O_TRACECLONE already? then it is ours
+                pt.interrupt(tid)
+                return True
+            except OSError:
+                pass
+            if not _task_alive(self.pid, tid):
+                return False
+            raise self._permission_error(tid, exc) from exc
+        try:
+            pt.interrupt(tid)
+        except OSError as exc:
+            if exc.errno != _errno.ESRCH:
+                raise
+        return True
+
+    def resume(self) -> None:
+        """Detach every thread, each with the signals it is owed: the target runs untraced.
+        Threads that exited meanwhile are reaped. A dead process is not an error here."""
+        if not self.threads:
+            return
+        self._check_owner()
+        self._release_all()
+
+    def _release_all(self) -> None:
+        for thread in list(self.threads.values()):
+            self._release(thread)
+        self.threads = {}
+        # Seized threads that never reported their stop (a failed stop()): detach them as soon
+        # as they stop, or they would hang in their interrupt stop as long as the tracer lives.
+        for tid in list(self._attached_tids):
+            self._abandon(tid)
+        self._attached_tids.clear()
+        if not self._stragglers:
+            self._owner = None
+
+    def _abandon(self, tid: int, wait: float = 1.0) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                pt.detach(tid, 0)
+                self._stragglers.discard(tid)
+                return
+            except OSError as exc:
+                if exc.errno != _errno.ESRCH:
+                    return
+            try:
+                got, status = os.waitpid(tid, os.WNOHANG | pt.WALL)
+            except ChildProcessError:
+                self._stragglers.discard(tid)
+                return
+            if got and pt.is_gone(status):
+                self._note_gone(tid, status)
+                self._stragglers.discard(tid)
+                return
+            if time.monotonic() > deadline:
+                self._stragglers.add(tid)
+                return
+            time.sleep(1e-3)
+
+    def _collect_stragglers(self) -> None:
+        for tid in list(self._stragglers):
+            self._abandon(tid, wait=0.0)
+
+    def _release(self, thread: Thread) -> None:
+        tid = thread.tid
+        for sig, info in thread._requeue:
+            self._requeue_signal(tid, sig, info)
+        thread._requeue = []
+        sig = thread._deliver[0] if thread._deliver else 0
+        thread._deliver = None
+        try:
+            pt.detach(tid, sig)
+        except OSError as exc:
+            if exc.errno != _errno.ESRCH:
+                raise
+            self._reap(tid)
+
+    def _requeue_signal(self, tid: int, sig: int, info: pt.SigInfo) -> None:
+        try:
+            if info.si_code < 0 and info.si_code != pt.SI_TKILL:
+                try:
+                    pt.tgsigqueueinfo(self.pid, tid, sig, info)
+                    return
+                except OSError:
+                    pass
+            pt.tgkill(self.pid, tid, sig)
+        except OSError:
+            pass  # the thread is gone
+
+    # -- threads -------------------------------------------------------------------------------
+    def threads_in(self, start: int, end: int) -> list[Thread]:
+        """Stopped threads that may execute next an address in ``[start, end)``."""
+        return [
+            t
+            for t in self.threads.values()
+            if not t.gone and any(start <= p < end for p in t.positions())
+        ]
+
+    def _list_tasks(self) -> list[int]:
+        try:
+            return sorted(int(name) for name in os.listdir(f"/proc/{self.pid}/task"))
+        except FileNotFoundError:
+            raise ProcessGoneError(f"no such process: {self.pid}") from None
+
+    def _pick_thread(self) -> Thread:
+        self._check_stopped()
+        live = [t for t in self.threads.values() if not t.gone]
+        if not live:
+            raise ProcessGoneError(f"no such process: {self.pid}")
+        live.sort(key=lambda t: (t._deliver is not None, t.tid != self.pid, t.tid))
+        return live[0]
+
+    def _adopt(self, tid: int, deadline: float) -> None:
+        """A thread created (and auto-attached) while we ran one: wait for its first stop."""
+        if tid in self.threads:
+            return
+        while True:
+            status = self._wait_one(tid, deadline)
+            if status is None or pt.is_gone(status):
+                return
+            ev, sig = pt.stop_event(status), pt.stop_signal(status)
+            if ev == pt.PTRACE_EVENT_STOP or (ev == 0 and sig == signal.SIGSTOP and not self._seized):
+                break  # its attach stop (the SIGSTOP of a non-seized attach is swallowed)
+            if ev == 0:  # a real signal first: keep it for later, wait for the attach stop
+                self.threads.setdefault(tid, Thread(self, tid))._requeue.append((sig, self._siginfo(tid)))
+            pt.cont(tid, 0)
+        if not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
+            try:  # a new process (clone without CLONE_THREAD): not ours to hold
+                pt.detach(tid, 0)
+            except OSError:
+                pass
+            self.threads.pop(tid, None)
+            return
+        self.threads.setdefault(tid, Thread(self, tid))
+
+    # -- running one thread --------------------------------------------------------------------
+    def _run(self, thread, request, done, timeout: float, what: str, pass_signals: bool = False) -> None:
+        """Resume ``thread`` with ``request`` (cont or singlestep) until ``done(sig, siginfo)`` is
+        true for one of its signal-delivery-stops. Other signals are kept for later (or passed on
+        if ``pass_signals``); ptrace event stops are handled and the thread resumed again."""
+        tid = thread.tid
+        deadline = time.monotonic() + timeout
+        thread._regs = None
+        sig_to_pass = 0
+        while True:
+            try:
+                request(tid, sig_to_pass)
+            except OSError as exc:
+                raise self._thread_error(thread, exc) from exc
+            sig_to_pass = 0
+            try:
+                status = self._wait_one(tid, deadline)
+            except TargetTimeoutError:
+                self._force_stop(thread)
+                raise TargetTimeoutError(f"process {self.pid} thread {tid}: {what} timed out after {timeout}s")
+            thread._regs = None
+            if status is None or pt.is_gone(status):
+                self._note_gone(tid, status)
+                raise ProcessGoneError(
+                    f"no such process: {self.pid} (thread {tid} "
+                    f"{pt.describe_status(status) if status is not None else 'vanished'} during {what})"
+                )
+            ev, sig = pt.stop_event(status), pt.stop_signal(status)
+            if ev:
+                if ev in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
+                    self._adopt(pt.geteventmsg(tid), deadline)
+                continue  # PTRACE_EVENT_STOP (pending interrupt, group-stop) and others: go on
+            info = self._siginfo(tid)
+            if done(sig, info):
+                return
+            if pass_signals:
+                sig_to_pass = sig
+            elif not _is_fault(sig, info):
+                thread._requeue.append((sig, info))
+            else:
+                thread._deliver = (sig, info)
+                raise TargetFaultError(
+                    f"process {self.pid} thread {tid}: {_signame(sig)} during {what}",
+                    address=info.si_addr,
+                )
+
+    def _force_stop(self, thread: Thread) -> None:
+        """Bring back a thread that runs too long (after a timeout)."""
+        tid = thread.tid
+        try:
+            if self._seized:
+                pt.interrupt(tid)
+            else:
+                pt.tgkill(self.pid, tid, signal.SIGSTOP)
+            deadline = time.monotonic() + DEFAULT_STOP_TIMEOUT
+            while True:
+                status = self._wait_one(tid, deadline)
+                if status is None or pt.is_gone(status):
+                    self._note_gone(tid, status)
+                    return
+                ev, sig = pt.stop_event(status), pt.stop_signal(status)
+                if ev == pt.PTRACE_EVENT_STOP or (ev == 0 and sig == signal.SIGSTOP and not self._seized):
+                    thread._regs = None
+                    return
+                if ev == 0:
+                    thread._requeue.append((sig, self._siginfo(tid)))
+                pt.cont(tid, 0)
+        except (OSError, TargetTimeoutError):
+            pass
+
+    # -- waiting -------------------------------------------------------------------------------
+    def _wait_any(self, tids: Iterable[int], deadline: float, what: str = "wait") -> tuple[int, int | None]:
+        """Wait until one of ``tids`` changes state; (tid, status), status None if not ours/gone."""
+        tids = list(tids)
+        spins = 0
+        delay = 20e-6
+        while True:
+            for tid in tids:
+                try:
+                    got, status = os.waitpid(tid, os.WNOHANG | pt.WALL)
+                except ChildProcessError:
+                    return tid, None
+                if got:
+                    return tid, status
+            if time.monotonic() > deadline:
+                raise TargetTimeoutError(
+                    f"process {self.pid}: threads {tids} did not {what} in time "
+                    f"(state {[_task_state(self.pid, t) for t in tids]})"
+                )
+            if spins < 20:
+                spins += 1
+                os.sched_yield()
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, 2e-3)
+
+    def _wait_one(self, tid: int, deadline: float) -> int | None:
+        return self._wait_any((tid,), deadline)[1]
+
+    def _note_gone(self, tid: int, status: int | None) -> None:
+        self._attached_tids.discard(tid)
+        thread = self.threads.pop(tid, None)
+        if thread is not None:
+            thread.gone = True
+        if tid == self.pid and status is not None and pt.is_gone(status) and _read_status(self.pid) is None:
+            self._record_exit(status)  # we reaped the whole process
+
+    def _reap(self, tid: int) -> None:
+        try:
+            got, status = os.waitpid(tid, os.WNOHANG | pt.WALL)
+        except ChildProcessError:
+            return
+        if got and tid == self.pid and pt.is_gone(status) and _read_status(self.pid) is None:
+            self._record_exit(status)
+
+    def _record_exit(self, status: int) -> None:
+        """We reaped the process (it was our child as well as our tracee): keep the status and
+        hand it to the Popen object, so that ``popen.wait()`` still reports it."""
+        self.exit_status = status
+        if self.popen is not None and self.popen.returncode is None:
+            self.popen.returncode = os.waitstatus_to_exitcode(status)
+
+    def _siginfo(self, tid: int) -> pt.SigInfo:
+        try:
+            return pt.getsiginfo(tid)
+        except OSError:
+            return pt.SigInfo()
+
+    # -- checks and errors ---------------------------------------------------------------------
+    def _check_owner(self) -> None:
+        if self._owner is not None and self._owner != threading.get_ident():
+            raise TracerStateError(
+                f"process {self.pid} is traced by another thread of this program "
+                f"(ident {self._owner}); ptrace requests must come from that thread"
+            )
+
+    def _check_stopped(self) -> None:
+        self._check_owner()
+        if not self.threads:
+            raise TracerStateError(f"process {self.pid} is not stopped: call stop() first")
+
+    def _thread_error(self, thread: Thread, exc: OSError) -> Exception:
+        if exc.errno == _errno.ESRCH:
+            if not _task_alive(self.pid, thread.tid):
+                thread.gone = True
+                self.threads.pop(thread.tid, None)
+                return ProcessGoneError(f"no such process: {self.pid} (thread {thread.tid} exited)")
+            return TracerStateError(f"thread {thread.tid} of process {self.pid} is not stopped")
+        return exc
+
+    def _permission_error(self, tid: int, exc: OSError) -> TracePermissionError:
+        status = _read_status(self.pid, tid) or {}
+        tracer = int(status.get("TracerPid", "0") or 0)
+        if tracer:
+            return TracePermissionError(
+                f"cannot trace process {self.pid}: already traced by PID {tracer} ({_comm(tracer)})"
+            )
+        reasons = []
+        try:
+            with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+                scope = f.read().strip()
+            if scope != "0":
+                reasons.append(f"kernel.yama.ptrace_scope = {scope}")
+        except OSError:
+            pass
+        reasons.append("tracing needs CAP_SYS_PTRACE or the same user id as the target")
+        return TracePermissionError(f"cannot trace process {self.pid}: {exc.strerror} ({'; '.join(reasons)})")
+
+    # -- injection -----------------------------------------------------------------------------
+    def _find_code(self, attr: str, pattern: bytes) -> int:
+        """An address of ``pattern`` in the target's executable memory ([vdso] first); cached
+        and checked again before each use."""
+        cached = getattr(self, attr)
+        if cached is not None:
+            try:
+                if self.memory.read(cached, len(pattern)) == pattern:
+                    return cached
+            except TargetFaultError:
+                pass
+        maps = self.maps()
+        candidates = sorted(
+            (m for m in maps if m.executable and m.readable),
+            key=lambda m: (m.path != "[vdso]", not m.is_file, m.start),
+        )
+        for m in candidates:
+            try:
+                data = self.memory.read(m.start, m.end - m.start)
+            except TargetFaultError:
+                continue
+            idx = data.find(pattern)
+            if idx >= 0:
+                setattr(self, attr, m.start + idx)
+                return m.start + idx
+        raise DjprobeError(f"process {self.pid}: no {pattern.hex()} bytes in executable memory")
+
+    def syscall(self, nr: int, *args: int, thread: Thread | None = None, timeout: float = DEFAULT_STEP_TIMEOUT) -> int:
+        """Run system call ``nr`` with up to 6 arguments in a thread of the stopped target and
+        return its raw result as a signed int (-errno on failure). The thread's registers are
+        restored exactly, including an interrupted system call's restart state.
+
+        Raises TracerStateError, ProcessGoneError, TargetTimeoutError.
+        """
+        if len(args) > 6:
+            raise ValueError("a system call takes at most 6 arguments")
+        thread = thread or self._pick_thread()
+        thread._check()
+        insn = self._find_code("_syscall_insn", b"\x0f\x05")
+        saved = thread.regs()
+        regs = saved.copy()
+        regs.rip = insn
+        regs.rax = nr
+        regs.orig_rax = -1  # no syscall-restart rewind when the thread leaves its stop
+        for name, value in zip(_ARG_REGS, args):
+            setattr(regs, name, value)
+        regs.eflags &= ~0x100  # TF
+        thread.set_regs(regs)
+        try:
+            thread._drop_deliver()
+            self._run(thread, pt.singlestep, _is_step_trap, timeout, f"syscall {nr}")
+            after = thread.regs()
+            if after.rip != insn + 2:
+                raise DjprobeError(f"process {self.pid}: injected syscall {nr} stopped at {after.rip:#x}")
+            return after.signed("rax")
+        finally:
+            if not thread.gone:
+                thread.set_regs(saved)
+
+    def _check_syscall(self, name: str, result: int) -> int:
+        if -4096 < result < 0:
+            raise RemoteSyscallError(
+                f"{name} in process {self.pid} failed: {os.strerror(-result)}", errno=-result
+            )
+        return result
+
+    def call(self, function: int, *args: int, thread: Thread | None = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> int:
+        """Call ``function`` in the stopped target with up to 6 integer arguments (SysV ABI) on
+        one thread, the others staying stopped; return rax (unsigned 64-bit). The stack pointer
+        moves below the red zone; registers are restored exactly afterwards. A function that
+        waits for a lock held by a stopped thread times out.
+
+        Raises TracerStateError, ProcessGoneError, TargetFaultError (it faulted),
+        TargetTimeoutError.
+        """
+        if len(args) > 6:
+            raise ValueError("call() takes at most 6 arguments")
+        thread = thread or self._pick_thread()
+        thread._check()
+        trap = self._find_code("_trap_insn", b"\xcc")
+        saved = thread.regs()
+        regs = saved.copy()
+        sp = ((saved.rsp - 256) & ~0xF) - 8  # below the red zone; rsp % 16 == 8 at entry
+        self.memory.write(sp, trap.to_bytes(8, "little"))
+        regs.rsp = sp
+        regs.rip = function
+        regs.rax = 0
+        regs.orig_rax = -1
+        regs.eflags &= ~(0x100 | 0x400)  # TF, DF
+        for name, value in zip(_CALL_ARG_REGS, args):
+            setattr(regs, name, value)
+        thread.set_regs(regs)
+        try:
+            thread._drop_deliver()
+            self._run(
+                thread,
+                pt.cont,
+                lambda sig, info: sig == signal.SIGTRAP and pt.getregs(thread.tid).rip == trap + 1,
+                timeout,
+                f"call of {function:#x}",
+            )
+            return thread.regs().rax
+        finally:
+            if not thread.gone:
+                thread._deliver = None  # a fault raised by the called function is not the target's
+                thread.set_regs(saved)
+
+    def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+        """mmap in the target; returns the address. Raises RemoteSyscallError."""
+        return self._check_syscall("mmap", self.syscall(SYS_mmap, addr, length, prot, flags, fd & _MASK64, offset))
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._check_syscall("munmap", self.syscall(SYS_munmap, addr, length))
+
+    def open_file(self, path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
+        """openat(AT_FDCWD, path, flags, mode) in the target; returns the target's fd. The path is
+        written on the stack below the red zone of the thread used, and the bytes restored.
+
+        Raises RemoteSyscallError."""
+        thread = self._pick_thread()
+        data = os.fsencode(path) + b"\0"
+        addr = (thread.regs().rsp - 256 - len(data)) & ~0xF
+        saved = self.memory.read(addr, len(data))
+        self.memory.write(addr, data)
+        try:
+            result = self.syscall(SYS_openat, AT_FDCWD & _MASK64, addr, flags, mode, thread=thread)
+        finally:
+            if not thread.gone:
+                self.memory.write(addr, saved)
+        return self._check_syscall(f"open {os.fsdecode(path)!r}", result)
+
+    def close_fd(self, fd: int) -> None:
+        self._check_syscall("close", self.syscall(SYS_close, fd))
+
+    # -- memory, maps, life --------------------------------------------------------------------
+    def read(self, address: int, size: int) -> bytes:
+        return self.memory.read(address, size)
+
+    def write(self, address: int, data: bytes) -> None:
+        self.memory.write(address, data)
+
+    def maps(self) -> list[MapEntry]:
+        """The target's memory map. Raises ProcessGoneError."""
+        try:
+            return read_maps(self._proc_tid)
+        except ProcessGoneError:
+            if self._proc_tid == self.pid and _task_alive(self.pid, self.pid):
+                raise
+            self._proc_tid = _live_tid(self.pid)
+            return read_maps(self._proc_tid)
+
+    def is_alive(self) -> bool:
+        if self.exit_status is not None:
+            return False
+        return _process_alive(self.pid)
+
+    def close(self) -> None:
+        """Resume (if stopped) and close file descriptors."""
+        try:
+            if self.threads:
+                self.resume()
+        finally:
+            memory = getattr(self, "memory", None)
+            if memory is not None:
+                memory.close()
+
+
+# -- /proc helpers -------------------------------------------------------------------------------
+def _read_status(pid: int, tid: int | None = None) -> dict[str, str] | None:
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _process_alive(pid: int, status: dict[str, str] | None = None) -> bool:
+    """The process exists and is not a zombie (a zombie leader with live threads is alive)."""
+    status = status or _read_status(pid)
+    if status is None:
+        return False
+    if status.get("State", "?")[:1] not in ("Z", "X"):
+        return True
+    try:
+        return any(_task_alive(pid, int(t)) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
+
+
+def _live_tid(pid: int) -> int:
+    """A live thread of process ``pid``. Raises ProcessGoneError."""
+    try:
+        for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            if _task_alive(pid, int(name)):
+                return int(name)
+    except OSError:
+        pass
+    raise ProcessGoneError(f"no such process: {pid}")
+
+
+def _task_state(pid: int, tid: int) -> str:
+    """The state letter of a thread ('R', 'S', 't', 'Z', ...), or '' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[text.rfind(")") + 2 :][:1]
+
+
+def _task_alive(pid: int, tid: int) -> bool:
+    return _task_state(pid, tid) not in ("", "Z", "X")
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _auxv(pid: int) -> dict[int, int]:
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        data = f.read()
+    out = {}
+    for i in range(0, len(data) - 15, 16):
+        key = int.from_bytes(data[i : i + 8], "little")
+        value = int.from_bytes(data[i + 8 : i + 16], "little")
+        if key == 0:
+            break
+        out[key] = value
+    return out
