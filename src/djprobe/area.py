@@ -30,6 +30,23 @@ PAGE = 4096
 
 HEADER_SIZE = PAGE
 ENTRY_SIZE = 128
+RING_HEADER_SIZE = 128  # head at +0, consumer's tail at +64
+RING_TAIL = 64
+RECORD_SIZE = 256
+
+# One event record. `seq` is written last (pos + 1) and commits the record.
+REGISTER_NAMES = (
+    "r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8",
+    "rdi", "rsi", "rbp", "rbx", "rdx", "rcx", "rax", "rflags", "rsp",
+)  # fmt: skip
+RECORD_DTYPE = np.dtype(
+    {
+        "names": ["seq", "instance", "thread", "tsc", "regs"],
+        "formats": [np.uint64, np.uint32, np.uint64, np.uint64, (np.uint64, len(REGISTER_NAMES))],
+        "offsets": [0, 8, 16, 24, 32],
+        "itemsize": RECORD_SIZE,
+    }
+)
 MAX_DISPLACED = 24  # room for the original bytes of the displaced instructions (5 + 14 + slack)
 
 
@@ -43,7 +60,7 @@ class InstanceState(enum.IntEnum):
 
 
 # Header: magic, version, sizes and addresses. Little-endian, fixed offsets.
-_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQ")
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQ")
 _HEADER_FIELDS = (
     "magic",
     "version",
@@ -63,6 +80,9 @@ _HEADER_FIELDS = (
     "rings_offset",
     "rings_size",
     "reserved",
+    "ring_count",
+    "ring_slots",
+    "drops_offset",
 )
 
 # Instance entry: address, stub, state, size, action, original bytes, patched bytes, a name hint.
@@ -76,12 +96,13 @@ class AreaLayout:
 
     max_instances: int = 1024
     n_shards: int = 64
-    slot_size: int = 256
+    slot_size: int = 512
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
-    rings_size: int = 0
+    ring_count: int = 8  # event rings, chosen like counter shards
+    ring_slots: int = 4096  # records per ring
 
     def __post_init__(self) -> None:
-        for name in ("max_instances", "n_shards", "slot_size"):
+        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots"):
             value = getattr(self, name)
             if value <= 0 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -100,8 +121,27 @@ class AreaLayout:
         return self.max_instances * 8
 
     @property
-    def rings_offset(self) -> int:
+    def drops_offset(self) -> int:
+        """Per-instance count of events dropped because a ring was full."""
         return _page_align(self.counters_offset + self.n_shards * self.shard_stride)
+
+    @property
+    def rings_offset(self) -> int:
+        """Ring headers (one 128-byte block each: head on one cache line, tail on the next)."""
+        return _page_align(self.drops_offset + self.max_instances * 8)
+
+    @property
+    def ring_stride(self) -> int:
+        """Bytes of records of one ring (a power of two)."""
+        return self.ring_slots * RECORD_SIZE
+
+    @property
+    def records_offset(self) -> int:
+        return _page_align(self.rings_offset + self.ring_count * RING_HEADER_SIZE)
+
+    @property
+    def rings_size(self) -> int:
+        return self.records_offset + self.ring_count * self.ring_stride - self.rings_offset
 
     @property
     def data_size(self) -> int:
@@ -205,6 +245,9 @@ class AreaHeader:
             lay.rings_offset,
             lay.rings_size,
             0,
+            lay.ring_count,
+            lay.ring_slots,
+            lay.drops_offset,
         )
         return _HEADER.pack(*values)
 
@@ -223,7 +266,8 @@ class AreaHeader:
             n_shards=fields["n_shards"],
             slot_size=fields["slot_size"],
             shard_shift=fields["shard_shift"],
-            rings_size=fields["rings_size"],
+            ring_count=fields["ring_count"],
+            ring_slots=fields["ring_slots"],
         )
         return cls(
             layout=layout,
@@ -246,6 +290,14 @@ class AreaView:
             count=layout.n_shards * layout.max_instances,
             offset=layout.counters_offset,
         ).reshape(layout.n_shards, layout.max_instances)
+        self._drops = np.frombuffer(self.buffer, dtype=np.uint64, count=layout.max_instances, offset=layout.drops_offset)
+        ring_words = layout.ring_count * RING_HEADER_SIZE // 8
+        self.ring_headers = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=ring_words, offset=layout.rings_offset
+        ).reshape(layout.ring_count, RING_HEADER_SIZE // 8)
+        self.records = np.frombuffer(
+            self.buffer, dtype=RECORD_DTYPE, count=layout.ring_count * layout.ring_slots, offset=layout.records_offset
+        ).reshape(layout.ring_count, layout.ring_slots)
 
     def write_header(self, header: AreaHeader) -> None:
         raw = header.pack()
@@ -272,8 +324,13 @@ class AreaView:
 
     def reset_count(self, index: int) -> None:
         self._counters[:, index] = 0
+        self._drops[index] = 0
+
+    def drops(self, index: int) -> int:
+        """Events of instance ``index`` dropped because a ring was full."""
+        return int(self._drops[index])
 
     def release(self) -> None:
         """Drop the numpy view so the underlying mmap can be closed."""
-        self._counters = None  # type: ignore[assignment]
+        self._counters = self._drops = self.ring_headers = self.records = None  # type: ignore[assignment]
         self.buffer.release()

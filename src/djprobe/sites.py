@@ -691,6 +691,8 @@ class _Slicer:
         if instr.op_count < 1 or instr.op0_kind != OpKind.REGISTER or _full(instr.op0_register) != reg:
             return _ARITH  # implicit write (xchg, cmpxchg, mul ...)
         dst = instr.op0_register
+        if mn == Mnemonic.MOV and instr.op1_kind in _IMM_KINDS | {OpKind.IMMEDIATE64} and _reg_bits(dst) >= 32:
+            return _Val("const", value=instr.immediate(1) & (0xFFFFFFFF if _reg_bits(dst) == 32 else -1))
         if dst not in _GPR64:
             return _ARITH  # a 32/16/8-bit write: not a 64-bit address
         if mn == Mnemonic.LEA:
@@ -714,7 +716,7 @@ class _Slicer:
                 return _PTR
             if instr.op1_kind == OpKind.REGISTER and instr.op1_register in _GPR64:
                 return self._v(instr.op1_register, r, j, seen)
-            return _ARITH if instr.op1_kind not in _IMM_KINDS and instr.op1_kind != OpKind.IMMEDIATE64 else _PTR
+            return _ARITH
         if mn == Mnemonic.ADD and instr.op1_kind == OpKind.REGISTER and instr.op1_register in _GPR64:
             return _Val("add", base=self._v(reg, r, j, seen), other=self._v(instr.op1_register, r, j, seen))
         if mn == Mnemonic.POP:
@@ -1135,8 +1137,11 @@ class ModuleIndex:
                 v = slicer.value_before(instr.op0_register, reg, k, set())
                 if v is None or v.kind in ("ptr", "loop"):
                     continue  # a code pointer: lands only on address-taken points
-                if v.kind == "const" and self.in_code(v.value):
-                    continue  # jmp to a lea-taken label (computed goto): itself an entry
+                if v.kind == "const":
+                    # jmp to a constant address (lea-taken label, non-PIE immediate): that one
+                    if self.in_code(v.value):
+                        reg.tables.append((ins.address, v.value, [v.value]))
+                    continue
                 found = self._table_from(v, slicer, ins)
             except _Budget:
                 found = None

@@ -3,6 +3,12 @@
 A stub is: the action, then the relocated displaced instructions, then a jump back to the
 instruction after them (the relocator appends it). The action saves exactly what it clobbers:
 
+* **record** (events and handlers): steps over the red zone, saves the flags and every
+  general-purpose register as a pt_regs-like frame on the stack, counts the hit, reserves a slot
+  in one of the instance's area's event rings (a ``cmpxchg`` on the ring head, refused when the
+  ring is full: the drop is counted), writes the record (instance, thread pointer ``fs:[0]``,
+  TSC, registers) and commits it by writing its sequence number last.
+
 * **count**: two scratch registers (stored in the red zone, or just below it at a mid-function
   site after stepping ``rsp`` over it with ``lea``, which leaves the flags alone) and, only where the
   arithmetic flags are live, the flags (``lahf``/``seto``, restored with ``add al,0x7f``/``sahf``:
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
 
-from .area import AreaLayout
+from .area import RECORD_SIZE, REGISTER_NAMES, RING_TAIL, AreaLayout
 
 if TYPE_CHECKING:
     from .x86.relocate import Relocated
@@ -117,12 +123,7 @@ def build_count_stub(site: Relocatable, layout: AreaLayout, slot_address: int, c
         red_zone_live=not site.at_entry,
         flags_live=not (site.at_entry or site.flags_dead),
     )
-    action_code = assemble(action, slot_address)
-    relocated = site.relocate_to(slot_address + len(action_code), site.address + site.size)
-    code = action_code + relocated.code
-    if len(code) > layout.slot_size:
-        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
-    return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated)
+    return _finish(site, layout, slot_address, action)
 
 
 def jump_bytes(site: int, target: int) -> bytes:
@@ -138,3 +139,141 @@ def jump_target(code: bytes, site: int) -> int | None:
     if len(code) >= JMP_REL32_SIZE and code[0] == 0xE9:
         return site + JMP_REL32_SIZE + int.from_bytes(code[1:5], "little", signed=True)
     return None
+
+
+ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+_PUSH_ORDER = (
+    Register.RAX, Register.RCX, Register.RDX, Register.RBX, Register.RBP, Register.RSI, Register.RDI,
+    Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13, Register.R14, Register.R15,
+)  # fmt: skip
+# After the pushes, the frame at rsp holds REGISTER_NAMES[0..15] (r15 first, rflags last).
+_FRAME_SIZE = 8 * (len(_PUSH_ORDER) + 1)
+
+
+@dataclass(frozen=True)
+class RecordTargets:
+    """Target addresses a record stub writes to."""
+
+    counter: int  # shard 0 of the instance's hit counter
+    drops: int  # the instance's dropped-events counter
+    ring_headers: int  # ring 0's header
+    records: int  # ring 0's first record
+    instance: int  # index written into each record
+
+
+class _Asm:
+    """A tiny assembler over iced: instructions with labels, encoded by BlockEncoder."""
+
+    def __init__(self) -> None:
+        self.ins: list[Instruction] = []
+        self._labels: dict[str, int] = {}
+        self._fixups: list[tuple[Instruction, str]] = []
+
+    def add(self, instruction: Instruction) -> None:
+        instruction.ip = 0x1000 + len(self.ins)  # unique fake ip: branch targets refer to it
+        self.ins.append(instruction)
+
+    def label(self, name: str) -> None:
+        self._labels[name] = 0x1000 + len(self.ins)
+
+    def branch(self, code: Code, label: str) -> None:
+        instruction = Instruction.create_branch(code, 0)
+        self._fixups.append((instruction, label))
+        self.add(instruction)
+
+    def instructions(self) -> list[Instruction]:
+        for instruction, label in self._fixups:
+            instruction.near_branch64 = self._labels[label]
+        return self.ins
+
+
+def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "all") -> list[Instruction]:
+    """Instructions that count the hit and write an event record (see the module docstring)."""
+    a = _Asm()
+    R = Register
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(-RED_ZONE)))
+    a.add(Instruction.create(Code.PUSHFQ))
+    for reg in _PUSH_ORDER:
+        a.add(Instruction.create_reg(Code.PUSH_R64, reg))
+    # Count the hit (flags are saved: free to clobber).
+    stride_shift = layout.shard_stride.bit_length() - 1
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.n_shards - 1))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBX, R.RAX))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, MemoryOperand(R.RIP, displ=where.counter)))
+    inc = Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1))
+    inc.has_lock_prefix = True
+    a.add(inc)
+    # Ring = shard % ring_count: rsi = its header, rdi = its records.
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EBX, layout.ring_count - 1))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RBX))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, 7))  # RING_HEADER_SIZE == 128
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSI, MemoryOperand(R.RIP, displ=where.ring_headers)))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RSI, R.RAX))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RBX, layout.ring_stride.bit_length() - 1))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, MemoryOperand(R.RIP, displ=where.records)))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RBX))
+    # Reserve: while head - tail < slots: cmpxchg head -> head + 1.
+    a.label("retry")
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_TAIL)))
+    a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RCX, layout.ring_slots))
+    a.branch(Code.JAE_REL32_64, "drop")
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RAX, 1)))
+    cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RSI), R.RCX)
+    cas.has_lock_prefix = True
+    a.add(cas)
+    a.branch(Code.JNE_REL32_64, "retry")
+    # rbp = pos; rdi = the record.
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBP, R.RAX))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.ring_slots - 1))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, RECORD_SIZE.bit_length() - 1))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RAX))
+    a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _mem(R.RDI, 8), where.instance))
+    fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, fs0))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 16), R.RCX))
+    a.add(Instruction.create(Code.RDTSC))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
+    a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 24), R.RAX))
+    wanted = REGISTER_NAMES[:16] if registers == "all" else ARG_REGISTERS
+    for name in wanted:
+        i = REGISTER_NAMES.index(name)
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * i), R.RCX))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _rsp_slot(_FRAME_SIZE + RED_ZONE)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 16), R.RCX))
+    # Commit: seq = pos + 1, written last.
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RBP, 1)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI), R.RCX))
+    a.branch(Code.JMP_REL32_64, "done")
+    a.label("drop")
+    drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
+    drop.has_lock_prefix = True
+    a.add(drop)
+    a.label("done")
+    for reg in reversed(_PUSH_ORDER):
+        a.add(Instruction.create_reg(Code.POP_R64, reg))
+    a.add(Instruction.create(Code.POPFQ))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE)))
+    return a.instructions()
+
+
+def build_record_stub(
+    site: Relocatable, layout: AreaLayout, slot_address: int, where: RecordTargets, registers: str = "all"
+) -> Stub:
+    """Build the record stub for ``site`` at ``slot_address`` (see :func:`build_count_stub`)."""
+    return _finish(site, layout, slot_address, record_action(layout, where, registers))
+
+
+def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    action_code = assemble(action, slot_address)
+    relocated = site.relocate_to(slot_address + len(action_code), site.address + site.size)
+    code = action_code + relocated.code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated)

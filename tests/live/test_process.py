@@ -543,9 +543,11 @@ def test_group_stopped_target_stays_stopped(threads_target, proc_of):
     threads = proc.stop()
     assert set(threads) == tasks(target.pid)
     assert proc.syscall(39) == target.pid
-    proc.resume()
-    assert all(task_state(target.pid, t) == "T" for t in tasks(target.pid))
+    proc.resume()  # each thread goes back into the group stop (asynchronously)
+    wait_until(lambda: all(task_state(target.pid, t) == "T" for t in tasks(target.pid)), what="group stop again")
     before = counters_of(proc, counters)
+    time.sleep(0.05)
+    assert counters_of(proc, counters) == before
     os.kill(target.pid, signal.SIGCONT)
     wait_until(lambda: all(a > b for a, b in zip(counters_of(proc, counters), before)), what="counters to move")
 
