@@ -13,9 +13,17 @@ from .errors import (
     TracePermissionError,
 )
 
+from .probes import Djprobe, ProbedProcess, attach, register_djprobe, spawn, unregister_djprobe
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Djprobe",
+    "ProbedProcess",
+    "attach",
+    "register_djprobe",
+    "spawn",
+    "unregister_djprobe",
     "DjprobeError",
     "InvalidSiteError",
     "NoRoomError",

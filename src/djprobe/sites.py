@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
-from iced_x86 import Mnemonic, OpKind, Register, RegisterExt
+from iced_x86 import InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register, RegisterExt
 
 from .errors import InvalidSiteError
 from .x86 import (
@@ -547,30 +547,23 @@ _CALLER_SAVED = {Register.RAX, Register.RCX, Register.RDX, Register.RSI, Registe
                  Register.R9, Register.R10, Register.R11}
 
 
+_WRITE_ACCESS = frozenset({OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE})
+
+
 def _writes(insn: Insn, reg: int) -> bool:
     """Does ``insn`` (possibly) write the 64-bit register ``reg`` (or a part of it)?"""
-    from iced_x86 import InstructionInfoFactory, OpAccess
-
-    info = _info_factory().info(insn.instruction)
-    for ur in info.used_registers():
-        if _full(ur.register) == reg and ur.access in (
-            OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE
-        ):
-            return True
-    del InstructionInfoFactory
     if insn.flow in (Flow.CALL, Flow.INDIRECT_CALL) and reg in _CALLER_SAVED:
         return True
-    return False
+    info = _info_factory().info(insn.instruction)
+    return any(_full(ur.register) == reg and ur.access in _WRITE_ACCESS for ur in info.used_registers())
 
 
-_factory = None
+_factory: InstructionInfoFactory | None = None
 
 
-def _info_factory():
+def _info_factory() -> InstructionInfoFactory:
     global _factory
     if _factory is None:
-        from iced_x86 import InstructionInfoFactory
-
         _factory = InstructionInfoFactory()
     return _factory
 
@@ -871,7 +864,6 @@ class ModuleIndex:
         self._tainted: set[int] | None = None  # region starts
         self._unknown_jumps: dict[int, int] = {}  # region start -> jmp address
         self._verified: dict[tuple[int, int, int], bool] = {}
-        self._joins_cache: np.ndarray | None = None
 
     # -- ELF ------------------------------------------------------------------------------
 

@@ -377,7 +377,7 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
         out += _encode(Instruction.create_branch(Code.JMP_REL32_64, return_to), return_jump)
 
     amap: dict[int, int] = {}
-    for i, p in enumerate(pieces):
+    for p in pieces:
         amap[p.insn.address] = p.start
     for i, p in enumerate(pieces):
         if i + 1 < len(pieces):
