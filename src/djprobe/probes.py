@@ -355,14 +355,15 @@ class ProbedProcess:
                 instance = djp._instance
                 assert instance is not None
                 if len(instance.probes) == 1:
-                    self._remove_instance(instance)
+                    self._remove_instance(instance)  # freezes the final count
                 self._detach_probe(djp)
 
     def _detach_probe(self, djp: Djprobe) -> None:
         instance = djp._instance
         if instance is None:
             return
-        djp._final_hits = instance.count() - djp._baseline
+        if djp._final_hits is None:
+            djp._final_hits = instance.count() - djp._baseline
         djp._instance = None
         if djp in instance.probes:
             instance.probes.remove(djp)

@@ -42,6 +42,7 @@ int main(int argc, char **argv) {
         /* run until stdin closes or says stop; then report wrong results */
         while (read(0, buf, sizeof buf) > 0) {}
         printf("calls_a %ld bad %ld\n", calls_a, bad_total);
+        fflush(stdout);
         _exit(0);
     }
     for (long t = 0; t < THREADS; t++) pthread_join(th[t], NULL);
