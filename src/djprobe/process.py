@@ -226,7 +226,9 @@ class Thread:
     def step(self, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
         """Execute one instruction. Signals that arrive meanwhile are kept for delivery after
         resume. If the instruction faults (or is an ``int3``), the thread is left stopped with
-        that signal to be delivered at resume; rip shows where it faulted.
+        that signal to be delivered at resume; rip shows where it faulted. A thread stopped in
+        a restartable system call (:meth:`in_syscall_restart`) re-enters that call when stepped
+        and may block in it until ``timeout``.
 
         Raises ProcessGoneError, TargetTimeoutError.
         """
@@ -937,6 +939,8 @@ class Process:
         try:
             if self.threads:
                 self.resume()
+            if self._stragglers:
+                self._collect_stragglers()
         finally:
             memory = getattr(self, "memory", None)
             if memory is not None:

@@ -108,8 +108,9 @@ def test_thread_inside_displaced_bytes_is_moved(start_target, counts_exe):
         assert len(analysis.displaced) >= 2, "need a site of several instructions"
         with proc.stopped() as threads:
             inside = None
+            workers = [th for th in threads.values() if th.tid != t.pid]  # main blocks in read()
             for _ in range(200000):
-                for th in threads.values():
+                for th in workers:
                     if start < th.regs().rip < end:
                         inside = th
                         break
@@ -218,6 +219,15 @@ def _uprobe_file_offset(path: str, vaddr: int) -> int:
     raise AssertionError("address not in a PT_LOAD segment")
 
 
+def _tracefs_append(path: str, line: str) -> None:
+    # Python's append mode seeks to the end, which tracefs refuses: write through os.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def test_ebusy_on_kernel_uprobe(start_target, counts_exe):
     tracing = "/sys/kernel/tracing"
     if not os.path.exists(f"{tracing}/uprobe_events"):
@@ -226,8 +236,7 @@ def test_ebusy_on_kernel_uprobe(start_target, counts_exe):
     offset = _uprobe_file_offset(str(counts_exe), vaddr)
     t = _start_loop(start_target, counts_exe)
     name = f"djtest_{os.getpid()}"
-    with open(f"{tracing}/uprobe_events", "a") as f:
-        f.write(f"p:djtest/{name} {counts_exe}:{offset:#x}\n")
+    _tracefs_append(f"{tracing}/uprobe_events", f"p:djtest/{name} {counts_exe}:{offset:#x}\n")
     enable = f"{tracing}/events/djtest/{name}/enable"
     try:
         with open(enable, "w") as f:
@@ -238,8 +247,7 @@ def test_ebusy_on_kernel_uprobe(start_target, counts_exe):
     finally:
         with open(enable, "w") as f:
             f.write("0")
-        with open(f"{tracing}/uprobe_events", "a") as f:
-            f.write(f"-:djtest/{name}\n")
+        _tracefs_append(f"{tracing}/uprobe_events", f"-:djtest/{name}\n")
 
 
 def test_einval_mid_instruction_and_not_executable(start_target, counts_exe):
