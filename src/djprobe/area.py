@@ -41,9 +41,9 @@ REGISTER_NAMES = (
 )  # fmt: skip
 RECORD_DTYPE = np.dtype(
     {
-        "names": ["seq", "instance", "thread", "tsc", "regs"],
-        "formats": [np.uint64, np.uint32, np.uint64, np.uint64, (np.uint64, len(REGISTER_NAMES))],
-        "offsets": [0, 8, 16, 24, 32],
+        "names": ["seq", "instance", "tid", "thread", "tsc", "regs"],
+        "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(REGISTER_NAMES))],
+        "offsets": [0, 8, 12, 16, 24, 32],
         "itemsize": RECORD_SIZE,
     }
 )

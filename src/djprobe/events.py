@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -184,10 +184,35 @@ class EventBatch:
     """A batch of events as a numpy structured array (``EVENT_DTYPE``), ordered by time.
 
     ``events["regs"]`` is an (N, 17) array in the order of :data:`djprobe.area.REGISTER_NAMES`;
-    :meth:`register` and :meth:`args` give columns by name.
+    :meth:`register` and :meth:`args` give columns by name. ``instances[i]`` is the probe
+    instance event ``i`` came from (None if it was removed meanwhile).
     """
 
     events: np.ndarray
+    instances: list = field(default_factory=list)
+
+    @classmethod
+    def empty(cls) -> "EventBatch":
+        return cls(np.empty(0, dtype=EVENT_DTYPE), [])
+
+    @classmethod
+    def concat(cls, batches: list["EventBatch"]) -> "EventBatch":
+        if len(batches) == 1:
+            return batches[0]
+        events = np.concatenate([b.events for b in batches])
+        instances = [i for b in batches for i in b.instances]
+        order = np.argsort(events["tsc"], kind="stable")
+        return cls(events[order], [instances[i] for i in order.tolist()])
+
+    def probes(self, index: int) -> list:
+        """The probes that event ``index`` belongs to."""
+        instance = self.instances[index]
+        return list(instance.probes) if instance is not None else []
+
+    def site(self, index: int) -> str:
+        """``module:symbol+off`` of the probe event ``index`` came from."""
+        instance = self.instances[index]
+        return instance.analysis.site if instance is not None else "?"
 
     def __len__(self) -> int:
         return len(self.events)
@@ -209,7 +234,11 @@ def decode(records: Iterable[tuple[int, np.ndarray]], clock: TscClock, threads: 
         ev["region"] = region_index
         ev["tsc"] = raw["tsc"]
         ev["regs"] = raw["regs"]
-        ev["tid"] = threads.resolve(raw["thread"], process)
+        tid = raw["tid"].astype(np.int64)
+        unknown = tid == 0
+        if unknown.any():
+            tid[unknown] = threads.resolve(raw["thread"][unknown], process)
+        ev["tid"] = tid
         parts.append(ev)
     if not parts:
         return EventBatch(np.empty(0, dtype=EVENT_DTYPE))

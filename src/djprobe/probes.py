@@ -21,6 +21,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
+import traceback
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +35,8 @@ from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .sites import SiteAnalysis, Verdict, analyse_site
-from .stubs import Stub, build_count_stub, jump_bytes, jump_target
+from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
+from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols
 from .x86.relocate import RelocationError
 
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[["Djprobe", object], None]
 
 STACK_SCAN_BYTES = 64 * 1024
-STEP_LIMIT = 256
+STEP_LIMIT = 2048
 
 
 class Djprobe:
@@ -54,21 +57,44 @@ class Djprobe:
     number of times the probe fired.
     """
 
-    def __init__(self, addr: int | str, size: int | None = None, handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        addr: int | str,
+        size: int | None = None,
+        handler: Handler | None = None,
+        *,
+        record: bool = False,
+        registers: str = "all",
+    ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
         if size is not None and (not isinstance(size, int) or size < 5 or size > 24):
             raise InvalidSiteError(f"size must be an integer from 5 to 24 bytes, not {size!r}")
+        if handler is not None and not callable(handler):
+            raise InvalidSiteError(f"handler must be callable, not {type(handler).__name__}")
+        if registers not in ("all", "args"):
+            raise InvalidSiteError(f"registers must be 'all' or 'args', not {registers!r}")
         self.addr: int | str = addr
         self.size = size
         self.handler = handler
+        self.record = record or handler is not None
+        self.registers = registers
         self.address: int | None = None
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
         self._instance: Instance | None = None
         self._baseline = 0
+        self._drop_baseline = 0
+        self._join_tsc = 0
         self._final_hits: int | None = None
-        self.missed = 0
+        self._final_missed: int | None = None
+
+    @property
+    def missed(self) -> int:
+        """Events of this probe dropped because a ring was full (hits stay exact)."""
+        if self._instance is not None:
+            return self._instance.drops() - self._drop_baseline
+        return self._final_missed or 0
 
     @property
     def registered(self) -> bool:
@@ -97,7 +123,11 @@ class Instance:
     stub: Stub
     original: bytes
     patched: bytes
+    action: str = "count"  # or "record"
+    registers: str = "all"
     probes: list[Djprobe] = field(default_factory=list)
+    carried_hits: int = 0  # from an earlier stub of this instance (replaced to record events)
+    carried_drops: int = 0
 
     @property
     def address(self) -> int:
@@ -108,7 +138,16 @@ class Instance:
         return self.analysis.size
 
     def count(self) -> int:
-        return self.region.view.count(self.slot)
+        return self.carried_hits + self.region.view.count(self.slot)
+
+    def drops(self) -> int:
+        return self.carried_drops + self.region.view.drops(self.slot)
+
+    def serves(self, djp: Djprobe) -> bool:
+        """Whether this instance's stub does what ``djp`` needs."""
+        if not djp.record:
+            return True
+        return self.action == "record" and (self.registers == "all" or djp.registers == "args")
 
 
 class ProbedProcess:
@@ -130,6 +169,15 @@ class ProbedProcess:
         self._stacks: dict[int, np.ndarray] = {}
         self._stacks_key: int | None = None
         self._stop_generation = 0
+        self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
+        self._readers: list[RingReader] = []
+        self._by_slot: dict[tuple[int, int], Instance] = {}
+        self._pending: list[EventBatch] = []
+        self._clock: TscClock | None = None
+        self._thread_map = ThreadMap()
+        self.handler_errors: list[tuple[Djprobe, BaseException, str]] = []
+        if process.stopped:
+            self._thread_map.learn(process)
         _LIVE.add(self)
 
     # -- symbols -----------------------------------------------------------------------------
@@ -154,6 +202,7 @@ class ProbedProcess:
         if self._stop_depth == 0 and not self.process.stopped:
             self.process.stop()
             self._stop_generation += 1
+            self._thread_map.learn(self.process)
             owner = True
         else:
             owner = False
@@ -219,6 +268,8 @@ class ProbedProcess:
                     f"{analysis.site}: a probe with size {existing.size} is already there, not {djp.size}",
                     address=address,
                 )
+            if not existing.serves(djp):
+                self._replace_stub(existing, djp)
             self._join(djp, existing, analysis)
             return
         for inst in self._instances.values():
@@ -234,7 +285,8 @@ class ProbedProcess:
         blocker = self._return_into(address, address + analysis.size)
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
-        region, slot, stub = self._prepare(analysis)
+        action, registers = ("record", djp.registers) if djp.record else ("count", "all")
+        region, slot, stub = self._prepare(analysis, action, registers)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -250,8 +302,9 @@ class ProbedProcess:
         self.process.write(address, patched)
         entry.state = InstanceState.INSERTED
         region.view.set_entry(slot, entry)
-        instance = Instance(analysis, region, slot, stub, original, entry.patched)
+        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers)
         self._instances[address] = instance
+        self._by_slot[(self._regions.index(region), slot)] = instance
         self._join(djp, instance, analysis)
 
     def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis) -> None:
@@ -259,11 +312,14 @@ class ProbedProcess:
         djp.site = analysis.site
         djp.analysis = analysis
         djp._baseline = instance.count()
+        djp._drop_baseline = instance.drops()
+        djp._join_tsc = self.clock.now_tsc() if djp.record else 0
         djp._final_hits = None
+        djp._final_missed = None
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis) -> tuple[Region, int, Stub]:
+    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet)."""
         tried_new = False
         candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
@@ -271,8 +327,9 @@ class ProbedProcess:
             if not candidates:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
-                region = create_region(self.process, analysis.address)
+                region = create_region(self.process, analysis.address, self.layout)
                 self._regions.append(region)
+                self._readers.append(RingReader(region.view, len(self._regions) - 1))
                 candidates = [region]
                 tried_new = True
             region = candidates.pop(0)
@@ -280,7 +337,14 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                stub = build_count_stub(analysis, region.layout, region.slot_address(slot), region.counter_address(slot))
+                if action == "record":
+                    stub = build_record_stub(
+                        analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset), registers
+                    )
+                else:
+                    stub = build_count_stub(
+                        analysis, region.layout, region.slot_address(slot), region.counter_address(slot)
+                    )
             except RelocationError as exc:
                 region.free_slots.append(slot)
                 if tried_new:
@@ -364,6 +428,7 @@ class ProbedProcess:
             return
         if djp._final_hits is None:
             djp._final_hits = instance.count() - djp._baseline
+            djp._final_missed = instance.drops() - djp._drop_baseline
         djp._instance = None
         if djp in instance.probes:
             instance.probes.remove(djp)
@@ -378,21 +443,21 @@ class ProbedProcess:
                 instance.patched[:5].hex(),
             )
         self.process.write(instance.address, instance.original)
-        self._move_threads_out_of_stub(instance)
+        self._move_threads_out_of_stub(instance.stub)
         # Final counts are exact: every thread is out of the action part now.
+        if instance.action == "record":
+            self._drain()  # its events are attributed before the slot can be reused
         for djp in instance.probes:
             djp._final_hits = instance.count() - djp._baseline
+            djp._final_missed = instance.drops() - djp._drop_baseline
         del self._instances[instance.address]
-        stub = instance.stub
-        if self._referenced(stub.address, stub.end):
-            entry = instance.region.view.entry(instance.slot)
-            entry.state = InstanceState.RETIRED
-            instance.region.view.set_entry(instance.slot, entry)
-        else:
-            instance.region.give_back(instance.slot)
+        self._by_slot.pop((self._regions.index(instance.region), instance.slot), None)
+        self._release_slot(instance.region, instance.slot, instance.stub)
 
-    def _move_threads_out_of_stub(self, instance: Instance) -> None:
-        stub = instance.stub
+    def _move_threads_out_of_stub(self, stub: Stub, onto: Stub | None = None) -> None:
+        """Get every thread out of ``stub``: step it through the action, then move it to the
+        equivalent place in the original code (``onto`` None: the original bytes are back) or in
+        the relocated copy of the stub ``onto`` that replaces it."""
         reloc_start = stub.address + stub.action_size
         for thread in self.process.threads.values():
             for _ in range(STEP_LIMIT):
@@ -402,13 +467,46 @@ class ProbedProcess:
                 if rip >= reloc_start:
                     original = stub.original_address(rip)
                     if original is not None:
-                        regs = thread.regs().copy()
-                        regs.rip = original
-                        thread.set_regs(regs)
-                        break
+                        target = original if onto is None else onto.relocated.address_map.get(original)
+                        if target is not None:
+                            regs = thread.regs().copy()
+                            regs.rip = target
+                            thread.set_regs(regs)
+                            break
+                if thread.in_syscall_restart():
+                    break  # blocked in a relocated syscall: it stays, and so does the stub
                 thread.step()
             else:
                 raise DjprobeError(f"thread {thread.tid} did not leave the stub at {stub.address:#x}")
+
+    def _release_slot(self, region: Region, slot: int, stub: Stub) -> None:
+        """Free a stub slot, or keep it retired if a thread might still run or return into it."""
+        if self._referenced(stub.address, stub.end):
+            entry = region.view.entry(slot)
+            entry.state = InstanceState.RETIRED
+            region.view.set_entry(slot, entry)
+        else:
+            region.give_back(slot)
+
+    def _replace_stub(self, instance: Instance, djp: Djprobe) -> None:
+        """Give ``instance`` a record stub (a probe that wants events joined a count-only site)."""
+        registers = "all" if "all" in (djp.registers, instance.registers if instance.action == "record" else "args") else "args"
+        region, slot, stub = self._prepare(instance.analysis, "record", registers)
+        patched = jump_bytes(instance.address, stub.address)
+        entry = instance.region.view.entry(instance.slot)
+        entry.stub_address = stub.address
+        entry.patched = patched + instance.original[len(patched) :]
+        region.view.set_entry(slot, entry)
+        self.process.write(instance.address, patched)
+        old_region, old_slot, old_stub = instance.region, instance.slot, instance.stub
+        self._move_threads_out_of_stub(old_stub, onto=stub)
+        instance.carried_hits = instance.count()
+        instance.carried_drops = instance.drops()
+        self._by_slot.pop((self._regions.index(old_region), old_slot), None)
+        instance.region, instance.slot, instance.stub = region, slot, stub
+        instance.action, instance.registers, instance.patched = "record", registers, entry.patched
+        self._by_slot[(self._regions.index(region), slot)] = instance
+        self._release_slot(old_region, old_slot, old_stub)
 
     def _referenced(self, start: int, end: int) -> bool:
         """Whether any thread is in [start, end) or holds an address there on its stack."""
@@ -421,6 +519,96 @@ class ProbedProcess:
             if i < len(words) and words[i] < end:
                 return True
         return False
+
+    # -- events --------------------------------------------------------------------------------
+    @property
+    def clock(self) -> TscClock:
+        """Converts the TSC timestamps of events to CLOCK_MONOTONIC nanoseconds."""
+        if self._clock is None:
+            self._clock = TscClock()
+        return self._clock
+
+    def _drain(self) -> None:
+        """Move committed records from the rings into the pending list (with their instances)."""
+        raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain()]
+        if not raw:
+            return
+        self.clock.refresh()
+        batch = decode(raw, self.clock, self._thread_map, self.process if self.process.is_alive() else None)
+        owners = [self._by_slot.get((int(r), int(i))) for r, i in zip(batch.events["region"], batch.events["instance"])]
+        batch.instances = owners
+        self._pending.append(batch)
+
+    def read_events(self) -> EventBatch:
+        """All events recorded since the last call, as one time-ordered numpy batch.
+
+        ``batch.events`` is a structured array (fields ``tid``, ``time_ns``, ``tsc``, ``regs``,
+        ...); ``batch.probes(i)`` lists the probes event ``i`` belongs to. Does not block.
+        """
+        self._drain()
+        pending, self._pending = self._pending, []
+        if not pending:
+            return EventBatch.empty()
+        return EventBatch.concat(pending)
+
+    def events(self, timeout: float | None = None, interval: float = 0.01) -> Iterator[EventBatch]:
+        """Yield non-empty event batches until ``timeout`` seconds pass or the target ends."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self.read_events()
+            if len(batch):
+                yield batch
+            elif not self.process.is_alive():
+                return
+            else:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                time.sleep(interval)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Call the handlers of pending events, waiting up to ``timeout`` seconds for events.
+
+        Events are delivered in order per thread. A handler that raises is reported (logged,
+        and kept in ``handler_errors``); its probe keeps counting and dispatch goes on.
+        Returns the number of events dispatched.
+        """
+        deadline = time.monotonic() + timeout
+        total = 0
+        while True:
+            n = self._dispatch(self.read_events())
+            total += n
+            alive = self.process.is_alive()
+            if not alive or time.monotonic() >= deadline:
+                return total + (0 if alive else self._dispatch(self.read_events()))
+            if n == 0:
+                time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+
+    def _dispatch(self, batch: EventBatch) -> int:
+        if not len(batch):
+            return 0
+        ev = batch.events
+        regs_rows = ev["regs"].tolist()
+        tids = ev["tid"].tolist()
+        times = ev["time_ns"].tolist()
+        tscs = ev["tsc"].tolist()
+        done = 0
+        for k, instance in enumerate(batch.instances):
+            if instance is None:
+                continue
+            regs = None
+            for djp in instance.probes:
+                if djp.handler is None or tscs[k] < djp._join_tsc:
+                    continue
+                if regs is None:
+                    regs = Regs(regs_rows[k], tids[k], times[k])
+                try:
+                    djp.handler(djp, regs)
+                except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop tracing
+                    tb = traceback.format_exc()
+                    self.handler_errors.append((djp, exc, tb))
+                    log.error("handler of %s raised:\n%s", djp.site, tb)
+                done += 1
+        return done
 
     # -- lifetime ------------------------------------------------------------------------------
     def start(self) -> None:

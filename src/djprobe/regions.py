@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .area import AreaHeader, AreaLayout, AreaView, InstanceEntry, InstanceState
 from .errors import DjprobeError, NoRoomError
+from .stubs import RecordTargets
 
 if TYPE_CHECKING:
     from ._sys.procfs import MapEntry
@@ -103,6 +104,18 @@ class Region:
 
     def counter_address(self, index: int) -> int:
         return self.layout.counter_address(self.data_address, index)
+
+    def record_targets(self, index: int, tid_offset: int | None = None) -> RecordTargets:
+        """Where the record stub of slot ``index`` writes."""
+        lay = self.layout
+        return RecordTargets(
+            counter=self.counter_address(index),
+            drops=self.data_address + lay.drops_offset + 8 * index,
+            ring_headers=self.data_address + lay.rings_offset,
+            records=self.data_address + lay.records_offset,
+            instance=index,
+            tid_offset=tid_offset,
+        )
 
     def contains_code(self, address: int) -> bool:
         return self.code_address <= address < self.code_address + self.layout.code_size
@@ -207,7 +220,3 @@ def unmap_region(process: "Process", region: Region) -> None:
     process.munmap(region.code_address, region.layout.code_size)
     process.munmap(region.data_address, region.layout.data_size)
     region.close_tracer_side()
-
-
-def in_use_states() -> tuple[InstanceState, ...]:
-    return (InstanceState.PREPARED, InstanceState.INSERTED, InstanceState.RETIRED)

@@ -6,8 +6,8 @@ instruction after them (the relocator appends it). The action saves exactly what
 * **record** (events and handlers): steps over the red zone, saves the flags and every
   general-purpose register as a pt_regs-like frame on the stack, counts the hit, reserves a slot
   in one of the instance's area's event rings (a ``cmpxchg`` on the ring head, refused when the
-  ring is full: the drop is counted), writes the record (instance, thread pointer ``fs:[0]``,
-  TSC, registers) and commits it by writing its sequence number last.
+  ring is full: the drop is counted), writes the record (instance, thread pointer ``fs:[0]`` and the TID read
+  from the thread control block, TSC, registers) and commits it by writing its sequence number last.
 
 * **count**: two scratch registers (stored in the red zone, or just below it at a mid-function
   site after stepping ``rsp`` over it with ``lea``, which leaves the flags alone) and, only where the
@@ -159,6 +159,7 @@ class RecordTargets:
     ring_headers: int  # ring 0's header
     records: int  # ring 0's first record
     instance: int  # index written into each record
+    tid_offset: int | None = None  # where the thread control block (fs:0) holds the TID, if known
 
 
 class _Asm:
@@ -236,6 +237,10 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, fs0))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 16), R.RCX))
+    if where.tid_offset is not None:
+        tid = MemoryOperand(R.NONE, R.NONE, 1, where.tid_offset, 8, False, R.FS)
+        a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.ECX, tid))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _mem(R.RDI, 12), R.ECX))
     a.add(Instruction.create(Code.RDTSC))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
