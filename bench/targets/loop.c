@@ -6,7 +6,8 @@
  * "calls=C elapsed_ns=E threads=T atomic=A checksum=S" goes to OUTFILE ("-" for stdout).
  * E is the longest time any thread spent in its loop (CLOCK_MONOTONIC around the loop only,
  * threads released together), so startup and tool attach time are excluded.
- * With "gate", the program prints "ready PID" on stdout and waits for a line on stdin first.
+ * With "gate", the program prints "ready PID" on stdout and waits for a line on stdin before the
+ * loop, and for another line after writing the result before it exits.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -55,7 +56,8 @@ int main(int argc, char **argv) {
     n_calls = atol(argv[2]);
     int threads = atoi(argv[3]);
     if (threads < 1 || threads > 64) return 2;
-    if (argc > 5 && strcmp(argv[5], "gate") == 0) {
+    int gate = argc > 5 && strcmp(argv[5], "gate") == 0;
+    if (gate) {
         char line[64];
         printf("ready %d\n", getpid());
         fflush(stdout);
@@ -78,5 +80,9 @@ int main(int argc, char **argv) {
     fprintf(out, "calls=%ld elapsed_ns=%ld threads=%d atomic=%ld checksum=%ld\n", calls, elapsed, threads,
             (long)atomic_hits, sum);
     fclose(out);
+    if (gate) { /* hold until told to exit: the tool may read its count from this process */
+        char line[64];
+        if (!fgets(line, sizeof line, stdin)) return 0;
+    }
     return 0;
 }

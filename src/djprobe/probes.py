@@ -46,6 +46,9 @@ Handler = Callable[["Djprobe", object], None]
 
 STACK_SCAN_BYTES = 64 * 1024
 STEP_LIMIT = 2048
+TRAP_FLAG = 0x100
+# Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID (never TF, IF, IOPL, VM, RF here).
+POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
 
 
 class Djprobe:
@@ -475,9 +478,31 @@ class ProbedProcess:
                             break
                 if thread.in_syscall_restart():
                     break  # blocked in a relocated syscall: it stays, and so does the stub
-                thread.step()
+                self._step(thread)
             else:
                 raise DjprobeError(f"thread {thread.tid} did not leave the stub at {stub.address:#x}")
+
+    def _step(self, thread: Thread) -> None:
+        """Single-step ``thread``, emulating ``pushfq`` and ``popfq``: stepped for real they
+        move the trap flag the kernel sets for stepping into the target's own flags, and the
+        target would die of SIGTRAP after it is detached."""
+        regs = thread.regs()
+        opcode = self.process.read(regs.rip, 1)
+        if opcode == b"\x9c":  # pushfq
+            regs = regs.copy()
+            regs.rsp -= 8
+            self.process.write(regs.rsp, (regs.eflags & ~TRAP_FLAG).to_bytes(8, "little"))
+            regs.rip += 1
+            thread.set_regs(regs)
+        elif opcode == b"\x9d":  # popfq: stepped for real, the kernel leaves the trap flag on
+            regs = regs.copy()
+            value = int.from_bytes(self.process.read(regs.rsp, 8), "little")
+            regs.eflags = (regs.eflags & ~POPF_MASK) | (value & POPF_MASK)
+            regs.rsp += 8
+            regs.rip += 1
+            thread.set_regs(regs)
+        else:
+            thread.step()
 
     def _release_slot(self, region: Region, slot: int, stub: Stub) -> None:
         """Free a stub slot, or keep it retired if a thread might still run or return into it."""

@@ -128,3 +128,24 @@ def test_count_probe_upgraded_to_record_keeps_counts(args_exe):
     with proc:
         assert a.hits == b.hits == 3000
         assert sum(len(x) for x in batches) == 3000
+
+
+def test_record_probe_cycles_under_load(start_target):
+    """Removal steps threads out of the record action (pushfq/popfq included): the target
+    must never see the trap flag, crash or compute a wrong result."""
+    import subprocess
+    import time
+
+    exe = compile_c(TARGETS / "counts.c", name="counts")
+    t = start_target([exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert t.proc.stdout.readline().startswith("ready")
+    with djprobe.attach(t.pid) as proc:
+        for _ in range(40):
+            djps = [djprobe.Djprobe("work_a", record=True), djprobe.Djprobe("work_b", record=True, registers="args")]
+            assert proc.register_many(djps) == []
+            time.sleep(0.005)
+            proc.read_events()
+            proc.unregister_many(djps)
+            assert t.proc.poll() is None
+    t.proc.stdin.close()
+    assert t.proc.stdout.readline().split()[-1] == "0"

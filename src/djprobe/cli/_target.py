@@ -43,7 +43,9 @@ class Refusal:
     reason: str
 
 
-def make_probes(target: ProbedProcess, patterns: list[str]) -> tuple[list[Djprobe], list[Refusal]]:
+def make_probes(
+    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all"
+) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
@@ -60,7 +62,7 @@ def make_probes(target: ProbedProcess, patterns: list[str]) -> tuple[list[Djprob
         for site in sites:
             if site.address in probes:
                 continue
-            djp = Djprobe(site.address)
+            djp = Djprobe(site.address, record=record, registers=registers)
             djp.site = site.name
             probes[site.address] = djp
     placed = list(probes.values())

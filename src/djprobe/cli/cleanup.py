@@ -1,0 +1,71 @@
+"""`djprobe cleanup`: remove the probes a dead (or given-up) tracer left in a process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import InvalidSiteError
+from ..recovery import CleanupReport, cleanup
+
+EXAMPLES = """examples:
+  djprobe cleanup -p 1234          restore every byte patched by djprobe in 1234, unmap its areas
+  djprobe cleanup -p 1234 --force  even if the tracer that placed them still runs
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "cleanup",
+        help="remove probes left in a process by a dead tracer",
+        description="Restore the original bytes of every probe djprobe placed in a process (checked "
+        "against the ELF file on disk) and unmap its probe areas where no thread can still use them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-p", "--pid", type=int, required=True, help="the process to clean up")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="also clean areas whose tracer is alive, and restore sites whose bytes changed since",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(run=run)
+
+
+def format_report(r: CleanupReport) -> str:
+    if not r.areas:
+        return f"process {r.pid}: no djprobe probe areas, nothing to clean up"
+    lines = []
+    for i in r.restored:
+        lines.append(f"restored {i.address:#x} {i.site or i.name} ({i.size} bytes)")
+    for i in r.untouched:
+        lines.append(f"already original {i.address:#x} {i.site or i.name}")
+    for i, why in r.skipped:
+        lines.append(f"SKIPPED {i.address:#x} {i.site or i.name}: {why}")
+    for a, why in r.refused_areas:
+        lines.append(f"REFUSED area {a.data_address:#x} {a.path}: {why}")
+    for a in r.unmapped:
+        lines.append(f"unmapped area {a.code_address:#x} (code) {a.data_address:#x} (data)")
+    for a, why in r.left_mapped:
+        lines.append(f"left area {a.data_address:#x} mapped (every jump to it removed): {why}")
+    if r.stepped:
+        lines.append(f"{r.stepped} thread(s) stepped out of stubs")
+    lines.append(
+        f"process {r.pid}: {len(r.restored)} restored, {len(r.skipped)} skipped, "
+        f"{len(r.unmapped)} area(s) unmapped, {len(r.left_mapped)} kept, {len(r.refused_areas)} refused"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pid <= 0:
+        raise InvalidSiteError(f"invalid PID {args.pid}")
+    report = cleanup(args.pid, force=args.force)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        out = sys.stdout if report.ok else sys.stderr
+        print(format_report(report), file=out)
+    return 0 if report.ok else 1

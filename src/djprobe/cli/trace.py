@@ -1,0 +1,130 @@
+"""`djprobe trace`: one line per probe hit, with the argument registers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..area import AreaLayout
+from ..events import EventBatch
+from ..probes import Djprobe
+from ._target import Interrupted, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target
+
+EXAMPLES = """examples:
+  djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
+  djprobe trace -p 1234 -d 2 --json 'libc:open*' # JSON lines for 2 s
+  djprobe trace -p 1234 'work' | head -5          # the first 5 hits; probes are removed on exit
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "trace",
+        help="print one line per probe hit",
+        description="Place a recording jump probe at every site matching the patterns and print each hit.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="djprobe trace [--json] [-T] [-d SECONDS] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+    )
+    add_target_arguments(parser)
+    parser.add_argument("-T", "--timestamp", action="store_true", help="print wall-clock time of day")
+    parser.add_argument(
+        "--ring-slots",
+        type=int,
+        default=AreaLayout.ring_slots,
+        help="events each ring holds before new ones are dropped (a power of two; default %(default)s)",
+    )
+    parser.add_argument("--all-registers", action="store_true", help="record every register, not only arguments")
+    parser.set_defaults(run=run)
+
+
+def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: bool) -> list[str]:
+    ev = batch.events
+    args = batch.args().tolist()
+    lines = []
+    for k, (t, tid) in enumerate(zip(ev["time_ns"].tolist(), ev["tid"].tolist())):
+        if wall:
+            secs = (t + wall_offset_ns) / 1e9
+            stamp = time.strftime("%H:%M:%S", time.localtime(secs)) + f".{int(secs * 1e6) % 1000000:06d}"
+        else:
+            stamp = f"{(t - start_ns) / 1e9:.6f}"
+        a = " ".join(f"{x:#x}" for x in args[k])
+        lines.append(f"{stamp:<15} {tid:<7} {batch.site(k)} {a}")
+    return lines
+
+
+def _json_lines(batch: EventBatch) -> list[str]:
+    ev = batch.events
+    args = batch.args().tolist()
+    out = []
+    for k, (t, tid) in enumerate(zip(ev["time_ns"].tolist(), ev["tid"].tolist())):
+        instance = batch.instances[k]
+        out.append(
+            json.dumps(
+                {
+                    "time_ns": t,
+                    "tid": tid,
+                    "site": batch.site(k),
+                    "address": instance.address if instance is not None else None,
+                    "args": args[k],
+                }
+            )
+        )
+    return out
+
+
+def _summary(probes: list[Djprobe], as_json: bool) -> str:
+    rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
+    if as_json:
+        return json.dumps({"summary": [{"site": d.site, "address": d.address, "hits": d.hits, "dropped": d.missed} for d in rows]})
+    width = max([len("PROBE")] + [len(d.site or "") for d in rows])
+    lines = [f"{'PROBE':<{width}}  {'HITS':>10}  {'DROPPED':>8}"]
+    lines += [f"{d.site:<{width}}  {d.hits:>10}  {d.missed:>8}" for d in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    install_signal_handlers()
+    if args.ring_slots <= 0 or args.ring_slots & (args.ring_slots - 1):
+        raise SystemExit(f"djprobe trace: error: --ring-slots must be a power of two, not {args.ring_slots}")
+    target = open_target(args)
+    out = sys.stdout
+    with target:
+        target.layout = AreaLayout(ring_slots=args.ring_slots)
+        registers = "all" if args.all_registers else "args"
+        start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        probes, refused = make_probes(target, args.patterns, record=True, registers=registers)
+        quoted = " ".join(args.patterns)
+        print(f'Tracing {len(probes)} functions for "{quoted}"... Hit Ctrl-C to end.', file=sys.stderr, flush=True)
+        for r in refused:
+            print(f"  refused {r.site}: {r.reason}", file=sys.stderr)
+        if not args.json:
+            print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
+        wall_offset = time.time_ns() - start_ns
+        target.start()
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                got = False
+                for batch in target.events(timeout=min(0.2, remaining) if remaining is not None else 0.2):
+                    got = True
+                    lines = _json_lines(batch) if args.json else _format_lines(batch, start_ns, wall_offset, args.timestamp)
+                    out.write("\n".join(lines) + "\n")
+                    out.flush()
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if not got and not target.process.is_alive():
+                    break
+        except (KeyboardInterrupt, Interrupted):
+            pass
+        target.unregister_many(probes)
+        leftover = target.read_events()
+        if len(leftover):
+            lines = _json_lines(leftover) if args.json else _format_lines(leftover, start_ns, wall_offset, args.timestamp)
+            out.write("\n".join(lines) + "\n")
+    status = exit_status(target) if args.command_argv else None
+    print(_summary(probes, args.json), file=out, flush=True)
+    return status or 0

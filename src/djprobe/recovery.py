@@ -1,0 +1,570 @@
+"""Recovery: find the probe areas a (possibly dead) tracer left in a process, report them, and
+remove every jump they serve (design Guarantee 5).
+
+A probe area is a pair of adjacent mappings (see :mod:`djprobe.area`): an anonymous r-x code part
+followed by a shared data part mapped from an unlinked ``/dev/shm/djprobe-PID-xxxx`` file. The
+data part starts with a header and an instance table that records, for every patched site, the
+original and patched bytes. Everything in there is *target-controlled* data: the target (or a
+stray write) may have changed it, so nothing is trusted blindly:
+
+* the header must carry the magic and version, describe a sane layout whose sizes match the
+  mappings actually present, and record ``data_address`` equal to where it is mapped;
+* an entry must name a site inside an executable file-backed mapping, a stub in its own slot,
+  and patched bytes that are exactly the ``jmp`` to that stub followed by the original tail;
+* before writing, the recorded original bytes must equal the bytes of the ELF file on disk (the
+  mapped file) at that address, and the bytes in memory must be the recorded patched ones (or
+  ``force``). Nothing else is ever written into the target's code.
+
+Then the areas themselves are unmapped, but only when no thread is in a stub or holds a stub
+address on its stack; otherwise the area stays mapped (harmless: nothing jumps there any more).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import area as _area
+from ._sys.procfs import MapEntry, ProcessMemory, find_mapping, read_maps
+from .area import ENTRY_SIZE, HEADER_SIZE, MAGIC, MAX_DISPLACED, VERSION, AreaLayout, InstanceState
+from .errors import DjprobeError, ProcessGoneError, TargetFaultError
+from .process import Process
+from .stubs import jump_bytes
+from .symbols import Symbols
+
+__all__ = ["FoundArea", "FoundInstance", "CleanupReport", "find_areas", "status", "cleanup", "AREA_PATH_RE"]
+
+#: The data part of a probe area as /proc/PID/maps shows it (procfs strips " (deleted)").
+AREA_PATH_RE = re.compile(r"^/dev/shm/djprobe-(\d+)-([0-9a-f]+)$")
+
+STACK_SCAN_BYTES = 64 * 1024
+STEP_LIMIT = 256
+
+# Bounds on header values before any allocation or read is sized from them.
+_MAX_INSTANCES = 1 << 16
+_MAX_SHARDS = 1 << 12
+_MAX_SLOT = 1 << 16
+_MAX_RINGS = 1 << 10
+_MAX_RING_SLOTS = 1 << 20
+_MAX_DATA = 1 << 32
+
+_STATE_NAMES = {int(s): s.name for s in InstanceState}
+
+
+@dataclass
+class FoundInstance:
+    """One non-free entry of an instance table, checked against the target."""
+
+    index: int
+    address: int
+    stub_address: int
+    size: int
+    state: str  # PREPARED, INSERTED, RETIRED, or "0x.." for a value we do not know
+    original: bytes
+    patched: bytes
+    name: str  # the name hint the tracer stored
+    site: str = ""  # module:symbol+off, from the target's symbols
+    hits: int = 0
+    code: str = "?"  # what the site holds now: "patched", "original", "other", "unreadable"
+    problem: str | None = None  # why this entry is not trusted (None: valid)
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "address": self.address,
+            "site": self.site,
+            "name": self.name,
+            "size": self.size,
+            "state": self.state,
+            "code": self.code,
+            "hits": self.hits,
+            "stub": self.stub_address,
+            "original": self.original.hex(),
+            "patched": self.patched.hex(),
+            "valid": self.valid,
+            "problem": self.problem,
+        }
+
+
+@dataclass
+class FoundArea:
+    """A probe area found in a process (valid or not: see ``problem``)."""
+
+    pid: int
+    path: str
+    data_address: int
+    data_end: int
+    inode: int
+    dev: str
+    code_address: int = 0
+    code_size: int = 0
+    data_size: int = 0
+    layout: AreaLayout | None = None
+    tracer_pid: int = 0
+    target_pid: int = 0
+    tracer_alive: bool = False
+    code_mapped: bool = False
+    instances: list[FoundInstance] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
+
+    @property
+    def code_end(self) -> int:
+        return self.code_address + self.code_size
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "data_address": self.data_address,
+            "data_size": self.data_size or self.data_end - self.data_address,
+            "code_address": self.code_address,
+            "code_size": self.code_size,
+            "code_mapped": self.code_mapped,
+            "tracer_pid": self.tracer_pid,
+            "tracer_alive": self.tracer_alive,
+            "target_pid": self.target_pid,
+            "valid": self.valid,
+            "problem": self.problem,
+            "instances": [i.to_json() for i in self.instances],
+        }
+
+
+# -- finding areas --------------------------------------------------------------------------------
+def _is_area_mapping(m: MapEntry) -> bool:
+    return bool(AREA_PATH_RE.match(m.path))
+
+
+def _power_of_two(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _parse_header(raw: bytes, mapping: MapEntry) -> tuple[dict, AreaLayout]:
+    """The header fields and layout; ValueError with the reason if they cannot be trusted."""
+    fields = dict(zip(_area._HEADER_FIELDS, _area._HEADER.unpack_from(raw)))
+    if fields["magic"] != MAGIC:
+        raise ValueError("bad magic: not a djprobe probe area")
+    if fields["version"] != VERSION:
+        raise ValueError(f"probe area version {fields['version']} is not supported (expected {VERSION})")
+    if fields["header_size"] != HEADER_SIZE:
+        raise ValueError(f"header size {fields['header_size']} is not {HEADER_SIZE}")
+    bounds = {
+        "max_instances": _MAX_INSTANCES,
+        "n_shards": _MAX_SHARDS,
+        "slot_size": _MAX_SLOT,
+        "ring_count": _MAX_RINGS,
+        "ring_slots": _MAX_RING_SLOTS,
+    }
+    for name, bound in bounds.items():
+        if not _power_of_two(fields[name]) or fields[name] > bound:
+            raise ValueError(f"{name} = {fields[name]} is out of bounds")
+    if not 12 <= fields["shard_shift"] < 48:
+        raise ValueError(f"shard_shift = {fields['shard_shift']} is out of bounds")
+    layout = AreaLayout(
+        max_instances=fields["max_instances"],
+        n_shards=fields["n_shards"],
+        slot_size=fields["slot_size"],
+        shard_shift=fields["shard_shift"],
+        ring_count=fields["ring_count"],
+        ring_slots=fields["ring_slots"],
+    )
+    expected = {
+        "code_size": layout.code_size,
+        "data_size": layout.data_size,
+        "table_offset": layout.table_offset,
+        "counters_offset": layout.counters_offset,
+        "rings_offset": layout.rings_offset,
+        "rings_size": layout.rings_size,
+        "drops_offset": layout.drops_offset,
+    }
+    for name, value in expected.items():
+        if fields[name] != value:
+            raise ValueError(f"header {name} = {fields[name]:#x} does not match its layout ({value:#x})")
+    if layout.data_size > _MAX_DATA:
+        raise ValueError("data part too large")
+    if fields["data_address"] != mapping.start:
+        raise ValueError(
+            f"header data_address {fields['data_address']:#x} is not where it is mapped ({mapping.start:#x})"
+        )
+    if mapping.end - mapping.start != layout.data_size or mapping.offset != 0:
+        raise ValueError(
+            f"mapping {mapping.start:#x}-{mapping.end:#x} (offset {mapping.offset:#x}) does not match "
+            f"the data size {layout.data_size:#x}"
+        )
+    if fields["code_address"] != mapping.start - layout.code_size:
+        raise ValueError(f"header code_address {fields['code_address']:#x} is not just below the data part")
+    return fields, layout
+
+
+def _tracer_alive(tracer_pid: int, mapping: MapEntry) -> bool:
+    """Whether ``tracer_pid`` is a live process that maps the same area file (not a reused pid)."""
+    if tracer_pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{tracer_pid}/stat") as f:
+            stat = f.read()
+        if stat[stat.rfind(")") + 2 :][:1] in ("Z", "X"):
+            return False
+        maps = read_maps(tracer_pid)
+    except (ProcessGoneError, FileNotFoundError, ProcessLookupError):
+        return False
+    except (OSError, DjprobeError):
+        return True  # it exists but we cannot look: assume it still uses the area
+    return any(m.inode == mapping.inode and m.dev == mapping.dev and _is_area_mapping(m) for m in maps)
+
+
+def _code_state(memory: ProcessMemory, inst: FoundInstance) -> str:
+    try:
+        now = memory.read(inst.address, inst.size)
+    except TargetFaultError:
+        return "unreadable"
+    if now == inst.patched:
+        return "patched"
+    if now == inst.original:
+        return "original"
+    return "other"
+
+
+def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw_state: int) -> str | None:
+    assert area.layout is not None
+    if raw_state not in _STATE_NAMES:
+        return f"unknown state {raw_state}"
+    if not 5 <= inst.size <= MAX_DISPLACED:
+        return f"size {inst.size} is out of bounds"
+    m = find_mapping(maps, inst.address)
+    if m is None or not m.executable or not m.is_file or m.inode == 0 or _is_area_mapping(m):
+        return f"{inst.address:#x} is not in an executable file-backed mapping"
+    if inst.address + inst.size > m.end:
+        return f"{inst.address:#x}+{inst.size} crosses the end of its mapping"
+    slot = area.layout.slot_address(area.code_address, inst.index)
+    if inst.stub_address != slot:
+        return f"stub address {inst.stub_address:#x} is not slot {inst.index} ({slot:#x})"
+    try:
+        jump = jump_bytes(inst.address, inst.stub_address)
+    except ValueError:
+        return f"stub {inst.stub_address:#x} is out of reach of {inst.address:#x}"
+    if inst.patched[:5] != jump or inst.patched[5:] != inst.original[5:]:
+        return "recorded patched bytes are not the jump to its stub followed by the original bytes"
+    return None
+
+
+def _read_area(pid: int, memory: ProcessMemory, m: MapEntry, maps: list[MapEntry]) -> FoundArea:
+    area = FoundArea(pid=pid, path=m.path, data_address=m.start, data_end=m.end, inode=m.inode, dev=m.dev)
+    if not m.readable or m.perms[3] != "s":
+        area.problem = f"mapping {m.start:#x}-{m.end:#x} is {m.perms}, not a shared readable mapping"
+        return area
+    if m.end - m.start < HEADER_SIZE:
+        area.problem = "mapping too small for a header"
+        return area
+    try:
+        raw = memory.read(m.start, HEADER_SIZE)
+        fields, layout = _parse_header(raw, m)
+    except (ValueError, struct.error, TargetFaultError) as exc:
+        area.problem = str(exc)
+        return area
+    area.layout = layout
+    area.code_address = fields["code_address"]
+    area.code_size = layout.code_size
+    area.data_size = layout.data_size
+    area.tracer_pid = fields["tracer_pid"]
+    area.target_pid = fields["target_pid"]
+    area.tracer_alive = _tracer_alive(area.tracer_pid, m)
+    code = find_mapping(maps, area.code_address)
+    area.code_mapped = (
+        code is not None
+        and code.end >= area.code_end
+        and code.executable
+        and not code.writable
+        and not code.is_file
+        and code.inode == 0
+    )
+    try:
+        table = memory.read(m.start + layout.table_offset, layout.max_instances * ENTRY_SIZE)
+        counters = np.frombuffer(
+            memory.read(m.start + layout.counters_offset, layout.n_shards * layout.shard_stride), dtype=np.uint64
+        ).reshape(layout.n_shards, layout.max_instances)
+    except TargetFaultError as exc:
+        area.problem = f"cannot read the instance table: {exc}"
+        return area
+    hits = counters.sum(axis=0, dtype=np.uint64)
+    for i in range(layout.max_instances):
+        off = i * ENTRY_SIZE
+        address, stub, state, size, _action, _, orig, patched, _gen, name = _area._ENTRY.unpack_from(table, off)
+        if state == InstanceState.FREE:
+            continue
+        n = min(size, MAX_DISPLACED)
+        inst = FoundInstance(
+            index=i,
+            address=address,
+            stub_address=stub,
+            size=size,
+            state=_STATE_NAMES.get(state, f"{state:#x}"),
+            original=orig[:n],
+            patched=patched[:n],
+            name=name.rstrip(b"\0").decode(errors="replace"),
+            hits=int(hits[i]),
+        )
+        inst.problem = _check_entry(inst, area, maps, state)
+        if inst.valid:
+            inst.code = _code_state(memory, inst)
+        area.instances.append(inst)
+    return area
+
+
+def find_areas(pid: int, memory: ProcessMemory | None = None) -> list[FoundArea]:
+    """Every probe area mapped in process ``pid``, each with its instance table checked.
+
+    Raises ProcessGoneError, TracePermissionError.
+    """
+    maps = read_maps(pid)
+    candidates = [m for m in maps if _is_area_mapping(m)]
+    if not candidates:
+        return []
+    own = memory is None
+    mem = memory or ProcessMemory(pid)
+    try:
+        return [_read_area(pid, mem, m, maps) for m in candidates]
+    finally:
+        if own:
+            mem.close()
+
+
+def _describe_sites(pid: int, areas: list[FoundArea], memory: ProcessMemory | None = None) -> None:
+    if not any(a.instances for a in areas):
+        return
+    try:
+        symbols = Symbols.from_process(pid, memory)
+    except DjprobeError:
+        return
+    try:
+        for a in areas:
+            for inst in a.instances:
+                inst.site = symbols.describe(inst.address)
+    finally:
+        symbols.close()
+
+
+def status(pid: int) -> list[FoundArea]:
+    """The probe areas of ``pid`` with their instances, named sites and hit counts."""
+    areas = find_areas(pid)
+    _describe_sites(pid, areas)
+    return areas
+
+
+# -- cleanup -------------------------------------------------------------------------------------
+@dataclass
+class CleanupReport:
+    pid: int
+    areas: list[FoundArea] = field(default_factory=list)
+    restored: list[FoundInstance] = field(default_factory=list)  # jump removed now
+    untouched: list[FoundInstance] = field(default_factory=list)  # nothing to do (already original)
+    skipped: list[tuple[FoundInstance, str]] = field(default_factory=list)  # jump left in, with why
+    refused_areas: list[tuple[FoundArea, str]] = field(default_factory=list)  # not touched at all
+    unmapped: list[FoundArea] = field(default_factory=list)
+    left_mapped: list[tuple[FoundArea, str]] = field(default_factory=list)  # jumps removed, area kept
+    stepped: int = 0  # threads stepped out of stubs
+
+    @property
+    def ok(self) -> bool:
+        """No jump was left in place."""
+        return not self.skipped and not self.refused_areas
+
+    def to_json(self) -> dict:
+        def inst(i: FoundInstance) -> dict:
+            return {"address": i.address, "site": i.site, "size": i.size, "state": i.state}
+
+        return {
+            "pid": self.pid,
+            "areas": len(self.areas),
+            "restored": [inst(i) for i in self.restored],
+            "untouched": [inst(i) for i in self.untouched],
+            "skipped": [dict(inst(i), reason=r) for i, r in self.skipped],
+            "refused_areas": [{"path": a.path, "data_address": a.data_address, "reason": r} for a, r in self.refused_areas],
+            "unmapped": [{"path": a.path, "code_address": a.code_address, "data_address": a.data_address} for a in self.unmapped],
+            "left_mapped": [{"path": a.path, "data_address": a.data_address, "reason": r} for a, r in self.left_mapped],
+            "threads_stepped": self.stepped,
+            "ok": self.ok,
+        }
+
+
+def _select(report: CleanupReport, areas: list[FoundArea], force: bool) -> list[FoundArea]:
+    chosen = []
+    for a in areas:
+        if not a.valid:
+            report.refused_areas.append((a, f"not a valid probe area: {a.problem}"))
+        elif a.tracer_alive and not force:
+            report.refused_areas.append(
+                (a, f"its tracer (PID {a.tracer_pid}) is alive and still uses it; use --force to clean up anyway")
+            )
+        else:
+            chosen.append(a)
+    return chosen
+
+
+def _restore(process: Process, symbols: Symbols, inst: FoundInstance, force: bool) -> str | None:
+    """Put the original bytes back at one site; None if done (or nothing to do), else why not."""
+    memory = process.memory
+    try:
+        now = memory.read(inst.address, inst.size)
+    except TargetFaultError as exc:
+        return f"cannot read the site: {exc}"
+    if now == inst.original:
+        return ""  # nothing to do
+    if now != inst.patched and not force:
+        return (
+            f"bytes at the site ({now.hex()}) are neither the recorded patched ({inst.patched.hex()}) "
+            "nor the original bytes; use --force to restore the original anyway"
+        )
+    module = symbols.module_at(inst.address)
+    if module is None:
+        return "no ELF module is mapped at the site"
+    try:
+        file_bytes = module.read_file(inst.address, inst.size)
+    except (DjprobeError, OSError) as exc:
+        return f"cannot read the file bytes: {exc}"
+    if file_bytes != inst.original:
+        return (
+            f"recorded original bytes ({inst.original.hex()}) differ from {module.path} ({file_bytes.hex()}); "
+            "refusing to write them"
+        )
+    memory.write(inst.address, inst.original)
+    if memory.read(inst.address, inst.size) != inst.original:
+        return "the write did not take"
+    return None
+
+
+def _stack_words(process: Process, rsp: int) -> np.ndarray:
+    rsp &= ~7
+    size = STACK_SCAN_BYTES
+    while size >= 4096:
+        try:
+            return np.frombuffer(process.read(rsp, size), dtype=np.uint64)
+        except DjprobeError:
+            size //= 2
+    # fewer than 4 KiB left in the stack mapping: read up to its end
+    for m in process.maps():
+        if m.start <= rsp < m.end:
+            try:
+                return np.frombuffer(process.read(rsp, min(m.end - rsp, STACK_SCAN_BYTES)), dtype=np.uint64)
+            except DjprobeError:
+                break
+    return np.zeros(0, dtype=np.uint64)
+
+
+def _leave_stubs(process: Process, areas: list[FoundArea], busy: dict[int, str], report: CleanupReport) -> None:
+    """Step every thread that is inside a stub until it has left the code part (bounded).
+    A thread in a system call is never stepped (it would re-enter the call): its area stays."""
+    for thread in list(process.threads.values()):
+        for a in areas:
+            if not a.code_mapped or thread.gone:
+                continue
+            regs = thread.regs()
+            if not a.code_address <= regs.rip < a.code_end:
+                continue
+            if regs.signed("orig_rax") >= 0 or thread.in_syscall_restart():
+                busy[a.data_address] = f"thread {thread.tid} is in a system call inside a stub at {regs.rip:#x}"
+                continue
+            for _ in range(STEP_LIMIT):
+                thread.step()
+                if thread.gone or not a.code_address <= thread.regs().rip < a.code_end:
+                    break
+            else:
+                busy[a.data_address] = f"thread {thread.tid} did not leave the stub ({thread.regs().rip:#x})"
+                continue
+            report.stepped += 1
+
+
+def _references(process: Process, areas: list[FoundArea], busy: dict[int, str]) -> None:
+    """Mark areas whose code part a thread may still execute or return into."""
+    for thread in list(process.threads.values()):
+        if thread.gone:
+            continue
+        positions = thread.positions()
+        words = _stack_words(process, thread.regs().rsp)
+        for a in areas:
+            if a.data_address in busy or not a.code_mapped:
+                continue
+            if any(a.code_address <= p < a.code_end for p in positions):
+                busy[a.data_address] = f"thread {thread.tid} is inside a stub"
+                continue
+            hit = words[(words >= a.code_address) & (words < a.code_end)]
+            if len(hit):
+                busy[a.data_address] = (
+                    f"thread {thread.tid} holds stub address {int(hit[0]):#x} on its stack "
+                    "(a signal frame or saved pointer)"
+                )
+
+
+def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
+    """Remove every jump of the probe areas left in ``pid`` and unmap the areas where safe.
+
+    Areas whose tracer is still alive are left alone unless ``force``. The target is stopped
+    for the duration and resumed (detached) afterwards.
+
+    Raises ProcessGoneError, TracePermissionError (e.g. traced by someone else right now).
+    """
+    report = CleanupReport(pid)
+    areas = find_areas(pid)
+    report.areas = areas
+    if not _select(CleanupReport(pid), areas, force):
+        # nothing we may touch: report without stopping the target
+        _describe_sites(pid, areas)
+        _select(report, areas, force)
+        return report
+    process = Process(pid)
+    try:
+        process.stop()
+        # look again with the world stopped: this is what we act on
+        areas = find_areas(pid, process.memory)
+        report.areas = areas
+        chosen = _select(report, areas, force)
+        symbols = Symbols.from_process(pid, process.memory)
+        try:
+            for a in areas:
+                for inst in a.instances:
+                    inst.site = symbols.describe(inst.address)
+            for a in chosen:
+                for inst in a.instances:
+                    if not inst.valid:
+                        report.skipped.append((inst, f"entry not trusted: {inst.problem}"))
+                        continue
+                    why = _restore(process, symbols, inst, force)
+                    if why is None:
+                        report.restored.append(inst)
+                        inst.code = "original"
+                    elif why == "":
+                        report.untouched.append(inst)
+                    else:
+                        report.skipped.append((inst, why))
+        finally:
+            symbols.close()
+        busy: dict[int, str] = {}
+        for inst, _ in report.skipped:
+            for a in chosen:
+                if inst in a.instances:
+                    busy.setdefault(a.data_address, f"the jump at {inst.address:#x} is still in place")
+        _leave_stubs(process, chosen, busy, report)
+        _references(process, chosen, busy)
+        for a in chosen:
+            if a.data_address in busy:
+                report.left_mapped.append((a, busy[a.data_address]))
+                continue
+            if a.code_mapped:
+                process.munmap(a.code_address, a.code_size)
+            process.munmap(a.data_address, a.data_size)
+            report.unmapped.append(a)
+    finally:
+        try:
+            process.resume()
+        finally:
+            process.close()
+    return report

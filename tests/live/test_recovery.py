@@ -1,0 +1,253 @@
+"""Recovery after the tracer dies: `djprobe status` finds the probes, `djprobe cleanup` restores
+every original byte (checked against the ELF file) and unmaps the probe areas."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import djprobe
+from djprobe import recovery
+from djprobe._sys.procfs import read_maps
+from djprobe.symbols import Symbols
+from tests.conftest import TARGETS, compile_c
+
+pytestmark = pytest.mark.timeout(120)
+
+SITES = ("work_a", "work_b")
+
+
+@pytest.fixture(scope="module")
+def counts_exe():
+    return compile_c(TARGETS / "counts.c", name="counts")
+
+
+def _start_loop(start_target, exe):
+    t = start_target([exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = t.proc.stdout.readline()
+    assert line.startswith("ready"), line
+    return t
+
+
+def _finish(t) -> str:
+    """Close the loop target's stdin; return its final line (``calls_a N bad M``)."""
+    t.proc.stdin.close()
+    line = t.proc.stdout.readline()
+    assert t.proc.wait(timeout=20) == 0
+    return line
+
+
+def djprobe_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "djprobe", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _file_bytes(exe, site: str, size: int = 16) -> tuple[int, bytes]:
+    mod = Symbols.from_file(str(exe)).modules[0]
+    sym = mod.symbols(site)[0]
+    return sym.address, mod.read_file(sym.address, size)
+
+
+def _live_bytes(pid: int, site: str, size: int = 16) -> bytes:
+    with Symbols.from_process(pid) as syms:
+        addr = syms.modules[0].symbols(site)[0].address
+        return syms._mem().read(addr, size)
+
+
+def _area_maps(pid: int) -> list:
+    return [m for m in read_maps(pid) if recovery.AREA_PATH_RE.match(m.path)]
+
+
+def _kill_tracer_with_probes(pid: int, sites=SITES) -> None:
+    """A separate tracer process places probes, then dies by SIGKILL."""
+    script = textwrap.dedent(
+        f"""
+        import time, djprobe
+        proc = djprobe.attach({pid})
+        for s in {list(sites)!r}:
+            proc.register(djprobe.Djprobe(s))
+        print("placed", flush=True)
+        time.sleep(60)
+        """
+    )
+    tracer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "placed"
+        tracer.send_signal(signal.SIGKILL)
+        tracer.wait(timeout=10)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait(timeout=10)
+
+
+def test_tracer_killed_status_then_cleanup(start_target, counts_exe):
+    t = _start_loop(start_target, counts_exe)
+    _kill_tracer_with_probes(t.pid)
+    time.sleep(0.3)
+    assert t.proc.poll() is None
+    # the jumps are still in
+    for s in SITES:
+        assert _live_bytes(t.pid, s, 1) == b"\xe9"
+
+    res = djprobe_cli("status", "-p", str(t.pid), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    instances = [i for a in info["areas"] for i in a["instances"]]
+    assert len(instances) == 2
+    assert {i["site"].split(":", 1)[1] for i in instances} == set(SITES)
+    assert all(i["hits"] > 0 and i["state"] == "INSERTED" and i["code"] == "patched" for i in instances)
+    assert all(a["valid"] and not a["tracer_alive"] for a in info["areas"])
+    text = djprobe_cli("status", "-p", str(t.pid))
+    assert text.returncode == 0 and "work_a" in text.stdout and "gone" in text.stdout
+
+    res = djprobe_cli("cleanup", "-p", str(t.pid), "--json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    report = json.loads(res.stdout)
+    assert report["ok"] and len(report["restored"]) == 2 and report["left_mapped"] == []
+    for s in SITES:
+        _, want = _file_bytes(counts_exe, s)
+        assert _live_bytes(t.pid, s) == want, s
+    assert _area_maps(t.pid) == []
+    with open(f"/proc/{t.pid}/status") as f:
+        assert "TracerPid:\t0" in f.read()
+    assert t.proc.poll() is None
+    time.sleep(0.2)
+    # a second cleanup has nothing to do
+    again = djprobe_cli("cleanup", "-p", str(t.pid))
+    assert again.returncode == 0 and "nothing to clean up" in again.stdout
+    assert _finish(t).split()[-1] == "0"
+
+
+def test_cleanup_without_probes(start_target, counts_exe):
+    t = _start_loop(start_target, counts_exe)
+    res = djprobe_cli("cleanup", "-p", str(t.pid))
+    assert res.returncode == 0, res.stderr
+    assert "no djprobe probe areas" in res.stdout
+    res = djprobe_cli("status", "-p", str(t.pid), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["areas"] == []
+    assert _finish(t).split()[-1] == "0"
+
+
+def test_cleanup_after_normal_close_unmaps_empty_areas(start_target, counts_exe):
+    """A tracer that ended normally leaves empty areas behind: cleanup just unmaps them."""
+    t = _start_loop(start_target, counts_exe)
+    with djprobe.attach(t.pid) as proc:
+        proc.register(djprobe.Djprobe("work_a"))
+        time.sleep(0.05)
+    areas = recovery.status(t.pid)
+    if not areas:
+        pytest.skip("close() unmapped the areas itself")
+    assert all(i.code == "original" for a in areas for i in a.instances)
+    report = recovery.cleanup(t.pid)
+    assert report.ok and not report.restored and len(report.unmapped) == len(areas)
+    assert _area_maps(t.pid) == []
+    assert _finish(t).split()[-1] == "0"
+
+
+def test_cleanup_refuses_while_tracer_alive(start_target, counts_exe):
+    t = _start_loop(start_target, counts_exe)
+    with djprobe.attach(t.pid) as proc:
+        djp = proc.register(djprobe.Djprobe("work_a"))
+        areas = recovery.status(t.pid)
+        assert [a.tracer_alive for a in areas] == [True]
+        report = recovery.cleanup(t.pid)
+        assert not report.ok and report.refused_areas and not report.restored
+        assert _live_bytes(t.pid, "work_a", 1) == b"\xe9"
+        res = djprobe_cli("cleanup", "-p", str(t.pid))
+        assert res.returncode == 1 and "alive" in res.stderr
+        assert djp.hits > 0
+    assert _finish(t).split()[-1] == "0"
+
+
+def test_cleanup_refuses_tampered_original_bytes(start_target, counts_exe):
+    """The instance table is target-controlled: a recorded 'original' that is not the file's
+    bytes is never written."""
+    t = _start_loop(start_target, counts_exe)
+    _kill_tracer_with_probes(t.pid, ["work_b"])
+    (area,) = recovery.find_areas(t.pid)
+    (inst,) = area.instances
+    assert inst.valid and inst.code == "patched"
+    from djprobe.area import ENTRY_SIZE
+    from djprobe._sys.procfs import ProcessMemory
+
+    entry_at = area.data_address + area.layout.table_offset + inst.index * ENTRY_SIZE
+    original_at = entry_at + 24  # address, stub, state+size+action+pad, then original bytes
+    with ProcessMemory(t.pid) as mem:
+        raw = bytearray(mem.read(original_at, 24))
+        assert bytes(raw[: inst.size]) == inst.original
+        raw[inst.size - 1] ^= 0xFF
+        mem.write(original_at, bytes(raw))
+    areas = recovery.find_areas(t.pid)
+    # patched tail no longer matches the "original": the entry is flagged, nothing written
+    report = recovery.cleanup(t.pid, force=True)
+    assert not report.ok and not report.restored and report.skipped
+    assert _live_bytes(t.pid, "work_b", 1) == b"\xe9"
+    assert areas[0].instances[0].problem or "differ" in report.skipped[0][1]
+    assert _area_maps(t.pid)  # kept: the jump to it is still in place
+    # put the record back; then cleanup works
+    with ProcessMemory(t.pid) as mem:
+        raw[inst.size - 1] ^= 0xFF
+        mem.write(original_at, bytes(raw))
+    report = recovery.cleanup(t.pid)
+    assert report.ok and len(report.restored) == 1 and report.unmapped
+    _, want = _file_bytes(counts_exe, "work_b")
+    assert _live_bytes(t.pid, "work_b") == want
+    assert _finish(t).split()[-1] == "0"
+
+
+def test_status_rejects_forged_area(start_target, counts_exe, tmp_path):
+    """A /dev/shm/djprobe-* mapping with a bad header is reported invalid, never acted on."""
+    src = textwrap.dedent(
+        r"""
+        #include <fcntl.h>
+        #include <stdio.h>
+        #include <string.h>
+        #include <sys/mman.h>
+        #include <unistd.h>
+        int main(void) {
+            char path[64];
+            snprintf(path, sizeof path, "/dev/shm/djprobe-%d-forged%d", getpid(), 0);
+            /* a name that matches the pattern: hex digits only */
+            snprintf(path, sizeof path, "/dev/shm/djprobe-%d-abcdef", getpid());
+            int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+            ftruncate(fd, 1 << 20);
+            char *p = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            memcpy(p, "DJPROBE\x01", 8);
+            memset(p + 8, 0xff, 200);      /* garbage sizes */
+            unlink(path);
+            printf("ready\n"); fflush(stdout);
+            char c; while (read(0, &c, 1) > 0) {}
+            printf("bad 0\n");
+            return 0;
+        }
+        """
+    )
+    exe = compile_c(src, name="forged_area")
+    t = start_target([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert t.proc.stdout.readline().startswith("ready")
+    (area,) = recovery.find_areas(t.pid)
+    assert not area.valid and "version" in area.problem or "bounds" in area.problem
+    report = recovery.cleanup(t.pid, force=True)
+    assert not report.ok and report.refused_areas and not report.unmapped
+    assert len(_area_maps(t.pid)) == 1
+    res = djprobe_cli("status", "-p", str(t.pid))
+    assert res.returncode == 0 and "INVALID" in res.stdout
+    t.proc.stdin.close()
+    assert t.proc.stdout.readline().strip() == "bad 0"
+    assert t.proc.wait(timeout=10) == 0
+
+
+def test_cleanup_dead_pid():
+    res = djprobe_cli("cleanup", "-p", "999999999")
+    assert res.returncode == 1 and res.stderr.startswith("djprobe: error:") and "Traceback" not in res.stderr
+    res = djprobe_cli("status", "-p", "999999999")
+    assert res.returncode == 1 and "no such process" in res.stderr
