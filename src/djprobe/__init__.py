@@ -9,8 +9,11 @@ from .errors import (
     ProcessGoneError,
     SiteBusyError,
     SymbolNotFoundError,
+    RemoteSyscallError,
     TargetFaultError,
+    TargetTimeoutError,
     TracePermissionError,
+    TracerStateError,
 )
 
 from .probes import Djprobe, ProbedProcess, attach, register_djprobe, spawn, unregister_djprobe
@@ -30,6 +33,9 @@ __all__ = [
     "ProcessGoneError",
     "SiteBusyError",
     "SymbolNotFoundError",
+    "RemoteSyscallError",
     "TargetFaultError",
+    "TargetTimeoutError",
     "TracePermissionError",
+    "TracerStateError",
 ]

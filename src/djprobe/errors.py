@@ -67,3 +67,24 @@ class TargetFaultError(DjprobeError):
     """EFAULT: target memory could not be read or written at ``address``."""
 
     errno = _errno.EFAULT
+
+
+class TracerStateError(DjprobeError, RuntimeError):
+    """The operation needs another state: the world stopped, or the calling OS thread to be the
+    one that attached (ptrace requests belong to the tracer thread)."""
+
+    errno = _errno.EINVAL
+
+
+class TargetTimeoutError(DjprobeError, TimeoutError):
+    """ETIMEDOUT: a thread did not stop, or an injected call did not return, in time."""
+
+    errno = _errno.ETIMEDOUT
+
+
+class RemoteSyscallError(DjprobeError):
+    """A system call run inside the target failed; ``errno`` is the target's errno."""
+
+    def __init__(self, message: str, *, errno: int, address: int | None = None) -> None:
+        super().__init__(message, address=address)
+        self.errno = errno

@@ -33,7 +33,15 @@ from typing import Iterable, Sequence
 
 from ._sys import ptrace as pt
 from ._sys.procfs import MapEntry, ProcessMemory, read_maps
-from .errors import DjprobeError, ProcessGoneError, TargetFaultError, TracePermissionError
+from .errors import (
+    DjprobeError,
+    ProcessGoneError,
+    RemoteSyscallError,
+    TargetFaultError,
+    TargetTimeoutError,
+    TracePermissionError,
+    TracerStateError,
+)
 
 __all__ = [
     "Registers",
@@ -64,27 +72,6 @@ AT_ENTRY = 9
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_STEP_TIMEOUT = 5.0
 DEFAULT_CALL_TIMEOUT = 5.0
-
-
-class TracerStateError(DjprobeError, RuntimeError):
-    """The operation needs another state: the world stopped, or the calling OS thread to be the
-    one that attached (ptrace requests belong to the tracer thread)."""
-
-    errno = _errno.EINVAL
-
-
-class TargetTimeoutError(DjprobeError, TimeoutError):
-    """ETIMEDOUT: a thread did not stop, or an injected call did not return, in time."""
-
-    errno = _errno.ETIMEDOUT
-
-
-class RemoteSyscallError(DjprobeError):
-    """A system call run inside the target failed; ``errno`` is the target's errno."""
-
-    def __init__(self, message: str, *, errno: int, address: int | None = None) -> None:
-        super().__init__(message, address=address)
-        self.errno = errno
 
 
 def _signed(value: int) -> int:
