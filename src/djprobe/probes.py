@@ -19,6 +19,7 @@ instance's counter minus its value when the probe joined, read while the world w
 from __future__ import annotations
 
 import atexit
+import bisect
 import logging
 import os
 import time
@@ -46,6 +47,7 @@ Handler = Callable[["Djprobe", object], None]
 
 STACK_SCAN_BYTES = 64 * 1024
 STEP_LIMIT = 2048
+MAX_STOP_SECONDS = 0.02  # insertion batches: stop the target for about this long at a time
 TRAP_FLAG = 0x100
 # Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID (never TF, IF, IOPL, VM, RF here).
 POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
@@ -167,6 +169,8 @@ class ProbedProcess:
         self._symbols: Symbols | None = None
         self._regions: list[Region] = []
         self._instances: dict[int, Instance] = {}
+        self._addresses: list[int] = []  # sorted keys of _instances
+        self.max_stop_seconds = MAX_STOP_SECONDS
         self._closed = False
         self._stop_depth = 0
         self._stacks: dict[int, np.ndarray] = {}
@@ -244,25 +248,82 @@ class ProbedProcess:
         return djp
 
     def register_many(self, djps: Sequence[Djprobe]) -> list[tuple[Djprobe, DjprobeError]]:
-        """Place many probes under one stop of the world; returns those refused, with the error."""
+        """Place many probes; returns those refused, with the error.
+
+        Sites are analysed and stubs written while the target runs (a stub is unreachable
+        until its jump is written); the jumps then go in with the world stopped, in batches
+        that keep each stop under ``max_stop_seconds``.
+        """
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
+        plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
         for djp in djps:
             if djp.registered:
                 refused.append((djp, InvalidSiteError(f"{djp!r} is already registered")))
-        todo = [d for d in djps if not d.registered]
-        if not todo:
-            return refused
-        with self.stopped():
-            for djp in todo:
-                try:
-                    self._insert(djp)
-                except DjprobeError as exc:
-                    refused.append((djp, exc))
+                continue
+            try:
+                analysis = self.analyse(djp)
+                if not analysis.ok and analysis.address not in self._instances:  # ours: join it
+                    other = self._overlapping(analysis.address, max(1, analysis.size))
+                    if other is not None:
+                        raise SiteBusyError(
+                            f"{analysis.site}: inside the displaced bytes of the probe at {other.address:#x}",
+                            address=analysis.address,
+                        )
+                    raise analysis.error()
+            except DjprobeError as exc:
+                refused.append((djp, exc))
+                continue
+            plans.append([djp, analysis, None])
+        first_at: set[int] = set()
+        for plan in plans:
+            djp, analysis, _ = plan
+            if analysis.address in self._instances or analysis.address in first_at:
+                continue
+            first_at.add(analysis.address)
+            try:
+                plan[2] = self._prepare(analysis, *self._action_for(djp))
+            except DjprobeError as exc:
+                refused.append((djp, exc))
+                plan[0] = None
+        pending = [p for p in plans if p[0] is not None]
+        pending.reverse()
+        while pending:
+            with self.stopped():
+                deadline = time.monotonic() + self.max_stop_seconds
+                while pending:
+                    djp, analysis, prepared = pending.pop()
+                    try:
+                        self._insert(djp, analysis, prepared)
+                    except DjprobeError as exc:
+                        refused.append((djp, exc))
+                    if time.monotonic() >= deadline:
+                        break
         return refused
 
-    def _insert(self, djp: Djprobe) -> None:
-        analysis = self.analyse(djp)
+    @staticmethod
+    def _action_for(djp: Djprobe) -> tuple[str, str]:
+        return ("record", djp.registers) if djp.record else ("count", "all")
+
+    def _overlapping(self, address: int, size: int) -> Instance | None:
+        """The instance whose displaced bytes overlap [address, address + size), if any."""
+        i = bisect.bisect_left(self._addresses, address + size) - 1
+        if i >= 0:
+            inst = self._instances[self._addresses[i]]
+            if inst.address + inst.size > address:
+                return inst
+        return None
+
+    def _insert(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
+        """Insert with the world stopped (the inserting phase)."""
+        try:
+            self._insert_stopped(djp, analysis, prepared)
+        except BaseException:
+            if prepared is not None and self._by_slot.get((self._regions.index(prepared[0]), prepared[1])) is None:
+                prepared[0].give_back(prepared[1])  # never reachable: free it
+            raise
+
+    def _insert_stopped(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
         address = analysis.address
         existing = self._instances.get(address)
         if existing is not None:
@@ -275,21 +336,26 @@ class ProbedProcess:
                 self._replace_stub(existing, djp)
             self._join(djp, existing, analysis)
             return
-        for inst in self._instances.values():
-            if inst.address < address + analysis.size and address < inst.address + inst.size:
-                raise SiteBusyError(
-                    f"{analysis.site}: displaced bytes overlap the probe at {inst.address:#x}", address=address
-                )
-        if analysis.verdict is not Verdict.JUMP:
-            if analysis.busy:
-                raise SiteBusyError(f"{analysis.site}: {analysis.reason}", address=address)
-            raise InvalidSiteError(f"{analysis.site}: {analysis.reason}", address=address, reason=analysis.reason)
+        other = self._overlapping(address, analysis.size)
+        if other is not None:
+            raise SiteBusyError(f"{analysis.site}: displaced bytes overlap the probe at {other.address:#x}", address=address)
         original = self.process.read(address, analysis.size)
+        if original != analysis.original:
+            # Changed since it was analysed: look again now that nothing runs.
+            analysis = self.analyse(djp)
+            if not analysis.ok:
+                raise analysis.error()
+            original = self.process.read(address, analysis.size)
+            if original != analysis.original:
+                raise SiteBusyError(f"{analysis.site}: the bytes at the site differ from the file", address=address)
+            if prepared is not None:
+                prepared[0].give_back(prepared[1])
+                prepared = None
         blocker = self._return_into(address, address + analysis.size)
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
-        action, registers = ("record", djp.registers) if djp.record else ("count", "all")
-        region, slot, stub = self._prepare(analysis, action, registers)
+        action, registers = self._action_for(djp)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -307,6 +373,7 @@ class ProbedProcess:
         region.view.set_entry(slot, entry)
         instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers)
         self._instances[address] = instance
+        bisect.insort(self._addresses, address)
         self._by_slot[(self._regions.index(region), slot)] = instance
         self._join(djp, instance, analysis)
 
@@ -330,7 +397,8 @@ class ProbedProcess:
             if not candidates:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
-                region = create_region(self.process, analysis.address, self.layout)
+                with self.stopped():  # mapping it takes injected syscalls: a short stop
+                    region = create_region(self.process, analysis.address, self.layout)
                 self._regions.append(region)
                 self._readers.append(RingReader(region.view, len(self._regions) - 1))
                 candidates = [region]
@@ -454,6 +522,7 @@ class ProbedProcess:
             djp._final_hits = instance.count() - djp._baseline
             djp._final_missed = instance.drops() - djp._drop_baseline
         del self._instances[instance.address]
+        self._addresses.remove(instance.address)
         self._by_slot.pop((self._regions.index(instance.region), instance.slot), None)
         self._release_slot(instance.region, instance.slot, instance.stub)
 
