@@ -481,9 +481,9 @@ class ProbedProcess:
         djps = [d for d in djps if d._instance is not None]
         if not djps:
             return
-        if not self.process.is_alive():
+        if not self.process.is_alive() or self._image_replaced():
             for djp in djps:
-                self._detach_probe(djp)
+                self._forget(djp)
             return
         with self.stopped():
             for djp in djps:
@@ -492,6 +492,24 @@ class ProbedProcess:
                 if len(instance.probes) == 1:
                     self._remove_instance(instance)  # freezes the final count
                 self._detach_probe(djp)
+
+    def _image_replaced(self) -> bool:
+        """Whether the target exec'd since our probe areas were mapped (they are gone)."""
+        if not self._regions:
+            return False
+        try:
+            starts = {(m.start, m.perms) for m in self.process.maps()}
+        except DjprobeError:
+            return True
+        return not any((r.code_address, "r-xp") in starts for r in self._regions)
+
+    def _forget(self, djp: Djprobe) -> None:
+        """Drop a probe whose target is gone (exited or exec'd): nothing to write back."""
+        instance = djp._instance
+        self._detach_probe(djp)
+        if instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
+            del self._instances[instance.address]
+            self._addresses.remove(instance.address)
 
     def _detach_probe(self, djp: Djprobe) -> None:
         instance = djp._instance
@@ -505,15 +523,21 @@ class ProbedProcess:
             instance.probes.remove(djp)
 
     def _remove_instance(self, instance: Instance) -> None:
-        current = self.process.read(instance.address, len(instance.patched))
-        if current[:5] != instance.patched[:5]:
+        try:
+            current = self.process.read(instance.address, len(instance.patched))
+        except DjprobeError:
+            current = b""
+        if current[:5] == instance.patched[:5]:
+            self.process.write(instance.address, instance.original)
+        else:
+            # Not our jump any more (the program exec'd, or something rewrote the code): writing
+            # the old bytes could corrupt what is there now. Leave it.
             log.warning(
-                "bytes at %#x changed since the probe was placed (%s, expected %s); restoring the original",
+                "bytes at %#x are not our jump any more (%s, expected %s); not restoring them",
                 instance.address,
                 current[:5].hex(),
                 instance.patched[:5].hex(),
             )
-        self.process.write(instance.address, instance.original)
         self._move_threads_out_of_stub(instance.stub)
         # Final counts are exact: every thread is out of the action part now.
         if instance.action == "record":
@@ -726,15 +750,35 @@ class ProbedProcess:
                 probes = self.probes
                 if probes:
                     self.unregister_many(probes)
+                if self._regions and not self._image_replaced():
+                    self._drain()
+                    with self.stopped():
+                        self._unmap_idle_regions()
                 if self.process.stopped:
                     self.process.resume()
             else:
                 for djp in self.probes:
-                    self._detach_probe(djp)
+                    self._forget(djp)
         finally:
             for region in self._regions:
                 region.close_tracer_side()
             self.process.close()
+
+    def _unmap_idle_regions(self) -> None:
+        """Unmap the probe areas no thread can still be in or return into (world stopped)."""
+        for region in self._regions:
+            if region.mapped_in_target is False:
+                continue
+            free = set(region.free_slots)
+            retired = any(
+                region.view.entry(i).state is InstanceState.RETIRED
+                for i in range(region.layout.max_instances)
+                if i not in free
+            )
+            code_end = region.code_address + region.layout.code_size
+            if retired or self._referenced(region.code_address, code_end):
+                continue
+            unmap_region(self.process, region)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -87,6 +87,7 @@ class Region:
     view: AreaView
     _mmap: mmap.mmap
     free_slots: list[int] = field(default_factory=list)
+    mapped_in_target: bool = True
 
     @property
     def start(self) -> int:
@@ -219,4 +220,4 @@ def unmap_region(process: "Process", region: Region) -> None:
     """Remove a region from the (stopped) target; only when no stub of it can still be in use."""
     process.munmap(region.code_address, region.layout.code_size)
     process.munmap(region.data_address, region.layout.data_size)
-    region.close_tracer_side()
+    region.mapped_in_target = False
