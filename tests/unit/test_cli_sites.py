@@ -90,3 +90,14 @@ def test_live_pid(sites_bin, start_target, capsys):
     obj = json.loads(capsys.readouterr().out)
     assert obj["verdict"] == "jump" and obj["size"] == 7
     t.proc.stdin.close()
+
+
+def test_ifunc_without_pid_resolves_to_this_machines_choice(capsys):
+    import json as _json
+
+    from djprobe.cli import main as _main
+
+    code = _main(["sites", "--json", "libc:strlen"])
+    out = [_json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(out) == 1 and "strlen" in out[0]["site"] and out[0]["site"] != "libc.so.6:strlen"
+    assert code == (0 if out[0]["verdict"] == "jump" else 1)

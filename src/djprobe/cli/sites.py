@@ -121,9 +121,34 @@ def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
         if symbols is None:
             symbols = opened[module] = _file_symbols(module)
         mod = symbols.modules[0]
-        for site in _resolve(symbols, f"{mod.path}:{rest}"):
+        try:
+            sites = _resolve(symbols, f"{mod.path}:{rest}")
+        except InvalidSiteError as exc:
+            if "IFUNC" not in str(exc):
+                raise
+            sites = _resolve(symbols, f"{mod.path}:{_own_ifunc_choice(mod.path, rest, exc)}")
+        for site in sites:
             results.append(analyse_site(symbols, site, args.size))
     return results
+
+
+def _own_ifunc_choice(path: str, name: str, error: InvalidSiteError) -> str:
+    """The implementation this machine selects for IFUNC ``name`` of the library at ``path``,
+    as resolved in this very process (which maps the same file), or re-raise ``error``."""
+    from ..symbols import Symbols
+
+    base, plus, offset = name.partition("+")
+    try:
+        with Symbols.from_process(os.getpid()) as own:
+            mine = [m for m in own.modules if os.path.realpath(m.path) == os.path.realpath(path)]
+            if not mine:
+                raise error
+            (site,) = own.resolve(f"{mine[0].path}:{base}")
+            if site.function is None:
+                raise error
+            return site.function.name + plus + offset
+    except InvalidSiteError:
+        raise error from None
 
 
 def _resolve(symbols, spec: str):
