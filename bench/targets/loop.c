@@ -1,6 +1,6 @@
 /* The loop benchmark target: THREADS threads each call one small function N times.
  *
- *   loop FUNC N THREADS OUTFILE [gate]
+ *   loop FUNC N THREADS OUTFILE [gate] [round=M pause=US]
  *
  * FUNC is "work" (plain) or "atomic" (work_atomic: counter compiled in). The result line
  * "calls=C elapsed_ns=E threads=T atomic=A checksum=S" goes to OUTFILE ("-" for stdout).
@@ -8,6 +8,8 @@
  * threads released together), so startup and tool attach time are excluded.
  * With "gate", the program prints "ready PID" on stdout and waits for a line on stdin before the
  * loop, and for another line after writing the result before it exits.
+ * With "round=M pause=US", each thread makes its calls in rounds of M, sleeping US microseconds
+ * between rounds (time for a consumer to drain event rings); only the calls are timed.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -20,7 +22,7 @@ long work(long x, long limit);
 long work_atomic(long x, long limit);
 extern volatile long atomic_hits;
 
-static long n_calls;
+static long n_calls, round_calls, pause_us;
 static int use_atomic;
 static pthread_barrier_t barrier;
 
@@ -32,17 +34,35 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+static long calls(long from, long to, long limit, long *sum) {
+    long i, s = 0;
+    if (use_atomic)
+        for (i = from; i < to; i++) s += work_atomic(i, limit);
+    else
+        for (i = from; i < to; i++) s += work(i, limit);
+    *sum += s;
+    return to - from;
+}
+
 static void *worker(void *arg) {
     struct result *r = arg;
-    long sum = 0, i, limit = n_calls / 2;
+    long sum = 0, done = 0, limit = n_calls / 2;
     pthread_barrier_wait(&barrier);
-    long t0 = now_ns();
-    if (use_atomic)
-        for (i = 0; i < n_calls; i++) sum += work_atomic(i, limit);
-    else
-        for (i = 0; i < n_calls; i++) sum += work(i, limit);
-    r->elapsed_ns = now_ns() - t0;
-    r->calls = i;
+    if (round_calls <= 0) {
+        long t0 = now_ns();
+        done = calls(0, n_calls, limit, &sum);
+        r->elapsed_ns = now_ns() - t0;
+    } else {
+        r->elapsed_ns = 0;
+        while (done < n_calls) {
+            long end = done + round_calls < n_calls ? done + round_calls : n_calls;
+            long t0 = now_ns();
+            done += calls(done, end, limit, &sum);
+            r->elapsed_ns += now_ns() - t0;
+            usleep(pause_us);
+        }
+    }
+    r->calls = done;
     r->checksum = sum;
     return NULL;
 }
@@ -56,7 +76,13 @@ int main(int argc, char **argv) {
     n_calls = atol(argv[2]);
     int threads = atoi(argv[3]);
     if (threads < 1 || threads > 64) return 2;
-    int gate = argc > 5 && strcmp(argv[5], "gate") == 0;
+    int gate = 0;
+    for (int a = 5; a < argc; a++) {
+        if (strcmp(argv[a], "gate") == 0) gate = 1;
+        else if (strncmp(argv[a], "round=", 6) == 0) round_calls = atol(argv[a] + 6);
+        else if (strncmp(argv[a], "pause=", 6) == 0) pause_us = atol(argv[a] + 6);
+        else return 2;
+    }
     if (gate) {
         char line[64];
         printf("ready %d\n", getpid());

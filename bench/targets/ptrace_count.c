@@ -5,7 +5,8 @@
  * Runs PROGRAM under ptrace with an int3 at load base + SYMBOL_OFFSET (a PIE executable: the
  * symbol's address in the file) and counts the traps, in every thread. Each hit is stepped over
  * "displaced", as gdb does: the original instruction (INSN_LEN bytes, not RIP-relative and not a
- * branch) is copied to a scratch place (the program's ELF entry point, dead once main runs), the
+ * branch) is copied to a scratch place (the program's ELF entry point, dead once main runs: it
+ * is written at the first hit, after the startup code has run), the
  * thread is single-stepped there and put back after the instruction. The breakpoint stays in
  * place the whole time, so no other thread can run past it unseen. The count goes to HITSFILE.
  */
@@ -115,8 +116,8 @@ int main(int argc, char **argv) {
     uintptr_t scratch = entry_point(pid);
     unsigned char orig[16], int3 = 0xcc;
     peek_bytes(pid, addr, orig, insn_len);
-    poke_bytes(pid, scratch, orig, insn_len);
     poke_bytes(pid, addr, &int3, 1);
+    int scratch_ready = 0; /* written at the first hit: _start has run by then */
 
     long hits = 0;
     int exit_code = 1;
@@ -149,6 +150,10 @@ int main(int argc, char **argv) {
                 ptrace(PTRACE_CONT, tid, 0, 0);
             } else if (regs.rip == addr + 1) {
                 hits++;
+                if (!scratch_ready) {
+                    poke_bytes(tid, scratch, orig, insn_len);
+                    scratch_ready = 1;
+                }
                 regs.rip = scratch;
                 if (ptrace(PTRACE_SETREGS, tid, 0, &regs) < 0) die("SETREGS");
                 set_stepping(tid);

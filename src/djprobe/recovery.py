@@ -115,11 +115,20 @@ class FoundArea:
     tracer_alive: bool = False
     code_mapped: bool = False
     instances: list[FoundInstance] = field(default_factory=list)
+    orphans: list["OrphanJump"] = field(default_factory=list)  # jumps here with no table entry
     problem: str | None = None
 
     @property
     def valid(self) -> bool:
         return self.problem is None
+
+    def slot_start(self, address: int) -> bool:
+        """Whether ``address`` is the start of a stub slot of this area's code part."""
+        return (
+            self.layout is not None
+            and self.code_address <= address < self.code_end
+            and (address - self.code_address) % self.layout.slot_size == 0
+        )
 
     @property
     def code_end(self) -> int:
@@ -139,7 +148,23 @@ class FoundArea:
             "valid": self.valid,
             "problem": self.problem,
             "instances": [i.to_json() for i in self.instances],
+            "orphans": [o.to_json() for o in self.orphans],
         }
+
+
+@dataclass
+class OrphanJump:
+    """A ``jmp`` into a stub slot of an area found in the code (memory differs from the file)
+    that no table entry accounts for: e.g. in a child forked while probed, after the parent's
+    tracer freed the (shared) entry. Its original bytes are the file's."""
+
+    address: int
+    target: int
+    original: bytes
+    site: str = ""
+
+    def to_json(self) -> dict:
+        return {"address": self.address, "target": self.target, "site": self.site, "original": self.original.hex()}
 
 
 # -- finding areas --------------------------------------------------------------------------------
@@ -356,10 +381,79 @@ def _describe_sites(pid: int, areas: list[FoundArea], memory: ProcessMemory | No
         symbols.close()
 
 
+def find_orphans(
+    memory: ProcessMemory,
+    maps: list[MapEntry],
+    symbols: Symbols,
+    areas: list[FoundArea],
+    known: set[int] | None = None,
+) -> list[tuple[FoundArea, OrphanJump]]:
+    """Jumps into a stub slot of one of ``areas`` that are not the ``patched`` bytes of one of
+    their valid table entries (or of ``known``): found by comparing every executable
+    file-backed mapping with its file. Only 5-byte ``jmp rel32`` whose target is a slot start,
+    and whose differing bytes all lie within those 5, count."""
+    if known is None:
+        known = {i.address for a in areas for i in a.instances if i.valid and i.code == "patched"}
+    live = [a for a in areas if a.valid and a.layout is not None]
+    if not live:
+        return []
+    found: list[tuple[FoundArea, OrphanJump]] = []
+    for m in maps:
+        if not (m.executable and m.is_file and m.inode) or _is_area_mapping(m):
+            continue
+        module = symbols.module_at(m.start)
+        if module is None:
+            continue
+        for lo, hi in module.executable_ranges():
+            lo, hi = max(lo, m.start), min(hi, m.end)
+            if hi - lo < 5:
+                continue
+            try:
+                now = memory.read(lo, hi - lo)
+                disk = module.read_file(lo, hi - lo)
+            except (DjprobeError, OSError):
+                continue
+            a_now = np.frombuffer(now, dtype=np.uint8)
+            diff = np.flatnonzero(a_now != np.frombuffer(disk, dtype=np.uint8))
+            if not len(diff):
+                continue
+            starts = sorted({int(p) for d in diff for p in range(max(0, d - 4), d + 1) if now[p] == 0xE9})
+            claimed_end = -1
+            for p in starts:
+                if p < claimed_end or p + 5 > len(now) or lo + p in known:
+                    continue
+                target = lo + p + 5 + int.from_bytes(now[p + 1 : p + 5], "little", signed=True)
+                owner = next((a for a in live if a.slot_start(target)), None)
+                if owner is None:
+                    continue
+                near = diff[(diff >= p - 8) & (diff < p + 13)]
+                if not all(p <= d < p + 5 for d in near.tolist()):
+                    continue  # other changes around: not just our jump
+                found.append((owner, OrphanJump(lo + p, target, disk[p : p + 5], symbols.describe(lo + p))))
+                claimed_end = p + 5
+    return found
+
+
 def status(pid: int) -> list[FoundArea]:
-    """The probe areas of ``pid`` with their instances, named sites and hit counts."""
-    areas = find_areas(pid)
-    _describe_sites(pid, areas)
+    """The probe areas of ``pid`` with their instances, named sites and hit counts, and any
+    orphan jumps into them."""
+    maps = read_maps(pid)
+    with ProcessMemory(pid) as memory:
+        areas = find_areas(pid, memory)
+        if not areas:
+            return areas
+        try:
+            symbols = Symbols.from_process(pid, memory)
+        except DjprobeError:
+            return areas
+        try:
+            for a in areas:
+                for inst in a.instances:
+                    inst.site = symbols.describe(inst.address)
+            for owner, orphan in find_orphans(memory, maps, symbols, areas):
+                owner.orphans.append(orphan)
+        finally:
+            symbols.close()
     return areas
 
 
@@ -375,6 +469,7 @@ class CleanupReport:
     unmapped: list[FoundArea] = field(default_factory=list)
     left_mapped: list[tuple[FoundArea, str]] = field(default_factory=list)  # jumps removed, area kept
     stepped: int = 0  # threads stepped out of stubs
+    orphans: list[OrphanJump] = field(default_factory=list)  # jumps without a table entry, removed
 
     @property
     def ok(self) -> bool:
@@ -395,6 +490,7 @@ class CleanupReport:
             "unmapped": [{"path": a.path, "code_address": a.code_address, "data_address": a.data_address} for a in self.unmapped],
             "left_mapped": [{"path": a.path, "data_address": a.data_address, "reason": r} for a, r in self.left_mapped],
             "threads_stepped": self.stepped,
+            "orphans": [o.to_json() for o in self.orphans],
             "ok": self.ok,
         }
 
@@ -568,8 +664,17 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
                         report.untouched.append(inst)
                     else:
                         report.skipped.append((inst, why))
+            # whatever jump into these areas is left (no entry, an untrusted entry, or one whose
+            # record disagrees with the file) goes too, replaced by the file's bytes
+            for owner, orphan in find_orphans(process.memory, process.maps(), symbols, chosen, known=set()):
+                process.write(orphan.address, orphan.original)
+                owner.orphans.append(orphan)
+                report.orphans.append(orphan)
         finally:
             symbols.close()
+        # an untrusted entry whose jump the file comparison removed is done with
+        gone = {o.address for o in report.orphans}
+        report.skipped = [(i, why) for i, why in report.skipped if i.address not in gone]
         busy: dict[int, str] = {}
         for inst, _ in report.skipped:
             for a in chosen:

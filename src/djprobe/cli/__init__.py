@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, parsing): nothing to undo
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first "--" is the command to run under probes.
     command: list[str] = []
@@ -57,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"djprobe: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the command after -- cannot be run
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"djprobe: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
 
 

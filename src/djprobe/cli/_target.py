@@ -73,16 +73,32 @@ def make_probes(
     return [d for d in placed if id(d) not in bad], refused
 
 
-class Interrupted(Exception):
-    """SIGTERM/SIGHUP arrived: end cleanly."""
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C/SIGTERM/SIGHUP arrived while djprobe was busy: end now."""
+
+
+_pending: list[str] = []
+
+
+def interrupted() -> str | None:
+    """The name of the signal that asked the command to end, if one arrived."""
+    return _pending[0] if _pending else None
 
 
 def install_signal_handlers() -> None:
-    def on_signal(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+    """Ctrl-C, SIGTERM and SIGHUP end the command cleanly. The first one only sets a flag that
+    the waiting loops check (:func:`interrupted`): an exception raised in the middle of placing
+    or removing a probe (or swallowed by code that catches Exception) could leave a jump in the
+    target or be lost. A second signal raises Interrupted at once."""
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if _pending:
+            raise Interrupted(name)
+        _pending.append(name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
 
 def run_until_done(target: ProbedProcess, duration: float | None, interval: float | None = None) -> Iterator[None]:
@@ -93,6 +109,8 @@ def run_until_done(target: ProbedProcess, duration: float | None, interval: floa
     try:
         while True:
             now = time.monotonic()
+            if interrupted():
+                return
             if duration is not None and now - start >= duration:
                 return
             if not target.process.is_alive():

@@ -40,6 +40,8 @@ def format_report(r: CleanupReport) -> str:
     lines = []
     for i in r.restored:
         lines.append(f"restored {i.address:#x} {i.site or i.name} ({i.size} bytes)")
+    for o in r.orphans:
+        lines.append(f"restored {o.address:#x} {o.site} (a jump with no table entry, e.g. inherited through fork)")
     for i in r.untouched:
         lines.append(f"already original {i.address:#x} {i.site or i.name}")
     for i, why in r.skipped:
@@ -53,7 +55,7 @@ def format_report(r: CleanupReport) -> str:
     if r.stepped:
         lines.append(f"{r.stepped} thread(s) stepped out of stubs")
     lines.append(
-        f"process {r.pid}: {len(r.restored)} restored, {len(r.skipped)} skipped, "
+        f"process {r.pid}: {len(r.restored) + len(r.orphans)} restored, {len(r.skipped)} skipped, "
         f"{len(r.unmapped)} area(s) unmapped, {len(r.left_mapped)} kept, {len(r.refused_areas)} refused"
     )
     return "\n".join(lines)

@@ -46,6 +46,8 @@ def format_areas(pid: int, areas: list[FoundArea]) -> str:
             f"area code {a.code_address:#x}+{a.code_size:#x} data {a.data_address:#x}+{a.data_size:#x}{code}, "
             f"{_tracer(a)}, {len(a.instances)} instance(s)"
         )
+        for o in a.orphans:
+            lines.append(f"  orphan jump at {o.address:#x} {o.site} -> {o.target:#x} (no table entry; cleanup restores it)")
         if not a.instances:
             continue
         width = max([len("SITE")] + [len(i.site or i.name) for i in a.instances])

@@ -10,7 +10,7 @@ import time
 from ..area import AreaLayout
 from ..events import EventBatch
 from ..probes import Djprobe
-from ._target import Interrupted, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target
+from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
 
 EXAMPLES = """examples:
   djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         target.start()
         deadline = None if args.duration is None else time.monotonic() + args.duration
         try:
-            while True:
+            while not interrupted():
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 got = False
                 for batch in target.events(timeout=min(0.2, remaining) if remaining is not None else 0.2):
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
                     lines = _json_lines(batch) if args.json else _format_lines(batch, start_ns, wall_offset, args.timestamp)
                     out.write("\n".join(lines) + "\n")
                     out.flush()
+                    if interrupted():
+                        break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if not got and not target.process.is_alive():

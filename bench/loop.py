@@ -1,0 +1,386 @@
+"""The per-hit rows: one small function called in a tight loop, probed by each tool in turn.
+
+Every runner returns a :class:`Sample`: the target's own loop time (CLOCK_MONOTONIC around the
+loop, so tool start-up and attach time are excluded), the calls it made, and the count the tool
+reports. A row whose count differs from the calls is WRONG.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import build
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+class Skip(Exception):
+    """The tool is not available here: the row is skipped, with the reason."""
+
+
+@dataclass
+class Sample:
+    ns_per_call: float  # per call, per thread (the longest thread's loop time / calls per thread)
+    calls: int  # all threads together, as the target counted them
+    hits: int | None  # what the tool counted (None: nothing to count)
+    expected_hits: int | None = None  # what the count must be (default: calls)
+    extra: dict = field(default_factory=dict)  # row-specific figures (events/s, drops, ...)
+
+    @property
+    def ok(self) -> bool:
+        want = self.calls if self.expected_hits is None else self.expected_hits
+        return self.hits is None or self.hits == want
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    key: str
+    label: str
+    run: Callable[[int, int], Sample]  # (threads, calls per thread) -> Sample
+    iters: tuple[int, int]  # calls per thread: (quick, full)
+
+
+def _parse_result(text: str) -> dict[str, int]:
+    fields = dict(kv.split("=", 1) for kv in text.split())
+    return {k: int(v) for k, v in fields.items()}
+
+
+def _loop_argv(func: str, iters: int, threads: int, out: Path, *extra: str) -> list[str]:
+    return [str(build.loop_target()), func, str(iters), str(threads), str(out), *extra]
+
+
+def _sample(result: dict[str, int], iters: int, hits: int | None, **extra) -> Sample:
+    return Sample(result["elapsed_ns"] / iters, result["calls"], hits, extra=extra)
+
+
+class _Out:
+    """A temporary result file for the target."""
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix="djbench-", suffix=".out")
+        os.close(fd)
+        self.path = Path(name)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _run_plain(func: str, threads: int, iters: int) -> dict[str, int]:
+    with _Out() as out:
+        subprocess.run(_loop_argv(func, iters, threads, out), check=True, timeout=600)
+        return _parse_result(out.read_text())
+
+
+# -- no tool ---------------------------------------------------------------------------------
+def run_none(threads: int, iters: int) -> Sample:
+    r = _run_plain("work", threads, iters)
+    return _sample(r, iters, None)
+
+
+def run_atomic(threads: int, iters: int) -> Sample:
+    r = _run_plain("atomic", threads, iters)
+    return _sample(r, iters, r["atomic"])
+
+
+# -- djprobe ---------------------------------------------------------------------------------
+def _djprobe():
+    import djprobe
+
+    return djprobe
+
+
+def _spawned(threads: int, iters: int, probe_args: dict, consume: Callable | None = None, extra: tuple = ()):
+    """Spawn the loop target held before main, place one probe, run it; returns
+    (result, hits, missed, consumer's figures)."""
+    djprobe = _djprobe()
+    with _Out() as out:
+        with djprobe.spawn(_loop_argv("work", iters, threads, out, *extra)) as proc:
+            djp = proc.register(djprobe.Djprobe(**probe_args))
+            if consume is not None:
+                proc.read_events()  # consumer warm-up (TSC clock calibration) before the target runs
+            proc.start()
+            figures = consume(proc, djp) if consume is not None else {}
+            if proc.process.popen.wait(timeout=600) != 0:
+                raise RuntimeError("target failed")
+            if consume is not None:
+                figures = _merge(figures, consume(proc, djp))  # what is left in the rings
+            hits, missed = djp.hits, djp.missed
+        result = _parse_result(out.read_text())
+    return result, hits, missed, figures
+
+
+def _merge(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
+
+
+def run_djprobe_entry(threads: int, iters: int) -> Sample:
+    r, hits, _, _ = _spawned(threads, iters, {"addr": "work"})
+    return _sample(r, iters, hits)
+
+
+def run_djprobe_mid(threads: int, iters: int) -> Sample:
+    r, hits, _, _ = _spawned(threads, iters, {"addr": "work+3"})
+    return _sample(r, iters, hits)
+
+
+def record_supported() -> bool:
+    import inspect
+
+    try:
+        djprobe = _djprobe()
+    except ImportError:
+        return False
+    params = inspect.signature(djprobe.Djprobe).parameters
+    return "record" in params and hasattr(djprobe.ProbedProcess, "read_events")
+
+
+def _need_record() -> None:
+    if not record_supported():
+        raise Skip("this djprobe has no Djprobe(record=) / read_events() yet")
+
+
+def _batch_consumer(proc, djp) -> dict:
+    """Drain the rings with read_events() until the target exits: events and time spent."""
+    events = 0
+    busy = 0.0
+    calls = 0
+    popen = proc.process.popen
+    while True:
+        alive = popen.poll() is None
+        t0 = time.perf_counter()
+        batch = proc.read_events()
+        busy += time.perf_counter() - t0
+        n = len(batch.events)
+        events += n
+        calls += 1
+        if not alive:
+            break
+        if n == 0:
+            time.sleep(0.0005)
+    return {"events": events, "busy_s": busy, "reads": calls}
+
+
+ROUNDS = ("round=1024", "pause=10000")  # 1,024 calls per thread, then 10 ms for the consumer
+
+
+def run_djprobe_record(threads: int, iters: int) -> Sample:
+    """Record probe (all registers, TSC), every event delivered: the target calls in rounds of
+    1,024 with pauses in which the batch consumer drains the rings, so no record is dropped and
+    the ring's pages are warm. Overhead is against a no-probe run in the same rounds."""
+    _need_record()
+    with _Out() as out:
+        subprocess.run(_loop_argv("work", iters, threads, out, *ROUNDS), check=True, timeout=600)
+        base = _parse_result(out.read_text())
+    r, hits, missed, fig = _spawned(threads, iters, {"addr": "work", "record": True}, _batch_consumer, ROUNDS)
+    s = _sample(r, iters, hits, events=fig["events"], missed=missed, base_ns=base["elapsed_ns"] / iters)
+    if fig["events"] + missed != hits:
+        s.expected_hits = fig["events"] + missed  # events lost without being counted as dropped
+        s.extra["lost"] = hits - fig["events"] - missed
+    return s
+
+
+def run_djprobe_flood(threads: int, iters: int) -> Sample:
+    """Record probe hit continuously while the batch consumer drains with read_events(): the
+    consumer's decode rate (events / time inside read_events()); most hits find the ring full
+    and take the drop path (counted; hits stay exact)."""
+    _need_record()
+    r, hits, missed, fig = _spawned(threads, iters, {"addr": "work", "record": True}, _batch_consumer)
+    s = _sample(r, iters, hits, events=fig["events"], missed=missed, busy_s=fig["busy_s"])
+    if fig["events"] + missed != hits:
+        s.expected_hits = fig["events"] + missed
+        s.extra["lost"] = hits - fig["events"] - missed
+    return s
+
+
+def run_djprobe_handler(threads: int, iters: int) -> Sample:
+    """A trivial Python handler through proc.poll(): handler calls / time inside poll()."""
+    _need_record()
+    handled = [0]
+
+    def handler(djp, regs):
+        handled[0] += 1
+
+    def consume(proc, djp) -> dict:
+        busy = 0.0
+        popen = proc.process.popen
+        while True:
+            alive = popen.poll() is None
+            t0 = time.perf_counter()
+            proc.poll(0.0)
+            busy += time.perf_counter() - t0
+            if not alive:
+                break
+            time.sleep(0.0002)
+        return {"busy_s": busy}
+
+    r, hits, missed, fig = _spawned(threads, iters, {"addr": "work", "handler": handler}, consume)
+    s = _sample(r, iters, hits, events=handled[0], missed=missed, busy_s=fig["busy_s"])
+    if handled[0] + missed != hits:
+        s.expected_hits = handled[0] + missed
+        s.extra["lost"] = hits - handled[0] - missed
+    return s
+
+
+# -- kernel uprobe through tracefs ------------------------------------------------------------
+def run_uprobe(threads: int, iters: int) -> Sample:
+    if os.geteuid() != 0:
+        raise Skip("not root")
+    if not (TRACEFS / "uprobe_events").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True)
+        if not (TRACEFS / "uprobe_events").exists():
+            raise Skip("no tracefs with uprobe_events")
+    exe = build.loop_target()
+    _, offset = build.symbol(exe, "work")
+    group, event = f"djbench{os.getpid()}", "work"
+    events = TRACEFS / "uprobe_events"
+    _tracefs_append(events, f"p:{group}/{event} {exe}:{offset:#x}")
+    try:
+        (TRACEFS / "events" / group / event / "enable").write_text("1")
+        try:
+            r = _run_plain("work", threads, iters)
+            hits = None
+            for line in (TRACEFS / "uprobe_profile").read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in (event, f"{group}/{event}") and parts[0] == str(exe):
+                    hits = int(parts[2])
+        finally:
+            (TRACEFS / "events" / group / event / "enable").write_text("0")
+    finally:
+        _tracefs_append(events, f"-:{group}/{event}")
+    return _sample(r, iters, hits)
+
+
+def _tracefs_append(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+# -- bpftrace ----------------------------------------------------------------------------------
+def run_bpftrace(threads: int, iters: int) -> Sample:
+    tool = shutil.which("bpftrace")
+    if tool is None:
+        raise Skip("bpftrace not installed")
+    if os.geteuid() != 0:
+        raise Skip("not root")
+    exe = build.loop_target()
+    with _Out() as out:
+        cmd = " ".join(_loop_argv("work", iters, threads, out))
+        res = subprocess.run(
+            [tool, "-e", f"uprobe:{exe}:work {{ @c = count(); }}", "-c", cmd],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        text = out.read_text()
+        if not text:
+            raise RuntimeError(f"bpftrace run failed: {res.stderr.strip()[-300:]}")
+        r = _parse_result(text)
+    hits = None
+    for line in res.stdout.splitlines():
+        if line.startswith("@c:"):
+            hits = int(line.split(":")[1])
+    return _sample(r, iters, hits if hits is not None else -1)
+
+
+# -- ptrace breakpoint -------------------------------------------------------------------------
+def run_ptrace(threads: int, iters: int) -> Sample:
+    exe = build.loop_target()
+    vaddr, _ = build.symbol(exe, "work")
+    length = build.first_insn_length(exe, "work")
+    with _Out() as out, _Out() as hits_file:
+        subprocess.run(
+            [str(build.ptrace_tracer()), hex(vaddr), str(length), str(hits_file), "--",
+             *_loop_argv("work", iters, threads, out)],
+            check=True, timeout=900,
+        )  # fmt: skip
+        r = _parse_result(out.read_text())
+        hits = int(hits_file.read_text())
+    return _sample(r, iters, hits)
+
+
+# -- Frida -------------------------------------------------------------------------------------
+FRIDA_SCRIPT = """
+const hits = Memory.alloc(64);
+const cm = new CModule(`
+#include <gum/guminterceptor.h>
+extern volatile gint64 hits;
+void onEnter (GumInvocationContext * ic)
+{
+  volatile gint64 * p = &hits;
+  asm volatile ("lock incq (%0)" : : "r" (p) : "memory");
+}
+`, { hits });
+Interceptor.attach(ptr("ADDRESS"), cm);
+rpc.exports = { hits() { return hits.readS64().toString(); } };
+"""
+# (The counter lives in memory allocated by the script: a CModule's own globals sit next to its
+# code, which is not writable on this system; TinyCC's "m" operand on an extern misassembles.)
+
+
+def run_frida(threads: int, iters: int) -> Sample:
+    try:
+        import frida
+    except ImportError:
+        raise Skip("frida not installed (pip install frida)") from None
+    exe = build.loop_target()
+    vaddr, _ = build.symbol(exe, "work")
+    with _Out() as out:
+        p = subprocess.Popen(_loop_argv("work", iters, threads, out, "gate"), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+        session = None
+        try:
+            if not p.stdout.readline().startswith("ready"):
+                raise RuntimeError("target did not start")
+            with open(f"/proc/{p.pid}/maps") as maps:
+                base = int(maps.readline().split("-")[0], 16)
+            session = frida.attach(p.pid)
+            errors: list = []
+            script = session.create_script(FRIDA_SCRIPT.replace("ADDRESS", hex(base + vaddr)))
+            script.on("message", lambda m, d: errors.append(m) if m.get("type") == "error" else None)
+            script.load()
+            if errors:
+                raise RuntimeError(f"frida script: {errors[0].get('description')}")
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            while p.poll() is None and not out.read_text():
+                time.sleep(0.01)
+            hits = int(script.exports_sync.hits())
+            script.unload()
+            p.stdin.write("exit\n")
+            p.stdin.flush()
+            p.wait(timeout=60)
+            r = _parse_result(out.read_text())
+        finally:
+            if session is not None:
+                try:
+                    session.detach()
+                except Exception:  # noqa: BLE001 - the process may be gone
+                    pass
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return _sample(r, iters, hits)
+
+
+ROWS: list[RowSpec] = [
+    RowSpec("none", "no probe", run_none, (20_000_000, 100_000_000)),
+    RowSpec("atomic", "atomic counter compiled in", run_atomic, (20_000_000, 100_000_000)),
+    RowSpec("djp_entry", "djprobe count, entry", run_djprobe_entry, (20_000_000, 100_000_000)),
+    RowSpec("djp_mid", "djprobe count, mid (live flags)", run_djprobe_mid, (20_000_000, 100_000_000)),
+    RowSpec("djp_record", "djprobe record (all regs), no drops", run_djprobe_record, (100_000, 500_000)),
+    RowSpec("djp_flood", "djprobe record, flood + batch read", run_djprobe_flood, (5_000_000, 20_000_000)),
+    RowSpec("djp_handler", "djprobe record, flood + Py handler", run_djprobe_handler, (1_000_000, 5_000_000)),
+    RowSpec("uprobe", "kernel uprobe (tracefs)", run_uprobe, (50_000, 200_000)),
+    RowSpec("bpftrace", "bpftrace count()", run_bpftrace, (50_000, 200_000)),
+    RowSpec("frida", "Frida Interceptor + CModule", run_frida, (500_000, 2_000_000)),
+    RowSpec("ptrace", "ptrace breakpoint (C tracer)", run_ptrace, (5_000, 20_000)),
+]
