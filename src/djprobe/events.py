@@ -10,6 +10,7 @@ read whole.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import mmap
 import time
@@ -157,7 +158,7 @@ class RingReader:
         """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring."""
         lay = self.view.layout
         out = []
-        mask = lay.ring_slots - 1
+        slots = lay.ring_slots
         for r in range(lay.ring_count):
             head = int(self.view.ring_headers[r, 0])
             tail = self.tails[r]
@@ -166,14 +167,24 @@ class RingReader:
                 n = min(n, limit)
             if n <= 0:
                 continue
-            positions = np.arange(tail, tail + n, dtype=np.uint64)
-            index = (positions & np.uint64(mask)).astype(np.intp)
-            seqs = self.view.records[r]["seq"][index]
-            committed = seqs == positions + np.uint64(1)
+            ring = self.view.records[r]
+            first = tail % slots
+            pieces = [(first, min(slots, first + n))]
+            if first + n > slots:
+                pieces.append((0, first + n - slots))
+            seqs = np.concatenate([ring["seq"][a:b] for a, b in pieces])
+            expected = np.arange(tail + 1, tail + n + 1, dtype=np.uint64)
+            committed = seqs == expected
             k = n if committed.all() else int(np.argmin(committed))
             if k == 0:
                 continue
-            out.append(self.view.records[r][index[:k]].copy())
+            parts, left = [], k
+            for a, b in pieces:
+                take = min(left, b - a)
+                if take:
+                    parts.append(ring[a : a + take].copy())
+                left -= take
+            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
             self.tails[r] = tail + k
             self.view.ring_headers[r, RING_TAIL // 8] = tail + k
         return out
@@ -193,16 +204,16 @@ class EventBatch:
 
     @classmethod
     def empty(cls) -> "EventBatch":
-        return cls(np.empty(0, dtype=EVENT_DTYPE), [])
+        return cls(np.empty(0, dtype=EVENT_DTYPE), np.empty(0, dtype=object))
 
     @classmethod
     def concat(cls, batches: list["EventBatch"]) -> "EventBatch":
         if len(batches) == 1:
             return batches[0]
         events = np.concatenate([b.events for b in batches])
-        instances = [i for b in batches for i in b.instances]
+        instances = np.concatenate([np.asarray(b.instances, dtype=object) for b in batches])
         order = np.argsort(events["tsc"], kind="stable")
-        return cls(events[order], [instances[i] for i in order.tolist()])
+        return cls(events[order], instances[order])
 
     def probes(self, index: int) -> list:
         """The probes that event ``index`` belongs to."""
@@ -248,24 +259,22 @@ def decode(records: Iterable[tuple[int, np.ndarray]], clock: TscClock, threads: 
     return EventBatch(events)
 
 
-class Regs:
+_RegsBase = collections.namedtuple("_RegsBase", REGISTER_NAMES + ("tid", "time_ns"))  # type: ignore[misc]
+
+
+class Regs(_RegsBase):
     """The seed's ``pt_regs`` for a handler: registers at the probe point, no instruction pointer.
 
     Attributes: ``rax`` ... ``r15``, ``rflags``, ``rsp``, ``arg0`` ... ``arg5`` (SysV ABI), ``tid``
-    and ``time_ns``. Use ``djp.addr`` / ``djp.address`` for where the probe is.
+    and ``time_ns``. Use ``djp.addr`` / ``djp.address`` for where the probe is. ``rflags`` holds
+    the arithmetic flags (CF PF AF ZF SF OF) and IF.
     """
 
-    __slots__ = REGISTER_NAMES + ("tid", "time_ns")
-
-    def __init__(self, values: list[int], tid: int, time_ns: int) -> None:
-        for name, value in zip(REGISTER_NAMES, values):
-            object.__setattr__(self, name, value)
-        self.tid = tid
-        self.time_ns = time_ns
+    __slots__ = ()
 
     @property
     def args(self) -> tuple[int, int, int, int, int, int]:
-        return (self.rdi, self.rsi, self.rdx, self.rcx, self.r8, self.r9)  # type: ignore[attr-defined]
+        return (self.rdi, self.rsi, self.rdx, self.rcx, self.r8, self.r9)
 
     arg0 = property(lambda self: self.rdi)
     arg1 = property(lambda self: self.rsi)
@@ -276,7 +285,7 @@ class Regs:
 
     @property
     def flags(self) -> int:
-        return self.rflags  # type: ignore[attr-defined]
+        return self.rflags
 
     def __repr__(self) -> str:
         regs = " ".join(f"{n}={getattr(self, n):#x}" for n in REGISTER_NAMES)

@@ -176,6 +176,7 @@ class ProbedProcess:
         self._stacks: dict[int, np.ndarray] = {}
         self._stacks_key: int | None = None
         self._stop_generation = 0
+        self._stepped = False
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
         self._by_slot: dict[tuple[int, int], Instance] = {}
@@ -477,7 +478,7 @@ class ProbedProcess:
         self.unregister_many([djp])
 
     def unregister_many(self, djps: Iterable[Djprobe]) -> None:
-        """Remove many probes under one stop of the world."""
+        """Remove many probes, in stops of the world of about ``max_stop_seconds`` each."""
         djps = [d for d in djps if d._instance is not None]
         if not djps:
             return
@@ -485,13 +486,20 @@ class ProbedProcess:
             for djp in djps:
                 self._forget(djp)
             return
-        with self.stopped():
-            for djp in djps:
-                instance = djp._instance
-                assert instance is not None
-                if len(instance.probes) == 1:
-                    self._remove_instance(instance)  # freezes the final count
-                self._detach_probe(djp)
+        pending = list(reversed(djps))
+        while pending:
+            with self.stopped():
+                deadline = time.monotonic() + self.max_stop_seconds
+                while pending:
+                    djp = pending.pop()
+                    instance = djp._instance
+                    if instance is None:
+                        continue
+                    if len(instance.probes) == 1:
+                        self._remove_instance(instance)  # freezes the final count
+                    self._detach_probe(djp)
+                    if time.monotonic() >= deadline:
+                        break
 
     def _image_replaced(self) -> bool:
         """Whether the target exec'd since our probe areas were mapped (they are gone)."""
@@ -579,6 +587,7 @@ class ProbedProcess:
         """Single-step ``thread``, emulating ``pushfq`` and ``popfq``: stepped for real they
         move the trap flag the kernel sets for stepping into the target's own flags, and the
         target would die of SIGTRAP after it is detached."""
+        self._stepped = True
         regs = thread.regs()
         opcode = self.process.read(regs.rip, 1)
         if opcode == b"\x9c":  # pushfq
@@ -631,7 +640,9 @@ class ProbedProcess:
         for thread in self.process.threads.values():
             if any(start <= p < end for p in thread.positions()):
                 return True
-        self._stacks_key = None  # threads may have been stepped: take a new snapshot
+        if self._stepped:
+            self._stacks_key = None  # a thread was stepped: take a new snapshot
+            self._stepped = False
         for words in self._stack_snapshot().values():
             i = int(np.searchsorted(words, start, side="left"))
             if i < len(words) and words[i] < end:
@@ -653,8 +664,11 @@ class ProbedProcess:
             return
         self.clock.refresh()
         batch = decode(raw, self.clock, self._thread_map, self.process if self.process.is_alive() else None)
-        owners = [self._by_slot.get((int(r), int(i))) for r, i in zip(batch.events["region"], batch.events["instance"])]
-        batch.instances = owners
+        keys = batch.events["region"].astype(np.int64) << 32 | batch.events["instance"].astype(np.int64)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        owners = np.empty(len(unique), dtype=object)
+        owners[:] = [self._by_slot.get((k >> 32, k & 0xFFFFFFFF)) for k in unique.tolist()]
+        batch.instances = owners[inverse]
         self._pending.append(batch)
 
     def read_events(self) -> EventBatch:
@@ -710,7 +724,8 @@ class ProbedProcess:
         times = ev["time_ns"].tolist()
         tscs = ev["tsc"].tolist()
         done = 0
-        for k, instance in enumerate(batch.instances):
+        make = tuple.__new__
+        for k, instance in enumerate(batch.instances.tolist()):
             if instance is None:
                 continue
             regs = None
@@ -718,7 +733,7 @@ class ProbedProcess:
                 if djp.handler is None or tscs[k] < djp._join_tsc:
                     continue
                 if regs is None:
-                    regs = Regs(regs_rows[k], tids[k], times[k])
+                    regs = make(Regs, (*regs_rows[k], tids[k], times[k]))
                 try:
                     djp.handler(djp, regs)
                 except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop tracing

@@ -123,7 +123,9 @@ class Registers:
     gs: int = 0
 
     def copy(self) -> "Registers":
-        return Registers(**{f.name: getattr(self, f.name) for f in fields(self)})
+        new = object.__new__(Registers)
+        new.__dict__.update(self.__dict__)
+        return new
 
     @classmethod
     def from_user_regs(cls, regs: pt.UserRegs) -> "Registers":

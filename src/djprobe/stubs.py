@@ -3,8 +3,8 @@
 A stub is: the action, then the relocated displaced instructions, then a jump back to the
 instruction after them (the relocator appends it). The action saves exactly what it clobbers:
 
-* **record** (events and handlers): steps over the red zone, saves the flags and every
-  general-purpose register as a pt_regs-like frame on the stack, counts the hit, reserves a slot
+* **record** (events and handlers): steps over the red zone, saves every general-purpose
+  register and the arithmetic flags (``lahf``/``seto``) as a pt_regs-like frame on the stack, counts the hit, reserves a slot
   in one of the instance's area's event rings (a ``cmpxchg`` on the ring head, refused when the
   ring is full: the drop is counted), writes the record (instance, thread pointer ``fs:[0]`` and the TID read
   from the thread control block, TSC, registers) and commits it by writing its sequence number last.
@@ -146,8 +146,9 @@ _PUSH_ORDER = (
     Register.RAX, Register.RCX, Register.RDX, Register.RBX, Register.RBP, Register.RSI, Register.RDI,
     Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13, Register.R14, Register.R15,
 )  # fmt: skip
-# After the pushes, the frame at rsp holds REGISTER_NAMES[0..15] (r15 first, rflags last).
+# After the pushes, the frame at rsp holds REGISTER_NAMES[0..14] (r15 first), then the flags slot.
 _FRAME_SIZE = 8 * (len(_PUSH_ORDER) + 1)
+_FLAGS_SLOT = 8 * len(_PUSH_ORDER)
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,14 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     """Instructions that count the hit and write an event record (see the module docstring)."""
     a = _Asm()
     R = Register
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(-RED_ZONE)))
-    a.add(Instruction.create(Code.PUSHFQ))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(-RED_ZONE - 8)))  # + the flags slot
     for reg in _PUSH_ORDER:
         a.add(Instruction.create_reg(Code.PUSH_R64, reg))
+    # The arithmetic flags, with lahf/seto (pushfq/popfq cost ~8 ns more here): raw AH:AL in the
+    # flags slot; the record gets them as an rflags image.
+    a.add(Instruction.create(Code.LAHF))
+    a.add(Instruction.create_reg(Code.SETO_RM8, R.AL))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_FLAGS_SLOT), R.RAX))
     # Count the hit (flags are saved: free to clobber).
     stride_shift = layout.shard_stride.bit_length() - 1
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
@@ -245,11 +250,21 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 24), R.RAX))
-    wanted = REGISTER_NAMES[:16] if registers == "all" else ARG_REGISTERS
+    wanted = REGISTER_NAMES[:15] if registers == "all" else ARG_REGISTERS
     for name in wanted:
         i = REGISTER_NAMES.index(name)
         a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
         a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * i), R.RCX))
+    if registers == "all":
+        # rflags image = AH (CF PF AF ZF SF) | OF << 11 | IF | bit 1
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(_FLAGS_SLOT)))
+        a.add(Instruction.create_reg_reg(Code.MOVZX_R32_RM8, R.EDX, R.CL))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EDX, 11))
+        a.add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.ECX, 8))
+        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.ECX, 0xD5))
+        a.add(Instruction.create_reg_reg(Code.OR_R32_RM32, R.ECX, R.EDX))
+        a.add(Instruction.create_reg_u32(Code.OR_RM32_IMM32, R.ECX, 0x202))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 15), R.RCX))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _rsp_slot(_FRAME_SIZE + RED_ZONE)))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 16), R.RCX))
     # Commit: seq = pos + 1, written last.
@@ -261,10 +276,14 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     drop.has_lock_prefix = True
     a.add(drop)
     a.label("done")
-    for reg in reversed(_PUSH_ORDER):
+    for reg in reversed(_PUSH_ORDER[1:]):
         a.add(Instruction.create_reg(Code.POP_R64, reg))
-    a.add(Instruction.create(Code.POPFQ))
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE)))
+    # rsp now at the saved rax; the flags slot is above it.
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(8)))
+    a.add(Instruction.create_reg_u32(Code.ADD_RM8_IMM8, R.AL, 0x7F))
+    a.add(Instruction.create(Code.SAHF))
+    a.add(Instruction.create_reg(Code.POP_R64, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE + 8)))
     return a.instructions()
 
 

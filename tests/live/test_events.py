@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import subprocess
 
 import numpy as np
 import pytest
 
 import djprobe
 from djprobe.area import AreaLayout
+from djprobe.events import EventBatch
 from tests.conftest import TARGETS, compile_c
 
 pytestmark = pytest.mark.timeout(120)
@@ -20,7 +22,7 @@ def args_exe():
     return compile_c(TARGETS / "args.c", name="args")
 
 
-def _spawn_with(argv, probes_factory, layout=None):
+def _spawn_with(argv, probes_factory, layout=None, status=0):
     """Spawn argv, register the probes, run to the end; return (proc, probes, batches, stdout)."""
     read_fd, write_fd = os.pipe()
     proc = djprobe.spawn([str(a) for a in argv], stdout=write_fd)
@@ -32,7 +34,7 @@ def _spawn_with(argv, probes_factory, layout=None):
     batches = list(proc.events(timeout=60))
     with os.fdopen(read_fd) as out:
         output = out.read()
-    assert proc.process.popen.wait(timeout=30) == 0
+    assert proc.process.popen.wait(timeout=30) == status
     batches.append(proc.read_events())
     return proc, probes, batches, output
 
@@ -149,3 +151,29 @@ def test_record_probe_cycles_under_load(start_target):
             assert t.proc.poll() is None
     t.proc.stdin.close()
     assert t.proc.stdout.readline().split()[-1] == "0"
+
+
+def test_record_probes_keep_behaviour_and_see_flags():
+    """Record stubs at sites with live flags, live red zone, RIP-relative operands, short
+    branches and a last call: same output; the recorded flags are the ones the jl reads."""
+    behave = compile_c([TARGETS / "behave.S", TARGETS / "behave_main.c"], name="behave")
+    plain = subprocess.run([str(behave), "3000"], capture_output=True, text=True, timeout=60)
+    sites = ["flags_live+3", "redzone_live+10", "riprel+7", "shortbranch", "lastcall+1"]
+    big = AreaLayout(ring_count=1, ring_slots=1 << 16)
+
+    def factory(p):
+        return [p.register(djprobe.Djprobe(s, record=True)) for s in sites]
+
+    proc, probes, batches, out = _spawn_with([behave, "3000"], factory, layout=big, status=7)
+    with proc:
+        assert out == plain.stdout
+        assert all(d.hits == 4 * 3000 and d.missed == 0 for d in probes)
+        ev = EventBatch.concat(batches)
+        flags_site = probes[0]._instance
+        mine = np.array([inst is flags_site for inst in ev.instances], dtype=bool)
+        rflags = ev.register("rflags")[mine].astype(np.int64)
+        rdi = ev.register("rdi")[mine].astype(np.int64)
+        rsi = ev.register("rsi")[mine].astype(np.int64)
+        sf, of = (rflags >> 7) & 1, (rflags >> 11) & 1
+        assert len(rflags) == 4 * 3000
+        assert np.array_equal(sf != of, rdi < rsi), "jl's condition from the recorded flags"
