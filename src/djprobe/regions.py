@@ -88,6 +88,7 @@ class Region:
     _mmap: mmap.mmap
     free_slots: list[int] = field(default_factory=list)
     mapped_in_target: bool = True
+    rings_populated: bool = False
 
     @property
     def start(self) -> int:
