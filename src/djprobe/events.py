@@ -10,7 +10,6 @@ read whole.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import mmap
 import time
@@ -259,34 +258,45 @@ def decode(records: Iterable[tuple[int, np.ndarray]], clock: TscClock, threads: 
     return EventBatch(events)
 
 
-_RegsBase = collections.namedtuple("_RegsBase", REGISTER_NAMES + ("tid", "time_ns"))  # type: ignore[misc]
-
-
-class Regs(_RegsBase):
+class Regs:
     """The seed's ``pt_regs`` for a handler: registers at the probe point, no instruction pointer.
 
     Attributes: ``rax`` ... ``r15``, ``rflags``, ``rsp``, ``arg0`` ... ``arg5`` (SysV ABI), ``tid``
     and ``time_ns``. Use ``djp.addr`` / ``djp.address`` for where the probe is. ``rflags`` holds
-    the arithmetic flags (CF PF AF ZF SF OF) and IF.
+    the arithmetic flags (CF PF AF ZF SF OF) and IF. Registers are read from the event batch
+    when asked for (a handler pays only for those it uses).
     """
 
-    __slots__ = ()
+    __slots__ = ("_regs", "_k", "tid", "time_ns")
+
+    def __init__(self, regs: np.ndarray, k: int, tid: int, time_ns: int) -> None:
+        self._regs = regs
+        self._k = k
+        self.tid = tid
+        self.time_ns = time_ns
 
     @property
     def args(self) -> tuple[int, int, int, int, int, int]:
-        return (self.rdi, self.rsi, self.rdx, self.rcx, self.r8, self.r9)
+        row = self._regs[self._k]
+        return tuple(int(row[i]) for i in _ARG_INDEX)  # type: ignore[return-value]
 
-    arg0 = property(lambda self: self.rdi)
-    arg1 = property(lambda self: self.rsi)
-    arg2 = property(lambda self: self.rdx)
-    arg3 = property(lambda self: self.rcx)
-    arg4 = property(lambda self: self.r8)
-    arg5 = property(lambda self: self.r9)
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(REGISTER_NAMES, self._regs[self._k].tolist()))
 
     @property
     def flags(self) -> int:
-        return self.rflags
+        return self.rflags  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
-        regs = " ".join(f"{n}={getattr(self, n):#x}" for n in REGISTER_NAMES)
+        regs = " ".join(f"{n}={v:#x}" for n, v in self.as_dict().items())
         return f"<Regs tid={self.tid} {regs}>"
+
+
+def _register_property(index: int) -> property:
+    return property(lambda self: int(self._regs[self._k, index]))
+
+
+for _i, _name in enumerate(REGISTER_NAMES):
+    setattr(Regs, _name, _register_property(_i))
+for _i, _name in enumerate(ARG_NAMES):
+    setattr(Regs, f"arg{_i}", _register_property(REGISTER_NAMES.index(_name)))

@@ -735,23 +735,26 @@ class ProbedProcess:
         if not len(batch):
             return 0
         ev = batch.events
-        regs_rows = ev["regs"].tolist()
-        tids = ev["tid"].tolist()
-        times = ev["time_ns"].tolist()
-        tscs = ev["tsc"].tolist()
         done = 0
-        make = tuple.__new__
-        for k, instance in enumerate(batch.instances.tolist()):
-            if instance is None:
+        handlers: dict[int, list] = {}
+        regs_array = ev["regs"]
+        columns = zip(ev["tid"].tolist(), ev["time_ns"].tolist(), ev["tsc"].tolist(), batch.instances.tolist())
+        for k, (tid, when, tsc, instance) in enumerate(columns):
+            todo = handlers.get(id(instance))
+            if todo is None:
+                todo = handlers[id(instance)] = (
+                    [(d, d.handler, d._join_tsc) for d in instance.probes if d.handler is not None]
+                    if instance is not None
+                    else []
+                )
+            if not todo:
                 continue
-            regs = None
-            for djp in instance.probes:
-                if djp.handler is None or tscs[k] < djp._join_tsc:
+            regs = Regs(regs_array, k, tid, when)
+            for djp, handler, joined in todo:
+                if tsc < joined:
                     continue
-                if regs is None:
-                    regs = make(Regs, (*regs_rows[k], tids[k], times[k]))
                 try:
-                    djp.handler(djp, regs)
+                    handler(djp, regs)
                 except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop tracing
                     tb = traceback.format_exc()
                     self.handler_errors.append((djp, exc, tb))

@@ -42,6 +42,8 @@ def format_areas(pid: int, areas: list[FoundArea]) -> str:
             lines.append(f"area {a.data_address:#x} {a.path}: INVALID: {a.problem}")
             continue
         code = "" if a.code_mapped else " (code part missing)"
+        if a.target_pid and a.target_pid != pid:
+            code += f" (inherited from process {a.target_pid}: forked while probed)"
         lines.append(
             f"area code {a.code_address:#x}+{a.code_size:#x} data {a.data_address:#x}+{a.data_size:#x}{code}, "
             f"{_tracer(a)}, {len(a.instances)} instance(s)"
