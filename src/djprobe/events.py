@@ -187,7 +187,9 @@ class RingReader:
                 if take:
                     parts.append(ring[a : a + take].view(_OPAQUE_RECORD).copy().view(RECORD_DTYPE))
                 left -= take
-            out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            if len(parts) > 1:
+                parts = [np.concatenate([p.view(_OPAQUE_RECORD) for p in parts]).view(RECORD_DTYPE)]
+            out.append(parts[0])
             self.tails[r] = tail + k
             self.view.ring_headers[r, RING_TAIL // 8] = tail + k
         return out
