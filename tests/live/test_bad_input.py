@@ -4,7 +4,6 @@ code bytes equal to the file, still running, still computing right)."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import re

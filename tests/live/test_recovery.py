@@ -4,7 +4,6 @@ every original byte (checked against the ELF file) and unmaps the probe areas.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
