@@ -50,7 +50,9 @@ def compile_c(source: str | Path | list[Path], *flags: str, name: str | None = N
 
 def _gcc(sources: list[str], flags: tuple[str, ...], out: Path) -> None:
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-    cmd = ["gcc", "-O1", "-g0", "-pthread", *flags, "-o", str(tmp), *sources]
+    libs = [f for f in flags if f.startswith("-l")]  # after the sources, or --as-needed drops them
+    others = [f for f in flags if not f.startswith("-l")]
+    cmd = ["gcc", "-O1", "-g0", "-pthread", *others, "-o", str(tmp), *sources, *libs]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"gcc failed: {' '.join(cmd)}\n{res.stderr}")

@@ -32,7 +32,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .area import AreaLayout, InstanceEntry, InstanceState
-from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
+from .errors import (
+    DjprobeError,
+    InvalidSiteError,
+    NoRoomError,
+    ProcessGoneError,
+    SiteBusyError,
+    TargetTimeoutError,
+    TracePermissionError,
+)
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .sites import SiteAnalysis, Verdict, analyse_site
@@ -275,7 +283,7 @@ class ProbedProcess:
                         )
                     raise analysis.error()
             except DjprobeError as exc:
-                refused.append((djp, exc))
+                refused.append((djp, self._site_error(exc)))
                 continue
             plans.append([djp, analysis, None])
         first_at: set[int] = set()
@@ -287,7 +295,7 @@ class ProbedProcess:
             try:
                 plan[2] = self._prepare(analysis, *self._action_for(djp))
             except DjprobeError as exc:
-                refused.append((djp, exc))
+                refused.append((djp, self._site_error(exc)))
                 plan[0] = None
         pending = [p for p in plans if p[0] is not None]
         pending.reverse()
@@ -299,10 +307,19 @@ class ProbedProcess:
                     try:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
-                        refused.append((djp, exc))
+                        refused.append((djp, self._site_error(exc)))
                     if time.monotonic() >= deadline:
                         break
         return refused
+
+    def _site_error(self, exc: DjprobeError) -> DjprobeError:
+        """Return ``exc`` if it is about one site; raise it if it is about the whole process
+        (gone, not traceable, not stopping), so a batch does not report it once per site."""
+        if isinstance(exc, (ProcessGoneError, TracePermissionError, TargetTimeoutError)):
+            raise exc
+        if not self.process.is_alive():
+            raise ProcessGoneError(f"no such process: {self.pid} (it exited)") from exc
+        return exc
 
     @staticmethod
     def _action_for(djp: Djprobe) -> tuple[str, str]:

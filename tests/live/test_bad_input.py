@@ -155,11 +155,6 @@ def test_pid_traced_by_another_tracer(start_target, counts_exe):
     assert _finish(t)[-1] == "0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="register_many turns the process-wide TracePermissionError into per-site refusals: "
-    "`djprobe count -p PID` then traces 0 functions and exits 0",
-)
 def test_cli_count_pid_traced_by_another_tracer(start_target, counts_exe):
     t = _start_loop(start_target, counts_exe)
     other = subprocess.Popen([sys.executable, "-c", _SEIZER, str(t.pid)], stdout=subprocess.PIPE, text=True)
@@ -329,11 +324,6 @@ def test_target_exits_during_insertion(counts_exe):
     print(outcomes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a target that exited (zombie, not yet reaped) gives SymbolNotFoundError/InvalidSiteError "
-    "(EINVAL: 'no symbol work_a in any module') instead of ProcessGoneError (ESRCH)",
-)
 def test_target_exited_before_register_is_process_gone(counts_exe):
     p = subprocess.Popen([str(counts_exe), "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -12,9 +12,19 @@ from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--pid", type=int, help="probe this running process")
-    parser.add_argument("-d", "--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
         "patterns",

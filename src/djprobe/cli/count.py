@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..probes import Djprobe
-from ._target import Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
+from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
 
 EXAMPLES = """examples:
   djprobe count 'libc:*alloc' 'libc:free' -- ls -l /   # count allocator calls of one ls run
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         usage="djprobe count [--json] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
-    parser.add_argument("-i", "--interval", type=float, help="print counts every INTERVAL seconds")
+    parser.add_argument("-i", "--interval", type=positive_seconds, help="print counts every INTERVAL seconds")
     parser.set_defaults(run=run)
 
 
