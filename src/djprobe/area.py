@@ -253,14 +253,26 @@ class AreaHeader:
 
     @classmethod
     def unpack(cls, raw: bytes) -> "AreaHeader":
-        """Parse a header; raises ValueError if ``raw`` is not a djprobe area of this version."""
+        """Parse a header read from a target, trusting nothing in it.
+
+        Raises ValueError with the reason if ``raw`` is not a djprobe area of this version, or if
+        any size or offset is out of bounds or does not follow from the layout it claims.
+        """
         if len(raw) < _HEADER.size:
             raise ValueError("too short for a probe area header")
         fields = dict(zip(_HEADER_FIELDS, _HEADER.unpack_from(raw)))
         if fields["magic"] != MAGIC:
-            raise ValueError("not a djprobe probe area (bad magic)")
+            raise ValueError("bad magic: not a djprobe probe area")
         if fields["version"] != VERSION:
-            raise ValueError(f"probe area version {fields['version']} is not supported")
+            raise ValueError(f"probe area version {fields['version']} is not supported (expected {VERSION})")
+        if fields["header_size"] != HEADER_SIZE:
+            raise ValueError(f"header size {fields['header_size']} is not {HEADER_SIZE}")
+        for name, bound in _BOUNDS.items():
+            value = fields[name]
+            if value <= 0 or value & (value - 1) or value > bound:
+                raise ValueError(f"{name} = {value} is out of bounds")
+        if not 12 <= fields["shard_shift"] < 48:
+            raise ValueError(f"shard_shift = {fields['shard_shift']} is out of bounds")
         layout = AreaLayout(
             max_instances=fields["max_instances"],
             n_shards=fields["n_shards"],
@@ -269,6 +281,13 @@ class AreaHeader:
             ring_count=fields["ring_count"],
             ring_slots=fields["ring_slots"],
         )
+        for name in _DERIVED:
+            if fields[name] != getattr(layout, name):
+                raise ValueError(
+                    f"header {name} = {fields[name]:#x} does not match its layout ({getattr(layout, name):#x})"
+                )
+        if layout.data_size > _MAX_DATA:
+            raise ValueError("data part too large")
         return cls(
             layout=layout,
             tracer_pid=fields["tracer_pid"],
@@ -276,6 +295,20 @@ class AreaHeader:
             code_address=fields["code_address"],
             data_address=fields["data_address"],
         )
+
+
+# What a header read from a target may claim at most; the sizes it must agree with its layout on.
+_BOUNDS = {
+    "max_instances": 1 << 16,
+    "n_shards": 1 << 12,
+    "slot_size": 1 << 16,
+    "ring_count": 1 << 10,
+    "ring_slots": 1 << 20,
+}
+_DERIVED = (
+    "code_size", "data_size", "table_offset", "counters_offset", "rings_offset", "rings_size", "drops_offset",
+)  # fmt: skip
+_MAX_DATA = 1 << 32
 
 
 class AreaView:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import bisect
 import logging
-import os
 import time
 import traceback
 import weakref
@@ -43,7 +42,7 @@ from .errors import (
 )
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
-from .sites import SiteAnalysis, Verdict, analyse_site
+from .sites import SiteAnalysis, analyse_site
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols

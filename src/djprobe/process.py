@@ -28,7 +28,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ._sys import ptrace as pt

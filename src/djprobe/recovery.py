@@ -29,7 +29,7 @@ import numpy as np
 
 from . import area as _area
 from ._sys.procfs import MapEntry, ProcessMemory, find_mapping, read_maps
-from .area import ENTRY_SIZE, HEADER_SIZE, MAGIC, MAX_DISPLACED, VERSION, AreaLayout, InstanceState
+from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout, InstanceState
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
 from .process import Process, Thread
 from .stubs import jump_bytes
@@ -47,12 +47,6 @@ TRAP_FLAG = 0x100
 POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
 
 # Bounds on header values before any allocation or read is sized from them.
-_MAX_INSTANCES = 1 << 16
-_MAX_SHARDS = 1 << 12
-_MAX_SLOT = 1 << 16
-_MAX_RINGS = 1 << 10
-_MAX_RING_SLOTS = 1 << 20
-_MAX_DATA = 1 << 32
 
 _STATE_NAMES = {int(s): s.name for s in InstanceState}
 
@@ -172,65 +166,23 @@ def _is_area_mapping(m: MapEntry) -> bool:
     return bool(AREA_PATH_RE.match(m.path))
 
 
-def _power_of_two(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _parse_header(raw: bytes, mapping: MapEntry) -> tuple[dict, AreaLayout]:
-    """The header fields and layout; ValueError with the reason if they cannot be trusted."""
-    fields = dict(zip(_area._HEADER_FIELDS, _area._HEADER.unpack_from(raw)))
-    if fields["magic"] != MAGIC:
-        raise ValueError("bad magic: not a djprobe probe area")
-    if fields["version"] != VERSION:
-        raise ValueError(f"probe area version {fields['version']} is not supported (expected {VERSION})")
-    if fields["header_size"] != HEADER_SIZE:
-        raise ValueError(f"header size {fields['header_size']} is not {HEADER_SIZE}")
-    bounds = {
-        "max_instances": _MAX_INSTANCES,
-        "n_shards": _MAX_SHARDS,
-        "slot_size": _MAX_SLOT,
-        "ring_count": _MAX_RINGS,
-        "ring_slots": _MAX_RING_SLOTS,
-    }
-    for name, bound in bounds.items():
-        if not _power_of_two(fields[name]) or fields[name] > bound:
-            raise ValueError(f"{name} = {fields[name]} is out of bounds")
-    if not 12 <= fields["shard_shift"] < 48:
-        raise ValueError(f"shard_shift = {fields['shard_shift']} is out of bounds")
-    layout = AreaLayout(
-        max_instances=fields["max_instances"],
-        n_shards=fields["n_shards"],
-        slot_size=fields["slot_size"],
-        shard_shift=fields["shard_shift"],
-        ring_count=fields["ring_count"],
-        ring_slots=fields["ring_slots"],
-    )
-    expected = {
-        "code_size": layout.code_size,
-        "data_size": layout.data_size,
-        "table_offset": layout.table_offset,
-        "counters_offset": layout.counters_offset,
-        "rings_offset": layout.rings_offset,
-        "rings_size": layout.rings_size,
-        "drops_offset": layout.drops_offset,
-    }
-    for name, value in expected.items():
-        if fields[name] != value:
-            raise ValueError(f"header {name} = {fields[name]:#x} does not match its layout ({value:#x})")
-    if layout.data_size > _MAX_DATA:
-        raise ValueError("data part too large")
-    if fields["data_address"] != mapping.start:
+def _parse_header(raw: bytes, mapping: MapEntry) -> AreaHeader:
+    """The header, checked against where it is mapped; ValueError with the reason if it
+    cannot be trusted."""
+    header = AreaHeader.unpack(raw)
+    layout = header.layout
+    if header.data_address != mapping.start:
         raise ValueError(
-            f"header data_address {fields['data_address']:#x} is not where it is mapped ({mapping.start:#x})"
+            f"header data_address {header.data_address:#x} is not where it is mapped ({mapping.start:#x})"
         )
     if mapping.end - mapping.start != layout.data_size or mapping.offset != 0:
         raise ValueError(
             f"mapping {mapping.start:#x}-{mapping.end:#x} (offset {mapping.offset:#x}) does not match "
             f"the data size {layout.data_size:#x}"
         )
-    if fields["code_address"] != mapping.start - layout.code_size:
-        raise ValueError(f"header code_address {fields['code_address']:#x} is not just below the data part")
-    return fields, layout
+    if header.code_address != mapping.start - layout.code_size:
+        raise ValueError(f"header code_address {header.code_address:#x} is not just below the data part")
+    return header
 
 
 def _tracer_alive(tracer_pid: int, mapping: MapEntry) -> bool:
@@ -295,16 +247,17 @@ def _read_area(pid: int, memory: ProcessMemory, m: MapEntry, maps: list[MapEntry
         return area
     try:
         raw = memory.read(m.start, HEADER_SIZE)
-        fields, layout = _parse_header(raw, m)
+        header = _parse_header(raw, m)
     except (ValueError, struct.error, TargetFaultError) as exc:
         area.problem = str(exc)
         return area
+    layout = header.layout
     area.layout = layout
-    area.code_address = fields["code_address"]
+    area.code_address = header.code_address
     area.code_size = layout.code_size
     area.data_size = layout.data_size
-    area.tracer_pid = fields["tracer_pid"]
-    area.target_pid = fields["target_pid"]
+    area.tracer_pid = header.tracer_pid
+    area.target_pid = header.target_pid
     area.tracer_alive = _tracer_alive(area.tracer_pid, m)
     code = find_mapping(maps, area.code_address)
     area.code_mapped = (

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .area import AreaHeader, AreaLayout, AreaView, InstanceEntry, InstanceState
+from .area import AreaHeader, AreaLayout, AreaView, InstanceEntry
 from .errors import DjprobeError, NoRoomError
 from .stubs import RecordTargets
 

@@ -1465,7 +1465,6 @@ class FunctionAnalysis:
                                   f"whole instructions are needed", size, insns[k:j + 1])
                 return refuse(f"the {size} displaced bytes cross the end of {func.name} at {self.end:#x}",
                               size, insns[k:j + 1])
-            n = size
         return self._finish(address, k, j, (), base)
 
     def _padding(self, last: Insn, need_end: int) -> tuple[Insn, ...] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import subprocess
 
 import numpy as np
 import pytest
@@ -135,7 +134,6 @@ def test_count_probe_upgraded_to_record_keeps_counts(args_exe):
 def test_record_probe_cycles_under_load(start_target):
     """Removal steps threads out of the record action (pushfq/popfq included): the target
     must never see the trap flag, crash or compute a wrong result."""
-    import subprocess
     import time
 
     exe = compile_c(TARGETS / "counts.c", name="counts")
