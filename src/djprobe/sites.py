@@ -1451,7 +1451,6 @@ class FunctionAnalysis:
                     f"{func.name} at {self.end:#x}; a jump needs {JUMP_SIZE}",
                     0, insns[k:j + 1],
                 )
-            n = insns[j].end - address
         else:
             if size < JUMP_SIZE:
                 return refuse(f"size {size} is less than the {JUMP_SIZE} bytes of a jmp rel32")
