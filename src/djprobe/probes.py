@@ -56,7 +56,7 @@ STACK_SCAN_BYTES = 64 * 1024
 STEP_LIMIT = 2048
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
-MAX_STOP_SECONDS = 0.02  # insertion batches: stop the target for about this long at a time
+MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 TRAP_FLAG = 0x100
 # Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID (never TF, IF, IOPL, VM, RF here).
 POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
