@@ -331,10 +331,16 @@ def test_target_exited_before_register_is_process_gone(counts_exe):
         proc = djprobe.attach(p.pid)
         p.stdin.close()  # it exits; we do not reap it yet
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with open(f"/proc/{p.pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
+        while time.monotonic() < deadline:  # every thread has exited; the zombie is not reaped
+            states = []
+            for tid in os.listdir(f"/proc/{p.pid}/task"):
+                try:
+                    with open(f"/proc/{p.pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    pass
+            if all(state in ("Z", "X") for state in states):
+                break
             time.sleep(0.01)
         try:
             for spec in ("work_a", 0x401000):
