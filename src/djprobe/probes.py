@@ -57,9 +57,6 @@ STEP_LIMIT = 2048
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
-TRAP_FLAG = 0x100
-# Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID (never TF, IF, IOPL, VM, RF here).
-POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
 
 
 class Djprobe:
@@ -475,15 +472,8 @@ class ProbedProcess:
         if self._stacks_key != key:
             self._stacks = {}
             for thread in self.process.threads.values():
-                rsp = thread.regs().rsp & ~7
-                data = b""
-                size = STACK_SCAN_BYTES
-                while size >= 4096 and not data:
-                    try:
-                        data = self.process.read(rsp, size)
-                    except DjprobeError:
-                        size //= 2  # the stack mapping ends sooner
-                self._stacks[thread.tid] = np.unique(np.frombuffer(data, dtype=np.uint64))
+                data = thread.stack_top(STACK_SCAN_BYTES)
+                self._stacks[thread.tid] = np.unique(np.frombuffer(data[: len(data) & ~7], dtype=np.uint64))
             self._stacks_key = key
         return self._stacks
 
@@ -616,27 +606,8 @@ class ProbedProcess:
                 raise DjprobeError(f"thread {thread.tid} did not leave the stub at {stub.address:#x}")
 
     def _step(self, thread: Thread) -> None:
-        """Single-step ``thread``, emulating ``pushfq`` and ``popfq``: stepped for real they
-        move the trap flag the kernel sets for stepping into the target's own flags, and the
-        target would die of SIGTRAP after it is detached."""
-        self._stepped = True
-        regs = thread.regs()
-        opcode = self.process.read(regs.rip, 1)
-        if opcode == b"\x9c":  # pushfq
-            regs = regs.copy()
-            regs.rsp -= 8
-            self.process.write(regs.rsp, (regs.eflags & ~TRAP_FLAG).to_bytes(8, "little"))
-            regs.rip += 1
-            thread.set_regs(regs)
-        elif opcode == b"\x9d":  # popfq: stepped for real, the kernel leaves the trap flag on
-            regs = regs.copy()
-            value = int.from_bytes(self.process.read(regs.rsp, 8), "little")
-            regs.eflags = (regs.eflags & ~POPF_MASK) | (value & POPF_MASK)
-            regs.rsp += 8
-            regs.rip += 1
-            thread.set_regs(regs)
-        else:
-            thread.step()
+        self._stepped = True  # stacks may change: the next reference check takes a new snapshot
+        thread.step()
 
     def _release_slot(self, region: Region, slot: int, stub: Stub) -> None:
         """Free a stub slot, or keep it retired if a thread might still run or return into it."""

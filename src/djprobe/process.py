@@ -74,6 +74,11 @@ DEFAULT_STEP_TIMEOUT = 5.0
 DEFAULT_CALL_TIMEOUT = 5.0
 
 
+TRAP_FLAG = 0x100
+# Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID (never TF, IF, IOPL, VM, RF here).
+POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
+
+
 def _signed(value: int) -> int:
     value &= _MASK64
     return value - (1 << 64) if value >> 63 else value
@@ -219,11 +224,45 @@ class Thread:
         a restartable system call (:meth:`in_syscall_restart`) re-enters that call when stepped
         and may block in it until ``timeout``.
 
+        ``pushfq`` and ``popfq`` are emulated, not stepped: stepped for real they move the trap
+        flag the kernel sets for stepping into the target's own flags (pushed on its stack, or
+        left on by popf), and the target dies of SIGTRAP once detached.
+
         Raises ProcessGoneError, TargetTimeoutError.
         """
         self._check()
+        regs = self.regs()
+        opcode = self.process.read(regs.rip, 1)
+        if opcode == b"\x9c":  # pushfq
+            regs.rsp -= 8
+            self.process.write(regs.rsp, (regs.eflags & ~TRAP_FLAG).to_bytes(8, "little"))
+            regs.rip += 1
+            self.set_regs(regs)
+            return
+        if opcode == b"\x9d":  # popfq
+            value = int.from_bytes(self.process.read(regs.rsp, 8), "little")
+            regs.eflags = (regs.eflags & ~POPF_MASK) | (value & POPF_MASK)
+            regs.rsp += 8
+            regs.rip += 1
+            self.set_regs(regs)
+            return
         self._drop_deliver()
         self.process._run(self, pt.singlestep, self._step_done, timeout, "single-step")
+
+    def stack_top(self, size: int = 64 * 1024) -> bytes:
+        """Up to ``size`` bytes of the stack from the stack pointer up (less where the stack
+        mapping ends sooner)."""
+        rsp = self.regs().rsp & ~7
+        for m in self.process.maps():
+            if m.start <= rsp < m.end:
+                size = min(size, m.end - rsp)
+                break
+        else:
+            return b""
+        try:
+            return self.process.read(rsp, size)
+        except DjprobeError:
+            return b""
 
     def _step_done(self, sig: int, info: pt.SigInfo) -> bool:
         if sig == signal.SIGTRAP and info.si_code in _STEP_CODES:

@@ -31,7 +31,7 @@ from . import area as _area
 from ._sys.procfs import MapEntry, ProcessMemory, find_mapping, read_maps
 from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout, InstanceState
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
-from .process import Process, Thread
+from .process import Process
 from .stubs import jump_bytes
 from .symbols import Symbols
 
@@ -42,11 +42,6 @@ AREA_PATH_RE = re.compile(r"^/dev/shm/djprobe-(\d+)-([0-9a-f]+)$")
 
 STACK_SCAN_BYTES = 64 * 1024
 STEP_LIMIT = 4096
-TRAP_FLAG = 0x100
-# Flags popfq restores in user mode: CF PF AF ZF SF DF OF AC ID.
-POPF_MASK = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
-
-# Bounds on header values before any allocation or read is sized from them.
 
 _STATE_NAMES = {int(s): s.name for s in InstanceState}
 
@@ -494,44 +489,6 @@ def _restore(process: Process, symbols: Symbols, inst: FoundInstance, force: boo
     return None
 
 
-def _stack_words(process: Process, rsp: int) -> np.ndarray:
-    rsp &= ~7
-    size = STACK_SCAN_BYTES
-    while size >= 4096:
-        try:
-            return np.frombuffer(process.read(rsp, size), dtype=np.uint64)
-        except DjprobeError:
-            size //= 2
-    # fewer than 4 KiB left in the stack mapping: read up to its end
-    for m in process.maps():
-        if m.start <= rsp < m.end:
-            try:
-                return np.frombuffer(process.read(rsp, min(m.end - rsp, STACK_SCAN_BYTES)), dtype=np.uint64)
-            except DjprobeError:
-                break
-    return np.zeros(0, dtype=np.uint64)
-
-
-def _step(process: Process, thread: Thread) -> None:
-    """Single-step ``thread``, emulating ``pushfq``/``popfq`` (record stubs use them): stepped
-    for real they would copy the trap flag into the target's own flags (SIGTRAP after detach)."""
-    regs = thread.regs()
-    opcode = process.read(regs.rip, 1)
-    if opcode == b"\x9c":  # pushfq
-        regs.rsp -= 8
-        process.write(regs.rsp, (regs.eflags & ~TRAP_FLAG).to_bytes(8, "little"))
-        regs.rip += 1
-        thread.set_regs(regs)
-    elif opcode == b"\x9d":  # popfq
-        value = int.from_bytes(process.read(regs.rsp, 8), "little")
-        regs.eflags = (regs.eflags & ~POPF_MASK) | (value & POPF_MASK)
-        regs.rsp += 8
-        regs.rip += 1
-        thread.set_regs(regs)
-    else:
-        thread.step()
-
-
 def _leave_stubs(process: Process, areas: list[FoundArea], busy: dict[int, str], report: CleanupReport) -> None:
     """Step every thread that is inside a stub until it has left the code part (bounded).
     A thread in a system call is never stepped (it would re-enter the call): its area stays."""
@@ -546,7 +503,7 @@ def _leave_stubs(process: Process, areas: list[FoundArea], busy: dict[int, str],
                 busy[a.data_address] = f"thread {thread.tid} is in a system call inside a stub at {regs.rip:#x}"
                 continue
             for _ in range(STEP_LIMIT):
-                _step(process, thread)
+                thread.step()  # pushfq/popfq are emulated by Thread.step
                 if thread.gone or not a.code_address <= thread.regs().rip < a.code_end:
                     break
             else:
@@ -561,7 +518,8 @@ def _references(process: Process, areas: list[FoundArea], busy: dict[int, str]) 
         if thread.gone:
             continue
         positions = thread.positions()
-        words = _stack_words(process, thread.regs().rsp)
+        data = thread.stack_top(STACK_SCAN_BYTES)
+        words = np.frombuffer(data[: len(data) & ~7], dtype=np.uint64)
         for a in areas:
             if a.data_address in busy or not a.code_mapped:
                 continue
