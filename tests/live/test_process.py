@@ -649,3 +649,50 @@ def test_spawn_then_resume_then_stop_again(build_c):
         proc.close()
         proc.popen.kill()
         proc.popen.wait(10)
+
+
+_PUSHF_LOOP = r"""
+#include <stdio.h>
+#include <unistd.h>
+/* Spins through pushfq/popfq with a flag-dependent computation; exits 0 if it never saw a wrong
+ * value after reading stdin's end, or dies of SIGTRAP if a stepped popf left TF on. */
+int main(void) {
+    printf("ready\n");
+    fflush(stdout);
+    volatile long bad = 0;
+    for (long i = 0;; i++) {
+        long r;
+        __asm__ volatile("cmp %2, %1\n\tpushfq\n\tmov $0, %0\n\tpopfq\n\tsetl %b0\n\tmovzx %b0, %0"
+                         : "=&r"(r) : "r"(i & 7), "r"(4L) : "cc");
+        if (r != ((i & 7) < 4)) bad++;
+        if (bad) return 3;
+    }
+    return 0;
+}
+"""
+
+
+def test_step_over_pushf_popf_leaves_no_trap_flag(build_c, start_target):
+    """Stepping emulates pushfq/popfq: the target neither sees TF in its flags nor dies of
+    SIGTRAP after detach, and its flag-dependent results stay right."""
+    exe = build_c(_PUSHF_LOOP, name="pushf_loop")
+    t = start_target([exe], stdout=subprocess.PIPE)
+    assert t.proc.stdout.readline() == b"ready\n"
+    proc = Process(t.pid)
+    seen = set()
+    try:
+        for _ in range(20):
+            threads = proc.stop()
+            (th,) = threads.values()
+            for _ in range(40):
+                opcode = proc.read(th.regs().rip, 1)
+                seen.add(opcode)
+                th.step()
+                assert not th.regs().eflags & 0x100
+            proc.resume()
+            time.sleep(0.01)
+        assert {b"\x9c", b"\x9d"} <= seen, "the loop is short: both are stepped over"
+        time.sleep(0.2)
+        assert t.proc.poll() is None, f"target died: {t.proc.returncode}"
+    finally:
+        proc.close()
