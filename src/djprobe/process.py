@@ -9,15 +9,19 @@ speed. If the tracer dies, the kernel detaches and the target keeps running (no 
 ptrace belongs to the OS thread that attached: every request made while the world is stopped must
 come from that thread (:class:`TracerStateError` otherwise).
 
-Signals. A signal that reaches a thread while we stop it leaves that thread in a
-signal-delivery-stop; the thread stays there and the signal is delivered, with its original
-``siginfo``, when we detach. A signal intercepted while we run a thread for our own purposes
-(:meth:`Thread.step`, :meth:`Process.syscall`, :meth:`Process.call`) is suppressed and sent again
-to the same thread just before detaching (``rt_tgsigqueueinfo`` with the original ``siginfo``
-where the kernel allows it, else ``tgkill``, which keeps the number but not the sender's pid);
-a synchronous fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE raised by an instruction) is not re-sent
-because re-executing the instruction raises it again. Signals sent to a process whose threads
-are all stopped simply stay pending and are delivered after :meth:`Process.resume`.
+Signals are never taken off a queue by the tracer, so none is lost or re-sent. A thread that
+dequeued a signal just as it was seized (a signal-delivery-stop) is let go with that signal at
+once, exactly as the kernel would deliver it, and stopped again by the pending interrupt. A thread
+that the tracer runs for its own purposes (:meth:`Process.syscall`, :meth:`Thread.step`) has every
+signal blocked meanwhile (``PTRACE_SETSIGMASK``), so pending signals stay queued; its mask is put
+back before the world is resumed. Signals sent while the world is stopped stay pending and are
+delivered after :meth:`Process.resume`.
+
+Dying tracer. At every instant of every operation, a tracer killed there leaves each thread able
+to go on as it was: no thread is left pointing at injected state (:mod:`.inject` runs system calls
+through a trampoline that restores the thread by itself), nothing is single-stepped by the library
+(a dead tracer would leave the trap flag set), and a jump being written is undone by
+``djprobe cleanup``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Iterable, Sequence
 
 from ._sys import ptrace as pt
 from ._sys.procfs import MapEntry, ProcessMemory, read_maps
+from .inject import DATA, Injector, _NoRoom
 from .errors import (
     DjprobeError,
     ProcessGoneError,
@@ -53,10 +58,12 @@ __all__ = [
 ]
 
 #: Options for every seized thread. No PTRACE_O_EXITKILL: if the tracer dies the target lives on.
-SEIZE_OPTIONS = pt.PTRACE_O_TRACECLONE
+#: TRACESYSGOOD marks the system-call stops of injected calls.
+SEIZE_OPTIONS = pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACESYSGOOD
 
 _MASK64 = (1 << 64) - 1
 _ERESTART = frozenset({-512, -513, -514, -516})  # ERESTARTSYS NOINTR NOHAND RESTART_RESTARTBLOCK
+_ALL_SIGNALS = _MASK64
 _FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 _STEP_CODES = frozenset({pt.TRAP_BRKPT, pt.TRAP_TRACE, pt.TRAP_HWBKPT})
 
@@ -71,7 +78,9 @@ AT_ENTRY = 9
 
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_STEP_TIMEOUT = 5.0
-DEFAULT_CALL_TIMEOUT = 5.0
+#: One attempt to stop every thread lasts at most this long; a thread that has not stopped by
+#: then (uninterruptible sleep, a vfork parent) lets the others run again before the next attempt.
+STOP_ATTEMPT_SECONDS = 0.02
 
 
 TRAP_FLAG = 0x100
@@ -147,10 +156,6 @@ class Registers:
         return _signed(getattr(self, name))
 
 
-_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")  # syscall convention
-_CALL_ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")  # SysV function call
-
-
 class Thread:
     """One thread of a stopped process. Valid until :meth:`Process.resume`."""
 
@@ -158,24 +163,12 @@ class Thread:
         self.process = process
         self.tid = tid
         self._regs: Registers | None = None
-        # The thread sits in the signal-delivery-stop of this signal, to be delivered at detach.
-        self._deliver: tuple[int, pt.SigInfo] | None = None
-        # Signals intercepted while we ran the thread, to be sent again before detaching.
-        self._requeue: list[tuple[int, pt.SigInfo]] = []
         self.gone = False
 
     def __repr__(self) -> str:
         return f"<Thread {self.tid} of {self.process.pid}>"
 
     # -- state ---------------------------------------------------------------------------------
-    @property
-    def pending_signals(self) -> list[int]:
-        """Signals intercepted by the tracer that this thread will receive after resume."""
-        sigs = [sig for sig, _ in self._requeue]
-        if self._deliver is not None:
-            sigs.append(self._deliver[0])
-        return sigs
-
     def _check(self) -> None:
         self.process._check_owner()
         if self.gone:
@@ -218,11 +211,15 @@ class Thread:
 
     # -- running -------------------------------------------------------------------------------
     def step(self, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
-        """Execute one instruction. Signals that arrive meanwhile are kept for delivery after
-        resume. If the instruction faults (or is an ``int3``), the thread is left stopped with
-        that signal to be delivered at resume; rip shows where it faulted. A thread stopped in
-        a restartable system call (:meth:`in_syscall_restart`) re-enters that call when stepped
-        and may block in it until ``timeout``.
+        """Execute one instruction, with every signal blocked meanwhile (pending signals stay
+        queued). If the instruction faults (or is an ``int3``), TargetFaultError is raised and the
+        thread stays at the faulting instruction, the fault not delivered: it is raised again
+        when the instruction runs after resume. A thread stopped in a restartable system call
+        (:meth:`in_syscall_restart`) re-enters that call when stepped and may block in it until
+        ``timeout``.
+
+        For tests and debugging only: the library never single-steps a target, because a tracer
+        killed during a step leaves the trap flag set and the target dies of SIGTRAP.
 
         ``pushfq`` and ``popfq`` are emulated, not stepped: stepped for real they move the trap
         flag the kernel sets for stepping into the target's own flags (pushed on its stack, or
@@ -246,8 +243,19 @@ class Thread:
             regs.rip += 1
             self.set_regs(regs)
             return
-        self._drop_deliver()
-        self.process._run(self, pt.singlestep, self._step_done, timeout, "single-step")
+        try:
+            mask = pt.getsigmask(self.tid)
+            pt.setsigmask(self.tid, _ALL_SIGNALS)
+        except OSError as exc:
+            raise self.process._thread_error(self, exc) from exc
+        try:
+            self.process._run(self, pt.singlestep, _is_step_trap, timeout, "single-step")
+        finally:
+            if not self.gone:
+                try:
+                    pt.setsigmask(self.tid, mask)
+                except OSError:
+                    pass
 
     def stack_top(self, size: int = 64 * 1024) -> bytes:
         """Up to ``size`` bytes of the stack from the stack pointer up (less where the stack
@@ -264,21 +272,6 @@ class Thread:
         except DjprobeError:
             return b""
 
-    def _step_done(self, sig: int, info: pt.SigInfo) -> bool:
-        if sig == signal.SIGTRAP and info.si_code in _STEP_CODES:
-            return True
-        if _is_fault(sig, info) or (sig == signal.SIGTRAP and info.si_code == pt.SI_KERNEL):
-            self._deliver = (sig, info)  # the instruction itself raised it
-            return True
-        return False
-
-    def _drop_deliver(self) -> None:
-        """Before running the thread: its signal-delivery-stop signal is suppressed; remember it."""
-        if self._deliver is not None:
-            sig, info = self._deliver
-            self._deliver = None
-            if not _is_fault(sig, info):
-                self._requeue.append((sig, info))
 
 
 def _is_step_trap(sig: int, info: pt.SigInfo) -> bool:
@@ -317,8 +310,7 @@ class Process:
         self.threads: dict[int, Thread] = {}
         self._owner: int | None = None  # threading.get_ident() of the tracer thread
         self._seized = True  # False while held after spawn (PTRACE_TRACEME attach)
-        self._syscall_insn: int | None = None
-        self._trap_insn: int | None = None
+        self._injector = Injector(self)
         self.exit_status: int | None = None  # wait status if we reaped the process
         self._attached_tids: set[int] = set()  # seized, stop not yet seen
         self._stragglers: set[int] = set()  # seized, never stopped, to detach when they do
@@ -371,8 +363,7 @@ class Process:
             self.threads = {}
             self._owner = threading.get_ident()
             self._seized = False
-            self._syscall_insn = None
-            self._trap_insn = None
+            self._injector = Injector(self)
             self.exit_status = None
             self._attached_tids = set()
             self._stragglers = set()
@@ -431,7 +422,13 @@ class Process:
         until the thread list is stable. Returns ``{tid: Thread}`` (also ``self.threads``).
         Does nothing if already stopped.
 
-        Raises ProcessGoneError, TracePermissionError (with the reason), TargetTimeoutError.
+        No thread is held long for another that cannot stop (uninterruptible sleep, a parent
+        waiting in ``vfork``): an attempt lasts at most :data:`STOP_ATTEMPT_SECONDS` (doubling up
+        to 0.5 s); when it runs out, every stopped thread runs again and the next attempt starts a
+        little later, until ``timeout``.
+
+        Raises ProcessGoneError, TracePermissionError (with the reason), TargetTimeoutError
+        (nothing was changed; the threads that could stop were never held longer than one attempt).
         """
         if self.threads:
             self._check_owner()
@@ -439,11 +436,27 @@ class Process:
         self._owner = threading.get_ident()
         self._seized = True
         self._collect_stragglers()
-        try:
-            self._stop_all(time.monotonic() + timeout)
-        except BaseException:
-            self._release_all()
-            raise
+        deadline = time.monotonic() + timeout
+        budget = STOP_ATTEMPT_SECONDS
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                self._stop_all(min(deadline, time.monotonic() + budget))
+                break
+            except TargetTimeoutError as exc:
+                self._release_all(wait=0.0)  # the others run while the laggard is busy
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TargetTimeoutError(
+                        f"{exc}; gave up after {attempts} attempts in {timeout:g}s (each thread that "
+                        f"stopped was held at most {budget:g}s at a time; nothing was changed)"
+                    ) from None
+                time.sleep(min(budget, max(0.0, deadline - now)))
+                budget = min(budget * 2, 0.5)
+            except BaseException:
+                self._release_all()
+                raise
         if not self.threads:
             self._release_all()
             raise ProcessGoneError(f"no such process: {self.pid} (exited while being stopped)")
@@ -472,12 +485,19 @@ class Process:
                 ev = pt.stop_event(status)
                 if ev == pt.PTRACE_EVENT_STOP:  # interrupt, group-stop, or a new thread's first stop
                     self.threads[tid] = Thread(self, tid)
+                    self._stragglers.discard(tid)
                     self._attached_tids.discard(tid)
-                elif ev == 0:  # signal-delivery-stop: hold it, deliver the signal at detach
-                    thread = Thread(self, tid)
-                    thread._deliver = (pt.stop_signal(status), self._siginfo(tid))
-                    self.threads[tid] = thread
-                    self._attached_tids.discard(tid)
+                elif ev == 0:
+                    # A signal-delivery-stop: the thread dequeued a signal as it was seized. It is
+                    # delivered now, as the kernel would have, and the pending interrupt stops the
+                    # thread right after (at its handler, if it has one). Nothing is requeued.
+                    try:
+                        pt.interrupt(tid)
+                        pt.cont(tid, pt.stop_signal(status))
+                    except OSError as exc:
+                        if exc.errno != _errno.ESRCH:
+                            raise
+                    pending.add(tid)
                 else:  # clone/exec/... event before the interrupt landed: on to the interrupt stop
                     if ev in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
                         child = pt.geteventmsg(tid)
@@ -526,14 +546,16 @@ class Process:
         self._check_owner()
         self._release_all()
 
-    def _release_all(self) -> None:
+    def _release_all(self, wait: float = 1.0) -> None:
+        if self.threads:
+            self._injector.restore()
         for thread in list(self.threads.values()):
             self._release(thread)
         self.threads = {}
         # Seized threads that never reported their stop (a failed stop()): detach them as soon
         # as they stop, or they would hang in their interrupt stop as long as the tracer lives.
         for tid in list(self._attached_tids):
-            self._abandon(tid)
+            self._abandon(tid, wait)
         self._attached_tids.clear()
         if not self._stragglers:
             self._owner = None
@@ -568,29 +590,12 @@ class Process:
 
     def _release(self, thread: Thread) -> None:
         tid = thread.tid
-        for sig, info in thread._requeue:
-            self._requeue_signal(tid, sig, info)
-        thread._requeue = []
-        sig = thread._deliver[0] if thread._deliver else 0
-        thread._deliver = None
         try:
-            pt.detach(tid, sig)
+            pt.detach(tid, 0)
         except OSError as exc:
             if exc.errno != _errno.ESRCH:
                 raise
             self._reap(tid)
-
-    def _requeue_signal(self, tid: int, sig: int, info: pt.SigInfo) -> None:
-        try:
-            if info.si_code < 0 and info.si_code != pt.SI_TKILL:
-                try:
-                    pt.tgsigqueueinfo(self.pid, tid, sig, info)
-                    return
-                except OSError:
-                    pass
-            pt.tgkill(self.pid, tid, sig)
-        except OSError:
-            pass  # the thread is gone
 
     # -- threads -------------------------------------------------------------------------------
     def threads_in(self, start: int, end: int) -> list[Thread]:
@@ -612,7 +617,7 @@ class Process:
         live = [t for t in self.threads.values() if not t.gone]
         if not live:
             raise ProcessGoneError(f"no such process: {self.pid}")
-        live.sort(key=lambda t: (t._deliver is not None, t.tid != self.pid, t.tid))
+        live.sort(key=lambda t: (t.tid != self.pid, t.tid))
         return live[0]
 
     def _adopt(self, tid: int, deadline: float) -> None:
@@ -626,9 +631,7 @@ class Process:
             ev, sig = pt.stop_event(status), pt.stop_signal(status)
             if ev == pt.PTRACE_EVENT_STOP or (ev == 0 and sig == signal.SIGSTOP and not self._seized):
                 break  # its attach stop (the SIGSTOP of a non-seized attach is swallowed)
-            if ev == 0:  # a real signal first: keep it for later, wait for the attach stop
-                self.threads.setdefault(tid, Thread(self, tid))._requeue.append((sig, self._siginfo(tid)))
-            pt.cont(tid, 0)
+            pt.cont(tid, sig if ev == 0 else 0)  # a real signal first: deliver it, wait for the attach stop
         if not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
             try:  # a new process (clone without CLONE_THREAD): not ours to hold
                 pt.detach(tid, 0)
@@ -673,12 +676,13 @@ class Process:
             info = self._siginfo(tid)
             if done(sig, info):
                 return
-            if pass_signals:
+            if pass_signals or not (_is_fault(sig, info) or (sig == signal.SIGTRAP and info.si_code == pt.SI_KERNEL)):
+                # Passed on: a signal blocked by the thread's mask goes back to its queue (the
+                # kernel requeues it), job control takes effect.
                 sig_to_pass = sig
-            elif not _is_fault(sig, info):
-                thread._requeue.append((sig, info))
             else:
-                thread._deliver = (sig, info)
+                # Raised by the instruction itself: not delivered now; it is raised again when
+                # the instruction runs after resume.
                 raise TargetFaultError(
                     f"process {self.pid} thread {tid}: {_signame(sig)} during {what}",
                     address=info.si_addr,
@@ -702,9 +706,7 @@ class Process:
                 if ev == pt.PTRACE_EVENT_STOP or (ev == 0 and sig == signal.SIGSTOP and not self._seized):
                     thread._regs = None
                     return
-                if ev == 0:
-                    thread._requeue.append((sig, self._siginfo(tid)))
-                pt.cont(tid, 0)
+                pt.cont(tid, sig if ev == 0 else 0)
         except (OSError, TargetTimeoutError):
             pass
 
@@ -807,63 +809,41 @@ class Process:
         return TracePermissionError(f"cannot trace process {self.pid}: {exc.strerror} ({'; '.join(reasons)})")
 
     # -- injection -----------------------------------------------------------------------------
-    def _find_code(self, attr: str, pattern: bytes) -> int:
-        """An address of ``pattern`` in the target's executable memory ([vdso] first); cached
-        and checked again before each use."""
-        cached = getattr(self, attr)
-        if cached is not None:
-            try:
-                if self.memory.read(cached, len(pattern)) == pattern:
-                    return cached
-            except TargetFaultError:
-                pass
-        maps = self.maps()
-        candidates = sorted(
-            (m for m in maps if m.executable and m.readable),
-            key=lambda m: (m.path != "[vdso]", not m.is_file, m.start),
-        )
-        for m in candidates:
-            try:
-                data = self.memory.read(m.start, m.end - m.start)
-            except TargetFaultError:
-                continue
-            idx = data.find(pattern)
-            if idx >= 0:
-                setattr(self, attr, m.start + idx)
-                return m.start + idx
-        raise DjprobeError(f"process {self.pid}: no {pattern.hex()} bytes in executable memory")
-
-    def syscall(self, nr: int, *args: int, thread: Thread | None = None, timeout: float = DEFAULT_STEP_TIMEOUT) -> int:
+    def syscall(
+        self,
+        nr: int,
+        *args: object,
+        thread: Thread | None = None,
+        data: bytes = b"",
+        timeout: float = DEFAULT_STEP_TIMEOUT,
+    ) -> int:
         """Run system call ``nr`` with up to 6 arguments in a thread of the stopped target and
-        return its raw result as a signed int (-errno on failure). The thread's registers are
-        restored exactly, including an interrupted system call's restart state.
+        return its raw result as a signed int (-errno on failure). ``data`` is copied onto that
+        thread's stack below the red zone; an argument given as :data:`djprobe.inject.DATA` is
+        replaced by its address. Registers and signal mask are restored exactly, including an
+        interrupted system call's restart state; if the tracer dies at any instant meanwhile,
+        the thread restores itself (see :mod:`djprobe.inject`). Without ``thread``, the first
+        stopped thread with room on its stack is used.
 
-        Raises TracerStateError, ProcessGoneError, TargetTimeoutError.
+        Raises TracerStateError, ProcessGoneError, TargetTimeoutError, DjprobeError.
         """
         if len(args) > 6:
             raise ValueError("a system call takes at most 6 arguments")
-        thread = thread or self._pick_thread()
-        thread._check()
-        insn = self._find_code("_syscall_insn", b"\x0f\x05")
-        saved = thread.regs()
-        regs = saved.copy()
-        regs.rip = insn
-        regs.rax = nr
-        regs.orig_rax = -1  # no syscall-restart rewind when the thread leaves its stop
-        for name, value in zip(_ARG_REGS, args):
-            setattr(regs, name, value)
-        regs.eflags &= ~0x100  # TF
-        thread.set_regs(regs)
-        try:
-            thread._drop_deliver()
-            self._run(thread, pt.singlestep, _is_step_trap, timeout, f"syscall {nr}")
-            after = thread.regs()
-            if after.rip != insn + 2:
-                raise DjprobeError(f"process {self.pid}: injected syscall {nr} stopped at {after.rip:#x}")
-            return after.signed("rax")
-        finally:
-            if not thread.gone:
-                thread.set_regs(saved)
+        if thread is not None:
+            thread._check()
+            candidates = [thread]
+        else:
+            self._pick_thread()  # raises if not stopped or nothing is left
+            candidates = sorted(
+                (t for t in self.threads.values() if not t.gone), key=lambda t: (t.tid != self.pid, t.tid)
+            )
+        reasons = []
+        for candidate in candidates:
+            try:
+                return self._injector.syscall(candidate, nr, args, data=data, timeout=timeout)  # type: ignore[arg-type]
+            except _NoRoom as exc:
+                reasons.append(str(exc))
+        raise DjprobeError(f"process {self.pid}: cannot run system call {nr}: {'; '.join(reasons)}")
 
     def _check_syscall(self, name: str, result: int) -> int:
         if -4096 < result < 0:
@@ -871,47 +851,6 @@ class Process:
                 f"{name} in process {self.pid} failed: {os.strerror(-result)}", errno=-result
             )
         return result
-
-    def call(self, function: int, *args: int, thread: Thread | None = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> int:
-        """Call ``function`` in the stopped target with up to 6 integer arguments (SysV ABI) on
-        one thread, the others staying stopped; return rax (unsigned 64-bit). The stack pointer
-        moves below the red zone; registers are restored exactly afterwards. A function that
-        waits for a lock held by a stopped thread times out.
-
-        Raises TracerStateError, ProcessGoneError, TargetFaultError (it faulted),
-        TargetTimeoutError.
-        """
-        if len(args) > 6:
-            raise ValueError("call() takes at most 6 arguments")
-        thread = thread or self._pick_thread()
-        thread._check()
-        trap = self._find_code("_trap_insn", b"\xcc")
-        saved = thread.regs()
-        regs = saved.copy()
-        sp = ((saved.rsp - 256) & ~0xF) - 8  # below the red zone; rsp % 16 == 8 at entry
-        self.memory.write(sp, trap.to_bytes(8, "little"))
-        regs.rsp = sp
-        regs.rip = function
-        regs.rax = 0
-        regs.orig_rax = -1
-        regs.eflags &= ~(0x100 | 0x400)  # TF, DF
-        for name, value in zip(_CALL_ARG_REGS, args):
-            setattr(regs, name, value)
-        thread.set_regs(regs)
-        try:
-            thread._drop_deliver()
-            self._run(
-                thread,
-                pt.cont,
-                lambda sig, info: sig == signal.SIGTRAP and pt.getregs(thread.tid).rip == trap + 1,
-                timeout,
-                f"call of {function:#x}",
-            )
-            return thread.regs().rax
-        finally:
-            if not thread.gone:
-                thread._deliver = None  # a fault raised by the called function is not the target's
-                thread.set_regs(saved)
 
     def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
         """mmap in the target; returns the address. Raises RemoteSyscallError."""
@@ -922,19 +861,11 @@ class Process:
 
     def open_file(self, path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
         """openat(AT_FDCWD, path, flags, mode) in the target; returns the target's fd. The path is
-        written on the stack below the red zone of the thread used, and the bytes restored.
+        copied onto the stack, below the red zone, of the thread used.
 
         Raises RemoteSyscallError."""
-        thread = self._pick_thread()
         data = os.fsencode(path) + b"\0"
-        addr = (thread.regs().rsp - 256 - len(data)) & ~0xF
-        saved = self.memory.read(addr, len(data))
-        self.memory.write(addr, data)
-        try:
-            result = self.syscall(SYS_openat, AT_FDCWD & _MASK64, addr, flags, mode, thread=thread)
-        finally:
-            if not thread.gone:
-                self.memory.write(addr, saved)
+        result = self.syscall(SYS_openat, AT_FDCWD & _MASK64, DATA, flags, mode, data=data)
         return self._check_syscall(f"open {os.fsdecode(path)!r}", result)
 
     def close_fd(self, fd: int) -> None:

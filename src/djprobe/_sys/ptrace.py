@@ -189,6 +189,23 @@ def singlestep(tid: int, sig: int = 0) -> None:
     ptrace(PTRACE_SINGLESTEP, tid, 0, sig)
 
 
+def syscall_step(tid: int, sig: int = 0) -> None:
+    """PTRACE_SYSCALL: resume until the next system-call entry or exit (or signal)."""
+    ptrace(PTRACE_SYSCALL, tid, 0, sig)
+
+
+def getsigmask(tid: int) -> int:
+    """The thread's blocked-signal mask (bit ``sig - 1`` for each signal)."""
+    mask = ctypes.c_uint64()
+    ptrace(PTRACE_GETSIGMASK, tid, 8, mask)
+    return mask.value
+
+
+def setsigmask(tid: int, mask: int) -> None:
+    """Set the thread's blocked-signal mask (the kernel never blocks SIGKILL or SIGSTOP)."""
+    ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.c_uint64(mask & ((1 << 64) - 1)))
+
+
 def getregs(tid: int) -> UserRegs:
     regs = UserRegs()
     ptrace(PTRACE_GETREGS, tid, 0, regs)
