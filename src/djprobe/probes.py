@@ -9,8 +9,11 @@ The seed's phases, in user space:
   write the ``jmp``; then detach;
 * **working**: the target runs untraced; the tracer only reads the counters;
 * **removing**: stop every thread again, restore the original bytes, move threads that are in
-  the stub back to the equivalent original place (stepping them out of the action if needed), and
-  free the slot only when nothing can still return into it.
+  the stub's relocated copy back to the equivalent original place, and free the slot only when
+  nothing can still run in it or return into it. A thread inside the stub's action is never
+  stepped (a tracer killed during a step leaves the trap flag set): it runs through the action and
+  the relocated copy by itself after the world resumes; its slot is *retired* and reclaimed at a
+  later stop, and the probe's count stays live until then, so it stays exact.
 
 Several probes at one address share one instance; each keeps its own count (taken as the
 instance's counter minus its value when the probe joined, read while the world was stopped).
@@ -53,7 +56,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[["Djprobe", object], None]
 
 STACK_SCAN_BYTES = 64 * 1024
-STEP_LIMIT = 2048
+#: At close, how often the world is let run briefly so that threads leave the stubs by themselves.
+CLOSE_SETTLE_TRIES = 20
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
@@ -99,12 +103,15 @@ class Djprobe:
         self._join_tsc = 0
         self._final_hits: int | None = None
         self._final_missed: int | None = None
+        # Unregistered, but a thread may still be running through its stub: counts stay live.
+        self._draining: Instance | None = None
 
     @property
     def missed(self) -> int:
         """Events of this probe dropped because a ring was full (hits stay exact)."""
-        if self._instance is not None:
-            return self._instance.drops() - self._drop_baseline
+        source = self._instance or self._draining
+        if source is not None:
+            return source.drops() - self._drop_baseline
         return self._final_missed or 0
 
     @property
@@ -113,9 +120,11 @@ class Djprobe:
 
     @property
     def hits(self) -> int:
-        """How many times the probe fired (exact; frozen at unregistration)."""
-        if self._instance is not None:
-            return self._instance.count() - self._baseline
+        """How many times the probe fired (exact; frozen once no thread can still be in its stub
+        after unregistration)."""
+        source = self._instance or self._draining
+        if source is not None:
+            return source.count() - self._baseline
         return self._final_hits or 0
 
     def __repr__(self) -> str:
@@ -137,8 +146,12 @@ class Instance:
     action: str = "count"  # or "record"
     registers: str = "all"
     probes: list[Djprobe] = field(default_factory=list)
-    carried_hits: int = 0  # from an earlier stub of this instance (replaced to record events)
+    carried_hits: int = 0  # from earlier stubs of this instance that are given back
     carried_drops: int = 0
+    # Earlier stubs (region, slot, stub) that a thread may still run through: still counted.
+    old_slots: list[tuple[Region, int, Stub]] = field(default_factory=list)
+    removed: bool = False  # unregistered: its slot is in old_slots until given back
+    drained: list[Djprobe] = field(default_factory=list)  # unregistered while a thread was inside
 
     @property
     def address(self) -> int:
@@ -149,10 +162,12 @@ class Instance:
         return self.analysis.size
 
     def count(self) -> int:
-        return self.carried_hits + self.region.view.count(self.slot)
+        live = 0 if self.removed else self.region.view.count(self.slot)
+        return self.carried_hits + live + sum(r.view.count(i) for r, i, _ in self.old_slots)
 
     def drops(self) -> int:
-        return self.carried_drops + self.region.view.drops(self.slot)
+        live = 0 if self.removed else self.region.view.drops(self.slot)
+        return self.carried_drops + live + sum(r.view.drops(i) for r, i, _ in self.old_slots)
 
     def serves(self, djp: Djprobe) -> bool:
         """Whether this instance's stub does what ``djp`` needs."""
@@ -182,7 +197,7 @@ class ProbedProcess:
         self._stacks: dict[int, np.ndarray] = {}
         self._stacks_key: int | None = None
         self._stop_generation = 0
-        self._stepped = False
+        self._retired: list[tuple[Instance, Region, int, Stub]] = []  # slots a thread may still be in
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
         self._by_slot: dict[tuple[int, int], Instance] = {}
@@ -217,6 +232,7 @@ class ProbedProcess:
             self.process.stop()
             self._stop_generation += 1
             self._thread_map.learn(self.process)
+            self._reclaim_retired()
             owner = True
         else:
             owner = False
@@ -569,54 +585,76 @@ class ProbedProcess:
                 instance.patched[:5].hex(),
             )
         self._move_threads_out_of_stub(instance.stub)
-        # Final counts are exact: every thread is out of the action part now.
-        if instance.action == "record":
-            self._drain()  # its events are attributed before the slot can be reused
-        for djp in instance.probes:
-            djp._final_hits = instance.count() - djp._baseline
-            djp._final_missed = instance.drops() - djp._drop_baseline
         del self._instances[instance.address]
         self._addresses.remove(instance.address)
-        self._by_slot.pop((self._regions.index(instance.region), instance.slot), None)
-        self._release_slot(instance.region, instance.slot, instance.stub)
+        instance.old_slots.append((instance.region, instance.slot, instance.stub))
+        instance.removed = True
+        instance.drained = list(instance.probes)
+        for djp in instance.drained:
+            djp._draining = instance  # counts stay live until every slot is given back
+        for region, slot, stub in list(instance.old_slots):
+            self._give_back_or_retire(instance, region, slot, stub)
 
     def _move_threads_out_of_stub(self, stub: Stub, onto: Stub | None = None) -> None:
-        """Get every thread out of ``stub``: step it through the action, then move it to the
-        equivalent place in the original code (``onto`` None: the original bytes are back) or in
-        the relocated copy of the stub ``onto`` that replaces it."""
+        """Move every thread standing in the relocated copy of ``stub`` to the equivalent place
+        in the original code (``onto`` None: the original bytes are back) or in the relocated copy
+        of the stub ``onto`` that replaces it. A thread inside the action (or blocked in a
+        relocated system call) stays: it runs out of the stub by itself after resume, and the
+        slot is retired until it has. Nothing is single-stepped."""
         reloc_start = stub.address + stub.action_size
         for thread in self.process.threads.values():
-            for _ in range(STEP_LIMIT):
-                rip = thread.regs().rip
-                if not stub.address <= rip < stub.end:
-                    break
-                if rip >= reloc_start:
-                    original = stub.original_address(rip)
-                    if original is not None:
-                        target = original if onto is None else onto.relocated.address_map.get(original)
-                        if target is not None:
-                            regs = thread.regs().copy()
-                            regs.rip = target
-                            thread.set_regs(regs)
-                            break
-                if thread.in_syscall_restart():
-                    break  # blocked in a relocated syscall: it stays, and so does the stub
-                self._step(thread)
-            else:
-                raise DjprobeError(f"thread {thread.tid} did not leave the stub at {stub.address:#x}")
+            rip = thread.regs().rip
+            if not (reloc_start <= rip < stub.end) or thread.in_syscall_restart():
+                continue
+            original = stub.original_address(rip)
+            if original is None:
+                continue
+            target = original if onto is None else onto.relocated.address_map.get(original)
+            if target is not None:
+                regs = thread.regs()
+                regs.rip = target
+                thread.set_regs(regs)
 
-    def _step(self, thread: Thread) -> None:
-        self._stepped = True  # stacks may change: the next reference check takes a new snapshot
-        thread.step()
-
-    def _release_slot(self, region: Region, slot: int, stub: Stub) -> None:
-        """Free a stub slot, or keep it retired if a thread might still run or return into it."""
+    def _give_back_or_retire(self, owner: Instance, region: Region, slot: int, stub: Stub) -> None:
+        """``stub`` (in ``slot``) of ``owner`` is out of use: give the slot back if no thread can
+        still run in it or return into it, else retire it until a later stop finds it idle."""
         if self._referenced(stub.address, stub.end):
             entry = region.view.entry(slot)
             entry.state = InstanceState.RETIRED
             region.view.set_entry(slot, entry)
+            self._retired.append((owner, region, slot, stub))
         else:
-            region.give_back(slot)
+            self._settle(owner, region, slot)
+
+    def _settle(self, owner: Instance, region: Region, slot: int) -> None:
+        """No thread can be in ``slot`` any more: its counts are final; give it back."""
+        if owner.action == "record":
+            self._drain()  # its events are attributed before the slot can be reused
+        owner.old_slots = [s for s in owner.old_slots if (s[0], s[1]) != (region, slot)]
+        owner.carried_hits += region.view.count(slot)
+        owner.carried_drops += region.view.drops(slot)
+        if owner.removed and not owner.old_slots:
+            for djp in owner.drained:
+                djp._final_hits = owner.count() - djp._baseline
+                djp._final_missed = owner.drops() - djp._drop_baseline
+                djp._draining = None
+            owner.drained = []
+        key = (self._regions.index(region), slot)
+        if self._by_slot.get(key) is owner and (owner.removed or owner.region is not region or owner.slot != slot):
+            del self._by_slot[key]
+        region.give_back(slot)
+
+    def _reclaim_retired(self) -> None:
+        """Give back the retired slots that no thread can be in any more (world stopped)."""
+        if not self._retired:
+            return
+        still = []
+        for owner, region, slot, stub in self._retired:
+            if self._referenced(stub.address, stub.end):
+                still.append((owner, region, slot, stub))
+            else:
+                self._settle(owner, region, slot)
+        self._retired = still
 
     def _replace_stub(self, instance: Instance, djp: Djprobe) -> None:
         """Give ``instance`` a record stub (a probe that wants events joined a count-only site)."""
@@ -630,22 +668,17 @@ class ProbedProcess:
         self.process.write(instance.address, patched)
         old_region, old_slot, old_stub = instance.region, instance.slot, instance.stub
         self._move_threads_out_of_stub(old_stub, onto=stub)
-        instance.carried_hits = instance.count()
-        instance.carried_drops = instance.drops()
-        self._by_slot.pop((self._regions.index(old_region), old_slot), None)
+        instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
         self._by_slot[(self._regions.index(region), slot)] = instance
-        self._release_slot(old_region, old_slot, old_stub)
+        self._give_back_or_retire(instance, old_region, old_slot, old_stub)
 
     def _referenced(self, start: int, end: int) -> bool:
         """Whether any thread is in [start, end) or holds an address there on its stack."""
         for thread in self.process.threads.values():
             if any(start <= p < end for p in thread.positions()):
                 return True
-        if self._stepped:
-            self._stacks_key = None  # a thread was stepped: take a new snapshot
-            self._stepped = False
         for words in self._stack_snapshot().values():
             i = int(np.searchsorted(words, start, side="left"))
             if i < len(words) and words[i] < end:
@@ -773,6 +806,7 @@ class ProbedProcess:
                     self.unregister_many(probes)
                 if self._regions and not self._image_replaced():
                     self._drain()
+                    self._let_threads_leave_stubs()
                     with self.stopped():
                         self._unmap_idle_regions()
                 if self.process.stopped:
@@ -784,6 +818,18 @@ class ProbedProcess:
             for region in self._regions:
                 region.close_tracer_side()
             self.process.close()
+
+    def _let_threads_leave_stubs(self) -> None:
+        """Threads left inside stubs at removal run out of them by themselves once resumed: give
+        them a few short runs so that their slots (and areas) can be given back."""
+        for _ in range(CLOSE_SETTLE_TRIES):
+            if not self._retired:
+                return
+            if self.process.stopped and self._stop_depth == 0:
+                self.process.resume()
+            time.sleep(0.002)
+            with self.stopped():
+                pass  # stopping reclaims what is idle
 
     def _unmap_idle_regions(self) -> None:
         """Unmap the probe areas no thread can still be in or return into (world stopped)."""

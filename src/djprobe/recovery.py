@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,8 @@ __all__ = ["FoundArea", "FoundInstance", "CleanupReport", "find_areas", "status"
 AREA_PATH_RE = re.compile(r"^/dev/shm/djprobe-(\d+)-([0-9a-f]+)$")
 
 STACK_SCAN_BYTES = 64 * 1024
-STEP_LIMIT = 4096
+#: How often cleanup lets the world run for a moment so that threads leave stubs by themselves.
+SETTLE_TRIES = 20
 
 _STATE_NAMES = {int(s): s.name for s in InstanceState}
 
@@ -416,7 +418,7 @@ class CleanupReport:
     refused_areas: list[tuple[FoundArea, str]] = field(default_factory=list)  # not touched at all
     unmapped: list[FoundArea] = field(default_factory=list)
     left_mapped: list[tuple[FoundArea, str]] = field(default_factory=list)  # jumps removed, area kept
-    stepped: int = 0  # threads stepped out of stubs
+    waited_out: int = 0  # threads that were inside a stub and left it by themselves
     orphans: list[OrphanJump] = field(default_factory=list)  # jumps without a table entry, removed
 
     @property
@@ -437,7 +439,7 @@ class CleanupReport:
             "refused_areas": [{"path": a.path, "data_address": a.data_address, "reason": r} for a, r in self.refused_areas],
             "unmapped": [{"path": a.path, "code_address": a.code_address, "data_address": a.data_address} for a in self.unmapped],
             "left_mapped": [{"path": a.path, "data_address": a.data_address, "reason": r} for a, r in self.left_mapped],
-            "threads_stepped": self.stepped,
+            "threads_waited_out": self.waited_out,
             "orphans": [o.to_json() for o in self.orphans],
             "ok": self.ok,
         }
@@ -489,27 +491,30 @@ def _restore(process: Process, symbols: Symbols, inst: FoundInstance, force: boo
     return None
 
 
-def _leave_stubs(process: Process, areas: list[FoundArea], busy: dict[int, str], report: CleanupReport) -> None:
-    """Step every thread that is inside a stub until it has left the code part (bounded).
-    A thread in a system call is never stepped (it would re-enter the call): its area stays."""
-    for thread in list(process.threads.values()):
-        for a in areas:
-            if not a.code_mapped or thread.gone:
-                continue
-            regs = thread.regs()
-            if not a.code_address <= regs.rip < a.code_end:
-                continue
-            if regs.signed("orig_rax") >= 0 or thread.in_syscall_restart():
-                busy[a.data_address] = f"thread {thread.tid} is in a system call inside a stub at {regs.rip:#x}"
-                continue
-            for _ in range(STEP_LIMIT):
-                thread.step()  # pushfq/popfq are emulated by Thread.step
-                if thread.gone or not a.code_address <= thread.regs().rip < a.code_end:
-                    break
-            else:
-                busy[a.data_address] = f"thread {thread.tid} did not leave the stub ({thread.regs().rip:#x})"
-                continue
-            report.stepped += 1
+def _leave_stubs(process: Process, areas: list[FoundArea], report: CleanupReport) -> None:
+    """Let threads that are inside a stub (its jump is already gone) run out of it by
+    themselves: the world runs for a moment and is stopped again, a bounded number of times.
+    Nothing is single-stepped (a tracer killed during a step would leave the trap flag set)."""
+    inside = _threads_in_code(process, areas)
+    seen = set(inside)
+    for _ in range(SETTLE_TRIES):
+        if not inside:
+            break
+        process.resume()
+        time.sleep(0.002)
+        process.stop()
+        inside = _threads_in_code(process, areas)
+        seen |= inside
+    report.waited_out = len(seen - inside)
+
+
+def _threads_in_code(process: Process, areas: list[FoundArea]) -> set[int]:
+    """Stopped threads that may execute next an address in the code part of one of ``areas``."""
+    return {
+        t.tid
+        for t in process.threads.values()
+        if not t.gone and any(a.code_mapped and a.code_address <= p < a.code_end for a in areas for p in t.positions())
+    }
 
 
 def _references(process: Process, areas: list[FoundArea], busy: dict[int, str]) -> None:
@@ -591,7 +596,7 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
             for a in chosen:
                 if inst in a.instances:
                     busy.setdefault(a.data_address, f"the jump at {inst.address:#x} is still in place")
-        _leave_stubs(process, chosen, busy, report)
+        _leave_stubs(process, chosen, report)
         _references(process, chosen, busy)
         for a in chosen:
             if a.data_address in busy:

@@ -52,8 +52,8 @@ def format_report(r: CleanupReport) -> str:
         lines.append(f"unmapped area {a.code_address:#x} (code) {a.data_address:#x} (data)")
     for a, why in r.left_mapped:
         lines.append(f"left area {a.data_address:#x} mapped (every jump to it removed): {why}")
-    if r.stepped:
-        lines.append(f"{r.stepped} thread(s) stepped out of stubs")
+    if r.waited_out:
+        lines.append(f"{r.waited_out} thread(s) left the stubs by themselves")
     lines.append(
         f"process {r.pid}: {len(r.restored) + len(r.orphans)} restored, {len(r.skipped)} skipped, "
         f"{len(r.unmapped)} area(s) unmapped, {len(r.left_mapped)} kept, {len(r.refused_areas)} refused"
