@@ -128,6 +128,46 @@ def test_thread_inside_displaced_bytes_is_moved(start_target, counts_exe):
     assert t.proc.poll() is None or t.proc.wait(timeout=10) == 0
 
 
+def test_thread_inside_stub_action_at_removal_runs_out_by_itself(start_target, counts_exe):
+    """A thread stands at the first instruction of the stub's action when the probe is removed:
+    it is not stepped; the slot is retired, the probe's count stays live, the thread counts its
+    hit and leaves by itself, and the slot is reclaimed at the next stop. Exact."""
+    t = _start_loop(start_target, counts_exe)
+    with djprobe.attach(t.pid) as proc:
+        djp = proc.register(djprobe.Djprobe("work_a"))
+        stub = djp._instance.stub
+        with proc.stopped() as threads:
+            workers = [th for th in threads.values() if th.tid != t.pid]
+            parked = None
+            for _ in range(200000):
+                for th in workers:
+                    if th.regs().rip == djp.address:
+                        th.step()  # through our jmp: now at the start of the action
+                        parked = th
+                        break
+                    th.step()
+                if parked:
+                    break
+            assert parked is not None and parked.regs().rip == stub.address
+            proc.unregister(djp)
+            assert not djp.registered and proc._retired, "the slot is retired, not given back"
+            at_removal = djp.hits
+        deadline = time.monotonic() + 10
+        while proc._retired and time.monotonic() < deadline:
+            time.sleep(0.01)
+            with proc.stopped():
+                pass  # a stop reclaims idle retired slots
+        assert not proc._retired
+        assert djp.hits == at_removal + 1  # the parked thread's hit, counted once, then frozen
+        time.sleep(0.05)
+        assert djp.hits == at_removal + 1
+    with open(f"/proc/{t.pid}/maps") as f:
+        assert "/dev/shm/djprobe-" not in f.read()  # the area went at close: nothing is left in it
+    t.proc.stdin.close()
+    assert t.proc.stdout.readline().split()[-1] == "0"  # no wrong result in the target
+    assert t.proc.wait(timeout=10) == 0
+
+
 def test_insert_remove_cycles_restore_original_bytes(start_target, counts_exe):
     t = _start_loop(start_target, counts_exe)
     file_symbols = Symbols.from_file(str(counts_exe))
