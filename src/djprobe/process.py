@@ -465,6 +465,15 @@ class Process:
     def _stop_all(self, deadline: float) -> None:
         seen: set[int] = set()
         pending: set[int] = set()
+        # A thread in uninterruptible sleep (a parent waiting in vfork, I/O) would not stop for a
+        # while: fail this attempt before seizing anything, so that no thread is held for it and
+        # none is left seized with an interrupt pending.
+        for tid in self._list_tasks():
+            if tid not in self._stragglers and _task_state(self.pid, tid) == "D":
+                raise TargetTimeoutError(
+                    f"process {self.pid}: thread {tid} is in uninterruptible sleep (state D"
+                    f"{', waiting for a vfork child' if _in_vfork(self.pid, tid) else ''}) and cannot stop now"
+                )
         while True:
             new = [tid for tid in self._list_tasks() if tid not in seen]
             if not new and not pending:
@@ -953,6 +962,15 @@ def _task_state(pid: int, tid: int) -> str:
     except OSError:
         return ""
     return text[text.rfind(")") + 2 :][:1]
+
+
+def _in_vfork(pid: int, tid: int) -> bool:
+    """Whether the thread waits for a vfork child to exec or exit (from its wait channel)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            return "vfork" in f.read()
+    except OSError:
+        return False
 
 
 def _task_alive(pid: int, tid: int) -> bool:
