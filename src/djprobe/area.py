@@ -95,7 +95,7 @@ class AreaLayout:
     """Sizes and offsets of one probe area; a pure function of its parameters."""
 
     max_instances: int = 1024
-    n_shards: int = 64
+    n_shards: int = 128  # shards [0, n/2): one per CPU (plain inc, rseq); [n/2, n): lock inc by rsp
     slot_size: int = 512
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
     ring_count: int = 8  # event rings, chosen like counter shards
@@ -106,6 +106,8 @@ class AreaLayout:
             value = getattr(self, name)
             if value <= 0 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
+        if self.n_shards < 2:
+            raise ValueError("n_shards must be at least 2 (per-CPU and locked halves)")
 
     @property
     def table_offset(self) -> int:
@@ -114,6 +116,21 @@ class AreaLayout:
     @property
     def counters_offset(self) -> int:
         return _page_align(self.table_offset + self.max_instances * ENTRY_SIZE)
+
+    @property
+    def cpu_shards(self) -> int:
+        """Shards 0 .. cpu_shards-1 belong to one CPU each (plain increments inside an rseq
+        critical section); a CPU number beyond takes the locked shards."""
+        return self.n_shards // 2
+
+    @property
+    def locked_shard_base(self) -> int:
+        """First of the shards incremented with ``lock inc`` (chosen by the stack pointer)."""
+        return self.n_shards // 2
+
+    @property
+    def locked_shards(self) -> int:
+        return self.n_shards - self.n_shards // 2
 
     @property
     def shard_stride(self) -> int:

@@ -45,6 +45,7 @@ from .errors import (
 )
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
+from .rseq import RseqArea, glibc_rseq_area
 from .sites import SiteAnalysis, analyse_site
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
@@ -198,6 +199,10 @@ class ProbedProcess:
         self._stacks_key: int | None = None
         self._stop_generation = 0
         self._retired: list[tuple[Instance, Region, int, Stub]] = []  # slots a thread may still be in
+        #: Count with a plain increment of a per-CPU counter inside an rseq critical section where
+        #: glibc registered rseq (set False before registering probes to force ``lock inc``).
+        self.per_cpu_counters = True
+        self._rseq: tuple[RseqArea | None, str] | None = None
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
         self._by_slot: dict[tuple[int, int], Instance] = {}
@@ -447,7 +452,11 @@ class ProbedProcess:
                     )
                 else:
                     stub = build_count_stub(
-                        analysis, region.layout, region.slot_address(slot), region.counter_address(slot)
+                        analysis,
+                        region.layout,
+                        region.slot_address(slot),
+                        region.counter_address(slot),
+                        self._rseq_offset(),
                     )
             except RelocationError as exc:
                 region.free_slots.append(slot)
@@ -456,6 +465,19 @@ class ProbedProcess:
                 continue
             self.process.write(stub.address, stub.code)
             return region, slot, stub
+
+    def _rseq_offset(self) -> int | None:
+        """glibc's rseq area offset when per-CPU counting is usable in this process (decided
+        once, with the world stopped: every thread's registration is checked), else None."""
+        if not self.per_cpu_counters:
+            return None
+        if self._rseq is None:
+            with self.stopped():
+                self._rseq = glibc_rseq_area(self.process, self.symbols)
+            if self._rseq[0] is None:
+                log.info("per-CPU counters not used in process %d: %s", self.pid, self._rseq[1])
+        area = self._rseq[0]
+        return None if area is None else area.offset
 
     def _populate_rings(self, region: Region) -> None:
         """Map the event rings of ``region`` in the target before the first record probe uses

@@ -378,7 +378,9 @@ class Process:
                 pt.cont(pid, pt.stop_signal(status) if pt.stop_event(status) == 0 else 0)
             self._proc_tid = pid
             self.memory = ProcessMemory(pid)
-            pt.setoptions(pid, SEIZE_OPTIONS)
+            # Until start() detaches it, the command has run none of its own code: if the tracer
+            # dies meanwhile it must not run at all (untraced, or stopped at our breakpoint).
+            pt.setoptions(pid, SEIZE_OPTIONS | pt.PTRACE_O_EXITKILL)
             thread = Thread(self, pid)
             self.threads[pid] = thread
             # 2. a breakpoint at AT_ENTRY

@@ -22,15 +22,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
+import struct
+
+from iced_x86 import BlockEncoder, Code, Decoder, Instruction, MemoryOperand, Register
 
 from .area import RECORD_SIZE, REGISTER_NAMES, RING_TAIL, AreaLayout
+from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
     from .x86.relocate import Relocated
 
 RED_ZONE = 128
 JMP_REL32_SIZE = 5
+RSEQ_CS_SIZE = 32  # struct rseq_cs, at the end of a per-CPU count stub's slot
 
 
 class Relocatable(Protocol):
@@ -59,35 +63,94 @@ def _rsp_slot(offset: int) -> MemoryOperand:
     return MemoryOperand(Register.RSP, Register.NONE, 1, offset, 1)
 
 
-def count_action(layout: AreaLayout, counter_address: int, *, red_zone_live: bool, flags_live: bool) -> list[Instruction]:
-    """Instructions that add one to the counter of an instance (shard 0 at ``counter_address``)."""
-    ins: list[Instruction] = []
+@dataclass(frozen=True)
+class PerCpu:
+    """Where a count stub finds glibc's rseq area (``fs:[rseq_offset]``) and where its rseq
+    critical-section descriptor lives (32 bytes at the end of its slot)."""
+
+    rseq_offset: int
+    descriptor: int
+
+
+def _fs(offset: int) -> MemoryOperand:
+    return MemoryOperand(Register.NONE, Register.NONE, 1, offset, 4, False, Register.FS)
+
+
+def count_action(
+    layout: AreaLayout,
+    counter_address: int,
+    *,
+    red_zone_live: bool,
+    flags_live: bool,
+    per_cpu: PerCpu | None = None,
+) -> _Asm:
+    """Instructions that add one to the counter of an instance (shard 0 at ``counter_address``).
+
+    With ``per_cpu``: a plain ``inc`` of the current CPU's shard inside an rseq critical section
+    (armed in ``rseq_cs``, restarted by the kernel at the abort handler on preemption, migration
+    or a signal); the ``lock inc`` of an rsp-chosen locked shard where the thread has no rseq
+    registration (``cpu_id`` < 0), the CPU number has no shard of its own, or the program has a
+    critical section of its own armed (its ``rseq_cs`` is left untouched)."""
+    a = _Asm()
+    R = Register
     if red_zone_live:
-        ins.append(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP, _rsp_slot(-RED_ZONE)))
-    ins.append(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-8), Register.RAX))
-    ins.append(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-16), Register.RCX))
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(-RED_ZONE)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-8), R.RAX))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-16), R.RCX))
     if flags_live:
-        ins.append(Instruction.create(Code.LAHF))
-        ins.append(Instruction.create_reg(Code.SETO_RM8, Register.AL))
-        ins.append(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-24), Register.RAX))
+        a.add(Instruction.create(Code.LAHF))
+        a.add(Instruction.create_reg(Code.SETO_RM8, R.AL))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-24), R.RAX))
     stride_shift = layout.shard_stride.bit_length() - 1
-    ins.append(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RAX, Register.RSP))
-    ins.append(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, Register.RAX, layout.shard_shift))
-    ins.append(Instruction.create_reg_u32(Code.AND_RM32_IMM32, Register.EAX, layout.n_shards - 1))
-    ins.append(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, Register.EAX, stride_shift))
-    ins.append(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RIP, displ=counter_address)))
-    inc = Instruction.create_mem(Code.INC_RM64, _mem(Register.RCX, 0, Register.RAX, 1))
+    counter = MemoryOperand(R.RIP, displ=counter_address)
+    if per_cpu is not None:
+        rseq_cs = _fs(per_cpu.rseq_offset + RSEQ_CS)
+        a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, rseq_cs, 0))
+        a.branch(Code.JNE_REL32_64, "locked")  # the program's own critical section is armed
+        a.label("arm")
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, MemoryOperand(R.RIP, displ=per_cpu.descriptor)))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, rseq_cs, R.RAX))
+        a.label("cs_start")
+        a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _fs(per_cpu.rseq_offset + CPU_ID)))
+        a.add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EAX, layout.cpu_shards))
+        a.branch(Code.JAE_REL32_64, "disarm")  # cpu_id < 0 (no registration) or no shard of its own
+        a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, counter))
+        a.add(Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1)))  # the commit
+        a.label("cs_end")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+        a.branch(Code.JMP_REL32_64, "done")
+        # The signature before the abort handler, as the never-executed ud1 edi,[rip+RSEQ_SIG].
+        a.add(Instruction.create_declare_byte(b"\x0f\xb9\x3d" + RSEQ_SIG.to_bytes(4, "little")))
+        a.label("abort")  # the kernel cleared rseq_cs: arm again and retry
+        a.branch(Code.JMP_REL32_64, "arm")
+        a.label("disarm")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+        a.label("locked")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
+    a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, counter))
+    inc = Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1))
     inc.has_lock_prefix = True
-    ins.append(inc)
+    a.add(inc)
+    a.label("done")
     if flags_live:
-        ins.append(Instruction.create_reg_mem(Code.MOV_R64_RM64, Register.RAX, _rsp_slot(-24)))
-        ins.append(Instruction.create_reg_u32(Code.ADD_RM8_IMM8, Register.AL, 0x7F))
-        ins.append(Instruction.create(Code.SAHF))
-    ins.append(Instruction.create_reg_mem(Code.MOV_R64_RM64, Register.RCX, _rsp_slot(-16)))
-    ins.append(Instruction.create_reg_mem(Code.MOV_R64_RM64, Register.RAX, _rsp_slot(-8)))
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(-24)))
+        a.add(Instruction.create_reg_u32(Code.ADD_RM8_IMM8, R.AL, 0x7F))
+        a.add(Instruction.create(Code.SAHF))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(-16)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(-8)))
     if red_zone_live:
-        ins.append(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP, _rsp_slot(RED_ZONE)))
-    return ins
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE)))
+    return a
+
+
+def rseq_descriptor(start: int, post_commit: int, abort: int) -> bytes:
+    """``struct rseq_cs`` (version 0, no flags) of the critical section [start, post_commit)."""
+    return struct.pack("<IIQQQ", 0, 0, start, post_commit - start, abort)
 
 
 @dataclass(frozen=True)
@@ -111,19 +174,36 @@ class Stub:
         return None
 
 
-def build_count_stub(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int) -> Stub:
-    """Build the count stub for ``site`` in the stub slot at ``slot_address``.
+def build_count_stub(
+    site: Relocatable,
+    layout: AreaLayout,
+    slot_address: int,
+    counter_address: int,
+    rseq_offset: int | None = None,
+) -> Stub:
+    """Build the count stub for ``site`` in the stub slot at ``slot_address``; per-CPU counting
+    through glibc's rseq area at ``fs:[rseq_offset]`` when given (see :func:`count_action`).
 
     Raises RelocationError (from the relocator) if the displaced instructions cannot reach their
     targets from this slot, and ValueError if the stub does not fit in a slot.
     """
-    action = count_action(
+    descriptor = slot_address + layout.slot_size - RSEQ_CS_SIZE
+    per_cpu = None if rseq_offset is None else PerCpu(rseq_offset, descriptor)
+    a = count_action(
         layout,
         counter_address,
         red_zone_live=not site.at_entry,
         flags_live=not (site.at_entry or site.flags_dead),
+        per_cpu=per_cpu,
     )
-    return _finish(site, layout, slot_address, action)
+    if per_cpu is None:
+        return _finish(site, layout, slot_address, a.instructions())
+    stub = _finish(site, layout, slot_address, a.instructions(), reserve=RSEQ_CS_SIZE)
+    ips = [insn.ip for insn in Decoder(64, stub.code[: stub.action_size], ip=slot_address)]
+    start, end, abort = (ips[a.index_of(name)] for name in ("cs_start", "cs_end", "abort"))
+    padding = b"\xcc" * (layout.slot_size - RSEQ_CS_SIZE - len(stub.code))
+    code = stub.code + padding + rseq_descriptor(start, end, abort)
+    return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated)
 
 
 def jump_bytes(site: int, target: int) -> bytes:
@@ -183,6 +263,10 @@ class _Asm:
         self._fixups.append((instruction, label))
         self.add(instruction)
 
+    def index_of(self, label: str) -> int:
+        """Index of the instruction a label stands before."""
+        return self._labels[label] - 0x1000
+
     def instructions(self) -> list[Instruction]:
         for instruction, label in self._fixups:
             instruction.near_branch64 = self._labels[label]
@@ -205,7 +289,8 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     stride_shift = layout.shard_stride.bit_length() - 1
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
-    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.n_shards - 1))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
+    a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBX, R.RAX))
     a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, MemoryOperand(R.RIP, displ=where.counter)))
@@ -294,10 +379,10 @@ def build_record_stub(
     return _finish(site, layout, slot_address, record_action(layout, where, registers))
 
 
-def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction], reserve: int = 0) -> Stub:
     action_code = assemble(action, slot_address)
     relocated = site.relocate_to(slot_address + len(action_code), site.address + site.size)
     code = action_code + relocated.code
-    if len(code) > layout.slot_size:
+    if len(code) > layout.slot_size - reserve:
         raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
     return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated)

@@ -41,6 +41,7 @@ PTRACE_LISTEN = 0x4208
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 
 # --- options ---
 PTRACE_O_TRACESYSGOOD = 0x01
@@ -204,6 +205,25 @@ def getsigmask(tid: int) -> int:
 def setsigmask(tid: int, mask: int) -> None:
     """Set the thread's blocked-signal mask (the kernel never blocks SIGKILL or SIGSTOP)."""
     ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.c_uint64(mask & ((1 << 64) - 1)))
+
+
+class RseqConfiguration(ctypes.Structure):
+    """``struct ptrace_rseq_configuration``: where a thread registered its rseq area."""
+
+    _fields_ = [
+        ("rseq_abi_pointer", ctypes.c_uint64),
+        ("rseq_abi_size", ctypes.c_uint32),
+        ("signature", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+def get_rseq_configuration(tid: int) -> RseqConfiguration:
+    """The rseq registration of a stopped thread (pointer 0: none). Linux 5.13+."""
+    config = RseqConfiguration()
+    ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(config), config)
+    return config
 
 
 def getregs(tid: int) -> UserRegs:
