@@ -90,6 +90,11 @@ def run_atomic(threads: int, iters: int) -> Sample:
     return _sample(r, iters, r["atomic"])
 
 
+def run_plain_counter(threads: int, iters: int) -> Sample:
+    r = _run_plain("plain", threads, iters)
+    return _sample(r, iters, r["plain"])
+
+
 # -- djprobe ---------------------------------------------------------------------------------
 def _djprobe():
     import djprobe
@@ -97,12 +102,16 @@ def _djprobe():
     return djprobe
 
 
-def _spawned(threads: int, iters: int, probe_args: dict, consume: Callable | None = None, extra: tuple = ()):
+def _spawned(
+    threads: int, iters: int, probe_args: dict, consume: Callable | None = None, extra: tuple = (), per_cpu: bool = True
+):
     """Spawn the loop target held before main, place one probe, run it; returns
     (result, hits, missed, consumer's figures)."""
     djprobe = _djprobe()
     with _Out() as out:
         with djprobe.spawn(_loop_argv("work", iters, threads, out, *extra)) as proc:
+            if hasattr(proc, "per_cpu_counters"):
+                proc.per_cpu_counters = per_cpu
             djp = proc.register(djprobe.Djprobe(**probe_args))
             if consume is not None:
                 proc.read_events()  # consumer warm-up (TSC clock calibration) before the target runs
@@ -123,6 +132,11 @@ def _merge(a: dict, b: dict) -> dict:
 
 def run_djprobe_entry(threads: int, iters: int) -> Sample:
     r, hits, _, _ = _spawned(threads, iters, {"addr": "work"})
+    return _sample(r, iters, hits)
+
+
+def run_djprobe_entry_locked(threads: int, iters: int) -> Sample:
+    r, hits, _, _ = _spawned(threads, iters, {"addr": "work"}, per_cpu=False)
     return _sample(r, iters, hits)
 
 
@@ -373,8 +387,10 @@ def run_frida(threads: int, iters: int) -> Sample:
 
 ROWS: list[RowSpec] = [
     RowSpec("none", "no probe", run_none, (20_000_000, 100_000_000)),
+    RowSpec("plain", "plain per-thread counter compiled in", run_plain_counter, (20_000_000, 100_000_000)),
     RowSpec("atomic", "atomic counter compiled in", run_atomic, (20_000_000, 100_000_000)),
-    RowSpec("djp_entry", "djprobe count, entry", run_djprobe_entry, (20_000_000, 100_000_000)),
+    RowSpec("djp_entry", "djprobe count, entry (rseq per-CPU)", run_djprobe_entry, (20_000_000, 100_000_000)),
+    RowSpec("djp_entry_locked", "djprobe count, entry, lock inc forced", run_djprobe_entry_locked, (20_000_000, 100_000_000)),
     RowSpec("djp_mid", "djprobe count, mid (live flags)", run_djprobe_mid, (20_000_000, 100_000_000)),
     RowSpec("djp_record", "djprobe record (all regs), no drops", run_djprobe_record, (100_000, 500_000)),
     RowSpec("djp_flood", "djprobe record, flood + batch read", run_djprobe_flood, (5_000_000, 20_000_000)),

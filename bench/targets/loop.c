@@ -2,8 +2,10 @@
  *
  *   loop FUNC N THREADS OUTFILE [gate] [round=M pause=US]
  *
- * FUNC is "work" (plain) or "atomic" (work_atomic: counter compiled in). The result line
- * "calls=C elapsed_ns=E threads=T atomic=A checksum=S" goes to OUTFILE ("-" for stdout).
+ * FUNC is "work" (no counter), "atomic" (work_atomic: one lock-incremented counter compiled in)
+ * or "plain" (work_plain: a plain per-thread counter compiled in, the physical limit). The result
+ * line "calls=C elapsed_ns=E threads=T atomic=A plain=P checksum=S" goes to OUTFILE ("-" for
+ * stdout).
  * E is the longest time any thread spent in its loop (CLOCK_MONOTONIC around the loop only,
  * threads released together), so startup and tool attach time are excluded.
  * With "gate", the program prints "ready PID" on stdout and waits for a line on stdin before the
@@ -20,10 +22,13 @@
 
 long work(long x, long limit);
 long work_atomic(long x, long limit);
+long work_plain(long x, long limit);
 extern volatile long atomic_hits;
+extern __thread long plain_hits;
+static long plain_total;
 
 static long n_calls, round_calls, pause_us;
-static int use_atomic;
+static int use_atomic, use_plain;
 static pthread_barrier_t barrier;
 
 struct result { long calls, checksum, elapsed_ns; };
@@ -38,6 +43,8 @@ static long calls(long from, long to, long limit, long *sum) {
     long i, s = 0;
     if (use_atomic)
         for (i = from; i < to; i++) s += work_atomic(i, limit);
+    else if (use_plain)
+        for (i = from; i < to; i++) s += work_plain(i, limit);
     else
         for (i = from; i < to; i++) s += work(i, limit);
     *sum += s;
@@ -64,15 +71,17 @@ static void *worker(void *arg) {
     }
     r->calls = done;
     r->checksum = sum;
+    __atomic_add_fetch(&plain_total, plain_hits, __ATOMIC_SEQ_CST);
     return NULL;
 }
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s work|atomic N THREADS OUTFILE [gate]\n", argv[0]);
+        fprintf(stderr, "usage: %s work|atomic|plain N THREADS OUTFILE [gate]\n", argv[0]);
         return 2;
     }
     use_atomic = strcmp(argv[1], "atomic") == 0;
+    use_plain = strcmp(argv[1], "plain") == 0;
     n_calls = atol(argv[2]);
     int threads = atoi(argv[3]);
     if (threads < 1 || threads > 64) return 2;
@@ -103,8 +112,8 @@ int main(int argc, char **argv) {
     }
     FILE *out = strcmp(argv[4], "-") == 0 ? stdout : fopen(argv[4], "w");
     if (!out) return 4;
-    fprintf(out, "calls=%ld elapsed_ns=%ld threads=%d atomic=%ld checksum=%ld\n", calls, elapsed, threads,
-            (long)atomic_hits, sum);
+    fprintf(out, "calls=%ld elapsed_ns=%ld threads=%d atomic=%ld plain=%ld checksum=%ld\n", calls, elapsed,
+            threads, (long)atomic_hits, plain_total, sum);
     fclose(out);
     if (gate) { /* hold until told to exit: the tool may read its count from this process */
         char line[64];

@@ -3,7 +3,9 @@
 #
 #   long work(long x, long limit)          the plain function: entry probes go at `work`
 #   long work_atomic(long x, long limit)   the same with an atomic counter compiled in
-#                                          (`lock incq`: the physical limit of counting)
+#                                          (`lock incq` of one shared counter)
+#   long work_plain(long x, long limit)    the same with a plain per-thread counter compiled in
+#                                          (`incq %fs:...`: the physical limit of counting)
 #
 # Site `work+3` lies between the `cmp` and the `jl` that reads its flags: a probe there must
 # keep the flags live (and the red zone: it is not a call boundary).
@@ -37,6 +39,28 @@ work_atomic:
 1:      add %rdx, %rax
         ret
         .size work_atomic, .-work_atomic
+
+        .globl work_plain
+        .type work_plain, @function
+        .p2align 5
+work_plain:
+        incq %fs:plain_hits@tpoff
+        cmp %rsi, %rdi
+        lea 1(%rdi,%rdi,2), %rax
+        mov %rsi, %rdx
+        jl 1f
+        sub %rdx, %rax
+        ret
+1:      add %rdx, %rax
+        ret
+        .size work_plain, .-work_plain
+
+        .section .tbss,"awT",@nobits
+        .globl plain_hits
+        .p2align 6
+plain_hits:
+        .zero 8
+        .size plain_hits, 8
 
         .bss
         .globl atomic_hits
