@@ -31,7 +31,9 @@ PAGE = 4096
 HEADER_SIZE = PAGE
 ENTRY_SIZE = 128
 RING_HEADER_SIZE = 128  # head at +0, consumer's tail at +64
+RING_WAITED = 8  # producers add the TSC cycles they waited for room (lossless probes)
 RING_TAIL = 64
+RING_HEARTBEAT = 72  # the consumer's TSC at its last drain: a lossless probe waits only if recent
 RECORD_SIZE = 256
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
@@ -96,7 +98,7 @@ class AreaLayout:
 
     max_instances: int = 1024
     n_shards: int = 128  # shards [0, n/2): one per CPU (plain inc, rseq); [n/2, n): lock inc by rsp
-    slot_size: int = 512
+    slot_size: int = 1024  # a record stub with every register and a lossless wait takes ~600 bytes
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
     ring_count: int = 8  # event rings, chosen like counter shards
     ring_slots: int = 4096  # records per ring
@@ -363,6 +365,14 @@ class AreaView:
     def set_entry(self, index: int, entry: InstanceEntry) -> None:
         off = self.layout.table_offset + index * ENTRY_SIZE
         self.buffer[off : off + ENTRY_SIZE] = entry.pack()
+
+    def waited_cycles(self) -> int:
+        """TSC cycles that lossless probes spent waiting for room in the rings, in all."""
+        return int(self.ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64))
+
+    def heartbeat(self, tsc: int) -> None:
+        """Tell lossless probes that the consumer is alive (its TSC now)."""
+        self.ring_headers[:, RING_HEARTBEAT // 8] = tsc
 
     def count(self, index: int) -> int:
         """Hits of instance ``index``: the sum over all shards."""

@@ -59,6 +59,7 @@ Handler = Callable[["Djprobe", object], None]
 STACK_SCAN_BYTES = 64 * 1024
 #: At close, how often the world is let run briefly so that threads leave the stubs by themselves.
 CLOSE_SETTLE_TRIES = 20
+WAIT_TIMEOUT = 0.5
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
@@ -81,6 +82,7 @@ class Djprobe:
         *,
         record: bool = False,
         registers: str = "all",
+        lossless: bool = False,
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
@@ -93,8 +95,11 @@ class Djprobe:
         self.addr: int | str = addr
         self.size = size
         self.handler = handler
-        self.record = record or handler is not None
+        self.record = record or handler is not None or lossless
         self.registers = registers
+        #: Recording waits for room in a full ring (up to ``ProbedProcess.wait_timeout``) instead
+        #: of dropping the event, while the consumer is draining.
+        self.lossless = lossless
         self.address: int | None = None
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
@@ -146,6 +151,7 @@ class Instance:
     patched: bytes
     action: str = "count"  # or "record"
     registers: str = "all"
+    lossless: bool = False  # its record stub waits for room while the consumer drains
     probes: list[Djprobe] = field(default_factory=list)
     carried_hits: int = 0  # from earlier stubs of this instance that are given back
     carried_drops: int = 0
@@ -174,7 +180,11 @@ class Instance:
         """Whether this instance's stub does what ``djp`` needs."""
         if not djp.record:
             return True
-        return self.action == "record" and (self.registers == "all" or djp.registers == "args")
+        return (
+            self.action == "record"
+            and (self.registers == "all" or djp.registers == "args")
+            and (self.lossless or not djp.lossless)
+        )
 
 
 class ProbedProcess:
@@ -202,6 +212,9 @@ class ProbedProcess:
         #: Count with a plain increment of a per-CPU counter inside an rseq critical section where
         #: glibc registered rseq (set False before registering probes to force ``lock inc``).
         self.per_cpu_counters = True
+        #: How long a lossless probe waits for room in a full ring at most (seconds); a consumer
+        #: that has not drained for longer than this is taken as gone, and events are dropped.
+        self.wait_timeout = WAIT_TIMEOUT
         self._rseq: tuple[RseqArea | None, str] | None = None
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
@@ -339,8 +352,8 @@ class ProbedProcess:
         return exc
 
     @staticmethod
-    def _action_for(djp: Djprobe) -> tuple[str, str]:
-        return ("record", djp.registers) if djp.record else ("count", "all")
+    def _action_for(djp: Djprobe) -> tuple[str, str, bool]:
+        return ("record", djp.registers, djp.lossless) if djp.record else ("count", "all", False)
 
     def _overlapping(self, address: int, size: int) -> Instance | None:
         """The instance whose displaced bytes overlap [address, address + size), if any."""
@@ -391,8 +404,8 @@ class ProbedProcess:
         blocker = self._return_into(address, address + analysis.size)
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
-        action, registers = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers)
+        action, registers, lossless = self._action_for(djp)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -408,7 +421,7 @@ class ProbedProcess:
         self.process.write(address, patched)
         entry.state = InstanceState.INSERTED
         region.view.set_entry(slot, entry)
-        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers)
+        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless)
         self._instances[address] = instance
         bisect.insort(self._addresses, address)
         self._by_slot[(self._regions.index(region), slot)] = instance
@@ -426,7 +439,7 @@ class ProbedProcess:
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str) -> tuple[Region, int, Stub]:
+    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet)."""
         tried_new = False
         candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
@@ -448,7 +461,7 @@ class ProbedProcess:
                 if action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
-                        analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset), registers
+                        analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
                     )
                 else:
                     stub = build_count_stub(
@@ -478,6 +491,24 @@ class ProbedProcess:
                 log.info("per-CPU counters not used in process %d: %s", self.pid, self._rseq[1])
         area = self._rseq[0]
         return None if area is None else area.offset
+
+    def _wait_cycles(self, lossless: bool) -> int:
+        """TSC cycles a lossless record stub waits for room at most (0: never waits)."""
+        if not lossless:
+            return 0
+        self._heartbeat()  # the consumer is alive from now on
+        return max(1, int(self.wait_timeout * 1e9 / self.clock.ns_per_tick))
+
+    def _heartbeat(self) -> None:
+        tsc = self.clock.now_tsc()
+        for reader in self._readers:
+            reader.view.heartbeat(tsc)
+
+    @property
+    def waited_seconds(self) -> float:
+        """Time lossless probes spent waiting for room in the rings, all threads together."""
+        cycles = sum(reader.view.waited_cycles() for reader in self._readers)
+        return cycles * self.clock.ns_per_tick / 1e9
 
     def _populate_rings(self, region: Region) -> None:
         """Map the event rings of ``region`` in the target before the first record probe uses
@@ -681,7 +712,8 @@ class ProbedProcess:
     def _replace_stub(self, instance: Instance, djp: Djprobe) -> None:
         """Give ``instance`` a record stub (a probe that wants events joined a count-only site)."""
         registers = "all" if "all" in (djp.registers, instance.registers if instance.action == "record" else "args") else "args"
-        region, slot, stub = self._prepare(instance.analysis, "record", registers)
+        lossless = djp.lossless or instance.lossless
+        region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless)
         patched = jump_bytes(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
@@ -693,6 +725,7 @@ class ProbedProcess:
         instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
+        instance.lossless = lossless
         self._by_slot[(self._regions.index(region), slot)] = instance
         self._give_back_or_retire(instance, old_region, old_slot, old_stub)
 
@@ -717,6 +750,8 @@ class ProbedProcess:
 
     def _drain(self) -> None:
         """Move committed records from the rings into the pending list (with their instances)."""
+        if self._readers:
+            self._heartbeat()
         raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain()]
         if not raw:
             return

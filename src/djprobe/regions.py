@@ -107,7 +107,7 @@ class Region:
     def counter_address(self, index: int) -> int:
         return self.layout.counter_address(self.data_address, index)
 
-    def record_targets(self, index: int, tid_offset: int | None = None) -> RecordTargets:
+    def record_targets(self, index: int, tid_offset: int | None = None, wait_cycles: int = 0) -> RecordTargets:
         """Where the record stub of slot ``index`` writes."""
         lay = self.layout
         return RecordTargets(
@@ -117,6 +117,7 @@ class Region:
             records=self.data_address + lay.records_offset,
             instance=index,
             tid_offset=tid_offset,
+            wait_cycles=wait_cycles,
         )
 
     def contains_code(self, address: int) -> bool:

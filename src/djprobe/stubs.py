@@ -26,7 +26,7 @@ import struct
 
 from iced_x86 import BlockEncoder, Code, Decoder, Instruction, MemoryOperand, Register
 
-from .area import RECORD_SIZE, REGISTER_NAMES, RING_TAIL, AreaLayout
+from .area import RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
@@ -241,6 +241,7 @@ class RecordTargets:
     records: int  # ring 0's first record
     instance: int  # index written into each record
     tid_offset: int | None = None  # where the thread control block (fs:0) holds the TID, if known
+    wait_cycles: int = 0  # lossless: wait up to this many TSC cycles for room (0: drop at once)
 
 
 class _Asm:
@@ -312,7 +313,7 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RCX, layout.ring_slots))
-    a.branch(Code.JAE_REL32_64, "drop")
+    a.branch(Code.JAE_REL32_64, "full")
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RAX, 1)))
     cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RSI), R.RCX)
     cas.has_lock_prefix = True
@@ -356,6 +357,9 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RBP, 1)))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI), R.RCX))
     a.branch(Code.JMP_REL32_64, "done")
+    a.label("full")
+    if where.wait_cycles:
+        _wait_for_room(a, layout, where.wait_cycles)
     a.label("drop")
     drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
     drop.has_lock_prefix = True
@@ -370,6 +374,50 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg(Code.POP_R64, R.RAX))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE + 8)))
     return a.instructions()
+
+
+def _rdtsc(a: _Asm) -> None:
+    """rax = the TSC (rdx clobbered)."""
+    a.add(Instruction.create(Code.RDTSC))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
+    a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX))
+
+
+def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
+    """The ring at rsi is full: if its consumer drained it within the last ``wait_cycles`` TSC
+    cycles, spin (``pause``) until there is room (then reserve again) or until ``wait_cycles``
+    have passed (then drop). The cycles waited are added to the ring's RING_WAITED. A stopped or
+    dead consumer stops draining: after one timeout, full rings drop at once."""
+    R = Register
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX))  # when the wait began
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_HEARTBEAT)))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R9, wait_cycles))
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R9))
+    a.branch(Code.JA_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R9, R.R8))  # the deadline
+    a.label("wait")
+    a.add(Instruction.create(Code.PAUSE))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RSI, RING_TAIL)))
+    a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
+    a.branch(Code.JB_REL32_64, "room")
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.R9))
+    a.branch(Code.JB_REL32_64, "wait")
+    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
+    added.has_lock_prefix = True
+    a.add(added)
+    a.branch(Code.JMP_REL32_64, "drop")  # timed out
+    a.label("room")
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
+    added.has_lock_prefix = True
+    a.add(added)
+    a.branch(Code.JMP_REL32_64, "retry")
 
 
 def build_record_stub(

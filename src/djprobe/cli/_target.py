@@ -54,7 +54,7 @@ class Refusal:
 
 
 def make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all"
+    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons."""
     symbols = target.symbols
@@ -72,7 +72,7 @@ def make_probes(
         for site in sites:
             if site.address in probes:
                 continue
-            djp = Djprobe(site.address, record=record, registers=registers)
+            djp = Djprobe(site.address, record=record, registers=registers, lossless=lossless)
             djp.site = site.name
             probes[site.address] = djp
     placed = list(probes.values())

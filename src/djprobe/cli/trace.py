@@ -31,10 +31,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_arguments(parser)
     parser.add_argument("-T", "--timestamp", action="store_true", help="print wall-clock time of day")
     parser.add_argument(
+        "--buffer-size",
         "--ring-slots",
+        dest="ring_slots",
         type=int,
         default=AreaLayout.ring_slots,
-        help="events each ring holds before new ones are dropped (a power of two; default %(default)s)",
+        metavar="N",
+        help="events each of the 8 rings holds (a power of two; default %(default)s)",
+    )
+    parser.add_argument(
+        "--drop",
+        action="store_true",
+        help="never make the program wait: drop events when a ring is full (by default a probe "
+        "waits for room while djprobe is consuming, up to 0.5 s)",
     )
     parser.add_argument("--all-registers", action="store_true", help="record every register, not only arguments")
     parser.set_defaults(run=run)
@@ -75,13 +84,22 @@ def _json_lines(batch: EventBatch) -> list[str]:
     return out
 
 
-def _summary(probes: list[Djprobe], as_json: bool) -> str:
+def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     if as_json:
-        return json.dumps({"summary": [{"site": d.site, "address": d.address, "hits": d.hits, "dropped": d.missed} for d in rows]})
+        return json.dumps(
+            {
+                "summary": [
+                    {"site": d.site, "address": d.address, "hits": d.hits, "delivered": d.hits - d.missed, "dropped": d.missed}
+                    for d in rows
+                ],
+                "waited_s": round(waited, 6),
+            }
+        )
     width = max([len("PROBE")] + [len(d.site or "") for d in rows])
-    lines = [f"{'PROBE':<{width}}  {'HITS':>10}  {'DROPPED':>8}"]
-    lines += [f"{d.site:<{width}}  {d.hits:>10}  {d.missed:>8}" for d in rows]
+    lines = [f"{'PROBE':<{width}}  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}"]
+    lines += [f"{d.site:<{width}}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}" for d in rows]
+    lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
     return "\n".join(lines)
 
 
@@ -95,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         target.layout = AreaLayout(ring_slots=args.ring_slots)
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        probes, refused = make_probes(target, args.patterns, record=True, registers=registers)
+        probes, refused = make_probes(target, args.patterns, record=True, registers=registers, lossless=not args.drop)
         quoted = " ".join(args.patterns)
         print(f'Tracing {len(probes)} functions for "{quoted}"... Hit Ctrl-C to end.', file=sys.stderr, flush=True)
         for r in refused:
@@ -123,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, Interrupted):
             pass
         target.unregister_many(probes)
+        waited = target.waited_seconds
         leftover = target.read_events()
         if len(leftover):
             lines = _json_lines(leftover) if args.json else _format_lines(leftover, start_ns, wall_offset, args.timestamp)
             out.write("\n".join(lines) + "\n")
     status = exit_status(target) if args.command_argv else None
-    print(_summary(probes, args.json), file=out, flush=True)
+    print(_summary(probes, args.json, waited), file=out, flush=True)
     return status or 0
