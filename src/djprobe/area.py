@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 1
+VERSION = 2  # 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -47,6 +47,17 @@ RECORD_DTYPE = np.dtype(
         "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(REGISTER_NAMES))],
         "offsets": [0, 8, 12, 16, 24, 32],
         "itemsize": RECORD_SIZE,
+    }
+)
+#: A record of the six argument registers only: two cache lines (``registers="args"``).
+ARGS_RECORD_SIZE = 128
+ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+ARGS_RECORD_DTYPE = np.dtype(
+    {
+        "names": ["seq", "instance", "tid", "thread", "tsc", "args"],
+        "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(ARG_REGISTERS))],
+        "offsets": [0, 8, 12, 16, 24, 32],
+        "itemsize": ARGS_RECORD_SIZE,
     }
 )
 MAX_DISPLACED = 24  # room for the original bytes of the displaced instructions (5 + 14 + slack)
@@ -146,21 +157,31 @@ class AreaLayout:
 
     @property
     def rings_offset(self) -> int:
-        """Ring headers (one 128-byte block each: head on one cache line, tail on the next)."""
+        """Ring headers (one 128-byte block each: head on one cache line, tail on the next):
+        ``ring_count`` rings of full records, then ``ring_count`` rings of argument records."""
         return _page_align(self.drops_offset + self.max_instances * 8)
 
     @property
     def ring_stride(self) -> int:
-        """Bytes of records of one ring (a power of two)."""
+        """Bytes of records of one ring of full records (a power of two)."""
         return self.ring_slots * RECORD_SIZE
 
     @property
+    def args_ring_stride(self) -> int:
+        """Bytes of records of one ring of argument-only records (a power of two)."""
+        return self.ring_slots * ARGS_RECORD_SIZE
+
+    @property
     def records_offset(self) -> int:
-        return _page_align(self.rings_offset + self.ring_count * RING_HEADER_SIZE)
+        return _page_align(self.rings_offset + 2 * self.ring_count * RING_HEADER_SIZE)
+
+    @property
+    def args_records_offset(self) -> int:
+        return self.records_offset + self.ring_count * self.ring_stride
 
     @property
     def rings_size(self) -> int:
-        return self.records_offset + self.ring_count * self.ring_stride - self.rings_offset
+        return self.args_records_offset + self.ring_count * self.args_ring_stride - self.rings_offset
 
     @property
     def data_size(self) -> int:
@@ -343,12 +364,19 @@ class AreaView:
             offset=layout.counters_offset,
         ).reshape(layout.n_shards, layout.max_instances)
         self._drops = np.frombuffer(self.buffer, dtype=np.uint64, count=layout.max_instances, offset=layout.drops_offset)
-        ring_words = layout.ring_count * RING_HEADER_SIZE // 8
+        ring_words = 2 * layout.ring_count * RING_HEADER_SIZE // 8
+        #: Rows 0 .. ring_count-1: rings of full records; then the rings of argument records.
         self.ring_headers = np.frombuffer(
             self.buffer, dtype=np.uint64, count=ring_words, offset=layout.rings_offset
-        ).reshape(layout.ring_count, RING_HEADER_SIZE // 8)
+        ).reshape(2 * layout.ring_count, RING_HEADER_SIZE // 8)
         self.records = np.frombuffer(
             self.buffer, dtype=RECORD_DTYPE, count=layout.ring_count * layout.ring_slots, offset=layout.records_offset
+        ).reshape(layout.ring_count, layout.ring_slots)
+        self.args_records = np.frombuffer(
+            self.buffer,
+            dtype=ARGS_RECORD_DTYPE,
+            count=layout.ring_count * layout.ring_slots,
+            offset=layout.args_records_offset,
         ).reshape(layout.ring_count, layout.ring_slots)
 
     def write_header(self, header: AreaHeader) -> None:
@@ -392,5 +420,5 @@ class AreaView:
 
     def release(self) -> None:
         """Drop the numpy view so the underlying mmap can be closed."""
-        self._counters = self._drops = self.ring_headers = self.records = None  # type: ignore[assignment]
+        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
         self.buffer.release()

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .area import RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
+from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
 
 if TYPE_CHECKING:
     from .process import Process
 
-ARG_NAMES = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+ARG_NAMES = ARG_REGISTERS
 _ARG_INDEX = [REGISTER_NAMES.index(n) for n in ARG_NAMES]
 
 # An event is a ring record viewed in place (no field-by-field copy), with the record's spare
@@ -146,53 +146,65 @@ class ThreadMap:
         return out
 
 
-_OPAQUE_RECORD = np.dtype((np.void, RECORD_DTYPE.itemsize))
-
-
 class RingReader:
-    """Drains the event rings of one probe area."""
+    """Drains the event rings of one probe area: rings of full records, then rings of
+    argument-only records (widened to full records with the other registers 0)."""
 
     def __init__(self, view: AreaView, region_index: int) -> None:
         self.view = view
         self.region_index = region_index
-        self.tails = [int(view.ring_headers[r, RING_TAIL // 8]) for r in range(view.layout.ring_count)]
+        self.tails = [int(view.ring_headers[r, RING_TAIL // 8]) for r in range(2 * view.layout.ring_count)]
 
     def drain(self, limit: int | None = None) -> list[np.ndarray]:
         """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring."""
-        lay = self.view.layout
+        n_full = self.view.layout.ring_count
         out = []
-        slots = lay.ring_slots
-        for r in range(lay.ring_count):
-            head = int(self.view.ring_headers[r, 0])
-            tail = self.tails[r]
-            n = head - tail
-            if limit is not None:
-                n = min(n, limit)
-            if n <= 0:
-                continue
-            ring = self.view.records[r]
-            first = tail % slots
-            pieces = [(first, min(slots, first + n))]
-            if first + n > slots:
-                pieces.append((0, first + n - slots))
-            seqs = np.concatenate([ring["seq"][a:b] for a, b in pieces])
-            expected = np.arange(tail + 1, tail + n + 1, dtype=np.uint64)
-            committed = seqs == expected
-            k = n if committed.all() else int(np.argmin(committed))
-            if k == 0:
-                continue
-            parts, left = [], k
-            for a, b in pieces:
-                take = min(left, b - a)
-                if take:
-                    parts.append(ring[a : a + take].view(_OPAQUE_RECORD).copy().view(RECORD_DTYPE))
-                left -= take
-            if len(parts) > 1:
-                parts = [np.concatenate([p.view(_OPAQUE_RECORD) for p in parts]).view(RECORD_DTYPE)]
-            out.append(parts[0])
-            self.tails[r] = tail + k
-            self.view.ring_headers[r, RING_TAIL // 8] = tail + k
+        for r in range(2 * n_full):
+            full = r < n_full
+            got = self._drain_ring(r, self.view.records[r] if full else self.view.args_records[r - n_full], limit)
+            if got is not None:
+                out.append(got if full else _widen(got))
         return out
+
+    def _drain_ring(self, r: int, ring: np.ndarray, limit: int | None) -> np.ndarray | None:
+        slots = self.view.layout.ring_slots
+        head = int(self.view.ring_headers[r, 0])
+        tail = self.tails[r]
+        n = head - tail
+        if limit is not None:
+            n = min(n, limit)
+        if n <= 0:
+            return None
+        first = tail % slots
+        pieces = [(first, min(slots, first + n))]
+        if first + n > slots:
+            pieces.append((0, first + n - slots))
+        seqs = np.concatenate([ring["seq"][a:b] for a, b in pieces])
+        expected = np.arange(tail + 1, tail + n + 1, dtype=np.uint64)
+        committed = seqs == expected
+        k = n if committed.all() else int(np.argmin(committed))
+        if k == 0:
+            return None
+        opaque = np.dtype((np.void, ring.dtype.itemsize))
+        parts, left = [], k
+        for a, b in pieces:
+            take = min(left, b - a)
+            if take:
+                parts.append(ring[a : a + take].view(opaque).copy())
+            left -= take
+        records = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(ring.dtype)
+        self.tails[r] = tail + k
+        self.view.ring_headers[r, RING_TAIL // 8] = tail + k
+        return records
+
+
+def _widen(args_records: np.ndarray) -> np.ndarray:
+    """Argument-only records as full records (the registers not recorded are 0)."""
+    full = np.zeros(len(args_records), dtype=RECORD_DTYPE)
+    for name in ("seq", "instance", "tid", "thread", "tsc"):
+        full[name] = args_records[name]
+    full["regs"][:, _ARG_INDEX] = args_records["args"]
+    return full
 
 
 @dataclass

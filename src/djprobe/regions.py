@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .area import AreaHeader, AreaLayout, AreaView, InstanceEntry
+from .area import RING_HEADER_SIZE, AreaHeader, AreaLayout, AreaView, InstanceEntry
 from .errors import DjprobeError, NoRoomError
 from .stubs import RecordTargets
 
@@ -115,6 +115,8 @@ class Region:
             drops=self.data_address + lay.drops_offset + 8 * index,
             ring_headers=self.data_address + lay.rings_offset,
             records=self.data_address + lay.records_offset,
+            args_ring_headers=self.data_address + lay.rings_offset + lay.ring_count * RING_HEADER_SIZE,
+            args_records=self.data_address + lay.args_records_offset,
             instance=index,
             tid_offset=tid_offset,
             wait_cycles=wait_cycles,

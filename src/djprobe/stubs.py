@@ -26,7 +26,7 @@ import struct
 
 from iced_x86 import BlockEncoder, Code, Decoder, Instruction, MemoryOperand, Register
 
-from .area import RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
+from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
@@ -221,7 +221,6 @@ def jump_target(code: bytes, site: int) -> int | None:
     return None
 
 
-ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 _PUSH_ORDER = (
     Register.RAX, Register.RCX, Register.RDX, Register.RBX, Register.RBP, Register.RSI, Register.RDI,
     Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13, Register.R14, Register.R15,
@@ -239,6 +238,8 @@ class RecordTargets:
     drops: int  # the instance's dropped-events counter
     ring_headers: int  # ring 0's header
     records: int  # ring 0's first record
+    args_ring_headers: int  # header of ring 0 of argument-only records (registers="args")
+    args_records: int  # its first record
     instance: int  # index written into each record
     tid_offset: int | None = None  # where the thread control block (fs:0) holds the TID, if known
     wait_cycles: int = 0  # lossless: wait up to this many TSC cycles for room (0: drop at once)
@@ -298,14 +299,19 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     inc = Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1))
     inc.has_lock_prefix = True
     a.add(inc)
-    # Ring = shard % ring_count: rsi = its header, rdi = its records.
+    # Ring = shard % ring_count: rsi = its header, rdi = its records. Argument-only records
+    # (two cache lines) have rings of their own.
+    args_only = registers != "all"
+    headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
+    stride = layout.args_ring_stride if args_only else layout.ring_stride
+    record_size = ARGS_RECORD_SIZE if args_only else RECORD_SIZE
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EBX, layout.ring_count - 1))
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RBX))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, 7))  # RING_HEADER_SIZE == 128
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSI, MemoryOperand(R.RIP, displ=where.ring_headers)))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSI, MemoryOperand(R.RIP, displ=headers)))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RSI, R.RAX))
-    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RBX, layout.ring_stride.bit_length() - 1))
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, MemoryOperand(R.RIP, displ=where.records)))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RBX, stride.bit_length() - 1))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, MemoryOperand(R.RIP, displ=records)))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RBX))
     # Reserve: while head - tail < slots: cmpxchg head -> head + 1.
     a.label("retry")
@@ -322,7 +328,7 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     # rbp = pos; rdi = the record.
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBP, R.RAX))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.ring_slots - 1))
-    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, RECORD_SIZE.bit_length() - 1))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, record_size.bit_length() - 1))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RAX))
     a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _mem(R.RDI, 8), where.instance))
     fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
@@ -336,11 +342,15 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 24), R.RAX))
-    wanted = REGISTER_NAMES[:15] if registers == "all" else ARG_REGISTERS
-    for name in wanted:
-        i = REGISTER_NAMES.index(name)
-        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
-        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * i), R.RCX))
+    if args_only:  # the six argument registers, in ARG_REGISTERS order
+        for j, name in enumerate(ARG_REGISTERS):
+            i = REGISTER_NAMES.index(name)
+            a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
+            a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * j), R.RCX))
+    else:
+        for i, name in enumerate(REGISTER_NAMES[:15]):
+            a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
+            a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * i), R.RCX))
     if registers == "all":
         # rflags image = AH (CF PF AF ZF SF) | OF << 11 | IF | bit 1
         a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(_FLAGS_SLOT)))
@@ -351,8 +361,9 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
         a.add(Instruction.create_reg_reg(Code.OR_R32_RM32, R.ECX, R.EDX))
         a.add(Instruction.create_reg_u32(Code.OR_RM32_IMM32, R.ECX, 0x202))
         a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 15), R.RCX))
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _rsp_slot(_FRAME_SIZE + RED_ZONE)))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 16), R.RCX))
+    if not args_only:  # the stack pointer at the probe
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _rsp_slot(_FRAME_SIZE + RED_ZONE)))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 16), R.RCX))
     # Commit: seq = pos + 1, written last.
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RBP, 1)))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI), R.RCX))

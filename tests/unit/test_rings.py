@@ -67,3 +67,36 @@ def test_decode_orders_by_time_and_converts():
     assert set(batch.events["region"].tolist()) == {5}
     assert np.all(np.diff(batch.events["time_ns"]) >= 0)
     assert batch.args().shape == (5, 6)
+
+
+def test_argument_records_have_rings_of_their_own_and_are_widened():
+    """Records of the six argument registers (two cache lines) wrap in their own rings and come
+    out as full records with the argument registers in place and the others 0."""
+    from djprobe.area import ARG_REGISTERS, ARGS_RECORD_SIZE, REGISTER_NAMES
+
+    view, _buf = _area()
+    lay = view.layout
+    assert view.args_records.dtype.itemsize == ARGS_RECORD_SIZE == 128
+    assert lay.args_records_offset + lay.ring_count * lay.args_ring_stride <= lay.data_size
+    reader = RingReader(view, 0)
+    ring = view.args_records[1]
+    header_row = lay.ring_count + 1
+    got = []
+    for pos in range(0, 13):  # wraps around the 8-slot ring
+        i = pos % lay.ring_slots
+        ring["instance"][i] = 5
+        ring["tid"][i] = 2000 + pos
+        ring["tsc"][i] = pos
+        ring["args"][i] = [pos * 10 + k for k in range(6)]
+        ring["seq"][i] = pos + 1
+        view.ring_headers[header_row, 0] = pos + 1
+        if pos in (5, 12):
+            got += reader.drain()
+    records = np.concatenate(got)
+    assert records["tid"].tolist() == [2000 + p for p in range(13)]
+    assert view.ring_headers[header_row, RING_TAIL // 8] == 13
+    regs = records["regs"]
+    for k, name in enumerate(ARG_REGISTERS):
+        assert regs[:, REGISTER_NAMES.index(name)].tolist() == [p * 10 + k for p in range(13)]
+    others = [REGISTER_NAMES.index(n) for n in REGISTER_NAMES if n not in ARG_REGISTERS]
+    assert not regs[:, others].any()
