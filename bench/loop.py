@@ -185,7 +185,7 @@ def _batch_consumer(proc, djp) -> dict:
 ROUNDS = ("round=1024", "pause=10000")  # 1,024 calls per thread, then 10 ms for the consumer
 
 
-def run_djprobe_record(threads: int, iters: int) -> Sample:
+def run_djprobe_record(threads: int, iters: int, **probe: object) -> Sample:
     """Record probe (all registers, TSC), every event delivered: the target calls in rounds of
     1,024 with pauses in which the batch consumer drains the rings, so no record is dropped and
     the ring's pages are warm. Overhead is against a no-probe run in the same rounds."""
@@ -193,11 +193,28 @@ def run_djprobe_record(threads: int, iters: int) -> Sample:
     with _Out() as out:
         subprocess.run(_loop_argv("work", iters, threads, out, *ROUNDS), check=True, timeout=600)
         base = _parse_result(out.read_text())
-    r, hits, missed, fig = _spawned(threads, iters, {"addr": "work", "record": True}, _batch_consumer, ROUNDS)
+    r, hits, missed, fig = _spawned(threads, iters, {"addr": "work", "record": True, **probe}, _batch_consumer, ROUNDS)
     s = _sample(r, iters, hits, events=fig["events"], missed=missed, base_ns=base["elapsed_ns"] / iters)
     if fig["events"] + missed != hits:
         s.expected_hits = fig["events"] + missed  # events lost without being counted as dropped
         s.extra["lost"] = hits - fig["events"] - missed
+    return s
+
+
+def run_djprobe_record_args(threads: int, iters: int) -> Sample:
+    """As the record row, with the six argument registers only (two-cache-line records)."""
+    return run_djprobe_record(threads, iters, registers="args")
+
+
+def run_djprobe_lossless(threads: int, iters: int) -> Sample:
+    """Argument records, hit continuously, lossless: the probes wait for the batch consumer
+    instead of dropping; every event must arrive (the per-call figure is the consumer's pace)."""
+    _need_record()
+    r, hits, missed, fig = _spawned(
+        threads, iters, {"addr": "work", "registers": "args", "lossless": True}, _batch_consumer
+    )
+    s = _sample(r, iters, hits, events=fig["events"], missed=missed, busy_s=fig["busy_s"])
+    s.expected_hits = fig["events"]  # every hit delivered, none dropped
     return s
 
 
@@ -393,6 +410,8 @@ ROWS: list[RowSpec] = [
     RowSpec("djp_entry_locked", "djprobe count, entry, lock inc forced", run_djprobe_entry_locked, (20_000_000, 100_000_000)),
     RowSpec("djp_mid", "djprobe count, mid (live flags)", run_djprobe_mid, (20_000_000, 100_000_000)),
     RowSpec("djp_record", "djprobe record (all regs), no drops", run_djprobe_record, (100_000, 500_000)),
+    RowSpec("djp_record_args", "djprobe record args (2 lines), no drops", run_djprobe_record_args, (100_000, 500_000)),
+    RowSpec("djp_lossless", "djprobe record args, lossless flood", run_djprobe_lossless, (1_000_000, 5_000_000)),
     RowSpec("djp_flood", "djprobe record, flood + batch read", run_djprobe_flood, (5_000_000, 20_000_000)),
     RowSpec("djp_handler", "djprobe record, flood + Py handler", run_djprobe_handler, (1_000_000, 5_000_000)),
     RowSpec("uprobe", "kernel uprobe (tracefs)", run_uprobe, (50_000, 200_000)),
