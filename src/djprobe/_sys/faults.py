@@ -107,8 +107,9 @@ def read_log(path: str) -> tuple[int, list[str]]:
 
 
 def _disable() -> None:
-    global enabled
-    enabled = False
+    """In a forked child: neither count nor kill nor write the parent's log."""
+    global enabled, kill_at, count_path
+    enabled, kill_at, count_path = False, 0, None
 
 
 def _at_exit() -> None:
