@@ -5,11 +5,16 @@
  *   - one thread sending itself SIGUSR2 in a loop; the handler calls and checks too;
  *     it also sends SIGUSR2 to the workers now and then (signal frames on their stacks);
  *   - the main thread blocked in read(0).
- * Prints "ready" once every thread has run; stops at a byte (or EOF) on stdin, then prints
- * "ok <iterations>" and exits 0 if every result was right, else "bad <wrong> of <iterations>"
- * and exits 1. */
+ * Prints "ready <address of f_add>" once every thread has run. Reads stdin: "s" prints
+ * "status <iterations> <wrong>"; any other byte or EOF stops it, then it prints "ok <iterations>"
+ * and exits 0 if every result was right, else "bad <wrong> of <iterations>" and exits 1.
+ * A fault (SIGSEGV, SIGTRAP, SIGILL, SIGBUS, SIGFPE) prints "fault <signal> rip <rip> addr
+ * <si_addr> tid <tid>" and exits with 128 + the signal. */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -58,6 +63,15 @@ static void on_usr2(int sig) {
     __atomic_add_fetch(&handled, 1, __ATOMIC_RELAXED);
 }
 
+static void on_fault(int sig, siginfo_t *si, void *ctx) {
+    ucontext_t *uc = ctx;
+    char buf[160];
+    int n = snprintf(buf, sizeof buf, "fault %d rip 0x%llx addr %p tid %ld\n", sig,
+                     (unsigned long long)uc->uc_mcontext.gregs[REG_RIP], si->si_addr, (long)syscall(SYS_gettid));
+    (void)!write(1, buf, n);
+    _exit(128 + sig);
+}
+
 static void *worker(void *arg) {
     long t = (long)arg, i, w = 0;
     __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST);
@@ -104,15 +118,31 @@ int main(void) {
     sa.sa_handler = on_usr2;
     sa.sa_flags = SA_RESTART;
     sigaction(SIGUSR2, &sa, NULL);
+    struct sigaction fa;
+    memset(&fa, 0, sizeof fa);
+    fa.sa_sigaction = on_fault;
+    fa.sa_flags = SA_SIGINFO;
+    int faults[] = {SIGSEGV, SIGTRAP, SIGILL, SIGBUS, SIGFPE};
+    for (int i = 0; i < 5; i++) sigaction(faults[i], &fa, NULL);
     pthread_t other[2];
     for (long t = 0; t < WORKERS; t++) pthread_create(&workers[t], NULL, worker, (void *)t);
     pthread_create(&other[0], NULL, sleeper, NULL);
     pthread_create(&other[1], NULL, signaller, NULL);
     while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < WORKERS + 2) sched_yield();
-    printf("ready\n");
+    printf("ready %p\n", (void *)f_add);
     fflush(stdout);
-    char c;
-    while (read(0, &c, 1) < 0) {} /* a byte or EOF; EINTR retried */
+    for (;;) {
+        char c;
+        ssize_t r = read(0, &c, 1);
+        if (r < 0) continue; /* EINTR */
+        if (r == 1 && c == 's') {
+            printf("status %ld %ld\n", __atomic_load_n(&iters, __ATOMIC_RELAXED), __atomic_load_n(&bad, __ATOMIC_RELAXED));
+            fflush(stdout);
+            continue;
+        }
+        if (r == 1 && c == '\n') continue;
+        break;
+    }
     stop = 1;
     for (int t = 0; t < WORKERS; t++) pthread_join(workers[t], NULL);
     for (int t = 0; t < 2; t++) pthread_join(other[t], NULL);
