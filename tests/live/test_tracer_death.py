@@ -89,6 +89,7 @@ class SweepTarget:
         )
         self.pid = self.proc.pid
         self.iters = 0
+        self.unexpected = ""  # what came instead of a status line
         line = self.readline(20.0)
         if not line.startswith("ready "):
             self.kill()
@@ -112,6 +113,7 @@ class SweepTarget:
             return None
         line = self.readline(timeout)
         if not line.startswith("status "):
+            self.unexpected = line or f"nothing in {timeout} s"
             return None
         _, iters, bad = line.split()
         return int(iters), int(bad)
@@ -340,7 +342,11 @@ def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcom
 
     st = target.progress(target.iters)
     if st is None:
-        out.problems.append(f"target does not answer: {target.death() or 'no status line'}")
+        died = target.death()
+        if died:
+            out.problems.append(f"target died: {died}")
+        else:
+            out.problems.append(f"target does not answer ({target.unexpected!r}); threads: {thread_states(target.pid)}")
     else:
         iters, bad = st
         if bad:
