@@ -188,6 +188,21 @@ def thread_states(pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
+def describe_threads(pid: int) -> str:
+    """Every thread's state, tracer, kernel wait channel and system call, for a message."""
+    parts = []
+    for tid, (state, tracer) in sorted(thread_states(pid).items()):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                nr = f.read().split()[0]
+        except OSError:
+            wchan, nr = "?", "?"
+        parts.append(f"{tid} {state} tracer={tracer} {wchan or '-'} sys={nr}")
+    return ", ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------
 # one kill
 
@@ -346,7 +361,7 @@ def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcom
         if died:
             out.problems.append(f"target died: {died}")
         else:
-            out.problems.append(f"target does not answer ({target.unexpected!r}); threads: {thread_states(target.pid)}")
+            out.problems.append(f"target does not answer ({target.unexpected!r}); threads: {describe_threads(target.pid)}")
     else:
         iters, bad = st
         if bad:
