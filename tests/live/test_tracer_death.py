@@ -408,10 +408,11 @@ def sweep(exe: Path, code: FuncBytes, argv_for, tmp: Path) -> tuple[int, list[Ou
     return len(whats), outcomes
 
 
-def report(title: str, total: int, outcomes: list[Outcome]) -> str:
+def report(title: str, total: int, outcomes: list[Outcome], everything: bool = False) -> str:
+    """The harmful kills (with ``everything``: every kill), one line each."""
     harmed = [o for o in outcomes if o.problems]
     lines = [f"{title}: {total} operations in a run, {len(outcomes)} kills, {len(harmed)} harmed the target"]
-    lines += ["  " + o.line() for o in harmed]
+    lines += ["  " + o.line() for o in (outcomes if everything else harmed)]
     return "\n".join(lines)
 
 
@@ -463,6 +464,7 @@ def test_kill_point_log_covers_a_whole_run(sweep_exe, sweep_code, tmp_path):
 
 def test_kill_tracer_at_every_operation_of_count(sweep_exe, sweep_code, tmp_path):
     total, outcomes = sweep(sweep_exe, sweep_code, lambda t: count_command(t.pid), tmp_path)
+    print(report("djprobe count -p PID -d 0.3 'f_*'", total, outcomes, everything=True))  # shown with -s
     harmed = [o for o in outcomes if o.problems]
     assert not harmed, report("djprobe count -p PID -d 0.3 'f_*'", total, outcomes)
 
@@ -490,5 +492,6 @@ def test_kill_tracer_at_every_operation_of_api_cycle(sweep_exe, sweep_code, tmp_
     total, outcomes = sweep(
         sweep_exe, sweep_code, lambda t: api_command(t.pid, [a + t.bias for a in sites]), tmp_path
     )
+    print(report("register_many/unregister_many", total, outcomes, everything=True))  # shown with -s
     harmed = [o for o in outcomes if o.problems]
     assert not harmed, report("register_many/unregister_many (entries and middles)", total, outcomes)
