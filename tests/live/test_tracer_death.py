@@ -130,6 +130,9 @@ class SweepTarget:
 
     def finish(self, timeout: float = 20.0) -> tuple[int | None, str]:
         """Stop the target; its exit status (None if it did not exit) and remaining output."""
+        if self.proc.stdin is None or self.proc.stdin.closed:  # already killed
+            self.kill()
+            return self.proc.returncode, "killed earlier"
         try:
             out, _ = self.proc.communicate(input=b"q", timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -206,6 +209,19 @@ def describe_threads(pid: int) -> str:
             wchan, nr = "?", "?"
         parts.append(f"{tid} {state} tracer={tracer} {wchan or '-'} sys={nr}")
     return ", ".join(parts)
+
+
+def area_fds(pid: int) -> list[str]:
+    """The target's file descriptors open on a probe-area file (``fd -> path``)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if "/dev/shm/djprobe-" in link:
+            out.append(f"{fd} -> {link}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,9 +374,18 @@ def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcom
     for m in maps:
         if recovery.AREA_PATH_RE.match(m.path) and m.start not in kept:
             out.problems.append(f"probe area {m.start:#x} {m.path} left mapped by cleanup")
-    new_exec = [m for m in maps if m.executable and not m.path and (m.start, m.end) not in target.maps_at_start]
+    # not failures (cleanup has no way to find them), but worth knowing: an anonymous executable
+    # mapping that is no kept area's code part, and a probe-area file the target still holds open
+    kept_code = {a.code_address for a in recovery.find_areas(target.pid)}
+    new_exec = [
+        m for m in maps
+        if m.executable and not m.path and (m.start, m.end) not in target.maps_at_start and m.start not in kept_code
+    ]  # fmt: skip
     if new_exec:
-        out.notes.append(f"{len(new_exec)} new anonymous executable mapping(s) left: {[hex(m.start) for m in new_exec]}")
+        out.notes.append(f"unidentifiable anonymous executable mapping(s) left: {[hex(m.start) for m in new_exec]}")
+    open_areas = area_fds(target.pid)
+    if open_areas:
+        out.notes.append(f"probe-area file(s) left open in the target: {open_areas}")
 
     st = target.progress(target.iters)
     if st is None:
