@@ -23,6 +23,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -449,6 +450,14 @@ def report(title: str, total: int, outcomes: list[Outcome], everything: bool = F
 # tests
 
 
+@pytest.fixture
+def log_dir():
+    """A private directory for the operation logs (pytest's numbered tmp_path directories can be
+    removed by another pytest run on the same machine while a long sweep runs)."""
+    with tempfile.TemporaryDirectory(prefix="djprobe-killsweep-") as d:
+        yield Path(d)
+
+
 @pytest.fixture(scope="module")
 def sweep_exe() -> Path:
     return compile_c([TARGETS / "killsweep.c", TARGETS / "killsweep_funcs.c"], name="killsweep")
@@ -482,9 +491,9 @@ def test_target_checks_itself(sweep_exe, sweep_code):
         t.kill()
 
 
-def test_kill_point_log_covers_a_whole_run(sweep_exe, sweep_code, tmp_path):
+def test_kill_point_log_covers_a_whole_run(sweep_exe, sweep_code, log_dir):
     """The measured run inserts, counts and removes: jump writes and restores are logged."""
-    whats = measure(sweep_exe, sweep_code, lambda t: count_command(t.pid), tmp_path)
+    whats = measure(sweep_exe, sweep_code, lambda t: count_command(t.pid), log_dir)
     writes = [w for w in whats if w.startswith("mem-write")]
     assert any(w.startswith("ptrace SEIZE") for w in whats)
     assert any(w.startswith("ptrace DETACH") for w in whats)
@@ -492,8 +501,8 @@ def test_kill_point_log_covers_a_whole_run(sweep_exe, sweep_code, tmp_path):
 
 
 @pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
-def test_kill_tracer_at_every_operation_of_count(sweep_exe, sweep_code, tmp_path):
-    total, outcomes = sweep(sweep_exe, sweep_code, lambda t: count_command(t.pid), tmp_path)
+def test_kill_tracer_at_every_operation_of_count(sweep_exe, sweep_code, log_dir):
+    total, outcomes = sweep(sweep_exe, sweep_code, lambda t: count_command(t.pid), log_dir)
     print(report("djprobe count -p PID -d 0.3 'f_*'", total, outcomes, everything=True))  # shown with -s
     harmed = [o for o in outcomes if o.problems]
     assert not harmed, report("djprobe count -p PID -d 0.3 'f_*'", total, outcomes)
@@ -517,11 +526,11 @@ def api_sites(exe: Path) -> list[int]:
 
 
 @pytest.mark.xfail(strict=False, reason=XFAIL_REASON)
-def test_kill_tracer_at_every_operation_of_api_cycle(sweep_exe, sweep_code, tmp_path):
+def test_kill_tracer_at_every_operation_of_api_cycle(sweep_exe, sweep_code, log_dir):
     sites = api_sites(sweep_exe)
     assert len(sites) > len(FUNCS), "mid-function sites too"
     total, outcomes = sweep(
-        sweep_exe, sweep_code, lambda t: api_command(t.pid, [a + t.bias for a in sites]), tmp_path
+        sweep_exe, sweep_code, lambda t: api_command(t.pid, [a + t.bias for a in sites]), log_dir
     )
     print(report("register_many/unregister_many", total, outcomes, everything=True))  # shown with -s
     harmed = [o for o in outcomes if o.problems]

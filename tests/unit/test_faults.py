@@ -144,3 +144,9 @@ def test_configure_in_process():
     finally:
         faults.kill_at, faults.count_path, faults.count, faults.enabled = saved[0], saved[1], saved[2], saved[4]
         faults.log[:] = saved[3]
+
+
+def test_kill_happens_even_if_the_log_cannot_be_written(tmp_path):
+    res = run_child(TICKS, {faults.KILL_VAR: "2", faults.COUNT_VAR: str(tmp_path / "gone" / "ops")}, tmp_path)
+    assert res.returncode == -signal.SIGKILL
+    assert res.stdout.splitlines() == ["enabled True", "done 1"]
