@@ -28,6 +28,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -165,6 +166,7 @@ class SweepTarget:
         return f"exited with {rc}: {out.strip()[-200:]!r}"
 
     def kill(self) -> None:
+        """SIGKILL (a stopped process dies too), reap, close the pipes."""
         if self.proc.poll() is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -249,12 +251,14 @@ class Outcome:
 
 
 def tracer_env(**extra: str) -> dict[str, str]:
+    """This environment without the fault variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in (faults.KILL_VAR, faults.COUNT_VAR)}
     env.update(extra)
     return env
 
 
 def count_command(pid: int) -> list[str]:
+    """The CLI run swept: insertion, 0.3 s of counting, removal."""
     return [sys.executable, "-m", "djprobe", "count", "-p", str(pid), "-d", "0.3", "f_*"]
 
 
@@ -273,6 +277,7 @@ API_SCRIPT = textwrap.dedent(
 
 
 def api_command(pid: int, sites: list[int]) -> list[str]:
+    """A child Python that registers probes at ``sites`` (runtime addresses) and removes them."""
     return [sys.executable, "-c", API_SCRIPT, str(pid), *(hex(a) for a in sites)]
 
 
@@ -284,7 +289,11 @@ def run_tracer(argv: list[str], env: dict[str, str], timeout: float = 60.0) -> s
         return subprocess.CompletedProcess(argv, -999, exc.stdout or "", f"timed out after {timeout} s")
 
 
-def measure(exe: Path, code: FuncBytes, argv_for, tmp: Path) -> list[str]:
+TracerArgv = Callable[["SweepTarget"], list[str]]
+"""The tracer's command line for a target."""
+
+
+def measure(exe: Path, code: FuncBytes, argv_for: TracerArgv, tmp: Path) -> list[str]:
     """The operations of one whole tracer run (DJPROBE_COUNT_OPS), on a fresh target."""
     target = SweepTarget(exe, code)
     try:
@@ -406,7 +415,7 @@ def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcom
     return out
 
 
-def sweep(exe: Path, code: FuncBytes, argv_for, tmp: Path) -> tuple[int, list[Outcome]]:
+def sweep(exe: Path, code: FuncBytes, argv_for: TracerArgv, tmp: Path) -> tuple[int, list[Outcome]]:
     """Measure the operations of one run, then kill at each sampled N. Returns the measured
     count and the outcomes of the kills that harmed the target (or the final stop)."""
     whats = measure(exe, code, argv_for, tmp)
