@@ -6,6 +6,7 @@ import errno
 import os
 from dataclasses import dataclass
 
+from . import faults
 from ..errors import ProcessGoneError, TargetFaultError, TracePermissionError
 
 
@@ -98,6 +99,7 @@ class ProcessMemory:
 
     def read(self, address: int, size: int) -> bytes:
         """Read ``size`` bytes at ``address``. Raises TargetFaultError if not all is readable."""
+        if faults.enabled: faults.tick("mem-read", address, size)  # fmt: skip
         try:
             data = os.pread(self._fd, size, address)
         except OSError as exc:
@@ -114,6 +116,7 @@ class ProcessMemory:
 
     def write(self, address: int, data: bytes) -> None:
         """Write ``data`` at ``address``. Raises TargetFaultError if not all was written."""
+        if faults.enabled: faults.tick("mem-write", address, len(data))  # fmt: skip
         try:
             done = os.pwrite(self._fd, data, address)
         except OSError as exc:

@@ -11,6 +11,8 @@ import ctypes
 import os
 import signal
 
+from . import faults
+
 # --- requests (linux/ptrace.h, asm/ptrace-abi.h) ---
 PTRACE_TRACEME = 0
 PTRACE_PEEKTEXT = 1
@@ -153,6 +155,7 @@ def _arg(value: object) -> int | None:
 def ptrace(request: int, pid: int, addr: object = 0, data: object = 0) -> int:
     """Raw ptrace(request, pid, addr, data). ``addr``/``data`` may be ints or ctypes objects
     (passed by address). Returns the result; raises OSError on failure."""
+    if faults.enabled: faults.tick("ptrace", request, pid)  # fmt: skip
     ctypes.set_errno(0)
     res = _ptrace(request, pid, _arg(addr), _arg(data))
     if res == -1:
@@ -254,6 +257,7 @@ def setsiginfo(tid: int, info: SigInfo) -> None:
 
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     """Send ``sig`` to thread ``tid`` of process ``tgid``."""
+    if faults.enabled: faults.tick("tgkill", tgid, tid, sig)  # fmt: skip
     ctypes.set_errno(0)
     if _syscall(ctypes.c_long(SYS_tgkill), ctypes.c_long(tgid), ctypes.c_long(tid), ctypes.c_long(sig)) == -1:
         err = ctypes.get_errno()
@@ -263,6 +267,7 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
 def tgsigqueueinfo(tgid: int, tid: int, sig: int, info: SigInfo) -> None:
     """rt_tgsigqueueinfo: queue ``sig`` with ``info`` to a thread (the kernel refuses si_code >= 0
     and SI_TKILL when the sender is another process: EPERM)."""
+    if faults.enabled: faults.tick("tgsigqueueinfo", tgid, tid, sig)  # fmt: skip
     ctypes.set_errno(0)
     res = _syscall(
         ctypes.c_long(SYS_rt_tgsigqueueinfo),
