@@ -43,6 +43,7 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .sites import SiteAnalysis, analyse_site
+from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["Djprobe", object], None]
 
-STACK_SCAN_BYTES = 64 * 1024
 STEP_LIMIT = 2048
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
@@ -179,7 +179,7 @@ class ProbedProcess:
         self.max_stop_seconds = MAX_STOP_SECONDS
         self._closed = False
         self._stop_depth = 0
-        self._stacks: dict[int, np.ndarray] = {}
+        self._stacks = StackWords()
         self._stacks_key: int | None = None
         self._stop_generation = 0
         self._stepped = False
@@ -297,6 +297,7 @@ class ProbedProcess:
         pending.reverse()
         while pending:
             with self.stopped():
+                self._stack_snapshot()  # first: it costs the same for one probe as for many
                 deadline = time.monotonic() + self.max_stop_seconds
                 while pending:
                     djp, analysis, prepared = pending.pop()
@@ -457,24 +458,26 @@ class ProbedProcess:
     def _return_into(self, start: int, end: int) -> str | None:
         """Why a thread might resume strictly inside (start, end) other than through its rip
         (a return address or a signal frame on its stack), or None."""
-        for tid, words in self._stack_snapshot().items():
-            i = int(np.searchsorted(words, start, side="right"))
-            if i < len(words) and words[i] < end:
-                return (
-                    f"thread {tid} holds {int(words[i]):#x} on its stack (a return address or signal "
-                    "frame inside the displaced bytes); try again later"
-                )
+        found = self._stack_snapshot().first_inside(start, end)
+        if found is not None:
+            tid, word = found
+            return (
+                f"thread {tid} holds {word:#x} on its stack (a return address or signal "
+                "frame inside the displaced bytes); try again later"
+            )
         return None
 
-    def _stack_snapshot(self) -> dict[int, np.ndarray]:
-        """Sorted 8-byte words of the top of each stopped thread's stack (cached for this stop)."""
+    def _stack_snapshot(self) -> StackWords:
+        """The code addresses on every stopped thread's whole used stack (cached for this stop;
+        after a thread was stepped, the threads that ran are read again)."""
         key = self._stop_generation
         if self._stacks_key != key:
-            self._stacks = {}
-            for thread in self.process.threads.values():
-                data = thread.stack_top(STACK_SCAN_BYTES)
-                self._stacks[thread.tid] = np.unique(np.frombuffer(data[: len(data) & ~7], dtype=np.uint64))
+            self._stacks = StackWords.of(self.process)
             self._stacks_key = key
+            self._stepped = False
+        elif self._stepped:
+            self._stacks = self._stacks.refresh(self.process)
+            self._stepped = False
         return self._stacks
 
     def _move_threads_into_stub(self, analysis: SiteAnalysis, stub: Stub) -> None:
@@ -511,6 +514,7 @@ class ProbedProcess:
         pending = list(reversed(djps))
         while pending:
             with self.stopped():
+                self._stack_snapshot()  # first: it costs the same for one probe as for many
                 deadline = time.monotonic() + self.max_stop_seconds
                 while pending:
                     djp = pending.pop()
@@ -643,14 +647,7 @@ class ProbedProcess:
         for thread in self.process.threads.values():
             if any(start <= p < end for p in thread.positions()):
                 return True
-        if self._stepped:
-            self._stacks_key = None  # a thread was stepped: take a new snapshot
-            self._stepped = False
-        for words in self._stack_snapshot().values():
-            i = int(np.searchsorted(words, start, side="left"))
-            if i < len(words) and words[i] < end:
-                return True
-        return False
+        return self._stack_snapshot().first_in(start, end) is not None
 
     # -- events --------------------------------------------------------------------------------
     @property
