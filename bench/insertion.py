@@ -4,10 +4,15 @@ The target (targets/many.c) has N distinct small functions, a worker thread call
 rounds, and a monitor thread that spins on CLOCK_MONOTONIC and keeps the largest gap between two
 readings: the longest time its threads were held stopped, seen from inside. The tracer side
 times each stop of the world too (``Process.stop`` to the end of ``Process.resume``).
+
+With ``deep_threads`` (``run_deep``), more threads each recurse to about ``deep_kib`` KiB of used
+stack and sleep there: every stop scans every thread's whole used stack for return addresses and
+signal frames (djprobe.stacks), and this measures what that adds to a stop and to insertion.
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -45,14 +50,22 @@ class InsertionResult:
     tracer_rss_before_kib: int
     tracer_rss_probed_kib: int
     tracer_maxrss_kib: int
+    deep_threads: int = 0  # extra threads parked with deep_kib KiB of used stack each
+    deep_kib: int = 0
+    stack_scans: int = 0  # scans of every thread's used stack (one per stop)
+    stack_refreshes: int = 0  # partial scans: the threads stepped out of a stub, read again
+    stack_scan_ms: float = 0.0  # median time of one scan: what it adds to a stop
+    stack_scan_max_ms: float = 0.0
+    stack_scan_kib: float = 0.0  # median KiB read per scan
     notes: list[str] = field(default_factory=list)
 
 
 class _Target:
-    def __init__(self, n_functions: int) -> None:
+    def __init__(self, n_functions: int, deep_threads: int = 0, deep_kib: int = 0) -> None:
         exe = build.many_target(n_functions)
         self.exe = exe
-        self.p = subprocess.Popen([str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        argv = [str(exe)] + ([str(deep_threads), str(deep_kib)] if deep_threads else [])
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         line = self.p.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"insertion target did not start: {line!r}")
@@ -111,10 +124,28 @@ def _text_of(pid: int, start: int, size: int) -> bytes:
         return f.read(size)
 
 
-def run(n_probes: int = 1000, n_functions: int = 1200) -> InsertionResult:
+def _count_scans(proc) -> list:
+    """Every stack scan the probed process makes from now on (djprobe.stacks.StackWords)."""
+    scans: list = []
+    snapshot = proc._stack_snapshot
+
+    def counted():
+        before = proc._stacks
+        got = snapshot()
+        if got is not before:
+            scans.append(got)
+        return got
+
+    proc._stack_snapshot = counted
+    return scans
+
+
+def run(n_probes: int = 1000, n_functions: int = 1200, deep_threads: int = 0, deep_kib: int = 0) -> InsertionResult:
+    """Insert and remove ``n_probes`` count probes; with ``deep_threads`` more threads parked at
+    ``deep_kib`` KiB of used stack each (what scanning every thread's whole stack costs)."""
     import djprobe
 
-    target = _Target(n_functions)
+    target = _Target(n_functions, deep_threads, deep_kib)
     try:
         time.sleep(0.2)
         target.gap_ms()
@@ -125,6 +156,7 @@ def run(n_probes: int = 1000, n_functions: int = 1200) -> InsertionResult:
         proc = djprobe.attach(target.pid)
         try:
             timer = _StopTimer(proc.process)
+            scans = _count_scans(proc)
             djps = [djprobe.Djprobe(f"f{i:05d}") for i in range(n_probes)]
             target.gap_ms()
             t0 = time.perf_counter()
@@ -154,6 +186,7 @@ def run(n_probes: int = 1000, n_functions: int = 1200) -> InsertionResult:
         finally:
             proc.close()
         rss_after = rss_kib(target.pid)
+        full = [s for s in scans if not s.reused]  # refreshes read again only threads that were stepped
         # Every original byte is back: compare the patched sites with the file.
         restored = _restored(target, sites)
         return InsertionResult(
@@ -176,6 +209,13 @@ def run(n_probes: int = 1000, n_functions: int = 1200) -> InsertionResult:
             tracer_rss_before_kib=tracer_before,
             tracer_rss_probed_kib=tracer_probed,
             tracer_maxrss_kib=max(rss_kib("self", "VmHWM"), tracer_probed),  # VmHWM lags
+            deep_threads=deep_threads,
+            deep_kib=deep_kib,
+            stack_scans=len(full),
+            stack_refreshes=len(scans) - len(full),
+            stack_scan_ms=1e3 * statistics.median(s.seconds for s in full) if full else 0.0,
+            stack_scan_max_ms=1e3 * max((s.seconds for s in full), default=0.0),
+            stack_scan_kib=statistics.median(s.bytes_scanned for s in full) / 1024 if full else 0.0,
             notes=[f"{len(refused)} refused: {refused[0][1]}"] if refused else [],
         )
     finally:
@@ -197,3 +237,12 @@ def _restored(target: _Target, sites: list[tuple[int, int]]) -> bool:
         if _text_of(target.pid, address, size) != data[off : off + size]:
             return False
     return True
+
+
+DEEP_THREADS = 16
+DEEP_KIB = 1024
+
+
+def run_deep(n_probes: int = 1000, n_functions: int = 1200) -> InsertionResult:
+    """:func:`run` with 16 more threads holding about 1 MiB of used stack each."""
+    return run(n_probes, n_functions, DEEP_THREADS, DEEP_KIB)

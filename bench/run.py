@@ -1,6 +1,7 @@
 """The djprobe benchmark: one run, one table (see bench/README.md).
 
     python3 -m bench.run [--quick] [--reps N] [--json FILE] [--only KEY,...] [--no-insertion]
+                         [--no-deep-stacks] [--insertion-only]
 """
 
 from __future__ import annotations
@@ -176,26 +177,37 @@ def _wrap(line: str) -> str:
 
 
 def format_insertion(ins: dict) -> str:
+    deep = ins.get("deep_threads")
+    where = (
+        f"a running process with {deep} more threads at {ins['deep_kib']} KiB of used stack each"
+        if deep
+        else "a running process"
+    )
     lines = [
-        f"Insertion: {ins['probes']} count probes into a running process "
+        f"Insertion{' with deep stacks' if deep else ''}: {ins['probes']} count probes into {where} "
         f"({ins['refused']} refused; counts exact: {ins['counts_exact']}; bytes restored: {ins['restored']})",
         f"  register_many   {ins['insert_s'] * 1e3:8.1f} ms in all, {ins['insert_stops']} stops; longest stop "
         f"{ins['insert_max_stop_ms']:.1f} ms (tracer), {ins['insert_max_gap_ms']:.1f} ms (seen in target)",
         f"  unregister_many {ins['remove_s'] * 1e3:8.1f} ms in all, {ins['remove_stops']} stops; longest stop "
         f"{ins['remove_max_stop_ms']:.1f} ms (tracer), {ins['remove_max_gap_ms']:.1f} ms (seen in target)",
         f"  (largest gap the target's monitor saw with no tracer at work: {ins['idle_max_gap_ms']:.1f} ms)",
+        f"  stack scan (every thread's whole used stack, once per stop): {ins.get('stack_scan_ms', 0):.2f} ms "
+        f"median, {ins.get('stack_scan_max_ms', 0):.2f} ms max, {ins.get('stack_scan_kib', 0):.0f} KiB read; "
+        f"{ins.get('stack_scans', 0)} scans, {ins.get('stack_refreshes', 0)} partial (stepped threads)",
         f"Memory: target RSS {ins['target_rss_before_kib']} KiB -> {ins['target_rss_probed_kib']} KiB with probes "
         f"(+{ins['target_rss_probed_kib'] - ins['target_rss_before_kib']} KiB) -> {ins['target_rss_after_kib']} KiB "
         "after removal",
         f"        tracer RSS {ins['tracer_rss_before_kib']} KiB before attach -> {ins['tracer_rss_probed_kib']} KiB "
         f"with {ins['probes']} probes (peak {ins['tracer_maxrss_kib']} KiB)",
     ]
+    if deep:
+        lines = lines[:5]  # memory: as without the deep threads
     lines.extend(f"  note: {n}" for n in ins.get("notes", []))
     return "\n".join(_wrap(line) for line in lines)
 
 
-def run_insertion(reps: int) -> dict:
-    results = [dataclasses.asdict(insertion.run()) for _ in range(reps)]
+def run_insertion(reps: int, run=insertion.run) -> dict:
+    results = [dataclasses.asdict(run()) for _ in range(reps)]
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
@@ -265,18 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON ('-' for stdout)")
     ap.add_argument("--only", metavar="KEYS", help="comma-separated row keys: " + ",".join(s.key for s in loop.ROWS))
     ap.add_argument("--no-insertion", action="store_true", help="skip the insertion and memory measurement")
+    ap.add_argument("--no-deep-stacks", action="store_true", help="skip the insertion with 16 threads x 1 MiB stacks")
+    ap.add_argument("--insertion-only", action="store_true", help="only the insertion measurements (no rows)")
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
     only = set(args.only.split(",")) if args.only else None
     info = machine()
     t0 = time.monotonic()
-    ins = None
+    ins = deep = None
     if not args.no_insertion:  # first: the tracer's RSS is measured before frida & co. are loaded
         print("insertion...", file=sys.stderr)
         ins = run_insertion(1 if args.quick else min(reps, 3))
-    print("rows...", file=sys.stderr)
-    rows = run_rows(args.quick, reps, only)
+        if not args.no_deep_stacks:
+            print("insertion with deep stacks...", file=sys.stderr)
+            deep = run_insertion(1 if args.quick else min(reps, 3), insertion.run_deep)
+    rows = []
+    if not args.insertion_only:
+        print("rows...", file=sys.stderr)
+        rows = run_rows(args.quick, reps, only)
     gl = goals(rows, ins)
+    if args.insertion_only:
+        gl = [g for g in gl if g[2] is not None]  # the rows' goals were not measured
     info["seconds"] = round(time.monotonic() - t0, 1)
     info["mode"] = "quick" if args.quick else "full"
     info["repetitions"] = reps
@@ -284,24 +305,28 @@ def main(argv: list[str] | None = None) -> int:
         f"djprobe benchmark, {info['mode']} mode, {reps} repetition(s), {info['date']}",
         f"{info['cpu']}, {info['cpus']} CPUs, Linux {info['kernel']}, Python {info['python']}, "
         f"load average at start {info['load_avg_at_start']:.2f}",
-        "",
-        format_table(rows),
     ]
+    if rows:
+        out += ["", format_table(rows)]
     if ins:
         out += ["", format_insertion(ins)]
+    if deep:
+        out += ["", format_insertion(deep)]
     out += ["", format_goals(gl), "", f"({info['seconds']} s)"]
     text = "\n".join(out)
     if args.json != "-":
         print(text)
     if args.json:
-        doc = {"machine": info, "rows": rows, "insertion": ins,
+        doc = {"machine": info, "rows": rows, "insertion": ins, "insertion_deep_stacks": deep,
                "goals": [{"goal": g, "value": v, "met": m} for g, v, m in gl]}  # fmt: skip
         data = json.dumps(doc, indent=2, default=str)
         if args.json == "-":
             print(data)
         else:
             Path(args.json).write_text(data + "\n")
-    return 1 if any(r["status"] == "WRONG" for r in rows) or (ins and not (ins["counts_exact"] and ins["restored"])) else 0
+    wrong = any(r["status"] == "WRONG" for r in rows)
+    wrong |= any(x and not (x["counts_exact"] and x["restored"]) for x in (ins, deep))
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

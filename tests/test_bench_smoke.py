@@ -43,5 +43,8 @@ def test_quick_bench_counts_are_exact(tmp_path):
     assert {"none", "atomic", "djp_entry", "djp_mid", "ptrace"} <= ran
     ins = doc["insertion"]
     assert ins["refused"] == 0 and ins["counts_exact"] and ins["restored"]
+    deep = doc["insertion_deep_stacks"]  # 16 more threads with 1 MiB of used stack each
+    assert deep["refused"] == 0 and deep["counts_exact"] and deep["restored"]
+    assert deep["stack_scan_kib"] > 16 * 1024
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "count probe at entry" in res.stdout

@@ -8,8 +8,13 @@
  *   run K      -> "ran K": the main thread calls every function K times
  *   worker 0|1 -> "ok": the worker stops calling (and is idle when this answers) or starts again
  *   quit
+ *
+ * Arguments (optional): DEEP KIB: DEEP more threads each recurse until about KIB KiB of their
+ * stack is in use (frames of return addresses, saved registers, and locals that are stack
+ * pointers and small numbers, as real stacks hold), then sleep there (the stack scan's cost).
  */
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,10 +63,35 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-int main(void) {
+static long deep_kib;
+static volatile int deep_ready;
+
+__attribute__((noinline)) static long descend(char *top, long level) {
+    volatile long locals[30];
+    for (int i = 0; i < 30; i++) locals[i] = (i & 1) ? (long)&locals[i] : level * 31 + i;
+    if (top - (char *)&locals[0] < deep_kib * 1024) return descend(top, level + 1) + locals[level % 30];
+    __atomic_fetch_add(&deep_ready, 1, __ATOMIC_RELAXED);
+    for (;;) pause();
+    return locals[0];
+}
+
+static void *deep(void *arg) {
+    (void)arg;
+    char top;
+    return (void *)descend(&top, 0);
+}
+
+int main(int argc, char **argv) {
     pthread_t th;
     pthread_create(&th, NULL, monitor, NULL);
     pthread_create(&th, NULL, worker, NULL);
+    int n_deep = argc > 2 ? atoi(argv[1]) : 0;
+    deep_kib = argc > 2 ? atol(argv[2]) : 0;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, (size_t)(deep_kib + 256) * 1024);
+    for (int i = 0; i < n_deep; i++) pthread_create(&th, &attr, deep, NULL);
+    while (deep_ready < n_deep) usleep(1000);
     printf("ready %d %d\n", getpid(), N_FUNCS);
     fflush(stdout);
     char line[128];

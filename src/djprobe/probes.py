@@ -47,6 +47,7 @@ from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area
 from .sites import SiteAnalysis, analyse_site
+from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["Djprobe", object], None]
 
-STACK_SCAN_BYTES = 64 * 1024
 #: At close, how often the world is let run briefly so that threads leave the stubs by themselves.
 CLOSE_SETTLE_TRIES = 20
 WAIT_TIMEOUT = 0.5
@@ -205,7 +205,7 @@ class ProbedProcess:
         self.max_stop_seconds = MAX_STOP_SECONDS
         self._closed = False
         self._stop_depth = 0
-        self._stacks: dict[int, np.ndarray] = {}
+        self._stacks = StackWords()
         self._stacks_key: int | None = None
         self._stop_generation = 0
         self._retired: list[tuple[Instance, Region, int, Stub]] = []  # slots a thread may still be in
@@ -331,6 +331,7 @@ class ProbedProcess:
         pending.reverse()
         while pending:
             with self.stopped():
+                self._stack_snapshot()  # first: it costs the same for one probe as for many
                 deadline = time.monotonic() + self.max_stop_seconds
                 while pending:
                     djp, analysis, prepared = pending.pop()
@@ -526,23 +527,21 @@ class ProbedProcess:
     def _return_into(self, start: int, end: int) -> str | None:
         """Why a thread might resume strictly inside (start, end) other than through its rip
         (a return address or a signal frame on its stack), or None."""
-        for tid, words in self._stack_snapshot().items():
-            i = int(np.searchsorted(words, start, side="right"))
-            if i < len(words) and words[i] < end:
-                return (
-                    f"thread {tid} holds {int(words[i]):#x} on its stack (a return address or signal "
-                    "frame inside the displaced bytes); try again later"
-                )
+        found = self._stack_snapshot().first_inside(start, end)
+        if found is not None:
+            tid, word = found
+            return (
+                f"thread {tid} holds {word:#x} on its stack (a return address or signal "
+                "frame inside the displaced bytes); try again later"
+            )
         return None
 
-    def _stack_snapshot(self) -> dict[int, np.ndarray]:
-        """Sorted 8-byte words of the top of each stopped thread's stack (cached for this stop)."""
+    def _stack_snapshot(self) -> StackWords:
+        """The code addresses on every stopped thread's whole used stack (cached for this stop:
+        no thread runs while the world is stopped)."""
         key = self._stop_generation
         if self._stacks_key != key:
-            self._stacks = {}
-            for thread in self.process.threads.values():
-                data = thread.stack_top(STACK_SCAN_BYTES)
-                self._stacks[thread.tid] = np.unique(np.frombuffer(data[: len(data) & ~7], dtype=np.uint64))
+            self._stacks = StackWords.of(self.process)
             self._stacks_key = key
         return self._stacks
 
@@ -580,6 +579,7 @@ class ProbedProcess:
         pending = list(reversed(djps))
         while pending:
             with self.stopped():
+                self._stack_snapshot()  # first: it costs the same for one probe as for many
                 deadline = time.monotonic() + self.max_stop_seconds
                 while pending:
                     djp = pending.pop()
@@ -734,11 +734,7 @@ class ProbedProcess:
         for thread in self.process.threads.values():
             if any(start <= p < end for p in thread.positions()):
                 return True
-        for words in self._stack_snapshot().values():
-            i = int(np.searchsorted(words, start, side="left"))
-            if i < len(words) and words[i] < end:
-                return True
-        return False
+        return self._stack_snapshot().first_in(start, end) is not None
 
     # -- events --------------------------------------------------------------------------------
     @property

@@ -33,6 +33,7 @@ from ._sys.procfs import MapEntry, ProcessMemory, find_mapping, read_maps
 from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout, InstanceState
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
 from .process import Process
+from .stacks import StackWords
 from .stubs import jump_bytes
 from .symbols import Symbols
 
@@ -41,7 +42,6 @@ __all__ = ["FoundArea", "FoundInstance", "CleanupReport", "find_areas", "status"
 #: The data part of a probe area as /proc/PID/maps shows it (procfs strips " (deleted)").
 AREA_PATH_RE = re.compile(r"^/dev/shm/djprobe-(\d+)-([0-9a-f]+)$")
 
-STACK_SCAN_BYTES = 64 * 1024
 #: How often cleanup lets the world run for a moment so that threads leave stubs by themselves.
 SETTLE_TRIES = 20
 
@@ -518,25 +518,25 @@ def _threads_in_code(process: Process, areas: list[FoundArea]) -> set[int]:
 
 
 def _references(process: Process, areas: list[FoundArea], busy: dict[int, str]) -> None:
-    """Mark areas whose code part a thread may still execute or return into."""
+    """Mark areas whose code part a thread may still execute or return into (the whole used
+    stack of every thread is searched, see :mod:`djprobe.stacks`)."""
     for thread in list(process.threads.values()):
         if thread.gone:
             continue
         positions = thread.positions()
-        data = thread.stack_top(STACK_SCAN_BYTES)
-        words = np.frombuffer(data[: len(data) & ~7], dtype=np.uint64)
         for a in areas:
-            if a.data_address in busy or not a.code_mapped:
-                continue
-            if any(a.code_address <= p < a.code_end for p in positions):
+            if a.data_address not in busy and a.code_mapped and any(a.code_address <= p < a.code_end for p in positions):
                 busy[a.data_address] = f"thread {thread.tid} is inside a stub"
-                continue
-            hit = words[(words >= a.code_address) & (words < a.code_end)]
-            if len(hit):
-                busy[a.data_address] = (
-                    f"thread {thread.tid} holds stub address {int(hit[0]):#x} on its stack "
-                    "(a signal frame or saved pointer)"
-                )
+    stacks = StackWords.of(process)
+    for a in areas:
+        if a.data_address in busy or not a.code_mapped:
+            continue
+        found = stacks.first_in(a.code_address, a.code_end)
+        if found is not None:
+            tid, word = found
+            busy[a.data_address] = (
+                f"thread {tid} holds stub address {word:#x} on its stack (a signal frame or saved pointer)"
+            )
 
 
 def cleanup(pid: int, *, force: bool = False) -> CleanupReport:

@@ -114,6 +114,19 @@ class ProcessMemory:
             )
         return data
 
+    def read_into(self, address: int, buffer: memoryview) -> int:
+        """Read into ``buffer`` (writable, bytes) from ``address``; returns how many bytes were
+        read: fewer than asked when an unreadable page stops the read, 0 when the first one is
+        unreadable. No allocation: for reading much memory in chunks."""
+        try:
+            return os.preadv(self._fd, [buffer], address)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EFAULT):
+                return 0
+            raise TargetFaultError(
+                f"cannot read at {address:#x} in process {self.pid}: {exc.strerror}", address=address
+            ) from exc
+
     def write(self, address: int, data: bytes) -> None:
         """Write ``data`` at ``address``. Raises TargetFaultError if not all was written."""
         if faults.enabled: faults.tick("mem-write", address, len(data))  # fmt: skip
