@@ -53,7 +53,6 @@ class InsertionResult:
     deep_threads: int = 0  # extra threads parked with deep_kib KiB of used stack each
     deep_kib: int = 0
     stack_scans: int = 0  # scans of every thread's used stack (one per stop)
-    stack_refreshes: int = 0  # partial scans: the threads stepped out of a stub, read again
     stack_scan_ms: float = 0.0  # median time of one scan: what it adds to a stop
     stack_scan_max_ms: float = 0.0
     stack_scan_kib: float = 0.0  # median KiB read per scan
@@ -186,7 +185,7 @@ def run(n_probes: int = 1000, n_functions: int = 1200, deep_threads: int = 0, de
         finally:
             proc.close()
         rss_after = rss_kib(target.pid)
-        full = [s for s in scans if not s.reused]  # refreshes read again only threads that were stepped
+        full = scans
         # Every original byte is back: compare the patched sites with the file.
         restored = _restored(target, sites)
         return InsertionResult(
@@ -212,7 +211,6 @@ def run(n_probes: int = 1000, n_functions: int = 1200, deep_threads: int = 0, de
             deep_threads=deep_threads,
             deep_kib=deep_kib,
             stack_scans=len(full),
-            stack_refreshes=len(scans) - len(full),
             stack_scan_ms=1e3 * statistics.median(s.seconds for s in full) if full else 0.0,
             stack_scan_max_ms=1e3 * max((s.seconds for s in full), default=0.0),
             stack_scan_kib=statistics.median(s.bytes_scanned for s in full) / 1024 if full else 0.0,

@@ -193,7 +193,7 @@ def format_insertion(ins: dict) -> str:
         f"  (largest gap the target's monitor saw with no tracer at work: {ins['idle_max_gap_ms']:.1f} ms)",
         f"  stack scan (every thread's whole used stack, once per stop): {ins.get('stack_scan_ms', 0):.2f} ms "
         f"median, {ins.get('stack_scan_max_ms', 0):.2f} ms max, {ins.get('stack_scan_kib', 0):.0f} KiB read; "
-        f"{ins.get('stack_scans', 0)} scans, {ins.get('stack_refreshes', 0)} partial (stepped threads)",
+        f"{ins.get('stack_scans', 0)} scans",
         f"Memory: target RSS {ins['target_rss_before_kib']} KiB -> {ins['target_rss_probed_kib']} KiB with probes "
         f"(+{ins['target_rss_probed_kib'] - ins['target_rss_before_kib']} KiB) -> {ins['target_rss_after_kib']} KiB "
         "after removal",
