@@ -8,6 +8,7 @@ import sys
 
 from ..errors import InvalidSiteError
 from ..recovery import CleanupReport, cleanup
+from ._output import add_output_argument, report_stream
 
 EXAMPLES = """examples:
   djprobe cleanup -p 1234          restore every byte patched by djprobe in 1234, unmap its areas
@@ -31,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also clean areas whose tracer is alive, and restore sites whose bytes changed since",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -64,10 +66,12 @@ def format_report(r: CleanupReport) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.pid <= 0:
         raise InvalidSiteError(f"invalid PID {args.pid}")
-    report = cleanup(args.pid, force=args.force)
-    if args.json:
-        print(json.dumps(report.to_json()))
-    else:
-        out = sys.stdout if report.ok else sys.stderr
-        print(format_report(report), file=out)
+    with report_stream(args) as out:
+        report = cleanup(args.pid, force=args.force)
+        if args.json:
+            print(json.dumps(report.to_json()), file=out)
+        else:
+            # A failed clean-up is shown on stderr too, unless the report has a file of its own.
+            stream = sys.stderr if not report.ok and out is sys.stdout else out
+            print(format_report(report), file=stream)
     return 0 if report.ok else 1

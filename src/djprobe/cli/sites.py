@@ -24,6 +24,7 @@ import textwrap
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..sites import SiteAnalysis, Verdict, analyse_site, coverage
+from ._output import add_output_argument, report_stream
 
 EPILOG = """examples:
   djprobe sites libc:malloc            what a probe at malloc's entry displaces
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, help="displace exactly SIZE bytes (default: the fewest "
                         "whole instructions covering 5 bytes)")
     parser.add_argument("--json", action="store_true", help="JSON lines output")
+    add_output_argument(parser)
     parser.add_argument("--all", metavar="MODULE", help="summarise the coverage of every function of MODULE")
     parser.add_argument("--boundaries", action="store_true",
                         help="with --all: also every instruction boundary, not only function entries")
@@ -215,7 +217,11 @@ def format_coverage(rep) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = sys.stdout
+    with report_stream(args) as out:
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out) -> int:
     if args.all:
         if args.sites:
             raise InvalidSiteError("give either --all MODULE or SITEs, not both")

@@ -10,12 +10,16 @@ import time
 from ..area import AreaLayout
 from ..events import EventBatch
 from ..probes import Djprobe
+from ._output import add_output_argument, banner, print_refusals, refusal_reason, report_stream
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
 
 EXAMPLES = """examples:
   djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
   djprobe trace -p 1234 -d 2 --json 'libc:open*' # JSON lines for 2 s
   djprobe trace -p 1234 'work' | head -5          # the first 5 hits; probes are removed on exit
+  djprobe trace -o hits.txt 'libc:open*' -- ls    # the hits in a file, ls's output on stdout
+
+The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
 """
 
 
@@ -26,9 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Place a recording jump probe at every site matching the patterns and print each hit.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe trace [--json] [-T] [-d SECONDS] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
+    add_output_argument(parser)
     parser.add_argument("-T", "--timestamp", action="store_true", help="print wall-clock time of day")
     parser.add_argument(
         "--ring-slots",
@@ -89,17 +94,19 @@ def run(args: argparse.Namespace) -> int:
     install_signal_handlers()
     if args.ring_slots <= 0 or args.ring_slots & (args.ring_slots - 1):
         raise SystemExit(f"djprobe trace: error: --ring-slots must be a power of two, not {args.ring_slots}")
+    with report_stream(args) as out:
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out) -> int:
     target = open_target(args)
-    out = sys.stdout
     with target:
         target.layout = AreaLayout(ring_slots=args.ring_slots)
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         probes, refused = make_probes(target, args.patterns, record=True, registers=registers)
-        quoted = " ".join(args.patterns)
-        print(f'Tracing {len(probes)} functions for "{quoted}"... Hit Ctrl-C to end.', file=sys.stderr, flush=True)
-        for r in refused:
-            print(f"  refused {r.site}: {r.reason}", file=sys.stderr)
+        print(banner(len(probes), args.patterns), file=sys.stderr, flush=True)
+        print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
         wall_offset = time.time_ns() - start_ns
