@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import re
 import sys
+import textwrap
 from typing import Iterable, Iterator, TextIO
 
 # A banner lists at most this many patterns, then "and N more".
@@ -40,8 +41,11 @@ def report_stream(args: argparse.Namespace) -> Iterator[TextIO]:
         yield out
 
 
-def notice(text: str) -> None:
-    """A message from djprobe itself (banner, refusals, hints): always on stderr."""
+def notice(text: str, *, wrap: bool = False) -> None:
+    """A message from djprobe itself (banner, refusals, hints): always on stderr; ``wrap`` folds
+    a long note under 80 columns."""
+    if wrap:
+        text = textwrap.fill(text, 79, subsequent_indent="  ", break_on_hyphens=False)
     print(text, file=sys.stderr, flush=True)
 
 

@@ -8,7 +8,9 @@ import time
 from typing import TextIO
 
 from ..area import AreaLayout
+from ..errors import SymbolNotFoundError
 from ..probes import Djprobe
+from ._wrapper import ExecWatch, script_note
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
 
@@ -89,11 +91,20 @@ def _report(out: TextIO, args: argparse.Namespace, target_pid: int, probes: list
 
 def run(args: argparse.Namespace) -> int:
     install_signal_handlers()
+    note = script_note(args.command_argv)
+    if note is not None:
+        notice(f"note: {note}", wrap=True)
     with report_stream(args) as out:
         target = open_target(args)
         with target:
             target.layout = AreaLayout.for_counting()  # no event rings: 660 KiB of data, not 9 MiB
-            probes, refused = make_probes(target, args.patterns)
+            watch = ExecWatch(target.pid) if args.command_argv else None
+            try:
+                probes, refused = make_probes(target, args.patterns)
+            except SymbolNotFoundError as exc:
+                if note is None:
+                    raise
+                raise SymbolNotFoundError(f"{exc} ({args.command_argv[0]} is a script: see the note above)") from exc
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
@@ -103,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
                 interval += 1
                 _report(out, args, target.pid, probes, refused, None, interval, final=False)
             target.unregister_many(probes)
+        exec_note = watch.note() if watch is not None else None  # before the command is reaped
+        if exec_note is not None:
+            notice(f"note: {exec_note}", wrap=True)
         status = exit_status(target) if args.command_argv else None
         _report(out, args, target.pid, probes, refused, status, interval + 1, final=True)
     return status or 0

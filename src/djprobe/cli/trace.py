@@ -9,8 +9,10 @@ import time
 
 from ..area import AreaLayout
 from ..events import EventBatch
+from ..errors import SymbolNotFoundError
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, print_refusals, refusal_reason, report_stream
+from ._wrapper import ExecWatch, script_note
+from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
 
 EXAMPLES = """examples:
@@ -99,12 +101,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out) -> int:
+    note = script_note(args.command_argv)
+    if note is not None:
+        notice(f"note: {note}", wrap=True)
     target = open_target(args)
     with target:
         target.layout = AreaLayout(ring_slots=args.ring_slots)
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        probes, refused = make_probes(target, args.patterns, record=True, registers=registers)
+        watch = ExecWatch(target.pid) if args.command_argv else None
+        try:
+            probes, refused = make_probes(target, args.patterns, record=True, registers=registers)
+        except SymbolNotFoundError as exc:
+            if note is None:
+                raise
+            raise SymbolNotFoundError(f"{exc} ({args.command_argv[0]} is a script: see the note above)") from exc
         print(banner(len(probes), args.patterns), file=sys.stderr, flush=True)
         print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
         if not args.json:
@@ -134,6 +145,9 @@ def _run(args: argparse.Namespace, out) -> int:
         if len(leftover):
             lines = _json_lines(leftover) if args.json else _format_lines(leftover, start_ns, wall_offset, args.timestamp)
             out.write("\n".join(lines) + "\n")
+    exec_note = watch.note() if watch is not None else None  # before the command is reaped
+    if exec_note is not None:
+        notice(f"note: {exec_note}", wrap=True)
     status = exit_status(target) if args.command_argv else None
     print(_summary(probes, args.json), file=out, flush=True)
     return status or 0
