@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 from ..errors import InvalidSiteError
 from ..recovery import CleanupReport, cleanup
@@ -81,7 +82,7 @@ def format_stale(removed: list[AreaFile], failed: list[tuple[AreaFile, str]], ke
     return "\n".join(lines)
 
 
-def _run_stale(args: argparse.Namespace, out) -> int:
+def _run_stale(args: argparse.Namespace, out: TextIO) -> int:
     removed, failed = remove_stale()
     kept = [f for f in area_files() if not f.stale]
     if args.json:
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return status
 
 
-def _run_pid(args: argparse.Namespace, out) -> int:
+def _run_pid(args: argparse.Namespace, out: TextIO) -> int:
     report = cleanup(args.pid, force=args.force)
     if args.json:
         print(json.dumps(report.to_json()), file=out)

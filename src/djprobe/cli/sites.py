@@ -21,8 +21,8 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import textwrap
+from typing import TextIO
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..sites import SiteAnalysis, Verdict, analyse_site, coverage
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, out)
 
 
-def _run(args: argparse.Namespace, out) -> int:
+def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.all:
         if args.sites:
             raise InvalidSiteError("give either --all MODULE or SITEs, not both")

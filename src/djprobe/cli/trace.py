@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from typing import TextIO
 
 from ..area import AreaLayout
 from ..events import EventBatch
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, out)
 
 
-def _run(args: argparse.Namespace, out) -> int:
+def _run(args: argparse.Namespace, out: TextIO) -> int:
     note = script_note(args.command_argv)
     if note is not None:
         notice(f"note: {note}", wrap=True)
