@@ -78,8 +78,9 @@ def test_cleanup_without_pid_or_stale_is_an_error():
 
 def test_tracer_sigkilled_at_random_moments_leaves_no_file():
     """25 `djprobe count -p` runs SIGKILLed at random moments of their start-up (attach, area
-    creation, insertion): no area file of theirs survives `cleanup --stale`, and none should exist
-    even before it (the name lives for one injected syscall)."""
+    creation, insertion): no area file of theirs survives `cleanup --stale`. Files left before it
+    are only reported: a kill within the one injected `open` during which the name exists can
+    leave one, which is what `--stale` is for."""
     exe = compile_c(TARGETS / "counts.c", name="counts")
     target = subprocess.Popen([str(exe), "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     tracers: set[int] = set()
@@ -120,4 +121,3 @@ def test_tracer_sigkilled_at_random_moments_leaves_no_file():
             target.wait()
     # Reported, not required: files that existed before `cleanup --stale` ran.
     print(f"area files left before cleanup --stale: {len(before_stale)}")
-    assert before_stale == []
