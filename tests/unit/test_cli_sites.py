@@ -188,3 +188,11 @@ def test_all_says_which_file_a_module_name_is(capsys):
     main(["sites", "--all", "libc", "--json"])
     obj = json.loads(capsys.readouterr().out)
     assert obj["module"] == path and obj["module_name"] == "libc"
+
+
+def test_sites_says_which_file_a_module_name_is(sites_bin, capsys):
+    main(["sites", "libc:free"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("module libc: /") and Path(first.split(": ", 1)[1]).name.startswith("libc.so")
+    main(["sites", f"{sites_bin}:f_rip"])
+    assert not capsys.readouterr().out.startswith("module ")  # a path names itself

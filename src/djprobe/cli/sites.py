@@ -110,7 +110,8 @@ def _split_module(spec: str) -> tuple[str, str]:
     return module, rest
 
 
-def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
+def _analyse(args: argparse.Namespace, resolved: dict[str, str]) -> list[SiteAnalysis]:
+    """The analyses of the SITEs; ``resolved`` gets the file each module name named."""
     results: list[SiteAnalysis] = []
     if args.pid is not None:
         from ..symbols import Symbols
@@ -118,6 +119,8 @@ def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
         with Symbols.from_process(args.pid) as symbols:
             for spec in args.sites:
                 for site in _resolve(symbols, spec):
+                    if site is not None and not isinstance(site, int) and site.module is not None and ":" in spec:
+                        resolved.setdefault(spec.rsplit(":", 1)[0], site.module.path)
                     results.append(analyse_site(symbols, site, args.size))
         return results
     opened: dict[str, object] = {}
@@ -127,6 +130,7 @@ def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
         if symbols is None:
             symbols = opened[module] = _file_symbols(module)
         mod = symbols.modules[0]
+        resolved.setdefault(module, mod.path)
         try:
             sites = _resolve(symbols, f"{mod.path}:{rest}")
         except InvalidSiteError as exc:
@@ -268,7 +272,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         raise InvalidSiteError("--boundaries goes with --all MODULE")
     if not args.sites:
         raise InvalidSiteError("no site given (SITE... or --all MODULE)")
-    results = _analyse(args)
+    resolved: dict[str, str] = {}
+    results = _analyse(args, resolved)
+    if not args.json:
+        for name, path in resolved.items():
+            if name != path:
+                print(f"module {name}: {path}", file=out)
     for i, res in enumerate(results):
         if args.json:
             print(json.dumps(res.to_json()), file=out)
