@@ -37,10 +37,13 @@ _FIXED = {
 
 @dataclass(frozen=True)
 class FdeRange:
-    """The code ``[start, end)`` one FDE describes, as file virtual addresses."""
+    """The code ``[start, end)`` one FDE describes, as file virtual addresses; ``signal_frame``
+    for the FDE of a signal trampoline (CIE augmentation 'S', e.g. glibc's ``__restore_rt``,
+    whose range starts one byte early by convention): not a function."""
 
     start: int
     end: int
+    signal_frame: bool = False
 
     @property
     def size(self) -> int:
@@ -107,8 +110,9 @@ def _read_encoded(data: bytes, pos: int, enc: int, vaddr: int, *, apply: bool = 
     return value & 0xFFFFFFFFFFFFFFFF, pos
 
 
-def _cie_fde_encoding(data: bytes, pos: int, end: int, vaddr: int) -> int:
-    """The FDE pointer encoding a CIE declares (augmentation 'R'); absptr without one."""
+def _cie_fde_encoding(data: bytes, pos: int, end: int, vaddr: int) -> tuple[int, bool]:
+    """The FDE pointer encoding a CIE declares (augmentation 'R'; absptr without one), and
+    whether its FDEs are signal frames (augmentation 'S')."""
     version = data[pos]
     pos += 1
     nul = data.index(b"\0", pos, end)
@@ -138,7 +142,7 @@ def _cie_fde_encoding(data: bytes, pos: int, end: int, vaddr: int) -> int:
                 continue
             else:
                 break  # unknown augmentation: the encoding read so far stands
-    return encoding
+    return encoding, "S" in aug
 
 
 def fde_ranges(data: bytes, vaddr: int) -> list[FdeRange]:
@@ -148,7 +152,7 @@ def fde_ranges(data: bytes, vaddr: int) -> list[FdeRange]:
     Stops at a terminator (length 0) or at the first malformed entry, keeping what came before:
     bounds are a help, never a reason to fail. Raises nothing."""
     out: list[FdeRange] = []
-    cies: dict[int, int] = {}
+    cies: dict[int, tuple[int, bool]] = {}
     pos = 0
     n = len(data)
     try:
@@ -170,16 +174,17 @@ def fde_ranges(data: bytes, vaddr: int) -> list[FdeRange]:
                 cies[start] = _cie_fde_encoding(data, body + 4, end, vaddr)
             else:
                 cie = body - cie_id
-                enc = cies.get(cie)
-                if enc is None and 0 <= cie < n:
+                info = cies.get(cie)
+                if info is None and 0 <= cie < n:
                     # a CIE after its FDE (legal, rare): parse it where it is
                     (cie_len,) = struct.unpack_from("<I", data, cie)
-                    enc = cies[cie] = _cie_fde_encoding(data, cie + 8, cie + 4 + cie_len, vaddr)
-                if enc is not None and enc != _PE_OMIT:
+                    info = cies[cie] = _cie_fde_encoding(data, cie + 8, cie + 4 + cie_len, vaddr)
+                if info is not None and info[0] != _PE_OMIT:
+                    enc, signal_frame = info
                     begin, p = _read_encoded(data, body + 4, enc, vaddr)
                     size, _ = _read_encoded(data, p, enc & 0x0F, vaddr, apply=False)
                     if size > 0 and begin > 0:
-                        out.append(FdeRange(begin, begin + size))
+                        out.append(FdeRange(begin, begin + size, signal_frame))
             pos = end
     except (_Malformed, struct.error, ValueError, IndexError):
         pass

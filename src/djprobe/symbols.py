@@ -765,7 +765,7 @@ class Module:
         for r in fdes:
             if not any(lo <= r.start < hi for lo, hi in exec_ranges):
                 continue
-            if any(lo <= r.start < hi for lo, hi in self._info.plt_ranges):
+            if r.signal_frame or any(lo <= r.start < hi for lo, hi in self._info.plt_ranges):
                 continue
             address = r.start + bias
             if _containing(funcs, func_starts, maxend, address) is not None:

@@ -71,6 +71,23 @@ def test_agrees_with_pyelftools_on_libc():
     assert len(ours) > 1000 and ours == _reference(libc)
 
 
+def test_signal_trampoline_is_not_a_function():
+    """glibc's __restore_rt has a signal-frame FDE (CIE augmentation 'S') starting one byte
+    early: it is marked, and symbols.py makes no sub_ function of it."""
+    import os
+
+    libc = Symbols.from_process(os.getpid()).module("libc")
+    with open(libc.path, "rb") as f:
+        elf = ELFFile(f)
+        sec = elf.get_section_by_name(".eh_frame")
+        signal = [r for r in fde_ranges(sec.data(), sec["sh_addr"]) if r.signal_frame]
+        refs = [e for e in elf.get_dwarf_info().EH_CFI_entries() if isinstance(e, FDE) and b"S" in e.cie.header["augmentation"]]
+    assert len(signal) == len(refs) >= 1
+    fresh = Symbols.from_file(libc.path).modules[0]
+    starts = {f.address for f in fresh.functions()}
+    assert not any(r.start in starts and fresh.function_at(r.start).from_eh_frame for r in signal)
+
+
 def test_garbage_gives_what_came_before():
     assert fde_ranges(b"", 0x1000) == []
     assert fde_ranges(b"\xff" * 64, 0x1000) == []
