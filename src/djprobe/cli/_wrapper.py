@@ -8,10 +8,14 @@ detect both cases so that the commands can say so instead of counting nothing in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from typing import Iterator
 
-__all__ = ["script_interpreter", "script_note", "ExecWatch"]
+from ..errors import SymbolNotFoundError
+
+__all__ = ["script_interpreter", "script_note", "no_match_in_script", "ExecWatch"]
 
 FOLLOW_HINT = (
     "djprobe does not follow exec yet (--follow is not supported): "
@@ -58,6 +62,18 @@ def script_note(argv: list[str]) -> str | None:
         f"{name} is a {kind} run by {interpreter}; patterns apply to {program} (patterns without a "
         f"module to {program} itself), not to a program the script starts or execs; {FOLLOW_HINT}"
     )
+
+
+@contextlib.contextmanager
+def no_match_in_script(argv: list[str], note: str | None) -> Iterator[None]:
+    """Around the resolution of patterns: a pattern that matches nothing in a script's
+    interpreter says so (the note explaining it was printed before)."""
+    try:
+        yield
+    except SymbolNotFoundError as exc:
+        if note is None:
+            raise
+        raise SymbolNotFoundError(f"{exc} ({argv[0]} is a script: see the note above)") from exc
 
 
 def _comm(pid: int) -> str | None:

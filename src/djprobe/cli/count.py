@@ -8,11 +8,10 @@ import time
 from typing import TextIO
 
 from ..area import AreaLayout
-from ..errors import SymbolNotFoundError
 from ..probes import Djprobe
-from ._wrapper import ExecWatch, script_note
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
+from ._wrapper import ExecWatch, no_match_in_script, script_note
 
 EXAMPLES = """examples:
   djprobe count 'libc:*alloc' 'libc:free' -- ls -l /   # count allocator calls of one ls run
@@ -99,12 +98,8 @@ def run(args: argparse.Namespace) -> int:
         with target:
             target.layout = AreaLayout.for_counting()  # no event rings: 660 KiB of data, not 9 MiB
             watch = ExecWatch(target.pid) if args.command_argv else None
-            try:
+            with no_match_in_script(args.command_argv, note):
                 probes, refused = make_probes(target, args.patterns)
-            except SymbolNotFoundError as exc:
-                if note is None:
-                    raise
-                raise SymbolNotFoundError(f"{exc} ({args.command_argv[0]} is a script: see the note above)") from exc
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)

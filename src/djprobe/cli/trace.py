@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import TextIO
 
 from ..area import AreaLayout
 from ..events import EventBatch
-from ..errors import SymbolNotFoundError
 from ..probes import Djprobe
-from ._wrapper import ExecWatch, script_note
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
+from ._wrapper import ExecWatch, no_match_in_script, script_note
 
 EXAMPLES = """examples:
   djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
@@ -111,13 +109,9 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         watch = ExecWatch(target.pid) if args.command_argv else None
-        try:
+        with no_match_in_script(args.command_argv, note):
             probes, refused = make_probes(target, args.patterns, record=True, registers=registers)
-        except SymbolNotFoundError as exc:
-            if note is None:
-                raise
-            raise SymbolNotFoundError(f"{exc} ({args.command_argv[0]} is a script: see the note above)") from exc
-        print(banner(len(probes), args.patterns), file=sys.stderr, flush=True)
+        notice(banner(len(probes), args.patterns))
         print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
