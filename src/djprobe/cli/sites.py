@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--boundaries", action="store_true",
                         help="with --all: also every instruction boundary, not only function entries")
     parser.add_argument("sites", nargs="*", metavar="SITE",
-                        help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, or an address with -p")
+                        help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, MODULE:sub_VADDR (code no symbol covers, bounds from .eh_frame), or an address with -p")
     parser.set_defaults(run=run)
 
 
