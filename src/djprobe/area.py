@@ -114,6 +114,12 @@ class AreaLayout:
     ring_count: int = 8  # event rings, chosen like counter shards
     ring_slots: int = 4096  # records per ring
 
+    @classmethod
+    def for_counting(cls) -> "AreaLayout":
+        """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
+        them (a record probe can still be placed there, its events then mostly dropped)."""
+        return cls(ring_count=1, ring_slots=1)
+
     def __post_init__(self) -> None:
         for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots"):
             value = getattr(self, name)

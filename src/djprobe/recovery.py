@@ -2,7 +2,7 @@
 remove every jump they serve (design Guarantee 5).
 
 A probe area is a pair of adjacent mappings (see :mod:`djprobe.area`): an anonymous r-x code part
-followed by a shared data part mapped from an unlinked ``/dev/shm/djprobe-PID-xxxx`` file. The
+followed by a shared data part mapped from an unlinked ``/dev/shm/djprobe-TARGET-TRACER-xxxx`` file. The
 data part starts with a header and an instance table that records, for every patched site, the
 original and patched bytes. Everything in there is *target-controlled* data: the target (or a
 stray write) may have changed it, so nothing is trusted blindly:
@@ -21,7 +21,6 @@ address on its stack; otherwise the area stays mapped (harmless: nothing jumps t
 
 from __future__ import annotations
 
-import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -35,12 +34,14 @@ from .errors import DjprobeError, ProcessGoneError, TargetFaultError
 from .process import Process
 from .stacks import StackWords
 from .stubs import jump_bytes
+from .shmfiles import AREA_PATH_RE as _AREA_PATH_RE
 from .symbols import Symbols
 
 __all__ = ["FoundArea", "FoundInstance", "CleanupReport", "find_areas", "status", "cleanup", "AREA_PATH_RE"]
 
-#: The data part of a probe area as /proc/PID/maps shows it (procfs strips " (deleted)").
-AREA_PATH_RE = re.compile(r"^/dev/shm/djprobe-(\d+)-([0-9a-f]+)$")
+#: The data part of a probe area as /proc/PID/maps shows it (procfs strips " (deleted)"); the
+#: names are made and parsed by :mod:`djprobe.shmfiles`.
+AREA_PATH_RE = _AREA_PATH_RE
 
 #: How often cleanup lets the world run for a moment so that threads leave stubs by themselves.
 SETTLE_TRIES = 20

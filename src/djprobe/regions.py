@@ -3,20 +3,22 @@
 A region is one probe area (see :mod:`djprobe.area`) mapped in the target at an address within
 rel32 reach (±2 GiB) of the sites it serves: an anonymous read+execute code part and a shared
 read-write data part that the tracer maps too. The data part is a file created by the tracer
-(``O_EXCL``, mode 0600, owned by the target's user), opened and mapped by the target through
-injected syscalls, and unlinked as soon as both sides have it mapped.
+(``O_EXCL``, mode 0600, owned by the target's user), opened by the target through an injected
+syscall and unlinked at once, before anything is mapped; its name (:mod:`djprobe.shmfiles`) names
+the tracer and the target, so that a file left by a tracer killed within that window is found
+and removed by ``djprobe cleanup --stale``.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .area import RING_HEADER_SIZE, AreaHeader, AreaLayout, AreaView, InstanceEntry
 from .errors import DjprobeError, NoRoomError
+from .shmfiles import SHM_DIR, new_area_path
 from .stubs import RecordTargets
 
 if TYPE_CHECKING:
@@ -31,7 +33,7 @@ REACH = (1 << 31) - (1 << 24)  # rel32 reach, with a 16 MiB margin for the regio
 MIN_ADDRESS = 0x10000
 MAX_ADDRESS = 0x7FFFFFFFF000
 ALIGN = 0x10000
-SHM_DIR = "/dev/shm"
+__all__ = ["Region", "create_region", "unmap_region", "find_gap_near", "SHM_DIR"]
 
 
 def _user_of(pid: int) -> tuple[int, int]:
@@ -151,22 +153,29 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
     candidates = find_gap_near(process.maps(), site, layout.total_size)
     if not candidates:
         raise NoRoomError(f"no free address space within ±2 GiB of {site:#x} for stubs", address=site)
-    path = os.path.join(SHM_DIR, f"djprobe-{process.pid}-{secrets.token_hex(6)}")
+    path = new_area_path(process.pid)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, layout.data_size)
-        uid, gid = _user_of(process.pid)
-        if (uid, gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, uid, gid)
-        code_address = _map_in_target(process, candidates, layout, path)
+        try:
+            uid, gid = _user_of(process.pid)
+            if (uid, gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, uid, gid)
+            target_fd = process.open_file(path, O_RDWR | O_CLOEXEC)
+        finally:
+            # Both sides hold the file now (or never will): the name goes before anything else.
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        try:
+            os.ftruncate(fd, layout.data_size)
+            code_address = _map_in_target(process, candidates, layout, target_fd)
+        finally:
+            process.close_fd(target_fd)
         data_address = code_address + layout.code_size
         tracer_map = mmap.mmap(fd, layout.data_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
     view = AreaView(memoryview(tracer_map), layout)
     view.write_header(
         AreaHeader(
@@ -182,8 +191,9 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
     return region
 
 
-def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout, path: str) -> int:
-    """Map code (anonymous r-x) then data (the shared file, rw-) at the first candidate that is free."""
+def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout, target_fd: int) -> int:
+    """Map code (anonymous r-x) then data (the shared file open as ``target_fd`` in the target,
+    rw-) at the first candidate that is free."""
     last_error: Exception | None = None
     for start in candidates[:8]:
         try:
@@ -196,7 +206,6 @@ def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout
         if code != start:
             process.munmap(code, layout.code_size)
             continue
-        target_fd = process.open_file(path, O_RDWR | O_CLOEXEC)
         try:
             data = process.mmap(
                 start + layout.code_size,
@@ -210,8 +219,6 @@ def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout
             last_error = exc
             process.munmap(code, layout.code_size)
             continue
-        finally:
-            process.close_fd(target_fd)
         if data != start + layout.code_size:
             process.munmap(data, layout.data_size)
             process.munmap(code, layout.code_size)

@@ -1684,12 +1684,26 @@ def _reason_class(reason: str) -> str:
     return r.split(":")[0][:50]
 
 
+@dataclass(frozen=True)
+class RefusedEntry:
+    """A function entry that cannot take a jump: its site name, address, reason class, reason."""
+
+    site: str
+    address: int
+    reason_class: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "address": self.address, "class": self.reason_class, "reason": self.reason}
+
+
 @dataclass
 class CoverageReport:
     """How much of a module a jump probe can reach.
 
     ``entries``/``entries_jump``: function entries (unique addresses) and how many take a jump;
-    ``refused``: refused entries per reason class; ``examples``: one refused site per class.
+    ``refused``: refused entries per reason class; ``examples``: one refused site per class;
+    ``refused_entries``: every refused entry, in address order.
     With ``all_boundaries``: ``boundaries``/``boundaries_jump`` over every instruction start of
     every function, and ``boundary_refused`` per class.
     """
@@ -1699,6 +1713,7 @@ class CoverageReport:
     entries_jump: int = 0
     refused: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    refused_entries: list[RefusedEntry] = field(default_factory=list)
     boundaries: int = 0
     boundaries_jump: int = 0
     boundary_refused: Counter = field(default_factory=Counter)
@@ -1721,6 +1736,7 @@ class CoverageReport:
             "entry_ratio": round(self.entry_ratio, 5),
             "refused": dict(self.refused.most_common()),
             "examples": self.examples,
+            "refused_sites": [e.to_json() for e in self.refused_entries],
             "seconds": round(self.seconds, 2),
         }
         if self.boundaries:
@@ -1754,6 +1770,7 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False) -> 
             cls = _reason_class(res.reason)
             rep.refused[cls] += 1
             rep.examples.setdefault(cls, f"{res.site}: {res.reason}")
+            rep.refused_entries.append(RefusedEntry(res.site, func.address, cls, res.reason))
         if all_boundaries:
             for a in fa.addrs or [func.address]:
                 r = res if a == func.address else fa.analyse(a, site=f"{a:#x}")

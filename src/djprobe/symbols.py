@@ -7,6 +7,10 @@ What this module answers:
 * the runtime address, bounds and aliases of every function symbol, from ``.symtab`` and
   ``.dynsym`` merged, plus a separate debug file when the binary is stripped (found by build-id
   or ``.gnu_debuglink`` under ``/usr/lib/debug``, or the embedded MiniDebugInfo ``.gnu_debugdata``);
+* function bounds from ``.eh_frame`` FDEs (:mod:`djprobe.fde`) where no symbol covers the code:
+  such a function is named ``sub_<file vaddr in hex>`` (``liblzma.so.5:sub_5a30``), as
+  disassemblers do, so stripped executables and libraries can be probed at any address an FDE
+  covers;
 * what a site spec such as ``libc:malloc+0x4``, ``libc:str*`` or ``0x401000`` means
   (``Symbols.resolve``), including IFUNC symbols, which resolve to the implementation the process
   really calls rather than to the resolver;
@@ -54,6 +58,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ._sys.procfs import MapEntry, ProcessMemory, read_maps
+from .fde import fde_ranges
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
 __all__ = [
@@ -126,6 +131,7 @@ class Symbol:
     binding: str = "GLOBAL"  # "LOCAL", "GLOBAL", "WEAK", "UNIQUE"
     version: str | None = None  # "GLIBC_2.14" for a versioned dynamic symbol
     version_hidden: bool = False  # True for a non-default version ("memcpy@GLIBC_2.2.5")
+    from_eh_frame: bool = False  # no symbol: bounds of an .eh_frame FDE, named sub_<vaddr>
 
     @property
     def end(self) -> int:
@@ -222,6 +228,15 @@ class _ElfInfo:
         self._rela: list[tuple[int, int, int, int]] | None = None  # (r_offset, type, sym index, addend)
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
         self._stream = stream if data is not None else None
+        self._eh_frame: tuple[int, int, int] | None = None  # (file offset, size, vaddr)
+        self._fdes: list | None = None
+        eh = e.by_name.get(".eh_frame")
+        if eh is not None and eh["sh_type"] == "SHT_PROGBITS" and eh["sh_addr"]:
+            self._eh_frame = (eh["sh_offset"], eh["sh_size"], eh["sh_addr"])
+        # PLT stubs have FDEs too, but they are not functions (objdump names them foo@plt)
+        self.plt_ranges: list[tuple[int, int]] = [
+            (sec["sh_addr"], sec["sh_addr"] + sec["sh_size"]) for sec in e.secs if sec.name.startswith(".plt")
+        ]
 
         dyn_syms = self._read_dynsym(e)
         tab_syms: list[_RawSym] = []
@@ -326,6 +341,26 @@ class _ElfInfo:
             except (lzma.LZMAError, ELFError, Exception):  # noqa: BLE001
                 pass
         return None
+
+    # -- .eh_frame function bounds (lazy) ------------------------------------------------
+
+    def fde_ranges(self) -> list:
+        """The code ranges of the FDEs of ``.eh_frame`` (file vaddrs, sorted); [] without one."""
+        with self._lock:
+            if self._fdes is None:
+                self._fdes = []
+                if self._eh_frame is not None:
+                    off, size, vaddr = self._eh_frame
+                    data = self._stream_read(off, size)
+                    self._fdes = fde_ranges(data, vaddr)
+            return self._fdes
+
+    def _stream_read(self, offset: int, size: int) -> bytes:
+        if self.fd is None:
+            assert self._stream is not None
+            self._stream.seek(offset)
+            return self._stream.read(size)
+        return os.pread(self.fd, size, offset)
 
     # -- relocations (lazy: only IFUNC resolution needs them) -----------------------------
 
@@ -681,6 +716,7 @@ class Module:
             if len(lst) > 1:
                 lst.sort(key=lambda s: (s.version_hidden, s.address, _alias_rank(s)))
         funcs.sort(key=lambda s: s.address)
+        funcs = self._with_fde_functions(funcs, sorted(starts), exec_ranges, by_name, all_syms, starts)
         dedup: list[Symbol] = []
         seen: set[tuple[int, str]] = set()
         for s in funcs:
@@ -707,10 +743,57 @@ class Module:
         self._cold = cold
         self._built = True
 
+    def _with_fde_functions(
+        self,
+        funcs: list[Symbol],
+        sorted_starts: list[int],
+        exec_ranges: list[tuple[int, int]],
+        by_name: dict[str, list[Symbol]],
+        all_syms: list[Symbol],
+        starts: set[int],
+    ) -> list[Symbol]:
+        """``funcs`` (sorted) plus a ``sub_<vaddr>`` function for every FDE whose start no
+        function symbol covers; its end is cut at the next code symbol that starts inside."""
+        bias = self.bias
+        fdes = self._info.fde_ranges()
+        if not fdes:
+            return funcs
+        func_starts = [f.address for f in funcs]
+        maxend = _prefix_max_end(funcs)
+        added: list[Symbol] = []
+        new = object.__new__
+        for r in fdes:
+            if not any(lo <= r.start < hi for lo, hi in exec_ranges):
+                continue
+            if r.signal_frame or any(lo <= r.start < hi for lo, hi in self._info.plt_ranges):
+                continue
+            address = r.start + bias
+            if _containing(funcs, func_starts, maxend, address) is not None:
+                continue
+            end = r.end + bias
+            k = bisect.bisect_right(sorted_starts, address)
+            if k < len(sorted_starts) and sorted_starts[k] < end:
+                end = sorted_starts[k]
+            if added and added[-1].end > address:
+                continue  # overlapping FDEs: the first one stands
+            sym = new(Symbol)
+            sym.__dict__.update(
+                name=f"sub_{r.start:x}", address=address, size=end - address, kind=SymbolKind.FUNC, module=self,
+                binding="LOCAL", version=None, version_hidden=False, from_eh_frame=True,
+            )
+            added.append(sym)
+            by_name.setdefault(sym.name, []).append(sym)
+            all_syms.append(sym)
+            starts.add(address)
+        if not added:
+            return funcs
+        return sorted(funcs + added, key=lambda s: s.address)
+
     # -- queries --------------------------------------------------------------------------
 
     def functions(self) -> list[Symbol]:
-        """FUNC and IFUNC symbols with size > 0 (.symtab and .dynsym merged), sorted by address."""
+        """FUNC and IFUNC symbols with size > 0 (.symtab and .dynsym merged), and ``sub_<vaddr>``
+        functions from ``.eh_frame`` where no symbol covers an FDE's code; sorted by address."""
         self._build()
         return list(self._funcs)
 

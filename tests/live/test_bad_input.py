@@ -483,7 +483,7 @@ def test_cli_count_interrupted(start_target, counts_exe, sig):
         text=True,
     )
     try:
-        assert cli.stdout.readline().startswith("Tracing 2 functions")
+        assert cli.stderr.readline().startswith("Tracing 2 functions")
         time.sleep(0.3)
         cli.send_signal(sig)
         out, err = cli.communicate(timeout=30)
@@ -507,7 +507,7 @@ def _startup_seconds(pid: int) -> float:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        assert cli.stdout.readline().startswith("Tracing")
+        assert cli.stderr.readline().startswith("Tracing")
         elapsed = time.monotonic() - t0
         cli.send_signal(signal.SIGINT)
         cli.communicate(timeout=30)

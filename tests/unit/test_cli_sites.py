@@ -101,3 +101,98 @@ def test_ifunc_without_pid_resolves_to_this_machines_choice(capsys):
     out = [_json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(out) == 1 and "strlen" in out[0]["site"] and out[0]["site"] != "libc.so.6:strlen"
     assert code == (0 if out[0]["verdict"] == "jump" else 1)
+
+
+# Five functions too short for a jump (3 bytes each, packed: no padding), two that take one.
+TINY_S = """#asm
+        .intel_syntax noprefix
+        .text
+#define FUNC(name) .globl name; .type name, @function; .p2align 4; name:
+#define END(name) .size name, .-name
+#define PACKED(name) .globl name; .type name, @function; name:
+FUNC(t_short0)
+        xor eax, eax
+        ret
+END(t_short0)
+PACKED(t_short1)
+        xor eax, eax
+        ret
+END(t_short1)
+PACKED(t_short2)
+        xor eax, eax
+        ret
+END(t_short2)
+PACKED(t_short3)
+        xor eax, eax
+        ret
+END(t_short3)
+PACKED(t_short4)
+        xor eax, eax
+        ret
+END(t_short4)
+PACKED(t_ok)
+        mov eax, 12345678
+        add eax, edi
+        ret
+END(t_ok)
+FUNC(main)
+        mov eax, 0
+        add eax, 0
+        ret
+END(main)
+        .section .note.GNU-stack,"",@progbits
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_bin():
+    from tests.conftest import compile_c
+
+    return compile_c(TINY_S, name="tiny")
+
+
+def test_all_names_refused_functions_grouped(tiny_bin, capsys):
+    assert main(["sites", "--all", str(tiny_bin)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = [i for i, line in enumerate(out) if "too close to the end of the function" in line]
+    assert len(head) == 1 and out[head[0]].split()[0] == "5"
+    # entries are indented 11 columns, their wrapped continuations 13
+    listed = [line for line in out[head[0] + 1 :] if len(line) - len(line.lstrip()) == 11]
+    assert [line.split()[0] for line in listed] == [f"{tiny_bin.name}:t_short{i}" for i in range(3)] + ["..."]
+    assert listed[3].strip() == "... and 2 more (-v lists every one)"
+    assert "only 3 byte(s)" in "\n".join(out)
+    assert all(len(line) < 80 for line in out)
+    assert main(["sites", "--all", str(tiny_bin), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{tiny_bin.name}:t_short{i} (0x" in out for i in range(5))
+    assert "more (-v" not in out and "t_ok" not in out
+
+
+def test_all_json_lists_every_refused_site(tiny_bin, capsys):
+    main(["sites", "--all", str(tiny_bin), "--json"])
+    obj = json.loads(capsys.readouterr().out)
+    refused = obj["refused_sites"]
+    assert len(refused) == obj["entries_refused"] == sum(obj["refused"].values())
+    assert sorted(r["site"].split(":")[-1] for r in refused) == [f"t_short{i}" for i in range(5)]
+    for r in refused:
+        assert r["class"] == "too close to the end of the function" and "only 3 byte(s)" in r["reason"]
+        assert isinstance(r["address"], int)
+
+
+def test_all_says_which_file_a_module_name_is(capsys):
+    assert main(["sites", "--all", "libc"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("module libc: /")
+    path = first.split(": ", 1)[1]
+    assert Path(path).exists() and Path(path).name.startswith("libc.so")
+    main(["sites", "--all", "libc", "--json"])
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["module"] == path and obj["module_name"] == "libc"
+
+
+def test_sites_says_which_file_a_module_name_is(sites_bin, capsys):
+    main(["sites", "libc:free"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("module libc: /") and Path(first.split(": ", 1)[1]).name.startswith("libc.so")
+    main(["sites", f"{sites_bin}:f_rip"])
+    assert not capsys.readouterr().out.startswith("module ")  # a path names itself

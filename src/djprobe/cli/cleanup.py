@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 from ..errors import InvalidSiteError
 from ..recovery import CleanupReport, cleanup
+from ..shmfiles import AreaFile, area_files, remove_stale
+from ._output import add_output_argument, report_stream
 
 EXAMPLES = """examples:
   djprobe cleanup -p 1234          restore every byte patched by djprobe in 1234, unmap its areas
   djprobe cleanup -p 1234 --force  even if the tracer that placed them still runs
+  djprobe cleanup --stale          remove /dev/shm/djprobe-* files whose tracer is gone
 """
 
 
@@ -20,17 +24,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cleanup",
         help="remove probes left in a process by a dead tracer",
         description="Restore the original bytes of every probe djprobe placed in a process (checked "
-        "against the ELF file on disk) and unmap its probe areas where no thread can still use them.",
+        "against the ELF file on disk) and unmap its probe areas where no thread can still use them. "
+        "With --stale, remove the probe-area files in /dev/shm that a tracer killed while creating "
+        "an area left behind.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-p", "--pid", type=int, required=True, help="the process to clean up")
+    parser.add_argument("-p", "--pid", type=int, help="the process to clean up")
+    parser.add_argument(
+        "--stale",
+        action="store_true",
+        help="remove the /dev/shm/djprobe-* files left by tracers killed while creating a probe area "
+        "(those whose creator is gone)",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
         help="also clean areas whose tracer is alive, and restore sites whose bytes changed since",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -61,13 +74,48 @@ def format_report(r: CleanupReport) -> str:
     return "\n".join(lines)
 
 
+def format_stale(removed: list[AreaFile], failed: list[tuple[AreaFile, str]], kept: list[AreaFile]) -> str:
+    lines = [f"removed {f.path} ({f.staleness.value}, {f.size} bytes)" for f in removed]
+    lines += [f"FAILED to remove {f.path}: {why}" for f, why in failed]
+    lines += [f"kept {f.path} (tracer {f.tracer_pid} still runs)" for f in kept]
+    lines.append(f"{len(removed)} stale file(s) removed, {len(failed)} failed, {len(kept)} in use")
+    return "\n".join(lines)
+
+
+def _run_stale(args: argparse.Namespace, out: TextIO) -> int:
+    removed, failed = remove_stale()
+    kept = [f for f in area_files() if not f.stale]
+    if args.json:
+        print(json.dumps({
+            "removed": [f.to_json() for f in removed],
+            "failed": [dict(f.to_json(), error=why) for f, why in failed],
+            "in_use": [f.to_json() for f in kept],
+        }), file=out)
+    else:
+        print(format_stale(removed, failed, kept), file=out)
+    return 1 if failed else 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.pid <= 0:
+    if args.pid is None and not args.stale:
+        raise InvalidSiteError("give -p PID (a process to clean up) or --stale (left-over /dev/shm files)")
+    if args.pid is not None and args.pid <= 0:
         raise InvalidSiteError(f"invalid PID {args.pid}")
+    with report_stream(args) as out:
+        if args.pid is None:
+            return _run_stale(args, out)
+        status = _run_pid(args, out)
+        if args.stale:
+            status = max(status, _run_stale(args, out))
+        return status
+
+
+def _run_pid(args: argparse.Namespace, out: TextIO) -> int:
     report = cleanup(args.pid, force=args.force)
     if args.json:
-        print(json.dumps(report.to_json()))
+        print(json.dumps(report.to_json()), file=out)
     else:
-        out = sys.stdout if report.ok else sys.stderr
-        print(format_report(report), file=out)
+        # A failed clean-up is shown on stderr too, unless the report has a file of its own.
+        stream = sys.stderr if not report.ok and out is sys.stdout else out
+        print(format_report(report), file=stream)
     return 0 if report.ok else 1

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import time
+from typing import TextIO
 
+from ..area import AreaLayout
 from ..probes import Djprobe
+from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
+from ._wrapper import ExecWatch, no_match_in_script, script_note
 
 EXAMPLES = """examples:
   djprobe count 'libc:*alloc' 'libc:free' -- ls -l /   # count allocator calls of one ls run
   djprobe count -p 1234 -d 5 'libc:str*'               # libc string functions of PID 1234, 5 s
   djprobe count -p 1234 -i 1 'main_loop+0x1c'          # a mid-function site, counts every second
+  djprobe count --json -o counts.json 'libc:malloc' -- sqlite3 db .dump   # report in a file
+
+The banner and refusals go to stderr, the report to stdout (or -o FILE). With -i the counts
+(cumulative since the start) are reported every INTERVAL seconds, the last report marked final;
+with --json each report is one JSON line with "time" (Unix seconds), "interval" and "final".
 """
 
 
@@ -23,9 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Place a jump probe at every function matching the patterns and count hits.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe count [--json] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        usage="djprobe count [--json] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
+    add_output_argument(parser)
     parser.add_argument("-i", "--interval", type=positive_seconds, help="print counts every INTERVAL seconds")
     parser.set_defaults(run=run)
 
@@ -38,11 +48,23 @@ def _table(probes: list[Djprobe]) -> str:
     return "\n".join(lines)
 
 
-def _report_json(target_pid: int, probes: list[Djprobe], refused: list[Refusal], status: int | None) -> str:
+def _report_json(
+    target_pid: int,
+    probes: list[Djprobe],
+    refused: list[Refusal],
+    status: int | None,
+    *,
+    interval: int,
+    final: bool,
+) -> str:
+    """One JSON line: the counts at this moment (``final`` for the last report of the run)."""
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     return json.dumps(
         {
             "pid": target_pid,
+            "time": round(time.time(), 6),
+            "interval": interval,
+            "final": final,
             "probes": [{"site": d.site, "address": d.address, "hits": d.hits} for d in rows],
             "refused": [{"site": r.site, "reason": r.reason} for r in refused],
             "exit_status": status,
@@ -50,26 +72,46 @@ def _report_json(target_pid: int, probes: list[Djprobe], refused: list[Refusal],
     )
 
 
+def _text_header(interval: int, final: bool) -> str:
+    stamp = time.strftime("%H:%M:%S")
+    return f"[{stamp}] interval {interval}" + (" (final)" if final else "")
+
+
+def _report(out: TextIO, args: argparse.Namespace, target_pid: int, probes: list[Djprobe], refused: list[Refusal],
+            status: int | None, interval: int, final: bool) -> None:
+    if args.json:
+        out.write(_report_json(target_pid, probes, refused, status, interval=interval, final=final) + "\n")
+    elif args.interval:
+        out.write(_text_header(interval, final) + "\n" + _table(probes) + ("\n" if final else "\n\n"))
+    else:
+        out.write(_table(probes) + "\n")
+    out.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     install_signal_handlers()
-    target = open_target(args)
-    with target:
-        probes, refused = make_probes(target, args.patterns)
-        banner = sys.stderr if args.json else sys.stdout
-        quoted = " ".join(args.patterns)
-        print(f'Tracing {len(probes)} functions for "{quoted}"... Hit Ctrl-C to end.', file=banner, flush=True)
-        if refused and not args.json:
-            print(f"{len(refused)} sites refused:", file=sys.stderr)
-            for r in refused:
-                print(f"  {r.site}: {r.reason}", file=sys.stderr)
-        target.start()
-        for _ in run_until_done(target, args.duration, args.interval):
-            if not args.json:
-                print(_table(probes) + "\n", flush=True)
-        target.unregister_many(probes)
-    status = exit_status(target) if args.command_argv else None
-    if args.json:
-        print(_report_json(target.pid, probes, refused, status))
-    else:
-        print(_table(probes))
+    note = script_note(args.command_argv)
+    if note is not None:
+        notice(f"note: {note}", wrap=True)
+    with report_stream(args) as out:
+        target = open_target(args)
+        with target:
+            target.layout = AreaLayout.for_counting()  # no event rings: 660 KiB of data, not 9 MiB
+            watch = ExecWatch(target.pid) if args.command_argv else None
+            with no_match_in_script(args.command_argv, note):
+                probes, refused = make_probes(target, args.patterns)
+            refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
+            notice(banner(len(probes), args.patterns))
+            print_refusals((r.site, r.reason) for r in refused)
+            target.start()
+            interval = 0
+            for _ in run_until_done(target, args.duration, args.interval):
+                interval += 1
+                _report(out, args, target.pid, probes, refused, None, interval, final=False)
+            target.unregister_many(probes)
+        exec_note = watch.note() if watch is not None else None  # before the command is reaped
+        if exec_note is not None:
+            notice(f"note: {exec_note}", wrap=True)
+        status = exit_status(target) if args.command_argv else None
+        _report(out, args, target.pid, probes, refused, status, interval + 1, final=True)
     return status or 0

@@ -10,7 +10,9 @@ resolved in the live process and the bytes there are compared with the file (ano
 
 ``--json`` prints JSON lines: one object per site (keys site, address, size, verdict, reason,
 busy, module, function, offset, at_entry, flags_dead, instructions, padding); with ``--all`` one
-object with the coverage counts.
+object with the coverage counts, the file the module name resolved to (``module``) and every
+refused function entry (``refused_sites``). The text form of ``--all`` names the file, and lists
+the refused functions per reason (the first few; ``-v`` every one).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import textwrap
+from typing import TextIO
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..sites import SiteAnalysis, Verdict, analyse_site, coverage
+from ._output import add_output_argument, report_stream
 
 EPILOG = """examples:
   djprobe sites libc:malloc            what a probe at malloc's entry displaces
@@ -48,11 +51,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, help="displace exactly SIZE bytes (default: the fewest "
                         "whole instructions covering 5 bytes)")
     parser.add_argument("--json", action="store_true", help="JSON lines output")
+    add_output_argument(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="with --all: list every refused function, not only the first few per reason")
     parser.add_argument("--all", metavar="MODULE", help="summarise the coverage of every function of MODULE")
     parser.add_argument("--boundaries", action="store_true",
                         help="with --all: also every instruction boundary, not only function entries")
     parser.add_argument("sites", nargs="*", metavar="SITE",
-                        help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, or an address with -p")
+                        help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, MODULE:sub_VADDR (code no symbol covers, bounds from .eh_frame), or an address with -p")
     parser.set_defaults(run=run)
 
 
@@ -104,7 +110,8 @@ def _split_module(spec: str) -> tuple[str, str]:
     return module, rest
 
 
-def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
+def _analyse(args: argparse.Namespace, resolved: dict[str, str]) -> list[SiteAnalysis]:
+    """The analyses of the SITEs; ``resolved`` gets the file each module name named."""
     results: list[SiteAnalysis] = []
     if args.pid is not None:
         from ..symbols import Symbols
@@ -112,6 +119,8 @@ def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
         with Symbols.from_process(args.pid) as symbols:
             for spec in args.sites:
                 for site in _resolve(symbols, spec):
+                    if site is not None and not isinstance(site, int) and site.module is not None and ":" in spec:
+                        resolved.setdefault(spec.rsplit(":", 1)[0], site.module.path)
                     results.append(analyse_site(symbols, site, args.size))
         return results
     opened: dict[str, object] = {}
@@ -121,6 +130,7 @@ def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
         if symbols is None:
             symbols = opened[module] = _file_symbols(module)
         mod = symbols.modules[0]
+        resolved.setdefault(module, mod.path)
         try:
             sites = _resolve(symbols, f"{mod.path}:{rest}")
         except InvalidSiteError as exc:
@@ -198,14 +208,33 @@ def _insn_line(address: int, raw: bytes, text: str, suffix: str) -> str:
     return line if len(line) <= WIDTH else line[: WIDTH - 3] + "..."
 
 
-def format_coverage(rep) -> str:
-    name = os.path.basename(rep.module)
-    lines = [f"{name}: {rep.entries} function entries, {rep.entries_jump} take a jump "
-             f"({100 * rep.entry_ratio:.2f}%), {rep.entries - rep.entries_jump} refused "
-             f"[{rep.seconds:.1f} s]"]
-    lines = [_wrap(lines[0], "")]
+# Refused functions shown per reason class in text output without -v.
+EXAMPLES_PER_REASON = 3
+
+
+def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> str:
+    """The human form of a coverage report: the file a module name resolved to, the counts, and
+    the refused functions grouped by reason (the first few per reason, every one when
+    ``verbose``)."""
+    path = rep.module
+    lines = []
+    if name is not None and name != path:
+        lines.append(f"module {name}: {path}")
+    base = os.path.basename(path)
+    lines.append(_wrap(f"{base}: {rep.entries} function entries, {rep.entries_jump} take a jump "
+                       f"({100 * rep.entry_ratio:.2f}%), {rep.entries - rep.entries_jump} refused "
+                       f"[{rep.seconds:.1f}s]", ""))
+    by_class: dict[str, list] = {}
+    for entry in rep.refused_entries:
+        by_class.setdefault(entry.reason_class, []).append(entry)
     for cls, n in rep.refused.most_common():
         lines.append(f"  {n:7d}  {cls}")
+        entries = by_class.get(cls, [])
+        shown = entries if verbose else entries[:EXAMPLES_PER_REASON]
+        for entry in shown:
+            lines.append(_wrap(f"{entry.site} ({entry.address:#x}): {entry.reason}", " " * 11))
+        if len(entries) > len(shown):
+            lines.append(f"{'':11}... and {len(entries) - len(shown)} more (-v lists every one)")
     if rep.boundaries:
         lines.append(_wrap(f"all instruction boundaries: {rep.boundaries}, {rep.boundaries_jump} take a jump "
                            f"({100 * rep.boundary_ratio:.2f}%)", ""))
@@ -215,7 +244,11 @@ def format_coverage(rep) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = sys.stdout
+    with report_stream(args) as out:
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.all:
         if args.sites:
             raise InvalidSiteError("give either --all MODULE or SITEs, not both")
@@ -229,15 +262,22 @@ def run(args: argparse.Namespace) -> int:
             module = _file_symbols(args.all).modules[0]
             rep = coverage(module, all_boundaries=args.boundaries)
         if args.json:
-            print(json.dumps(rep.to_json()), file=out)
+            obj = rep.to_json()
+            obj["module_name"] = args.all
+            print(json.dumps(obj), file=out)
         else:
-            print(format_coverage(rep), file=out)
+            print(format_coverage(rep, name=args.all, verbose=args.verbose), file=out)
         return 0
     if args.boundaries:
         raise InvalidSiteError("--boundaries goes with --all MODULE")
     if not args.sites:
         raise InvalidSiteError("no site given (SITE... or --all MODULE)")
-    results = _analyse(args)
+    resolved: dict[str, str] = {}
+    results = _analyse(args, resolved)
+    if not args.json:
+        for name, path in resolved.items():
+            if name != path:
+                print(f"module {name}: {path}", file=out)
     for i, res in enumerate(results):
         if args.json:
             print(json.dumps(res.to_json()), file=out)

@@ -7,6 +7,7 @@ import json
 
 from ..errors import InvalidSiteError
 from ..recovery import FoundArea, status
+from ._output import add_output_argument, report_stream
 
 EXAMPLES = """examples:
   djprobe status -p 1234          probes in process 1234, their hits, and whether their tracer lives
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-p", "--pid", type=int, required=True, help="the process to inspect")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_output_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -66,9 +68,10 @@ def format_areas(pid: int, areas: list[FoundArea]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.pid <= 0:
         raise InvalidSiteError(f"invalid PID {args.pid}")
-    areas = status(args.pid)
-    if args.json:
-        print(json.dumps({"pid": args.pid, "areas": [a.to_json() for a in areas]}))
-    else:
-        print(format_areas(args.pid, areas))
+    with report_stream(args) as out:
+        areas = status(args.pid)
+        if args.json:
+            print(json.dumps({"pid": args.pid, "areas": [a.to_json() for a in areas]}), file=out)
+        else:
+            print(format_areas(args.pid, areas), file=out)
     return 0

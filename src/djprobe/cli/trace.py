@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from typing import TextIO
 
 from ..area import AreaLayout
 from ..events import EventBatch
 from ..probes import Djprobe
+from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
+from ._wrapper import ExecWatch, no_match_in_script, script_note
 
 EXAMPLES = """examples:
   djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
   djprobe trace -p 1234 -d 2 --json 'libc:open*' # JSON lines for 2 s
   djprobe trace -p 1234 'work' | head -5          # the first 5 hits; probes are removed on exit
+  djprobe trace -o hits.txt 'libc:open*' -- ls    # the hits in a file, ls's output on stdout
+
+The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
 """
 
 
@@ -26,9 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Place a recording jump probe at every site matching the patterns and print each hit.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe trace [--json] [-T] [-d SECONDS] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
+    add_output_argument(parser)
     parser.add_argument("-T", "--timestamp", action="store_true", help="print wall-clock time of day")
     parser.add_argument(
         "--buffer-size",
@@ -107,17 +113,24 @@ def run(args: argparse.Namespace) -> int:
     install_signal_handlers()
     if args.ring_slots <= 0 or args.ring_slots & (args.ring_slots - 1):
         raise SystemExit(f"djprobe trace: error: --ring-slots must be a power of two, not {args.ring_slots}")
+    with report_stream(args) as out:
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    note = script_note(args.command_argv)
+    if note is not None:
+        notice(f"note: {note}", wrap=True)
     target = open_target(args)
-    out = sys.stdout
     with target:
         target.layout = AreaLayout(ring_slots=args.ring_slots)
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        probes, refused = make_probes(target, args.patterns, record=True, registers=registers, lossless=not args.drop)
-        quoted = " ".join(args.patterns)
-        print(f'Tracing {len(probes)} functions for "{quoted}"... Hit Ctrl-C to end.', file=sys.stderr, flush=True)
-        for r in refused:
-            print(f"  refused {r.site}: {r.reason}", file=sys.stderr)
+        watch = ExecWatch(target.pid) if args.command_argv else None
+        with no_match_in_script(args.command_argv, note):
+            probes, refused = make_probes(target, args.patterns, record=True, registers=registers, lossless=not args.drop)
+        notice(banner(len(probes), args.patterns))
+        print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
         wall_offset = time.time_ns() - start_ns
@@ -146,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         if len(leftover):
             lines = _json_lines(leftover) if args.json else _format_lines(leftover, start_ns, wall_offset, args.timestamp)
             out.write("\n".join(lines) + "\n")
+    exec_note = watch.note() if watch is not None else None  # before the command is reaped
+    if exec_note is not None:
+        notice(f"note: {exec_note}", wrap=True)
     status = exit_status(target) if args.command_argv else None
     print(_summary(probes, args.json, waited), file=out, flush=True)
     return status or 0

@@ -1,0 +1,101 @@
+"""Where the commands write: the report on stdout or ``-o FILE``, djprobe's own banner and
+notices on stderr (so they never mix with a spawned command's output or with the report).
+
+Also the wording shared by the commands: plurals, the "Tracing N functions" banner, refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+import textwrap
+from typing import Iterable, Iterator, TextIO
+
+# A banner lists at most this many patterns, then "and N more".
+BANNER_PATTERNS = 5
+# ... and stays within this many characters for the pattern list.
+BANNER_WIDTH = 60
+
+
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``-o FILE`` option of every command that prints a report."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the report to FILE instead of standard output (notices stay on stderr)",
+    )
+
+
+@contextlib.contextmanager
+def report_stream(args: argparse.Namespace) -> Iterator[TextIO]:
+    """The stream the report goes to: ``-o FILE`` (created or truncated now, so a bad path fails
+    before anything is probed) or stdout. Raises OSError when FILE cannot be opened."""
+    path = getattr(args, "output", None)
+    if path is None or path == "-":
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8") as out:
+        yield out
+
+
+def notice(text: str, *, wrap: bool = False) -> None:
+    """A message from djprobe itself (banner, refusals, hints): always on stderr; ``wrap`` folds
+    a long note under 80 columns."""
+    if wrap:
+        text = textwrap.fill(text, 79, subsequent_indent="  ", break_on_hyphens=False)
+    print(text, file=sys.stderr, flush=True)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 function``, ``2 functions`` (``many`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def short_list(items: list[str], limit: int = BANNER_PATTERNS, width: int = BANNER_WIDTH) -> str:
+    """``a b c`` or, for a long list, its first few items and ``and N more``."""
+    shown: list[str] = []
+    used = 0
+    for item in items[:limit]:
+        if shown and used + 1 + len(item) > width:
+            break
+        shown.append(item)
+        used += len(item) + (1 if used else 0)
+    rest = len(items) - len(shown)
+    text = " ".join(shown)
+    return f"{text} and {rest} more" if rest else text
+
+
+def banner(n_probes: int, patterns: list[str]) -> str:
+    """BCC's banner: ``Tracing 3 functions for "libc:*alloc libc:free"... Hit Ctrl-C to end.``"""
+    return f'Tracing {plural(n_probes, "function")} for "{short_list(patterns)}"... Hit Ctrl-C to end.'
+
+
+# A site as the library names it at the start of a message: `libc.so.6:malloc+0x4`, `0x401000`.
+_SITE_PREFIX = re.compile(r"^(?:[^\s:]*:[^\s]+|0x[0-9a-fA-F]+): ")
+
+
+def refusal_reason(site: str, message: str) -> str:
+    """The reason of a refusal without the site names the library put in front of it (an error's
+    message is ``SITE: reason``; the CLI prints the site once itself)."""
+    reason = message
+    while True:
+        if reason.startswith(site + ": "):
+            reason = reason[len(site) + 2 :]
+            continue
+        m = _SITE_PREFIX.match(reason)
+        if m is None:
+            return reason
+        reason = reason[m.end() :]
+
+
+def print_refusals(refused: Iterable[tuple[str, str]]) -> None:
+    """Sites that could not take a probe, with their reasons, as notices."""
+    rows = list(refused)
+    if not rows:
+        return
+    notice(f"{plural(len(rows), 'site')} refused:")
+    for site, reason in rows:
+        notice(f"  {site}: {reason}")
