@@ -91,7 +91,8 @@ def test_trace_to_file(tmp_path):
     assert text[0].split() == ["TIME", "TID", "PROBE", "ARGS"]
     hits = [line for line in text if line.split()[2:3] and line.split()[2].endswith(":f")]
     assert len(hits) == 60
-    assert text[-2].split() == ["PROBE", "HITS", "DROPPED"] and text[-1].split()[1:] == ["60", "0"]
+    assert text[-3].split() == ["PROBE", "HITS", "DELIVERED", "DROPPED"] and text[-2].split()[1:] == ["60", "60", "0"]
+    assert text[-1].startswith("probes waited ")
 
 
 def test_sites_status_cleanup_to_file(tmp_path, start_target, counts_exe):
