@@ -53,7 +53,8 @@ from typing import Callable, Iterable
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from ._sys.procfs import MapEntry, ProcessMemory, read_maps
+from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
+from .arch import check_elf_header, check_target
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
 __all__ = [
@@ -991,12 +992,20 @@ class Symbols:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Symbols":
-        """One module: the ELF file at ``path``, bias 0, is_main=True."""
+        """One module: the ELF file at ``path``, bias 0, is_main=True.
+
+        Raises SymbolNotFoundError (cannot open), InvalidSiteError (not ELF),
+        UnsupportedTargetError (not x86-64 code)."""
         path = os.fspath(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SymbolNotFoundError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            check_elf_header(os.pread(fd, 20, 0), path)
+        except BaseException:
+            os.close(fd)
+            raise
         real = os.path.realpath(path)
         info = _elf_info_from_fd(fd, real)
         if info is None:
@@ -1015,7 +1024,10 @@ class Symbols:
         Files are opened by their maps path only if that is still the mapped file (same device
         and inode); otherwise through /proc/PID/map_files. ``memory`` (a ProcessMemory) is used
         to read the vdso and IFUNC GOT slots; without it one is opened when first needed.
+
+        Raises ProcessGoneError, TracePermissionError, UnsupportedTargetError (not x86-64 code).
         """
+        check_target(pid)
         maps = read_maps(pid)
         self = cls([], pid=pid, maps=maps, memory=memory, ifunc_resolver=ifunc_resolver)  # a loader
         auxv = _read_auxv(pid)
@@ -1082,7 +1094,7 @@ class Symbols:
         if fd is None:
             # the kernel's own reference to the mapped file (needs CAP_SYS_ADMIN)
             try:
-                fd = os.open(f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"{proc_dir(pid)}/map_files/{first.start:x}-{first.end:x}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 self.skipped.append((first.path, f"{why}; map_files: {exc.strerror}"))
                 return None
@@ -1452,7 +1464,7 @@ class Symbols:
 
 def _read_auxv(pid: int) -> dict[int, int]:
     try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
+        with open(f"{proc_dir(pid)}/auxv", "rb") as f:
             data = f.read()
     except OSError:
         return {}
@@ -1471,7 +1483,7 @@ def _find_main(pid: int, modules: list[Module], auxv: dict[int, int]) -> Module 
             if m.file_backed and m.start <= phdr < m.end:
                 return m
     try:
-        st = os.stat(f"/proc/{pid}/exe")
+        st = os.stat(f"{proc_dir(pid)}/exe")
     except OSError:
         return modules[0] if modules else None
     for m in modules:

@@ -1,0 +1,124 @@
+/* djprobe test target for the target's life (tests/live/test_target_life.py).
+ * Also built with -m32.
+ *
+ *   life wait N        prints "ready <pid>", waits for a line on stdin, then calls f_add N times
+ *                      and prints "sum=<s>" and "done": its normal output.
+ *   life leader N      the main thread starts 3 workers and calls pthread_exit. Each worker
+ *                      prints "w<i> ready", and for each line "go" on stdin (read by worker 0
+ *                      and passed on) calls f_add N times, then prints "w<i> did N".
+ *                      "quit" ends the process (exit status 0).
+ *   life term          prints "ready <pid>", waits; on SIGTERM prints "got SIGTERM" and exits 42.
+ *   life vdso N        prints "ready <pid>", waits for a line, calls clock_gettime N times,
+ *                      prints "vdso did N", waits for a line again, then exits.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+__attribute__((noinline, used)) long f_add(long a, long b) {
+    __asm__ volatile("" ::: "memory");
+    return a + b;
+}
+
+static void say(const char *s) { (void)!write(1, s, strlen(s)); }
+
+static int read_line(char *buf, int size) {
+    int n = 0;
+    while (n < size - 1) {
+        char c;
+        if (read(0, &c, 1) != 1) break;
+        if (c == '\n') break;
+        buf[n++] = c;
+    }
+    buf[n] = 0;
+    return n;
+}
+
+static long run_adds(long n) {
+    long s = 0;
+    for (long i = 0; i < n; i++) s = f_add(s, i);
+    return s;
+}
+
+/* leader mode */
+#define NW 3
+static long rounds;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int generation;
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    char out[64];
+    int seen = 0;
+    snprintf(out, sizeof out, "w%ld ready\n", id);
+    say(out);
+    for (;;) {
+        if (id == 0) {
+            char line[64];
+            if (read_line(line, sizeof line) == 0 || strcmp(line, "quit") == 0) exit(0);
+            pthread_mutex_lock(&mu);
+            generation++;
+            pthread_cond_broadcast(&cv);
+            pthread_mutex_unlock(&mu);
+        }
+        pthread_mutex_lock(&mu);
+        while (generation == seen) pthread_cond_wait(&cv, &mu);
+        seen = generation;
+        pthread_mutex_unlock(&mu);
+        run_adds(rounds);
+        snprintf(out, sizeof out, "w%ld did %ld\n", id, rounds);
+        say(out);
+    }
+    return NULL;
+}
+
+static void on_term(int sig) {
+    (void)sig;
+    say("got SIGTERM\n");
+    _exit(42);
+}
+
+int main(int argc, char **argv) {
+    char out[128], line[64];
+    if (argc < 2) return 2;
+    if (strcmp(argv[1], "wait") == 0 && argc > 2) {
+        long n = atol(argv[2]);
+        snprintf(out, sizeof out, "ready %d\n", (int)getpid());
+        say(out);
+        read_line(line, sizeof line);
+        snprintf(out, sizeof out, "sum=%ld\ndone\n", run_adds(n));
+        say(out);
+        return 0;
+    }
+    if (strcmp(argv[1], "leader") == 0 && argc > 2) {
+        pthread_t t;
+        rounds = atol(argv[2]);
+        for (long i = 0; i < NW; i++) pthread_create(&t, NULL, worker, (void *)i);
+        pthread_exit(NULL);
+    }
+    if (strcmp(argv[1], "term") == 0) {
+        signal(SIGTERM, on_term);
+        snprintf(out, sizeof out, "ready %d\n", (int)getpid());
+        say(out);
+        for (;;) pause();
+    }
+    if (strcmp(argv[1], "vdso") == 0 && argc > 2) {
+        long n = atol(argv[2]);
+        struct timespec ts;
+        snprintf(out, sizeof out, "ready %d\n", (int)getpid());
+        say(out);
+        read_line(line, sizeof line);
+        for (long i = 0; i < n; i++) clock_gettime(CLOCK_MONOTONIC, &ts);
+        snprintf(out, sizeof out, "vdso did %ld\n", n);
+        say(out);
+        read_line(line, sizeof line);
+        return 0;
+    }
+    return 2;
+}
