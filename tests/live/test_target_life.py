@@ -1,0 +1,198 @@
+"""The target's life (issues 9.1, 9.6, 13.1): 32-bit processes refused untouched, a process
+whose main thread has exited, the vDSO, no probe area left behind, spawn mode's signals and
+commands that will not be traced."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import djprobe
+from djprobe import UnsupportedTargetError
+from tests.conftest import TARGETS, compile_c
+
+pytestmark = pytest.mark.timeout(120)
+DJPROBE = [sys.executable, "-m", "djprobe"]
+SOURCE = TARGETS / "life.c"
+
+
+class Lines:
+    """Lines of a pipe, read with a deadline (never a bare blocking read)."""
+
+    def __init__(self, stream) -> None:
+        self.fd = stream.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([self.fd], [], [], max(0.0, left))
+            if not r:
+                raise AssertionError(f"no line within {timeout} s (have {self.buf!r})")
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                raise AssertionError(f"end of output (have {self.buf!r})")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def until(self, predicate, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next(max(0.1, deadline - time.monotonic()))
+            if predicate(line):
+                return line
+
+
+def run(argv, **kw):
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60, **kw)
+
+
+def tracer_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    raise AssertionError("no TracerPid")
+
+
+def state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return text[text.rfind(")") + 2]
+
+
+@pytest.fixture(scope="module")
+def life():
+    return compile_c(SOURCE, name="life")
+
+
+@pytest.fixture(scope="module")
+def life32():
+    try:
+        return compile_c(SOURCE, "-m32", name="life32")
+    except RuntimeError as exc:
+        pytest.skip(f"gcc -m32 cannot build a 32-bit program here (install gcc-multilib): {exc}")
+
+
+# -- 9.1: 32-bit and other machines ----------------------------------------------------------------
+
+
+def test_32bit_process_and_file_refused_untouched(start_target, life32):
+    n = 5000
+    t = start_target([life32, "wait", n], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = Lines(t.proc.stdout)
+    assert out.next() == f"ready {t.pid}"
+    want = f"process {t.pid} ({life32.name[:15]}): 32-bit (i386) process: not supported yet"
+
+    with pytest.raises(UnsupportedTargetError) as info:
+        djprobe.attach(t.pid)
+    assert str(info.value) == want
+    for argv in (
+        ["count", "-p", t.pid, "-d", "1", "f_add"],
+        ["count", "--json", "-p", t.pid, "f_*"],
+        ["trace", "-p", t.pid, "-d", "1", "f_add"],
+        ["sites", "-p", t.pid, "f_add"],
+        ["sites", "--all", life32.name, "-p", t.pid],
+    ):
+        res = run(DJPROBE + argv)
+        assert res.returncode == 1, (argv, res.stdout, res.stderr)
+        assert res.stderr.strip() == f"djprobe: error: {want}", argv
+        assert tracer_pid(t.pid) == 0 and state(t.pid) == "S", argv
+
+    # status and cleanup only read it: a 32-bit process has no probe areas, nothing to do
+    res = run(DJPROBE + ["cleanup", "-p", t.pid])
+    assert res.returncode == 0 and "nothing to clean up" in res.stdout
+    assert tracer_pid(t.pid) == 0 and state(t.pid) == "S"
+
+    for argv in (["sites", f"{life32}:f_add"], ["sites", "--all", str(life32)]):
+        res = run(DJPROBE + argv)
+        assert res.returncode == 1 and res.stderr.strip() == f"djprobe: error: {life32}: 32-bit (i386) ELF file: not supported yet"
+
+    # spawn: refused at the exec stop, before the program runs any code of its own
+    res = run(DJPROBE + ["count", "f_add", "--", life32, "wait", "10"], input="\n")
+    assert res.returncode == 1, res.stderr
+    assert "32-bit (i386) process: not supported yet" in res.stderr
+    assert "ready" not in res.stdout and "sum=" not in res.stdout
+
+    # the attached-to target never noticed: it finishes with its normal output
+    t.proc.stdin.write(b"go\n")
+    t.proc.stdin.flush()
+    assert out.next() == f"sum={n * (n - 1) // 2}"
+    assert out.next() == "done"
+    assert t.proc.wait(timeout=20) == 0
+
+
+# -- 9.6a: the main thread has called pthread_exit -------------------------------------------------
+
+
+def test_leader_exited_count_status_cleanup(start_target, life):
+    rounds = 1000
+    t = start_target([life, "leader", rounds], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = Lines(t.proc.stdout)
+    assert sorted(out.next() for _ in range(3)) == ["w0 ready", "w1 ready", "w2 ready"]
+    deadline = time.monotonic() + 10
+    while state(t.pid) != "Z":  # the leader has exited; the workers run on
+        assert time.monotonic() < deadline, "leader did not exit"
+        time.sleep(0.01)
+
+    def go(times: int) -> None:
+        for _ in range(times):
+            t.proc.stdin.write(b"go\n")
+            t.proc.stdin.flush()
+            done = sorted(out.next() for _ in range(3))
+            assert done == [f"w{i} did {rounds}" for i in range(3)]
+
+    counter = subprocess.Popen(
+        DJPROBE + ["count", "--json", "-p", str(t.pid), "f_add"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        Lines(counter.stderr).until(lambda line: line.startswith("Tracing 1 function"))
+        go(2)
+        status = json.loads(run(DJPROBE + ["status", "--json", "-p", t.pid]).stdout)
+        (area,) = status["areas"]
+        (inst,) = area["instances"]
+        assert inst["hits"] == 2 * 3 * rounds and area["tracer_alive"]
+        counter.send_signal(signal.SIGINT)
+        report = json.loads(counter.communicate(timeout=30)[0].decode().strip().splitlines()[-1])
+    finally:
+        if counter.poll() is None:
+            counter.kill()
+            counter.wait()
+    assert [p["hits"] for p in report["probes"]] == [2 * 3 * rounds]
+    assert run(DJPROBE + ["status", "-p", t.pid]).stdout.strip() == f"process {t.pid}: no djprobe probe areas"
+
+    # a tracer killed with its probe in: status sees it, cleanup restores the code
+    killed = subprocess.Popen(
+        DJPROBE + ["count", "--json", "-p", str(t.pid), "f_add"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        Lines(killed.stderr).until(lambda line: line.startswith("Tracing 1 function"))
+    finally:
+        killed.kill()
+        killed.communicate(timeout=30)
+    go(1)
+    status = json.loads(run(DJPROBE + ["status", "--json", "-p", t.pid]).stdout)
+    (area,) = status["areas"]
+    assert not area["tracer_alive"] and [i["hits"] for i in area["instances"]] == [3 * rounds]
+    res = run(DJPROBE + ["cleanup", "-p", t.pid])
+    assert res.returncode == 0, res.stderr
+    assert run(DJPROBE + ["status", "-p", t.pid]).stdout.strip() == f"process {t.pid}: no djprobe probe areas"
+    from djprobe.symbols import Symbols
+
+    with Symbols.from_process(t.pid) as symbols:
+        (site,) = symbols.resolve(f"{life.name}:f_add")
+        mod = symbols.module_at(site.address)
+        assert symbols._mem().read(site.address, 16) == mod.read_file(site.address, 16)
+    go(1)
+    t.proc.stdin.write(b"quit\n")
+    t.proc.stdin.flush()
+    assert t.proc.wait(timeout=20) == 0
