@@ -196,3 +196,75 @@ def test_leader_exited_count_status_cleanup(start_target, life):
     t.proc.stdin.write(b"quit\n")
     t.proc.stdin.flush()
     assert t.proc.wait(timeout=20) == 0
+
+
+# -- 13.1 and 9.6d: spawn mode ---------------------------------------------------------------------
+
+
+def _no_process_running(exe) -> bool:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/exe") == str(exe):
+                    return False
+            except OSError:
+                continue
+    return True
+
+
+@pytest.mark.parametrize(
+    "command, patterns, reason",
+    [
+        ("trace", ["nosuchfn"], "pattern 'nosuchfn' matches nothing"),
+        ("count", ["f_add", "libc:nosuchfn"], "pattern 'libc:nosuchfn' matches nothing"),
+        ("count", ["f_add+1"], "no site took a probe: "),
+        ("count", ["0x10"], "0x10 is not in executable memory"),
+    ],
+)
+def test_command_that_will_not_be_traced_never_runs(tmp_path, life, command, patterns, reason):
+    marker = tmp_path / "ran"
+    if any(p.startswith("f_add") for p in patterns):  # sites of the life program: it says when it runs
+        cmd = [str(life), "wait", "10"]
+    else:
+        cmd = ["sh", "-c", f"echo ran > {marker}"]
+    res = run(DJPROBE + [command, *patterns, "--", *cmd], input="go\n")
+    assert res.returncode == 1
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"djprobe: error: {os.path.basename(cmd[0])}: not started: {reason}"), res.stderr
+    assert not marker.exists()
+    assert "ready" not in res.stdout and "sum=" not in res.stdout
+    assert _no_process_running(life)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, sig):
+    from djprobe.symbols import Symbols
+
+    with Symbols.from_file(life) as symbols:
+        (site,) = symbols.resolve(f"{life}:f_add")
+        original = symbols.modules[0].read_file(site.address, 5).hex()
+    dj = subprocess.Popen(
+        DJPROBE + ["count", "--json", "f_add", "--", str(life), "term"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # no terminal: nothing sends the command the signal but djprobe
+    )
+    try:
+        out = Lines(dj.stdout)
+        ready = out.until(lambda line: line.startswith("ready "))
+        child = int(ready.split()[1])
+        with open(f"/proc/{child}/maps") as f:
+            assert "djprobe-" in f.read(), "the probe is in while the command runs"
+        dj.send_signal(sig)
+        got = out.until(lambda line: line.startswith("got signal"))
+        # the handler read f_add's first bytes: the jump was already gone
+        assert got == f"got signal {int(sig)} f_add={original}"
+        rest, err = dj.communicate(timeout=30)
+        assert dj.returncode == 100 + sig, err
+        report = json.loads((out.buf + rest).decode().strip().splitlines()[-1])
+        assert report["exit_status"] == 100 + sig and [p["hits"] for p in report["probes"]] == [0]
+        assert _no_process_running(life)
+    finally:
+        if dj.poll() is None:
+            dj.kill()
+            dj.wait()

@@ -7,7 +7,8 @@
  *                      prints "w<i> ready", and for each line "go" on stdin (read by worker 0
  *                      and passed on) calls f_add N times, then prints "w<i> did N".
  *                      "quit" ends the process (exit status 0).
- *   life term          prints "ready <pid>", waits; on SIGTERM prints "got SIGTERM" and exits 42.
+ *   life term          prints "ready <pid>", waits; on SIGTERM, SIGINT or SIGHUP prints "got signal <N>
+ *                      f_add=<its first 5 code bytes in hex>" and exits with status 100 + N.
  *   life vdso N        prints "ready <pid>", waits for a line, calls clock_gettime N times,
  *                      prints "vdso did N", waits for a line again, then exits.
  */
@@ -79,9 +80,12 @@ static void *worker(void *arg) {
 }
 
 static void on_term(int sig) {
-    (void)sig;
-    say("got SIGTERM\n");
-    _exit(42);
+    const unsigned char *code = (const unsigned char *)f_add;
+    char out[64];
+    snprintf(out, sizeof out, "got signal %d f_add=%02x%02x%02x%02x%02x\n", sig, code[0], code[1], code[2],
+             code[3], code[4]);
+    say(out);
+    _exit(100 + sig);
 }
 
 int main(int argc, char **argv) {
@@ -104,6 +108,8 @@ int main(int argc, char **argv) {
     }
     if (strcmp(argv[1], "term") == 0) {
         signal(SIGTERM, on_term);
+        signal(SIGINT, on_term);
+        signal(SIGHUP, on_term);
         snprintf(out, sizeof out, "ready %d\n", (int)getpid());
         say(out);
         for (;;) pause();
