@@ -223,6 +223,8 @@ class _ElfInfo:
         self._rela: list[tuple[int, int, int, int]] | None = None  # (r_offset, type, sym index, addend)
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
         self._stream = stream if data is not None else None
+        #: the whole ELF image when it is not a file (the vDSO): what ``read_file`` reads
+        self.image: bytes | None = data
 
         dyn_syms = self._read_dynsym(e)
         tab_syms: list[_RawSym] = []
@@ -601,6 +603,11 @@ class Module:
         return self._info.build_id
 
     @property
+    def image(self) -> bytes | None:
+        """The ELF image of a module that is not a file (the vDSO), else None."""
+        return self._info.image
+
+    @property
     def debug_file(self) -> str | None:
         """The separate debug file whose .symtab was used, if any."""
         return self._info.debug_file
@@ -776,9 +783,10 @@ class Module:
         return None
 
     def read_file(self, address: int, size: int) -> bytes:
-        """The bytes at runtime ``address`` as they are in the file on disk."""
+        """The bytes at runtime ``address`` as they are in the file on disk; for the vDSO, which
+        is no file, as they are in the kernel's image (see :func:`_vdso_reference`)."""
         off = self.file_offset(address, size)
-        if off is None or not self.file_backed:
+        if off is None or (not self.file_backed and self._info.image is None):
             raise InvalidSiteError(
                 f"{address:#x}+{size} is not file-backed in {self.name}", address=address
             )
@@ -1059,7 +1067,7 @@ class Symbols:
         if vdso is not None:
             try:
                 image = self._mem().read(vdso.start, vdso.end - vdso.start)
-                info = _ElfInfo(None, image, "[vdso]")
+                info = _ElfInfo(None, _vdso_reference(image), "[vdso]")
                 bias = vdso.start - (info.loads[0].vaddr & ~(_PAGE - 1)) if info.loads else vdso.start
                 modules.append(Module(info, "[vdso]", bias, False, file_backed=False))
             except (DjprobeError, ELFError, OSError, ValueError, struct.error) as exc:
@@ -1460,6 +1468,32 @@ class Symbols:
             )
         self.unresolved = unresolved  # for callers that want to report skipped matches
         return [sites[a] for a in sorted(sites)]
+
+
+@functools.lru_cache(maxsize=1)
+def _own_vdso() -> bytes | None:
+    """This process's vDSO image (the kernel's; never patched here), or None."""
+    try:
+        vdso = next((e for e in read_maps(os.getpid()) if e.path == "[vdso]"), None)
+    except DjprobeError:
+        return None
+    if vdso is None:
+        return None
+    import ctypes
+
+    return ctypes.string_at(vdso.start, vdso.end - vdso.start)
+
+
+def _vdso_reference(image: bytes) -> bytes:
+    """The unpatched bytes of a target's vDSO, read from its memory as ``image``. The kernel maps
+    one image into every 64-bit process, so this process's own copy is the reference, as a file
+    on disk is for a library (someone's breakpoint in the target's vDSO then shows as a
+    difference). A target whose vDSO is another (a different size or ELF identity) keeps its own.
+    """
+    own = _own_vdso()
+    if own is not None and len(own) == len(image) and own[:64] == image[:64]:
+        return own
+    return image
 
 
 def _read_auxv(pid: int) -> dict[int, int]:

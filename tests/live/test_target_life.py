@@ -268,3 +268,74 @@ def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, si
         if dj.poll() is None:
             dj.kill()
             dj.wait()
+
+
+# -- 9.6b: the vDSO ------------------------------------------------------------------------------
+
+
+def test_vdso_sites_verdicts_and_foreign_patch(start_target, life):
+    t = start_target([life, "vdso", "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert Lines(t.proc.stdout).next() == f"ready {t.pid}"
+    res = run(DJPROBE + ["sites", "--json", "-p", t.pid, "[vdso]:*"])
+    assert res.returncode == 0, res.stderr
+    verdicts = {r["function"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert "clock_gettime" in verdicts and "gettimeofday" in verdicts
+    cg = verdicts["clock_gettime"]
+    assert cg["verdict"] == "jump" and cg["at_entry"], cg
+    with open(f"/proc/{t.pid}/mem", "rb") as mem:
+        for ins in cg["instructions"]:  # decoded from the bytes really there
+            mem.seek(int(ins["address"], 16))
+            assert mem.read(len(ins["bytes"]) // 2).hex() == ins["bytes"]
+    # someone else's breakpoint in the target's vDSO: seen, the site refused as busy
+    address = int(cg["address"], 16)
+    with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(address)
+        saved = mem.read(1)
+        mem.seek(address)
+        mem.write(b"\xcc")
+        try:
+            res = run(DJPROBE + ["sites", "--json", "-p", t.pid, "[vdso]:clock_gettime"])
+        finally:
+            mem.seek(address)
+            mem.write(saved)
+    (busy,) = map(json.loads, res.stdout.splitlines())
+    assert busy["verdict"] == "refused" and busy["busy"] and "already patched" in busy["reason"], busy
+
+
+def test_vdso_clock_gettime_counted_exactly(start_target, life):
+    n = 4321
+    t = start_target([life, "vdso", n], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = Lines(t.proc.stdout)
+    assert out.next() == f"ready {t.pid}"
+    with open(f"/proc/{t.pid}/maps") as f:
+        vdso = next(line for line in f if line.rstrip().endswith("[vdso]"))
+    lo, hi = (int(x, 16) for x in vdso.split()[0].split("-"))
+
+    def vdso_bytes() -> bytes:
+        with open(f"/proc/{t.pid}/mem", "rb") as mem:
+            mem.seek(lo)
+            return mem.read(hi - lo)
+
+    before = vdso_bytes()
+    dj = subprocess.Popen(
+        DJPROBE + ["count", "--json", "-p", str(t.pid), "[vdso]:clock_gettime"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        Lines(dj.stderr).until(lambda line: line.startswith("Tracing 1 function"))
+        assert vdso_bytes() != before, "the jump is in the vDSO"
+        t.proc.stdin.write(b"go\n")
+        t.proc.stdin.flush()
+        assert out.next() == f"vdso did {n}"
+        dj.send_signal(signal.SIGINT)
+        report = json.loads(dj.communicate(timeout=30)[0].decode().strip().splitlines()[-1])
+    finally:
+        if dj.poll() is None:
+            dj.kill()
+            dj.wait()
+    assert [(p["site"], p["hits"]) for p in report["probes"]] == [("[vdso]:clock_gettime", n)]
+    assert vdso_bytes() == before
+    t.proc.stdin.write(b"end\n")
+    t.proc.stdin.flush()
+    assert t.proc.wait(timeout=20) == 0
