@@ -150,6 +150,7 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
         raise NoRoomError(f"no free address space within ±2 GiB of {site:#x} for stubs", address=site)
     path = os.path.join(SHM_DIR, f"djprobe-{process.pid}-{secrets.token_hex(6)}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    code_address: int | None = None
     try:
         os.ftruncate(fd, layout.data_size)
         uid, gid = _user_of(process.pid)
@@ -158,22 +159,27 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
         code_address = _map_in_target(process, candidates, layout, path)
         data_address = code_address + layout.code_size
         tracer_map = mmap.mmap(fd, layout.data_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        view = AreaView(memoryview(tracer_map), layout)
+        view.write_header(
+            AreaHeader(
+                layout=layout,
+                tracer_pid=os.getpid(),
+                target_pid=process.pid,
+                code_address=code_address,
+                data_address=data_address,
+            )
+        )
+    except BaseException:
+        if code_address is not None:  # mapped in the target, but no Region will own it: unmap
+            _unmap_quietly(process, code_address, layout.code_size)
+            _unmap_quietly(process, code_address + layout.code_size, layout.data_size)
+        raise
     finally:
         os.close(fd)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    view = AreaView(memoryview(tracer_map), layout)
-    view.write_header(
-        AreaHeader(
-            layout=layout,
-            tracer_pid=os.getpid(),
-            target_pid=process.pid,
-            code_address=code_address,
-            data_address=data_address,
-        )
-    )
     region = Region(layout, code_address, data_address, view, tracer_map)
     region.free_slots = list(range(layout.max_instances - 1, -1, -1))
     return region
@@ -193,7 +199,13 @@ def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout
         if code != start:
             process.munmap(code, layout.code_size)
             continue
-        target_fd = process.open_file(path, O_RDWR | O_CLOEXEC)
+        try:
+            # The target cannot open the file (another mount namespace, no /dev/shm): no other
+            # place helps; the code part just mapped goes (nothing may stay without a Region).
+            target_fd = process.open_file(path, O_RDWR | O_CLOEXEC)
+        except BaseException:
+            _unmap_quietly(process, code, layout.code_size)
+            raise
         try:
             data = process.mmap(
                 start + layout.code_size,
@@ -205,16 +217,30 @@ def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout
             )
         except DjprobeError as exc:
             last_error = exc
-            process.munmap(code, layout.code_size)
+            _unmap_quietly(process, code, layout.code_size)
             continue
+        except BaseException:
+            _unmap_quietly(process, code, layout.code_size)
+            raise
         finally:
-            process.close_fd(target_fd)
+            try:
+                process.close_fd(target_fd)
+            except DjprobeError:
+                pass  # an fd left open in the target is harmless; the mappings matter
         if data != start + layout.code_size:
             process.munmap(data, layout.data_size)
             process.munmap(code, layout.code_size)
             continue
         return start
     raise NoRoomError(f"could not map a probe area near the site: {last_error}")
+
+
+def _unmap_quietly(process: "Process", address: int, size: int) -> None:
+    """munmap in the target on a failure path: the first error stays the one reported."""
+    try:
+        process.munmap(address, size)
+    except DjprobeError:
+        pass
 
 
 def unmap_region(process: "Process", region: Region) -> None:

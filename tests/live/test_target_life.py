@@ -254,7 +254,7 @@ def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, si
         ready = out.until(lambda line: line.startswith("ready "))
         child = int(ready.split()[1])
         with open(f"/proc/{child}/maps") as f:
-            assert "djprobe-" in f.read(), "the probe is in while the command runs"
+            assert "/dev/shm/djprobe-" in f.read(), "the probe is in while the command runs"
         dj.send_signal(sig)
         got = out.until(lambda line: line.startswith("got signal"))
         # the handler read f_add's first bytes: the jump was already gone
@@ -338,4 +338,82 @@ def test_vdso_clock_gettime_counted_exactly(start_target, life):
     assert vdso_bytes() == before
     t.proc.stdin.write(b"end\n")
     t.proc.stdin.flush()
+    assert t.proc.wait(timeout=20) == 0
+
+
+# -- 9.6c: no probe area left behind ---------------------------------------------------------------
+
+
+def _areas_in(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.strip() for line in f if "/dev/shm/djprobe-" in line]
+
+
+def _anon_code(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.split()[0] for line in f if line.split()[1] == "r-xp" and len(line.split()) == 5]
+
+
+def test_area_whose_slot_was_retired_is_unmapped_at_close(start_target, life):
+    """A slot is retired when a signal frame on a thread's stack points into its stub at removal;
+    once that thread has left the stub, close unmaps the area (it used to stay mapped)."""
+    from djprobe.recovery import find_areas
+
+    t = start_target([life, "blockread"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = Lines(t.proc.stdout)
+
+    def line(text: bytes) -> None:
+        t.proc.stdin.write(text)
+        t.proc.stdin.flush()
+
+    assert out.next() == f"ready {t.pid}"
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{t.pid}/syscall").read().split()[0] != "0":  # blocked in read(2)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc = djprobe.attach(t.pid)
+    try:
+        # the thread blocked in the displaced syscall is moved into the stub's copy of it
+        djp = proc.register(djprobe.Djprobe(f"{life.name}:raw_read"))
+        assert djp.analysis.size == 6  # xor, mov, syscall: the syscall is displaced
+        os.kill(t.pid, signal.SIGUSR1)  # interrupts the read in the stub: a frame returns there
+        assert out.next() == "in handler"
+        proc.unregister(djp)
+        (area,) = find_areas(t.pid)
+        assert [i.state for i in area.instances] == ["RETIRED"]
+        line(b"a\n")
+        assert out.next() == "handler got 2"  # back in the stub, reading again
+        line(b"bc\n")
+        assert out.next() == "got 3"  # out of the stub, back in the original code
+    finally:
+        proc.close()
+    assert _areas_in(t.pid) == [] and _anon_code(t.pid) == [], open(f"/proc/{t.pid}/maps").read()
+    line(b"four\n")
+    assert out.next() == "got 5"
+    t.proc.stdin.close()
+    assert t.proc.wait(timeout=20) == 0
+
+
+def test_area_the_target_cannot_open_leaves_nothing_mapped(start_target, life):
+    """A target in its own mount namespace cannot open the area file in /dev/shm: the probe is
+    refused with the reason, and the code part mapped just before is unmapped."""
+    script = f"mount -t tmpfs none /dev/shm && exec {life} wait 100"
+    t = start_target(["unshare", "-m", "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out = Lines(t.proc.stdout)
+    ready = out.next()
+    if not ready.startswith("ready"):
+        pytest.skip(f"cannot make a mount namespace here: {ready}")
+    before = open(f"/proc/{t.pid}/maps").read()
+    proc = djprobe.attach(t.pid)
+    try:
+        with pytest.raises(djprobe.RemoteSyscallError) as info:
+            proc.register(djprobe.Djprobe(f"{life.name}:f_add"))
+        assert "/dev/shm/djprobe-" in str(info.value) and "No such file or directory" in str(info.value)
+    finally:
+        proc.close()
+    assert open(f"/proc/{t.pid}/maps").read() == before
+    assert tracer_pid(t.pid) == 0
+    t.proc.stdin.write(b"go\n")
+    t.proc.stdin.flush()
+    assert out.next() == "sum=4950" and out.next() == "done"
     assert t.proc.wait(timeout=20) == 0

@@ -9,6 +9,9 @@
  *                      "quit" ends the process (exit status 0).
  *   life term          prints "ready <pid>", waits; on SIGTERM, SIGINT or SIGHUP prints "got signal <N>
  *                      f_add=<its first 5 code bytes in hex>" and exits with status 100 + N.
+ *   life blockread     prints "ready <pid>", then reads stdin with raw_read, printing "got <n>" for
+ *                      each read, until end of file (exit status 0). SIGUSR1: its handler prints
+ *                      "in handler", reads a line itself and prints "handler got <n>".
  *   life vdso N        prints "ready <pid>", waits for a line, calls clock_gettime N times,
  *                      prints "vdso did N", waits for a line again, then exits.
  */
@@ -24,6 +27,12 @@
 __attribute__((noinline, used)) long f_add(long a, long b) {
     __asm__ volatile("" ::: "memory");
     return a + b;
+}
+
+/* read(2) by hand, the syscall the last of the first 5+ bytes: a probe here displaces it, and a
+ * thread blocked in it is moved into the stub at insertion and stays there at removal. */
+__attribute__((naked, noinline, used)) long raw_read(long fd, void *buf, long n) {
+    __asm__ volatile("xor %eax, %eax\n\tmov %edi, %edi\n\tsyscall\n\tret\n");
 }
 
 static void say(const char *s) { (void)!write(1, s, strlen(s)); }
@@ -79,6 +88,16 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* blockread mode: a handler that waits for a line of its own (libc read, not raw_read) */
+static void on_usr1(int sig) {
+    char buf[64], out[64];
+    (void)sig;
+    say("in handler\n");
+    long n = read(0, buf, sizeof buf);
+    snprintf(out, sizeof out, "handler got %ld\n", n);
+    say(out);
+}
+
 static void on_term(int sig) {
     const unsigned char *code = (const unsigned char *)f_add;
     char out[64];
@@ -113,6 +132,22 @@ int main(int argc, char **argv) {
         snprintf(out, sizeof out, "ready %d\n", (int)getpid());
         say(out);
         for (;;) pause();
+    }
+    if (strcmp(argv[1], "blockread") == 0) {
+        char buf[64];
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_usr1;
+        sa.sa_flags = SA_RESTART;
+        sigaction(SIGUSR1, &sa, NULL);
+        snprintf(out, sizeof out, "ready %d\n", (int)getpid());
+        say(out);
+        for (;;) {
+            long n = raw_read(0, buf, sizeof buf);
+            if (n <= 0) return 0;
+            snprintf(out, sizeof out, "got %ld\n", n);
+            say(out);
+        }
     }
     if (strcmp(argv[1], "vdso") == 0 && argc > 2) {
         long n = atol(argv[2]);
