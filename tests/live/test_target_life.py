@@ -236,6 +236,40 @@ def test_command_that_will_not_be_traced_never_runs(tmp_path, life, command, pat
     assert _no_process_running(life)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_signal_while_placing_probes_command_never_runs(tmp_path):
+    """SIGTERM while the probes go in (libc:* takes seconds): the held command is not started."""
+    marker = tmp_path / "ran"
+    dj = subprocess.Popen(
+        DJPROBE + ["count", "libc:*", "--", "sh", "-c", f"echo ran > {marker}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(state(c) == "t" for c in _children(dj.pid)):  # held before main
+            assert time.monotonic() < deadline and dj.poll() is None
+            time.sleep(0.01)
+        (child,) = _children(dj.pid)
+        dj.send_signal(signal.SIGTERM)
+        _, err = dj.communicate(timeout=60)
+    finally:
+        if dj.poll() is None:
+            dj.kill()
+            dj.wait()
+    assert dj.returncode == 1
+    assert err.strip().splitlines()[-1] == "djprobe: error: sh: not started: djprobe got SIGTERM before it started"
+    assert not marker.exists() and not os.path.exists(f"/proc/{child}")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, sig):
     from djprobe.symbols import Symbols
