@@ -9,6 +9,7 @@ injected syscalls, and unlinked as soon as both sides have it mapped.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import secrets
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .area import AreaHeader, AreaLayout, AreaView, InstanceEntry
-from .errors import DjprobeError, NoRoomError
+from .errors import DjprobeError, NoRoomError, RemoteSyscallError
 from .stubs import RecordTargets
 
 if TYPE_CHECKING:
@@ -203,6 +204,13 @@ def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout
             # The target cannot open the file (another mount namespace, no /dev/shm): no other
             # place helps; the code part just mapped goes (nothing may stay without a Region).
             target_fd = process.open_file(path, O_RDWR | O_CLOEXEC)
+        except RemoteSyscallError as exc:
+            _unmap_quietly(process, code, layout.code_size)
+            hint = " (is it in another mount namespace, e.g. a container?)" if exc.errno == errno.ENOENT else ""
+            raise RemoteSyscallError(
+                f"process {process.pid} cannot open the probe area file {path}: {os.strerror(exc.errno)}{hint}",
+                errno=exc.errno,
+            ) from exc
         except BaseException:
             _unmap_quietly(process, code, layout.code_size)
             raise
