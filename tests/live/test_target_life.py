@@ -270,15 +270,18 @@ def test_signal_while_placing_probes_command_never_runs(tmp_path):
     assert not marker.exists() and not os.path.exists(f"/proc/{child}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, sig):
+@pytest.mark.parametrize(
+    "command, sig",
+    [("count", signal.SIGTERM), ("count", signal.SIGHUP), ("count", signal.SIGINT), ("trace", signal.SIGTERM)],
+)
+def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, command, sig):
     from djprobe.symbols import Symbols
 
     with Symbols.from_file(life) as symbols:
         (site,) = symbols.resolve(f"{life}:f_add")
         original = symbols.modules[0].read_file(site.address, 5).hex()
     dj = subprocess.Popen(
-        DJPROBE + ["count", "--json", "f_add", "--", str(life), "term"],
+        DJPROBE + [command, "--json", "f_add", "--", str(life), "term"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # no terminal: nothing sends the command the signal but djprobe
@@ -296,7 +299,10 @@ def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, si
         rest, err = dj.communicate(timeout=30)
         assert dj.returncode == 100 + sig, err
         report = json.loads((out.buf + rest).decode().strip().splitlines()[-1])
-        assert report["exit_status"] == 100 + sig and [p["hits"] for p in report["probes"]] == [0]
+        if command == "count":
+            assert report["exit_status"] == 100 + sig and [p["hits"] for p in report["probes"]] == [0]
+        else:
+            assert [p["hits"] for p in report["summary"]] == [0]
         assert _no_process_running(life)
     finally:
         if dj.poll() is None:
