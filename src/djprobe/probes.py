@@ -415,8 +415,9 @@ class ProbedProcess:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
                 with self.stopped():  # mapping it takes injected syscalls: a short stop
                     region = create_region(self.process, analysis.address, self.layout)
-                self._regions.append(region)
-                self._readers.append(RingReader(region.view, len(self._regions) - 1))
+                    # owned (and unmapped by close) even if resuming after it fails
+                    self._regions.append(region)
+                    self._readers.append(RingReader(region.view, len(self._regions) - 1))
                 candidates = [region]
                 tried_new = True
             region = candidates.pop(0)
