@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,8 +72,12 @@ def state(pid: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def life():
-    return compile_c(SOURCE, name="life")
+def life(tmp_path_factory):
+    """The target, copied where only this module runs it (tests look for leftover processes)."""
+    built = compile_c(SOURCE, name="life")
+    copy = tmp_path_factory.mktemp("life") / built.name
+    shutil.copy2(built, copy)
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +291,7 @@ def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, co
         stderr=subprocess.PIPE,
         start_new_session=True,  # no terminal: nothing sends the command the signal but djprobe
     )
+    child = None
     try:
         out = Lines(dj.stdout)
         ready = out.until(lambda line: line.startswith("ready "))
@@ -308,6 +314,8 @@ def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, co
         if dj.poll() is None:
             dj.kill()
             dj.wait()
+        if child is not None and not _no_process_running(life):
+            os.kill(child, signal.SIGKILL)  # djprobe failed to end it: do not leave it behind
 
 
 # -- 9.6b: the vDSO ------------------------------------------------------------------------------
