@@ -89,10 +89,23 @@ def check_target(pid: int) -> None:
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise TracePermissionError(f"cannot read the executable of process {pid}: {exc.strerror}") from exc
-        if not os.path.exists(f"/proc/{pid}"):
-            raise ProcessGoneError(f"no such process: {pid}") from exc
-        raise UnsupportedTargetError(f"process {pid} has no executable (a kernel thread?)", machine="") from exc
+        if _is_kernel_thread(pid):
+            raise UnsupportedTargetError(f"process {pid} ({_comm(pid)}) is a kernel thread", machine="") from exc
+        raise ProcessGoneError(f"no such process: {pid} (it exited)") from exc
     check_elf_header(header, f"process {pid} ({_comm(pid)})")
+
+
+_PF_KTHREAD = 0x00200000
+
+
+def _is_kernel_thread(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return False
+    fields = text[text.rfind(")") + 2 :].split()
+    return len(fields) > 6 and int(fields[6]) & _PF_KTHREAD != 0
 
 
 def _comm(pid: int) -> str:

@@ -44,3 +44,27 @@ def test_x86_64_passes(tmp_path):
     path = tmp_path / "prog"
     path.write_bytes(_header(2, 62))
     check_elf(path)
+
+
+def test_kernel_thread_and_missing_process():
+    import os
+
+    from djprobe import ProcessGoneError, attach
+
+    kthread = None
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if int(text[text.rfind(")") + 2 :].split()[6]) & 0x00200000:
+                kthread = int(name)
+                break
+    if kthread is None:
+        pytest.skip("no kernel thread visible in this pid namespace")
+    with pytest.raises(UnsupportedTargetError, match="is a kernel thread"):
+        attach(kthread)
+    with pytest.raises(ProcessGoneError):
+        check_target(999_999_999)
