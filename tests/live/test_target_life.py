@@ -318,6 +318,47 @@ def test_signal_to_djprobe_reaches_the_command_after_the_probes_are_out(life, co
             os.kill(child, signal.SIGKILL)  # djprobe failed to end it: do not leave it behind
 
 
+def test_ctrl_c_in_a_terminal_reaches_the_command_once(life):
+    """Ctrl-C in a terminal goes to the whole foreground group, the command included: djprobe
+    removes its probes and waits, without sending the command a second SIGINT."""
+    import pty
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: djprobe on the terminal, as a user runs it
+        try:
+            os.execv(sys.executable, DJPROBE + ["count", "--json", "f_add", "--", str(life), "slowterm"])
+        finally:
+            os._exit(127)
+
+    class Master:
+        def fileno(self) -> int:
+            return master
+
+    seen: list[str] = []
+    try:
+        out = Lines(Master())
+        seen.append(out.until(lambda line: line.strip().startswith("ready ")))
+        os.write(master, b"\x03")
+        seen.append(out.until(lambda line: "got signal" in line))
+        assert seen[-1].strip().endswith("got signal 2 #1")  # after the echoed ^C
+        deadline = time.monotonic() + 30
+        while True:  # the rest of the output, until djprobe exits
+            try:
+                seen.append(out.next(max(0.1, deadline - time.monotonic())))
+            except (AssertionError, OSError):  # EIO once the terminal has no writer
+                break
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+    assert not any("#2" in line for line in seen), seen
+    assert os.waitstatus_to_exitcode(status) == 102, seen
+    assert _no_process_running(life)
+
+
 # -- 9.6b: the vDSO ------------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@
  *   life blockread     prints "ready <pid>", then reads stdin with raw_read, printing "got <n>" for
  *                      each read, until end of file (exit status 0). SIGUSR1: its handler prints
  *                      "in handler", reads a line itself and prints "handler got <n>".
+ *   life slowterm      prints "ready <pid>"; prints "got signal <N> #<count>" for each SIGTERM, SIGINT,
+ *                      SIGHUP; exits 0.3 s after the first with status 100 + the last N.
  *   life vdso N        prints "ready <pid>", waits for a line, calls clock_gettime N times,
  *                      prints "vdso did N", waits for a line again, then exits.
  */
@@ -98,6 +100,17 @@ static void on_usr1(int sig) {
     say(out);
 }
 
+/* slowterm mode: count the signals, end 0.3 s after the first (so a second one would show) */
+static volatile sig_atomic_t nsignals, lastsig;
+
+static void on_count(int sig) {
+    char out[64];
+    nsignals++;
+    lastsig = sig;
+    snprintf(out, sizeof out, "got signal %d #%d\n", sig, (int)nsignals);
+    say(out);
+}
+
 static void on_term(int sig) {
     const unsigned char *code = (const unsigned char *)f_add;
     char out[64];
@@ -148,6 +161,21 @@ int main(int argc, char **argv) {
             snprintf(out, sizeof out, "got %ld\n", n);
             say(out);
         }
+    }
+    if (strcmp(argv[1], "slowterm") == 0) {
+        struct timespec t0, now;
+        signal(SIGTERM, on_count);
+        signal(SIGINT, on_count);
+        signal(SIGHUP, on_count);
+        snprintf(out, sizeof out, "ready %d\n", (int)getpid());
+        say(out);
+        while (!nsignals) pause();
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        do {
+            usleep(10000);
+            clock_gettime(CLOCK_MONOTONIC, &now);
+        } while ((now.tv_sec - t0.tv_sec) * 1000000000L + (now.tv_nsec - t0.tv_nsec) < 300000000L);
+        return 100 + lastsig;
     }
     if (strcmp(argv[1], "vdso") == 0 && argc > 2) {
         long n = atol(argv[2]);
