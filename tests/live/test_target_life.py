@@ -425,6 +425,24 @@ def test_vdso_clock_gettime_counted_exactly(start_target, life):
             dj.wait()
     assert [(p["site"], p["hits"]) for p in report["probes"]] == [("[vdso]:clock_gettime", n)]
     assert vdso_bytes() == before
+
+    # a tracer killed with its jump in the vDSO: status names it, cleanup restores it
+    killed = subprocess.Popen(
+        DJPROBE + ["count", "--json", "-p", str(t.pid), "[vdso]:clock_gettime"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        Lines(killed.stderr).until(lambda line: line.startswith("Tracing 1 function"))
+    finally:
+        killed.kill()
+        killed.communicate(timeout=30)
+    assert vdso_bytes() != before
+    (area,) = json.loads(run(DJPROBE + ["status", "--json", "-p", t.pid]).stdout)["areas"]
+    assert [(i["site"], i["valid"], i["code"]) for i in area["instances"]] == [("[vdso]:clock_gettime", True, "patched")]
+    res = run(DJPROBE + ["cleanup", "-p", t.pid])
+    assert res.returncode == 0 and "1 restored" in res.stdout, res.stdout + res.stderr
+    assert vdso_bytes() == before and _areas_in(t.pid) == []
     t.proc.stdin.write(b"end\n")
     t.proc.stdin.flush()
     assert t.proc.wait(timeout=20) == 0
