@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno as _errno
 import signal
 import sys
 import time
@@ -69,12 +70,13 @@ class NotStartedError(DjprobeError):
 def _held_command(target: ProbedProcess) -> subprocess.Popen | None:
     """The command djprobe spawned, while it is still held before ``main``; else None."""
     popen = getattr(target.process, "popen", None)
-    if popen is None or not target.process.stopped or popen.poll() is not None:
+    # (no popen.poll() here: a wait on a traced child could consume one of its ptrace stops)
+    if popen is None or not target.process.stopped or not target.process.is_alive():
         return None
     return popen
 
 
-def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, errno: int) -> NotStartedError:
+def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, code: int) -> NotStartedError:
     """Kill the held command (it has run nothing of its own: only the loader), reap it and
     return the error that says so."""
     try:
@@ -84,7 +86,7 @@ def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, er
         pass
     target.close()  # the process is gone: nothing to undo, only the tracer's side to drop
     name = os.path.basename(str(popen.args[0] if isinstance(popen.args, (list, tuple)) else popen.args))
-    return NotStartedError(f"{name}: not started: {reason}", errno=errno)
+    return NotStartedError(f"{name}: not started: {reason}", errno=code)
 
 
 def make_probes(
@@ -100,18 +102,18 @@ def make_probes(
     try:
         probes, refused = _make_probes(target, patterns, record=record, registers=registers)
     except BaseException as exc:
-        if held is not None and held.poll() is None:
+        if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
-            errno = getattr(exc, "errno", 0) or 0
-            raise _not_started(target, held, reason, errno) from exc
+            code = getattr(exc, "errno", 0) or _errno.EINTR
+            raise _not_started(target, held, reason, code) from exc
         raise
-    if held is not None and held.poll() is None:
+    if held is not None and target.process.is_alive():
         if not probes:
             shown = "; ".join(f"{r.site}: {r.reason}" for r in refused[:3])
             more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
-            raise _not_started(target, held, f"no site took a probe: {shown}{more}", 22)
+            raise _not_started(target, held, f"no site took a probe: {shown}{more}", _errno.EINVAL)
         if interrupted():
-            raise _not_started(target, held, f"djprobe got {interrupted()} before it started", 4)
+            raise _not_started(target, held, f"djprobe got {interrupted()} before it started", _errno.EINTR)
     return probes, refused
 
 
