@@ -14,6 +14,7 @@ from .errors import (
     TargetTimeoutError,
     TracePermissionError,
     TracerStateError,
+    UnsupportedTargetError,
 )
 
 from .probes import Djprobe, ProbedProcess, attach, register_djprobe, spawn, unregister_djprobe
@@ -38,4 +39,5 @@ __all__ = [
     "TargetTimeoutError",
     "TracePermissionError",
     "TracerStateError",
+    "UnsupportedTargetError",
 ]

@@ -88,3 +88,14 @@ class RemoteSyscallError(DjprobeError):
     def __init__(self, message: str, *, errno: int, address: int | None = None) -> None:
         super().__init__(message, address=address)
         self.errno = errno
+
+
+class UnsupportedTargetError(DjprobeError):
+    """ENOEXEC: the process or file is not x86-64 code (32-bit i386, x32, another machine);
+    ``machine`` names what it is."""
+
+    errno = _errno.ENOEXEC
+
+    def __init__(self, message: str, *, machine: str = "") -> None:
+        super().__init__(message)
+        self.machine = machine

@@ -450,8 +450,9 @@ class ProbedProcess:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
                 with self.stopped():  # mapping it takes injected syscalls: a short stop
                     region = create_region(self.process, analysis.address, self.layout)
-                self._regions.append(region)
-                self._readers.append(RingReader(region.view, len(self._regions) - 1))
+                    # owned (and unmapped by close) even if resuming after it fails
+                    self._regions.append(region)
+                    self._readers.append(RingReader(region.view, len(self._regions) - 1))
                 candidates = [region]
                 tried_new = True
             region = candidates.pop(0)
@@ -885,18 +886,14 @@ class ProbedProcess:
                 pass  # stopping reclaims what is idle
 
     def _unmap_idle_regions(self) -> None:
-        """Unmap the probe areas no thread can still be in or return into (world stopped)."""
+        """Unmap the probe areas no thread can still be in or return into (world stopped). A
+        retired slot does not keep its area: it was retired because a thread could return into
+        it then; the same check over the whole code part, now, says whether one still can."""
         for region in self._regions:
             if region.mapped_in_target is False:
                 continue
-            free = set(region.free_slots)
-            retired = any(
-                region.view.entry(i).state is InstanceState.RETIRED
-                for i in range(region.layout.max_instances)
-                if i not in free
-            )
             code_end = region.code_address + region.layout.code_size
-            if retired or self._referenced(region.code_address, code_end):
+            if self._referenced(region.code_address, code_end):
                 continue
             unmap_region(self.process, region)
 

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 
 from ._sys import ptrace as pt
 from ._sys.procfs import MapEntry, ProcessMemory, read_maps
+from .arch import check_target
 from .inject import DATA, Injector, _NoRoom
 from .errors import (
     DjprobeError,
@@ -289,9 +290,9 @@ class Process:
     popen: subprocess.Popen | None
 
     def __init__(self, pid: int) -> None:
-        """Check that ``pid`` exists and is not a zombie; does not attach.
+        """Check that ``pid`` exists, is not a zombie and runs x86-64 code; does not attach.
 
-        Raises ProcessGoneError, TracePermissionError.
+        Raises ProcessGoneError, TracePermissionError, UnsupportedTargetError.
         """
         status = _read_status(pid)
         if status is None:
@@ -301,6 +302,7 @@ class Process:
         tgid = int(status.get("Tgid", pid))
         if tgid == os.getpid():
             raise TracePermissionError(f"cannot trace process {pid}: it is the tracer itself")
+        check_target(tgid)  # 32-bit or another machine: refused before any ptrace request
         self.pid = tgid
         # /proc/PID/{mem,maps} are empty once the leader has exited (a zombie leader with live
         # threads); /proc/TID/... of a live thread shows the same address space.
@@ -344,7 +346,8 @@ class Process:
         unless told otherwise.
 
         Raises FileNotFoundError/PermissionError (from exec), ProcessGoneError (exited before
-        its entry point), TargetTimeoutError.
+        its entry point), UnsupportedTargetError (not x86-64 code: the child is killed at its
+        exec stop, before it runs), TargetTimeoutError.
         """
         popen = subprocess.Popen(
             [os.fspath(a) for a in argv],
@@ -376,6 +379,7 @@ class Process:
                 if pt.stop_signal(status) == signal.SIGTRAP:
                     break
                 pt.cont(pid, pt.stop_signal(status) if pt.stop_event(status) == 0 else 0)
+            check_target(pid)  # not x86-64: killed below before it runs an instruction of its own
             self._proc_tid = pid
             self.memory = ProcessMemory(pid)
             # Until start() detaches it, the command has run none of its own code: if the tracer

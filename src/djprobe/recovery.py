@@ -9,11 +9,13 @@ stray write) may have changed it, so nothing is trusted blindly:
 
 * the header must carry the magic and version, describe a sane layout whose sizes match the
   mappings actually present, and record ``data_address`` equal to where it is mapped;
-* an entry must name a site inside an executable file-backed mapping, a stub in its own slot,
-  and patched bytes that are exactly the ``jmp`` to that stub followed by the original tail;
+* an entry must name a site inside an executable file-backed mapping (or the vDSO), a stub in
+  its own slot, and patched bytes that are exactly the ``jmp`` to that stub followed by the
+  original tail;
 * before writing, the recorded original bytes must equal the bytes of the ELF file on disk (the
-  mapped file) at that address, and the bytes in memory must be the recorded patched ones (or
-  ``force``). Nothing else is ever written into the target's code.
+  mapped file; for the vDSO, the kernel's image) at that address, and the bytes in memory must
+  be the recorded patched ones (or ``force``). Nothing else is ever written into the target's
+  code.
 
 Then the areas themselves are unmapped, but only when no thread is in a stub or holds a stub
 address on its stack; otherwise the area stays mapped (harmless: nothing jumps there any more).
@@ -200,6 +202,14 @@ def _tracer_alive(tracer_pid: int, mapping: MapEntry) -> bool:
     return any(m.inode == mapping.inode and m.dev == mapping.dev and _is_area_mapping(m) for m in maps)
 
 
+def _probeable_code(m: MapEntry) -> bool:
+    """Code a probe may patch: an executable mapping of an ELF file, or the vDSO (whose
+    reference bytes are the kernel's image, see ``symbols._vdso_reference``)."""
+    if not m.executable or _is_area_mapping(m):
+        return False
+    return bool(m.is_file and m.inode) or m.path == "[vdso]"
+
+
 def _code_state(memory: ProcessMemory, inst: FoundInstance) -> str:
     try:
         now = memory.read(inst.address, inst.size)
@@ -219,8 +229,8 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
     if not 5 <= inst.size <= MAX_DISPLACED:
         return f"size {inst.size} is out of bounds"
     m = find_mapping(maps, inst.address)
-    if m is None or not m.executable or not m.is_file or m.inode == 0 or _is_area_mapping(m):
-        return f"{inst.address:#x} is not in an executable file-backed mapping"
+    if m is None or not _probeable_code(m):
+        return f"{inst.address:#x} is not in an executable file-backed mapping (or the vDSO)"
     if inst.address + inst.size > m.end:
         return f"{inst.address:#x}+{inst.size} crosses the end of its mapping"
     slot = area.layout.slot_address(area.code_address, inst.index)
@@ -350,7 +360,7 @@ def find_orphans(
         return []
     found: list[tuple[FoundArea, OrphanJump]] = []
     for m in maps:
-        if not (m.executable and m.is_file and m.inode) or _is_area_mapping(m):
+        if not _probeable_code(m):
             continue
         module = symbols.module_at(m.start)
         if module is None:

@@ -11,13 +11,14 @@ and removed by ``djprobe cleanup --stale``.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .area import RING_HEADER_SIZE, AreaHeader, AreaLayout, AreaView, InstanceEntry
-from .errors import DjprobeError, NoRoomError
+from .errors import DjprobeError, NoRoomError, RemoteSyscallError
 from .shmfiles import SHM_DIR, new_area_path
 from .stubs import RecordTargets
 
@@ -147,7 +148,13 @@ class Region:
 def create_region(process: "Process", site: int, layout: AreaLayout | None = None) -> Region:
     """Map a new probe area in the (stopped) target within reach of ``site``.
 
-    Raises NoRoomError if no free address range within ±2 GiB of the site can take it.
+    The file gets its header before the target maps it, and the target maps the data part before
+    the code part: whatever instant the tracer dies at, what is mapped in the target is either
+    nothing or an area that ``djprobe cleanup`` recognises. On any failure, what was mapped is
+    unmapped again.
+
+    Raises NoRoomError if no free address range within ±2 GiB of the site can take it,
+    RemoteSyscallError if the target cannot open the file (naming it).
     """
     layout = layout or AreaLayout()
     candidates = find_gap_near(process.maps(), site, layout.total_size)
@@ -155,12 +162,17 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
         raise NoRoomError(f"no free address space within ±2 GiB of {site:#x} for stubs", address=site)
     path = new_area_path(process.pid)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tracer_map: mmap.mmap | None = None
+    view: AreaView | None = None
     try:
         try:
+            os.ftruncate(fd, layout.data_size)
             uid, gid = _user_of(process.pid)
             if (uid, gid) != (os.geteuid(), os.getegid()):
                 os.fchown(fd, uid, gid)
-            target_fd = process.open_file(path, O_RDWR | O_CLOEXEC)
+            tracer_map = mmap.mmap(fd, layout.data_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            view = AreaView(memoryview(tracer_map), layout)
+            target_fd = _open_in_target(process, path)
         finally:
             # Both sides hold the file now (or never will): the name goes before anything else.
             try:
@@ -168,63 +180,73 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
             except FileNotFoundError:
                 pass
         try:
-            os.ftruncate(fd, layout.data_size)
-            code_address = _map_in_target(process, candidates, layout, target_fd)
+            code_address = _map_in_target(process, candidates, layout, target_fd, view)
         finally:
             process.close_fd(target_fd)
-        data_address = code_address + layout.code_size
-        tracer_map = mmap.mmap(fd, layout.data_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        if view is not None:
+            view.release()
+        if tracer_map is not None:
+            tracer_map.close()
+        raise
     finally:
         os.close(fd)
-    view = AreaView(memoryview(tracer_map), layout)
-    view.write_header(
-        AreaHeader(
-            layout=layout,
-            tracer_pid=os.getpid(),
-            target_pid=process.pid,
-            code_address=code_address,
-            data_address=data_address,
-        )
-    )
-    region = Region(layout, code_address, data_address, view, tracer_map)
+    region = Region(layout, code_address, code_address + layout.code_size, view, tracer_map)
     region.free_slots = list(range(layout.max_instances - 1, -1, -1))
     return region
 
 
-def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout, target_fd: int) -> int:
-    """Map code (anonymous r-x) then data (the shared file open as ``target_fd`` in the target,
-    rw-) at the first candidate that is free."""
+def _open_in_target(process: "Process", path: str) -> int:
+    try:
+        return process.open_file(path, O_RDWR | O_CLOEXEC)
+    except RemoteSyscallError as exc:
+        hint = " (is it in another mount namespace, e.g. a container?)" if exc.errno == errno.ENOENT else ""
+        raise RemoteSyscallError(
+            f"process {process.pid} cannot open the probe area file {path}: {os.strerror(exc.errno)}{hint}",
+            errno=exc.errno,
+        ) from exc
+
+
+def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout, target_fd: int, view: AreaView) -> int:
+    """At the first free candidate: write the header for that place, map the data part (the
+    shared file open as ``target_fd`` in the target, rw-), then the code part (anonymous r-x)."""
     last_error: Exception | None = None
     for start in candidates[:8]:
+        data_at = start + layout.code_size
+        view.write_header(
+            AreaHeader(layout=layout, tracer_pid=os.getpid(), target_pid=process.pid, code_address=start, data_address=data_at)
+        )
         try:
-            code = process.mmap(
-                start, layout.code_size, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
-            )
+            data = process.mmap(data_at, layout.data_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, target_fd, 0)
         except DjprobeError as exc:
             last_error = exc
             continue
+        if data != data_at:
+            _unmap_quietly(process, data, layout.data_size)
+            continue
+        try:
+            code = process.mmap(start, layout.code_size, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+        except DjprobeError as exc:
+            last_error = exc
+            _unmap_quietly(process, data_at, layout.data_size)
+            continue
+        except BaseException:
+            _unmap_quietly(process, data_at, layout.data_size)
+            raise
         if code != start:
-            process.munmap(code, layout.code_size)
-            continue
-        try:
-            data = process.mmap(
-                start + layout.code_size,
-                layout.data_size,
-                PROT_READ | PROT_WRITE,
-                MAP_SHARED | MAP_FIXED_NOREPLACE,
-                target_fd,
-                0,
-            )
-        except DjprobeError as exc:
-            last_error = exc
-            process.munmap(code, layout.code_size)
-            continue
-        if data != start + layout.code_size:
-            process.munmap(data, layout.data_size)
-            process.munmap(code, layout.code_size)
+            _unmap_quietly(process, code, layout.code_size)
+            _unmap_quietly(process, data_at, layout.data_size)
             continue
         return start
     raise NoRoomError(f"could not map a probe area near the site: {last_error}")
+
+
+def _unmap_quietly(process: "Process", address: int, size: int) -> None:
+    """munmap in the target on a failure path: the first error stays the one reported."""
+    try:
+        process.munmap(address, size)
+    except DjprobeError:
+        pass
 
 
 def unmap_region(process: "Process", region: Region) -> None:

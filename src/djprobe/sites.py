@@ -270,11 +270,12 @@ class _Image:
 class _ElfFacts:
     """Code sections, FDE ranges, landing pads and code pointers of one ELF file (file vaddrs)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, data: bytes | None = None) -> None:
         from elftools.elf.elffile import ELFFile
 
-        with open(path, "rb") as f:
-            data = f.read()
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
         import io
 
         elf = ELFFile(io.BytesIO(data))
@@ -873,9 +874,12 @@ class ModuleIndex:
             if not self._facts_done:
                 self._facts_done = True
                 path = self.module.path
-                if getattr(self.module, "file_backed", True) and path.startswith("/") and os.path.exists(path):
+                image = getattr(self.module, "image", None)  # the vDSO: no file, an image
+                if image is not None or (
+                    getattr(self.module, "file_backed", True) and path.startswith("/") and os.path.exists(path)
+                ):
                     try:
-                        self._facts = _ElfFacts(path)
+                        self._facts = _ElfFacts(path, image)
                     except Exception:  # noqa: BLE001 - no facts: handled conservatively
                         self._facts = None
             return self._facts

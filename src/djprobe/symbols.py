@@ -57,7 +57,8 @@ from typing import Callable, Iterable
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from ._sys.procfs import MapEntry, ProcessMemory, read_maps
+from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
+from .arch import check_elf_header, check_target
 from .fde import fde_ranges
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
@@ -237,6 +238,8 @@ class _ElfInfo:
         self.plt_ranges: list[tuple[int, int]] = [
             (sec["sh_addr"], sec["sh_addr"] + sec["sh_size"]) for sec in e.secs if sec.name.startswith(".plt")
         ]
+        #: the whole ELF image when it is not a file (the vDSO): what ``read_file`` reads
+        self.image: bytes | None = data
 
         dyn_syms = self._read_dynsym(e)
         tab_syms: list[_RawSym] = []
@@ -635,6 +638,11 @@ class Module:
         return self._info.build_id
 
     @property
+    def image(self) -> bytes | None:
+        """The ELF image of a module that is not a file (the vDSO), else None."""
+        return self._info.image
+
+    @property
     def debug_file(self) -> str | None:
         """The separate debug file whose .symtab was used, if any."""
         return self._info.debug_file
@@ -858,9 +866,10 @@ class Module:
         return None
 
     def read_file(self, address: int, size: int) -> bytes:
-        """The bytes at runtime ``address`` as they are in the file on disk."""
+        """The bytes at runtime ``address`` as they are in the file on disk; for the vDSO, which
+        is no file, as they are in the kernel's image (see :func:`_vdso_reference`)."""
         off = self.file_offset(address, size)
-        if off is None or not self.file_backed:
+        if off is None or (not self.file_backed and self._info.image is None):
             raise InvalidSiteError(
                 f"{address:#x}+{size} is not file-backed in {self.name}", address=address
             )
@@ -1074,12 +1083,20 @@ class Symbols:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Symbols":
-        """One module: the ELF file at ``path``, bias 0, is_main=True."""
+        """One module: the ELF file at ``path``, bias 0, is_main=True.
+
+        Raises SymbolNotFoundError (cannot open), InvalidSiteError (not ELF),
+        UnsupportedTargetError (not x86-64 code)."""
         path = os.fspath(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SymbolNotFoundError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            check_elf_header(os.pread(fd, 20, 0), path)
+        except BaseException:
+            os.close(fd)
+            raise
         real = os.path.realpath(path)
         info = _elf_info_from_fd(fd, real)
         if info is None:
@@ -1098,7 +1115,10 @@ class Symbols:
         Files are opened by their maps path only if that is still the mapped file (same device
         and inode); otherwise through /proc/PID/map_files. ``memory`` (a ProcessMemory) is used
         to read the vdso and IFUNC GOT slots; without it one is opened when first needed.
+
+        Raises ProcessGoneError, TracePermissionError, UnsupportedTargetError (not x86-64 code).
         """
+        check_target(pid)
         maps = read_maps(pid)
         self = cls([], pid=pid, maps=maps, memory=memory, ifunc_resolver=ifunc_resolver)  # a loader
         auxv = _read_auxv(pid)
@@ -1130,7 +1150,7 @@ class Symbols:
         if vdso is not None:
             try:
                 image = self._mem().read(vdso.start, vdso.end - vdso.start)
-                info = _ElfInfo(None, image, "[vdso]")
+                info = _ElfInfo(None, _vdso_reference(image), "[vdso]")
                 bias = vdso.start - (info.loads[0].vaddr & ~(_PAGE - 1)) if info.loads else vdso.start
                 modules.append(Module(info, "[vdso]", bias, False, file_backed=False))
             except (DjprobeError, ELFError, OSError, ValueError, struct.error) as exc:
@@ -1165,7 +1185,7 @@ class Symbols:
         if fd is None:
             # the kernel's own reference to the mapped file (needs CAP_SYS_ADMIN)
             try:
-                fd = os.open(f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"{proc_dir(pid)}/map_files/{first.start:x}-{first.end:x}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 self.skipped.append((first.path, f"{why}; map_files: {exc.strerror}"))
                 return None
@@ -1533,9 +1553,35 @@ class Symbols:
         return [sites[a] for a in sorted(sites)]
 
 
+@functools.lru_cache(maxsize=1)
+def _own_vdso() -> bytes | None:
+    """This process's vDSO image (the kernel's; never patched here), or None."""
+    try:
+        vdso = next((e for e in read_maps(os.getpid()) if e.path == "[vdso]"), None)
+    except DjprobeError:
+        return None
+    if vdso is None:
+        return None
+    import ctypes
+
+    return ctypes.string_at(vdso.start, vdso.end - vdso.start)
+
+
+def _vdso_reference(image: bytes) -> bytes:
+    """The unpatched bytes of a target's vDSO, read from its memory as ``image``. The kernel maps
+    one image into every 64-bit process, so this process's own copy is the reference, as a file
+    on disk is for a library (someone's breakpoint in the target's vDSO then shows as a
+    difference). A target whose vDSO is another (a different size or ELF identity) keeps its own.
+    """
+    own = _own_vdso()
+    if own is not None and len(own) == len(image) and own[:64] == image[:64]:
+        return own
+    return image
+
+
 def _read_auxv(pid: int) -> dict[int, int]:
     try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
+        with open(f"{proc_dir(pid)}/auxv", "rb") as f:
             data = f.read()
     except OSError:
         return {}
@@ -1554,7 +1600,7 @@ def _find_main(pid: int, modules: list[Module], auxv: dict[int, int]) -> Module 
             if m.file_backed and m.start <= phdr < m.end:
                 return m
     try:
-        st = os.stat(f"/proc/{pid}/exe")
+        st = os.stat(f"{proc_dir(pid)}/exe")
     except OSError:
         return modules[0] if modules else None
     for m in modules:

@@ -66,11 +66,47 @@ def _proc_error(pid: int, exc: OSError, what: str) -> Exception:
     return exc
 
 
+def _task_state(path: str) -> str:
+    """The state letter in ``path``/stat ('R', 'S', 'Z', ...), or '' if it cannot be read."""
+    try:
+        with open(f"{path}/stat") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[text.rfind(")") + 2 :][:1]
+
+
+def proc_dir(pid: int) -> str:
+    """The /proc directory that shows the address space of process ``pid``: ``/proc/PID``, or
+    ``/proc/PID/task/TID`` of a live thread once the thread-group leader has exited while other
+    threads run (a zombie leader's maps, mem, auxv and exe are empty or absent)."""
+    base = f"/proc/{pid}"
+    if _task_state(base) not in ("Z", "X"):
+        return base
+    try:
+        tids = sorted(int(name) for name in os.listdir(f"{base}/task"))
+    except OSError:
+        return base
+    for tid in tids:
+        path = f"{base}/task/{tid}"
+        if _task_state(path) not in ("", "Z", "X"):
+            return path
+    return base
+
+
 def read_maps(pid: int) -> list[MapEntry]:
-    """Read and parse /proc/PID/maps. Raises ProcessGoneError, TracePermissionError."""
+    """Read and parse /proc/PID/maps (through a live thread if the leader has exited).
+
+    Raises ProcessGoneError, TracePermissionError."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return parse_maps(f.read())
+            text = f.read()
+        if not text:  # a zombie leader (or a kernel thread): look through a live thread
+            base = proc_dir(pid)
+            if base != f"/proc/{pid}":
+                with open(f"{base}/maps") as f:
+                    text = f.read()
+        return parse_maps(text)
     except OSError as exc:
         raise _proc_error(pid, exc, "read the memory map") from exc
 
@@ -87,13 +123,15 @@ class ProcessMemory:
     """Read and write a process's memory through /proc/PID/mem.
 
     Writing works on read-only (e.g. code) pages too, as the kernel does for a debugger
-    (FOLL_FORCE). The caller is responsible for writing only where it is safe.
+    (FOLL_FORCE). The caller is responsible for writing only where it is safe. Opened through a
+    live thread when the leader has exited (:func:`proc_dir`); an open descriptor keeps working
+    whichever thread exits later.
     """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         try:
-            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(f"{proc_dir(pid)}/mem", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise _proc_error(pid, exc, "open the memory") from exc
 

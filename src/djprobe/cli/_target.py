@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno as _errno
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..errors import InvalidSiteError, SymbolNotFoundError
+import os
+import subprocess
+
+from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
 
 
@@ -53,10 +58,68 @@ class Refusal:
     reason: str
 
 
+class NotStartedError(DjprobeError):
+    """The command given after ``--`` was killed before its ``main``: djprobe would not trace it
+    (a pattern matched nothing, every site was refused, or djprobe was told to end)."""
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def _held_command(target: ProbedProcess) -> subprocess.Popen | None:
+    """The command djprobe spawned, while it is still held before ``main``; else None."""
+    popen = getattr(target.process, "popen", None)
+    # (no popen.poll() here: a wait on a traced child could consume one of its ptrace stops)
+    if popen is None or not target.process.stopped or not target.process.is_alive():
+        return None
+    return popen
+
+
+def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, code: int) -> NotStartedError:
+    """Kill the held command (it has run nothing of its own: only the loader), reap it and
+    return the error that says so."""
+    try:
+        popen.kill()  # SIGKILL also ends a ptrace-stopped process
+        popen.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    target.close()  # the process is gone: nothing to undo, only the tracer's side to drop
+    name = os.path.basename(str(popen.args[0] if isinstance(popen.args, (list, tuple)) else popen.args))
+    return NotStartedError(f"{name}: not started: {reason}", errno=code)
+
+
 def make_probes(
     target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
 ) -> tuple[list[Djprobe], list[Refusal]]:
-    """One probe per distinct address matched by the patterns; refusals with their reasons."""
+    """One probe per distinct address matched by the patterns; refusals with their reasons.
+
+    A command spawned by djprobe (still held before ``main``) that will not be traced is killed
+    before it runs: a pattern matches nothing or cannot be resolved, no site takes a probe, or a
+    signal asked djprobe to end meanwhile. Raises NotStartedError then (with the reason).
+    """
+    held = _held_command(target)
+    try:
+        probes, refused = _make_probes(target, patterns, record=record, registers=registers)
+    except BaseException as exc:
+        if held is not None and target.process.is_alive():
+            reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
+            code = getattr(exc, "errno", 0) or _errno.EINTR
+            raise _not_started(target, held, reason, code) from exc
+        raise
+    if held is not None and target.process.is_alive():
+        if not probes:
+            shown = "; ".join(f"{r.site}: {r.reason}" for r in refused[:3])
+            more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+            raise _not_started(target, held, f"no site took a probe: {shown}{more}", _errno.EINVAL)
+        if interrupted():
+            raise _not_started(target, held, f"djprobe got {interrupted()} before it started", _errno.EINTR)
+    return probes, refused
+
+
+def _make_probes(
+    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all"
+) -> tuple[list[Djprobe], list[Refusal]]:
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
     probes: dict[int, Djprobe] = {}
@@ -134,9 +197,56 @@ def run_until_done(target: ProbedProcess, duration: float | None, interval: floa
 
 
 def exit_status(target: ProbedProcess) -> int:
-    """The spawned command's exit status (128+N for a signal), or 0 when attached by PID."""
+    """The spawned command's exit status (128+N for a signal), or 0 when attached by PID.
+
+    Call it once the probes are out. If SIGTERM, SIGINT or SIGHUP asked djprobe to end, the
+    command gets that signal now, as a shell or ``timeout`` would pass it on, and so does every
+    such signal that arrives while djprobe waits for it. SIGINT is not sent again when it came
+    from the terminal, which sends it to the whole foreground group (the command included).
+    """
     popen = getattr(target.process, "popen", None)
     if popen is None:
         return 0
+
+    def forward(signum: int, frame: object) -> None:
+        _forward(popen, signum)
+
+    for sig in _END_SIGNALS:
+        signal.signal(sig, forward)
+    name = interrupted()
+    if name is not None:
+        _forward(popen, signal.Signals[name])
     code = popen.wait()
     return 128 - code if code < 0 else code
+
+
+_END_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _forward(popen: subprocess.Popen, signum: int) -> None:
+    if popen.returncode is not None:
+        return
+    if signum == signal.SIGINT and _terminal_sent_to_group(popen.pid):
+        return
+    try:
+        os.kill(popen.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _terminal_sent_to_group(pid: int) -> bool:
+    """Whether a terminal's Ctrl-C reached ``pid`` as well: djprobe and the command are in the
+    foreground process group of djprobe's controlling terminal."""
+    try:
+        group = os.getpgrp()
+        if os.getpgid(pid) != group:
+            return False
+        for stream in (sys.stdin, sys.stderr, sys.stdout):
+            try:
+                if stream is not None and os.isatty(stream.fileno()):
+                    return os.tcgetpgrp(stream.fileno()) == group
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        return False
+    return False
