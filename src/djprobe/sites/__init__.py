@@ -41,6 +41,7 @@ value analysis), ``index`` (ways into a module's code), ``function`` (the verdic
 
 from __future__ import annotations
 
+from .exits import Exit, ExitAnalysis, ExitKind, RETURN_SUFFIX, analyse_exits, function_exits, split_return_spec
 from .coverage import CoverageReport, _reason_class, coverage  # noqa: F401 (_reason_class: soak)
 from .function import FunctionAnalysis, analyse_function, analyse_site
 from .index import ModuleIndex, module_index
@@ -57,4 +58,11 @@ __all__ = [
     "analyse_function",
     "coverage",
     "module_index",
+    "Exit",
+    "ExitAnalysis",
+    "ExitKind",
+    "RETURN_SUFFIX",
+    "analyse_exits",
+    "function_exits",
+    "split_return_spec",
 ]

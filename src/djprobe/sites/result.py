@@ -38,7 +38,9 @@ class SiteAnalysis:
     is displaced). ``busy`` is True when the refusal is because something else already patched
     the bytes (callers raise ``SiteBusyError``/EBUSY for it, ``InvalidSiteError``/EINVAL for the
     other refusals). ``flags_dead``: the arithmetic flags are dead at the site (a probe action
-    need not save them). ``at_entry``: the site is the first byte of its function.
+    need not save them). ``at_entry``: the site is the first byte of its function. ``exit``: for
+    the window of a return probe, the exit instruction (``ret`` or tail-call ``jmp``) it ends with
+    (the last of ``displaced``); the probe's action runs right before it (see ``sites/exits.py``).
     """
 
     site: str
@@ -53,6 +55,7 @@ class SiteAnalysis:
     at_entry: bool = False
     module: "Module | None" = field(default=None, compare=False, repr=False)
     padding: tuple[Insn, ...] = ()
+    exit: Insn | None = None
 
     @property
     def ok(self) -> bool:
@@ -114,4 +117,5 @@ class SiteAnalysis:
             "padding": [
                 {"address": f"{i.address:#x}", "bytes": i.raw.hex(), "text": i.text} for i in self.padding
             ],
+            **({"exit": {"address": f"{self.exit.address:#x}", "text": self.exit.text}} if self.exit is not None else {}),
         }

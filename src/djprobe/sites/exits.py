@@ -1,0 +1,331 @@
+"""Exit analysis: every way a function returns, and the jump-probe window that ends at each.
+
+A return probe (DTrace's pid ``return``) fires at the function's exits, never touching a return
+address: each ``ret``/``ret imm16`` and each tail call (a direct ``jmp`` out of the function, an
+indirect ``jmp`` that is not a jump table). The function is decoded with its out-of-line parts
+(``f.cold`` symbols, and in stripped files the unnamed code that only ``f`` jumps to).
+
+For each exit the displaced *window* is the fewest whole instructions that end with the exit and
+cover at least 5 bytes (or the exit and the alignment padding after it, when it is the last
+instruction). The window may begin at a branch target but never contain one strictly inside,
+and follows every rule of :meth:`FunctionAnalysis.analyse` (relocatable, no call except last, no
+landing pad or symbol inside, bytes equal to the file). The probe's action runs in the stub right
+before the relocated exit instruction, so ``rax`` is the return value and ``rsp`` points at the
+return address, as at the entry.
+
+The return side of a function is accepted only if every exit takes a jump (a probe that misses
+some returns would be wrong, not partial); otherwise it is refused with the reason naming the
+first exit that cannot, or the reason the exits cannot be known (a conditional tail call, code
+that falls through the end of the function, another function jumping into its middle).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from iced_x86 import Mnemonic
+
+from ..errors import InvalidSiteError
+from ..x86 import Flow, Insn
+from .function import FunctionAnalysis
+from .index import ModuleIndex, _Entry, module_index
+from .result import JUMP_SIZE, SiteAnalysis, Verdict
+from .slices import _NO_FALLTHROUGH
+
+if TYPE_CHECKING:
+    from ..symbols import Module, ResolvedSite, Symbol, Symbols
+
+__all__ = ["ExitKind", "Exit", "ExitAnalysis", "RETURN_SUFFIX", "analyse_exits", "function_exits", "split_return_spec"]
+
+#: The suffix of a return-probe site spec, as ``perf probe`` writes it: ``libc:malloc%return``.
+RETURN_SUFFIX = "%return"
+
+
+def split_return_spec(spec: str) -> tuple[str, bool]:
+    """``("libc:malloc", True)`` for ``"libc:malloc%return"``; ``(spec, False)`` otherwise.
+
+    Raises InvalidSiteError for another ``%`` suffix (``%entry`` is accepted and means the entry).
+    """
+    text = spec.strip()
+    if "%" not in text:
+        return text, False
+    base, _, suffix = text.rpartition("%")
+    if suffix == "return":
+        return base, True
+    if suffix == "entry":
+        return base, False
+    raise InvalidSiteError(f"site {spec!r}: unknown suffix '%{suffix}' (only %return and %entry exist)")
+
+
+class ExitKind(enum.Enum):
+    """How control leaves a function at an exit."""
+
+    RETURN = "return"  # ret / ret imm16
+    TAIL_CALL = "tail_call"  # direct jmp to another function
+    INDIRECT_TAIL_CALL = "indirect_tail_call"  # jmp reg / jmp [mem] that is not a jump table
+
+
+@dataclass(frozen=True)
+class Exit:
+    """One exit of a function: the instruction, its kind, and the window (verdict) ending at it."""
+
+    insn: Insn
+    kind: ExitKind
+    window: SiteAnalysis
+
+    @property
+    def ok(self) -> bool:
+        return self.window.ok
+
+    def to_json(self) -> dict:
+        out = self.window.to_json()
+        out["exit_kind"] = self.kind.value
+        out["exit_address"] = f"{self.insn.address:#x}"
+        out["exit_text"] = self.insn.text
+        return out
+
+
+@dataclass(frozen=True)
+class ExitAnalysis:
+    """The return side of one function: every exit and its window, and the overall verdict.
+
+    ``verdict`` is JUMP only if every exit's window is; ``reason`` says which exit (address,
+    instruction) cannot take a jump, or why the exits cannot be known.
+    """
+
+    site: str  # "module:function%return"
+    address: int  # the function's address
+    function: "Symbol | None"
+    module: "Module | None"
+    exits: tuple[Exit, ...]
+    verdict: Verdict
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.JUMP
+
+    @property
+    def windows(self) -> list[SiteAnalysis]:
+        """The windows of every exit (all JUMP when ``ok``)."""
+        return [e.window for e in self.exits]
+
+    def error(self) -> InvalidSiteError:
+        """The exception for a refusal (InvalidSiteError, EINVAL, with the reason)."""
+        return InvalidSiteError(f"{self.site}: {self.reason}", address=self.address, reason=self.reason)
+
+    def to_json(self) -> dict:
+        func = self.function
+        return {
+            "site": self.site,
+            "address": f"{self.address:#x}",
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "module": self.module.path if self.module is not None else None,
+            "function": func.name if func is not None else None,
+            "exits": [e.to_json() for e in self.exits],
+        }
+
+
+class _Parts:
+    """The function and its out-of-line parts, each as a FunctionAnalysis over [start, end)."""
+
+    def __init__(self, module: "Module", function: "Symbol", reader, index: ModuleIndex) -> None:
+        self.module = module
+        self.index = index
+        self.reader = reader
+        self.analyses: list[FunctionAnalysis] = [FunctionAnalysis(module, function, reader, index=index)]
+        for cold in module.cold_parts(function):
+            if cold.address != function.address:
+                self.analyses.append(FunctionAnalysis(module, cold, reader, index=index))
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(fa.start, fa.end) for fa in self.analyses]
+
+    def holds(self, address: int) -> bool:
+        return any(lo <= address < hi for lo, hi in self.spans())
+
+    def add_unnamed(self, target: int, function: "Symbol") -> bool:
+        """Take the unnamed code region at ``target`` (no symbol covers it) as a part if every
+        way into it comes from the parts we have (a ``.cold`` part of a stripped file): its exits
+        are then exits of this function. False if it is entered from elsewhere."""
+        reg = self.index.region_at(target)
+        if reg is None or self.module.function_at(target) is not None:
+            return False
+        lo, hi = reg.start, reg.end
+        for _tgt, kind, src in self.index.entries_between(lo - 1, hi):
+            if kind == _Entry.LANDING:
+                continue  # entered by the unwinder, within a call of this function
+            if kind in (_Entry.BRANCH, _Entry.TABLE, _Entry.LEA) and (self.holds(src) or lo <= src < hi):
+                if kind != _Entry.BRANCH or self._is_jump(src):
+                    continue
+            return False  # a symbol, a code pointer, a call, or code elsewhere: another function
+        from ..symbols import Symbol, SymbolKind
+
+        sym = Symbol(name=f"{function.name}.cold@{lo:#x}", address=lo, size=hi - lo, kind=SymbolKind.FUNC,
+                     module=self.module, binding="LOCAL")
+        self.analyses.append(FunctionAnalysis(self.module, sym, self.reader, index=self.index))
+        return True
+
+    def _is_jump(self, src: int) -> bool:
+        r = self.index.region_at(src)
+        ins = r.insn_containing(src) if r is not None else None
+        return ins is not None and ins.flow in (Flow.JUMP, Flow.COND_JUMP)
+
+
+def _window(fa: FunctionAnalysis, j: int, site: str) -> SiteAnalysis:
+    """The window of the exit ``fa.insns[j]``: whole instructions ending with it, >= 5 bytes."""
+    insns = fa.insns
+    fa._entries_inside()
+    entries = set(fa._entry_tgts)
+    exit_ins = insns[j]
+    k = j
+    why = ""
+    while insns[j].end - insns[k].address < JUMP_SIZE:
+        if k == 0:
+            why = f"the start of {fa.function.name}"
+            break
+        if insns[k].address in entries:
+            why = f"a branch target at {insns[k].address:#x}"
+            break
+        prev = insns[k - 1]
+        if prev.end != insns[k].address or prev.flow in _NO_FALLTHROUGH:
+            why = f"'{prev.text}' at {prev.address:#x}, after which nothing falls through"
+            break
+        k -= 1
+    start = insns[k].address
+    if why:
+        if j == len(insns) - 1:
+            res = fa.analyse(start, site=site)  # the exit and the alignment padding after it
+            if res.ok and res.displaced and res.displaced[-1] is exit_ins:
+                return replace(res, exit=exit_ins)
+        reason = (f"only {exit_ins.end - start} byte(s) from {why} to the end of '{exit_ins.text}' at "
+                  f"{exit_ins.address:#x}; a jump needs {JUMP_SIZE}")
+        return SiteAnalysis(site=site, address=start, size=0, verdict=Verdict.REFUSED, reason=reason,
+                            displaced=tuple(insns[k:j + 1]), function=fa.function, module=fa.module,
+                            exit=exit_ins)
+    res = fa.analyse(start, exit_ins.end - start, site=site)
+    if res.ok and exit_ins.flow is Flow.INDIRECT_JUMP and _reads_stack(exit_ins):
+        return replace(res, verdict=Verdict.REFUSED, exit=exit_ins,
+                       reason=f"'{exit_ins.text}' at {exit_ins.address:#x} reads its target through rsp; "
+                              "the probe's action uses the stack below rsp")
+    return replace(res, exit=exit_ins)
+
+
+def _reads_stack(insn: Insn) -> bool:
+    from iced_x86 import OpKind, Register
+
+    instr = insn.instruction
+    return any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count)) and Register.RSP in (
+        instr.memory_base, instr.memory_index)
+
+
+def function_exits(module: "Module", function: "Symbol", memory=None, *, index: ModuleIndex | None = None,
+                   site: str | None = None) -> ExitAnalysis:
+    """The :class:`ExitAnalysis` of ``function`` in ``module`` (live bytes checked through
+    ``memory``, a ProcessMemory, if given). Never raises for an unsuitable function: it is refused
+    with the reason."""
+    reader = memory.read if memory is not None else None
+    idx = index or module_index(module)
+    site = site or f"{module.name}:{function.name}{RETURN_SUFFIX}"
+
+    def result(exits: list[Exit], reason: str | None) -> ExitAnalysis:
+        if reason is None:
+            bad = next((e for e in exits if not e.ok), None)
+            if bad is not None:
+                reason = (f"exit '{bad.insn.text}' at {bad.insn.address:#x} ({module.describe(bad.insn.address)}) "
+                          f"cannot take a jump: {bad.window.reason}")
+            elif not exits:
+                reason = f"{function.name} has no exit (it never returns)"
+        if reason is not None:
+            return ExitAnalysis(site, function.address, function, module, tuple(exits), Verdict.REFUSED, reason)
+        n = len(exits)
+        return ExitAnalysis(site, function.address, function, module, tuple(exits), Verdict.JUMP,
+                            f"jump at each of {n} exit(s)")
+
+    parts = _Parts(module, function, reader, idx)
+    main = parts.analyses[0]
+    if main.problem is not None:
+        return result([], main.problem)
+    exits: list[Exit] = []
+    done = 0
+    while done < len(parts.analyses):
+        fa = parts.analyses[done]
+        done += 1
+        if fa.problem is not None:
+            return result(exits, f"part {fa.function.name}: {fa.problem}")
+        for j, ins in enumerate(fa.insns):
+            flow = ins.flow
+            kind: ExitKind | None = None
+            if flow is Flow.RETURN:
+                if ins.instruction.mnemonic != Mnemonic.RET:
+                    return result(exits, f"'{ins.text}' at {ins.address:#x} is a far or interrupt return")
+                kind = ExitKind.RETURN
+            elif flow in (Flow.JUMP, Flow.COND_JUMP):
+                t = ins.target
+                if t is None or (parts.holds(t) and t != function.address):
+                    continue  # inside the function (a jump to its own start is a new call: an exit)
+                if parts.add_unnamed(t, function):
+                    continue
+                if flow is Flow.COND_JUMP:
+                    return result(exits, f"'{ins.text}' at {ins.address:#x} is a conditional tail call: a jump "
+                                         "probe before it cannot tell whether it leaves the function")
+                kind = ExitKind.TAIL_CALL
+            elif flow is Flow.INDIRECT_JUMP:
+                reg = idx.region_at(ins.address)
+                idx._analyse_tables()
+                if reg is not None and any(jmp == ins.address for jmp, _t, _ in reg.tables):
+                    continue  # a jump table: stays in the function
+                kind = ExitKind.INDIRECT_TAIL_CALL
+            elif j == len(fa.insns) - 1 and flow in (Flow.NEXT, Flow.COND_JUMP, Flow.SYSCALL) and ins.end >= fa.end:
+                return result(exits, f"'{ins.text}' at {ins.address:#x} falls through the end of "
+                                     f"{fa.function.name} into {module.describe(fa.end)}")
+            if kind is not None:
+                exits.append(Exit(ins, kind, _window(fa, j, site)))
+    # ways into the middle of the function from other code: their returns would count as ours
+    main._entries_inside()
+    for tgt, kind, src in main._entries or []:
+        if tgt >= main.end:
+            continue
+        if kind == _Entry.SYMBOL and tgt != function.address:
+            other = module.function_at(tgt)
+            if other is not None and other.address == tgt and other.address != function.address:
+                return result(exits, f"another function, {other.name}, starts inside {function.name} at {tgt:#x}: "
+                                     "its returns would be counted as returns of this one")
+        if kind in (_Entry.BRANCH, _Entry.TABLE) and not parts.holds(src):
+            return result(exits, f"code at {src:#x} ({module.describe(src)}) jumps into {function.name} at {tgt:#x}: "
+                                 "its returns would be counted as returns of this one")
+    return result(exits, None)
+
+
+def analyse_exits(symbols: "Symbols", site: "ResolvedSite | int", memory=None) -> ExitAnalysis:
+    """The :class:`ExitAnalysis` of the function at a resolved site (its start) or address.
+
+    ``memory`` (ProcessMemory) enables the "already patched" check; for live ``symbols`` their own
+    memory is used. Never raises for an unsuitable function: it is refused with the reason.
+    """
+    if isinstance(site, int):
+        address = site
+        module = symbols.module_at(address)
+        function = module.function_at(address) if module is not None else None
+        name = f"{symbols.describe(address) if module is not None else hex(address)}{RETURN_SUFFIX}"
+    else:
+        address, module, function = site.address, site.module, site.function
+        name = f"{site.name}{RETURN_SUFFIX}"
+    if memory is None and getattr(symbols, "live", False):
+        memory = getattr(symbols, "_memory", None)
+        if memory is None and hasattr(symbols, "_mem"):
+            try:
+                memory = symbols._mem()
+            except Exception:  # noqa: BLE001 - no live check then, as analyse_site does
+                memory = None
+    if module is None or function is None:
+        return ExitAnalysis(name, address, function, module, (), Verdict.REFUSED,
+                            f"no function symbol covers {address:#x}; its exits cannot be found")
+    if address != function.address:
+        return ExitAnalysis(name, address, function, module, (), Verdict.REFUSED,
+                            f"{address:#x} is not the start of {function.name} ({function.address:#x}): "
+                            "a return probe is placed on a function")
+    return function_exits(module, function, memory, site=name)

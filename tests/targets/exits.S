@@ -1,0 +1,125 @@
+/* Hand-written functions for exit analysis and return probes (tests/unit/test_exits.py,
+   tests/live/test_returns.py). Every function has an entry window and exit windows that do not
+   overlap, so entry and return probes can be placed together. */
+        .intel_syntax noprefix
+        .text
+
+#define FUNC(name) .globl name; .type name, @function; .p2align 4; name:
+#define END(name) .size name, .-name
+
+/* int x_three(int a): 3 if a >= 10, 2 if 5 <= a < 10, 1 below. Three rets; the second and the
+   third are in blocks that begin at branch targets; the third's window must start at its target. */
+FUNC(x_three)
+        cmp     edi, 10                         /* 3 */
+        jl      1f                              /* 2 */
+        mov     eax, 3                          /* 5 */
+        ret                                     /* exit 1: window [mov, ret] */
+1:      cmp     edi, 5                          /* 3, branch target */
+        jl      2f                              /* 2 */
+        mov     eax, 2                          /* 5 */
+        ret                                     /* exit 2: window [mov, ret] */
+2:      mov     eax, 1                          /* 5, branch target: the window starts here */
+        ret                                     /* exit 3 */
+END(x_three)
+
+/* int x_leaf(int a): 3 * a + 100 */
+FUNC(x_leaf)
+        lea     eax, [rdi + rdi*2]              /* 3 */
+        add     eax, 100                        /* 3 */
+        mov     edx, 1                          /* 5 */
+        ret
+END(x_leaf)
+
+/* int x_tail(int a): x_leaf(a + 1), as a tail call (direct jmp rel32 to another function) */
+FUNC(x_tail)
+        mov     eax, edi                        /* 2 */
+        add     eax, 1                          /* 3 */
+        mov     edi, eax                        /* 2 */
+        {disp32} jmp x_leaf                     /* 5: the exit window is the jmp alone */
+END(x_tail)
+
+/* int x_itail(int a): (*x_ptr)(a), a tail call through a pointer loaded from memory */
+FUNC(x_itail)
+        mov     rax, qword ptr [rip + x_ptr]    /* 7 */
+        jmp     rax                             /* 2: window [mov, jmp rax] */
+END(x_itail)
+
+/* ret imm16: a callee-pops function (never called from C, decoded only) */
+FUNC(x_retimm)
+        mov     eax, 1                          /* 5 */
+        mov     ecx, 2                          /* 5 */
+        ret     8                               /* 3 */
+END(x_retimm)
+
+/* a ret right after a branch target, too close to it (and not last: no padding): refused,
+   naming that ret */
+FUNC(x_short)
+        test    edi, edi                        /* 2 */
+        je      1f                              /* 2 */
+        mov     eax, 7                          /* 5 */
+        jmp     2f                              /* 2 */
+1:      xor     eax, eax                        /* 2, branch target */
+        ret                                     /* only 3 bytes from the target */
+2:      mov     edx, 0                          /* 5, branch target */
+        ret
+END(x_short)
+
+/* too short a function: 4 bytes in all (not the last in .text: no padding to borrow) */
+FUNC(x_tiny)
+        lea     eax, [rdi + 1]
+        ret
+END(x_tiny)
+        .globl x_after; .type x_after, @function        /* right after it: no padding to take */
+x_after:
+        mov     eax, 1
+        ret
+END(x_after)
+
+/* a conditional tail call: refused (a probe before the jcc cannot tell if it leaves) */
+FUNC(x_condtail)
+        mov     eax, edi                        /* 2 */
+        add     eax, 1                          /* 3 */
+        mov     edi, eax                        /* 2 */
+        test    edi, edi
+        jne     x_leaf
+        xor     eax, eax
+        mov     edx, 0
+        ret
+END(x_condtail)
+
+/* a tail jump to its own start is a new call, so an exit */
+FUNC(x_self)
+        sub     edi, 1                          /* 3 */
+        nop     dword ptr [rax]                 /* 4 */
+        test    edi, edi                        /* 2 */
+        jg      3f                              /* 2 */
+        mov     eax, 5                          /* 5 */
+        ret
+3:
+        nop     dword ptr [rax]                 /* 4 */
+        jmp     x_self                          /* 5 */
+END(x_self)
+
+/* the last ret followed by alignment padding: the window may take the padding */
+FUNC(x_padded)
+        lea     eax, [rdi + 1]                  /* 3 */
+        add     eax, edi                        /* 2 */
+        jmp     1f                              /* 2 */
+        ud2
+1:      ret                                     /* branch target, last: window = ret + padding */
+END(x_padded)
+        nop
+        nop
+        nop
+        nop
+        nop
+        nop
+        nop
+        nop
+
+        .section .data.rel.local,"aw"
+        .p2align 3
+        .globl x_ptr
+x_ptr:  .quad   x_leaf
+
+        .section .note.GNU-stack,"",@progbits

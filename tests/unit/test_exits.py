@@ -1,0 +1,165 @@
+"""djprobe.sites.exits: every exit of a function and the window that ends at each."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+
+from djprobe.errors import InvalidSiteError
+from djprobe.sites import JUMP_SIZE, ExitKind, Verdict, analyse_exits, function_exits, module_index, split_return_spec
+from djprobe.symbols import Symbols
+from djprobe.x86 import Flow
+from tests.conftest import TARGETS, compile_c
+
+
+@pytest.fixture(scope="module")
+def syms():
+    exe = compile_c([TARGETS / "exits.S", TARGETS / "returns_main.c"], "-O2", name="returns")
+    return Symbols.from_file(exe)
+
+
+def exits_of(syms, name):
+    (resolved,) = syms.resolve(f"{syms.modules[0].path}:{name}")
+    return analyse_exits(syms, resolved)
+
+
+def addr(syms, name):
+    return syms.modules[0].symbols(name)[0].address
+
+
+def test_three_rets_two_at_branch_targets(syms):
+    res = exits_of(syms, "x_three")
+    assert res.ok, res.reason
+    assert res.site.endswith("x_three%return")
+    f = addr(syms, "x_three")
+    assert [(e.kind, e.insn.address - f) for e in res.exits] == [
+        (ExitKind.RETURN, 0x0A), (ExitKind.RETURN, 0x15), (ExitKind.RETURN, 0x1B)
+    ]
+    # exit 1 and 2: [mov eax, N; ret]; exit 3: its block begins at the branch target 2: (+0x16)
+    assert [(w.address - f, w.size) for w in res.windows] == [(0x05, 6), (0x10, 6), (0x16, 6)]
+    for e in res.exits:
+        assert e.window.displaced[-1] == e.insn and e.window.exit == e.insn
+        assert e.window.address + e.window.size == e.insn.end
+
+
+def test_tail_calls(syms):
+    res = exits_of(syms, "x_tail")
+    assert res.ok, res.reason
+    (e,) = res.exits
+    assert e.kind is ExitKind.TAIL_CALL and e.insn.target == addr(syms, "x_leaf")
+    assert (e.window.address, e.window.size, len(e.window.displaced)) == (e.insn.address, 5, 1)
+    res = exits_of(syms, "x_itail")
+    assert res.ok, res.reason
+    (e,) = res.exits
+    assert e.kind is ExitKind.INDIRECT_TAIL_CALL and e.insn.text == "jmp rax"
+    assert (e.window.address, e.window.size) == (addr(syms, "x_itail"), 9)
+
+
+def test_ret_imm16_and_self_tail_call(syms):
+    res = exits_of(syms, "x_retimm")
+    assert res.ok and [e.insn.text for e in res.exits] == ["ret 8"]
+    res = exits_of(syms, "x_self")
+    assert res.ok, res.reason
+    assert [e.kind for e in res.exits] == [ExitKind.RETURN, ExitKind.TAIL_CALL]
+    assert res.exits[1].insn.target == addr(syms, "x_self")  # a jump to its own start is a new call
+
+
+def test_ret_at_end_takes_padding(syms):
+    res = exits_of(syms, "x_padded")
+    assert res.ok, res.reason
+    (e,) = res.exits
+    assert e.window.address == e.insn.address and len(e.window.displaced) == 1 and e.window.padding
+    assert e.window.size >= JUMP_SIZE
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("x_short", "exit 'ret' at {x_short+0xd:#x}"),
+        ("x_short", "only 3 byte(s) from a branch target at {x_short+0xb:#x}"),
+        ("x_tiny", "only 4 byte(s) from the start of x_tiny"),
+        ("x_condtail", "conditional tail call"),
+    ],
+)
+def test_refused_as_a_whole_naming_the_exit(syms, name, needle):
+    res = exits_of(syms, name)
+    assert res.verdict is Verdict.REFUSED
+    base = {"x_short": addr(syms, "x_short")}
+    needle = needle.replace("{x_short+0xd:#x}", f"{base['x_short'] + 0xd:#x}").replace(
+        "{x_short+0xb:#x}", f"{base['x_short'] + 0xb:#x}")
+    assert needle in res.reason
+    with pytest.raises(InvalidSiteError) as info:
+        raise res.error()
+    assert needle in str(info.value)
+
+
+def test_not_a_function_start(syms):
+    (resolved,) = syms.resolve(f"{syms.modules[0].path}:x_three+5")
+    res = analyse_exits(syms, resolved)
+    assert not res.ok and "not the start of x_three" in res.reason
+
+
+def test_c_functions_recursion_and_longjmp(syms):
+    for name in ("rec", "jumper", "one"):
+        res = exits_of(syms, name)
+        assert res.ok, res.reason
+        assert res.exits and all(e.kind is ExitKind.RETURN for e in res.exits)
+
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("libc:malloc%return", ("libc:malloc", True)),
+        ("f%return", ("f", True)),
+        ("libc:str*%return", ("libc:str*", True)),
+        ("f%entry", ("f", False)),
+        ("libc:malloc", ("libc:malloc", False)),
+    ],
+)
+def test_split_return_spec(spec, want):
+    assert split_return_spec(spec) == want
+
+
+def test_split_return_spec_rejects_other_suffixes():
+    with pytest.raises(InvalidSiteError, match="unknown suffix '%exit'"):
+        split_return_spec("f%exit")
+
+
+def _check_window_rules(fa_index, exit_analysis):
+    """Properties every accepted window must have, whatever the code."""
+    for e in exit_analysis.exits:
+        w = e.window
+        if not w.ok:
+            continue
+        assert w.displaced[-1] == e.insn
+        assert w.address + sum(i.length for i in w.displaced) == e.insn.end
+        assert w.size >= JUMP_SIZE
+        for a, b in zip(w.displaced, w.displaced[1:]):
+            assert a.end == b.address
+            assert a.flow not in (Flow.RETURN, Flow.JUMP, Flow.INDIRECT_JUMP, Flow.CALL, Flow.INDIRECT_CALL,
+                                  Flow.SYSCALL)
+        # no way into the window strictly inside it
+        assert fa_index.entries_between(w.address, e.insn.end) == []
+        if exit_analysis.ok:
+            assert e.kind in ExitKind
+
+
+@pytest.mark.parametrize("lib", ["libz.so*", "libc.so.6"])
+def test_window_rules_hold_on_real_libraries(lib):
+    paths = sorted(glob.glob(f"/usr/lib/x86_64-linux-gnu/{lib}") + glob.glob(f"/lib/x86_64-linux-gnu/{lib}"))
+    if not paths:
+        pytest.skip(f"no {lib}")
+    syms = Symbols.from_file(paths[0])
+    module = syms.modules[0]
+    idx = module_index(module)
+    seen = set()
+    checked = 0
+    for func in module.functions()[:600]:
+        if func.address in seen or func.size <= 0:
+            continue
+        seen.add(func.address)
+        res = function_exits(module, func, index=idx)
+        _check_window_rules(idx, res)
+        checked += len(res.exits)
+    assert checked > 100
