@@ -15,6 +15,14 @@ instruction after them (the relocator appends it). The action saves exactly what
   about 1 ns, where ``pushf``/``popf`` cost about 8 ns on this kind of machine). It adds one to
   the instance's counter with ``lock inc``, in a shard chosen from the stack pointer so that
   threads on different CPUs rarely write the same cache line.
+
+The stub of a return probe's exit window (``site.exit`` set, see ``sites/exits.py``) is laid out
+differently: the relocated instructions before the exit, then the action, then the relocated exit
+instruction (a ``ret`` runs from the stub and returns to the caller; a tail-call ``jmp`` goes to its
+absolute target), so the action sees ``rax`` = the return value and ``rsp`` at the return address.
+The red zone and the arithmetic flags are dead there (the SysV ABI preserves neither across a
+return or a call). Its ``action_size`` is 0 and its address map sends the exit instruction to the
+action's start.
 """
 
 from __future__ import annotations
@@ -117,11 +125,12 @@ def build_count_stub(site: Relocatable, layout: AreaLayout, slot_address: int, c
     Raises RelocationError (from the relocator) if the displaced instructions cannot reach their
     targets from this slot, and ValueError if the stub does not fit in a slot.
     """
+    at_exit = getattr(site, "exit", None) is not None
     action = count_action(
         layout,
         counter_address,
-        red_zone_live=not site.at_entry,
-        flags_live=not (site.at_entry or site.flags_dead),
+        red_zone_live=not (site.at_entry or at_exit),
+        flags_live=not (site.at_entry or site.flags_dead or at_exit),
     )
     return _finish(site, layout, slot_address, action)
 
@@ -250,7 +259,7 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 24), R.RAX))
-    wanted = REGISTER_NAMES[:15] if registers == "all" else ARG_REGISTERS
+    wanted = REGISTER_NAMES[:15] if registers == "all" else tuple(ARG_REGISTERS) + (("rax",) if registers == "args+rax" else ())
     for name in wanted:
         i = REGISTER_NAMES.index(name)
         a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
@@ -290,14 +299,44 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
 def build_record_stub(
     site: Relocatable, layout: AreaLayout, slot_address: int, where: RecordTargets, registers: str = "all"
 ) -> Stub:
-    """Build the record stub for ``site`` at ``slot_address`` (see :func:`build_count_stub`)."""
+    """Build the record stub for ``site`` at ``slot_address`` (see :func:`build_count_stub`).
+    At an exit window, ``registers="args"`` records ``rax`` (the return value) too."""
+    if registers == "args" and getattr(site, "exit", None) is not None:
+        registers = "args+rax"
     return _finish(site, layout, slot_address, record_action(layout, where, registers))
 
 
 def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    if getattr(site, "exit", None) is not None:
+        return _finish_exit(site, layout, slot_address, action)
     action_code = assemble(action, slot_address)
     relocated = site.relocate_to(slot_address + len(action_code), site.address + site.size)
     code = action_code + relocated.code
     if len(code) > layout.slot_size:
         raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
     return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated)
+
+
+def _finish_exit(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    """The stub of an exit window: relocated prefix, action, relocated exit instruction."""
+    from .x86.relocate import Relocated, RelocationError, relocate
+
+    displaced = list(getattr(site, "displaced"))
+    prefix, last = displaced[:-1], displaced[-1]
+    if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
+        raise RelocationError(
+            f"stub at {slot_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {site.address:#x}",
+            address=site.address,
+            out_of_reach=True,
+        )
+    pre = relocate(prefix, slot_address, None) if prefix else None
+    action_at = slot_address + (len(pre.code) if pre is not None else 0)
+    action_code = assemble(action, action_at)
+    exit_code = relocate([last], action_at + len(action_code), None)
+    address_map = dict(pre.address_map) if pre is not None else {}
+    address_map[last.address] = action_at  # a thread at the exit runs the action first
+    code = (pre.code if pre is not None else b"") + action_code + exit_code.code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    relocated = Relocated(code, slot_address, address_map, None)
+    return Stub(address=slot_address, code=code, action_size=0, relocated=relocated)

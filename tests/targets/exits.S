@@ -40,6 +40,7 @@ END(x_tail)
 
 /* int x_itail(int a): (*x_ptr)(a), a tail call through a pointer loaded from memory */
 FUNC(x_itail)
+        mov     ecx, 0                          /* 5: the entry window */
         mov     rax, qword ptr [rip + x_ptr]    /* 7 */
         jmp     rax                             /* 2: window [mov, jmp rax] */
 END(x_itail)

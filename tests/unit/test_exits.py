@@ -53,7 +53,7 @@ def test_tail_calls(syms):
     assert res.ok, res.reason
     (e,) = res.exits
     assert e.kind is ExitKind.INDIRECT_TAIL_CALL and e.insn.text == "jmp rax"
-    assert (e.window.address, e.window.size) == (addr(syms, "x_itail"), 9)
+    assert (e.window.address, e.window.size) == (addr(syms, "x_itail") + 5, 9)
 
 
 def test_ret_imm16_and_self_tail_call(syms):
