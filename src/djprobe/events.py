@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+from iced_x86 import Mnemonic
 
 from .area import RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
 
@@ -195,6 +196,9 @@ class RingReader:
         return out
 
 
+_RET = Mnemonic.RET
+
+
 @dataclass
 class EventBatch:
     """A batch of events as a numpy structured array (``EVENT_DTYPE``), ordered by time.
@@ -250,6 +254,13 @@ class EventBatch:
         """Whether event ``index`` comes from an exit of a return probe."""
         instance = self.instances[index]
         return instance is not None and instance.analysis.exit is not None
+
+    def is_tail_call(self, index: int) -> bool:
+        """Whether event ``index`` comes from a tail-call exit (a ``jmp`` to another function):
+        there ``rax`` is not yet the value returned (the callee sets it)."""
+        instance = self.instances[index]
+        return instance is not None and instance.analysis.exit is not None and \
+            instance.analysis.exit.instruction.mnemonic != _RET
 
 
 def decode(records: Iterable[tuple[int, np.ndarray]], clock: TscClock, threads: ThreadMap, process: "Process | None") -> EventBatch:

@@ -10,6 +10,7 @@ from typing import Iterator
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
+from ..sites import RETURN_SUFFIX, split_return_spec
 
 
 def positive_seconds(text: str) -> float:
@@ -30,7 +31,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "patterns",
         nargs="+",
         metavar="PATTERN",
-        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*); no module means the main executable",
+        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*), FUNCTION%%return for its returns; "
+        "no module means the main executable",
     )
 
 
@@ -56,25 +58,27 @@ class Refusal:
 def make_probes(
     target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all"
 ) -> tuple[list[Djprobe], list[Refusal]]:
-    """One probe per distinct address matched by the patterns; refusals with their reasons."""
+    """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
+    per function); refusals with their reasons."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
-    probes: dict[int, Djprobe] = {}
+    probes: dict[tuple[int, bool], Djprobe] = {}
     refused: list[Refusal] = []
     for pattern in patterns:
-        spec = pattern
-        if ":" not in pattern and not pattern.startswith("0x") and main is not None:
-            spec = f"{main}:{pattern}"
+        spec, at_return = split_return_spec(pattern)
+        if ":" not in spec and not spec.startswith("0x") and main is not None:
+            spec = f"{main}:{spec}"
         try:
             sites = symbols.resolve(spec)
         except SymbolNotFoundError as exc:
             raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
         for site in sites:
-            if site.address in probes:
+            key = (site.address, at_return)
+            if key in probes:
                 continue
-            djp = Djprobe(site.address, record=record, registers=registers)
-            djp.site = site.name
-            probes[site.address] = djp
+            djp = Djprobe(site.address, record=record, registers=registers, at="return" if at_return else "entry")
+            djp.site = site.name + (RETURN_SUFFIX if at_return else "")
+            probes[key] = djp
     placed = list(probes.values())
     errors = target.register_many(placed)
     bad = {id(d) for d, _ in errors}
