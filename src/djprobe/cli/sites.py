@@ -9,8 +9,10 @@ resolved in the live process and the bytes there are compared with the file (ano
 ``int3`` or ``jmp`` makes the site busy).
 
 ``--json`` prints JSON lines: one object per site (keys site, address, size, verdict, reason,
-busy, module, function, offset, at_entry, flags_dead, instructions, padding); with ``--all`` one
-object with the coverage counts.
+busy, module, function, offset, at_entry, flags_dead, instructions, padding); for ``SITE%return``
+(a function's return side) keys site, address, verdict, reason, module, function and exits (one
+site object per exit window, with exit_kind, exit_address, exit_text); with ``--all`` one object
+with the coverage counts.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import sys
 import textwrap
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
-from ..sites import SiteAnalysis, Verdict, analyse_site, coverage
+from ..sites import ExitAnalysis, SiteAnalysis, Verdict, analyse_exits, analyse_site, coverage, split_return_spec
+from ._returns import format_exits
 
 EPILOG = """examples:
   djprobe sites libc:malloc            what a probe at malloc's entry displaces
   djprobe sites /bin/ls:main+0x10      a site inside a function of a file
   djprobe sites -p 1234 libc:free --json
+  djprobe sites 'libc:malloc%return'   the exits of malloc and the window at each
   djprobe sites --all libc --boundaries   coverage of every function of libc
 """
 
@@ -104,18 +108,24 @@ def _split_module(spec: str) -> tuple[str, str]:
     return module, rest
 
 
-def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
-    results: list[SiteAnalysis] = []
+def _one(symbols, site, size: int | None, at_return: bool) -> SiteAnalysis | ExitAnalysis:
+    return analyse_exits(symbols, site) if at_return else analyse_site(symbols, site, size)
+
+
+def _analyse(args: argparse.Namespace) -> list[SiteAnalysis | ExitAnalysis]:
+    results: list[SiteAnalysis | ExitAnalysis] = []
     if args.pid is not None:
         from ..symbols import Symbols
 
         with Symbols.from_process(args.pid) as symbols:
             for spec in args.sites:
+                spec, at_return = split_return_spec(spec)
                 for site in _resolve(symbols, spec):
-                    results.append(analyse_site(symbols, site, args.size))
+                    results.append(_one(symbols, site, args.size, at_return))
         return results
     opened: dict[str, object] = {}
     for spec in args.sites:
+        spec, at_return = split_return_spec(spec)
         module, rest = _split_module(spec)
         symbols = opened.get(module)
         if symbols is None:
@@ -128,7 +138,7 @@ def _analyse(args: argparse.Namespace) -> list[SiteAnalysis]:
                 raise
             sites = _resolve(symbols, f"{mod.path}:{_own_ifunc_choice(mod.path, rest, exc)}")
         for site in sites:
-            results.append(analyse_site(symbols, site, args.size))
+            results.append(_one(symbols, site, args.size, at_return))
     return results
 
 
@@ -244,5 +254,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             if i:
                 print(file=out)
-            print(format_site(res), file=out)
+            print(format_exits(res) if isinstance(res, ExitAnalysis) else format_site(res), file=out)
     return 0 if all(r.verdict is Verdict.JUMP for r in results) else 1
