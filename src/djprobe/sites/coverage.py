@@ -7,9 +7,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .exits import function_exits
 from .function import FunctionAnalysis
 from .index import module_index
-from .result import Verdict
+from .result import SiteAnalysis, Verdict
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -39,6 +40,16 @@ def _reason_class(reason: str) -> str:
         ("reads its target through rsp", "cannot be relocated"),
         ("does not decode", "undecodable bytes"),
         ("no size", "symbol without size"),
+        ("conditional tail call", "conditional tail call"),
+        ("falls through the end", "falls through its end into the next function"),
+        ("jumps into", "jumped into from another function"),
+        ("starts inside", "another function starts inside"),
+        ("has no exit", "no exit (never returns)"),
+        ("far or interrupt return", "far or interrupt return"),
+        ("from a branch target", "exit too close after a branch target"),
+        ("after which nothing falls through", "exit too close after another exit"),
+        ("byte(s) from the start of", "function too short"),
+        ("overlaps the entry window", "an exit window overlaps the entry window"),
         ("not in an executable", "not in code"),
         ("not an instruction boundary", "not an instruction boundary"),
     ]
@@ -55,7 +66,10 @@ class CoverageReport:
     ``entries``/``entries_jump``: function entries (unique addresses) and how many take a jump;
     ``refused``: refused entries per reason class; ``examples``: one refused site per class.
     With ``all_boundaries``: ``boundaries``/``boundaries_jump`` over every instruction start of
-    every function, and ``boundary_refused`` per class.
+    every function, and ``boundary_refused`` per class. With ``returns``: ``returns_jump`` counts
+    functions whose every exit takes a jump (``return_refused`` per class), ``both_jump`` those
+    whose entry and every exit take a jump with no exit window overlapping the entry's, so entry
+    and return probes fit together (``both_refused`` per class).
     """
 
     module: str
@@ -67,6 +81,17 @@ class CoverageReport:
     boundaries_jump: int = 0
     boundary_refused: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    returns: bool = False
+    returns_jump: int = 0
+    both_jump: int = 0
+    return_refused: Counter = field(default_factory=Counter)
+    both_refused: Counter = field(default_factory=Counter)
+    return_examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def both_ratio(self) -> float:
+        """Share of functions whose entry and every exit take a jump."""
+        return self.both_jump / self.entries if self.entries else 0.0
 
     @property
     def entry_ratio(self) -> float:
@@ -87,6 +112,16 @@ class CoverageReport:
             "examples": self.examples,
             "seconds": round(self.seconds, 2),
         }
+        if self.returns:
+            out.update(
+                returns_jump=self.returns_jump,
+                return_ratio=round(self.returns_jump / self.entries if self.entries else 0.0, 5),
+                return_refused=dict(self.return_refused.most_common()),
+                return_examples=self.return_examples,
+                entry_and_returns_jump=self.both_jump,
+                entry_and_returns_ratio=round(self.both_ratio, 5),
+                entry_and_returns_refused=dict(self.both_refused.most_common()),
+            )
         if self.boundaries:
             out.update(
                 boundaries=self.boundaries,
@@ -97,11 +132,12 @@ class CoverageReport:
         return out
 
 
-def coverage(module: "Module", memory=None, *, all_boundaries: bool = False) -> CoverageReport:
+def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, returns: bool = True) -> CoverageReport:
     """Analyse every function entry of ``module`` (and with ``all_boundaries`` every instruction
-    boundary of every function). ``memory`` adds the live "already patched" check."""
+    boundary of every function; with ``returns`` every function's exits, see ``sites/exits.py``).
+    ``memory`` adds the live "already patched" check."""
     t0 = time.perf_counter()
-    rep = CoverageReport(module=module.path)
+    rep = CoverageReport(module=module.path, returns=returns)
     reader = memory.read if memory is not None else None
     idx = module_index(module)
     seen: set[int] = set()
@@ -118,6 +154,8 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False) -> 
             cls = _reason_class(res.reason)
             rep.refused[cls] += 1
             rep.examples.setdefault(cls, f"{res.site}: {res.reason}")
+        if returns:
+            _count_returns(rep, module, func, memory, idx, res)
         if all_boundaries:
             for a in fa.addrs or [func.address]:
                 r = res if a == func.address else fa.analyse(a, site=f"{a:#x}")
@@ -128,3 +166,29 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False) -> 
                     rep.boundary_refused[_reason_class(r.reason)] += 1
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, entry: SiteAnalysis) -> None:
+    """Add one function's return side (and entry + return side together) to ``rep``."""
+    ex = function_exits(module, func, memory, index=idx)
+    if ex.ok:
+        rep.returns_jump += 1
+        reason = None
+        if entry.ok:
+            lo, hi = entry.address, entry.address + entry.size
+            for w in ex.windows:
+                alone = w.address == lo and w.size == entry.size and w.displaced == (w.exit,)
+                if w.address < hi and lo < w.address + w.size and not alone:
+                    reason = f"the window of exit '{w.exit.text}' at {w.exit.address:#x} overlaps the entry window"
+                    break
+        else:
+            reason = entry.reason
+    else:
+        cls = _reason_class(ex.reason)
+        rep.return_refused[cls] += 1
+        rep.return_examples.setdefault(cls, f"{ex.site}: {ex.reason}")
+        reason = ex.reason if entry.ok else entry.reason
+    if reason is None:
+        rep.both_jump += 1
+    else:
+        rep.both_refused[("entry: " if not entry.ok else "") + _reason_class(reason)] += 1
