@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
+from iced_x86 import BlockEncoder, Code, Encoder, Instruction, MemoryOperand, Register
 
 from .area import RECORD_SIZE, REGISTER_NAMES, RING_TAIL, AreaLayout
 
@@ -321,6 +321,8 @@ def _finish_exit(site: Relocatable, layout: AreaLayout, slot_address: int, actio
     """The stub of an exit window: relocated prefix, action, relocated exit instruction."""
     from .x86.relocate import Relocated, RelocationError, relocate
 
+    if getattr(site, "exit_path", ()):
+        return _finish_exit_path(site, layout, slot_address, action)
     displaced = list(getattr(site, "displaced"))
     prefix, last = displaced[:-1], displaced[-1]
     if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
@@ -340,3 +342,73 @@ def _finish_exit(site: Relocatable, layout: AreaLayout, slot_address: int, actio
         raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
     relocated = Relocated(code, slot_address, address_map, None)
     return Stub(address=slot_address, code=code, action_size=0, relocated=relocated)
+
+
+def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    """The stub of a path window: the relocated window (its branches to the exit's block aimed at
+    the copy of the block below; a fall-through out of it goes back to the original code), then a
+    copy of the block from its branch target to the exit, the action and the exit instruction."""
+    from .x86 import FALLS_THROUGH, Flow
+    from .x86.relocate import Relocated, RelocationError, relocate
+
+    window = list(getattr(site, "displaced"))
+    path = list(getattr(site, "exit_path"))
+    target = path[0].address
+    last = path[-1]
+    if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
+        raise RelocationError(
+            f"stub at {slot_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {site.address:#x}",
+            address=site.address,
+            out_of_reach=True,
+        )
+
+    def redirected(insn) -> bool:
+        return insn.flow in (Flow.JUMP, Flow.COND_JUMP) and insn.target == target
+
+    def exact(instruction: Instruction, at: int) -> bytes:
+        encoder = Encoder(64)  # the form given, never a shorter one: both passes lay out alike
+        encoder.encode(instruction, at)
+        return bytes(encoder.take_buffer())
+
+    def branch_to(insn, at: int, to: int) -> bytes:
+        c = insn.instruction.copy()
+        c.as_near_branch()
+        c.near_branch64 = to
+        return exact(c, at)
+
+    def layout_pass(block_at: int) -> tuple[bytes, dict[int, int], int]:
+        code = bytearray()
+        amap: dict[int, int] = {}
+        at = slot_address
+        for insn in window:
+            amap[insn.address] = at
+            piece = branch_to(insn, at, block_at) if redirected(insn) else relocate([insn], at, None).code
+            code += piece
+            at += len(piece)
+        end = window[-1]
+        if end.end != target and end.flow in FALLS_THROUGH:
+            amap[end.end] = at  # the fall-through of the window's last branch goes back
+            piece = exact(Instruction.create_branch(Code.JMP_REL32_64, end.end), at)
+            code += piece
+            at += len(piece)
+        return bytes(code), amap, at
+
+    _, _, block_at = layout_pass(slot_address)  # sizes do not depend on the targets (rel32 forms)
+    head, address_map, end_at = layout_pass(block_at)
+    if end_at != block_at:
+        raise RelocationError(f"stub layout of the path window at {site.address:#x} did not converge",
+                              address=site.address)
+    code = bytearray(head)
+    at = block_at
+    for insn in path[:-1]:
+        address_map[insn.address] = at
+        piece = relocate([insn], at, None).code
+        code += piece
+        at += len(piece)
+    address_map[last.address] = at  # a thread at the exit runs the action first
+    code += assemble(action, at)
+    code += relocate([last], slot_address + len(code), None).code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    relocated = Relocated(bytes(code), slot_address, address_map, None)
+    return Stub(address=slot_address, code=bytes(code), action_size=0, relocated=relocated)

@@ -17,7 +17,7 @@ from tests.conftest import TARGETS, compile_c
 
 pytestmark = pytest.mark.timeout(180)
 
-FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "rec", "jumper"]
+FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "rec", "jumper"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def expected_counts(n: int, threads: int) -> dict[str, tuple[int, int]]:
         "x_tail": (n, n),
         "x_itail": (n, n),
         "x_self": (n // 4 * 7, n // 4 * 7),  # x_self(0..3): 1+1+2+3 entries, each left by one exit
+        "x_paths": (n, n),  # its ret is caught by three path windows
         "rec": (n // 5 * 15, n // 5 * 15),  # rec(0..4): 1+2+3+4+5 calls
         "jumper": (n, n - n // 5),  # i % 5 == 0 leaves by longjmp
     }
@@ -111,6 +112,29 @@ def test_handler_sees_every_return_value(returns_exe):
     # x_three(i % 15): 1 for 0..4, 2 for 5..9, 3 for 10..14, from each of its three exits
     assert seen == {1: n // 3 * 2, 2: n // 3 * 2, 3: n // 3 * 2}
     assert djp.hits == 2 * n
+
+
+def test_path_windows_see_the_return_value(returns_exe):
+    """x_paths's ret sits at a branch target: three path windows run a copy of it from their
+    stubs; the value each sees must be the one returned, on all three paths."""
+    n = 300
+    seen: Counter = Counter()
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(returns_exe), str(n), "1"], stdout=write_fd) as proc:
+        os.close(write_fd)
+        djp = proc.register(djprobe.Djprobe("x_paths", at="return", handler=lambda d, r: seen.update([r.retval])))
+        entry = proc.register(djprobe.Djprobe("x_paths"))
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            out.read()
+        proc.process.popen.wait(timeout=60)
+        proc.poll(timeout=0.5)
+    want = Counter()
+    for i in range(n):
+        a = i % 150 - 20
+        want[(-1 if a < 0 else 100 if a >= 100 else 3 * a + 1) & 0xFFFFFFFF] += 1
+    assert {k & 0xFFFFFFFF: v for k, v in seen.items()} == want
+    assert djp.hits == entry.hits == n
 
 
 def _cli(*args, timeout=60):

@@ -45,6 +45,23 @@ FUNC(x_itail)
         jmp     rax                             /* 2: window [mov, jmp rax] */
 END(x_itail)
 
+/* int x_paths(int a): -1 if a < 0, 100 if a >= 100, else 3a + 1. Its only ret is at a branch
+   target with nothing before it: three path windows catch it, ending with the js into it, with
+   the instruction falling into it, and with the jmp into it. */
+FUNC(x_paths)
+        mov     eax, -1                         /* 5: the entry window */
+        mov     edx, edi                        /* 2 */
+        test    edx, edx                        /* 2 */
+        js      1f                              /* 2: path window [mov edx; test; js] */
+        cmp     edi, 100                        /* 3 */
+        jge     2f                              /* 2 */
+        lea     eax, [rdi + rdi*2]              /* 3 */
+        add     eax, 1                          /* 3: path window [lea; add], falls into 1: */
+1:      ret
+2:      mov     eax, 100                        /* 5, branch target */
+        jmp     1b                              /* 2: path window [mov eax, 100; jmp] */
+END(x_paths)
+
 /* ret imm16: a callee-pops function (never called from C, decoded only) */
 FUNC(x_retimm)
         mov     eax, 1                          /* 5 */

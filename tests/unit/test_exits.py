@@ -163,3 +163,19 @@ def test_window_rules_hold_on_real_libraries(lib):
         _check_window_rules(idx, res)
         checked += len(res.exits)
     assert checked > 100
+
+
+def test_path_windows_catch_a_ret_at_a_branch_target(syms):
+    res = exits_of(syms, "x_paths")
+    assert res.ok, res.reason
+    f = addr(syms, "x_paths")
+    (e,) = res.exits
+    assert e.insn.address == f + 22 and not e.window.ok and len(e.paths) == 3
+    # ending with the js into the ret, with the add falling into it, with the jmp into it
+    assert sorted((w.address - f, w.size, w.displaced[-1].text.split()[0]) for w in e.paths) == [
+        (5, 6, "js"), (16, 6, "add"), (23, 7, "jmp")
+    ]
+    for w in e.paths:
+        assert w.exit == e.insn and w.exit_path == (e.insn,)
+    assert res.windows == list(e.paths)
+    assert "3 path window(s)" in res.reason

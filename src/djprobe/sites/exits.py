@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from iced_x86 import Mnemonic
 
 from ..errors import InvalidSiteError
-from ..x86 import Flow, Insn
+from ..x86 import Flow, Insn, relocation_problem
 from .function import FunctionAnalysis
 from .index import ModuleIndex, _Entry, module_index
 from .result import JUMP_SIZE, SiteAnalysis, Verdict
@@ -69,21 +69,34 @@ class ExitKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Exit:
-    """One exit of a function: the instruction, its kind, and the window (verdict) ending at it."""
+    """One exit of a function: the instruction, its kind, and the window (verdict) ending at it.
+
+    When the exit's block begins at a branch target too close to it, ``window`` is refused and
+    ``paths`` holds one *path window* per way into that block (each branch to it, and the
+    instruction falling into it): together they catch every return through this exit.
+    """
 
     insn: Insn
     kind: ExitKind
     window: SiteAnalysis
+    paths: tuple[SiteAnalysis, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.window.ok
+        return self.window.ok or (bool(self.paths) and all(p.ok for p in self.paths))
+
+    @property
+    def windows(self) -> tuple[SiteAnalysis, ...]:
+        """The windows that catch this exit: its own, or its path windows."""
+        return (self.window,) if self.window.ok or not self.paths else self.paths
 
     def to_json(self) -> dict:
         out = self.window.to_json()
         out["exit_kind"] = self.kind.value
         out["exit_address"] = f"{self.insn.address:#x}"
         out["exit_text"] = self.insn.text
+        if self.paths:
+            out["paths"] = [p.to_json() for p in self.paths]
         return out
 
 
@@ -109,8 +122,8 @@ class ExitAnalysis:
 
     @property
     def windows(self) -> list[SiteAnalysis]:
-        """The windows of every exit (all JUMP when ``ok``)."""
-        return [e.window for e in self.exits]
+        """The windows of every exit (all JUMP when ``ok``), path windows included."""
+        return [w for e in self.exits for w in e.windows]
 
     def error(self) -> InvalidSiteError:
         """The exception for a refusal (InvalidSiteError, EINVAL, with the reason)."""
@@ -169,32 +182,46 @@ class _Parts:
         self.analyses.append(FunctionAnalysis(self.module, sym, self.reader, index=self.index))
         return True
 
+    def locate(self, address: int) -> tuple[FunctionAnalysis, int] | None:
+        """The part and index of the instruction starting at ``address``."""
+        for fa in self.analyses:
+            if fa.start <= address < fa.end:
+                k = fa._pos.get(address)
+                return (fa, k) if k is not None else None
+        return None
+
     def _is_jump(self, src: int) -> bool:
         r = self.index.region_at(src)
         ins = r.insn_containing(src) if r is not None else None
         return ins is not None and ins.flow in (Flow.JUMP, Flow.COND_JUMP)
 
 
-def _window(fa: FunctionAnalysis, j: int, site: str) -> SiteAnalysis:
-    """The window of the exit ``fa.insns[j]``: whole instructions ending with it, >= 5 bytes."""
+def _walk(fa: FunctionAnalysis, j: int) -> tuple[int, str]:
+    """Index of the first instruction of the fewest whole instructions ending with ``fa.insns[j]``
+    that cover 5 bytes, and "" ; or where the walk back had to stop (and why) before that."""
     insns = fa.insns
     fa._entries_inside()
     entries = set(fa._entry_tgts)
-    exit_ins = insns[j]
     k = j
-    why = ""
     while insns[j].end - insns[k].address < JUMP_SIZE:
         if k == 0:
-            why = f"the start of {fa.function.name}"
-            break
+            return k, f"the start of {fa.function.name}"
         if insns[k].address in entries:
-            why = f"a branch target at {insns[k].address:#x}"
-            break
+            return k, f"a branch target at {insns[k].address:#x}"
         prev = insns[k - 1]
         if prev.end != insns[k].address or prev.flow in _NO_FALLTHROUGH:
-            why = f"'{prev.text}' at {prev.address:#x}, after which nothing falls through"
-            break
+            return k, f"'{prev.text}' at {prev.address:#x}, after which nothing falls through"
         k -= 1
+    return k, ""
+
+
+def _window(fa: FunctionAnalysis, j: int, site: str,
+            parts: "_Parts | None" = None) -> SiteAnalysis | tuple[SiteAnalysis, list[SiteAnalysis]]:
+    """The window of the exit ``fa.insns[j]``: whole instructions ending with it, >= 5 bytes; or
+    (its refused window, the path windows that replace it)."""
+    insns = fa.insns
+    exit_ins = insns[j]
+    k, why = _walk(fa, j)
     start = insns[k].address
     if why:
         if j == len(insns) - 1:
@@ -203,15 +230,73 @@ def _window(fa: FunctionAnalysis, j: int, site: str) -> SiteAnalysis:
                 return replace(res, exit=exit_ins)
         reason = (f"only {exit_ins.end - start} byte(s) from {why} to the end of '{exit_ins.text}' at "
                   f"{exit_ins.address:#x}; a jump needs {JUMP_SIZE}")
-        return SiteAnalysis(site=site, address=start, size=0, verdict=Verdict.REFUSED, reason=reason,
-                            displaced=tuple(insns[k:j + 1]), function=fa.function, module=fa.module,
-                            exit=exit_ins)
+        refused = SiteAnalysis(site=site, address=start, size=0, verdict=Verdict.REFUSED, reason=reason,
+                               displaced=tuple(insns[k:j + 1]), function=fa.function, module=fa.module,
+                               exit=exit_ins)
+        if parts is not None and why.startswith("a branch target"):
+            paths, problem = _paths(parts, fa, k, j, site)
+            if problem is None:
+                return refused, paths
+            refused = replace(refused, reason=f"{reason}, and {problem}")
+        return refused
     res = fa.analyse(start, exit_ins.end - start, site=site)
     if res.ok and exit_ins.flow is Flow.INDIRECT_JUMP and _reads_stack(exit_ins):
         return replace(res, verdict=Verdict.REFUSED, exit=exit_ins,
                        reason=f"'{exit_ins.text}' at {exit_ins.address:#x} reads its target through rsp; "
                               "the probe's action uses the stack below rsp")
     return replace(res, exit=exit_ins)
+
+
+_NOT_IN_BLOCK = frozenset({Flow.CALL, Flow.INDIRECT_CALL, Flow.SYSCALL, Flow.RETURN, Flow.JUMP,
+                           Flow.INDIRECT_JUMP, Flow.INTERRUPT, Flow.INVALID})
+
+
+def _paths(parts: "_Parts", fa: FunctionAnalysis, k: int, j: int, site: str) -> tuple[list[SiteAnalysis], str | None]:
+    """Path windows for the exit ``fa.insns[j]`` whose block begins at the branch target
+    ``fa.insns[k]``: one window ending with each way into the block. ([], why not) if some way in
+    cannot take one."""
+    insns = fa.insns
+    target = insns[k].address
+    block = tuple(insns[k:j + 1])
+    exit_ins = insns[j]
+    for ins in block[:-1]:
+        if ins.flow in _NOT_IN_BLOCK or relocation_problem(ins) is not None:
+            return [], f"'{ins.text}' at {ins.address:#x} between {target:#x} and the exit cannot be copied"
+        if ins.flow is Flow.COND_JUMP and target <= (ins.target or 0) <= exit_ins.address:
+            return [], f"'{ins.text}' at {ins.address:#x} loops back into the block at {target:#x}"
+    preds: list[tuple[FunctionAnalysis, int]] = []
+    idx = fa.index
+    for tgt, kind, src in idx.entries_between(target - 1, target + 1):
+        if tgt != target:
+            continue
+        if kind != _Entry.BRANCH:
+            return [], f"{target:#x} is also entered by {kind} ({idx.describe_entry((tgt, kind, src))})"
+        where = parts.locate(src)
+        if where is None or where[0].insns[where[1]].flow not in (Flow.JUMP, Flow.COND_JUMP):
+            return [], f"{target:#x} is entered from {src:#x} ({fa.module.describe(src)}), not by a jump of this function"
+        if target <= src < exit_ins.end:
+            return [], f"the jump at {src:#x} into the block at {target:#x} is inside it"
+        preds.append(where)
+    if k > 0 and insns[k - 1].end == target and insns[k - 1].flow not in _NO_FALLTHROUGH:
+        prev = insns[k - 1]
+        if prev.flow in (Flow.CALL, Flow.INDIRECT_CALL):
+            return [], f"'{prev.text}' at {prev.address:#x} returns to {target:#x}, outside any window"
+        if not any(pfa is fa and p == k - 1 for pfa, p in preds):
+            preds.append((fa, k - 1))
+    out = []
+    for pfa, p in preds:
+        pins = pfa.insns[p]
+        s, why = _walk(pfa, p)
+        if why:
+            return [], (f"the way in by '{pins.text}' at {pins.address:#x} has only {pins.end - pfa.insns[s].address} "
+                        f"byte(s) after {why}")
+        res = pfa.analyse(pfa.insns[s].address, pins.end - pfa.insns[s].address, site=site)
+        if not res.ok:
+            return [], f"the way in by '{pins.text}' at {pins.address:#x} cannot take a jump: {res.reason}"
+        out.append(replace(res, exit=exit_ins, exit_path=block))
+    if not out:
+        return [], f"no way into {target:#x} was found"
+    return out, None
 
 
 def _reads_stack(insn: Insn) -> bool:
@@ -237,13 +322,14 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
             if bad is not None:
                 reason = (f"exit '{bad.insn.text}' at {bad.insn.address:#x} ({module.describe(bad.insn.address)}) "
                           f"cannot take a jump: {bad.window.reason}")
-            elif not exits:
-                reason = f"{function.name} has no exit (it never returns)"
         if reason is not None:
             return ExitAnalysis(site, function.address, function, module, tuple(exits), Verdict.REFUSED, reason)
         n = len(exits)
-        return ExitAnalysis(site, function.address, function, module, tuple(exits), Verdict.JUMP,
-                            f"jump at each of {n} exit(s)")
+        why = f"jump at each of {n} exit(s)" if n else f"{function.name} has no exit: it never returns (no window)"
+        npaths = sum(len(e.paths) for e in exits if not e.window.ok)
+        if npaths:
+            why += f" ({npaths} path window(s) into exits at branch targets)"
+        return ExitAnalysis(site, function.address, function, module, tuple(exits), Verdict.JUMP, why)
 
     parts = _Parts(module, function, reader, idx)
     main = parts.analyses[0]
@@ -283,7 +369,8 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
                 return result(exits, f"'{ins.text}' at {ins.address:#x} falls through the end of "
                                      f"{fa.function.name} into {module.describe(fa.end)}")
             if kind is not None:
-                exits.append(Exit(ins, kind, _window(fa, j, site)))
+                w = _window(fa, j, site, parts)
+                exits.append(Exit(ins, kind, w[0], tuple(w[1])) if isinstance(w, tuple) else Exit(ins, kind, w))
     # ways into the middle of the function from other code: their returns would count as ours
     main._entries_inside()
     for tgt, kind, src in main._entries or []:
@@ -297,6 +384,11 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
         if kind in (_Entry.BRANCH, _Entry.TABLE) and not parts.holds(src):
             return result(exits, f"code at {src:#x} ({module.describe(src)}) jumps into {function.name} at {tgt:#x}: "
                                  "its returns would be counted as returns of this one")
+    if all(e.ok for e in exits):
+        spans = sorted((w.address, w.address + w.size, e.insn.address) for e in exits for w in e.windows)
+        for (a0, a1, e0), (b0, _b1, e1) in zip(spans, spans[1:]):
+            if b0 < a1:
+                return result(exits, f"the windows of the exits at {e0:#x} and {e1:#x} overlap at {b0:#x}")
     return result(exits, None)
 
 

@@ -41,6 +41,10 @@ class SiteAnalysis:
     need not save them). ``at_entry``: the site is the first byte of its function. ``exit``: for
     the window of a return probe, the exit instruction (``ret`` or tail-call ``jmp``) it ends with
     (the last of ``displaced``); the probe's action runs right before it (see ``sites/exits.py``).
+    ``exit_path``: for a *path window* (the exit's block begins at a branch target too close to it
+    for a window of its own), the instructions from that target to the exit: the window ends with
+    a way into the block (a branch to it, or the instruction falling into it), and the stub runs a
+    copy of the block, the action and the exit instead of returning to the target.
     """
 
     site: str
@@ -56,6 +60,7 @@ class SiteAnalysis:
     module: "Module | None" = field(default=None, compare=False, repr=False)
     padding: tuple[Insn, ...] = ()
     exit: Insn | None = None
+    exit_path: tuple[Insn, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -118,4 +123,6 @@ class SiteAnalysis:
                 {"address": f"{i.address:#x}", "bytes": i.raw.hex(), "text": i.text} for i in self.padding
             ],
             **({"exit": {"address": f"{self.exit.address:#x}", "text": self.exit.text}} if self.exit is not None else {}),
+            **({"exit_path": [{"address": f"{i.address:#x}", "bytes": i.raw.hex(), "text": i.text}
+                              for i in self.exit_path]} if self.exit_path else {}),
         }
