@@ -353,7 +353,7 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
 
     window = list(getattr(site, "displaced"))
     path = list(getattr(site, "exit_path"))
-    target = path[0].address
+    target = getattr(site, "exit_via", None) or path[0].address
     last = path[-1]
     if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
         raise RelocationError(
@@ -405,7 +405,9 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
         piece = relocate([insn], at, None).code
         code += piece
         at += len(piece)
-    address_map[last.address] = at  # a thread at the exit runs the action first
+    # a thread at the exit runs the action first (the exit alone: the address the window's
+    # branches go to, which for a conditional tail call is the called function)
+    address_map[target if len(path) == 1 else last.address] = at
     code += assemble(action, at)
     code += relocate([last], slot_address + len(code), None).code
     if len(code) > layout.slot_size:

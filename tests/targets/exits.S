@@ -93,7 +93,8 @@ x_after:
         ret
 END(x_after)
 
-/* a conditional tail call: refused (a probe before the jcc cannot tell if it leaves) */
+/* int x_condtail(int a): a + 1 ? x_leaf(a + 1) : 0, the call a conditional tail call (jne to
+   another function): caught by a path window ending with the jne */
 FUNC(x_condtail)
         mov     eax, edi                        /* 2 */
         add     eax, 1                          /* 3 */

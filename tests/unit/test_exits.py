@@ -79,7 +79,6 @@ def test_ret_at_end_takes_padding(syms):
         ("x_short", "exit 'ret' at {x_short+0xd:#x}"),
         ("x_short", "only 3 byte(s) from a branch target at {x_short+0xb:#x}"),
         ("x_tiny", "only 4 byte(s) from the start of x_tiny"),
-        ("x_condtail", "conditional tail call"),
     ],
 )
 def test_refused_as_a_whole_naming_the_exit(syms, name, needle):
@@ -179,3 +178,14 @@ def test_path_windows_catch_a_ret_at_a_branch_target(syms):
         assert w.exit == e.insn and w.exit_path == (e.insn,)
     assert res.windows == list(e.paths)
     assert "3 path window(s)" in res.reason
+
+
+def test_conditional_tail_call_takes_a_path_window(syms):
+    res = exits_of(syms, "x_condtail")
+    assert res.ok, res.reason
+    jne, ret = res.exits
+    assert (jne.kind, jne.insn.text.split()[0], ret.kind) == (ExitKind.TAIL_CALL, "jne", ExitKind.RETURN)
+    w = jne.window
+    leaf = addr(syms, "x_leaf")
+    assert w.displaced[-1] == jne.insn and w.exit_via == leaf
+    assert w.exit.flow is Flow.JUMP and w.exit.target == leaf and w.exit_path == (w.exit,)

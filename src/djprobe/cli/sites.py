@@ -216,6 +216,12 @@ def format_coverage(rep) -> str:
     lines = [_wrap(lines[0], "")]
     for cls, n in rep.refused.most_common():
         lines.append(f"  {n:7d}  {cls}")
+    if rep.returns:
+        lines.append(_wrap(f"return side: {rep.returns_jump} of {rep.functions} functions take a jump at every "
+                           f"exit ({100 * rep.return_ratio:.2f}%); entry and every exit: {rep.both_jump} "
+                           f"({100 * rep.both_ratio:.2f}%)", ""))
+        for cls, n in rep.both_refused.most_common():
+            lines.append(f"  {n:7d}  {cls}")
     if rep.boundaries:
         lines.append(_wrap(f"all instruction boundaries: {rep.boundaries}, {rep.boundaries_jump} take a jump "
                            f"({100 * rep.boundary_ratio:.2f}%)", ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ def _reason_class(reason: str) -> str:
         ("after which nothing falls through", "exit too close after another exit"),
         ("byte(s) from the start of", "function too short"),
         ("overlaps the entry window", "an exit window overlaps the entry window"),
+        ("windows of the exits", "exit windows overlap each other"),
         ("not in an executable", "not in code"),
         ("not an instruction boundary", "not an instruction boundary"),
     ]
@@ -69,7 +71,8 @@ class CoverageReport:
     every function, and ``boundary_refused`` per class. With ``returns``: ``returns_jump`` counts
     functions whose every exit takes a jump (``return_refused`` per class), ``both_jump`` those
     whose entry and every exit take a jump with no exit window overlapping the entry's, so entry
-    and return probes fit together (``both_refused`` per class).
+    and return probes fit together (``both_refused`` per class); both over ``functions``, the
+    functions that are not ``.cold`` parts (those are analysed with their function).
     """
 
     module: str
@@ -82,6 +85,7 @@ class CoverageReport:
     boundary_refused: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     returns: bool = False
+    functions: int = 0  # functions counted for the return side (``.cold`` parts are not functions)
     returns_jump: int = 0
     both_jump: int = 0
     return_refused: Counter = field(default_factory=Counter)
@@ -91,7 +95,12 @@ class CoverageReport:
     @property
     def both_ratio(self) -> float:
         """Share of functions whose entry and every exit take a jump."""
-        return self.both_jump / self.entries if self.entries else 0.0
+        return self.both_jump / self.functions if self.functions else 0.0
+
+    @property
+    def return_ratio(self) -> float:
+        """Share of functions whose every exit takes a jump."""
+        return self.returns_jump / self.functions if self.functions else 0.0
 
     @property
     def entry_ratio(self) -> float:
@@ -114,8 +123,9 @@ class CoverageReport:
         }
         if self.returns:
             out.update(
+                functions=self.functions,
                 returns_jump=self.returns_jump,
-                return_ratio=round(self.returns_jump / self.entries if self.entries else 0.0, 5),
+                return_ratio=round(self.return_ratio, 5),
                 return_refused=dict(self.return_refused.most_common()),
                 return_examples=self.return_examples,
                 entry_and_returns_jump=self.both_jump,
@@ -168,8 +178,14 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
     return rep
 
 
+_COLD = re.compile(r"^.*\.cold(?:\.\d+)?$")
+
+
 def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, entry: SiteAnalysis) -> None:
     """Add one function's return side (and entry + return side together) to ``rep``."""
+    if _COLD.match(func.name):
+        return
+    rep.functions += 1
     ex = function_exits(module, func, memory, index=idx)
     if ex.ok:
         rep.returns_jump += 1

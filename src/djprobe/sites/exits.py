@@ -247,6 +247,35 @@ def _window(fa: FunctionAnalysis, j: int, site: str,
     return replace(res, exit=exit_ins)
 
 
+def _conditional_tail_call(fa: FunctionAnalysis, j: int, site: str) -> Exit | str:
+    """The exit of a conditional tail call (``jcc other_function``): a path window ending with the
+    jcc, whose taken branch goes through the stub (the action, then ``jmp other_function``) and
+    whose fall-through goes back. The exit instruction is that ``jmp``, made up at the target's
+    address (so it is the "block" the jcc branches to). A reason string if it cannot be caught."""
+    ins = fa.insns[j]
+    tail = _made_up_jump(ins.target)
+    s, why = _walk(fa, j)
+    if why:
+        return (f"'{ins.text}' at {ins.address:#x} is a conditional tail call with only "
+                f"{ins.end - fa.insns[s].address} byte(s) after {why}; a jump needs {JUMP_SIZE}")
+    res = fa.analyse(fa.insns[s].address, ins.end - fa.insns[s].address, site=site)
+    if res.ok and relocation_problem(tail) is not None:
+        res = replace(res, verdict=Verdict.REFUSED, reason=relocation_problem(tail))
+    window = replace(res, exit=tail, exit_path=(tail,), exit_via=ins.target)
+    if not res.ok:
+        return (f"exit '{ins.text}' at {ins.address:#x} (a conditional tail call) cannot take a jump: "
+                f"{res.reason}")
+    return Exit(ins, ExitKind.TAIL_CALL, window)
+
+
+def _made_up_jump(target: int) -> Insn:
+    """``jmp target`` decoded just before ``target`` (``e9 00000000``): the exit a conditional
+    tail call takes; only ever relocated (its own address is never patched)."""
+    from ..x86 import decode_one
+
+    return decode_one(b"\xe9\0\0\0\0", target - 5)
+
+
 _NOT_IN_BLOCK = frozenset({Flow.CALL, Flow.INDIRECT_CALL, Flow.SYSCALL, Flow.RETURN, Flow.JUMP,
                            Flow.INDIRECT_JUMP, Flow.INTERRUPT, Flow.INVALID})
 
@@ -283,9 +312,12 @@ def _paths(parts: "_Parts", fa: FunctionAnalysis, k: int, j: int, site: str) -> 
             return [], f"'{prev.text}' at {prev.address:#x} returns to {target:#x}, outside any window"
         if not any(pfa is fa and p == k - 1 for pfa, p in preds):
             preds.append((fa, k - 1))
-    out = []
-    for pfa, p in preds:
+    out: list[SiteAnalysis] = []
+    fallthrough = [(pfa, p) for pfa, p in preds if pfa is fa and p == k - 1]
+    for pfa, p in fallthrough + [x for x in preds if x not in fallthrough]:
         pins = pfa.insns[p]
+        if any(w.address <= pins.address < w.address + w.size for w in out):
+            continue  # inside a path window already: its branch to the block is redirected there
         s, why = _walk(pfa, p)
         if why:
             return [], (f"the way in by '{pins.text}' at {pins.address:#x} has only {pins.end - pfa.insns[s].address} "
@@ -293,7 +325,7 @@ def _paths(parts: "_Parts", fa: FunctionAnalysis, k: int, j: int, site: str) -> 
         res = pfa.analyse(pfa.insns[s].address, pins.end - pfa.insns[s].address, site=site)
         if not res.ok:
             return [], f"the way in by '{pins.text}' at {pins.address:#x} cannot take a jump: {res.reason}"
-        out.append(replace(res, exit=exit_ins, exit_path=block))
+        out.append(replace(res, exit=exit_ins, exit_path=block, exit_via=target))
     if not out:
         return [], f"no way into {target:#x} was found"
     return out, None
@@ -356,8 +388,11 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
                 if parts.add_unnamed(t, function):
                     continue
                 if flow is Flow.COND_JUMP:
-                    return result(exits, f"'{ins.text}' at {ins.address:#x} is a conditional tail call: a jump "
-                                         "probe before it cannot tell whether it leaves the function")
+                    ex = _conditional_tail_call(fa, j, site)
+                    if isinstance(ex, str):
+                        return result(exits, ex)
+                    exits.append(ex)
+                    continue
                 kind = ExitKind.TAIL_CALL
             elif flow is Flow.INDIRECT_JUMP:
                 reg = idx.region_at(ins.address)

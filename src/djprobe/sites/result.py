@@ -44,7 +44,9 @@ class SiteAnalysis:
     ``exit_path``: for a *path window* (the exit's block begins at a branch target too close to it
     for a window of its own), the instructions from that target to the exit: the window ends with
     a way into the block (a branch to it, or the instruction falling into it), and the stub runs a
-    copy of the block, the action and the exit instead of returning to the target.
+    copy of the block, the action and the exit instead of returning to the target. ``exit_via``:
+    the address whose branches in the window are aimed at that copy (the block's first address;
+    for a conditional tail call, the called function, and the block is a made-up ``jmp`` to it).
     """
 
     site: str
@@ -61,6 +63,7 @@ class SiteAnalysis:
     padding: tuple[Insn, ...] = ()
     exit: Insn | None = None
     exit_path: tuple[Insn, ...] = ()
+    exit_via: int | None = None
 
     @property
     def ok(self) -> bool:
