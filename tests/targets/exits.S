@@ -8,18 +8,19 @@
 #define END(name) .size name, .-name
 
 /* int x_three(int a): 3 if a >= 10, 2 if 5 <= a < 10, 1 below. Three rets; the second and the
-   third are in blocks that begin at branch targets; the third's window must start at its target. */
+   third are in blocks that begin at branch targets; the second's window must start at its target,
+   the third (the last instruction) takes the alignment padding after it. */
 FUNC(x_three)
-        cmp     edi, 10                         /* 3 */
-        jl      1f                              /* 2 */
-        mov     eax, 3                          /* 5 */
-        ret                                     /* exit 1: window [mov, ret] */
-1:      cmp     edi, 5                          /* 3, branch target */
-        jl      2f                              /* 2 */
-        mov     eax, 2                          /* 5 */
-        ret                                     /* exit 2: window [mov, ret] */
-2:      mov     eax, 1                          /* 5, branch target: the window starts here */
-        ret                                     /* exit 3 */
+        cmp     edi, 10                         /* +0, 3 */
+        jl      1f                              /* +3, 2 */
+        mov     eax, 3                          /* +5, 5 */
+        ret                                     /* +10 exit 1: window [mov, ret] */
+2:      mov     eax, 1                          /* +11, 5, branch target: the window starts here */
+        ret                                     /* +16 exit 2 */
+1:      cmp     edi, 5                          /* +17, 3, branch target */
+        jl      2b                              /* +20, 2 */
+        mov     eax, 2                          /* +22, 5 */
+        ret                                     /* +27 exit 3: window [ret] + padding */
 END(x_three)
 
 /* int x_leaf(int a): 3 * a + 100 */

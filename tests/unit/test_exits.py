@@ -34,13 +34,17 @@ def test_three_rets_two_at_branch_targets(syms):
     assert res.site.endswith("x_three%return")
     f = addr(syms, "x_three")
     assert [(e.kind, e.insn.address - f) for e in res.exits] == [
-        (ExitKind.RETURN, 0x0A), (ExitKind.RETURN, 0x15), (ExitKind.RETURN, 0x1B)
+        (ExitKind.RETURN, 10), (ExitKind.RETURN, 16), (ExitKind.RETURN, 27)
     ]
-    # exit 1 and 2: [mov eax, N; ret]; exit 3: its block begins at the branch target 2: (+0x16)
-    assert [(w.address - f, w.size) for w in res.windows] == [(0x05, 6), (0x10, 6), (0x16, 6)]
+    # exit 1: [mov eax, 3; ret]; exit 2: its block begins at the branch target 2: (+11), so does
+    # its window; exit 3, the last instruction: the ret and the alignment padding after it
+    assert [(w.address - f, len(w.displaced), bool(w.padding)) for w in res.windows] == [
+        (5, 2, False), (11, 2, False), (27, 1, True)
+    ]
+    assert res.windows[2].size >= JUMP_SIZE
     for e in res.exits:
         assert e.window.displaced[-1] == e.insn and e.window.exit == e.insn
-        assert e.window.address + e.window.size == e.insn.end
+        assert e.window.address + sum(i.length for i in e.window.displaced) == e.insn.end
 
 
 def test_tail_calls(syms):

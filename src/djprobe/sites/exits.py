@@ -221,6 +221,12 @@ def _window(fa: FunctionAnalysis, j: int, site: str,
     (its refused window, the path windows that replace it)."""
     insns = fa.insns
     exit_ins = insns[j]
+    if j == len(insns) - 1 and exit_ins.flow is not Flow.INDIRECT_JUMP:
+        # the last exit and the alignment padding after it: the window touches nothing else
+        # (no branch target, and no overlap with the entry window of a short function)
+        res = fa.analyse(exit_ins.address, site=site)
+        if res.ok and res.displaced == (exit_ins,) and res.padding:
+            return replace(res, exit=exit_ins)
     k, why = _walk(fa, j)
     start = insns[k].address
     if why:
