@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from djprobe.errors import InvalidSiteError
 from djprobe.sites import JUMP_SIZE, ExitKind, Verdict, analyse_exits, function_exits, module_index, split_return_spec
@@ -129,23 +131,32 @@ def test_split_return_spec_rejects_other_suffixes():
         split_return_spec("f%exit")
 
 
-def _check_window_rules(fa_index, exit_analysis):
+def _check_window_rules(idx, exit_analysis):
     """Properties every accepted window must have, whatever the code."""
+    spans = []
     for e in exit_analysis.exits:
-        w = e.window
-        if not w.ok:
-            continue
-        assert w.displaced[-1] == e.insn
-        assert w.address + sum(i.length for i in w.displaced) == e.insn.end
-        assert w.size >= JUMP_SIZE
-        for a, b in zip(w.displaced, w.displaced[1:]):
-            assert a.end == b.address
-            assert a.flow not in (Flow.RETURN, Flow.JUMP, Flow.INDIRECT_JUMP, Flow.CALL, Flow.INDIRECT_CALL,
-                                  Flow.SYSCALL)
-        # no way into the window strictly inside it
-        assert fa_index.entries_between(w.address, e.insn.end) == []
-        if exit_analysis.ok:
-            assert e.kind in ExitKind
+        for w in e.windows:
+            if not w.ok:
+                continue
+            assert w.exit is not None and w.size >= JUMP_SIZE
+            end = w.displaced[-1].end
+            assert w.address + sum(i.length for i in w.displaced) == end
+            if w.exit_path:  # a path window: it ends with a way into the exit's block
+                assert w.exit_path[-1] == w.exit
+                last = w.displaced[-1]
+                assert last.end == w.exit_via or last.target == w.exit_via
+            else:
+                assert w.displaced[-1] == e.insn == w.exit
+            for a, b in zip(w.displaced, w.displaced[1:]):
+                assert a.end == b.address
+                assert a.flow not in (Flow.RETURN, Flow.JUMP, Flow.INDIRECT_JUMP, Flow.CALL, Flow.INDIRECT_CALL,
+                                      Flow.SYSCALL)
+            # no way into the window strictly inside it
+            assert idx.entries_between(w.address, end) == []
+            spans.append((w.address, w.address + w.size))
+    if exit_analysis.ok:
+        spans.sort()
+        assert all(a1 <= b0 for (_, a1), (b0, _) in zip(spans, spans[1:]))  # windows never overlap
 
 
 @pytest.mark.parametrize("lib", ["libz.so*", "libc.so.6"])
@@ -158,7 +169,7 @@ def test_window_rules_hold_on_real_libraries(lib):
     idx = module_index(module)
     seen = set()
     checked = 0
-    for func in module.functions()[:600]:
+    for func in module.functions()[:1500]:
         if func.address in seen or func.size <= 0:
             continue
         seen.add(func.address)
@@ -193,3 +204,11 @@ def test_conditional_tail_call_takes_a_path_window(syms):
     leaf = addr(syms, "x_leaf")
     assert w.displaced[-1] == jne.insn and w.exit_via == leaf
     assert w.exit.flow is Flow.JUMP and w.exit.target == leaf and w.exit_path == (w.exit,)
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="%", blacklist_categories=("Cs",)), min_size=1))
+def test_split_return_spec_property(spec):
+    assume(spec.strip())
+    assert split_return_spec(spec + "%return") == (spec.lstrip(), True)
+    assert split_return_spec(spec + "%entry") == (spec.lstrip(), False)
+    assert split_return_spec(spec) == (spec.strip(), False)
