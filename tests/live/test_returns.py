@@ -214,3 +214,45 @@ def test_register_unregister_under_load(start_target, returns_exe):
             assert [d.hits for d in rets] == frozen
     out, _ = t.proc.communicate(input="", timeout=30)
     assert t.proc.returncode == 0 and out == "done\n"
+
+
+WORKLOAD = r"""
+import hashlib, json, re, threading, zlib
+def job(k):
+    s = json.dumps([re.sub("a", "b", str(i) * 3) for i in range(5000)])
+    return len(zlib.compress(s.encode())) + len(hashlib.sha256(s.encode()).hexdigest())
+ts = [threading.Thread(target=job, args=(k,)) for k in range(3)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(job(0))
+"""
+# functions that never return to their caller (the process or the thread ends in them)
+NORETURN = {"exit", "_Exit", "_exit", "__libc_start_main", "__libc_start_call_main", "__run_exit_handlers",
+            "start_thread", "pthread_exit", "__pthread_exit", "abort"}
+
+
+def test_every_libc_function_entry_and_returns_under_python(tmp_path):
+    """Entry and return probes on every function of libc that takes both, while CPython runs a
+    threaded workload: the output is unchanged and each function returns as often as it is
+    called (path windows, conditional tail calls and padding windows of real code included)."""
+    script = tmp_path / "work.py"
+    script.write_text(WORKLOAD)
+    argv = [sys.executable, str(script)]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn(argv, stdout=write_fd) as proc:
+        os.close(write_fd)
+        funcs = {s.address: s for s in proc.symbols.resolve("libc:*")}
+        ent = {a: djprobe.Djprobe(a) for a in funcs}
+        ret = {a: djprobe.Djprobe(a, at="return") for a in funcs}
+        refused = {id(d) for d, _ in proc.register_many(list(ent.values()) + list(ret.values()))}
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        status = proc.process.popen.wait(timeout=120)
+    assert (output, status) == (plain.stdout, 0)
+    both = [a for a in funcs if id(ent[a]) not in refused and id(ret[a]) not in refused]
+    assert len(both) > 0.85 * len(funcs)
+    wrong = {funcs[a].name: (ent[a].hits, ret[a].hits) for a in both
+             if ent[a].hits != ret[a].hits and funcs[a].name.split(":")[-1] not in NORETURN}
+    assert wrong == {}
+    assert sum(ret[a].hits for a in both) > 100000
