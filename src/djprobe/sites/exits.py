@@ -22,6 +22,7 @@ that falls through the end of the function, another function jumping into its mi
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -168,13 +169,11 @@ class _Parts:
         if reg is None or self.module.function_at(target) is not None:
             return False
         lo, hi = reg.start, reg.end
-        for _tgt, kind, src in self.index.entries_between(lo - 1, hi):
-            if kind == _Entry.LANDING:
-                continue  # entered by the unwinder, within a call of this function
-            if kind in (_Entry.BRANCH, _Entry.TABLE, _Entry.LEA) and (self.holds(src) or lo <= src < hi):
-                if kind != _Entry.BRANCH or self._is_jump(src):
-                    continue
-            return False  # a symbol, a code pointer, a call, or code elsewhere: another function
+        sources = _region_sources(self.index, lo, hi)
+        if sources is None:
+            return False  # a symbol, a code pointer or a call goes there: another function
+        if not all(self.holds(src) or lo <= src < hi for src in sources):
+            return False  # code elsewhere jumps there too
         from ..symbols import Symbol, SymbolKind
 
         sym = Symbol(name=f"{function.name}.cold@{lo:#x}", address=lo, size=hi - lo, kind=SymbolKind.FUNC,
@@ -190,10 +189,6 @@ class _Parts:
                 return (fa, k) if k is not None else None
         return None
 
-    def _is_jump(self, src: int) -> bool:
-        r = self.index.region_at(src)
-        ins = r.insn_containing(src) if r is not None else None
-        return ins is not None and ins.flow in (Flow.JUMP, Flow.COND_JUMP)
 
 
 def _walk(fa: FunctionAnalysis, j: int) -> tuple[int, str]:
@@ -213,6 +208,34 @@ def _walk(fa: FunctionAnalysis, j: int) -> tuple[int, str]:
             return k, f"'{prev.text}' at {prev.address:#x}, after which nothing falls through"
         k -= 1
     return k, ""
+
+
+_SOURCES: "weakref.WeakKeyDictionary[ModuleIndex, dict[int, list[int] | None]]" = weakref.WeakKeyDictionary()
+
+
+def _region_sources(idx: ModuleIndex, lo: int, hi: int) -> list[int] | None:
+    """Where the jumps into the unnamed region [lo, hi) come from; None if it is also entered as a
+    function (a symbol, a code pointer, a call) and so is nobody's cold part. Cached per module."""
+    per = _SOURCES.setdefault(idx, {})
+    if lo in per:
+        return per[lo]
+    out: list[int] | None = []
+    for _tgt, kind, src in idx.entries_between(lo - 1, hi):
+        if kind == _Entry.LANDING:
+            continue  # entered by the unwinder, within a call of the function it belongs to
+        if kind in (_Entry.TABLE, _Entry.LEA) or (kind == _Entry.BRANCH and _is_jump(idx, src)):
+            out.append(src)  # type: ignore[union-attr]
+            continue
+        out = None
+        break
+    per[lo] = out
+    return out
+
+
+def _is_jump(idx: ModuleIndex, src: int) -> bool:
+    r = idx.region_at(src)
+    ins = r.insn_containing(src) if r is not None else None
+    return ins is not None and ins.flow in (Flow.JUMP, Flow.COND_JUMP)
 
 
 def _window(fa: FunctionAnalysis, j: int, site: str,
