@@ -345,15 +345,16 @@ def _finish_exit(site: Relocatable, layout: AreaLayout, slot_address: int, actio
 
 
 def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
-    """The stub of a path window: the relocated window (its branches to the exit's block aimed at
-    the copy of the block below; a fall-through out of it goes back to the original code), then a
-    copy of the block from its branch target to the exit, the action and the exit instruction."""
+    """The stub of a path window: the relocated window (its branches to the copied block aimed at
+    the copy; a fall-through out of it goes back to the original code), then a copy of the block
+    (one or two blocks of the original code, from a branch target to the exit), the action and
+    the exit instruction."""
     from .x86 import FALLS_THROUGH, Flow
     from .x86.relocate import Relocated, RelocationError, relocate
 
     window = list(getattr(site, "displaced"))
     path = list(getattr(site, "exit_path"))
-    target = getattr(site, "exit_via", None) or path[0].address
+    via = getattr(site, "exit_via", None) or path[0].address
     last = path[-1]
     if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
         raise RelocationError(
@@ -361,9 +362,6 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
             address=site.address,
             out_of_reach=True,
         )
-
-    def redirected(insn) -> bool:
-        return insn.flow in (Flow.JUMP, Flow.COND_JUMP) and insn.target == target
 
     def exact(instruction: Instruction, at: int) -> bytes:
         encoder = Encoder(64)  # the form given, never a shorter one: both passes lay out alike
@@ -376,38 +374,46 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
         c.near_branch64 = to
         return exact(c, at)
 
-    def layout_pass(block_at: int) -> tuple[bytes, dict[int, int], int]:
+    copies = {insn.address for insn in path} | {via}
+
+    def redirected(insn) -> bool:  # a branch into the copied instructions: aimed at the copy
+        return insn.flow in (Flow.JUMP, Flow.COND_JUMP) and insn.target in copies
+
+    def emit(copy: dict[int, int]) -> tuple[bytes, dict[int, int], int]:
+        """Lay out window and block with ``copy`` (original -> copy address; a branch to the exit
+        goes to the action before it). Returns the code, the address map, the action's address."""
         code = bytearray()
         amap: dict[int, int] = {}
         at = slot_address
         for insn in window:
             amap[insn.address] = at
-            piece = branch_to(insn, at, block_at) if redirected(insn) else relocate([insn], at, None).code
+            piece = branch_to(insn, at, copy.get(insn.target, at)) if redirected(insn) else relocate([insn], at, None).code
             code += piece
             at += len(piece)
         end = window[-1]
-        if end.end != target and end.flow in FALLS_THROUGH:
+        if end.end != via and end.flow in FALLS_THROUGH:
             amap[end.end] = at  # the fall-through of the window's last branch goes back
-            piece = exact(Instruction.create_branch(Code.JMP_REL32_64, end.end), at)
+            piece = exact(Instruction.create_branch(Code.JMP_REL32_64, copy.get(end.end, end.end)), at)
             code += piece
             at += len(piece)
+        for insn in path[:-1]:
+            amap[insn.address] = at
+            piece = branch_to(insn, at, copy.get(insn.target, at)) if redirected(insn) else relocate([insn], at, None).code
+            code += piece
+            at += len(piece)
+        # a thread at the exit runs the action first (the exit alone: the address the window's
+        # branches go to, which for a conditional tail call is the called function)
+        amap[via if len(path) == 1 else last.address] = at
         return bytes(code), amap, at
 
-    _, _, block_at = layout_pass(slot_address)  # sizes do not depend on the targets (rel32 forms)
-    head, address_map, end_at = layout_pass(block_at)
-    if end_at != block_at:
+    _, first, action_at = emit({})  # sizes do not depend on the targets (rel32 forms)
+    copy = {a: first[a] for a in copies if a in first}
+    copy[last.address] = copy[via] if len(path) == 1 else action_at
+    copy.setdefault(via, first.get(path[0].address, action_at))
+    code, address_map, at = emit(copy)
+    if at != action_at:
         raise RelocationError(f"stub layout of the path window at {site.address:#x} did not converge",
                               address=site.address)
-    code = bytearray(head)
-    at = block_at
-    for insn in path[:-1]:
-        address_map[insn.address] = at
-        piece = relocate([insn], at, None).code
-        code += piece
-        at += len(piece)
-    # a thread at the exit runs the action first (the exit alone: the address the window's
-    # branches go to, which for a conditional tail call is the called function)
-    address_map[target if len(path) == 1 else last.address] = at
     code += assemble(action, at)
     code += relocate([last], slot_address + len(code), None).code
     if len(code) > layout.slot_size:

@@ -17,7 +17,7 @@ from tests.conftest import TARGETS, compile_c
 
 pytestmark = pytest.mark.timeout(180)
 
-FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "rec", "jumper"]
+FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "x_chain", "rec", "jumper"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def expected_counts(n: int, threads: int) -> dict[str, tuple[int, int]]:
         "x_self": (n // 4 * 7, n // 4 * 7),  # x_self(0..3): 1+1+2+3 entries, each left by one exit
         "x_paths": (n, n),  # its ret is caught by three path windows
         "x_condtail": (n, n),  # a conditional tail call and a ret
+        "x_chain": (n, n),  # a path window copying two blocks
         "rec": (n // 5 * 15, n // 5 * 15),  # rec(0..4): 1+2+3+4+5 calls
         "jumper": (n, n - n // 5),  # i % 5 == 0 leaves by longjmp
     }
@@ -135,6 +136,25 @@ def test_path_windows_see_the_return_value(returns_exe):
         a = i % 150 - 20
         want[(-1 if a < 0 else 100 if a >= 100 else 3 * a + 1) & 0xFFFFFFFF] += 1
     assert {k & 0xFFFFFFFF: v for k, v in seen.items()} == want
+    assert djp.hits == entry.hits == n
+
+
+
+def test_path_window_through_two_blocks_sees_the_return_value(returns_exe):
+    n = 200
+    seen: Counter = Counter()
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(returns_exe), str(n), "1"], stdout=write_fd) as proc:
+        os.close(write_fd)
+        djp = proc.register(djprobe.Djprobe("x_chain", at="return", handler=lambda d, r: seen.update([r.retval])))
+        entry = proc.register(djprobe.Djprobe("x_chain"))
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            out.read()
+        proc.process.popen.wait(timeout=60)
+        proc.poll(timeout=0.5)
+    # x_chain(i % 4 - 1): 0 for -1 and 0 (through the copied blocks), 4 and 7
+    assert seen == {0: n // 2, 4: n // 4, 7: n // 4}
     assert djp.hits == entry.hits == n
 
 

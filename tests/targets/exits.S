@@ -63,6 +63,21 @@ FUNC(x_paths)
         jmp     1b                              /* 2: path window [mov eax, 100; jmp] */
 END(x_paths)
 
+/* int x_chain(int a): 0 if a <= 0, else 3a + 1. Its ret (not the last instruction) is entered
+   by the add falling into it and by a jmp from a block that itself begins at a branch target too
+   close to it: that path window ends with the jle and its stub copies both blocks. */
+FUNC(x_chain)
+        mov     eax, 7                          /* +0, 5: the entry window */
+        mov     ecx, 1                          /* +5, 5 */
+        test    edi, edi                        /* +10, 2 */
+        jle     3f                              /* +12, 2: path window [mov ecx; test; jle] */
+        imul    eax, edi, 3                     /* +14, 3 */
+        add     eax, 1                          /* +17, 3: path window [imul; add] */
+1:      ret                                     /* +20 */
+3:      xor     eax, eax                        /* +21, branch target */
+        jmp     1b                              /* +23 */
+END(x_chain)
+
 /* ret imm16: a callee-pops function (never called from C, decoded only) */
 FUNC(x_retimm)
         mov     eax, 1                          /* 5 */

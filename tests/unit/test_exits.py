@@ -212,3 +212,15 @@ def test_split_return_spec_property(spec):
     assert split_return_spec(spec + "%return") == (spec.lstrip(), True)
     assert split_return_spec(spec + "%entry") == (spec.lstrip(), False)
     assert split_return_spec(spec) == (spec.strip(), False)
+
+
+def test_path_window_through_two_blocks(syms):
+    res = exits_of(syms, "x_chain")
+    assert res.ok, res.reason
+    f = addr(syms, "x_chain")
+    (e,) = res.exits
+    by_end = {w.displaced[-1].text.split()[0]: w for w in e.paths}
+    assert sorted((w.address - f, w.size) for w in e.paths) == [(5, 9), (14, 6)]
+    # the jle's window copies the block at its target (xor; jmp) and the ret's
+    assert [i.text.split()[0] for i in by_end["jle"].exit_path] == ["xor", "jmp", "ret"]
+    assert by_end["jle"].exit_via == f + 21 and by_end["add"].exit_via == f + 20

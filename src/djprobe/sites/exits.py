@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import weakref
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from iced_x86 import Mnemonic
 
@@ -309,19 +309,41 @@ _NOT_IN_BLOCK = frozenset({Flow.CALL, Flow.INDIRECT_CALL, Flow.SYSCALL, Flow.RET
                            Flow.INDIRECT_JUMP, Flow.INTERRUPT, Flow.INVALID})
 
 
+_MAX_CHAIN = 2  # how many blocks a path may copy: the exit's, and one leading into it
+
+
 def _paths(parts: "_Parts", fa: FunctionAnalysis, k: int, j: int, site: str) -> tuple[list[SiteAnalysis], str | None]:
     """Path windows for the exit ``fa.insns[j]`` whose block begins at the branch target
     ``fa.insns[k]``: one window ending with each way into the block. ([], why not) if some way in
     cannot take one."""
+    block = tuple(fa.insns[k:j + 1])
+    problem = _copyable(block[:-1], block)
+    if problem is not None:
+        return [], problem
+    return _ways_in(parts, fa, k, block, site, 1)
+
+
+def _copyable(insns: Sequence[Insn], block: Sequence[Insn]) -> str | None:
+    """Why ``insns`` (part of the copied ``block``) cannot run from a stub, or None."""
+    lo, hi = block[0].address, block[-1].end
+    for ins in insns:
+        if ins.flow in _NOT_IN_BLOCK or relocation_problem(ins) is not None:
+            return f"'{ins.text}' at {ins.address:#x} between {lo:#x} and the exit cannot be copied"
+        if ins.flow is Flow.COND_JUMP and any(b.address == ins.target for b in block):
+            return f"'{ins.text}' at {ins.address:#x} loops back into the block at {lo:#x}"
+    del hi
+    return None
+
+
+def _ways_in(parts: "_Parts", fa: FunctionAnalysis, k: int, block: tuple[Insn, ...], site: str,
+             depth: int) -> tuple[list[SiteAnalysis], str | None]:
+    """Windows ending with each way into ``block`` (copied from ``fa.insns[k]`` on, ending with the
+    exit): each jump to it, and the instruction falling into it. A way in whose own window would
+    start too close after another branch target is followed back once more, its block (ending
+    with a ``jmp`` to ``block`` or falling into it) copied too."""
     insns = fa.insns
     target = insns[k].address
-    block = tuple(insns[k:j + 1])
-    exit_ins = insns[j]
-    for ins in block[:-1]:
-        if ins.flow in _NOT_IN_BLOCK or relocation_problem(ins) is not None:
-            return [], f"'{ins.text}' at {ins.address:#x} between {target:#x} and the exit cannot be copied"
-        if ins.flow is Flow.COND_JUMP and target <= (ins.target or 0) <= exit_ins.address:
-            return [], f"'{ins.text}' at {ins.address:#x} loops back into the block at {target:#x}"
+    exit_ins = block[-1]
     preds: list[tuple[FunctionAnalysis, int]] = []
     idx = fa.index
     for tgt, kind, src in idx.entries_between(target - 1, target + 1):
@@ -332,7 +354,7 @@ def _paths(parts: "_Parts", fa: FunctionAnalysis, k: int, j: int, site: str) -> 
         where = parts.locate(src)
         if where is None or where[0].insns[where[1]].flow not in (Flow.JUMP, Flow.COND_JUMP):
             return [], f"{target:#x} is entered from {src:#x} ({fa.module.describe(src)}), not by a jump of this function"
-        if target <= src < exit_ins.end:
+        if any(b.address <= src < b.end for b in block):
             return [], f"the jump at {src:#x} into the block at {target:#x} is inside it"
         preds.append(where)
     if k > 0 and insns[k - 1].end == target and insns[k - 1].flow not in _NO_FALLTHROUGH:
@@ -349,8 +371,21 @@ def _paths(parts: "_Parts", fa: FunctionAnalysis, k: int, j: int, site: str) -> 
             continue  # inside a path window already: its branch to the block is redirected there
         s, why = _walk(pfa, p)
         if why:
+            chained = None
+            if depth < _MAX_CHAIN and why.startswith("a branch target") and (
+                    pins.flow is Flow.JUMP or (pins.flow is Flow.NEXT and pins.end == target)):
+                segment = tuple(pfa.insns[s:p + 1])
+                longer = segment + block
+                problem = _copyable(segment[:-1], longer) or (
+                    relocation_problem(pins) if pins.flow is Flow.NEXT else None)
+                if problem is None:
+                    chained = _ways_in(parts, pfa, s, longer, site, depth + 1)
+                    if chained[1] is None:
+                        out.extend(chained[0])
+                        continue
+            detail = f": {chained[1]}" if chained is not None else ""
             return [], (f"the way in by '{pins.text}' at {pins.address:#x} has only {pins.end - pfa.insns[s].address} "
-                        f"byte(s) after {why}")
+                        f"byte(s) after {why}{detail}")
         res = pfa.analyse(pfa.insns[s].address, pins.end - pfa.insns[s].address, site=site)
         if not res.ok:
             return [], f"the way in by '{pins.text}' at {pins.address:#x} cannot take a jump: {res.reason}"
