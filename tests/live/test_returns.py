@@ -276,3 +276,34 @@ def test_every_libc_function_entry_and_returns_under_python(tmp_path):
              if ent[a].hits != ret[a].hits and funcs[a].name.split(":")[-1] not in NORETURN}
     assert wrong == {}
     assert sum(ret[a].hits for a in both) > 100000
+
+
+PYENV_PYTHON = "/root/.pyenv/versions/3.11.7/bin/python3.11"  # links libpython3.11.so (see tests/soak)
+
+
+@pytest.mark.skipif(not os.path.exists(PYENV_PYTHON), reason="no CPython linked with a shared libpython3.11")
+def test_every_libpython_function_entry_and_returns(tmp_path):
+    """The same over every function of libpython3.11 that takes both probes: the interpreter's
+    own code, with its computed gotos, jump tables and cold parts."""
+    script = tmp_path / "work.py"
+    script.write_text(WORKLOAD)
+    argv = [PYENV_PYTHON, str(script)]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn(argv, stdout=write_fd) as proc:
+        os.close(write_fd)
+        funcs = {s.address: s for s in proc.symbols.resolve("libpython3.11:*")}
+        ent = {a: djprobe.Djprobe(a) for a in funcs}
+        ret = {a: djprobe.Djprobe(a, at="return") for a in funcs}
+        refused = {id(d) for d, _ in proc.register_many(list(ent.values()) + list(ret.values()))}
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        status = proc.process.popen.wait(timeout=120)
+    assert (output, status) == (plain.stdout, 0)
+    both = [a for a in funcs if id(ent[a]) not in refused and id(ret[a]) not in refused]
+    assert len(both) > 0.9 * len(funcs)
+    wrong = {funcs[a].name: (ent[a].hits, ret[a].hits) for a in both
+             if ent[a].hits != ret[a].hits and funcs[a].name.split(":")[-1] not in NORETURN}
+    assert wrong == {}
+    assert sum(ret[a].hits for a in both) > 1000000
