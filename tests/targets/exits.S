@@ -78,6 +78,20 @@ FUNC(x_chain)
         jmp     1b                              /* +23 */
 END(x_chain)
 
+/* int x_deadpad(int a): a ? 9 : 5. The ret at 1: follows alignment nops after another ret: the
+   nops are never run, so the jne is the only way in (one path window). */
+FUNC(x_deadpad)
+        mov     eax, 9                          /* +0, 5: the entry window */
+        mov     ecx, 0                          /* +5, 5 */
+        test    edi, edi                        /* +10, 2 */
+        jne     1f                              /* +12, 2: path window [mov ecx; test; jne] */
+        mov     eax, 5                          /* +14, 5 */
+        ret                                     /* +19 */
+        nop     dword ptr [rax]                 /* +20, 4: padding, never run */
+1:      ret                                     /* +24 */
+        ud2                                     /* not padding: the ret cannot borrow it */
+END(x_deadpad)
+
 /* ret imm16: a callee-pops function (never called from C, decoded only) */
 FUNC(x_retimm)
         mov     eax, 1                          /* 5 */

@@ -224,3 +224,13 @@ def test_path_window_through_two_blocks(syms):
     # the jle's window copies the block at its target (xor; jmp) and the ret's
     assert [i.text.split()[0] for i in by_end["jle"].exit_path] == ["xor", "jmp", "ret"]
     assert by_end["jle"].exit_via == f + 21 and by_end["add"].exit_via == f + 20
+
+
+def test_padding_nops_are_not_a_way_in(syms):
+    res = exits_of(syms, "x_deadpad")
+    assert res.ok, res.reason
+    f = addr(syms, "x_deadpad")
+    first, second = res.exits
+    assert first.window.ok and (first.window.address - f, first.window.size) == (14, 6)
+    (w,) = second.paths  # only the jne: the nops before the ret are never run
+    assert (w.address - f, w.size, w.displaced[-1].text.split()[0]) == (5, 9, "jne")

@@ -335,6 +335,21 @@ def _copyable(insns: Sequence[Insn], block: Sequence[Insn]) -> str | None:
     return None
 
 
+def _dead_padding(fa: FunctionAnalysis, i: int) -> bool:
+    """Is ``fa.insns[i]`` alignment padding that nothing reaches: nops back to an instruction
+    that does not fall through, none of them a branch target?"""
+    fa._entries_inside()
+    entries = set(fa._entry_tgts)
+    insns = fa.insns
+    while i >= 0 and insns[i].instruction.mnemonic == Mnemonic.NOP:
+        if insns[i].address in entries or i == 0 or insns[i - 1].end != insns[i].address:
+            return False
+        i -= 1
+        if insns[i].flow in _NO_FALLTHROUGH:
+            return True
+    return False
+
+
 def _ways_in(parts: "_Parts", fa: FunctionAnalysis, k: int, block: tuple[Insn, ...], site: str,
              depth: int) -> tuple[list[SiteAnalysis], str | None]:
     """Windows ending with each way into ``block`` (copied from ``fa.insns[k]`` on, ending with the
@@ -357,7 +372,8 @@ def _ways_in(parts: "_Parts", fa: FunctionAnalysis, k: int, block: tuple[Insn, .
         if any(b.address <= src < b.end for b in block):
             return [], f"the jump at {src:#x} into the block at {target:#x} is inside it"
         preds.append(where)
-    if k > 0 and insns[k - 1].end == target and insns[k - 1].flow not in _NO_FALLTHROUGH:
+    if k > 0 and insns[k - 1].end == target and insns[k - 1].flow not in _NO_FALLTHROUGH \
+            and not _dead_padding(fa, k - 1):
         prev = insns[k - 1]
         if prev.flow in (Flow.CALL, Flow.INDIRECT_CALL):
             return [], f"'{prev.text}' at {prev.address:#x} returns to {target:#x}, outside any window"
