@@ -140,12 +140,14 @@ def parts_of(djps: Iterable["Djprobe"]) -> list["Djprobe"]:
 def join_conflict(existing: "Instance", analysis: SiteAnalysis) -> str | None:
     """Why a probe with ``analysis`` cannot share the instance ``existing`` at the same address,
     or None: an exit window's action runs at its exit instruction, an entry probe's at its first
-    byte, so they share a stub only for the same exit, or when the window is the exit alone."""
+    byte, so they share a stub only for the same exit, when the window is the exit alone, or when
+    it acts at the entry (``exit_early``)."""
     if existing.analysis.exit == analysis.exit:
         return None
     windows = [a for a in (existing.analysis, analysis) if a.exit is not None]
-    if len(windows) == 1 and windows[0].displaced == (windows[0].exit,) and existing.size == analysis.size:
-        return None  # the window is the exit instruction alone: its first byte is the exit
+    if len(windows) == 1 and existing.size == analysis.size and (
+            windows[0].displaced == (windows[0].exit,) or windows[0].exit_early):
+        return None  # the window is the exit alone, or acts at the entry: the same stub
     if existing.analysis.exit is not None:
         return (f"the exit window of a return probe (ending at {existing.analysis.exit.address:#x}) is at this "
                 "address; an entry probe cannot share it")

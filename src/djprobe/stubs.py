@@ -125,7 +125,7 @@ def build_count_stub(site: Relocatable, layout: AreaLayout, slot_address: int, c
     Raises RelocationError (from the relocator) if the displaced instructions cannot reach their
     targets from this slot, and ValueError if the stub does not fit in a slot.
     """
-    at_exit = getattr(site, "exit", None) is not None
+    at_exit = getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False)
     action = count_action(
         layout,
         counter_address,
@@ -301,13 +301,13 @@ def build_record_stub(
 ) -> Stub:
     """Build the record stub for ``site`` at ``slot_address`` (see :func:`build_count_stub`).
     At an exit window, ``registers="args"`` records ``rax`` (the return value) too."""
-    if registers == "args" and getattr(site, "exit", None) is not None:
+    if registers == "args" and getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
         registers = "args+rax"
     return _finish(site, layout, slot_address, record_action(layout, where, registers))
 
 
 def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
-    if getattr(site, "exit", None) is not None:
+    if getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
         return _finish_exit(site, layout, slot_address, action)
     action_code = assemble(action, slot_address)
     relocated = site.relocate_to(slot_address + len(action_code), site.address + site.size)

@@ -17,7 +17,7 @@ from tests.conftest import TARGETS, compile_c
 
 pytestmark = pytest.mark.timeout(180)
 
-FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "x_chain", "rec", "jumper"]
+FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "x_chain", "x_wrap", "rec", "jumper"]
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,14 @@ def expected_counts(n: int, threads: int) -> dict[str, tuple[int, int]]:
     """(calls, returns) per function for `returns_main n threads` (n a multiple of 60)."""
     per = {
         "x_three": (n, n),
-        "x_leaf": (2 * n + n // 3 * 2, 2 * n + n // 3 * 2),  # tail calls of x_tail, x_itail, x_condtail
+        "x_leaf": (3 * n + n // 3 * 2, 3 * n + n // 3 * 2),  # tail calls of x_tail, x_itail, x_condtail, x_wrap
         "x_tail": (n, n),
         "x_itail": (n, n),
         "x_self": (n // 4 * 7, n // 4 * 7),  # x_self(0..3): 1+1+2+3 entries, each left by one exit
         "x_paths": (n, n),  # its ret is caught by three path windows
         "x_condtail": (n, n),  # a conditional tail call and a ret
         "x_chain": (n, n),  # a path window copying two blocks
+        "x_wrap": (n, n),  # the exit takes the entry window: both probes share one stub
         "rec": (n // 5 * 15, n // 5 * 15),  # rec(0..4): 1+2+3+4+5 calls
         "jumper": (n, n - n // 5),  # i % 5 == 0 leaves by longjmp
     }
@@ -177,12 +178,13 @@ def test_trace_shows_return_values_for_every_exit(returns_exe):
     # x_leaf(a) = 3a + 100, called with i + 1 (x_tail) and i (x_itail)
     assert Counter(e["retval"] for e in leaf) == Counter([3 * (i + 1) + 100 for i in range(n)] +
                                                          [3 * i + 100 for i in range(n)] +
-                                                         [3 * (i % 3) + 100 for i in range(n) if i % 3])
+                                                         [3 * (i % 3) + 100 for i in range(n) if i % 3] +
+                                                         [3 * (i + 2) + 100 for i in range(n)])
     tail = [e for e in events if e["site"].endswith("x_tail%return")]
     assert len(tail) == n and all(e["tail_call"] and e["retval"] is None for e in tail)
     summary = next(e for e in lines if "summary" in e)["summary"]
     assert {s["site"].split(":")[-1]: s["hits"] for s in summary} == {
-        "x_three%return": n, "x_leaf%return": 2 * n + n // 3 * 2, "x_tail%return": n}
+        "x_three%return": n, "x_leaf%return": 3 * n + n // 3 * 2, "x_tail%return": n}
 
 
 def test_trace_text_and_count_with_globs(returns_exe):

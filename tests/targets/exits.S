@@ -92,6 +92,13 @@ FUNC(x_deadpad)
         ud2                                     /* not padding: the ret cannot borrow it */
 END(x_deadpad)
 
+/* int x_wrap(int a): x_leaf(a + 2), a wrapper: the entry window [add; jmp] ends with the tail
+   call, so the exit takes that same window, acting at the first byte */
+FUNC(x_wrap)
+        add     edi, 2                          /* 3 */
+        {disp32} jmp x_leaf                     /* 5 */
+END(x_wrap)
+
 /* ret imm16: a callee-pops function (never called from C, decoded only) */
 FUNC(x_retimm)
         mov     eax, 1                          /* 5 */

@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-int x_three(int), x_leaf(int), x_tail(int), x_itail(int), x_self(int), x_paths(int), x_condtail(int), x_chain(int);
+int x_three(int), x_leaf(int), x_tail(int), x_itail(int), x_self(int), x_paths(int), x_condtail(int), x_chain(int), x_wrap(int);
 
 volatile int sink;
 
@@ -43,6 +43,7 @@ static long one(int i, jmp_buf *buf) {
     s += x_paths(i % 150 - 20);
     s += x_condtail(i % 3 - 1);
     s += x_chain(i % 4 - 1);
+    s += x_wrap(i);
     s += rec(i % 5);
     env = buf;
     if (setjmp(*buf) == 0)

@@ -234,3 +234,18 @@ def test_padding_nops_are_not_a_way_in(syms):
     assert first.window.ok and (first.window.address - f, first.window.size) == (14, 6)
     (w,) = second.paths  # only the jne: the nops before the ret are never run
     assert (w.address - f, w.size, w.displaced[-1].text.split()[0]) == (5, 9, "jne")
+
+
+def test_tail_call_ending_the_entry_window_acts_at_the_entry(syms):
+    res = exits_of(syms, "x_wrap")
+    assert res.ok, res.reason
+    (e,) = res.exits
+    f = addr(syms, "x_wrap")
+    assert e.kind is ExitKind.TAIL_CALL and e.insn.address == f + 3
+    w = e.window
+    assert w.exit_early and (w.address, w.size) == (f, 8) and w.exit == e.insn
+    # the same window as an entry probe's: the two share one stub
+    from djprobe.sites import analyse_site
+    (resolved,) = syms.resolve(f"{syms.modules[0].path}:x_wrap")
+    entry = analyse_site(syms, resolved)
+    assert (entry.address, entry.size, entry.displaced) == (w.address, w.size, w.displaced)

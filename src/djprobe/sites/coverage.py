@@ -193,7 +193,7 @@ def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, ent
         if entry.ok:
             lo, hi = entry.address, entry.address + entry.size
             for w in ex.windows:
-                alone = w.address == lo and w.size == entry.size and w.displaced == (w.exit,)
+                alone = w.address == lo and w.size == entry.size and (w.displaced == (w.exit,) or w.exit_early)
                 if w.address < hi and lo < w.address + w.size and not alone:
                     reason = f"the window of exit '{w.exit.text}' at {w.exit.address:#x} overlaps the entry window"
                     break

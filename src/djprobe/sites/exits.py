@@ -26,14 +26,14 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
-from iced_x86 import Mnemonic
+from iced_x86 import Mnemonic, Register
 
 from ..errors import InvalidSiteError
 from ..x86 import Flow, Insn, relocation_problem
 from .function import FunctionAnalysis
 from .index import ModuleIndex, _Entry, module_index
 from .result import JUMP_SIZE, SiteAnalysis, Verdict
-from .slices import _NO_FALLTHROUGH
+from .slices import _NO_FALLTHROUGH, _writes
 
 if TYPE_CHECKING:
     from ..symbols import Module, ResolvedSite, Symbol, Symbols
@@ -499,12 +499,34 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
         if kind in (_Entry.BRANCH, _Entry.TABLE) and not parts.holds(src):
             return result(exits, f"code at {src:#x} ({module.describe(src)}) jumps into {function.name} at {tgt:#x}: "
                                  "its returns would be counted as returns of this one")
+    exits = _early_tail_calls(main, exits, site)
     if all(e.ok for e in exits):
         spans = sorted((w.address, w.address + w.size, e.insn.address) for e in exits for w in e.windows)
         for (a0, a1, e0), (b0, _b1, e1) in zip(spans, spans[1:]):
             if b0 < a1:
                 return result(exits, f"the windows of the exits at {e0:#x} and {e1:#x} overlap at {b0:#x}")
     return result(exits, None)
+
+
+def _early_tail_calls(main: FunctionAnalysis, exits: list[Exit], site: str) -> list[Exit]:
+    """A tail call that the function's entry window ends with, reached by straight-line code that
+    leaves rsp alone (``xor esi,esi; jmp f``), takes the entry window itself, acting at its first
+    byte: its own window would overlap the entry window, and an entry probe could not go in."""
+    # from the file: in a live process our own entry probe may already be there (they share it)
+    entry = FunctionAnalysis(main.module, main.function, None, index=main.index).analyse(main.start)
+    if not entry.ok or not entry.displaced:
+        return exits
+    last = entry.displaced[-1]
+    lo, hi = entry.address, entry.address + entry.size
+    out = []
+    for e in exits:
+        w = e.window
+        if (e.insn == last and e.kind is not ExitKind.RETURN and (w.ok or w.busy) and not w.exit_path
+                and w.address < hi and lo < w.address + w.size and w.address != lo
+                and all(i.flow is Flow.NEXT and not _writes(i, Register.RSP) for i in entry.displaced[:-1])):
+            e = Exit(e.insn, e.kind, replace(entry, site=site, exit=e.insn, exit_early=True), e.paths)
+        out.append(e)
+    return out
 
 
 def analyse_exits(symbols: "Symbols", site: "ResolvedSite | int", memory=None) -> ExitAnalysis:

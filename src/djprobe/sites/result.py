@@ -47,6 +47,9 @@ class SiteAnalysis:
     copy of the block, the action and the exit instead of returning to the target. ``exit_via``:
     the address whose branches in the window are aimed at that copy (the block's first address;
     for a conditional tail call, the called function, and the block is a made-up ``jmp`` to it).
+    ``exit_early``: the window is the function's entry window, which ends with a tail call reached
+    by straight-line code that leaves ``rsp`` alone (``xor esi,esi; jmp f``): its action runs at
+    the first byte, as an entry probe's does (the count is exact, and an entry probe can share it).
     """
 
     site: str
@@ -64,6 +67,7 @@ class SiteAnalysis:
     exit: Insn | None = None
     exit_path: tuple[Insn, ...] = ()
     exit_via: int | None = None
+    exit_early: bool = False
 
     @property
     def ok(self) -> bool:
