@@ -49,14 +49,14 @@ RECORD_DTYPE = np.dtype(
         "itemsize": RECORD_SIZE,
     }
 )
-#: A record of the six argument registers only: two cache lines (``registers="args"``).
+#: A record of the six argument registers and rax only (``registers="args"``): two cache lines.
 ARGS_RECORD_SIZE = 128
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 ARGS_RECORD_DTYPE = np.dtype(
     {
-        "names": ["seq", "instance", "tid", "thread", "tsc", "args"],
-        "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(ARG_REGISTERS))],
-        "offsets": [0, 8, 12, 16, 24, 32],
+        "names": ["seq", "instance", "tid", "thread", "tsc", "args", "rax"],
+        "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(ARG_REGISTERS)), np.uint64],
+        "offsets": [0, 8, 12, 16, 24, 32, 32 + 8 * len(ARG_REGISTERS)],
         "itemsize": ARGS_RECORD_SIZE,
     }
 )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+from iced_x86 import Mnemonic
 
 from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
 
@@ -199,12 +200,16 @@ class RingReader:
 
 
 def _widen(args_records: np.ndarray) -> np.ndarray:
-    """Argument-only records as full records (the registers not recorded are 0)."""
+    """Argument records as full records (rax too; the registers not recorded are 0)."""
     full = np.zeros(len(args_records), dtype=RECORD_DTYPE)
     for name in ("seq", "instance", "tid", "thread", "tsc"):
         full[name] = args_records[name]
     full["regs"][:, _ARG_INDEX] = args_records["args"]
+    full["regs"][:, REGISTER_NAMES.index("rax")] = args_records["rax"]
     return full
+
+
+_RET = Mnemonic.RET
 
 
 @dataclass
@@ -233,9 +238,11 @@ class EventBatch:
         return cls(events[order], instances[order])
 
     def probes(self, index: int) -> list:
-        """The probes that event ``index`` belongs to."""
+        """The probes that event ``index`` belongs to (a return probe for its exits' events)."""
         instance = self.instances[index]
-        return list(instance.probes) if instance is not None else []
+        if instance is None:
+            return []
+        return [p._parent or p for p in instance.probes]
 
     def site(self, index: int) -> str:
         """``module:symbol+off`` of the probe event ``index`` came from."""
@@ -251,6 +258,22 @@ class EventBatch:
     def args(self) -> np.ndarray:
         """The six SysV argument registers, an (N, 6) array."""
         return self.events["regs"][:, _ARG_INDEX]
+
+    def retval(self) -> np.ndarray:
+        """``rax`` of every event: the value returned, for the events of a return probe."""
+        return self.register("rax")
+
+    def is_return(self, index: int) -> bool:
+        """Whether event ``index`` comes from an exit of a return probe."""
+        instance = self.instances[index]
+        return instance is not None and instance.analysis.exit is not None
+
+    def is_tail_call(self, index: int) -> bool:
+        """Whether event ``index`` comes from a tail-call exit (a ``jmp`` to another function):
+        there ``rax`` is not yet the value returned (the callee sets it)."""
+        instance = self.instances[index]
+        return instance is not None and instance.analysis.exit is not None and \
+            instance.analysis.exit.instruction.mnemonic != _RET
 
 
 def decode(records: Iterable[tuple[int, np.ndarray]], clock: TscClock, threads: ThreadMap, process: "Process | None") -> EventBatch:
@@ -281,7 +304,7 @@ class Regs:
     """The seed's ``pt_regs`` for a handler: registers at the probe point, no instruction pointer.
 
     Attributes: ``rax`` ... ``r15``, ``rflags``, ``rsp``, ``arg0`` ... ``arg5`` (SysV ABI), ``tid``
-    and ``time_ns``. Use ``djp.addr`` / ``djp.address`` for where the probe is. ``rflags`` holds
+    and ``time_ns``; ``retval`` is ``rax`` (at a return probe: the value returned). Use ``djp.addr`` / ``djp.address`` for where the probe is. ``rflags`` holds
     the arithmetic flags (CF PF AF ZF SF OF) and IF. Registers are read from the event batch
     when asked for (a handler pays only for those it uses).
     """
@@ -301,6 +324,11 @@ class Regs:
 
     def as_dict(self) -> dict[str, int]:
         return dict(zip(REGISTER_NAMES, self._regs[self._k].tolist()))
+
+    @property
+    def retval(self) -> int:
+        """``rax``: at a return probe, the value the function returns."""
+        return self.rax  # type: ignore[attr-defined]
 
     @property
     def flags(self) -> int:

@@ -46,7 +46,8 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area
-from .sites import SiteAnalysis, analyse_site
+from . import returns
+from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
@@ -72,6 +73,13 @@ class Djprobe:
     with an optional ``+offset``). ``size`` is the number of bytes to displace; leave it out to
     have it computed. After registration, ``address`` is the resolved address and ``hits`` the
     number of times the probe fired.
+
+    ``at="return"`` (or a spec ending in ``%return``) makes a return probe: ``addr`` names a
+    function, and the probe fires at each of its exits (every ``ret`` and tail call), right before
+    the exit instruction, with ``regs.retval`` (``rax``) the value returned; ``hits`` counts the
+    returns. It is placed only if every exit can take a jump (``exits`` then holds the analysis);
+    otherwise registration raises InvalidSiteError naming the exit that cannot. A call left by
+    ``longjmp`` or an exception has no return.
     """
 
     def __init__(
@@ -83,9 +91,17 @@ class Djprobe:
         record: bool = False,
         registers: str = "all",
         lossless: bool = False,
+        at: str = "entry",
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
+        if at not in ("entry", "return"):
+            raise InvalidSiteError(f"at must be 'entry' or 'return', not {at!r}")
+        if isinstance(addr, str):
+            addr, is_return = split_return_spec(addr)
+            at = "return" if is_return else at
+        if at == "return" and size is not None:
+            raise InvalidSiteError("a return probe takes no size: each exit window's size is computed")
         if size is not None and (not isinstance(size, int) or size < 5 or size > 24):
             raise InvalidSiteError(f"size must be an integer from 5 to 24 bytes, not {size!r}")
         if handler is not None and not callable(handler):
@@ -100,6 +116,11 @@ class Djprobe:
         #: Recording waits for room in a full ring (up to ``ProbedProcess.wait_timeout``) instead
         #: of dropping the event, while the consumer is draining.
         self.lossless = lossless
+        self.at = at
+        self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
+        self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
+        self._parent: Djprobe | None = None  # the return probe this is a part of
+        self._preset: SiteAnalysis | None = None  # a part's exit window
         self.address: int | None = None
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
@@ -115,6 +136,8 @@ class Djprobe:
     @property
     def missed(self) -> int:
         """Events of this probe dropped because a ring was full (hits stay exact)."""
+        if self._parts is not None:
+            return sum(p.missed for p in self._parts)
         source = self._instance or self._draining
         if source is not None:
             return source.drops() - self._drop_baseline
@@ -122,12 +145,16 @@ class Djprobe:
 
     @property
     def registered(self) -> bool:
+        if self._parts is not None:
+            return any(p.registered for p in self._parts)
         return self._instance is not None
 
     @property
     def hits(self) -> int:
         """How many times the probe fired (exact; frozen once no thread can still be in its stub
         after unregistration)."""
+        if self._parts is not None:
+            return sum(p.hits for p in self._parts)
         source = self._instance or self._draining
         if source is not None:
             return source.count() - self._baseline
@@ -265,6 +292,8 @@ class ProbedProcess:
     # -- registration --------------------------------------------------------------------------
     def analyse(self, djp: Djprobe) -> SiteAnalysis:
         """Resolve and analyse the site of ``djp`` without changing the target."""
+        if djp._preset is not None:
+            return djp._preset  # an exit window of a return probe
         spec = djp.addr
         if isinstance(spec, str):
             resolved = self.symbols.resolve(spec)
@@ -297,6 +326,7 @@ class ProbedProcess:
         """
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
+        djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
         for djp in djps:
             if djp.registered:
@@ -339,9 +369,9 @@ class ProbedProcess:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
                         refused.append((djp, self._site_error(exc)))
-                    if time.monotonic() >= deadline:
+                    if time.monotonic() >= deadline and not returns.same_group(djp, pending):
                         break
-        return refused
+        return returns.settle(self, refused)
 
     def _site_error(self, exc: DjprobeError) -> DjprobeError:
         """Return ``exc`` if it is about one site; raise it if it is about the whole process
@@ -378,6 +408,9 @@ class ProbedProcess:
         address = analysis.address
         existing = self._instances.get(address)
         if existing is not None:
+            conflict = returns.join_conflict(existing, analysis)
+            if conflict is not None:
+                raise SiteBusyError(f"{analysis.site}: {conflict}", address=address)
             if djp.size is not None and djp.size != existing.size:
                 raise SiteBusyError(
                     f"{analysis.site}: a probe with size {existing.size} is already there, not {djp.size}",
@@ -570,7 +603,7 @@ class ProbedProcess:
 
     def unregister_many(self, djps: Iterable[Djprobe]) -> None:
         """Remove many probes, in stops of the world of about ``max_stop_seconds`` each."""
-        djps = [d for d in djps if d._instance is not None]
+        djps = [d for d in returns.parts_of(djps) if d._instance is not None]
         if not djps:
             return
         if not self.process.is_alive() or self._image_replaced():
@@ -590,7 +623,7 @@ class ProbedProcess:
                     if len(instance.probes) == 1:
                         self._remove_instance(instance)  # freezes the final count
                     self._detach_probe(djp)
-                    if time.monotonic() >= deadline:
+                    if time.monotonic() >= deadline and not returns.same_group(djp, pending):
                         break
 
     def _image_replaced(self) -> bool:
@@ -655,10 +688,10 @@ class ProbedProcess:
         of the stub ``onto`` that replaces it. A thread inside the action (or blocked in a
         relocated system call) stays: it runs out of the stub by itself after resume, and the
         slot is retired until it has. Nothing is single-stepped."""
-        reloc_start = stub.address + stub.action_size
+        action_start, action_end = stub.action_range
         for thread in self.process.threads.values():
             rip = thread.regs().rip
-            if not (reloc_start <= rip < stub.end) or thread.in_syscall_restart():
+            if not (stub.address <= rip < stub.end) or action_start <= rip < action_end or thread.in_syscall_restart():
                 continue
             original = stub.original_address(rip)
             if original is None:

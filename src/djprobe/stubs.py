@@ -15,6 +15,14 @@ instruction after them (the relocator appends it). The action saves exactly what
   about 1 ns, where ``pushf``/``popf`` cost about 8 ns on this kind of machine). It adds one to
   the instance's counter with ``lock inc``, in a shard chosen from the stack pointer so that
   threads on different CPUs rarely write the same cache line.
+
+The stub of a return probe's exit window (``site.exit`` set, see ``sites/exits.py``) is laid out
+differently: the relocated instructions before the exit, then the action, then the relocated exit
+instruction (a ``ret`` runs from the stub and returns to the caller; a tail-call ``jmp`` goes to its
+absolute target), so the action sees ``rax`` = the return value and ``rsp`` at the return address.
+The red zone and the arithmetic flags are dead there (the SysV ABI preserves neither across a
+return or a call). Its action starts at ``action_start`` (after the relocated prefix), and its
+address map sends the exit instruction to the action's start.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import struct
 
-from iced_x86 import BlockEncoder, Code, Decoder, Instruction, MemoryOperand, Register
+from iced_x86 import BlockEncoder, Code, Decoder, Encoder, Instruction, MemoryOperand, Register
 
 from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
@@ -159,8 +167,15 @@ class Stub:
 
     address: int
     code: bytes
-    action_size: int  # bytes of the action before the relocated instructions
+    action_size: int  # bytes of the action
     relocated: Relocated
+    action_start: int | None = None  # where the action begins (None: at ``address``, before the relocated code)
+
+    @property
+    def action_range(self) -> tuple[int, int]:
+        """[start, end) of the action: a thread there has not finished the probe's work."""
+        start = self.address if self.action_start is None else self.action_start
+        return start, start + self.action_size
 
     @property
     def end(self) -> int:
@@ -187,13 +202,15 @@ def build_count_stub(
     Raises RelocationError (from the relocator) if the displaced instructions cannot reach their
     targets from this slot, and ValueError if the stub does not fit in a slot.
     """
+    at_exit = getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False)
+    # Exit windows (their action sits after a relocated prefix) count with lock inc.
     descriptor = slot_address + layout.slot_size - RSEQ_CS_SIZE
-    per_cpu = None if rseq_offset is None else PerCpu(rseq_offset, descriptor)
+    per_cpu = None if rseq_offset is None or at_exit else PerCpu(rseq_offset, descriptor)
     a = count_action(
         layout,
         counter_address,
-        red_zone_live=not site.at_entry,
-        flags_live=not (site.at_entry or site.flags_dead),
+        red_zone_live=not (site.at_entry or at_exit),
+        flags_live=not (site.at_entry or site.flags_dead or at_exit),
         per_cpu=per_cpu,
     )
     if per_cpu is None:
@@ -342,8 +359,8 @@ def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "al
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 24), R.RAX))
-    if args_only:  # the six argument registers, in ARG_REGISTERS order
-        for j, name in enumerate(ARG_REGISTERS):
+    if args_only:  # the six argument registers in ARG_REGISTERS order, then rax (a return value)
+        for j, name in enumerate(ARG_REGISTERS + ("rax",)):
             i = REGISTER_NAMES.index(name)
             a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
             a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * j), R.RCX))
@@ -434,14 +451,125 @@ def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
 def build_record_stub(
     site: Relocatable, layout: AreaLayout, slot_address: int, where: RecordTargets, registers: str = "all"
 ) -> Stub:
-    """Build the record stub for ``site`` at ``slot_address`` (see :func:`build_count_stub`)."""
+    """Build the record stub for ``site`` at ``slot_address`` (see :func:`build_count_stub`).
+    At an exit window, ``registers="args"`` records ``rax`` (the return value) too."""
+    if registers == "args" and getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
+        registers = "args+rax"
     return _finish(site, layout, slot_address, record_action(layout, where, registers))
 
 
 def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction], reserve: int = 0) -> Stub:
+    if getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
+        return _finish_exit(site, layout, slot_address, action)
     action_code = assemble(action, slot_address)
     relocated = site.relocate_to(slot_address + len(action_code), site.address + site.size)
     code = action_code + relocated.code
     if len(code) > layout.slot_size - reserve:
         raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
     return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated)
+
+
+def _finish_exit(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    """The stub of an exit window: relocated prefix, action, relocated exit instruction."""
+    from .x86.relocate import Relocated, RelocationError, relocate
+
+    if getattr(site, "exit_path", ()):
+        return _finish_exit_path(site, layout, slot_address, action)
+    displaced = list(getattr(site, "displaced"))
+    prefix, last = displaced[:-1], displaced[-1]
+    if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
+        raise RelocationError(
+            f"stub at {slot_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {site.address:#x}",
+            address=site.address,
+            out_of_reach=True,
+        )
+    pre = relocate(prefix, slot_address, None) if prefix else None
+    action_at = slot_address + (len(pre.code) if pre is not None else 0)
+    action_code = assemble(action, action_at)
+    exit_code = relocate([last], action_at + len(action_code), None)
+    address_map = dict(pre.address_map) if pre is not None else {}
+    address_map[last.address] = action_at  # a thread at the exit runs the action first
+    code = (pre.code if pre is not None else b"") + action_code + exit_code.code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    relocated = Relocated(code, slot_address, address_map, None)
+    return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated, action_start=action_at)
+
+
+def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    """The stub of a path window: the relocated window (its branches to the copied block aimed at
+    the copy; a fall-through out of it goes back to the original code), then a copy of the block
+    (one or two blocks of the original code, from a branch target to the exit), the action and
+    the exit instruction."""
+    from .x86 import FALLS_THROUGH, Flow
+    from .x86.relocate import Relocated, RelocationError, relocate
+
+    window = list(getattr(site, "displaced"))
+    path = list(getattr(site, "exit_path"))
+    via = getattr(site, "exit_via", None) or path[0].address
+    last = path[-1]
+    if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
+        raise RelocationError(
+            f"stub at {slot_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {site.address:#x}",
+            address=site.address,
+            out_of_reach=True,
+        )
+
+    def exact(instruction: Instruction, at: int) -> bytes:
+        encoder = Encoder(64)  # the form given, never a shorter one: both passes lay out alike
+        encoder.encode(instruction, at)
+        return bytes(encoder.take_buffer())
+
+    def branch_to(insn, at: int, to: int) -> bytes:
+        c = insn.instruction.copy()
+        c.as_near_branch()
+        c.near_branch64 = to
+        return exact(c, at)
+
+    copies = {insn.address for insn in path} | {via}
+
+    def redirected(insn) -> bool:  # a branch into the copied instructions: aimed at the copy
+        return insn.flow in (Flow.JUMP, Flow.COND_JUMP) and insn.target in copies
+
+    def emit(copy: dict[int, int]) -> tuple[bytes, dict[int, int], int]:
+        """Lay out window and block with ``copy`` (original -> copy address; a branch to the exit
+        goes to the action before it). Returns the code, the address map, the action's address."""
+        code = bytearray()
+        amap: dict[int, int] = {}
+        at = slot_address
+        for insn in window:
+            amap[insn.address] = at
+            piece = branch_to(insn, at, copy.get(insn.target, at)) if redirected(insn) else relocate([insn], at, None).code
+            code += piece
+            at += len(piece)
+        end = window[-1]
+        if end.end != via and end.flow in FALLS_THROUGH:
+            amap[end.end] = at  # the fall-through of the window's last branch goes back
+            piece = exact(Instruction.create_branch(Code.JMP_REL32_64, copy.get(end.end, end.end)), at)
+            code += piece
+            at += len(piece)
+        for insn in path[:-1]:
+            amap[insn.address] = at
+            piece = branch_to(insn, at, copy.get(insn.target, at)) if redirected(insn) else relocate([insn], at, None).code
+            code += piece
+            at += len(piece)
+        # a thread at the exit runs the action first (the exit alone: the address the window's
+        # branches go to, which for a conditional tail call is the called function)
+        amap[via if len(path) == 1 else last.address] = at
+        return bytes(code), amap, at
+
+    _, first, action_at = emit({})  # sizes do not depend on the targets (rel32 forms)
+    copy = {a: first[a] for a in copies if a in first}
+    copy[last.address] = copy[via] if len(path) == 1 else action_at
+    copy.setdefault(via, first.get(path[0].address, action_at))
+    code, address_map, at = emit(copy)
+    if at != action_at:
+        raise RelocationError(f"stub layout of the path window at {site.address:#x} did not converge",
+                              address=site.address)
+    action_code = assemble(action, at)
+    code += action_code
+    code += relocate([last], slot_address + len(code), None).code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    relocated = Relocated(bytes(code), slot_address, address_map, None)
+    return Stub(address=slot_address, code=bytes(code), action_size=len(action_code), relocated=relocated, action_start=at)

@@ -15,6 +15,7 @@ import subprocess
 
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
+from ..sites import RETURN_SUFFIX, split_return_spec
 
 
 def positive_seconds(text: str) -> float:
@@ -35,7 +36,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "patterns",
         nargs="+",
         metavar="PATTERN",
-        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*); no module means the main executable",
+        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*), FUNCTION%%return for its returns; "
+        "no module means the main executable",
     )
 
 
@@ -100,7 +102,7 @@ def make_probes(
     """
     held = _held_command(target)
     try:
-        probes, refused = _make_probes(target, patterns, record=record, registers=registers)
+        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless)
     except BaseException as exc:
         if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
@@ -118,26 +120,31 @@ def make_probes(
 
 
 def _make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all"
+    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
 ) -> tuple[list[Djprobe], list[Refusal]]:
+    """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
+    per function); refusals with their reasons."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
-    probes: dict[int, Djprobe] = {}
+    probes: dict[tuple[int, bool], Djprobe] = {}
     refused: list[Refusal] = []
     for pattern in patterns:
-        spec = pattern
-        if ":" not in pattern and not pattern.startswith("0x") and main is not None:
-            spec = f"{main}:{pattern}"
+        spec, at_return = split_return_spec(pattern)
+        if ":" not in spec and not spec.startswith("0x") and main is not None:
+            spec = f"{main}:{spec}"
         try:
             sites = symbols.resolve(spec)
         except SymbolNotFoundError as exc:
             raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
         for site in sites:
-            if site.address in probes:
+            key = (site.address, at_return)
+            if key in probes:
                 continue
-            djp = Djprobe(site.address, record=record, registers=registers, lossless=lossless)
-            djp.site = site.name
-            probes[site.address] = djp
+            djp = Djprobe(
+                site.address, record=record, registers=registers, lossless=lossless, at="return" if at_return else "entry"
+            )
+            djp.site = site.name + (RETURN_SUFFIX if at_return else "")
+            probes[key] = djp
     placed = list(probes.values())
     errors = target.register_many(placed)
     bad = {id(d) for d, _ in errors}

@@ -9,10 +9,12 @@ resolved in the live process and the bytes there are compared with the file (ano
 ``int3`` or ``jmp`` makes the site busy).
 
 ``--json`` prints JSON lines: one object per site (keys site, address, size, verdict, reason,
-busy, module, function, offset, at_entry, flags_dead, instructions, padding); with ``--all`` one
-object with the coverage counts, the file the module name resolved to (``module``) and every
-refused function entry (``refused_sites``). The text form of ``--all`` names the file, and lists
-the refused functions per reason (the first few; ``-v`` every one).
+busy, module, function, offset, at_entry, flags_dead, instructions, padding); for ``SITE%return``
+(a function's return side) keys site, address, verdict, reason, module, function and exits (one
+site object per exit window, with exit_kind, exit_address, exit_text); with ``--all`` one object
+with the coverage counts, the file the module name resolved to (``module``) and every refused
+function entry (``refused_sites``). The text form of ``--all`` names the file, and lists the
+refused functions per reason (the first few; ``-v`` every one).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import textwrap
 from typing import TextIO
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
-from ..sites import SiteAnalysis, Verdict, analyse_site, coverage
+from ..sites import ExitAnalysis, SiteAnalysis, Verdict, analyse_exits, analyse_site, coverage, split_return_spec
 from ._output import add_output_argument, report_stream
+from ._returns import format_exits
 
 EPILOG = """examples:
   djprobe sites libc:malloc            what a probe at malloc's entry displaces
   djprobe sites /bin/ls:main+0x10      a site inside a function of a file
   djprobe sites -p 1234 libc:free --json
+  djprobe sites 'libc:malloc%return'   the exits of malloc and the window at each
   djprobe sites --all libc --boundaries   coverage of every function of libc
 """
 
@@ -110,21 +114,27 @@ def _split_module(spec: str) -> tuple[str, str]:
     return module, rest
 
 
-def _analyse(args: argparse.Namespace, resolved: dict[str, str]) -> list[SiteAnalysis]:
+def _one(symbols, site, size: int | None, at_return: bool) -> SiteAnalysis | ExitAnalysis:
+    return analyse_exits(symbols, site) if at_return else analyse_site(symbols, site, size)
+
+
+def _analyse(args: argparse.Namespace, resolved: dict[str, str]) -> list[SiteAnalysis | ExitAnalysis]:
     """The analyses of the SITEs; ``resolved`` gets the file each module name named."""
-    results: list[SiteAnalysis] = []
+    results: list[SiteAnalysis | ExitAnalysis] = []
     if args.pid is not None:
         from ..symbols import Symbols
 
         with Symbols.from_process(args.pid) as symbols:
             for spec in args.sites:
+                spec, at_return = split_return_spec(spec)
                 for site in _resolve(symbols, spec):
                     if site is not None and not isinstance(site, int) and site.module is not None and ":" in spec:
                         resolved.setdefault(spec.rsplit(":", 1)[0], site.module.path)
-                    results.append(analyse_site(symbols, site, args.size))
+                    results.append(_one(symbols, site, args.size, at_return))
         return results
     opened: dict[str, object] = {}
     for spec in args.sites:
+        spec, at_return = split_return_spec(spec)
         module, rest = _split_module(spec)
         symbols = opened.get(module)
         if symbols is None:
@@ -138,7 +148,7 @@ def _analyse(args: argparse.Namespace, resolved: dict[str, str]) -> list[SiteAna
                 raise
             sites = _resolve(symbols, f"{mod.path}:{_own_ifunc_choice(mod.path, rest, exc)}")
         for site in sites:
-            results.append(analyse_site(symbols, site, args.size))
+            results.append(_one(symbols, site, args.size, at_return))
     return results
 
 
@@ -235,6 +245,12 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
             lines.append(_wrap(f"{entry.site} ({entry.address:#x}): {entry.reason}", " " * 11))
         if len(entries) > len(shown):
             lines.append(f"{'':11}... and {len(entries) - len(shown)} more (-v lists every one)")
+    if rep.returns:
+        lines.append(_wrap(f"return side: {rep.returns_jump} of {rep.functions} functions take a jump at every "
+                           f"exit ({100 * rep.return_ratio:.2f}%); entry and every exit: {rep.both_jump} "
+                           f"({100 * rep.both_ratio:.2f}%)", ""))
+        for cls, n in rep.both_refused.most_common():
+            lines.append(f"  {n:7d}  {cls}")
     if rep.boundaries:
         lines.append(_wrap(f"all instruction boundaries: {rep.boundaries}, {rep.boundaries_jump} take a jump "
                            f"({100 * rep.boundary_ratio:.2f}%)", ""))
@@ -284,5 +300,5 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         else:
             if i:
                 print(file=out)
-            print(format_site(res), file=out)
+            print(format_exits(res) if isinstance(res, ExitAnalysis) else format_site(res), file=out)
     return 0 if all(r.verdict is Verdict.JUMP for r in results) else 1

@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
   djprobe trace -p 1234 -d 2 --json 'libc:open*' # JSON lines for 2 s
   djprobe trace -p 1234 'work' | head -5          # the first 5 hits; probes are removed on exit
+  djprobe trace 'libc:malloc%return' -- ls /      # what malloc returned, at each return
   djprobe trace -o hits.txt 'libc:open*' -- ls    # the hits in a file, ls's output on stdout
 
 The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
@@ -58,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: bool) -> list[str]:
     ev = batch.events
     args = batch.args().tolist()
+    retvals = batch.retval().tolist()
     lines = []
     for k, (t, tid) in enumerate(zip(ev["time_ns"].tolist(), ev["tid"].tolist())):
         if wall:
@@ -65,7 +67,10 @@ def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: b
             stamp = time.strftime("%H:%M:%S", time.localtime(secs)) + f".{int(secs * 1e6) % 1000000:06d}"
         else:
             stamp = f"{(t - start_ns) / 1e9:.6f}"
-        a = " ".join(f"{x:#x}" for x in args[k])
+        if batch.is_return(k):
+            a = "retval=? (tail call)" if batch.is_tail_call(k) else f"retval={retvals[k]:#x}"
+        else:
+            a = " ".join(f"{x:#x}" for x in args[k])
         lines.append(f"{stamp:<15} {tid:<7} {batch.site(k)} {a}")
     return lines
 
@@ -73,20 +78,23 @@ def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: b
 def _json_lines(batch: EventBatch) -> list[str]:
     ev = batch.events
     args = batch.args().tolist()
+    retvals = batch.retval().tolist()
     out = []
     for k, (t, tid) in enumerate(zip(ev["time_ns"].tolist(), ev["tid"].tolist())):
         instance = batch.instances[k]
-        out.append(
-            json.dumps(
-                {
-                    "time_ns": t,
-                    "tid": tid,
-                    "site": batch.site(k),
-                    "address": instance.address if instance is not None else None,
-                    "args": args[k],
-                }
-            )
-        )
+        event = {
+            "time_ns": t,
+            "tid": tid,
+            "site": batch.site(k),
+            "address": instance.address if instance is not None else None,
+            "args": args[k],
+        }
+        if batch.is_return(k):  # a return site: the value returned, and the exit it left by
+            tail = batch.is_tail_call(k)
+            event["retval"] = None if tail else retvals[k]  # a tail call's callee sets rax later
+            event["exit"] = instance.analysis.exit.address
+            event["tail_call"] = tail
+        out.append(json.dumps(event))
     return out
 
 

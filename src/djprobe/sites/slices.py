@@ -1,0 +1,337 @@
+"""Decoded regions and backward register slices: enough value analysis to recognise jump-table
+idioms and their bounds, and to tell a code pointer from an address computed by arithmetic."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from iced_x86 import InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register, RegisterExt
+
+from ..x86 import Flow, Insn
+
+if TYPE_CHECKING:
+    from .index import ModuleIndex
+
+
+class _Region:
+    """A stretch of code decoded by one linear sweep from a known instruction start."""
+
+    __slots__ = ("start", "end", "insns", "addrs", "bad", "tables", "unknown_jumps", "index_of")
+
+    def __init__(self, start: int, end: int, insns: list[Insn]) -> None:
+        self.start = start
+        self.end = end
+        self.insns = insns
+        self.addrs = [i.address for i in insns]
+        self.bad = next((i for i in insns if i.flow is Flow.INVALID), None)
+        if insns and insns[-1].end > end:
+            self.bad = self.bad or insns[-1]
+        self.tables: list[tuple[int, int, list[int]]] = []  # (jmp address, table address, targets)
+        self.unknown_jumps: list[int] = []
+        self.index_of: dict[int, int] | None = None
+
+    def insn_containing(self, address: int) -> Insn | None:
+        i = bisect.bisect_right(self.addrs, address) - 1
+        if i >= 0 and self.insns[i].address <= address < self.insns[i].end:
+            return self.insns[i]
+        return None
+
+    def index(self, address: int) -> int | None:
+        if self.index_of is None:
+            self.index_of = {a: k for k, a in enumerate(self.addrs)}
+        return self.index_of.get(address)
+
+
+def _full(reg: int) -> int:
+    """The 64-bit register of a general-purpose register (al, eax, ax -> rax)."""
+    try:
+        return RegisterExt.full_register(reg)
+    except Exception:  # noqa: BLE001 - not a GPR
+        return reg
+
+
+_GPR64 = {
+    Register.RAX, Register.RBX, Register.RCX, Register.RDX, Register.RSI, Register.RDI, Register.RBP,
+    Register.RSP, Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13,
+    Register.R14, Register.R15,
+}
+_CALLER_SAVED = {Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.RDI, Register.R8,
+                 Register.R9, Register.R10, Register.R11}
+
+
+_WRITE_ACCESS = frozenset({OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE})
+
+
+def _writes(insn: Insn, reg: int) -> bool:
+    """Does ``insn`` (possibly) write the 64-bit register ``reg`` (or a part of it)?"""
+    if insn.flow in (Flow.CALL, Flow.INDIRECT_CALL) and reg in _CALLER_SAVED:
+        return True
+    info = _info_factory().info(insn.instruction)
+    return any(_full(ur.register) == reg and ur.access in _WRITE_ACCESS for ur in info.used_registers())
+
+
+_factory: InstructionInfoFactory | None = None
+
+
+def _info_factory() -> InstructionInfoFactory:
+    global _factory
+    if _factory is None:
+        _factory = InstructionInfoFactory()
+    return _factory
+
+
+@dataclass(frozen=True)
+class _Val:
+    """An abstract register value: ``const`` (an address), ``tload`` (movsxd [base + idx*4 + d]),
+    ``add`` (sum of two values), ``ptr`` (a code pointer from memory, a parameter, a call result:
+    only an address-taken point), ``arith`` (computed in a way not understood)."""
+
+    kind: str
+    value: int = 0
+    base: "_Val | None" = None
+    other: "_Val | None" = None
+    index: int = 0
+    disp: int = 0
+    at: tuple[int, int] = (0, -1)  # tload: (region start, insn index) of the load
+
+
+_PTR = _Val("ptr")
+_ARITH = _Val("arith")
+_LOOP = _Val("loop")  # only reached around a loop: adds nothing
+_NO_FALLTHROUGH = frozenset({Flow.JUMP, Flow.INDIRECT_JUMP, Flow.RETURN, Flow.INTERRUPT, Flow.INVALID})
+_BUDGET = 400
+_MAX_TABLE = 1024
+_PTR_OPS = frozenset({Mnemonic.ROR, Mnemonic.ROL, Mnemonic.XOR})  # glibc PTR_DEMANGLE
+_BOUND_JCC = {  # mnemonic -> (edge that bounds: "fall"/"taken", bound from imm N)
+    Mnemonic.JA: ("fall", 1),
+    Mnemonic.JAE: ("fall", 0),
+    Mnemonic.JBE: ("taken", 1),
+    Mnemonic.JB: ("taken", 0),
+}
+_IMM_KINDS = frozenset({OpKind.IMMEDIATE8, OpKind.IMMEDIATE8TO32, OpKind.IMMEDIATE8TO64, OpKind.IMMEDIATE32,
+                        OpKind.IMMEDIATE32TO64})
+
+
+class _Budget(Exception):
+    pass
+
+
+class _Slicer:
+    """Backward value analysis over decoded regions, following every predecessor (fall-through
+    and verified direct branches), enough for jump-table idioms and for telling a code pointer
+    (loaded, passed in, returned, demangled) from an address computed by arithmetic."""
+
+    def __init__(self, index: "ModuleIndex") -> None:
+        self.ix = index
+        self.steps = 0
+        self.bounding = False
+
+    def _tick(self) -> None:
+        self.steps += 1
+        if self.steps > _BUDGET:
+            raise _Budget()
+
+    def preds(self, r: _Region, idx: int) -> tuple[list[tuple[_Region, int, bool]], bool]:
+        """Instructions that may run right before r.insns[idx]: (region, index, via_branch);
+        and whether the address is also entered from elsewhere (symbol, pointer, table, pad)."""
+        out: list[tuple[_Region, int, bool]] = []
+        addr = r.insns[idx].address
+        if idx > 0:
+            if r.insns[idx - 1].flow not in _NO_FALLTHROUGH:
+                out.append((r, idx - 1, False))
+        else:
+            prev = self.ix.region_at(addr - 1)
+            if prev is not None and prev.insns and prev.insns[-1].end == addr and \
+                    prev.insns[-1].flow not in _NO_FALLTHROUGH:
+                out.append((prev, len(prev.insns) - 1, False))
+        for src in self.ix.branch_sources(addr):
+            r2 = self.ix.region_at(src)
+            if r2 is None:
+                return out, True
+            ins = r2.insn_containing(src)
+            k2 = r2.index(ins.address) if ins is not None else None
+            if k2 is None or ins.flow not in (Flow.JUMP, Flow.COND_JUMP):
+                return out, True  # a call into the middle, or an undecodable source
+            out.append((r2, k2, True))
+        static = self.ix.is_static_entry(addr)
+        if not out and not static and not self.bounding:
+            # Reached by no direct branch, fall-through or address-taken point: alignment padding,
+            # or a case block entered through the jump table being analysed, which carries the
+            # values at that jump (a cycle): adds nothing. (Bounds stay strict: see bound().)
+            return out, False
+        return out, static or not out
+
+    # -- values -------------------------------------------------------------------------------
+
+    def value_before(self, reg: int, r: _Region, idx: int, seen: set) -> _Val | None:
+        """Value of 64-bit ``reg`` just before r.insns[idx] (None: only through a loop)."""
+        while True:
+            self._tick()
+            key = (r.start, idx, reg)
+            if key in seen:
+                return None
+            seen.add(key)
+            preds, entered = self.preds(r, idx)
+            if len(preds) == 1 and not entered and not preds[0][2]:
+                pr, pj, _ = preds[0]
+                ins = pr.insns[pj]
+                if _writes(ins, reg):
+                    return self._def(ins, reg, pr, pj, seen)
+                r, idx = pr, pj
+                continue
+            vals = [_PTR] if entered else []
+            for pr, pj, _ in preds:
+                ins = pr.insns[pj]
+                if _writes(ins, reg):
+                    vals.append(self._def(ins, reg, pr, pj, seen))
+                else:
+                    vals.append(self.value_before(reg, pr, pj, seen))
+            return _merge(vals)
+
+    def _def(self, ins: Insn, reg: int, r: _Region, j: int, seen: set) -> _Val:
+        instr = ins.instruction
+        mn = instr.mnemonic
+        if ins.flow in (Flow.CALL, Flow.INDIRECT_CALL, Flow.SYSCALL):
+            return _PTR  # a call result or clobbered: never used as a computed address
+        if instr.op_count < 1 or instr.op0_kind != OpKind.REGISTER or _full(instr.op0_register) != reg:
+            return _ARITH  # implicit write (xchg, cmpxchg, mul ...)
+        dst = instr.op0_register
+        if mn == Mnemonic.MOV and instr.op1_kind in _IMM_KINDS | {OpKind.IMMEDIATE64} and _reg_bits(dst) >= 32:
+            return _Val("const", value=instr.immediate(1) & (0xFFFFFFFF if _reg_bits(dst) == 32 else -1))
+        if dst not in _GPR64:
+            return _ARITH  # a 32/16/8-bit write: not a 64-bit address
+        if mn == Mnemonic.LEA:
+            if ins.rip_relative:
+                return _Val("const", value=ins.mem_target)
+            b, i = instr.memory_base, instr.memory_index
+            if b != Register.NONE and i != Register.NONE and instr.memory_index_scale == 1 \
+                    and instr.memory_displacement == 0:
+                return _Val("add", base=self._v(_full(b), r, j, seen), other=self._v(_full(i), r, j, seen))
+            return _ARITH
+        if mn == Mnemonic.MOVSXD and instr.op1_kind == OpKind.MEMORY:
+            b, i = instr.memory_base, instr.memory_index
+            if b not in (Register.NONE, Register.RIP) and i != Register.NONE and instr.memory_index_scale == 4:
+                disp = instr.memory_displacement
+                if disp >= 2**63:
+                    disp -= 2**64
+                return _Val("tload", base=self._v(_full(b), r, j, seen), index=_full(i), disp=disp, at=(r.start, j))
+            return _ARITH
+        if mn == Mnemonic.MOV:
+            if instr.op1_kind == OpKind.MEMORY:
+                return _PTR
+            if instr.op1_kind == OpKind.REGISTER and instr.op1_register in _GPR64:
+                return self._v(instr.op1_register, r, j, seen)
+            return _ARITH
+        if mn == Mnemonic.ADD and instr.op1_kind == OpKind.REGISTER and instr.op1_register in _GPR64:
+            return _Val("add", base=self._v(reg, r, j, seen), other=self._v(instr.op1_register, r, j, seen))
+        if mn == Mnemonic.POP:
+            return _PTR
+        if mn in _PTR_OPS and (instr.op1_kind in _IMM_KINDS or instr.op1_kind == OpKind.MEMORY):
+            # glibc PTR_DEMANGLE: ror reg, 0x11; xor reg, fs:[0x30] of a mangled stored pointer
+            inner = self._v(reg, r, j, seen)
+            return _PTR if inner.kind == "ptr" else _ARITH
+        return _ARITH
+
+    def _v(self, reg: int, r: _Region, j: int, seen: set) -> _Val:
+        v = self.value_before(reg, r, j, set(seen))
+        return v if v is not None else _LOOP
+
+    # -- bounds -------------------------------------------------------------------------------
+
+    def bound(self, index: int, r: _Region, idx: int) -> int | None:  # noqa: D417
+        """How many table entries the index register may select just before r.insns[idx]: every
+        path must pass a ``cmp idx, N`` with ``ja``/``jae`` (or ``jbe``/``jb`` taken) or an
+        ``and idx, N``. None if some path does not."""
+        self.bounding = True
+        try:
+            out = self._bound(index, r, idx, set(), {})
+        finally:
+            self.bounding = False
+        return out if out is not None and out > 0 else None
+
+    def _bound(self, tracked: int, r: _Region, idx: int, seen: set, pending: dict) -> int | None:
+        while True:
+            self._tick()
+            key = (r.start, idx, tracked)
+            if key in seen:
+                return 0  # a loop back here adds nothing new
+            seen.add(key)
+            preds, entered = self.preds(r, idx)
+            if entered or not preds:
+                return None
+            results = []
+            for pr, pj, via_branch in preds:
+                res = self._bound_from(tracked, pr, pj, via_branch, seen, dict(pending))
+                if res is None:
+                    return None
+                results.append(res)
+            if len(results) == 1 and not preds[0][2] and results[0] == -1:
+                pass
+            return max(results)
+
+    def _bound_from(self, tracked: int, r: _Region, j: int, via_branch: bool, seen: set,
+                    pending: dict) -> int | None:
+        """``pending``: bounds established (later in the code) on other 32/64-bit registers
+        that have not been written since: a copy ``mov tracked32, reg32`` inherits them."""
+        ins = r.insns[j]
+        instr = ins.instruction
+        mn = instr.mnemonic
+        if ins.flow is Flow.COND_JUMP:
+            rule = _BOUND_JCC.get(mn)
+            edge = "taken" if via_branch else "fall"
+            if rule is not None and rule[0] == edge and j > 0:
+                cmp = r.insns[j - 1].instruction
+                if (
+                    cmp.mnemonic == Mnemonic.CMP
+                    and cmp.op0_kind == OpKind.REGISTER
+                    and _reg_bits(cmp.op0_register) >= 32
+                    and cmp.op1_kind in _IMM_KINDS
+                ):
+                    n = cmp.immediate(1)
+                    if n < 2**31 and 0 < n + rule[1] <= 4096:
+                        if _full(cmp.op0_register) == tracked:
+                            return n + rule[1]
+                        pending[_full(cmp.op0_register)] = n + rule[1]
+            return self._bound(tracked, r, j, seen, pending)
+        if mn == Mnemonic.AND and instr.op0_kind == OpKind.REGISTER and _full(instr.op0_register) == tracked \
+                and _reg_bits(instr.op0_register) >= 32 and instr.op1_kind in _IMM_KINDS:
+            n = instr.immediate(1)
+            return n + 1 if 0 <= n < 4096 else None
+        if _writes(ins, tracked):
+            if (
+                mn == Mnemonic.MOV
+                and instr.op0_kind == OpKind.REGISTER
+                and instr.op1_kind == OpKind.REGISTER
+                and _reg_bits(instr.op0_register) == 32
+                and _reg_bits(instr.op1_register) == 32
+            ):
+                src = _full(instr.op1_register)
+                if src in pending:
+                    return pending[src]
+                return self._bound(src, r, j, seen, {})  # zero-extending copy
+            return None
+        for reg in list(pending):
+            if _writes(ins, reg):
+                del pending[reg]
+        return self._bound(tracked, r, j, seen, pending)
+
+
+def _merge(vals: list[_Val | None]) -> _Val | None:
+    vs = [v for v in vals if v is not None and v.kind != "loop"]
+    if not vs:
+        return None
+    first = vs[0]
+    if all(v == first for v in vs):
+        return first
+    if all(v.kind == "ptr" for v in vs):
+        return _PTR
+    return _ARITH
+
+
+def _reg_bits(reg: int) -> int:
+    try:
+        return RegisterExt.size(reg) * 8
+    except Exception:  # noqa: BLE001
+        return 0
