@@ -887,20 +887,22 @@ class ProbedProcess:
         self._closed = True
         _LIVE.discard(self)
         try:
-            if self.process.is_alive():
-                probes = self.probes
-                if probes:
-                    self.unregister_many(probes)
-                if self._regions and not self._image_replaced():
-                    self._drain()
-                    self._let_threads_leave_stubs()
-                    with self.stopped():
-                        self._unmap_idle_regions()
-                if self.process.stopped:
-                    self.process.resume()
-            else:
-                for djp in self.probes:
-                    self._forget(djp)
+            try:
+                if self.process.is_alive():
+                    probes = self.probes
+                    if probes:
+                        self.unregister_many(probes)
+                    if self._regions and not self._image_replaced():
+                        self._drain()
+                        self._let_threads_leave_stubs()
+                        with self.stopped():
+                            self._unmap_idle_regions()
+                    if self.process.stopped:
+                        self.process.resume()
+            except ProcessGoneError:
+                pass  # it exited meanwhile: nothing is left to undo in it
+            for djp in self.probes:
+                self._forget(djp)
         finally:
             for region in self._regions:
                 region.close_tracer_side()

@@ -42,7 +42,7 @@ def test_script_with_patterns_of_the_real_program(tmp_path):
     err = _unwrapped(res.stderr)
     assert err.startswith("note: wrap.sh is a shell script run by /bin/sh; patterns apply to /bin/sh")
     assert "--follow is not supported" in err and "give the real program after --" in err
-    assert "djprobe: error: pattern 'work_a' matches nothing" in err
+    assert "djprobe: error: wrap.sh: not started: pattern 'work_a' matches nothing" in err
     assert err.endswith(f"({script} is a script: see the note above)")
     assert "Traceback" not in res.stderr
     assert all(len(line) < 80 for line in res.stderr.splitlines() if line.startswith(("note", "  ")))

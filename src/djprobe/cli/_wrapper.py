@@ -13,7 +13,7 @@ import os
 import shutil
 from typing import Iterator
 
-from ..errors import SymbolNotFoundError
+from ..errors import DjprobeError, SymbolNotFoundError
 
 __all__ = ["script_interpreter", "script_note", "no_match_in_script", "ExecWatch"]
 
@@ -70,10 +70,12 @@ def no_match_in_script(argv: list[str], note: str | None) -> Iterator[None]:
     interpreter says so (the note explaining it was printed before)."""
     try:
         yield
-    except SymbolNotFoundError as exc:
-        if note is None:
+    except DjprobeError as exc:
+        # also when the held command was killed for it (the error then says "not started")
+        if note is None or not isinstance(exc if isinstance(exc, SymbolNotFoundError) else exc.__cause__, SymbolNotFoundError):
             raise
-        raise SymbolNotFoundError(f"{exc} ({argv[0]} is a script: see the note above)") from exc
+        exc.message = f"{exc} ({argv[0]} is a script: see the note above)"
+        raise
 
 
 def _comm(pid: int) -> str | None:
