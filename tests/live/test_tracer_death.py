@@ -17,6 +17,7 @@ child Python process.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import select
@@ -178,6 +179,17 @@ class SweepTarget:
                     f.close()
                 except OSError:
                     pass
+        for path in shm_files(self.pid):  # a killed tracer cannot unlink them
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def shm_files(pid: int) -> list[str]:
+    """Probe-area files left in /dev/shm for target ``pid`` (a tracer killed between creating and
+    unlinking one)."""
+    return glob.glob(f"/dev/shm/djprobe-{pid}-*")
 
 
 def thread_states(pid: int) -> dict[int, tuple[str, int]]:
@@ -391,6 +403,9 @@ def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcom
     open_areas = area_fds(target.pid)
     if open_areas:
         out.notes.append(f"probe-area file(s) left open in the target: {open_areas}")
+    left_files = shm_files(target.pid)
+    if left_files:
+        out.notes.append(f"probe-area file(s) left in /dev/shm: {left_files}")
 
     st = target.progress(target.iters)
     if st is None:
