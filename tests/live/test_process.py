@@ -274,9 +274,20 @@ def test_registers_round_trip_and_single_step(threads_target, proc_of):
     wait_until(lambda: all(a > b for a, b in zip(counters_of(proc, counters), before)), what="counters to move")
 
 
+def _in_syscall(pid: int, tid: int, numbers: set[int]) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            field = f.read().split()[0]
+    except OSError:
+        return False
+    return field.lstrip("-").isdigit() and int(field) in numbers
+
+
 def test_syscall_restart_positions(threads_target, proc_of):
     target, out, _, _ = threads_target
     proc = proc_of(target.pid)
+    # "ready" is printed just before the main thread's nanosleep: wait until it is in it
+    wait_until(lambda: _in_syscall(target.pid, target.pid, {35, 230}), what="main thread in nanosleep")
     proc.stop()
     roles = classify(proc)
     for t in roles["main"] + roles["reader"]:
