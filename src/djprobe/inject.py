@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Sequence
 from elftools.elf.elffile import ELFFile
 
 from ._sys import ptrace as pt
-from .errors import DjprobeError, ProcessGoneError, TargetFaultError, TargetTimeoutError
+from .errors import DjprobeError, TargetFaultError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .process import Process, Thread
@@ -274,24 +274,8 @@ class Injector:
         entered = False
         sig = 0
         while True:
-            try:
-                pt.syscall_step(tid, sig)
-            except OSError as exc:
-                raise process._thread_error(thread, exc) from exc
+            event, stop_sig = process._resume_until_stop(thread, pt.syscall_step, sig, deadline, f"system call {nr}", timeout)
             sig = 0
-            try:
-                status = process._wait_one(tid, deadline)
-            except TargetTimeoutError:
-                process._force_stop(thread)
-                raise TargetTimeoutError(f"process {process.pid} thread {tid}: system call {nr} timed out after {timeout}s")
-            thread._regs = None
-            if status is None or pt.is_gone(status):
-                process._note_gone(tid, status)
-                raise ProcessGoneError(
-                    f"no such process: {process.pid} (thread {tid} "
-                    f"{pt.describe_status(status) if status is not None else 'vanished'} during system call {nr})"
-                )
-            stop_sig, event = pt.stop_signal(status), pt.stop_event(status)
             if event:
                 continue  # a group stop or an interrupt: go on with the call
             if stop_sig == _SYSCALL_TRAP:

@@ -294,16 +294,19 @@ class ProbedProcess:
         """Resolve and analyse the site of ``djp`` without changing the target."""
         if djp._preset is not None:
             return djp._preset  # an exit window of a return probe
-        spec = djp.addr
-        if isinstance(spec, str):
-            resolved = self.symbols.resolve(spec)
-            if len(resolved) != 1:
-                names = ", ".join(r.name for r in resolved[:5])
-                raise InvalidSiteError(f"site {spec!r} matches {len(resolved)} functions ({names}...): give one")
-            site: object = resolved[0]
-        else:
-            site = spec
-        return analyse_site(self.symbols, site, djp.size, self.process.memory)
+        return analyse_site(self.symbols, self.resolve_site(djp.addr), djp.size, self.process.memory)  # type: ignore[arg-type]
+
+    def resolve_site(self, spec: int | str) -> object:
+        """The one site a spec names (an address stays as it is).
+
+        Raises InvalidSiteError if it names several functions, SymbolNotFoundError if none."""
+        if not isinstance(spec, str):
+            return spec
+        resolved = self.symbols.resolve(spec)
+        if len(resolved) != 1:
+            names = ", ".join(r.name for r in resolved[:5])
+            raise InvalidSiteError(f"site {spec!r} matches {len(resolved)} functions ({names}...): give one")
+        return resolved[0]
 
     def register(self, djp: Djprobe) -> Djprobe:
         """Place ``djp`` in the target (the seed's ``register_djprobe``).

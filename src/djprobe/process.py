@@ -666,24 +666,8 @@ class Process:
         thread._regs = None
         sig_to_pass = 0
         while True:
-            try:
-                request(tid, sig_to_pass)
-            except OSError as exc:
-                raise self._thread_error(thread, exc) from exc
+            ev, sig = self._resume_until_stop(thread, request, sig_to_pass, deadline, what, timeout)
             sig_to_pass = 0
-            try:
-                status = self._wait_one(tid, deadline)
-            except TargetTimeoutError:
-                self._force_stop(thread)
-                raise TargetTimeoutError(f"process {self.pid} thread {tid}: {what} timed out after {timeout}s")
-            thread._regs = None
-            if status is None or pt.is_gone(status):
-                self._note_gone(tid, status)
-                raise ProcessGoneError(
-                    f"no such process: {self.pid} (thread {tid} "
-                    f"{pt.describe_status(status) if status is not None else 'vanished'} during {what})"
-                )
-            ev, sig = pt.stop_event(status), pt.stop_signal(status)
             if ev:
                 if ev in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
                     self._adopt(pt.geteventmsg(tid), deadline)
@@ -702,6 +686,30 @@ class Process:
                     f"process {self.pid} thread {tid}: {_signame(sig)} during {what}",
                     address=info.si_addr,
                 )
+
+    def _resume_until_stop(self, thread, request, sig: int, deadline: float, what: str, timeout: float) -> tuple[int, int]:
+        """Resume ``thread`` with ``request`` (cont, singlestep, syscall_step), passing ``sig``,
+        and wait for its next stop: (ptrace event, signal).
+
+        Raises ProcessGoneError, TargetTimeoutError (the thread is stopped again first)."""
+        tid = thread.tid
+        try:
+            request(tid, sig)
+        except OSError as exc:
+            raise self._thread_error(thread, exc) from exc
+        try:
+            status = self._wait_one(tid, deadline)
+        except TargetTimeoutError:
+            self._force_stop(thread)
+            raise TargetTimeoutError(f"process {self.pid} thread {tid}: {what} timed out after {timeout}s") from None
+        thread._regs = None
+        if status is None or pt.is_gone(status):
+            self._note_gone(tid, status)
+            raise ProcessGoneError(
+                f"no such process: {self.pid} (thread {tid} "
+                f"{pt.describe_status(status) if status is not None else 'vanished'} during {what})"
+            )
+        return pt.stop_event(status), pt.stop_signal(status)
 
     def _force_stop(self, thread: Thread) -> None:
         """Bring back a thread that runs too long (after a timeout)."""

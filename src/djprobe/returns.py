@@ -30,16 +30,7 @@ def analyse_return(proc: "ProbedProcess", djp: "Djprobe") -> ExitAnalysis:
     """Resolve the function of the return probe ``djp`` and analyse its exits (live bytes
     checked). Raises InvalidSiteError if the spec names several functions; a refused analysis is
     returned (its ``error()`` says why)."""
-    spec = djp.addr
-    if isinstance(spec, str):
-        resolved = proc.symbols.resolve(spec)
-        if len(resolved) != 1:
-            names = ", ".join(r.name for r in resolved[:5])
-            raise InvalidSiteError(f"site {spec!r} matches {len(resolved)} functions ({names}...): give one")
-        site: object = resolved[0]
-    else:
-        site = spec
-    return analyse_exits(proc.symbols, site, proc.process.memory)  # type: ignore[arg-type]
+    return analyse_exits(proc.symbols, proc.resolve_site(djp.addr), proc.process.memory)  # type: ignore[arg-type]
 
 
 def _forward(parent: "Djprobe"):
