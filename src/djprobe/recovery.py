@@ -23,6 +23,7 @@ address on its stack; otherwise the area stays mapped (harmless: nothing jumps t
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
 from .process import Process
 from .stacks import StackWords
-from .stubs import jump_bytes
+from .stubs import jump_bytes, jump_target
 from .shmfiles import AREA_PATH_RE as _AREA_PATH_RE
 from .symbols import Symbols
 
@@ -431,6 +432,7 @@ class CleanupReport:
     left_mapped: list[tuple[FoundArea, str]] = field(default_factory=list)  # jumps removed, area kept
     waited_out: int = 0  # threads that were inside a stub and left it by themselves
     orphans: list[OrphanJump] = field(default_factory=list)  # jumps without a table entry, removed
+    closed_fds: list[int] = field(default_factory=list)  # the target's fds of area files a killed tracer left open
 
     @property
     def ok(self) -> bool:
@@ -452,8 +454,27 @@ class CleanupReport:
             "left_mapped": [{"path": a.path, "data_address": a.data_address, "reason": r} for a, r in self.left_mapped],
             "threads_waited_out": self.waited_out,
             "orphans": [o.to_json() for o in self.orphans],
+            "closed_fds": self.closed_fds,
             "ok": self.ok,
         }
+
+
+def _leaked_area_fds(pid: int) -> list[int]:
+    """The target's fds open on probe-area files made for it (``djprobe-PID-...``)."""
+    fds = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        m = AREA_PATH_RE.match(link.removesuffix(" (deleted)"))
+        if m is not None and int(m.group(1)) == pid:
+            fds.append(int(name))
+    return sorted(fds)
 
 
 def _select(report: CleanupReport, areas: list[FoundArea], force: bool) -> list[FoundArea]:
@@ -470,8 +491,11 @@ def _select(report: CleanupReport, areas: list[FoundArea], force: bool) -> list[
     return chosen
 
 
-def _restore(process: Process, symbols: Symbols, inst: FoundInstance, force: bool) -> str | None:
-    """Put the original bytes back at one site; None if done (or nothing to do), else why not."""
+def _restore(
+    process: Process, symbols: Symbols, inst: FoundInstance, force: bool, areas: list[FoundArea]
+) -> str | None:
+    """Put the original bytes back at one site; None if done, "" if there is nothing to do, else
+    why not."""
     memory = process.memory
     try:
         now = memory.read(inst.address, inst.size)
@@ -479,6 +503,9 @@ def _restore(process: Process, symbols: Symbols, inst: FoundInstance, force: boo
         return f"cannot read the site: {exc}"
     if now == inst.original:
         return ""  # nothing to do
+    target = jump_target(now, inst.address)
+    if now != inst.patched and target is not None and any(a.code_mapped and a.code_address <= target < a.code_end for a in areas):
+        return ""  # a stale entry: the site belongs to a later probe now (its own area's entry)
     if now != inst.patched and not force:
         return (
             f"bytes at the site ({now.hex()}) are neither the recorded patched ({inst.patched.hex()}) "
@@ -561,7 +588,7 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
     report = CleanupReport(pid)
     areas = find_areas(pid)
     report.areas = areas
-    if not _select(CleanupReport(pid), areas, force):
+    if not _select(CleanupReport(pid), areas, force) and not _leaked_area_fds(pid):
         # nothing we may touch: report without stopping the target
         _describe_sites(pid, areas)
         _select(report, areas, force)
@@ -583,7 +610,7 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
                     if not inst.valid:
                         report.skipped.append((inst, f"entry not trusted: {inst.problem}"))
                         continue
-                    why = _restore(process, symbols, inst, force)
+                    why = _restore(process, symbols, inst, force, areas)
                     if why is None:
                         report.restored.append(inst)
                         inst.code = "original"
@@ -617,6 +644,12 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
                 process.munmap(a.code_address, a.code_size)
             process.munmap(a.data_address, a.data_size)
             report.unmapped.append(a)
+        # A tracer killed between the injected open of an area file and its close left the fd
+        # open in the target. While we hold the target no live tracer is inside an operation on
+        # it (ptrace has one tracer), so every such fd is a leak.
+        for fd in _leaked_area_fds(pid):
+            process.close_fd(fd)
+            report.closed_fds.append(fd)
     finally:
         try:
             process.resume()

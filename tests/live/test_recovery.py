@@ -4,6 +4,7 @@ every original byte (checked against the ELF file) and unmaps the probe areas.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -272,3 +273,59 @@ def test_cleanup_dead_pid():
     assert res.returncode == 1 and res.stderr.startswith("djprobe: error:") and "Traceback" not in res.stderr
     res = djprobe_cli("status", "-p", "999999999")
     assert res.returncode == 1 and "no such process" in res.stderr
+
+
+def test_stale_entry_of_a_kept_area_does_not_fail_a_later_cleanup(start_target, counts_exe):
+    """An area kept mapped after its jump was restored (cleanup keeps one a stack still points
+    into) holds an entry whose site a later probe now patches into another area: a cleanup after
+    that later tracer dies restores the site once and is ok (found by the tracer-death sweep)."""
+    t = _start_loop(start_target, counts_exe)
+    _kill_tracer_with_probes(t.pid, ["work_a"])
+    (first,) = recovery.find_areas(t.pid)
+    addr, original = _file_bytes(counts_exe, "work_a")
+    (inst,) = first.instances
+    with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:  # what cleanup does, area kept
+        mem.seek(inst.address)
+        mem.write(inst.original)
+    _kill_tracer_with_probes(t.pid, ["work_a"])  # a later probe at the same site, another area
+    assert len(recovery.find_areas(t.pid)) == 2
+    res = djprobe_cli("cleanup", "-p", str(t.pid), "--json")
+    report = json.loads(res.stdout)
+    assert res.returncode == 0 and report["ok"], res.stdout
+    assert len(report["restored"]) == 1 and len(report["untouched"]) == 1
+    assert _live_bytes(t.pid, "work_a", len(original)) == original
+    assert not _area_maps(t.pid)
+    assert _finish(t).split()[-1] == "0"
+
+
+def test_cleanup_closes_an_area_file_a_killed_tracer_left_open(start_target, counts_exe, tmp_path):
+    """Killed between the injected open of an area file and its close: the fd stays open in the
+    target; cleanup closes it (and only fds of area files made for this target)."""
+    t = _start_loop(start_target, counts_exe)
+    path = f"/dev/shm/djprobe-{t.pid}-1-feedface0001"
+    other = f"/dev/shm/djprobe-{t.pid + 1}-1-feedface0002"  # made for another process: not ours
+    for p in (path, other):
+        with open(p, "wb") as f:
+            f.write(b"\0" * 4096)
+    script = textwrap.dedent(
+        f"""
+        import os
+        from djprobe.process import Process
+        p = Process({t.pid})
+        p.stop()
+        print(p.open_file({path!r}, os.O_RDWR), p.open_file({other!r}, os.O_RDONLY), flush=True)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    try:
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        fd, other_fd = map(int, res.stdout.split())
+        assert os.readlink(f"/proc/{t.pid}/fd/{fd}") == path
+        report = json.loads(djprobe_cli("cleanup", "-p", str(t.pid), "--json").stdout)
+        assert report["closed_fds"] == [fd] and report["ok"]
+        assert not os.path.exists(f"/proc/{t.pid}/fd/{fd}")
+        assert os.readlink(f"/proc/{t.pid}/fd/{other_fd}") == other
+    finally:
+        for p in (path, other):
+            os.unlink(p)
+    assert _finish(t).split()[-1] == "0"

@@ -156,6 +156,7 @@ class ProcessMemory:
         """Read into ``buffer`` (writable, bytes) from ``address``; returns how many bytes were
         read: fewer than asked when an unreadable page stops the read, 0 when the first one is
         unreadable. No allocation: for reading much memory in chunks."""
+        if faults.enabled: faults.tick("mem-read", address, len(buffer))  # fmt: skip
         try:
             return os.preadv(self._fd, [buffer], address)
         except OSError as exc:

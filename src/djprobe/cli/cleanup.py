@@ -67,6 +67,8 @@ def format_report(r: CleanupReport) -> str:
         lines.append(f"left area {a.data_address:#x} mapped (every jump to it removed): {why}")
     if r.waited_out:
         lines.append(f"{r.waited_out} thread(s) left the stubs by themselves")
+    if r.closed_fds:
+        lines.append(f"closed {len(r.closed_fds)} probe-area file descriptor(s) a killed tracer left open")
     lines.append(
         f"process {r.pid}: {len(r.restored) + len(r.orphans)} restored, {len(r.skipped)} skipped, "
         f"{len(r.unmapped)} area(s) unmapped, {len(r.left_mapped)} kept, {len(r.refused_areas)} refused"
