@@ -45,7 +45,7 @@ from .errors import (
 )
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
-from .rseq import RseqArea, glibc_rseq_area
+from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
@@ -523,8 +523,9 @@ class ProbedProcess:
         if not self.per_cpu_counters:
             return None
         if self._rseq is None:
+            addresses = rseq_symbols(self.symbols)  # symbol tables: read before the stop
             with self.stopped():
-                self._rseq = glibc_rseq_area(self.process, self.symbols)
+                self._rseq = glibc_rseq_area(self.process, addresses)
             if self._rseq[0] is None:
                 log.info("per-CPU counters not used in process %d: %s", self.pid, self._rseq[1])
         area = self._rseq[0]

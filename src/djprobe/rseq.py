@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .process import Process
     from .symbols import Symbols
 
-__all__ = ["RSEQ_SIG", "RseqArea", "glibc_rseq_area", "CPU_ID", "RSEQ_CS"]
+__all__ = ["RSEQ_SIG", "RseqArea", "rseq_symbols", "glibc_rseq_area", "CPU_ID", "RSEQ_CS"]
 
 #: glibc's signature on x86 (also librseq's): the 4 bytes before every abort handler.
 RSEQ_SIG = 0x53053053
@@ -46,17 +46,26 @@ class RseqArea:
     size: int
 
 
-def glibc_rseq_area(process: "Process", symbols: "Symbols") -> tuple[RseqArea | None, str]:
-    """The rseq area every thread of the stopped ``process`` may use, or None and why not."""
+def rseq_symbols(symbols: "Symbols") -> tuple[int, int] | None:
+    """Addresses of glibc's ``__rseq_offset`` and ``__rseq_size`` in the target, or None (glibc
+    older than 2.35, or not glibc). Reads symbol tables only: call it before stopping the world."""
     offset_sym = size_sym = None
     for module in symbols.modules:
         offset_sym = offset_sym or next(iter(module.symbols("__rseq_offset")), None)
         size_sym = size_sym or next(iter(module.symbols("__rseq_size")), None)
-    if offset_sym is None or size_sym is None:
+        if offset_sym is not None and size_sym is not None:
+            return offset_sym.address, size_sym.address
+    return None
+
+
+def glibc_rseq_area(process: "Process", addresses: tuple[int, int] | None) -> tuple[RseqArea | None, str]:
+    """The rseq area every thread of the stopped ``process`` may use, or None and why not;
+    ``addresses`` from :func:`rseq_symbols`."""
+    if addresses is None:
         return None, "no __rseq_offset/__rseq_size (glibc older than 2.35, or not glibc)"
     try:
-        offset = int.from_bytes(process.read(offset_sym.address, 8), "little", signed=True)
-        size = int.from_bytes(process.read(size_sym.address, 4), "little")
+        offset = int.from_bytes(process.read(addresses[0], 8), "little", signed=True)
+        size = int.from_bytes(process.read(addresses[1], 4), "little")
     except DjprobeError as exc:
         return None, f"cannot read __rseq_offset: {exc}"
     if size < _FIELDS_END:
