@@ -114,13 +114,14 @@ def build_frame(regs: "object", sigmask: int) -> bytes:
 @dataclass
 class _DeadSpace:
     address: int
+    mapping: object  # the MapEntry it lies in: the place is trusted only while that mapping is there
     original: bytes | None = None  # the bytes under the trampoline while it is written
 
 
-def dead_code_space(pid: int, maps: Sequence, size: int) -> list[int]:
-    """Addresses of at least ``size`` bytes in executable file mappings of ``pid`` that the
-    program never executes or reads: past the end of the executable ``PT_LOAD`` segment, up to
-    the end of the mapping's last page, outside every other segment. Dynamic loader first."""
+def dead_code_space(pid: int, maps: Sequence, size: int) -> list[tuple[int, object]]:
+    """(address, mapping) of at least ``size`` bytes in executable file mappings of ``pid`` that
+    the program never executes or reads: past the end of the executable ``PT_LOAD`` segment, up
+    to the end of the mapping's last page, outside every other segment. Dynamic loader first."""
     found = []
     for m in maps:
         if not (m.executable and m.readable and m.is_file):
@@ -145,8 +146,8 @@ def dead_code_space(pid: int, maps: Sequence, size: int) -> list[int]:
             continue
         if start < m.start or end - start < size:
             continue
-        found.append((0 if "ld-linux" in m.path or "/ld-" in m.path else 1, start))
-    return [address for _, address in sorted(found)]
+        found.append((0 if "ld-linux" in m.path or "/ld-" in m.path else 1, start, m))
+    return [(address, m) for _, address, m in sorted(found, key=lambda f: f[:2])]
 
 
 class Injector:
@@ -159,16 +160,19 @@ class Injector:
     # -- the trampoline's place ---------------------------------------------------------------
     def _space_address(self) -> int:
         space = self._space
-        if space is not None:
+        maps = self.process.maps()
+        if space is not None and space.mapping in maps:
             return space.address
-        candidates = dead_code_space(self.process._proc_tid, self.process.maps(), TRAMPOLINE_SIZE)
+        # First use, or the mapping is gone (an exec, a dlclose): look again, never write blindly.
+        candidates = dead_code_space(self.process._proc_tid, maps, TRAMPOLINE_SIZE)
         if not candidates:
             raise DjprobeError(
                 f"process {self.process.pid}: no unused bytes in its executable mappings to run a "
                 "system call from safely; nothing was changed"
             )
-        self._space = _DeadSpace(candidates[0])
-        return candidates[0]
+        address, mapping = candidates[0]
+        self._space = _DeadSpace(address, mapping)
+        return address
 
     def _write_trampoline(self, resume_at: int) -> int:
         address = self._space_address()
