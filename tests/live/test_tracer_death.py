@@ -137,6 +137,7 @@ class SweepTarget:
         except subprocess.TimeoutExpired:
             self.kill()
             return None, "did not exit"
+        remove_shm_files(self.pid)
         return self.proc.returncode, out.decode(errors="replace").strip()
 
     def death(self) -> str | None:
@@ -179,11 +180,16 @@ class SweepTarget:
                     f.close()
                 except OSError:
                     pass
-        for path in shm_files(self.pid):  # a killed tracer cannot unlink them
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_shm_files(self.pid)
+
+
+def remove_shm_files(pid: int) -> None:
+    """A killed tracer cannot unlink the probe-area files it made for ``pid``: remove them."""
+    for path in shm_files(pid):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def shm_files(pid: int) -> list[str]:
