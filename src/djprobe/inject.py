@@ -198,10 +198,6 @@ class Injector:
             pass
         space.original = None
 
-    def forget(self) -> None:
-        """The address space changed (exec): look for the dead bytes again next time."""
-        self._space = None
-
     # -- running a call -----------------------------------------------------------------------
     def _frame_address(self, thread: "Thread", rsp: int, data_size: int) -> int:
         """Where the frame (and ``data_size`` bytes above it) go: below the red zone, inside the
