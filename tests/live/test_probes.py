@@ -149,6 +149,11 @@ def test_thread_inside_stub_action_at_removal_runs_out_by_itself(start_target, c
                 if parked:
                     break
             assert parked is not None and parked.regs().rip == stub.address
+            for th in workers:  # the others were stepped too: walk any of them out of the stub
+                for _ in range(1000):
+                    if th is parked or not stub.address <= th.regs().rip < stub.end:
+                        break
+                    th.step()
             proc.unregister(djp)
             assert not djp.registered and proc._retired, "the slot is retired, not given back"
             at_removal = djp.hits
