@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.poll(0.05)
         else:
             proc.poll(args.seconds)
+        proc.poll(0)  # what was recorded before the end, while the handler is still registered
         # --unregister--
         djprobe.unregister_djprobe(proc, djp)
-        proc.poll(0)
         print(f"hits={djp.hits} missed={djp.missed}")
     return 0
 
