@@ -68,18 +68,11 @@ def _uleb(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _sleb(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise _Malformed("LEB128 runs past the end")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            if byte & 0x40:
-                value -= 1 << shift
-            return value, pos
+    value, end = _uleb(data, pos)  # the same bytes; the last one's bit 6 is the sign
+    shift = 7 * (end - pos)
+    if data[end - 1] & 0x40:
+        value -= 1 << shift
+    return value, end
 
 
 def _read_encoded(data: bytes, pos: int, enc: int, vaddr: int, *, apply: bool = True) -> tuple[int, int]:

@@ -28,16 +28,11 @@ def _uleb(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _sleb(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            if b & 0x40:
-                result -= 1 << shift
-            return result, pos
+    value, end = _uleb(data, pos)  # the same bytes; the last one's bit 6 is the sign
+    shift = 7 * (end - pos)
+    if data[end - 1] & 0x40:
+        value -= 1 << shift
+    return value, end
 
 
 _ENC_FMT = {0x02: "<H", 0x03: "<I", 0x04: "<Q", 0x0A: "<h", 0x0B: "<i", 0x0C: "<q", 0x00: "<Q"}
