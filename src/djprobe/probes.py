@@ -46,7 +46,7 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
-from . import returns
+from . import overlaps, returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
@@ -186,6 +186,9 @@ class Instance:
     old_slots: list[tuple[Region, int, Stub]] = field(default_factory=list)
     removed: bool = False  # unregistered: its slot is in old_slots until given back
     drained: list[Djprobe] = field(default_factory=list)  # unregistered while a thread was inside
+    # Overlapping probes (see overlaps.py): a guest's host, a host's guests.
+    host: "Instance | None" = field(default=None, repr=False, compare=False)
+    guests: list["Instance"] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def address(self) -> int:
@@ -337,22 +340,32 @@ class ProbedProcess:
                 continue
             try:
                 analysis = self.analyse(djp)
-                if not analysis.ok and analysis.address not in self._instances:  # ours: join it
-                    other = self._overlapping(analysis.address, max(1, analysis.size))
-                    if other is not None:
-                        raise SiteBusyError(
-                            f"{analysis.site}: inside the displaced bytes of the probe at {other.address:#x}",
-                            address=analysis.address,
-                        )
-                    raise analysis.error()
+                analysis = overlaps.unpatched_analysis(self, djp, analysis) or analysis  # covers one of ours
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 continue
             plans.append([djp, analysis, None])
+        windows = overlaps.PlanWindows(plans)
+        overlaps.order_plans(plans, windows)  # a probe inside another's window after it: it joins that stub
+        for plan in plans:
+            djp, analysis, _ = plan
+            if analysis.ok or analysis.address in self._instances or overlaps.joins(self, djp, analysis, windows):
+                continue
+            plan[0] = None
+            other = self._overlapping(analysis.address, max(1, analysis.size))
+            if other is not None:
+                exc: DjprobeError = SiteBusyError(
+                    f"{analysis.site}: inside the displaced bytes of the probe at {other.address:#x}",
+                    address=analysis.address,
+                )
+            else:
+                exc = analysis.error()  # type: ignore[assignment]
+            refused.append((djp, self._site_error(exc)))
+        plans = [p for p in plans if p[0] is not None]
         first_at: set[int] = set()
         for plan in plans:
             djp, analysis, _ = plan
-            if analysis.address in self._instances or analysis.address in first_at:
+            if analysis.address in self._instances or analysis.address in first_at or overlaps.joins(self, djp, analysis, windows):
                 continue
             first_at.add(analysis.address)
             try:
@@ -410,6 +423,18 @@ class ProbedProcess:
     def _insert_stopped(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
         address = analysis.address
         existing = self._instances.get(address)
+        if existing is not None and overlaps.shared(existing) and djp._preset is None:
+            if djp.size is not None and djp.size != existing.size:
+                raise SiteBusyError(f"{analysis.site}: inside the window of the probe at {(existing.host or existing).address:#x}: "
+                                    "its size is not yours to choose", address=address)
+            overlaps.join_member(self, djp, existing, analysis)
+            return
+        host = overlaps.host_for(self, address) if existing is None and djp._preset is None and djp.size is None else None
+        if host is not None:  # inside another probe's window: join its stub
+            if prepared is not None:
+                prepared[0].give_back(prepared[1])
+            overlaps.insert_guest(self, djp, analysis, host)
+            return
         if existing is not None:
             conflict = returns.join_conflict(existing, analysis)
             if conflict is not None:
@@ -424,6 +449,8 @@ class ProbedProcess:
             self._join(djp, existing, analysis)
             return
         other = self._overlapping(address, analysis.size)
+        if other is not None and overlaps.reanchor(self, djp, analysis, other, prepared):
+            return  # its window now covers the other probe's, which joined it
         if other is not None:
             raise SiteBusyError(f"{analysis.site}: displaced bytes overlap the probe at {other.address:#x}", address=address)
         original = self.process.read(address, analysis.size)
@@ -624,7 +651,9 @@ class ProbedProcess:
                     instance = djp._instance
                     if instance is None:
                         continue
-                    if len(instance.probes) == 1:
+                    if len(instance.probes) == 1 and overlaps.shared(instance):
+                        overlaps.remove_member(self, instance, djp)
+                    elif len(instance.probes) == 1:
                         self._remove_instance(instance)  # freezes the final count
                     self._detach_probe(djp)
                     if time.monotonic() >= deadline and not returns.same_group(djp, pending):
@@ -644,7 +673,9 @@ class ProbedProcess:
         """Drop a probe whose target is gone (exited or exec'd): nothing to write back."""
         instance = djp._instance
         self._detach_probe(djp)
-        if instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
+        if instance is not None and not instance.probes and overlaps.shared(instance):
+            overlaps.forget_member(self, instance)
+        elif instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
             del self._instances[instance.address]
             self._addresses.remove(instance.address)
 
@@ -680,7 +711,7 @@ class ProbedProcess:
         self._addresses.remove(instance.address)
         instance.old_slots.append((instance.region, instance.slot, instance.stub))
         instance.removed = True
-        instance.drained = list(instance.probes)
+        instance.drained = instance.drained + list(instance.probes)
         for djp in instance.drained:
             djp._draining = instance  # counts stay live until every slot is given back
         for region, slot, stub in list(instance.old_slots):
@@ -692,10 +723,9 @@ class ProbedProcess:
         of the stub ``onto`` that replaces it. A thread inside the action (or blocked in a
         relocated system call) stays: it runs out of the stub by itself after resume, and the
         slot is retired until it has. Nothing is single-stepped."""
-        action_start, action_end = stub.action_range
         for thread in self.process.threads.values():
             rip = thread.regs().rip
-            if not (stub.address <= rip < stub.end) or action_start <= rip < action_end or thread.in_syscall_restart():
+            if not (stub.address <= rip < stub.end) or stub.in_action(rip) or thread.in_syscall_restart():
                 continue
             original = stub.original_address(rip)
             if original is None:

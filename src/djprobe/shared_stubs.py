@@ -1,0 +1,137 @@
+"""Stubs shared by overlapping probes: one jump, one stub, an action at each probed instruction.
+
+A probe whose site lies inside the displaced bytes of another probe's window (on one of its
+instruction boundaries) cannot have a jump of its own: it *joins* the window's stub. The shared
+stub runs, for each displaced instruction in order, the action of the probe placed at that
+instruction (if any) and then the instruction, relocated, and ends with the jump back::
+
+    action A, insn 1, action B, insn 2, insn 3, action C, insn 4, jmp back
+
+Each probe keeps its own counter (and ring records): an action increments the counter of the
+probe's own instance slot, so a point's count and events are its own. The address map sends each
+original instruction to its relocated copy (after the action before it: a thread moved into the
+stub at an instruction does not count a hit there), and ``Stub.action_ranges`` lists every action
+(a thread inside one is left to run out by itself, as with any stub).
+
+Only plain windows are shared (not the exit windows of return probes, whose stubs have a layout of
+their own: see ``stubs.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from iced_x86 import Decoder
+
+from .area import AreaLayout
+from .sites import SiteAnalysis
+from .stubs import RSEQ_CS_SIZE, PerCpu, RecordTargets, Stub, assemble, count_action, record_action, rseq_descriptor
+from .x86.relocate import Relocated, relocate
+
+
+@dataclass(frozen=True)
+class ActionPoint:
+    """The action to run before the displaced instruction at ``address``: a count (into
+    ``counter``) or, with ``record`` set, an event record written to those targets."""
+
+    address: int
+    counter: int
+    record: RecordTargets | None = None
+    registers: str = "all"
+    flags_dead: bool = False  # the arithmetic flags are dead at ``address`` (need not be saved)
+
+
+def build_shared_stub(
+    site: SiteAnalysis,
+    layout: AreaLayout,
+    slot_address: int,
+    points: Sequence[ActionPoint],
+    rseq_offset: int | None = None,
+) -> Stub:
+    """The stub of the window ``site`` with the actions of ``points`` at their instructions.
+
+    Count actions are per-CPU (rseq, see ``stubs.count_action``) when ``rseq_offset`` is given:
+    each has its own rseq descriptor, 32 bytes each at the end of the slot. Raises ValueError if a
+    point is not at an instruction boundary of the window or the stub does not fit its slot, and
+    RelocationError (from the relocator) if the instructions cannot reach their targets."""
+    if site.exit is not None and not site.exit_early:
+        raise ValueError(f"{site.site}: the exit window of a return probe cannot be shared")
+    displaced = list(site.displaced)
+    by_address = {p.address: p for p in points}
+    if len(by_address) != len(points):
+        raise ValueError("two action points at one address")
+    boundaries = {insn.address for insn in displaced}
+    for p in points:
+        if p.address not in boundaries:
+            raise ValueError(f"{p.address:#x} is not an instruction boundary of the window at {site.address:#x}")
+    code = bytearray()
+    address_map: dict[int, int] = {}
+    ranges: list[tuple[int, int]] = []
+    descriptors: list[bytes] = []
+    at = slot_address
+    return_jump = None
+    for index, insn in enumerate(displaced):
+        point = by_address.get(insn.address)
+        if point is not None:
+            piece, descriptor = _action_code(site, layout, slot_address, point, at, rseq_offset, len(descriptors))
+            if descriptor is not None:
+                descriptors.append(descriptor)
+            ranges.append((at, at + len(piece)))
+            code += piece
+            at += len(piece)
+        last = index == len(displaced) - 1
+        rel = relocate([insn], at, site.address + site.size if last else None)
+        address_map.update(rel.address_map)
+        if rel.return_jump is not None:
+            return_jump = rel.return_jump
+        code += rel.code
+        at += len(rel.code)
+    reserve = RSEQ_CS_SIZE * len(descriptors)
+    if len(code) > layout.slot_size - reserve:
+        raise ValueError(f"shared stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    if descriptors:
+        code += b"\xcc" * (layout.slot_size - reserve - len(code))
+        for descriptor in reversed(descriptors):  # descriptor k at slot end - 32 * (k + 1)
+            code += descriptor
+    relocated = Relocated(bytes(code), slot_address, address_map, return_jump)
+    first = ranges[0] if ranges else (slot_address, slot_address)
+    return Stub(
+        address=slot_address,
+        code=bytes(code),
+        action_size=first[1] - first[0],
+        relocated=relocated,
+        action_start=first[0],
+        extra_action_ranges=tuple(ranges[1:]),
+    )
+
+
+def _action_code(
+    site: SiteAnalysis,
+    layout: AreaLayout,
+    slot_address: int,
+    point: ActionPoint,
+    at: int,
+    rseq_offset: int | None,
+    n_descriptors: int,
+) -> tuple[bytes, bytes | None]:
+    """The encoded action of ``point`` placed at ``at``, and its rseq descriptor if it has one."""
+    at_entry = site.at_entry and point.address == site.address
+    if point.record is not None:
+        return assemble(record_action(layout, point.record, point.registers), at), None
+    per_cpu = None
+    if rseq_offset is not None:
+        per_cpu = PerCpu(rseq_offset, slot_address + layout.slot_size - RSEQ_CS_SIZE * (n_descriptors + 1))
+    asm = count_action(
+        layout,
+        point.counter,
+        red_zone_live=not at_entry,
+        flags_live=not (at_entry or point.flags_dead),
+        per_cpu=per_cpu,
+    )
+    piece = assemble(asm.instructions(), at)
+    if per_cpu is None:
+        return piece, None
+    ips = [insn.ip for insn in Decoder(64, piece, ip=at)]
+    start, end, abort = (ips[asm.index_of(name)] for name in ("cs_start", "cs_end", "abort"))
+    return piece, rseq_descriptor(start, end, abort)

@@ -1,0 +1,28 @@
+/* Functions whose entry windows hold several short instructions, so that probes at the entry
+ * and at instructions inside its displaced bytes overlap. */
+    .text
+    .globl ov_f
+    .type ov_f, @function
+ov_f:                       /* returns 3 * (x + 1) + 5 * (x & 1) */
+    push %rbx               /* ov_f+0: 1 byte */
+    mov %edi, %ebx          /* ov_f+1: 2 bytes */
+    inc %ebx                /* ov_f+3: 2 bytes (flags written) */
+    mov %edi, %eax          /* ov_f+5: 2 bytes */
+    and $1, %eax            /* ov_f+7: 3 bytes */
+    lea (%eax,%eax,4), %eax /* ov_f+10: 3 bytes */
+    lea (%ebx,%ebx,2), %ebx /* ov_f+13 */
+    add %ebx, %eax
+    pop %rbx
+    ret
+    .size ov_f, .-ov_f
+
+    .globl ov_flags
+    .type ov_flags, @function
+ov_flags:                   /* returns x < 10 ? 1 : 2: the flags are live inside the window */
+    cmp $10, %edi           /* ov_flags+0: 3 bytes */
+    mov $1, %eax            /* ov_flags+3: 5 bytes, flags live across it */
+    jl 1f
+    mov $2, %eax
+1:  ret
+    .size ov_flags, .-ov_flags
+    .section .note.GNU-stack,"",@progbits
