@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .area import InstanceEntry, InstanceState
 from .errors import NoRoomError, SiteBusyError
-from .shared_stubs import ActionPoint, build_shared_stub
+from .shared_stubs import ActionPoint, StubTooLargeError, build_shared_stub
 from .sites import SiteAnalysis
 from .stubs import jump_bytes
 from .x86.relocate import RelocationError
@@ -237,6 +237,9 @@ def rebuild(proc: "ProbedProcess", host: "Instance", leaving: Sequence = ()) -> 
             )
         stub = build_shared_stub(host.analysis, region.layout, region.slot_address(slot), list(counters.values()),
                                  proc._rseq_offset())
+    except StubTooLargeError as exc:
+        region.give_back(slot)
+        raise NoRoomError(f"{host.analysis.site}: {exc}", address=host.address) from exc
     except (RelocationError, ValueError) as exc:
         region.give_back(slot)
         raise SiteBusyError(f"{host.analysis.site}: cannot build the shared stub: {exc}", address=host.address) from exc
@@ -369,7 +372,7 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     try:
         points = _points(proc, host, region)
         stub = build_shared_stub(merged, region.layout, region.slot_address(host_slot), points, proc._rseq_offset())
-    except BaseException:  # undo: the old host is as it was
+    except BaseException as exc:  # undo: the old host is as it was
         host.probes.remove(djp)
         djp._instance = None
         old.guests = [g for g in host.guests if g is not old]
@@ -380,6 +383,8 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
         old.old_slots.pop()
         region.give_back(host_slot)
         region.give_back(old_slot_new)
+        if isinstance(exc, StubTooLargeError):
+            raise NoRoomError(f"{analysis.site}: {exc}", address=start) from exc
         raise
     proc.process.write(stub.address, stub.code)
     patched = jump_bytes(start, stub.address) + original[5:]

@@ -738,7 +738,11 @@ class ProbedProcess:
 
     def _give_back_or_retire(self, owner: Instance, region: Region, slot: int, stub: Stub) -> None:
         """``stub`` (in ``slot``) of ``owner`` is out of use: give the slot back if no thread can
-        still run in it or return into it, else retire it until a later stop finds it idle."""
+        still run in it or return into it, else retire it until a later stop finds it idle (a slot
+        retired already is left to the stop that reclaims it: settled twice, it would be given
+        back twice)."""
+        if any(r is region and i == slot for _, r, i, _ in self._retired):
+            return
         if self._referenced(stub.address, stub.end):
             entry = region.view.entry(slot)
             entry.state = InstanceState.RETIRED

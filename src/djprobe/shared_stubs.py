@@ -30,6 +30,10 @@ from .stubs import RSEQ_CS_SIZE, PerCpu, RecordTargets, Stub, assemble, count_ac
 from .x86.relocate import Relocated, relocate
 
 
+class StubTooLargeError(ValueError):
+    """The actions of a shared stub do not fit one stub slot."""
+
+
 @dataclass(frozen=True)
 class ActionPoint:
     """The action to run before the displaced instruction at ``address``: a count (into
@@ -89,7 +93,11 @@ def build_shared_stub(
         at += len(rel.code)
     reserve = RSEQ_CS_SIZE * len(descriptors)
     if len(code) > layout.slot_size - reserve:
-        raise ValueError(f"shared stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+        raise StubTooLargeError(
+            f"the probes in this window need a shared stub of {len(code) + reserve} bytes, more than a "
+            f"{layout.slot_size}-byte slot holds (it takes any number of count probes, but at most one "
+            "probe recording every register or two recording the arguments)"
+        )
     if descriptors:
         code += b"\xcc" * (layout.slot_size - reserve - len(code))
         for descriptor in reversed(descriptors):  # descriptor k at slot end - 32 * (k + 1)
