@@ -387,6 +387,8 @@ class ProbedProcess:
                         refused.append((djp, self._site_error(exc)))
                     if time.monotonic() >= deadline and not returns.same_group(djp, pending):
                         break
+        order = {id(djp): i for i, djp in enumerate(djps)}
+        refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
         return returns.settle(self, refused)
 
     def _site_error(self, exc: DjprobeError) -> DjprobeError:
