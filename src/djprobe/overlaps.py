@@ -22,7 +22,7 @@ import bisect
 import dataclasses
 from typing import TYPE_CHECKING, Sequence
 
-from .area import InstanceEntry, InstanceState
+from .area import MAX_DISPLACED, InstanceEntry, InstanceState
 from .errors import NoRoomError, SiteBusyError
 from .shared_stubs import ActionPoint, StubTooLargeError, build_shared_stub
 from .sites import SiteAnalysis
@@ -32,11 +32,24 @@ from .x86.relocate import RelocationError
 if TYPE_CHECKING:
     from .probes import Djprobe, Instance, ProbedProcess
 
-__all__ = ["PlanWindows", "host_for", "joins", "order_plans", "insert_guest", "join_member", "remove_member", "forget_member", "reanchor", "unpatched_analysis", "shared"]
+__all__ = ["PlanWindows", "host_for", "joins", "order_plans", "insert_guest", "join_member", "remove_member", "forget_member", "reanchor", "unpatched_analysis", "unpatched_memory", "shared"]
 
 
 def _shareable(analysis: SiteAnalysis) -> bool:
-    return analysis.ok and (analysis.exit is None or analysis.exit_early)
+    """A window that can hold several actions: an entry or mid-function window, or the plain
+    window of an exit (not a path window, whose stub runs a copy of a block)."""
+    return analysis.ok and not analysis.exit_path
+
+
+def _at_exit(analysis: SiteAnalysis) -> bool:
+    return analysis.exit is not None and not analysis.exit_early
+
+
+def point_of(member: "Instance") -> int:
+    """Where the action of ``member`` runs: before its exit instruction for the window of an exit,
+    else at its address."""
+    exit_insn = member.analysis.exit
+    return exit_insn.address if exit_insn is not None and not member.analysis.exit_early else member.address
 
 
 def _inside(window: SiteAnalysis, address: int) -> bool:
@@ -53,7 +66,7 @@ def host_for(proc: "ProbedProcess", address: int) -> "Instance | None":
     if other is None:
         return None
     host = other.host or other
-    if not _shareable(host.analysis) or not _inside(host.analysis, address):
+    if not _shareable(host.analysis) or not _inside(host.analysis, address) or address == point_of(host):
         return None
     return host
 
@@ -83,7 +96,7 @@ class PlanWindows:
         return None
 
 
-MAX_WINDOW = 32  # no window is longer (the displaced bytes and padding of one jump)
+MAX_WINDOW = MAX_DISPLACED  # no window is longer (what an instance table entry can restore)
 
 
 def order_plans(plans: list[list], windows: PlanWindows) -> None:
@@ -100,8 +113,9 @@ def joins(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, windows
     return host_for(proc, analysis.address) is not None or windows.around(analysis.address, analysis) is not None
 
 
-def guest_analysis(host: "Instance", address: int, site: str) -> SiteAnalysis:
-    """The analysis of a guest at ``address`` in the window of ``host``: the rest of the window."""
+def guest_analysis(host: "Instance", address: int, site: str, exit=None) -> SiteAnalysis:
+    """The analysis of a guest at ``address`` in the window of ``host``: the rest of the window
+    (``exit``: the guest is the exit of a return probe, acting right before that instruction)."""
     window = host.analysis
     return dataclasses.replace(
         window,
@@ -110,9 +124,10 @@ def guest_analysis(host: "Instance", address: int, site: str) -> SiteAnalysis:
         size=window.address + window.size - address,
         displaced=tuple(i for i in window.displaced if i.address >= address),
         at_entry=False,
-        flags_dead=False,
-        exit=None,
+        flags_dead=exit is not None,  # the ABI keeps no flags across a return or a call
+        exit=exit,
         exit_early=False,
+        exit_path=(),
         reason=f"inside the window of the probe at {window.address:#x}: shares its stub",
     )
 
@@ -127,7 +142,8 @@ def insert_guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, 
     if slot is None:
         raise NoRoomError(f"{site}: no free slot in the probe area of the probe at {host.address:#x}", address=address)
     action, registers, lossless = proc._action_for(djp)
-    guest = Instance(guest_analysis(host, address, site), host.region, slot, host.stub, b"", b"",
+    exit_insn = analysis.exit if _at_exit(analysis) else None
+    guest = Instance(guest_analysis(host, address, site, exit_insn), host.region, slot, host.stub, b"", b"",
                      action, registers, lossless, host=host)
     host.guests.append(guest)
     proc._join(djp, guest, guest.analysis)
@@ -141,6 +157,59 @@ def insert_guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, 
     proc._instances[address] = guest
     bisect.insort(proc._addresses, address)
     proc._by_slot[(proc._regions.index(host.region), slot)] = guest
+
+
+def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, prepared: tuple | None) -> bool:
+    """The exit window ``analysis`` of a return probe part ``djp`` overlaps a placed window: its
+    exit instruction becomes a guest point of that window (grown to the exit instruction's end if
+    it ends before it), so the entry probe and the exit share one stub (world stopped). Returns
+    False (nothing changed) where that does not apply; raises the grown window's refusal."""
+    from .sites import analyse_site
+
+    if djp._preset is None or not _at_exit(analysis) or analysis.exit_path:
+        return False
+    exit_insn = analysis.exit
+    other = proc._instances.get(analysis.address) or proc._overlapping(analysis.address, analysis.size)
+    if other is None:
+        return False
+    host = other.host or other
+    if not _shareable(host.analysis) or _at_exit(host.analysis) or analysis.address < host.address:
+        return False
+    if exit_insn.address in proc._instances or exit_insn.address == point_of(host):
+        return False
+    end = max(host.address + host.size, exit_insn.end)
+    window = host.analysis
+    if end > host.address + host.size:  # grow the host's window to the end of the exit
+        if end - host.address > MAX_WINDOW or window.padding:
+            return False
+        for address in proc._addresses:
+            inst = proc._instances[address]
+            if host.address <= address < end and inst is not host and inst.host is not host:
+                return False
+        window = analyse_site(proc.symbols, host.address, end - host.address, _Unpatched(proc.process.memory, [host]))
+        if not window.ok:
+            raise window.error()
+        window = dataclasses.replace(window, site=host.analysis.site)
+    boundaries = {i.address for i in window.displaced}
+    if exit_insn.address not in boundaries or any(g.address not in boundaries for g in host.guests):
+        return False
+    if prepared is not None:
+        prepared[0].give_back(prepared[1])
+    before = (host.analysis, host.original, [g.analysis for g in host.guests])
+    if window is not host.analysis:
+        original = _Unpatched(proc.process.memory, [host]).read(host.address, window.size)
+        host.analysis, host.original = window, original
+        for guest in host.guests:
+            guest.analysis = guest_analysis(host, guest.address, guest.analysis.site,
+                                            guest.analysis.exit if _at_exit(guest.analysis) else None)
+    try:
+        insert_guest(proc, djp, dataclasses.replace(analysis, address=exit_insn.address), host)
+    except BaseException:
+        host.analysis, host.original = before[0], before[1]
+        for guest, a in zip(host.guests, before[2]):
+            guest.analysis = a
+        raise
+    return True
 
 
 def join_member(proc: "ProbedProcess", djp: "Djprobe", member: "Instance", analysis: SiteAnalysis) -> None:
@@ -207,11 +276,11 @@ def _points(proc: "ProbedProcess", host: "Instance", region, leaving: Sequence =
             proc._populate_rings(region)
             record = region.record_targets(member.slot, proc._thread_map.tid_offset, proc._wait_cycles(member.lossless))
         points.append(ActionPoint(
-            address=member.address,
+            address=point_of(member),
             counter=region.counter_address(member.slot),
             record=record,
             registers=member.registers,
-            flags_dead=member is host and host.analysis.flags_dead,
+            flags_dead=(member is host and host.analysis.flags_dead) or _at_exit(member.analysis),
         ))
     return points
 
@@ -250,6 +319,7 @@ def rebuild(proc: "ProbedProcess", host: "Instance", leaving: Sequence = ()) -> 
     patched = jump_bytes(host.address, stub.address)
     entry = region.view.entry(old_slot)
     entry.stub_address = stub.address
+    entry.size, entry.original = host.size, host.original  # a window grown to an exit's end
     entry.patched = patched + host.original[len(patched):]
     entry.state = InstanceState.INSERTED
     region.view.set_entry(slot, entry)
@@ -296,6 +366,16 @@ class _Unpatched:
         return bytes(data)
 
 
+def unpatched_memory(proc: "ProbedProcess", start: int, end: int):
+    """The target's memory as read without our own jumps in [start, end) (the memory itself if
+    there are none): for analysing sites next to or over our probes."""
+    lo = bisect.bisect_left(proc._addresses, start - MAX_WINDOW)
+    hi = bisect.bisect_left(proc._addresses, end)
+    near = [proc._instances[a] for a in proc._addresses[lo:hi]]
+    near = [i for i in near if i.original and i.address + len(i.original) > start]
+    return _Unpatched(proc.process.memory, near) if near else proc.process.memory
+
+
 def unpatched_analysis(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteAnalysis | None:
     """For an entry probe refused because its window covers the jump of one of our probes: the
     analysis of that window as if our jump were not there (``reanchor`` then merges the two), or
@@ -324,9 +404,15 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     start = analysis.address
     if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not _shareable(old.analysis):
         return False
-    if not start < old.address or old.address not in {i.address for i in analysis.displaced} | {analysis.address + analysis.size}:
+    old_exit = old.analysis.exit if _at_exit(old.analysis) else None
+    if not (start < old.address or (start == old.address and old_exit is not None)):
         return False
-    end = max(start + analysis.size, old.address + old.size)
+    if old.address not in {i.address for i in analysis.displaced} | {analysis.address + analysis.size}:
+        return False
+    old_address, old_end = old.address, old.address + old.size
+    old_original = old.original
+    # an exit window's padding (never run) is not taken into the merged window: written back below
+    end = max(start + analysis.size, old_exit.end if old_exit is not None else old_end)
     if end - start > MAX_WINDOW:
         return False
     for address in proc._addresses:  # nothing else may lie in the merged window
@@ -338,7 +424,10 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
         raise merged.error()
     merged = dataclasses.replace(merged, site=analysis.site)
     boundaries = {i.address for i in merged.displaced}
-    if any(m.address not in boundaries for m in (old, *old.guests)):
+    old_point = point_of(old)
+    if old_point not in boundaries or any(g.address not in boundaries for g in old.guests):
+        return False
+    if old_point != old_address and old_point in proc._instances:
         return False
     blocker = proc._return_into(start, end)
     if blocker:
@@ -362,7 +451,7 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     old.old_slots.append((region, old_slot, old_stub))
     old.slot = old_slot_new
     old.host = host
-    old.analysis = guest_analysis(host, old.address, old.analysis.site)
+    old.analysis = guest_analysis(host, old_point, old.analysis.site, old_exit)
     host.guests = [old, *old.guests]
     for guest in old.guests:
         guest.host = host
@@ -393,6 +482,8 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     region.view.set_entry(host_slot, entry)
     proc._move_threads_into_stub(merged, stub)
     proc.process.write(start, patched)
+    if old_end > end:  # the rest of the old exit window (its padding) gets its bytes back
+        proc.process.write(end, old_original[end - old_address:])
     entry.state = InstanceState.INSERTED
     region.view.set_entry(host_slot, entry)
     host.stub, host.patched = stub, patched
@@ -400,6 +491,12 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     for guest in host.guests:
         guest.stub = stub
     old.original = old.patched = b""
+    if old_point != old_address:  # an exit: the guest is known by its exit instruction
+        if proc._instances.get(old_address) is old:
+            del proc._instances[old_address]
+            proc._addresses.remove(old_address)
+        proc._instances[old_point] = old
+        bisect.insort(proc._addresses, old_point)
     index = proc._regions.index(region)
     proc._by_slot[(index, host_slot)] = host
     proc._by_slot[(index, old_slot_new)] = old

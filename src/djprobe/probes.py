@@ -439,6 +439,9 @@ class ProbedProcess:
             return
         if existing is not None:
             conflict = returns.join_conflict(existing, analysis)
+            if conflict is not None and (overlaps.place_exit(self, djp, analysis, prepared)
+                                         or overlaps.reanchor(self, djp, analysis, existing, prepared)):
+                return  # an entry probe and an exit share the window
             if conflict is not None:
                 raise SiteBusyError(f"{analysis.site}: {conflict}", address=address)
             if djp.size is not None and djp.size != existing.size:
@@ -451,8 +454,9 @@ class ProbedProcess:
             self._join(djp, existing, analysis)
             return
         other = self._overlapping(address, analysis.size)
-        if other is not None and overlaps.reanchor(self, djp, analysis, other, prepared):
-            return  # its window now covers the other probe's, which joined it
+        if other is not None and (overlaps.place_exit(self, djp, analysis, prepared)
+                                  or overlaps.reanchor(self, djp, analysis, other, prepared)):
+            return  # one window now holds both probes' actions
         if other is not None:
             raise SiteBusyError(f"{analysis.site}: displaced bytes overlap the probe at {other.address:#x}", address=address)
         original = self.process.read(address, analysis.size)

@@ -30,7 +30,12 @@ def analyse_return(proc: "ProbedProcess", djp: "Djprobe") -> ExitAnalysis:
     """Resolve the function of the return probe ``djp`` and analyse its exits (live bytes
     checked). Raises InvalidSiteError if the spec names several functions; a refused analysis is
     returned (its ``error()`` says why)."""
-    return analyse_exits(proc.symbols, proc.resolve_site(djp.addr), proc.process.memory)  # type: ignore[arg-type]
+    from .overlaps import unpatched_memory
+
+    site = proc.resolve_site(djp.addr)
+    func = getattr(site, "function", None)
+    memory = unpatched_memory(proc, func.address, func.address + func.size) if func is not None else proc.process.memory
+    return analyse_exits(proc.symbols, site, memory)  # type: ignore[arg-type]
 
 
 def _forward(parent: "Djprobe"):

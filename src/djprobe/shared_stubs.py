@@ -13,8 +13,10 @@ original instruction to its relocated copy (after the action before it: a thread
 stub at an instruction does not count a hit there), and ``Stub.action_ranges`` lists every action
 (a thread inside one is left to run out by itself, as with any stub).
 
-Only plain windows are shared (not the exit windows of return probes, whose stubs have a layout of
-their own: see ``stubs.py``).
+The window of a return probe's exit takes part like any other: the exit's action is the point
+before its exit instruction (the last displaced), so one window can hold an entry probe's action,
+mid-function probes and an exit's (``mov eax, 1; ret``: entry action, ``mov``, exit action,
+``ret``). Path windows (see ``stubs.py``) are not shared.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def build_shared_stub(
     each has its own rseq descriptor, 32 bytes each at the end of the slot. Raises ValueError if a
     point is not at an instruction boundary of the window or the stub does not fit its slot, and
     RelocationError (from the relocator) if the instructions cannot reach their targets."""
-    if site.exit is not None and not site.exit_early:
-        raise ValueError(f"{site.site}: the exit window of a return probe cannot be shared")
+    if site.exit_path:
+        raise ValueError(f"{site.site}: the path window of a return probe cannot be shared")
     displaced = list(site.displaced)
     by_address = {p.address: p for p in points}
     if len(by_address) != len(points):

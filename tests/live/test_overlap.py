@@ -186,3 +186,47 @@ def test_status_and_cleanup_after_tracer_death(start_target, overlap_exe):
             module = proc.symbols.module_at(addr)
             assert proc.read(addr, 10) == module.read_file(addr, 10)
     d.finish()
+
+
+@pytest.mark.parametrize("func", ["ov_short", "ov_two"])
+def test_entry_and_exit_windows_share_a_stub(start_target, overlap_exe, func):
+    """A short function whose exit window overlaps its entry window: the entry probe and the
+    return probe share one window (entry action, ..., exit action, ret), placed and removed in
+    every order while the threads spin; calls and returns exact per phase; return values right."""
+    d = Driver(start_target, overlap_exe)
+    with djprobe.attach(d.t.pid) as proc:
+        address = proc.symbols.resolve(func)[0].address
+        module = proc.symbols.module_at(address)
+        for first_return, remove_return_first in itertools.product((False, True), repeat=2):
+            entry, ret = djprobe.Djprobe(func), djprobe.Djprobe(f"{func}%return")
+            order = [ret, entry] if first_return else [entry, ret]
+            assert d.say("spin") == "spinning"
+            for p in order:
+                proc.register(p)
+            assert d.say("stop") == "stopped 0"
+            before = (entry.hits, ret.hits)
+            d.go(300)
+            assert (entry.hits - before[0], ret.hits - before[1]) == (THREADS * 300, THREADS * 300)
+            assert d.say("spin") == "spinning"
+            first, second = (ret, entry) if remove_return_first else (entry, ret)
+            proc.unregister(first)
+            assert d.say("stop") == "stopped 0"
+            before = second.hits
+            d.go(100)
+            assert second.hits - before == THREADS * 100
+            proc.unregister(second)
+            assert proc.read(address, 12) == module.read_file(address, 12)
+    d.finish()
+
+
+def test_trace_entry_and_return_in_one_window(overlap_exe):
+    """`trace f f%return` on a function whose windows overlap: every call has its entry event and
+    its return event with the value returned (x + 1)."""
+    res = subprocess.run(DJPROBE + ["trace", "--json", "ov_short", "ov_short%return", "--", overlap_exe, "run", "50"],
+                         capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr
+    events = [e for e in map(json.loads, (l for l in res.stdout.splitlines() if l.startswith("{"))) if "site" in e]
+    entries = [e for e in events if e["site"].endswith("ov_short")]
+    returns = [e for e in events if e["site"].endswith("ov_short%return")]
+    assert len(entries) == len(returns) == THREADS * 50
+    assert all(e["retval"] == (e["args"][0] + 1) & 0xFFFFFFFF for e in returns)

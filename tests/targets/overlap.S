@@ -26,3 +26,26 @@ ov_flags:                   /* returns x < 10 ? 1 : 2: the flags are live inside
 1:  ret
     .size ov_flags, .-ov_flags
     .section .note.GNU-stack,"",@progbits
+
+/* Short functions whose exit windows overlap their entry windows. */
+    .text
+    .globl ov_short
+    .type ov_short, @function
+ov_short:                   /* returns x + 1: entry window = mov + inc, exit = ret after it */
+    mov %edi, %eax          /* 2 bytes */
+    inc %eax                /* 2 bytes */
+    add $0, %eax            /* 3 bytes */
+    ret
+    .size ov_short, .-ov_short
+
+    .globl ov_two
+    .type ov_two, @function
+ov_two:                     /* returns x < 0 ? 0 : x, two rets */
+    test %edi, %edi         /* 2 bytes */
+    js 1f                   /* 2 bytes */
+    mov %edi, %eax          /* 2 bytes */
+    ret
+1:  mov $0, %eax            /* 5 bytes: this exit's window starts at the branch target */
+    ret
+    .size ov_two, .-ov_two
+    .section .note.GNU-stack,"",@progbits

@@ -1,4 +1,4 @@
-/* THREADS threads call ov_f and ov_flags in phases the test drives on stdin:
+/* THREADS threads call ov_f, ov_flags, ov_short and ov_two in phases the test drives on stdin:
  *   "go N"  each thread makes exactly N calls of each, then main prints "done BAD";
  *   "spin"  threads call until "stop" (then main prints "stopped BAD");
  * EOF ends the program. "run N" as argv runs one phase of N and exits. Results are checked. */
@@ -11,6 +11,8 @@
 #define THREADS 4
 long ov_f(long x);
 long ov_flags(long x);
+int ov_short(int x);
+int ov_two(int x);
 
 static volatile long phase, quota, spin_flag, finished, bad_total;
 
@@ -22,6 +24,8 @@ static long calls(long t, long n) {
         long x = (i * 7 + t) & 0xffff;
         if (ov_f(x) != expect_f(x)) bad++;
         if (ov_flags(x & 15) != ((x & 15) < 10 ? 1 : 2)) bad++;
+        if (ov_short((int)x) != (int)x + 1) bad++;
+        if (ov_two((int)(x & 7) - 3) != ((int)(x & 7) - 3 < 0 ? 0 : (int)(x & 7) - 3)) bad++;
     }
     return bad;
 }
