@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from .area import MAX_DISPLACED, InstanceEntry, InstanceState
 from .errors import NoRoomError, SiteBusyError
-from .shared_stubs import ActionPoint, StubTooLargeError, build_shared_stub
+from .shared_stubs import ActionPoint, PathPoint, StubTooLargeError, build_shared_stub
 from .sites import SiteAnalysis
+from .sites.sharing import way_in
 from .stubs import jump_bytes
+from .x86 import Flow
 from .x86.relocate import RelocationError
 
 if TYPE_CHECKING:
@@ -45,9 +47,11 @@ def _at_exit(analysis: SiteAnalysis) -> bool:
     return analysis.exit is not None and not analysis.exit_early
 
 
-def point_of(member: "Instance") -> int:
+def point_of(member: "Instance") -> int | None:
     """Where the action of ``member`` runs: before its exit instruction for the window of an exit,
-    else at its address."""
+    else at its address (None for a path exit: in the copy of its block)."""
+    if member.analysis.exit_path:
+        return None
     exit_insn = member.analysis.exit
     return exit_insn.address if exit_insn is not None and not member.analysis.exit_early else member.address
 
@@ -132,19 +136,32 @@ def guest_analysis(host: "Instance", address: int, site: str, exit=None) -> Site
     )
 
 
-def insert_guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, host: "Instance") -> None:
-    """Place ``djp`` (whose site is ``analysis``) at its address inside the window of ``host``
-    (world stopped)."""
+def _rederived(host: "Instance", guest: "Instance") -> SiteAnalysis:
+    """A guest's analysis after its host's window changed (a path exit keeps its own window)."""
+    if guest.analysis.exit_path:
+        return guest.analysis
+    return guest_analysis(host, guest.address, guest.analysis.site,
+                          guest.analysis.exit if _at_exit(guest.analysis) else None)
+
+
+def insert_guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, host: "Instance",
+                 key: int | None = None) -> None:
+    """Place ``djp`` (whose site is ``analysis``) at its address (or ``key``: an exit's
+    instruction, a path exit's branch into its block) inside the window of ``host`` (world
+    stopped)."""
     from .probes import Instance
 
-    address, site = analysis.address, analysis.site
+    address, site = (analysis.address if key is None else key), analysis.site
     slot = host.region.take_slot()
     if slot is None:
         raise NoRoomError(f"{site}: no free slot in the probe area of the probe at {host.address:#x}", address=address)
     action, registers, lossless = proc._action_for(djp)
     exit_insn = analysis.exit if _at_exit(analysis) else None
-    guest = Instance(guest_analysis(host, address, site, exit_insn), host.region, slot, host.stub, b"", b"",
-                     action, registers, lossless, host=host)
+    if analysis.exit_path:  # known by its branch into the block, the rest of its window
+        own = dataclasses.replace(analysis, address=address, size=analysis.address + analysis.size - address)
+    else:
+        own = guest_analysis(host, address, site, exit_insn)
+    guest = Instance(own, host.region, slot, host.stub, b"", b"", action, registers, lossless, host=host)
     host.guests.append(guest)
     proc._join(djp, guest, guest.analysis)
     try:
@@ -166,18 +183,22 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
     False (nothing changed) where that does not apply; raises the grown window's refusal."""
     from .sites import analyse_site
 
-    if djp._preset is None or not _at_exit(analysis) or analysis.exit_path:
+    if djp._preset is None or not _at_exit(analysis):
         return False
     exit_insn = analysis.exit
+    path = bool(analysis.exit_path)  # its block is copied into the stub; its window's branches lead there
+    key = way_in(analysis) if path else exit_insn.address
+    if key is None:
+        return False
     other = proc._instances.get(analysis.address) or proc._overlapping(analysis.address, analysis.size)
     if other is None:
         return False
     host = other.host or other
     if not _shareable(host.analysis) or _at_exit(host.analysis) or analysis.address < host.address:
         return False
-    if exit_insn.address in proc._instances or exit_insn.address == point_of(host):
+    if key in proc._instances or key == point_of(host) or key == host.address:
         return False
-    end = max(host.address + host.size, exit_insn.end)
+    end = max(host.address + host.size, analysis.address + analysis.size if path else exit_insn.end)
     window = host.analysis
     if end > host.address + host.size:  # grow the host's window to the end of the exit
         if end - host.address > MAX_WINDOW or window.padding:
@@ -191,7 +212,7 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
             raise window.error()
         window = dataclasses.replace(window, site=host.analysis.site)
     boundaries = {i.address for i in window.displaced}
-    if exit_insn.address not in boundaries or any(g.address not in boundaries for g in host.guests):
+    if key not in boundaries or any(g.address not in boundaries for g in host.guests):
         return False
     if prepared is not None:
         prepared[0].give_back(prepared[1])
@@ -200,10 +221,9 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
         original = _Unpatched(proc.process.memory, [host]).read(host.address, window.size)
         host.analysis, host.original = window, original
         for guest in host.guests:
-            guest.analysis = guest_analysis(host, guest.address, guest.analysis.site,
-                                            guest.analysis.exit if _at_exit(guest.analysis) else None)
+            guest.analysis = _rederived(host, guest)
     try:
-        insert_guest(proc, djp, dataclasses.replace(analysis, address=exit_insn.address), host)
+        insert_guest(proc, djp, analysis, host, key)
     except BaseException:
         host.analysis, host.original = before[0], before[1]
         for guest, a in zip(host.guests, before[2]):
@@ -266,23 +286,30 @@ def _finish_drained(member: "Instance") -> None:
     member.drained = []
 
 
-def _points(proc: "ProbedProcess", host: "Instance", region, leaving: Sequence = ()) -> list[ActionPoint]:
-    points = []
+def _points(proc: "ProbedProcess", host: "Instance", region, leaving: Sequence = (),
+            host_slot: int | None = None) -> tuple[list[ActionPoint], list[PathPoint]]:
+    """The actions of the members of ``host`` that have probes (not ``leaving``): points in the
+    window, and path exits; the host's own counter in ``host_slot`` (its new stub's slot)."""
+    points, paths = [], []
     for member in [host, *sorted(host.guests, key=lambda g: g.address)]:
         if not [p for p in member.probes if p not in leaving] or any(member is m for m in leaving):
             continue
+        slot = host_slot if member is host and host_slot is not None else member.slot
         record = None
         if member.action == "record":
             proc._populate_rings(region)
-            record = region.record_targets(member.slot, proc._thread_map.tid_offset, proc._wait_cycles(member.lossless))
+            record = region.record_targets(slot, proc._thread_map.tid_offset, proc._wait_cycles(member.lossless))
+        if member.analysis.exit_path:
+            paths.append(PathPoint(member.analysis, region.counter_address(slot), record, member.registers))
+            continue
         points.append(ActionPoint(
             address=point_of(member),
-            counter=region.counter_address(member.slot),
+            counter=region.counter_address(slot),
             record=record,
             registers=member.registers,
             flags_dead=(member is host and host.analysis.flags_dead) or _at_exit(member.analysis),
         ))
-    return points
+    return points, paths
 
 
 def rebuild(proc: "ProbedProcess", host: "Instance", leaving: Sequence = ()) -> None:
@@ -295,17 +322,9 @@ def rebuild(proc: "ProbedProcess", host: "Instance", leaving: Sequence = ()) -> 
     # The host's own counter moves with its stub slot; a guest's counter stays in its slot.
     old_slot = host.slot
     try:
-        points = _points(proc, host, region, leaving)
-        counters = {p.address: p for p in points}
-        if host.address in counters:
-            counters[host.address] = dataclasses.replace(
-                counters[host.address],
-                counter=region.counter_address(slot),
-                record=None if counters[host.address].record is None else region.record_targets(
-                    slot, proc._thread_map.tid_offset, proc._wait_cycles(host.lossless)),
-            )
-        stub = build_shared_stub(host.analysis, region.layout, region.slot_address(slot), list(counters.values()),
-                                 proc._rseq_offset())
+        points, paths = _points(proc, host, region, leaving, host_slot=slot)
+        stub = build_shared_stub(host.analysis, region.layout, region.slot_address(slot), points,
+                                 proc._rseq_offset(), paths)
     except StubTooLargeError as exc:
         region.give_back(slot)
         raise NoRoomError(f"{host.analysis.site}: {exc}", address=host.address) from exc
@@ -384,10 +403,10 @@ def unpatched_analysis(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnal
         return None
     from .sites import analyse_site
 
-    near = [proc._instances[a] for a in proc._addresses if analysis.address < a < analysis.address + MAX_WINDOW]
-    if not near:
+    memory = unpatched_memory(proc, analysis.address, analysis.address + MAX_WINDOW)
+    if memory is proc.process.memory:
         return None
-    again = analyse_site(proc.symbols, analysis.address, None, _Unpatched(proc.process.memory, near))
+    again = analyse_site(proc.symbols, analysis.address, None, memory)
     return dataclasses.replace(again, site=analysis.site) if again.ok else None
 
 
@@ -402,10 +421,11 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
 
     old = other.host or other
     start = analysis.address
-    if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not _shareable(old.analysis):
+    if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not old.analysis.ok:
         return False
-    old_exit = old.analysis.exit if _at_exit(old.analysis) else None
-    if not (start < old.address or (start == old.address and old_exit is not None)):
+    old_path = bool(old.analysis.exit_path)  # a path exit: its window's branches lead to a copied block
+    old_exit = old.analysis.exit if _at_exit(old.analysis) and not old_path else None
+    if not (start < old.address or (start == old.address and (old_exit is not None or old_path))):
         return False
     if old.address not in {i.address for i in analysis.displaced} | {analysis.address + analysis.size}:
         return False
@@ -424,7 +444,9 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
         raise merged.error()
     merged = dataclasses.replace(merged, site=analysis.site)
     boundaries = {i.address for i in merged.displaced}
-    old_point = point_of(old)
+    old_point = way_in(old.analysis) if old_path else point_of(old)
+    if old_point is None or old_point == start:
+        return False
     if old_point not in boundaries or any(g.address not in boundaries for g in old.guests):
         return False
     if old_point != old_address and old_point in proc._instances:
@@ -451,16 +473,19 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     old.old_slots.append((region, old_slot, old_stub))
     old.slot = old_slot_new
     old.host = host
-    old.analysis = guest_analysis(host, old_point, old.analysis.site, old_exit)
+    if old_path:
+        old.analysis = dataclasses.replace(old.analysis, address=old_point, size=old_end - old_point)
+    else:
+        old.analysis = guest_analysis(host, old_point, old.analysis.site, old_exit)
     host.guests = [old, *old.guests]
     for guest in old.guests:
         guest.host = host
-        guest.analysis = guest_analysis(host, guest.address, guest.analysis.site)
+        guest.analysis = _rederived(host, guest)
     old.guests = []
     proc._join(djp, host, merged)
     try:
-        points = _points(proc, host, region)
-        stub = build_shared_stub(merged, region.layout, region.slot_address(host_slot), points, proc._rseq_offset())
+        points, paths = _points(proc, host, region)
+        stub = build_shared_stub(merged, region.layout, region.slot_address(host_slot), points, proc._rseq_offset(), paths)
     except BaseException as exc:  # undo: the old host is as it was
         host.probes.remove(djp)
         djp._instance = None

@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from iced_x86 import Decoder
+from iced_x86 import Code, Decoder, Encoder, Instruction
 
 from .area import AreaLayout
 from .sites import SiteAnalysis
 from .stubs import RSEQ_CS_SIZE, PerCpu, RecordTargets, Stub, assemble, count_action, record_action, rseq_descriptor
+from .x86 import Flow
 from .x86.relocate import Relocated, relocate
 
 
@@ -48,14 +49,41 @@ class ActionPoint:
     flags_dead: bool = False  # the arithmetic flags are dead at ``address`` (need not be saved)
 
 
+@dataclass(frozen=True)
+class PathPoint:
+    """The exit of a return probe reached through a *path window* inside the shared window (see
+    ``SiteAnalysis.exit_path``): the branches of ``window`` into its block are aimed at a copy of
+    the block placed after the jump back, with the action before its exit instruction."""
+
+    window: SiteAnalysis
+    counter: int
+    record: RecordTargets | None = None
+    registers: str = "all"
+
+
+def _exact(instruction: Instruction, at: int) -> bytes:
+    encoder = Encoder(64)  # the form given, never a shorter one: both layout passes agree
+    encoder.encode(instruction, at)
+    return bytes(encoder.take_buffer())
+
+
+def _branch_to(insn, at: int, to: int) -> bytes:
+    c = insn.instruction.copy()
+    c.as_near_branch()
+    c.near_branch64 = to
+    return _exact(c, at)
+
+
 def build_shared_stub(
     site: SiteAnalysis,
     layout: AreaLayout,
     slot_address: int,
     points: Sequence[ActionPoint],
     rseq_offset: int | None = None,
+    paths: Sequence[PathPoint] = (),
 ) -> Stub:
-    """The stub of the window ``site`` with the actions of ``points`` at their instructions.
+    """The stub of the window ``site`` with the actions of ``points`` at their instructions, and
+    a copy of each path exit's block (``paths``) after the jump back.
 
     Count actions are per-CPU (rseq, see ``stubs.count_action``) when ``rseq_offset`` is given:
     each has its own rseq descriptor, 32 bytes each at the end of the slot. Raises ValueError if a
@@ -71,28 +99,17 @@ def build_shared_stub(
     for p in points:
         if p.address not in boundaries:
             raise ValueError(f"{p.address:#x} is not an instruction boundary of the window at {site.address:#x}")
-    code = bytearray()
-    address_map: dict[int, int] = {}
-    ranges: list[tuple[int, int]] = []
-    descriptors: list[bytes] = []
-    at = slot_address
-    return_jump = None
-    for index, insn in enumerate(displaced):
-        point = by_address.get(insn.address)
-        if point is not None:
-            piece, descriptor = _action_code(site, layout, slot_address, point, at, rseq_offset, len(descriptors))
-            if descriptor is not None:
-                descriptors.append(descriptor)
-            ranges.append((at, at + len(piece)))
-            code += piece
-            at += len(piece)
-        last = index == len(displaced) - 1
-        rel = relocate([insn], at, site.address + site.size if last else None)
-        address_map.update(rel.address_map)
-        if rel.return_jump is not None:
-            return_jump = rel.return_jump
-        code += rel.code
-        at += len(rel.code)
+    redirects: dict[int, int] = {}  # a branch of the window -> the index of the path it enters
+    for k, path in enumerate(paths):
+        copies = _copies(path.window)
+        ways = [i for i in path.window.displaced if i.flow in (Flow.JUMP, Flow.COND_JUMP) and i.target in copies]
+        if not ways or any(i.address not in boundaries or i.address in redirects for i in ways):
+            raise ValueError(f"the path window at {path.window.address:#x} does not enter its block from this window")
+        for i in ways:
+            redirects[i.address] = k
+    layout_pass = _emit(site, layout, slot_address, displaced, by_address, paths, redirects, rseq_offset, None)
+    code, address_map, ranges, descriptors, return_jump, _ = _emit(
+        site, layout, slot_address, displaced, by_address, paths, redirects, rseq_offset, layout_pass[5])
     reserve = RSEQ_CS_SIZE * len(descriptors)
     if len(code) > layout.slot_size - reserve:
         raise StubTooLargeError(
@@ -114,6 +131,81 @@ def build_shared_stub(
         action_start=first[0],
         extra_action_ranges=tuple(ranges[1:]),
     )
+
+
+def _copies(window: SiteAnalysis) -> set[int]:
+    """The original addresses whose branches are aimed at the copy of a path window's block."""
+    via = window.exit_via or window.exit_path[0].address
+    return {i.address for i in window.exit_path} | {via}
+
+
+def _emit(site, layout, slot_address, displaced, by_address, paths, redirects, rseq_offset, blocks):
+    """Lay out the shared stub. ``blocks``: for each path, {original: copy address} from the first
+    pass (None in the first pass: branches aimed at placeholders of the same size). Returns code,
+    address map, action ranges, rseq descriptors, return jump, and the block maps."""
+    code = bytearray()
+    address_map: dict[int, int] = {}
+    ranges: list[tuple[int, int]] = []
+    descriptors: list[bytes] = []
+    at = slot_address
+    return_jump = None
+
+    def action(point, at):
+        piece, descriptor = _action_code(site, layout, slot_address, point, at, rseq_offset, len(descriptors))
+        if descriptor is not None:
+            descriptors.append(descriptor)
+        ranges.append((at, at + len(piece)))
+        return piece
+
+    for index, insn in enumerate(displaced):
+        point = by_address.get(insn.address)
+        if point is not None:
+            piece = action(point, at)
+            code += piece
+            at += len(piece)
+        last = index == len(displaced) - 1
+        return_to = site.address + site.size if last else None
+        if insn.address in redirects:
+            k = redirects[insn.address]
+            to = at if blocks is None else blocks[k][insn.target]
+            address_map[insn.address] = at
+            piece = _branch_to(insn, at, to)
+            if return_to is not None and insn.flow is Flow.COND_JUMP:
+                return_jump = at + len(piece)
+                piece += _exact(Instruction.create_branch(Code.JMP_REL32_64, return_to), at + len(piece))
+            address_map[insn.end] = at + len(piece)
+        else:
+            rel = relocate([insn], at, return_to)
+            address_map.update(rel.address_map)
+            if rel.return_jump is not None:
+                return_jump = rel.return_jump
+            piece = rel.code
+        code += piece
+        at += len(piece)
+    maps = []
+    for k, path in enumerate(paths):
+        block = list(path.window.exit_path)
+        via = path.window.exit_via or block[0].address
+        copy: dict[int, int] = {}
+        for insn in block[:-1]:
+            copy[insn.address] = at
+            if insn.flow in (Flow.JUMP, Flow.COND_JUMP) and insn.target in _copies(path.window):
+                piece = _branch_to(insn, at, at if blocks is None else blocks[k][insn.target])
+            else:
+                piece = relocate([insn], at, None).code
+            code += piece
+            at += len(piece)
+        point = ActionPoint(block[-1].address, path.counter, path.record, path.registers, flags_dead=True)
+        copy[block[-1].address] = at
+        copy.setdefault(via, copy[block[0].address] if len(block) > 1 else at)
+        piece = action(point, at)
+        code += piece
+        at += len(piece)
+        piece = relocate([block[-1]], at, None).code
+        code += piece
+        at += len(piece)
+        maps.append(copy)
+    return code, address_map, ranges, descriptors, return_jump, maps
 
 
 def _action_code(

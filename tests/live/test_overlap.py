@@ -188,11 +188,14 @@ def test_status_and_cleanup_after_tracer_death(start_target, overlap_exe):
     d.finish()
 
 
-@pytest.mark.parametrize("func", ["ov_short", "ov_two"])
+@pytest.mark.parametrize("func", ["ov_short", "ov_two", "ov_tail", "ov_path"])
 def test_entry_and_exit_windows_share_a_stub(start_target, overlap_exe, func):
     """A short function whose exit window overlaps its entry window: the entry probe and the
     return probe share one window (entry action, ..., exit action, ret), placed and removed in
-    every order while the threads spin; calls and returns exact per phase; return values right."""
+    every order while the threads spin; calls and returns exact per phase. ov_tail's exit is a
+    conditional tail call in the entry window, ov_path's a branch in the entry window into a
+    one-instruction exit block (path windows: the shared stub aims the branch at a copy of the
+    block with the exit's action)."""
     d = Driver(start_target, overlap_exe)
     with djprobe.attach(d.t.pid) as proc:
         address = proc.symbols.resolve(func)[0].address

@@ -48,4 +48,33 @@ ov_two:                     /* returns x < 0 ? 0 : x, two rets */
 1:  mov $0, %eax            /* 5 bytes: this exit's window starts at the branch target */
     ret
     .size ov_two, .-ov_two
+
+    .globl ov_tail
+    .type ov_tail, @function
+ov_tail:                    /* x < 0 ? ov_neg(x) (a conditional tail call) : x * 2 */
+    cmp $0, %edi            /* 3 bytes */
+    jl ov_neg               /* conditional tail call in the entry window */
+    lea (%rdi,%rdi), %eax
+    add $0, %eax
+    add $0, %eax
+    ret
+    .size ov_tail, .-ov_tail
+
+    .type ov_neg, @function
+ov_neg:                     /* x + 1 */
+    lea 1(%rdi), %eax
+    ret
+    .size ov_neg, .-ov_neg
+
+    .globl ov_path
+    .type ov_path, @function
+ov_path:                    /* x == 0 ? 7 : x + 3: the branch into the short exit block is in the entry window */
+    mov $7, %eax            /* 5 bytes */
+    test %edi, %edi         /* 2 bytes */
+    je 1f
+    lea 3(%rdi), %eax
+    add $0, %eax
+    add $0, %eax
+1:  ret
+    .size ov_path, .-ov_path
     .section .note.GNU-stack,"",@progbits

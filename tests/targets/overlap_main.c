@@ -1,4 +1,4 @@
-/* THREADS threads call ov_f, ov_flags, ov_short and ov_two in phases the test drives on stdin:
+/* THREADS threads call ov_f, ov_flags, ov_short, ov_two, ov_tail and ov_path in phases the test drives on stdin:
  *   "go N"  each thread makes exactly N calls of each, then main prints "done BAD";
  *   "spin"  threads call until "stop" (then main prints "stopped BAD");
  * EOF ends the program. "run N" as argv runs one phase of N and exits. Results are checked. */
@@ -13,6 +13,8 @@ long ov_f(long x);
 long ov_flags(long x);
 int ov_short(int x);
 int ov_two(int x);
+int ov_tail(int x);
+int ov_path(int x);
 
 static volatile long phase, quota, spin_flag, finished, bad_total;
 
@@ -26,6 +28,9 @@ static long calls(long t, long n) {
         if (ov_flags(x & 15) != ((x & 15) < 10 ? 1 : 2)) bad++;
         if (ov_short((int)x) != (int)x + 1) bad++;
         if (ov_two((int)(x & 7) - 3) != ((int)(x & 7) - 3 < 0 ? 0 : (int)(x & 7) - 3)) bad++;
+        int y = (int)(x & 7) - 3;
+        if (ov_tail(y) != (y < 0 ? y + 1 : 2 * y)) bad++;
+        if (ov_path(y) != (y == 0 ? 7 : y + 3)) bad++;
     }
     return bad;
 }

@@ -12,6 +12,7 @@ from .exits import function_exits
 from .function import FunctionAnalysis
 from .index import module_index
 from .result import SiteAnalysis, Verdict
+from .sharing import sharing_problem
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -84,8 +85,8 @@ class CoverageReport:
     With ``all_boundaries``: ``boundaries``/``boundaries_jump`` over every instruction start of
     every function, and ``boundary_refused`` per class. With ``returns``: ``returns_jump`` counts
     functions whose every exit takes a jump (``return_refused`` per class), ``both_jump`` those
-    whose entry and every exit take a jump with no exit window overlapping the entry's, so entry
-    and return probes fit together (``both_refused`` per class); both over ``functions``, the
+    whose entry and every exit take a jump, where an exit window overlapping the entry's can
+    share its stub (``sites/sharing.py``), so entry and return probes fit together (``both_refused`` per class); both over ``functions``, the
     functions that are not ``.cold`` parts (those are analysed with their function).
     """
 
@@ -182,7 +183,7 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
             rep.examples.setdefault(cls, f"{res.site}: {res.reason}")
             rep.refused_entries.append(RefusedEntry(res.site, func.address, cls, res.reason))
         if returns:
-            _count_returns(rep, module, func, memory, idx, res)
+            _count_returns(rep, module, func, memory, idx, res, fa)
         if all_boundaries:
             for a in fa.addrs or [func.address]:
                 r = res if a == func.address else fa.analyse(a, site=f"{a:#x}")
@@ -198,7 +199,8 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
 _COLD = re.compile(r"^.*\.cold(?:\.\d+)?$")
 
 
-def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, entry: SiteAnalysis) -> None:
+def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, entry: SiteAnalysis,
+                   fa: FunctionAnalysis) -> None:
     """Add one function's return side (and entry + return side together) to ``rep``."""
     if _COLD.match(func.name):
         return
@@ -207,13 +209,8 @@ def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, ent
     if ex.ok:
         rep.returns_jump += 1
         reason = None
-        if entry.ok:
-            lo, hi = entry.address, entry.address + entry.size
-            for w in ex.windows:
-                alone = w.address == lo and w.size == entry.size and (w.displaced == (w.exit,) or w.exit_early)
-                if w.address < hi and lo < w.address + w.size and not alone:
-                    reason = f"the window of exit '{w.exit.text}' at {w.exit.address:#x} overlaps the entry window"
-                    break
+        if entry.ok:  # an exit window overlapping the entry's may share its stub (sites/sharing.py)
+            reason = sharing_problem(fa, entry, ex.windows)
         else:
             reason = entry.reason
     else:
