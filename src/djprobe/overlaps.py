@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 __all__ = ["PlanWindows", "host_for", "joins", "order_plans", "insert_guest", "join_member", "remove_member", "forget_member", "reanchor", "unpatched_analysis", "unpatched_memory", "shared"]
 
 
+def reserved_slots(layout) -> int:
+    """Slots of a probe area that new windows leave to the windows already there: a guest's
+    counter and every rebuild of a shared stub take a slot in the host's area (1/16 of it)."""
+    return layout.max_instances // 16
+
+
 def _shareable(analysis: SiteAnalysis) -> bool:
     """A window that can hold several actions: an entry or mid-function window, or the plain
     window of an exit (not a path window, whose stub runs a copy of a block)."""

@@ -512,7 +512,10 @@ class ProbedProcess:
     def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet)."""
         tried_new = False
-        candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
+        # The last slots of an area are kept for the probes already in it (a probe joining one
+        # of their windows takes a slot there, and every change of a shared stub one more).
+        candidates = [r for r in self._regions if r.reaches(analysis.address)
+                      and len(r.free_slots) > overlaps.reserved_slots(r.layout)]
         while True:
             if not candidates:
                 if tried_new:
@@ -751,8 +754,9 @@ class ProbedProcess:
             return
         if self._referenced(stub.address, stub.end):
             entry = region.view.entry(slot)
-            entry.state = InstanceState.RETIRED
-            region.view.set_entry(slot, entry)
+            if entry.state != InstanceState.FREE:  # a guest's slot has no entry (overlaps.py)
+                entry.state = InstanceState.RETIRED
+                region.view.set_entry(slot, entry)
             self._retired.append((owner, region, slot, stub))
         else:
             self._settle(owner, region, slot)

@@ -491,6 +491,21 @@ def _select(report: CleanupReport, areas: list[FoundArea], force: bool) -> list[
     return chosen
 
 
+def _inside_placed_window(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea]) -> bool:
+    """Whether ``inst``'s site lies inside the window of another valid entry whose jump is in
+    place (a window that took it over: see ``overlaps.py``, re-anchoring)."""
+    for area in areas:
+        for other in area.instances:
+            if other is inst or not other.valid or not other.address <= inst.address < other.address + other.size:
+                continue
+            try:
+                if memory.read(other.address, other.size) == other.patched:
+                    return True
+            except TargetFaultError:
+                continue
+    return False
+
+
 def _restore(
     process: Process, symbols: Symbols, inst: FoundInstance, force: bool, areas: list[FoundArea]
 ) -> str | None:
@@ -506,6 +521,8 @@ def _restore(
     target = jump_target(now, inst.address)
     if now != inst.patched and target is not None and any(a.code_mapped and a.code_address <= target < a.code_end for a in areas):
         return ""  # a stale entry: the site belongs to a later probe now (its own area's entry)
+    if now != inst.patched and _inside_placed_window(memory, inst, areas):
+        return ""  # a stale entry: its bytes belong to the window of a probe sharing a stub now
     if now != inst.patched and not force:
         return (
             f"bytes at the site ({now.hex()}) are neither the recorded patched ({inst.patched.hex()}) "
