@@ -153,15 +153,20 @@ class _Slicer:
             if prev is not None and prev.insns and prev.insns[-1].end == addr and \
                     self._falls_through(prev.insns[-1]):
                 out.append((prev, len(prev.insns) - 1, False))
+        other = False  # entered by a call, or from code that does not decode
         for src in self.ix.branch_sources(addr):
             r2 = self.ix.region_at(src)
             if r2 is None:
-                return out, True
+                other = True
+                continue
             ins = r2.insn_containing(src)
             k2 = r2.index(ins.address) if ins is not None else None
             if k2 is None or ins.flow not in (Flow.JUMP, Flow.COND_JUMP):
-                return out, True  # a call into the middle, or an undecodable source
+                other = True  # a call into the middle, or an undecodable source
+                continue
             out.append((r2, k2, True))
+        if other:
+            return out, True  # every other way in still counts
         static = self.ix.is_static_entry(addr)
         if not out and not static and not self.bounding:
             # Reached by no direct branch, fall-through or address-taken point: alignment padding,
@@ -177,6 +182,26 @@ class _Slicer:
         if reg in _CALLEE_SAVED and self.ix.is_function_start(address):
             return _DATA
         return _PTR
+
+    def _dead(self, r: _Region, idx: int) -> bool:
+        """Is r.insns[idx] in a block that only a call of a function that never returns would
+        fall into (no branch, table, pointer or symbol leads there)?"""
+        while True:
+            self._tick()
+            preds, entered = self.preds(r, idx)
+            if entered or preds and (len(preds) > 1 or preds[0][2]):
+                return False
+            if preds:
+                r, idx = preds[0][0], preds[0][1]
+                continue
+            ins = r.insns[idx]
+            if idx > 0:
+                prev = r.insns[idx - 1]
+            else:
+                pr = self.ix.region_at(ins.address - 1)
+                prev = pr.insns[-1] if pr is not None and pr.insns else None
+            return prev is not None and prev.end == ins.address and prev.flow is Flow.CALL and \
+                not self._falls_through(prev)
 
     def _falls_through(self, ins: Insn) -> bool:
         """May execution continue after ``ins``? Not after a jmp/ret, nor after a direct call
@@ -202,14 +227,14 @@ class _Slicer:
                 pr, pj, _ = preds[0]
                 ins = pr.insns[pj]
                 if _writes(ins, reg):
-                    return self._def(ins, reg, pr, pj, seen)
+                    return None if self._dead(pr, pj) else self._def(ins, reg, pr, pj, seen)
                 r, idx = pr, pj
                 continue
             vals = [self._entry_value(reg, r.insns[idx].address)] if entered else []
             for pr, pj, _ in preds:
                 ins = pr.insns[pj]
                 if _writes(ins, reg):
-                    vals.append(self._def(ins, reg, pr, pj, seen))
+                    vals.append(None if self._dead(pr, pj) else self._def(ins, reg, pr, pj, seen))
                 else:
                     vals.append(self.value_before(reg, pr, pj, seen))
             return _merge(vals)
