@@ -59,7 +59,7 @@ class ModuleIndex:
         self._tainted: set[int] | None = None  # region starts
         self._unknown_jumps: dict[int, int] = {}  # region start -> jmp address
         self._verified: dict[tuple[int, int, int], bool] = {}
-        self._labels: set[int] | None = None
+        self._labels: tuple[np.ndarray, np.ndarray] | None = None
         self._noreturn: dict[int, bool] = {}
 
     # -- ELF ------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ class ModuleIndex:
             spans = self._home_spans(ins.address)
             if not spans:
                 return None
-            labels = self._data_labels()
+            labels = self._labels_in(table + 4, table + 4 * _MAX_TABLE)
             targets = []
             for i in range(_MAX_TABLE):
                 if i and table + 4 * i in labels:
@@ -413,17 +413,44 @@ class ModuleIndex:
         r = self.region_at(address)
         return r is not None and r.index(address) is not None
 
-    def _data_labels(self) -> set[int]:
-        """Every address outside code that some instruction of the module takes or reads
-        RIP-relative (table starts among them)."""
+    def _labels_in(self, lo: int, hi: int) -> set[int]:
+        """Addresses in [lo, hi) that an instruction of the module takes or reads RIP-relative
+        (``lea``/``movsxd``/``mov reg, [rip + d]``: the start of another table among them); found
+        by a byte scan, each confirmed by decoding its source."""
         if self._labels is None:
-            labels: set[int] = set()
-            for r in self.regions():
-                for ins in r.insns:
-                    if ins.rip_relative and not ins.flow in DIRECT_FLOWS:
-                        labels.add(ins.mem_target)
-            self._labels = labels
-        return self._labels
+            tg, sr = [], []
+            for clo, chi in self.code_ranges():
+                try:
+                    buf = self._read(clo, chi - clo)
+                except Exception:  # noqa: BLE001
+                    continue
+                a = np.frombuffer(buf, dtype=np.uint8)
+                n = len(a)
+                if n < 6:
+                    continue
+                pad = np.concatenate([a, np.zeros(8, dtype=np.uint8)])
+                p = np.nonzero(((a == 0x8D) | (a == 0x63) | (a == 0x8B)) & ((pad[1 : n + 1] & 0xC7) == 0x05))[0]
+                rel = (pad[p + 2].astype(np.int64) | (pad[p + 3].astype(np.int64) << 8)
+                       | (pad[p + 4].astype(np.int64) << 16) | (pad[p + 5].astype(np.int64) << 24))
+                rel = rel.astype(np.uint32).astype(np.int32).astype(np.int64)
+                tg.append(p + clo + 6 + rel)
+                sr.append(p + clo)
+            t = np.concatenate(tg) if tg else np.zeros(0, dtype=np.int64)
+            s_ = np.concatenate(sr) if sr else np.zeros(0, dtype=np.int64)
+            order = np.argsort(t, kind="stable")
+            self._labels = (t[order], s_[order])
+        t, src = self._labels
+        out: set[int] = set()
+        for i in range(int(np.searchsorted(t, lo)), int(np.searchsorted(t, hi))):
+            label, at = int(t[i]), int(src[i])
+            r = self.region_at(at)
+            if r is None:
+                continue
+            ins = r.insn_containing(at)
+            # the opcode byte is at ``at``; a prefix (REX) may start the instruction just before
+            if ins is not None and ins.rip_relative and ins.mem_target == label and ins.end == at + 6:
+                out.add(label)
+        return out
 
     def never_returns(self, address: int) -> bool:
         """Is ``address`` the start of a function of this module that never returns: no ``ret``,
