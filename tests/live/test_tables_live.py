@@ -47,6 +47,7 @@ def _sites(exe) -> dict[str, int]:
         f"t_loop+{step - loop.address:#x}": 8 * calls,  # once per element
         "t_one": calls,
         "t_tail": 2 * calls,  # through the pointer and from t_tail0
+        "t_memidx": calls,
     }
 
 

@@ -156,9 +156,35 @@ FUNC(t_computed)
         ret
 END(t_computed)
 
+/* The guard compares the element the index is then loaded from, addressed through another
+   register (ast2obj_expr: lea rsi, [rax + 4]; cmp dword ptr [rdx + rax*4 + 16], N; ja; mov edx,
+   [rdx + rsi*4]). int t_memidx(const int *v, long i): 20 + v[i + 4] for v[i + 4] in 0..2, else 0 */
+FUNC(t_memidx)
+        lea     rsi, [rsi + 4]
+        xor     eax, eax
+        cmp     dword ptr [rdi + rsi*4], 2
+        ja      .Lm_def
+        lea     rax, [rsi - 4]
+        lea     rsi, [rax + 4]
+        cmp     dword ptr [rdi + rax*4 + 16], 2
+        ja      .Lm_def
+        mov     ecx, dword ptr [rdi + rsi*4]
+        lea     r8, [rip + tab_d]
+        movsxd  rcx, dword ptr [r8 + rcx*4]
+        add     rcx, r8
+        jmp     rcx
+.Lm0:   mov     eax, 20
+        ret
+.Lm1:   mov     eax, 21
+        ret
+.Lm2:   mov     eax, 22
+.Lm_def:
+        ret
+END(t_memidx)
+
         .section .rodata
         .p2align 2
-        .globl tab_a, tab_b, tab_c, tab_one
+        .globl tab_a, tab_b, tab_c, tab_one, tab_d
         .type tab_a, @object
 tab_a:  .long .La0 - tab_a, .La1 - tab_a, .La2 - tab_a, .La3 - tab_a
         .size tab_a, .-tab_a
@@ -171,5 +197,9 @@ tab_c:  .long .Lc0 - tab_c, .Lc1 - tab_c, .Lc2 - tab_c
         .type tab_one, @object
 tab_one: .long .Lone - tab_one
         .size tab_one, .-tab_one
+
+        .type tab_d, @object
+tab_d:  .long .Lm0 - tab_d, .Lm1 - tab_d, .Lm2 - tab_d
+        .size tab_d, .-tab_d
 
         .section .note.GNU-stack,"",@progbits

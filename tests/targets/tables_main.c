@@ -10,6 +10,7 @@ long t_one(long x);
 long t_tail(long (*f)(long), long x);
 long t_tail0(long x);
 long t_computed(long i);
+int t_memidx(const int *v, long i);
 
 static long twice(long x) { return 2 * x; }
 
@@ -31,6 +32,7 @@ static void *worker(void *arg) {
         sum += t_one(i);
         sum += tail_ptr(twice, i) + t_tail0(i);
         sum += t_computed(i % 3);
+        sum += t_memidx(v, i % 4);
     }
     return (void *)sum;
 }

@@ -110,6 +110,34 @@ def test_one_entry_table(mod):
     assert any(not r.ok and "jump table" in r.reason and a < case for a, r in verdicts.items())
 
 
+def test_guard_on_the_element_through_another_register(mod):
+    f, fa, verdicts = _verdicts(mod, "t_memidx")
+    assert list(_tables_of(mod, f).values()) == [sorted(_table(mod, "tab_d", 3))]
+    assert not _unknown(mod, f)
+    assert verdicts[f.address].ok
+    # read as far as the guard allows, not found by reading on
+    assert _guard_bound(mod, f) == 3
+
+
+def _guard_bound(m, func, nth: int = 0) -> int | None:
+    """The bound the guard puts on the index of func's nth table load (movsxd reg, [base + idx*4])."""
+    from iced_x86 import Mnemonic
+
+    from djprobe.sites.slices import _Slicer, _full
+
+    idx = module_index(m)
+    r = idx.region_at(func.address)
+    k = [k for k, i in enumerate(r.insns) if func.address <= i.address < func.address + func.size
+         and i.instruction.mnemonic == Mnemonic.MOVSXD][nth]
+    return _Slicer(idx).bound(_full(r.insns[k].instruction.memory_index), r, k)
+
+
+def test_guards_bound_every_table(mod):
+    two = _sym(mod, "t_two")
+    assert (_guard_bound(mod, two, 0), _guard_bound(mod, two, 1)) == (4, 3)  # on memory; on the register
+    assert _guard_bound(mod, _sym(mod, "t_loop")) == 3
+
+
 def test_tail_call_through_pointer_argument(mod):
     f, fa, verdicts = _verdicts(mod, "t_tail")
     assert not _unknown(mod, f)

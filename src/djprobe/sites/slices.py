@@ -203,6 +203,35 @@ class _Slicer:
             return prev is not None and prev.end == ins.address and prev.flow is Flow.CALL and \
                 not self._falls_through(prev)
 
+    def _same_address(self, tracked: tuple, other: tuple, r: _Region, at: int) -> bool:
+        """Does memory operand ``tracked`` (valid at r.insns[at]) name the same address as
+        ``other`` there, given the straight-line code before it: its index was set by
+        ``lea index, [reg + d]`` and ``reg`` is unchanged since (``[rdx + rsi*4]`` after ``lea rsi,
+        [rax + 4]`` is ``[rdx + rax*4 + 16]``: ast2obj_expr)?"""
+        base, index, scale, disp, size = tracked
+        if index == Register.NONE or other[0] != base or other[2] != scale or other[4] != size:
+            return False
+        written: list[Insn] = []
+        idx = at
+        for _ in range(32):
+            self._tick()
+            preds, entered = self.preds(r, idx)
+            if entered or len(preds) != 1 or preds[0][2]:
+                return False
+            r, idx = preds[0][0], preds[0][1]
+            ins = r.insns[idx]
+            if _writes(ins, index):
+                found = _lea_index(ins, index)
+                if found is None:
+                    return False
+                reg, d = found
+                if any(_writes(w, reg) for w in written):
+                    return False
+                return (other[1] == reg and
+                        (disp + d * scale) & 0xFFFFFFFFFFFFFFFF == other[3] & 0xFFFFFFFFFFFFFFFF)
+            written.append(ins)
+        return False
+
     def _falls_through(self, ins: Insn) -> bool:
         """May execution continue after ``ins``? Not after a jmp/ret, nor after a direct call
         of a function of this module that never returns (``__assert_fail``, ``abort``...)."""
@@ -367,7 +396,9 @@ class _Slicer:
                                 return n + rule[1]
                             if bits >= 32:
                                 pending[_full(creg)] = n + rule[1]
-                        elif cmp.op0_kind == OpKind.MEMORY and tracked[0] == "m" and _mem_key(cmp) == tracked[1:]:
+                        elif cmp.op0_kind == OpKind.MEMORY and tracked[0] == "m" and (
+                            _mem_key(cmp) == tracked[1:] or self._same_address(tracked[1:], _mem_key(cmp), r, j - 1)
+                        ):
                             return n + rule[1]
             return self._bound(tracked, r, j, seen, pending)
         if tracked[0] == "m":
@@ -406,6 +437,18 @@ class _Slicer:
 
 
 _HIGH8 = frozenset({Register.AH, Register.BH, Register.CH, Register.DH})
+
+
+def _lea_index(ins: Insn, index: int) -> tuple[int, int] | None:
+    """(register, displacement) if ``ins`` is ``lea index, [register + displacement]``."""
+    instr = ins.instruction
+    if instr.mnemonic != Mnemonic.LEA or instr.op0_register != index or instr.memory_index != Register.NONE:
+        return None
+    b = instr.memory_base
+    if b not in _GPR64 or b == Register.RSP:
+        return None
+    d = instr.memory_displacement
+    return b, d - 2**64 if d >= 2**63 else d
 
 
 def _mem_key(instr) -> tuple:
