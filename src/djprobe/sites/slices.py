@@ -287,8 +287,9 @@ class _Slicer:
             if ins.rip_relative:
                 return _Val("const", value=ins.mem_target)
             b, i = instr.memory_base, instr.memory_index
-            if b in (Register.RSP, Register.RBP) and i == Register.NONE:
-                return _DATA  # a stack address
+            d = instr.memory_displacement
+            if i == Register.NONE and (b == Register.RSP or b == Register.RBP and d >= 2**63):
+                return _DATA  # a stack address (below the frame pointer: rbp may be a plain register)
             if b != Register.NONE and i != Register.NONE and instr.memory_index_scale == 1 \
                     and instr.memory_displacement == 0:
                 return _Val("add", base=self._v(_full(b), r, j, seen), other=self._v(_full(i), r, j, seen))
