@@ -145,6 +145,17 @@ def test_tail_call_through_pointer_argument(mod):
     assert not any("unknown targets" in r.reason for r in verdicts.values())
 
 
+def test_exits_of_table_and_pointer_jumps(mod):
+    """A table jump stays in its function; a jump through a pointer is a tail-call exit."""
+    from djprobe.sites import ExitKind, function_exits
+
+    loop = function_exits(mod, _sym(mod, "t_loop"))
+    assert loop.ok and all(e.kind is ExitKind.RETURN for e in loop.exits), loop.reason
+    tail = function_exits(mod, _sym(mod, "t_tail"))
+    assert tail.ok, tail.reason
+    assert sorted(e.kind.value for e in tail.exits) == ["indirect_tail_call", "return"]
+
+
 def test_computed_jump_stays_refused(mod):
     f, fa, verdicts = _verdicts(mod, "t_computed")
     assert _unknown(mod, f)

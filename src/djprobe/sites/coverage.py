@@ -28,6 +28,7 @@ def _reason_class(reason: str) -> str:
         ("cross the end", "crosses the end of the function"),
         ("jump table of the jmp", "jump-table case inside"),
         ("unknown targets", "indirect jump with unknown targets"),
+        ("may both stay", "indirect jump both jump table and tail call"),
         ("landing pad", "exception landing pad inside"),
         ("lands at", "branch target inside"),
         ("code symbol starts", "another symbol starts inside"),

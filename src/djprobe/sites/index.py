@@ -61,6 +61,7 @@ class ModuleIndex:
         self._verified: dict[tuple[int, int, int], bool] = {}
         self._labels: tuple[np.ndarray, np.ndarray] | None = None
         self._noreturn: dict[int, bool] = {}
+        self._pointer_too: set[int] = set()  # table jumps that may also go through a code pointer
 
     # -- ELF ------------------------------------------------------------------------------
 
@@ -328,12 +329,27 @@ class ModuleIndex:
             try:
                 v = slicer.value_before(instr.op0_register, reg, k, set())
                 found = self._targets_of(v, slicer, ins) if v is not None else (ins.address, 0, [])
+                if found is not None and found[2] and any(a.kind == "ptr" for a in (v.alts if v.kind == "set" else (v,))):
+                    self._pointer_too.add(ins.address)  # also a tail call through a code pointer
             except _Budget:
                 found = None
             if found is None:
                 reg.unknown_jumps.append(ins.address)
             elif found[2]:
                 reg.tables.append(found)
+
+    def jump_targets(self, jmp: int) -> tuple[list[int], bool] | None:
+        """For the register-indirect jmp at ``jmp``: its known targets (table cases, constant
+        addresses) and whether it may also go through a code pointer (a tail call); None if it
+        only goes through code pointers, or its targets are unknown."""
+        self._analyse_tables()
+        reg = self.region_at(jmp)
+        if reg is None:
+            return None
+        for j, _table, targets in reg.tables:
+            if j == jmp:
+                return list(targets), jmp in self._pointer_too
+        return None
 
     def _targets_of(self, v: _Val, slicer: _Slicer, ins: Insn) -> tuple[int, int, list[int]] | None:
         """(jmp, table address, targets) of a jmp through a register holding ``v``; targets
