@@ -185,6 +185,15 @@ def test_each_lists_every_site(tables_exe):
         assert (s["class"] is None) == (s["verdict"] == "jump")
 
 
+def test_each_needs_all_and_json(tables_exe, capsys):
+    from djprobe.cli import main
+
+    assert main(["sites", "--all", str(tables_exe), "--each"]) == 1
+    assert "--each goes with --all MODULE --json" in capsys.readouterr().err
+    assert main(["sites", "--each", f"{tables_exe}:t_one"]) == 1
+    assert "--each" in capsys.readouterr().err
+
+
 # --- the audit ----------------------------------------------------------------------------------
 
 needs_tools = pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("readelf") is None,
