@@ -6,7 +6,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .exits import function_exits
 from .function import FunctionAnalysis
@@ -29,6 +29,7 @@ def _reason_class(reason: str) -> str:
         ("cross the end", "crosses the end of the function"),
         ("jump table of the jmp", "jump-table case inside"),
         ("unknown targets", "indirect jump with unknown targets"),
+        ("may both stay", "indirect jump both jump table and tail call"),
         ("landing pad", "exception landing pad inside"),
         ("lands at", "branch target inside"),
         ("code symbol starts", "another symbol starts inside"),
@@ -159,10 +160,12 @@ class CoverageReport:
         return out
 
 
-def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, returns: bool = True) -> CoverageReport:
+def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, returns: bool = True,
+             each: "Callable[[SiteAnalysis], None] | None" = None) -> CoverageReport:
     """Analyse every function entry of ``module`` (and with ``all_boundaries`` every instruction
     boundary of every function; with ``returns`` every function's exits, see ``sites/exits.py``).
-    ``memory`` adds the live "already patched" check."""
+    ``memory`` adds the live "already patched" check. ``each`` is called with every site's
+    analysis (every function entry, and every boundary with ``all_boundaries``), once per address."""
     t0 = time.perf_counter()
     rep = CoverageReport(module=module.path, returns=returns)
     reader = memory.read if memory is not None else None
@@ -175,6 +178,8 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
         fa = FunctionAnalysis(module, func, reader, index=idx)
         res = fa.analyse(func.address, site=f"{module.name}:{func.name}")
         rep.entries += 1
+        if each is not None and not all_boundaries:
+            each(res)
         if res.verdict is Verdict.JUMP:
             rep.entries_jump += 1
         else:
@@ -187,6 +192,8 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
         if all_boundaries:
             for a in fa.addrs or [func.address]:
                 r = res if a == func.address else fa.analyse(a, site=f"{a:#x}")
+                if each is not None:
+                    each(r)
                 rep.boundaries += 1
                 if r.verdict is Verdict.JUMP:
                     rep.boundaries_jump += 1
