@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 import threading
 import weakref
 from typing import TYPE_CHECKING, Iterable
@@ -14,10 +13,12 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from iced_x86 import Mnemonic, OpKind
 
-from ..x86 import DIRECT_FLOWS, Flow, Insn, decode
+from ..x86 import DIRECT_FLOWS, Flow, decode
 from .elf import _ElfFacts
 from .result import ByteReader
-from .slices import _GPR64, _MAX_TABLE, _Budget, _Region, _Slicer, _Val
+from .noreturn import never_returns
+from .slices import _GPR64, _Budget, _Region, _Slicer
+from .tables import targets_of
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -328,7 +329,7 @@ class ModuleIndex:
             slicer = _Slicer(self)
             try:
                 v = slicer.value_before(instr.op0_register, reg, k, set())
-                found = self._targets_of(v, slicer, ins) if v is not None else (ins.address, 0, [])
+                found = targets_of(self, v, slicer, ins) if v is not None else (ins.address, 0, [])
                 if found is not None and found[2] and any(a.kind == "ptr" for a in (v.alts if v.kind == "set" else (v,))):
                     self._pointer_too.add(ins.address)  # also a tail call through a code pointer
             except _Budget:
@@ -351,165 +352,10 @@ class ModuleIndex:
                 return list(targets), jmp in self._pointer_too
         return None
 
-    def _targets_of(self, v: _Val, slicer: _Slicer, ins: Insn) -> tuple[int, int, list[int]] | None:
-        """(jmp, table address, targets) of a jmp through a register holding ``v``; targets
-        already known as ways in (code pointers: address-taken points) are left out. None: unknown."""
-        alts = v.alts if v.kind == "set" else (v,)
-        targets: set[int] = set()
-        table = 0
-        for a in alts:
-            if a.kind in ("ptr", "loop"):
-                continue  # a code pointer: lands only on address-taken points (a tail call)
-            if a.kind == "const":
-                # jmp to a constant address (lea-taken label, non-PIE immediate): that one
-                if self.in_code(a.value):  # elsewhere: lands in no code of this module
-                    targets.add(a.value)
-                    table = table or a.value
-                continue
-            found = self._table_from(a, slicer, ins)
-            if found is None:
-                return None
-            table = table or found[1]
-            targets.update(found[2])
-        return (ins.address, table, sorted(targets))
-
-    def _table_from(self, v: _Val, slicer: _Slicer, ins: Insn) -> tuple[int, int, list[int]] | None:
-        """Recognise T + movsxd [T' + idx*4 + d] (in either order); read the table: as many
-        entries as the guard on the index allows (``cmp idx, N; ja`` or ``and idx, N``), or one for
-        a movsxd [rip + d]. Without a guard, entries while they are instruction starts of the
-        function holding the jump, up to the next table."""
-        if v.kind != "add" or v.base is None or v.other is None:
-            return None
-        for const, load in ((v.base, v.other), (v.other, v.base)):
-            if not (const.kind == "const" and load.kind == "tload" and load.base is not None
-                    and load.base.kind == "const"):
-                continue
-            base = const.value
-            table = load.base.value + load.disp
-            lreg = self._regions.get(load.at[0])
-            if load.index == 0:
-                n: int | None = 1
-            else:
-                n = slicer.bound(load.index, lreg, load.at[1]) if lreg is not None else None
-            if n is not None:
-                try:
-                    raw = self._read_data(table, 4 * n)
-                except Exception:  # noqa: BLE001
-                    return None
-                targets = [base + e for (e,) in struct.iter_unpack("<i", raw)]
-                if not all(self.in_code(t) for t in targets):
-                    return None
-                return (ins.address, table, sorted(set(targets)))
-            # No bound found (glibc's assembly: index from bsf, ...): read entries while they
-            # land on an instruction start of the function holding the jump (symbol, its .cold
-            # parts, its FDE range) and until the start of another table (an address the code
-            # takes). Every real entry does, so the real table is a prefix of what is read.
-            spans = self._home_spans(ins.address)
-            if not spans:
-                return None
-            labels = self._labels_in(table + 4, table + 4 * _MAX_TABLE)
-            targets = []
-            for i in range(_MAX_TABLE):
-                if i and table + 4 * i in labels:
-                    break
-                try:
-                    (e,) = struct.unpack("<i", self._read_data(table + 4 * i, 4))
-                except Exception:  # noqa: BLE001
-                    break
-                t = base + e
-                if not any(lo <= t < hi for lo, hi in spans) or not self._is_insn_start(t):
-                    break
-                targets.append(t)
-            if not targets:
-                return None
-            return (ins.address, table, sorted(set(targets)))
-        return None
-
-    def _is_insn_start(self, address: int) -> bool:
-        r = self.region_at(address)
-        return r is not None and r.index(address) is not None
-
-    def _labels_in(self, lo: int, hi: int) -> set[int]:
-        """Addresses in [lo, hi) that an instruction of the module takes or reads RIP-relative
-        (``lea``/``movsxd``/``mov reg, [rip + d]``: the start of another table among them); found
-        by a byte scan, each confirmed by decoding its source."""
-        if self._labels is None:
-            tg, sr = [], []
-            for clo, chi in self.code_ranges():
-                try:
-                    buf = self._read(clo, chi - clo)
-                except Exception:  # noqa: BLE001
-                    continue
-                a = np.frombuffer(buf, dtype=np.uint8)
-                n = len(a)
-                if n < 6:
-                    continue
-                pad = np.concatenate([a, np.zeros(8, dtype=np.uint8)])
-                p = np.nonzero(((a == 0x8D) | (a == 0x63) | (a == 0x8B)) & ((pad[1 : n + 1] & 0xC7) == 0x05))[0]
-                rel = (pad[p + 2].astype(np.int64) | (pad[p + 3].astype(np.int64) << 8)
-                       | (pad[p + 4].astype(np.int64) << 16) | (pad[p + 5].astype(np.int64) << 24))
-                rel = rel.astype(np.uint32).astype(np.int32).astype(np.int64)
-                tg.append(p + clo + 6 + rel)
-                sr.append(p + clo)
-            t = np.concatenate(tg) if tg else np.zeros(0, dtype=np.int64)
-            s_ = np.concatenate(sr) if sr else np.zeros(0, dtype=np.int64)
-            order = np.argsort(t, kind="stable")
-            self._labels = (t[order], s_[order])
-        t, src = self._labels
-        out: set[int] = set()
-        for i in range(int(np.searchsorted(t, lo)), int(np.searchsorted(t, hi))):
-            label, at = int(t[i]), int(src[i])
-            r = self.region_at(at)
-            if r is None:
-                continue
-            ins = r.insn_containing(at)
-            # the opcode byte is at ``at``; a prefix (REX) may start the instruction just before
-            if ins is not None and ins.rip_relative and ins.mem_target == label and ins.end == at + 6:
-                out.add(label)
-        return out
-
     def never_returns(self, address: int) -> bool:
-        """Is ``address`` the start of a function of this module that never returns: no ``ret``,
-        no indirect jump, every jump that leaves it goes to such a function, and its end is
-        reached only after a call to one? (Cycles count as returning.)"""
-        memo = self._noreturn
-        if address in memo:
-            return memo[address]
-        memo[address] = False  # while deciding (recursion): assume it returns
-        memo[address] = self._decide_noreturn(address)
-        return memo[address]
-
-    def _decide_noreturn(self, address: int) -> bool:
-        func = self.module.function_at(address)
-        if func is None or func.address != address or func.size <= 0:
-            return False
-        spans = self._home_spans(address)
-        for lo, hi in [(func.address, func.address + func.size)] + \
-                [(c.address, c.address + c.size) for c in self.module.cold_parts(func)]:
-            insns: list[Insn] = []
-            a = lo
-            while a < hi:
-                r = self.region_at(a)
-                if r is None or r.bad is not None and r.bad.address < hi:
-                    return False
-                insns.extend(ins for ins in r.insns if lo <= ins.address < hi)
-                a = r.end
-            for ins in insns:
-                if ins.flow in (Flow.RETURN, Flow.INDIRECT_JUMP, Flow.INVALID):
-                    return False
-                if ins.flow in (Flow.JUMP, Flow.COND_JUMP) and ins.target is not None and \
-                        not any(s <= ins.target < e for s, e in spans) and not self.never_returns(ins.target):
-                    return False
-            real = [i for i in insns if i.instruction.mnemonic != Mnemonic.NOP]
-            if not real:
-                return False
-            last = real[-1]
-            if last.flow is Flow.CALL:
-                if last.target is None or not self.never_returns(last.target):
-                    return False
-            elif last.flow not in (Flow.JUMP, Flow.INTERRUPT):
-                return False
-        return True
+        """Is ``address`` the start of a function of this module that never returns? (See
+        :func:`.noreturn.never_returns`.)"""
+        return never_returns(self, address)
 
     def _home_spans(self, address: int) -> list[tuple[int, int]]:
         spans = []
