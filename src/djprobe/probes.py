@@ -46,7 +46,7 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
-from . import returns
+from . import latency, returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
@@ -95,11 +95,15 @@ class Djprobe:
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
-        if at not in ("entry", "return"):
-            raise InvalidSiteError(f"at must be 'entry' or 'return', not {at!r}")
+        if at not in ("entry", "return", "latency"):
+            raise InvalidSiteError(f"at must be 'entry', 'return' or 'latency', not {at!r}")
         if isinstance(addr, str):
             addr, is_return = split_return_spec(addr)
+            if is_return and at == "latency":
+                raise InvalidSiteError("a latency probe names the function, without %return")
             at = "return" if is_return else at
+        if at == "latency" and (size is not None or handler is not None or record or lossless):
+            raise InvalidSiteError("a latency probe takes no size, handler, record or lossless: it only measures")
         if at == "return" and size is not None:
             raise InvalidSiteError("a return probe takes no size: each exit window's size is computed")
         if size is not None and (not isinstance(size, int) or size < 5 or size > 24):
@@ -118,6 +122,9 @@ class Djprobe:
         self.lossless = lossless
         self.at = at
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
+        #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
+        self.latency: latency.Latency | None = None
+        self._latency_role: str | None = None  # "entry" or "exit" for a part of a latency probe
         self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
         self._parent: Djprobe | None = None  # the return probe this is a part of
         self._preset: SiteAnalysis | None = None  # a part's exit window
@@ -330,6 +337,7 @@ class ProbedProcess:
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
+        djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
         for djp in djps:
             if djp.registered:
@@ -356,7 +364,7 @@ class ProbedProcess:
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp))
+                plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp)
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 plan[0] = None
@@ -387,6 +395,8 @@ class ProbedProcess:
 
     @staticmethod
     def _action_for(djp: Djprobe) -> tuple[str, str, bool]:
+        if djp._latency_role is not None:
+            return ("latency", "all", False)
         return ("record", djp.registers, djp.lossless) if djp.record else ("count", "all", False)
 
     def _overlapping(self, address: int, size: int) -> Instance | None:
@@ -411,7 +421,7 @@ class ProbedProcess:
         address = analysis.address
         existing = self._instances.get(address)
         if existing is not None:
-            conflict = returns.join_conflict(existing, analysis)
+            conflict = latency.join_conflict(existing, djp) or returns.join_conflict(existing, analysis)
             if conflict is not None:
                 raise SiteBusyError(f"{analysis.site}: {conflict}", address=address)
             if djp.size is not None and djp.size != existing.size:
@@ -442,7 +452,7 @@ class ProbedProcess:
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, part=djp)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -476,7 +486,8 @@ class ProbedProcess:
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
+    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
+                 part: Djprobe | None = None) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet)."""
         tried_new = False
         candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
@@ -496,7 +507,9 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if action == "record":
+                if action == "latency":
+                    stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
+                elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
                         analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
@@ -908,6 +921,7 @@ class ProbedProcess:
             for djp in self.probes:
                 self._forget(djp)
         finally:
+            latency.before_close(self._regions)
             for region in self._regions:
                 region.close_tracer_side()
             self.process.close()

@@ -1,0 +1,239 @@
+"""Stub code of latency probes: the entry remembers when a call began, each exit adds the time
+the call took into a log2 histogram of nanoseconds. See :mod:`djprobe.latency` for the design.
+
+Both actions key a call in flight by ``key = rsp ^ (tag << 48)``: ``rsp`` is the same at the
+entry (pointing at the return address) and at every exit of the same call (``ret`` or tail-call
+``jmp``); threads have distinct stacks, recursion has distinct ``rsp``; ``tag`` (16 bits, never
+reused by two registrations of one area while its table may hold entries of the older one)
+keeps a function and the function it tail-calls (same ``rsp``) apart, and makes whatever an
+earlier registration left in the table unmatchable. User-space stacks lie below 2**47, so the
+key is unique.
+
+The table entry of a key is ``table + 16 * (key * 0x9E3779B97F4A7C15 >> (64 - log2(slots)))``;
+it holds {key, start TSC} and is written and read whole with one aligned 16-byte SSE access
+(``movdqa``: atomic on processors with AVX, checked by :func:`latency_supported`), so a reader
+never sees the key of one call with the start of another: no lock, no ``cmpxchg``.
+
+* **entry**: counts the call (the instance counter, per-CPU with rseq like the count stub), reads
+  the TSC, and stores {key, TSC} in the entry. If the entry held another key (not 0 = free, not
+  the same key = an abandoned call of this function on this stack), that call loses its sample:
+  the collision is counted.
+* **exit**: loads the entry; if its key is ours, frees it (stores 0 in the key), converts the TSC
+  difference to nanoseconds (``ticks * mul >> 32``, ``mul`` from the tracer's calibration), picks
+  the bucket ``bsr(2 * ns + 1)`` (0 for 0 ns, b for [2**(b-1), 2**b)) and adds one to it and the
+  nanoseconds to the total, with ``lock`` in a shard chosen by ``rsp`` (as the locked counter
+  shards). Otherwise the exit is *unpaired* (its entry ran before the probe existed, or lost its
+  entry to a collision) and is counted as such, never measured.
+
+Registers: the actions save and restore everything they touch (``rax``, ``rcx``, ``rdx``,
+``r8``, the low 128 bits of ``xmm8``) in the red zone, dead at a function's entry and at its exit
+(SysV), but a compiler's inter-procedural register allocation may keep a caller's value in a
+call-clobbered register; the flags are not saved (dead at both places). Addresses of the latency
+block are absolute (``mov r64, imm64``): exit stubs may sit in another area than the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from iced_x86 import Code, Instruction, MemoryOperand, Register
+
+from .area import HIST_TOTAL, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
+from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _mem, _rsp_slot, count_action, rseq_descriptor
+
+__all__ = ["LatencyTargets", "GOLDEN", "TAG_SHIFT", "latency_key", "table_index", "build_latency_entry_stub",
+           "build_latency_exit_stub", "latency_supported"]
+
+GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: the high bits of key * GOLDEN
+TAG_SHIFT = 48
+MUL_SHIFT = 32  # ns = ticks * mul >> 32
+_MASK64 = (1 << 64) - 1
+
+R = Register
+
+
+@dataclass(frozen=True)
+class LatencyTargets:
+    """What a latency stub needs: where the block of its area is, its function's tag and slot."""
+
+    table: int  # address of the in-flight table (16-byte aligned)
+    slots: int  # entries in it (a power of two)
+    misc: int  # address of this function's counters (collisions, unpaired exits)
+    hist: int  # address of shard 0 of this function's histogram block
+    shard_stride: int  # bytes between its shards
+    shards: int  # a power of two
+    shard_shift: int  # shard = (rsp >> shard_shift) % shards
+    tag: int  # 1 .. 0xFFFF
+    mul: int  # ns = ticks * mul >> 32
+
+    @classmethod
+    def of(cls, layout: AreaLayout, data_address: int, function: int, tag: int, ns_per_tick: float) -> "LatencyTargets":
+        if not 0 < tag < 1 << 16:
+            raise ValueError(f"latency tag {tag} out of range")
+        return cls(
+            table=data_address + layout.latency_offset,
+            slots=layout.latency_slots,
+            misc=data_address + layout.latency_misc_offset + function * LATENCY_MISC_WORDS * 8,
+            hist=data_address + layout.hist_offset + function * HIST_WORDS * 8,
+            shard_stride=layout.hist_shard_stride,
+            shards=layout.latency_shards,
+            shard_shift=layout.shard_shift,
+            tag=tag,
+            mul=max(1, round(ns_per_tick * (1 << MUL_SHIFT))),
+        )
+
+
+def latency_key(rsp: int, tag: int) -> int:
+    """The key of a call in flight (as the stubs compute it)."""
+    return (rsp ^ (tag << TAG_SHIFT)) & _MASK64
+
+
+def table_index(key: int, slots: int) -> int:
+    """The table entry of ``key`` (as the stubs compute it)."""
+    return ((key * GOLDEN) & _MASK64) >> (64 - (slots.bit_length() - 1))
+
+
+def _save(a: _Asm) -> None:
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-8), R.RAX))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-16), R.RCX))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-24), R.RDX))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(-32), R.R8))
+    a.add(Instruction.create_mem_reg(Code.MOVDQU_XMMM128_XMM, _rsp_slot(-48), R.XMM8))
+
+
+def _restore(a: _Asm) -> None:
+    a.add(Instruction.create_reg_mem(Code.MOVDQU_XMM_XMMM128, R.XMM8, _rsp_slot(-48)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.R8, _rsp_slot(-32)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _rsp_slot(-24)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(-16)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(-8)))
+
+
+def _key_and_entry(a: _Asm, t: LatencyTargets) -> None:
+    """rcx = key, rdx = address of its table entry (rax clobbered)."""
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RSP))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, t.tag << TAG_SHIFT))
+    a.add(Instruction.create_reg_reg(Code.XOR_R64_RM64, R.RCX, R.RAX))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, GOLDEN))
+    a.add(Instruction.create_reg_reg(Code.IMUL_R64_RM64, R.RAX, R.RCX))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, 64 - (t.slots.bit_length() - 1)))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, 4))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RDX, t.table))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RAX))
+
+
+def _locked(instruction: Instruction) -> Instruction:
+    instruction.has_lock_prefix = True
+    return instruction
+
+
+def _rdtsc_rax(a: _Asm) -> None:
+    """rax = TSC (rdx clobbered)."""
+    a.add(Instruction.create(Code.RDTSC))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
+    a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
+
+
+def entry_action(a: _Asm, t: LatencyTargets) -> None:
+    """Append the entry's latency action to ``a`` (after its count action)."""
+    _save(a)
+    _rdtsc_rax(a)
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX))  # r8 = start
+    _key_and_entry(a, t)
+    a.add(Instruction.create_reg_reg(Code.MOVQ_XMM_RM64, R.XMM8, R.RCX))
+    a.add(Instruction.create_reg_reg_u32(Code.PINSRQ_XMM_RM64_IMM8, R.XMM8, R.R8, 1))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDX)))  # the key there now
+    a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
+    a.branch(Code.JE_REL32_64, "lat_claim")  # free
+    a.add(Instruction.create_reg_reg(Code.CMP_RM64_R64, R.RAX, R.RCX))
+    a.branch(Code.JE_REL32_64, "lat_claim")  # this function, this stack: that call was abandoned
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, t.misc + 8 * MISC_COLLISIONS))
+    a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.RAX))))
+    a.label("lat_claim")
+    a.add(Instruction.create_mem_reg(Code.MOVDQA_XMMM128_XMM, _mem(R.RDX), R.XMM8))  # {key, start}, atomic
+    _restore(a)
+
+
+def exit_action(t: LatencyTargets) -> _Asm:
+    """The exit's latency action (see the module docstring)."""
+    a = _Asm()
+    _save(a)
+    _key_and_entry(a, t)
+    a.add(Instruction.create_reg_mem(Code.MOVDQA_XMM_XMMM128, R.XMM8, _mem(R.RDX)))  # atomic
+    a.add(Instruction.create_reg_reg(Code.MOVQ_RM64_XMM, R.RAX, R.XMM8))
+    a.add(Instruction.create_reg_reg(Code.CMP_RM64_R64, R.RAX, R.RCX))
+    a.branch(Code.JNE_REL32_64, "lat_unpaired")
+    a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _mem(R.RDX), 0))  # free the entry
+    a.add(Instruction.create_reg_reg_u32(Code.PEXTRQ_RM64_XMM_IMM8, R.RCX, R.XMM8, 1))  # start
+    _rdtsc_rax(a)
+    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.RCX))
+    a.branch(Code.JNS_REL32_64, "lat_ticks")
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX))  # a TSC that went back: 0
+    a.label("lat_ticks")
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RDX, t.mul))
+    a.add(Instruction.create_reg(Code.MUL_RM64, R.RDX))  # rdx:rax = ticks * mul
+    a.add(Instruction.create_reg_reg_u32(Code.SHRD_RM64_R64_IMM8, R.RAX, R.RDX, MUL_SHIFT))  # rax = ns
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RAX, 1, R.RAX, 1)))
+    a.add(Instruction.create_reg_reg(Code.BSR_R64_RM64, R.RCX, R.RCX))  # bucket
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RSP))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RDX, t.shard_shift))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, t.shards - 1))
+    a.add(Instruction.create_reg_reg_u32(Code.IMUL_R32_RM32_IMM32, R.EDX, R.EDX, t.shard_stride))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R8, t.hist))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R8, R.RDX))
+    a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.R8, 0, R.RCX, 8))))
+    a.add(_locked(Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R8, 8 * HIST_TOTAL), R.RAX)))
+    a.branch(Code.JMP_REL32_64, "lat_done")
+    a.label("lat_unpaired")
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, t.misc + 8 * MISC_UNPAIRED))
+    a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.RAX))))
+    a.label("lat_done")
+    _restore(a)
+    return a
+
+
+def build_latency_entry_stub(
+    site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int, targets: LatencyTargets,
+    rseq_offset: int | None = None,
+) -> Stub:
+    """The stub at a latency probe's function entry: count the call (per CPU with rseq when
+    ``rseq_offset`` is given, as the count stub does), then remember when it began."""
+    from iced_x86 import Decoder
+
+    if not site.at_entry:
+        raise ValueError("a latency entry stub goes at the first byte of a function")
+    descriptor = slot_address + layout.slot_size - RSEQ_CS_SIZE
+    per_cpu = None if rseq_offset is None else PerCpu(rseq_offset, descriptor)
+    a = count_action(layout, counter_address, red_zone_live=False, flags_live=False, per_cpu=per_cpu)
+    entry_action(a, targets)
+    if per_cpu is None:
+        return _finish(site, layout, slot_address, a.instructions())
+    stub = _finish(site, layout, slot_address, a.instructions(), reserve=RSEQ_CS_SIZE)
+    ips = [insn.ip for insn in Decoder(64, stub.code[: stub.action_size], ip=slot_address)]
+    start, end, abort = (ips[a.index_of(name)] for name in ("cs_start", "cs_end", "abort"))
+    padding = b"\xcc" * (layout.slot_size - RSEQ_CS_SIZE - len(stub.code))
+    code = stub.code + padding + rseq_descriptor(start, end, abort)
+    return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated)
+
+
+def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address: int, targets: LatencyTargets) -> Stub:
+    """The stub of one exit window of a latency probe (laid out as a return probe's)."""
+    if getattr(site, "exit", None) is None or getattr(site, "exit_early", False):
+        raise ValueError("a latency exit stub goes at an exit window that acts at its exit")
+    return _finish(site, layout, slot_address, exit_action(targets).instructions())
+
+
+def latency_supported() -> str | None:
+    """Why latency probes cannot run on this machine (the tracer's, which is the target's), or
+    None: the table is read and written with 16-byte SSE accesses, atomic only where the CPU has
+    AVX, and uses ``pinsrq``/``pextrq`` (SSE4.1)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    missing = [f for f in ("avx", "sse4_1") if f not in flags]
+                    return f"the CPU lacks {', '.join(missing)}" if missing else None
+    except OSError as exc:
+        return f"cannot read /proc/cpuinfo: {exc}"
+    return "no CPU flags in /proc/cpuinfo"
