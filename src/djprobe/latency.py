@@ -198,8 +198,11 @@ class Latency:
 
     def settled(self) -> bool:
         """No part is placed and no thread can still be in one of its stubs."""
-        parts = self.djp._parts or []
-        return all(p._instance is None and p._draining is None for p in parts)
+        parts = self.djp._parts
+        if parts is None:
+            return True  # refused as a whole: its placed parts were removed again
+        # a part prepared but not inserted yet has no final count: still in use
+        return all(p._instance is None and p._draining is None and p._final_hits is not None for p in parts)
 
     def __repr__(self) -> str:
         return (f"<Latency {self.site} calls={self.calls} returns={self.returns} total_ns={self.total_ns} "

@@ -9,16 +9,18 @@ keeps a function and the function it tail-calls (same ``rsp``) apart, and makes 
 earlier registration left in the table unmatchable. User-space stacks lie below 2**47, so the
 key is unique.
 
-The table entry of a key is ``table + 16 * (key * 0x9E3779B97F4A7C15 >> (64 - log2(slots)))``;
-it holds {key, start TSC} and is written and read whole with one aligned 16-byte SSE access
+The table entry of a key is ``table + 16 * (key * 0x9E3779B97F4A7C15 >> (64 - log2(slots)))``,
+or its neighbour (index xor 1, the same cache line) when a call in flight holds the first: two
+calls collide only if both are taken. An entry holds {key, start TSC} and is written and read whole with one aligned 16-byte SSE access
 (``movdqa``: atomic on processors with AVX, checked by :func:`latency_supported`), so a reader
 never sees the key of one call with the start of another: no lock, no ``cmpxchg``.
 
 * **entry**: counts the call (the instance counter, per-CPU with rseq like the count stub), reads
-  the TSC, and stores {key, TSC} in the entry. If the entry held another key (not 0 = free, not
-  the same key = an abandoned call of this function on this stack), that call loses its sample:
-  the collision is counted.
-* **exit**: loads the entry; if its key is ours, frees it (stores 0 in the key), converts the TSC
+  the TSC, and stores {key, TSC} in the first entry that is free (key 0) or holds its own key (an
+  abandoned call of this function on this stack: overwritten); a stale copy of its key left in
+  the neighbour is freed. If both hold other calls, the first one's call loses its sample: the
+  collision is counted.
+* **exit**: loads the entry, then its neighbour; if one holds its key, frees it (stores 0 in the key), converts the TSC
   difference to nanoseconds (``ticks * mul >> 32``, ``mul`` from the tracer's calibration), picks
   the bucket ``bsr(2 * ns + 1)`` (0 for 0 ns, b for [2**(b-1), 2**b)) and adds one to it and the
   nanoseconds to the total, with ``lock`` in a shard chosen by ``rsp`` (as the locked counter
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
-from .area import HIST_TOTAL, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
+from .area import LATENCY_ENTRY_SIZE, HIST_TOTAL, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
 from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _mem, _rsp_slot, count_action, rseq_descriptor
 
 __all__ = ["LatencyTargets", "GOLDEN", "TAG_SHIFT", "latency_key", "table_index", "build_latency_entry_stub",
@@ -147,10 +149,30 @@ def entry_action(a: _Asm, t: LatencyTargets) -> None:
     a.branch(Code.JE_REL32_64, "lat_claim")  # free
     a.add(Instruction.create_reg_reg(Code.CMP_RM64_R64, R.RAX, R.RCX))
     a.branch(Code.JE_REL32_64, "lat_claim")  # this function, this stack: that call was abandoned
+    # Taken by another call in flight: the neighbour entry (same cache line), on the same terms.
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RDX))
+    a.add(Instruction.create_reg_u32(Code.XOR_RM64_IMM8, R.R8, LATENCY_ENTRY_SIZE))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R8)))
+    a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
+    a.branch(Code.JE_REL32_64, "lat_claim_other")
+    a.add(Instruction.create_reg_reg(Code.CMP_RM64_R64, R.RAX, R.RCX))
+    a.branch(Code.JE_REL32_64, "lat_claim_other")
+    # Both taken: the call in the first entry loses its sample to this one (counted).
     a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, t.misc + 8 * MISC_COLLISIONS))
     a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.RAX))))
     a.label("lat_claim")
     a.add(Instruction.create_mem_reg(Code.MOVDQA_XMMM128_XMM, _mem(R.RDX), R.XMM8))  # {key, start}, atomic
+    # An abandoned call of ours left in the neighbour would pair with this call's exit if another
+    # call took the first entry meanwhile: free it (only this thread ever writes this key).
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RDX))
+    a.add(Instruction.create_reg_u32(Code.XOR_RM64_IMM8, R.R8, LATENCY_ENTRY_SIZE))
+    a.add(Instruction.create_mem_reg(Code.CMP_RM64_R64, _mem(R.R8), R.RCX))
+    a.branch(Code.JNE_REL32_64, "lat_done")
+    a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _mem(R.R8), 0))
+    a.branch(Code.JMP_REL32_64, "lat_done")
+    a.label("lat_claim_other")
+    a.add(Instruction.create_mem_reg(Code.MOVDQA_XMMM128_XMM, _mem(R.R8), R.XMM8))
+    a.label("lat_done")
     _restore(a)
 
 
@@ -162,7 +184,13 @@ def exit_action(t: LatencyTargets) -> _Asm:
     a.add(Instruction.create_reg_mem(Code.MOVDQA_XMM_XMMM128, R.XMM8, _mem(R.RDX)))  # atomic
     a.add(Instruction.create_reg_reg(Code.MOVQ_RM64_XMM, R.RAX, R.XMM8))
     a.add(Instruction.create_reg_reg(Code.CMP_RM64_R64, R.RAX, R.RCX))
+    a.branch(Code.JE_REL32_64, "lat_paired")
+    a.add(Instruction.create_reg_u32(Code.XOR_RM64_IMM8, R.RDX, LATENCY_ENTRY_SIZE))  # the neighbour
+    a.add(Instruction.create_reg_mem(Code.MOVDQA_XMM_XMMM128, R.XMM8, _mem(R.RDX)))
+    a.add(Instruction.create_reg_reg(Code.MOVQ_RM64_XMM, R.RAX, R.XMM8))
+    a.add(Instruction.create_reg_reg(Code.CMP_RM64_R64, R.RAX, R.RCX))
     a.branch(Code.JNE_REL32_64, "lat_unpaired")
+    a.label("lat_paired")
     a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _mem(R.RDX), 0))  # free the entry
     a.add(Instruction.create_reg_reg_u32(Code.PEXTRQ_RM64_XMM_IMM8, R.RCX, R.XMM8, 1))  # start
     _rdtsc_rax(a)
