@@ -136,6 +136,12 @@ class AreaLayout:
         them (a record probe can still be placed there, its events then mostly dropped)."""
         return cls(ring_count=1, ring_slots=1)
 
+    @classmethod
+    def for_latency(cls) -> "AreaLayout":
+        """A layout for areas that serve latency probes (``djprobe latency``): no rings, room for
+        1,024 functions' histograms and 16,384 calls in flight (pages are touched as used)."""
+        return cls(ring_count=1, ring_slots=1, latency_functions=1024, latency_slots=16384)
+
     def __post_init__(self) -> None:
         for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots", "latency_functions",
                      "latency_slots", "latency_shards"):

@@ -1,0 +1,252 @@
+"""Latency probes in real processes: exact calls and returns (threads, recursion, tail calls,
+longjmp, C++ exceptions), durations in the right buckets, unchanged output, insertion and
+removal under load, and the `djprobe latency` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import djprobe
+from djprobe.latency import bucket_bounds, bucket_of
+from tests.conftest import TARGETS, compile_c
+from tests.live.test_returns import expected_counts
+
+pytestmark = pytest.mark.timeout(240)
+
+# every function of exits.S/returns_main.c but x_wrap (its tail call ends its entry window)
+FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "x_chain", "rec", "jumper"]
+
+
+@pytest.fixture(scope="module")
+def returns_exe():
+    return compile_c([TARGETS / "exits.S", TARGETS / "returns_main.c"], "-O2", name="returns")
+
+
+@pytest.fixture(scope="module")
+def eh_exe():
+    return compile_c(TARGETS / "returns_eh.cc", "-O2", "-lstdc++", name="returns_eh")
+
+
+@pytest.fixture(scope="module")
+def timed_exe():
+    return compile_c(TARGETS / "latency_main.c", "-O2", name="latency_main")
+
+
+def _run_with_latency(argv, funcs):
+    """Spawn argv with a latency probe on each of funcs; returns (output, status, probes, refused)."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(a) for a in argv], stdout=write_fd) as proc:
+        os.close(write_fd)
+        probes = {f: djprobe.Djprobe(f, at="latency") for f in funcs}
+        refused = {d.addr: exc for d, exc in proc.register_many(list(probes.values()))}
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        status = proc.process.popen.wait(timeout=120)
+    return output, status, probes, refused
+
+
+def _check_pairing(lat, calls: int, returns: int) -> None:
+    """Every exit that ran after its entry was seen is either paired or unpaired: exact. A
+    sample is lost only to a collision, which is counted."""
+    assert lat.calls == calls
+    assert lat.returns + lat.unpaired == returns
+    assert lat.unpaired <= lat.collisions
+    assert int(lat.histogram.sum()) == lat.returns
+
+
+def test_exact_calls_and_returns_threads_recursion_tail_calls_longjmp(returns_exe):
+    n, threads = 1200, 3
+    plain = subprocess.run([str(returns_exe), str(n), str(threads)], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0
+    out, status, probes, refused = _run_with_latency([returns_exe, n, threads], FUNCS + ["x_wrap"])
+    assert (out, status) == (plain.stdout, 0)
+    assert list(refused) == ["x_wrap"] and "too short for latency" in str(refused["x_wrap"])
+    want = expected_counts(n, threads)
+    for f in FUNCS:
+        _check_pairing(probes[f].latency, *want[f])
+    assert len(probes["x_three"].exits.exits) == 3
+    # rec(4) measures the four calls under it too: its samples spread over more buckets
+    assert probes["rec"].latency.total_ns > 0 and probes["rec"].latency.average_ns > 0
+
+
+def test_exception_thrown_through_probed_functions(eh_exe):
+    n, threads = 800, 3
+    plain = subprocess.run([str(eh_exe), str(n), str(threads)], capture_output=True, text=True, timeout=60)
+    funcs = ["_Z7throweri", "_Z6middlei"]
+    out, status, probes, refused = _run_with_latency([eh_exe, n, threads], funcs)
+    assert refused == {}
+    assert (out, status) == (plain.stdout, 0)  # exceptions still caught, cleanups still run
+    thrown = n // 4 * threads
+    for f in funcs:
+        _check_pairing(probes[f].latency, n * threads, n * threads - thrown)
+
+
+def _bounds(path, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = [], []
+    for line in path.read_text().splitlines():
+        k, a, b = line.split()
+        if k == kind:
+            lo.append(int(a))
+            hi.append(int(b))
+    return np.array(lo), np.array(hi)
+
+
+def _hist_of(values, slack: float) -> np.ndarray:
+    hist = np.zeros(64, dtype=np.int64)
+    for v in values:
+        hist[bucket_of(int(v * slack))] += 1
+    return hist
+
+
+def test_known_durations_land_in_their_buckets(timed_exe, tmp_path):
+    """spin_short spins >= 5 us, spin_long >= 40 us. For each call the target wrote the time the
+    function measured inside itself (a lower bound of what the probe sees) and the time its caller
+    measured around the call (an upper bound): the probe's histogram must lie between the two
+    histograms (cumulatively), whatever the load did to the durations."""
+    n, threads = 150, 3
+    record = tmp_path / "durations.txt"
+    out, status, probes, refused = _run_with_latency([timed_exe, n, threads, record], ["spin_short", "spin_long", "tiny"])
+    assert status == 0 and out == f"calls={3 * n * threads} checksum={threads * sum(i + 1 for i in range(n))}\n"
+    assert list(refused) == ["tiny"] and "too short for latency" in str(refused["tiny"])
+    for f, kind, floor in (("spin_short", "short", 5000), ("spin_long", "long", 40000)):
+        lat = probes[f].latency
+        _check_pairing(lat, n * threads, n * threads)
+        if lat.collisions:
+            continue  # a lost sample: the bounds below hold for every call, not for a subset
+        lo, hi = _bounds(record, kind)
+        assert len(lo) == n * threads and (lo >= floor).all()
+        below = np.cumsum(_hist_of(lo, 0.999))  # calibration error allowed: 0.1%
+        above = np.cumsum(_hist_of(hi, 1.001))
+        got = np.cumsum(lat.histogram.astype(np.int64))
+        assert (got <= below).all() and (got >= above).all(), (f, lat.buckets())
+        assert lo.sum() * 0.999 <= lat.total_ns <= hi.sum() * 1.001
+        assert lat.histogram[: bucket_of(floor)].sum() == 0  # nothing below the spin
+        low, high = bucket_bounds(bucket_of(floor))
+        assert low <= floor < high
+        assert lat.p50 is not None and lat.p50 >= low
+
+
+def test_register_unregister_under_load(start_target, returns_exe):
+    """Four threads call every function in a loop while latency probes come and go: threads
+    inside the functions at insertion (no entry seen: their exits are unpaired, never measured)
+    and at removal must be fine, and a probe placed again never pairs with an older one's entry."""
+    t = start_target([returns_exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert t.proc.stdout.readline().startswith("ready")
+    with djprobe.attach(t.pid) as proc:
+        for cycle in range(12):
+            lats = [djprobe.Djprobe(f, at="latency") for f in FUNCS]
+            assert proc.register_many(lats) == []
+            deadline = time.monotonic() + 5
+            while min(d.latency.returns for d in lats) == 0 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert min(d.latency.returns for d in lats) > 0, cycle
+            proc.unregister_many(lats if cycle % 2 else lats[::-1])
+            assert not proc.probes
+            deadline = time.monotonic() + 10
+            while proc._retired and time.monotonic() < deadline:
+                time.sleep(0.002)
+                with proc.stopped():
+                    pass
+            assert not proc._retired
+            for d in lats:
+                lat = d.latency
+                depth = 5 if d.site.endswith(":rec") else 1  # calls of one thread in flight at once
+                in_flight = 4 * depth  # four threads
+                # exits without their entry: only calls begun before insertion (or collisions)
+                assert lat.unpaired <= in_flight + lat.collisions, (d.site, lat)
+                if not d.site.endswith(":jumper"):  # left by longjmp: no return
+                    # calls still in flight at removal have no return
+                    assert 0 <= lat.calls - lat.returns <= in_flight + lat.collisions, (d.site, lat)
+                assert int(lat.histogram.sum()) == lat.returns
+            frozen = [(d.latency.calls, d.latency.returns) for d in lats]
+            time.sleep(0.005)
+            assert [(d.latency.calls, d.latency.returns) for d in lats] == frozen
+    out, _ = t.proc.communicate(input="", timeout=30)
+    assert t.proc.returncode == 0 and out == "done\n"
+
+
+def test_refusals_and_exclusive_sites(returns_exe):
+    with djprobe.spawn([str(returns_exe), "60", "1"], stdout=subprocess.DEVNULL) as proc:
+        with pytest.raises(djprobe.InvalidSiteError, match="too short for latency"):
+            proc.register(djprobe.Djprobe("x_wrap", at="latency"))
+        with pytest.raises(djprobe.InvalidSiteError):
+            proc.register(djprobe.Djprobe("x_short", at="latency"))  # its return side is refused
+        assert not proc.probes
+        with pytest.raises(djprobe.InvalidSiteError, match="no size, handler"):
+            djprobe.Djprobe("x_three", handler=lambda d, r: None, at="latency")
+        with pytest.raises(djprobe.InvalidSiteError, match="without %return"):
+            djprobe.Djprobe("x_three%return", at="latency")
+        lat = proc.register(djprobe.Djprobe("x_three", at="latency"))
+        with pytest.raises(djprobe.SiteBusyError, match="latency probe"):
+            proc.register(djprobe.Djprobe("x_three"))
+        with pytest.raises(djprobe.SiteBusyError):
+            proc.register(djprobe.Djprobe("x_three", at="return"))
+        assert lat.registered and len(proc.probes) == 1 + 3  # its entry and three exits
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0
+        assert lat.latency.calls == 60 and lat.latency.returns + lat.latency.unpaired == 60
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "djprobe", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def test_cli_json(timed_exe, tmp_path):
+    n, threads = 60, 2
+    record = tmp_path / "d.txt"
+    res = _cli("latency", "--json", "spin_*", "tiny", "--", timed_exe, n, threads, record)
+    assert res.returncode == 0, res.stderr
+    assert f"calls={3 * n * threads}" in res.stdout  # the command's own output
+    report = json.loads(res.stdout.splitlines()[-1])
+    assert set(report) == {"functions", "refused", "exit_status"}
+    assert report["exit_status"] == 0
+    assert [(r["site"].split(":")[-1], "too short for latency" in r["reason"]) for r in report["refused"]] == [
+        ("tiny", True)]
+    funcs = {f["site"].split(":")[-1]: f for f in report["functions"]}
+    assert set(funcs) == {"spin_short", "spin_long"}
+    for name, floor in (("spin_short", 5000), ("spin_long", 40000)):
+        f = funcs[name]
+        assert set(f) == {"site", "address", "calls", "returns", "total_ns", "hist"}
+        assert f["calls"] == n * threads and 0 < f["returns"] <= f["calls"]
+        assert sum(b["count"] for b in f["hist"]) == f["returns"]
+        for b in f["hist"]:
+            assert b["high_ns"] == (2 * b["low_ns"] if b["low_ns"] else 1)
+        assert f["hist"][0]["low_ns"] <= floor and f["hist"][0]["count"] > 0
+        assert f["total_ns"] >= floor * f["returns"]
+
+
+def test_cli_text_interval_and_output_file(timed_exe, tmp_path):
+    record = tmp_path / "d.txt"
+    out = tmp_path / "report.txt"
+    res = _cli("latency", "-u", "-o", out, "spin_long", "--", timed_exe, 40, 1, record)
+    assert res.returncode == 0, res.stderr
+    assert "Tracing 1 function" in res.stderr
+    text = out.read_text()
+    assert "spin_long" in text and "usecs" in text and "calls 40" in text and "returns" in text
+    assert "p50" in text and "p99" in text and "|*" in text
+    res = _cli("latency", "-m", "spin_long", "--", timed_exe, 40, 1, record)
+    assert res.returncode == 0 and "msecs" in res.stdout
+
+
+def test_cli_interval_resets(returns_exe, start_target):
+    t = start_target([returns_exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert t.proc.stdout.readline().startswith("ready")
+    res = _cli("latency", "--json", "-i", "0.3", "-d", "1.2", "-p", t.pid, "x_three", "rec")
+    assert res.returncode == 0, res.stderr
+    reports = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(reports) >= 3
+    assert all(r["final"] is False for r in reports[:-1]) and reports[-1]["final"] is True
+    for r in reports:
+        for f in r["functions"]:
+            assert sum(b["count"] for b in f["hist"]) == f["returns"]
+    t.proc.communicate(input="", timeout=30)
+    assert t.proc.returncode == 0
