@@ -61,11 +61,11 @@ ARGS_RECORD_DTYPE = np.dtype(
     }
 )
 #: The latency block: a table entry is {key, start TSC}; a histogram block is 64 log2 buckets of
-#: nanoseconds ([0, 1), [1, 2), [2, 4), ... [2**62, 2**63)), the total in nanoseconds, padding.
+#: nanoseconds ([0, 1), [1, 2), [2, 4), ... [2**62, 2**63)), each {count, sum of nanoseconds}
+#: (16 bytes: a per-CPU stub commits both with one store).
 LATENCY_ENTRY_SIZE = 16
 HIST_BUCKETS = 64
-HIST_TOTAL = 64  # word index of the total inside a histogram block
-HIST_WORDS = 72  # 9 cache lines
+HIST_WORDS = 2 * HIST_BUCKETS  # 16 cache lines
 LATENCY_MISC_WORDS = 8  # per function: collisions at 0, unpaired exits at 1
 MISC_COLLISIONS = 0
 MISC_UNPAIRED = 1
@@ -128,7 +128,7 @@ class AreaLayout:
     ring_slots: int = 4096  # records per ring
     latency_functions: int = 64  # latency probes an area can serve at once (histogram blocks)
     latency_slots: int = 4096  # entries of the table of calls in flight (16 bytes each)
-    latency_shards: int = 8  # histogram shards, chosen like the locked counter shards (rsp)
+    latency_shards: int = 16  # histogram shards: [0, n/2) one per CPU (rseq), [n/2, n) lock-added by rsp
 
     @classmethod
     def for_counting(cls) -> "AreaLayout":
@@ -139,8 +139,8 @@ class AreaLayout:
     @classmethod
     def for_latency(cls) -> "AreaLayout":
         """A layout for areas that serve latency probes (``djprobe latency``): no rings, room for
-        1,024 functions' histograms and 16,384 calls in flight (pages are touched as used)."""
-        return cls(ring_count=1, ring_slots=1, latency_functions=1024, latency_slots=16384)
+        512 functions' histograms and 16,384 calls in flight (pages are touched as used)."""
+        return cls(ring_count=1, ring_slots=1, latency_functions=512, latency_slots=16384)
 
     def __post_init__(self) -> None:
         for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots", "latency_functions",
@@ -218,7 +218,9 @@ class AreaLayout:
         (``latency_slots`` entries of {key, start TSC}, 16-byte aligned: written and read whole),
         then the per-function counters (collisions, unpaired exits: ``LATENCY_MISC_WORDS`` each),
         then the histograms: ``latency_shards`` shards of ``latency_functions`` blocks of
-        ``HIST_WORDS`` words (64 log2 buckets of nanoseconds, then the total)."""
+        ``HIST_WORDS`` words (64 log2 buckets of nanoseconds, each {count, sum}). Shards
+        [0, n/2) belong to one CPU each (a plain 16-byte commit inside an rseq critical
+        section), [n/2, n) take ``lock`` adds, chosen by ``rsp``."""
         return _page_align(self.rings_offset + self.rings_size)
 
     @property

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .area import HIST_BUCKETS, HIST_TOTAL, MISC_COLLISIONS, MISC_UNPAIRED
+from .area import HIST_BUCKETS, MISC_COLLISIONS, MISC_UNPAIRED
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .latency_stubs import LatencyTargets, build_latency_entry_stub, build_latency_exit_stub, latency_supported
 from .sites import analyse_exits, analyse_site
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .sites import SiteAnalysis
     from .stubs import Stub
 
-__all__ = ["Latency", "bucket_bounds", "bucket_of", "percentile", "expand", "build_stub", "join_conflict",
+__all__ = ["Latency", "LatencyFigures", "bucket_bounds", "bucket_of", "percentile", "expand", "build_stub", "join_conflict",
            "before_close", "MAX_TAG"]
 
 MAX_TAG = 0xFFFF
@@ -123,15 +123,16 @@ class Latency:
             return _Reading(np.zeros(HIST_BUCKETS, dtype=np.uint64), 0, 0, 0, self.djp.hits)
         view = self.region.view
         blocks = view.histograms[:, self.function, :]
-        summed = blocks.sum(axis=0, dtype=np.uint64)
+        summed = blocks.sum(axis=0, dtype=np.uint64).reshape(HIST_BUCKETS, 2)  # {count, sum of ns}
         misc = view.latency_misc[self.function]
-        return _Reading(summed[:HIST_BUCKETS].copy(), int(summed[HIST_TOTAL]), int(misc[MISC_COLLISIONS]),
+        return _Reading(summed[:, 0].copy(), int(summed[:, 1].sum(dtype=np.uint64)), int(misc[MISC_COLLISIONS]),
                         int(misc[MISC_UNPAIRED]), self.djp.hits)
 
-    def _delta(self) -> _Reading:
+    def read(self) -> "LatencyFigures":
+        """Every figure at one moment (the properties below each read the area anew)."""
         now, base = self._read(), self._base
-        return _Reading(now.hist - base.hist, now.total_ns - base.total_ns, now.collisions - base.collisions,
-                        now.unpaired - base.unpaired, now.calls - base.calls)
+        return LatencyFigures(now.hist - base.hist, now.calls - base.calls, now.total_ns - base.total_ns,
+                              now.collisions - base.collisions, now.unpaired - base.unpaired)
 
     def reset(self) -> None:
         """Start counting from zero (as of now): what ``latency -i`` does after each report."""
@@ -140,40 +141,38 @@ class Latency:
     @property
     def histogram(self) -> np.ndarray:
         """Paired calls per bucket (``bucket_bounds(b)`` gives bucket ``b``'s nanoseconds)."""
-        return self._delta().hist
+        return self.read().histogram
 
     @property
     def calls(self) -> int:
         """Entries of the function while the probe was in."""
-        return self._delta().calls
+        return self.read().calls
 
     @property
     def returns(self) -> int:
         """Exits paired with their entry: the sum of the histogram."""
-        return int(self._delta().hist.sum())
+        return self.read().returns
 
     @property
     def total_ns(self) -> int:
-        return self._delta().total_ns
+        return self.read().total_ns
 
     @property
     def collisions(self) -> int:
         """Calls whose table entry another call took (their sample is lost, counted here)."""
-        return self._delta().collisions
+        return self.read().collisions
 
     @property
     def unpaired(self) -> int:
         """Exits that found no entry of theirs (begun before the probe, or after a collision)."""
-        return self._delta().unpaired
+        return self.read().unpaired
 
     @property
     def average_ns(self) -> float | None:
-        d = self._delta()
-        n = int(d.hist.sum())
-        return d.total_ns / n if n else None
+        return self.read().average_ns
 
     def percentile(self, q: float) -> float | None:
-        return percentile(self.histogram, q)
+        return self.read().percentile(q)
 
     @property
     def p50(self) -> float | None:
@@ -185,11 +184,7 @@ class Latency:
 
     def buckets(self) -> list[tuple[int, int, int]]:
         """(low_ns, high_ns, count) from the first to the last non-empty bucket."""
-        hist = self.histogram
-        nz = np.nonzero(hist)[0]
-        if not len(nz):
-            return []
-        return [(*bucket_bounds(b), int(hist[b])) for b in range(int(nz[0]), int(nz[-1]) + 1)]
+        return self.read().buckets()
 
     def freeze(self) -> None:
         """Keep the figures as they are now (the area block is about to be reused or unmapped)."""
@@ -207,6 +202,44 @@ class Latency:
     def __repr__(self) -> str:
         return (f"<Latency {self.site} calls={self.calls} returns={self.returns} total_ns={self.total_ns} "
                 f"collisions={self.collisions} unpaired={self.unpaired}>")
+
+
+@dataclass(frozen=True)
+class LatencyFigures:
+    """The figures of a latency probe at one moment (:meth:`Latency.read`)."""
+
+    histogram: np.ndarray  # paired calls per bucket
+    calls: int
+    total_ns: int
+    collisions: int
+    unpaired: int
+
+    @property
+    def returns(self) -> int:
+        return int(self.histogram.sum())
+
+    @property
+    def average_ns(self) -> float | None:
+        n = self.returns
+        return self.total_ns / n if n else None
+
+    def percentile(self, q: float) -> float | None:
+        return percentile(self.histogram, q)
+
+    @property
+    def p50(self) -> float | None:
+        return self.percentile(50)
+
+    @property
+    def p99(self) -> float | None:
+        return self.percentile(99)
+
+    def buckets(self) -> list[tuple[int, int, int]]:
+        """(low_ns, high_ns, count) from the first to the last non-empty bucket."""
+        nz = np.nonzero(self.histogram)[0]
+        if not len(nz):
+            return []
+        return [(*bucket_bounds(b), int(self.histogram[b])) for b in range(int(nz[0]), int(nz[-1]) + 1)]
 
 
 # -- the latency block of an area ----------------------------------------------------------------
@@ -271,7 +304,8 @@ def build_stub(proc: "ProbedProcess", part: "Djprobe", analysis: "SiteAnalysis",
                                         region.counter_address(slot), lat.targets, proc._rseq_offset())
     if lat.targets is None:
         raise SiteBusyError(f"{analysis.site}: the entry of this latency probe could not be prepared")
-    return build_latency_exit_stub(analysis, region.layout, region.slot_address(slot), lat.targets)
+    return build_latency_exit_stub(analysis, region.layout, region.slot_address(slot), lat.targets,
+                                   proc._rseq_offset())
 
 
 # -- registration hooks ----------------------------------------------------------------------------

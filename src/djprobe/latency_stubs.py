@@ -40,8 +40,9 @@ from dataclasses import dataclass
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
-from .area import LATENCY_ENTRY_SIZE, HIST_TOTAL, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
-from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _mem, _rsp_slot, count_action, rseq_descriptor
+from .area import LATENCY_ENTRY_SIZE, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
+from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
+from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _fs, _mem, _rsp_slot, count_action, rseq_descriptor
 
 __all__ = ["LatencyTargets", "GOLDEN", "TAG_SHIFT", "latency_key", "table_index", "build_latency_entry_stub",
            "build_latency_exit_stub", "latency_supported"]
@@ -63,8 +64,9 @@ class LatencyTargets:
     misc: int  # address of this function's counters (collisions, unpaired exits)
     hist: int  # address of shard 0 of this function's histogram block
     shard_stride: int  # bytes between its shards
-    shards: int  # a power of two
-    shard_shift: int  # shard = (rsp >> shard_shift) % shards
+    cpu_shards: int  # shards [0, cpu_shards): one per CPU
+    locked_shards: int  # shards [cpu_shards, cpu_shards + locked_shards): lock adds, by rsp (a power of two)
+    shard_shift: int  # locked shard = cpu_shards + (rsp >> shard_shift) % locked_shards
     tag: int  # 1 .. 0xFFFF
     mul: int  # ns = ticks * mul >> 32
 
@@ -78,7 +80,8 @@ class LatencyTargets:
             misc=data_address + layout.latency_misc_offset + function * LATENCY_MISC_WORDS * 8,
             hist=data_address + layout.hist_offset + function * HIST_WORDS * 8,
             shard_stride=layout.hist_shard_stride,
-            shards=layout.latency_shards,
+            cpu_shards=layout.latency_shards // 2,
+            locked_shards=layout.latency_shards - layout.latency_shards // 2,
             shard_shift=layout.shard_shift,
             tag=tag,
             mul=max(1, round(ns_per_tick * (1 << MUL_SHIFT))),
@@ -176,8 +179,9 @@ def entry_action(a: _Asm, t: LatencyTargets) -> None:
     _restore(a)
 
 
-def exit_action(t: LatencyTargets) -> _Asm:
-    """The exit's latency action (see the module docstring)."""
+def exit_action(t: LatencyTargets, per_cpu: PerCpu | None = None) -> _Asm:
+    """The exit's latency action (see the module docstring); with ``per_cpu``, the sample goes
+    into this CPU's shard with a plain store inside an rseq critical section."""
     a = _Asm()
     _save(a)
     _key_and_entry(a, t)
@@ -203,14 +207,50 @@ def exit_action(t: LatencyTargets) -> _Asm:
     a.add(Instruction.create_reg_reg_u32(Code.SHRD_RM64_R64_IMM8, R.RAX, R.RDX, MUL_SHIFT))  # rax = ns
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RAX, 1, R.RAX, 1)))
     a.add(Instruction.create_reg_reg(Code.BSR_R64_RM64, R.RCX, R.RCX))  # bucket
+    a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.ECX, 4))  # its {count, sum} pair
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R8, t.hist))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R8, R.RCX))  # r8 = the pair in shard 0
+    if per_cpu is not None:
+        # One plain 16-byte store (the commit) of {count + 1, sum + ns} in this CPU's shard,
+        # inside an rseq critical section (restarted from "arm" if the thread is preempted,
+        # migrated or signalled in it). Left alone, as by the count stub, when the program's own
+        # critical section is armed or the CPU has no shard: then the locked shards.
+        rseq_cs = _fs(per_cpu.rseq_offset + RSEQ_CS)
+        a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, rseq_cs, 0))
+        a.branch(Code.JNE_REL32_64, "locked")
+        a.label("arm")
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDX, MemoryOperand(R.RIP, displ=per_cpu.descriptor)))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, rseq_cs, R.RDX))
+        a.label("cs_start")
+        a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EDX, _fs(per_cpu.rseq_offset + CPU_ID)))
+        a.add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EDX, t.cpu_shards))
+        a.branch(Code.JAE_REL32_64, "disarm")
+        a.add(Instruction.create_reg_reg_u32(Code.IMUL_R32_RM32_IMM32, R.EDX, R.EDX, t.shard_stride))
+        a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.R8))  # rdx = the pair on this CPU
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _mem(R.RDX)))
+        a.add(Instruction.create_reg_u32(Code.ADD_RM64_IMM8, R.RCX, 1))
+        a.add(Instruction.create_reg_reg(Code.MOVQ_XMM_RM64, R.XMM8, R.RCX))
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _mem(R.RDX, 8)))
+        a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX))
+        a.add(Instruction.create_reg_reg_u32(Code.PINSRQ_XMM_RM64_IMM8, R.XMM8, R.RCX, 1))
+        a.add(Instruction.create_mem_reg(Code.MOVDQA_XMMM128_XMM, _mem(R.RDX), R.XMM8))  # the commit
+        a.label("cs_end")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+        a.branch(Code.JMP_REL32_64, "lat_done")
+        a.add(Instruction.create_declare_byte(b"\x0f\xb9\x3d" + RSEQ_SIG.to_bytes(4, "little")))
+        a.label("abort")
+        a.branch(Code.JMP_REL32_64, "arm")
+        a.label("disarm")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+        a.label("locked")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RDX, t.shard_shift))
-    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, t.shards - 1))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, t.locked_shards - 1))
+    a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EDX, t.cpu_shards))
     a.add(Instruction.create_reg_reg_u32(Code.IMUL_R32_RM32_IMM32, R.EDX, R.EDX, t.shard_stride))
-    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R8, t.hist))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R8, R.RDX))
-    a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.R8, 0, R.RCX, 8))))
-    a.add(_locked(Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R8, 8 * HIST_TOTAL), R.RAX)))
+    a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.R8))))
+    a.add(_locked(Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R8, 8), R.RAX)))
     a.branch(Code.JMP_REL32_64, "lat_done")
     a.label("lat_unpaired")
     a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, t.misc + 8 * MISC_UNPAIRED))
@@ -244,11 +284,30 @@ def build_latency_entry_stub(
     return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated)
 
 
-def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address: int, targets: LatencyTargets) -> Stub:
-    """The stub of one exit window of a latency probe (laid out as a return probe's)."""
+def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address: int, targets: LatencyTargets,
+                            rseq_offset: int | None = None) -> Stub:
+    """The stub of one exit window of a latency probe (laid out as a return probe's); per-CPU
+    histogram shards through glibc's rseq area at ``fs:[rseq_offset]`` when given."""
+    from iced_x86 import Decoder
+
     if getattr(site, "exit", None) is None or getattr(site, "exit_early", False):
         raise ValueError("a latency exit stub goes at an exit window that acts at its exit")
-    return _finish(site, layout, slot_address, exit_action(targets).instructions())
+    descriptor = slot_address + layout.slot_size - RSEQ_CS_SIZE
+    per_cpu = None if rseq_offset is None else PerCpu(rseq_offset, descriptor)
+    a = exit_action(targets, per_cpu)
+    stub = _finish(site, layout, slot_address, a.instructions())
+    if per_cpu is None:
+        return stub
+    if len(stub.code) > layout.slot_size - RSEQ_CS_SIZE:
+        raise ValueError(f"stub of {len(stub.code)} bytes does not fit a {layout.slot_size}-byte slot")
+    at, _ = stub.action_range
+    offset = at - slot_address
+    ips = [insn.ip for insn in Decoder(64, stub.code[offset: offset + stub.action_size], ip=at)]
+    start, end, abort = (ips[a.index_of(name)] for name in ("cs_start", "cs_end", "abort"))
+    padding = b"\xcc" * (layout.slot_size - RSEQ_CS_SIZE - len(stub.code))
+    code = stub.code + padding + rseq_descriptor(start, end, abort)
+    return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated,
+                action_start=stub.action_start)
 
 
 def latency_supported() -> str | None:

@@ -39,11 +39,12 @@ def timed_exe():
     return compile_c(TARGETS / "latency_main.c", "-O2", name="latency_main")
 
 
-def _run_with_latency(argv, funcs):
+def _run_with_latency(argv, funcs, per_cpu=True):
     """Spawn argv with a latency probe on each of funcs; returns (output, status, probes, refused)."""
     read_fd, write_fd = os.pipe()
     with djprobe.spawn([str(a) for a in argv], stdout=write_fd) as proc:
         os.close(write_fd)
+        proc.per_cpu_counters = per_cpu  # False: the locked histogram shards (and lock inc counts)
         probes = {f: djprobe.Djprobe(f, at="latency") for f in funcs}
         refused = {d.addr: exc for d, exc in proc.register_many(list(probes.values()))}
         proc.start()
@@ -62,11 +63,12 @@ def _check_pairing(lat, calls: int, returns: int) -> None:
     assert int(lat.histogram.sum()) == lat.returns
 
 
-def test_exact_calls_and_returns_threads_recursion_tail_calls_longjmp(returns_exe):
+@pytest.mark.parametrize("per_cpu", [True, False], ids=["per_cpu", "locked"])
+def test_exact_calls_and_returns_threads_recursion_tail_calls_longjmp(returns_exe, per_cpu):
     n, threads = 1200, 3
     plain = subprocess.run([str(returns_exe), str(n), str(threads)], capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0
-    out, status, probes, refused = _run_with_latency([returns_exe, n, threads], FUNCS + ["x_wrap"])
+    out, status, probes, refused = _run_with_latency([returns_exe, n, threads], FUNCS + ["x_wrap"], per_cpu)
     assert (out, status) == (plain.stdout, 0)
     assert list(refused) == ["x_wrap"] and "too short for latency" in str(refused["x_wrap"])
     want = expected_counts(n, threads)

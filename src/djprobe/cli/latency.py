@@ -9,7 +9,6 @@ import time
 from typing import TextIO
 
 from ..area import AreaLayout
-from ..latency import Latency
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import (Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target,
@@ -58,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def function_json(djp: Djprobe) -> dict:
     """One function of the JSON report (the issue's format)."""
-    lat: Latency = djp.latency  # type: ignore[assignment]
+    lat = djp.latency.read()  # type: ignore[union-attr]
     return {
         "site": djp.site,
         "address": djp.address,
@@ -85,7 +84,7 @@ def _bound(ns: int, unit: str) -> str:
 
 def text_report(djp: Djprobe, unit: str) -> str:
     """BCC funclatency's histogram, with calls, returns, average and percentiles above it."""
-    lat: Latency = djp.latency  # type: ignore[assignment]
+    lat = djp.latency.read()  # type: ignore[union-attr]
     avg = lat.average_ns
     lines = [
         f"Function = {djp.site}",
