@@ -345,6 +345,12 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
                 raise InvalidSiteError(f"{djp.addr}: latency probes need 16-byte atomic SSE accesses: {why}")
             site = proc.resolve_site(djp.addr)
             exits = analyse_exits(proc.symbols, site, proc.process.memory)  # type: ignore[arg-type]
+            taken = [proc._overlapping(exits.address, 1)] + [proc._overlapping(e.window.address, e.window.size or 1)
+                                                               for e in exits.exits]
+            other = next((t for t in taken if t is not None), None)
+            if other is not None:
+                raise SiteBusyError(f"{exits.site.rsplit('%', 1)[0]}: a probe at {other.address:#x} is at its entry "
+                                    "or an exit; a latency probe cannot share it", address=other.address)
             if not exits.ok:
                 raise exits.error()
             name = exits.site.rsplit("%", 1)[0]

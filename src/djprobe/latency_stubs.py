@@ -22,9 +22,10 @@ never sees the key of one call with the start of another: no lock, no ``cmpxchg`
   collision is counted.
 * **exit**: loads the entry, then its neighbour; if one holds its key, frees it (stores 0 in the key), converts the TSC
   difference to nanoseconds (``ticks * mul >> 32``, ``mul`` from the tracer's calibration), picks
-  the bucket ``bsr(2 * ns + 1)`` (0 for 0 ns, b for [2**(b-1), 2**b)) and adds one to it and the
-  nanoseconds to the total, with ``lock`` in a shard chosen by ``rsp`` (as the locked counter
-  shards). Otherwise the exit is *unpaired* (its entry ran before the probe existed, or lost its
+  the bucket ``bsr(2 * ns + 1)`` (0 for 0 ns, b for [2**(b-1), 2**b)) and adds {1, ns} to the
+  bucket's {count, sum} pair: in the current CPU's shard with one plain 16-byte store (the commit
+  of an rseq critical section, as the count stub's ``inc``), or with two ``lock`` adds in a shard
+  chosen by ``rsp`` where rseq cannot be used (as the locked counter shards). Otherwise the exit is *unpaired* (its entry ran before the probe existed, or lost its
   entry to a collision) and is counted as such, never measured.
 
 Registers: the actions save and restore everything they touch (``rax``, ``rcx``, ``rdx``,

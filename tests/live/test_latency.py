@@ -192,6 +192,10 @@ def test_refusals_and_exclusive_sites(returns_exe):
         with pytest.raises(djprobe.SiteBusyError):
             proc.register(djprobe.Djprobe("x_three", at="return"))
         assert lat.registered and len(proc.probes) == 1 + 3  # its entry and three exits
+        entry = proc.register(djprobe.Djprobe("x_leaf"))
+        with pytest.raises(djprobe.SiteBusyError, match="latency probe cannot share it"):
+            proc.register(djprobe.Djprobe("x_leaf", at="latency"))
+        proc.unregister(entry)
         proc.start()
         assert proc.process.popen.wait(timeout=60) == 0
         assert lat.latency.calls == 60 and lat.latency.returns + lat.latency.unpaired == 60
