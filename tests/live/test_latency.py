@@ -256,3 +256,34 @@ def test_cli_interval_resets(returns_exe, start_target):
             assert sum(b["count"] for b in f["hist"]) == f["returns"]
     t.proc.communicate(input="", timeout=30)
     assert t.proc.returncode == 0
+
+
+def test_tracer_killed_with_latency_probes_then_cleanup(start_target, returns_exe):
+    """A tracer holding latency probes dies by SIGKILL: the target keeps running through the
+    stubs; `djprobe status` lists the entry and exit jumps, `djprobe cleanup` restores every byte
+    and unmaps the area (layout with the latency block), and the target ends as it should."""
+    t = start_target([returns_exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert t.proc.stdout.readline().startswith("ready")
+    script = (f"import time, djprobe\nproc = djprobe.attach({t.pid})\n"
+              "d = proc.register(djprobe.Djprobe('x_three', at='latency'))\n"
+              "while d.latency.returns == 0: time.sleep(0.01)\n"
+              "print('placed', flush=True)\ntime.sleep(60)\n")
+    tracer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "placed"
+        tracer.kill()
+        tracer.wait(timeout=10)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait(timeout=10)
+    status = _cli("status", "-p", t.pid, "--json")
+    assert status.returncode == 0, status.stderr
+    instances = [i for a in json.loads(status.stdout)["areas"] for i in a["instances"]]
+    assert len(instances) == 4  # the entry and three exit windows of x_three
+    clean = _cli("cleanup", "-p", t.pid, "--json")
+    assert clean.returncode == 0, clean.stderr + clean.stdout
+    report = json.loads(clean.stdout)
+    assert report["ok"] and len(report["restored"]) == 4 and report["left_mapped"] == []
+    out, _ = t.proc.communicate(input="", timeout=30)
+    assert t.proc.returncode == 0 and out == "done\n"
