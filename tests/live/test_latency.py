@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import djprobe
+from djprobe.area import AreaLayout
 from djprobe.latency import bucket_bounds, bucket_of
 from tests.conftest import TARGETS, compile_c
 from tests.live.test_returns import expected_counts
@@ -287,3 +288,36 @@ def test_tracer_killed_with_latency_probes_then_cleanup(start_target, returns_ex
     assert report["ok"] and len(report["restored"]) == 4 and report["left_mapped"] == []
     out, _ = t.proc.communicate(input="", timeout=30)
     assert t.proc.returncode == 0 and out == "done\n"
+
+
+def test_libc_functions_under_python(tmp_path):
+    """Latency probes on libc's string, memory and allocator functions while CPython runs a
+    threaded workload: the output is unchanged, and every exit of every function is paired with
+    its call or counted unpaired (a sample lost to a counted collision)."""
+    from tests.live.test_returns import WORKLOAD
+
+    script = tmp_path / "work.py"
+    script.write_text(WORKLOAD)
+    argv = [sys.executable, str(script)]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn(argv, stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.layout = AreaLayout.for_latency()
+        names = {s.address: s.name for p in ("libc:str*", "libc:mem*", "libc:*alloc", "libc:free")
+                 for s in proc.symbols.resolve(p)}
+        probes = {a: djprobe.Djprobe(a, at="latency") for a in names}
+        refused = {id(d) for d, _ in proc.register_many(list(probes.values()))}
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        status = proc.process.popen.wait(timeout=120)
+    assert (output, status) == (plain.stdout, 0)
+    placed = {a: d for a, d in probes.items() if id(d) not in refused}
+    assert len(placed) > 0.6 * len(probes)
+    wrong = {names[a]: (d.latency.calls, d.latency.returns, d.latency.unpaired, d.latency.collisions)
+             for a, d in placed.items()
+             if d.latency.returns + d.latency.unpaired != d.latency.calls or d.latency.unpaired > d.latency.collisions}
+    assert wrong == {}
+    assert sum(d.latency.returns for d in placed.values()) > 20000
+    assert any(d.latency.returns > 1000 and d.latency.p50 for d in placed.values())
