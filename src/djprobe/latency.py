@@ -34,7 +34,8 @@ import numpy as np
 
 from .area import HIST_BUCKETS, MISC_COLLISIONS, MISC_UNPAIRED
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
-from .latency_stubs import LatencyTargets, build_latency_entry_stub, build_latency_exit_stub, latency_supported
+from .latency_stubs import (LatencyTargets, build_latency_both_stub, build_latency_entry_stub, build_latency_exit_stub,
+                            latency_supported)
 from .sites import analyse_exits, analyse_site
 
 if TYPE_CHECKING:
@@ -295,13 +296,14 @@ def build_stub(proc: "ProbedProcess", part: "Djprobe", analysis: "SiteAnalysis",
     lat = parent.latency if parent is not None else None
     if lat is None:
         raise InvalidSiteError(f"{analysis.site}: not a part of a latency probe")
-    if part._latency_role == "entry":
+    if part._latency_role in ("entry", "both"):
         if lat.targets is None:
             proc.clock.refresh()
             _allocate(proc, region, lat)
         assert lat.targets is not None
-        return build_latency_entry_stub(analysis, region.layout, region.slot_address(slot),
-                                        region.counter_address(slot), lat.targets, proc._rseq_offset())
+        build = build_latency_both_stub if part._latency_role == "both" else build_latency_entry_stub
+        return build(analysis, region.layout, region.slot_address(slot), region.counter_address(slot), lat.targets,
+                     proc._rseq_offset())
     if lat.targets is None:
         raise SiteBusyError(f"{analysis.site}: the entry of this latency probe could not be prepared")
     return build_latency_exit_stub(analysis, region.layout, region.slot_address(slot), lat.targets,
@@ -320,12 +322,19 @@ def _part(parent: "Djprobe", window: "SiteAnalysis", role: str) -> "Djprobe":
     return part
 
 
-def _overlap(entry: "SiteAnalysis", windows: list["SiteAnalysis"]) -> "SiteAnalysis | None":
+def _overlapping(entry: "SiteAnalysis", windows: list["SiteAnalysis"]) -> list["SiteAnalysis"]:
     lo, hi = entry.address, entry.address + entry.size
-    for w in windows:
-        if w.address < hi and lo < w.address + w.size:
-            return w
-    return None
+    return [w for w in windows if w.address < hi and lo < w.address + w.size]
+
+
+def _ends_with_exit(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
+    """Whether the entry window ends with the exit of ``window`` and runs straight to it (the
+    exit action can follow the entry action and the relocated instructions in one stub)."""
+    from .x86 import Flow
+
+    return (bool(entry.displaced) and window.exit is not None and not window.exit_path
+            and entry.displaced[-1].address == window.exit.address
+            and all(i.flow is Flow.NEXT for i in entry.displaced[:-1]))
 
 
 def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> list["Djprobe"]:
@@ -358,11 +367,12 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
             if not entry.ok:
                 raise entry.error()
             windows = exits.windows
-            clash = _overlap(entry, windows)
-            if clash is not None:
+            clash = _overlapping(entry, windows)
+            both = len(clash) == 1 and _ends_with_exit(entry, clash[0])
+            if clash and not both:
                 raise InvalidSiteError(
                     f"{name}: too short for latency: its entry window {entry.address:#x}+{entry.size} overlaps the "
-                    f"window of the exit '{clash.exit.text if clash.exit else '?'}' at {clash.address:#x}",
+                    f"window of the exit '{clash[0].exit.text if clash[0].exit else '?'}' at {clash[0].address:#x}",
                     address=entry.address)
         except DjprobeError as exc:
             refused.append((djp, proc._site_error(exc)))
@@ -371,7 +381,10 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
         djp.address = exits.address
         djp.site = name
         djp.latency = Latency(djp)
-        djp._parts = [_part(djp, entry, "entry")] + [_part(djp, w, "exit") for w in windows]
+        if both:  # one stub for the entry and the exit its window ends with
+            djp._parts = [_part(djp, entry, "both")] + [_part(djp, w, "exit") for w in windows if w is not clash[0]]
+        else:
+            djp._parts = [_part(djp, entry, "entry")] + [_part(djp, w, "exit") for w in windows]
         out.extend(djp._parts)
     return out
 

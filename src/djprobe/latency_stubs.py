@@ -46,7 +46,7 @@ from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _fs, _mem, _rsp_slot, count_action, rseq_descriptor
 
 __all__ = ["LatencyTargets", "GOLDEN", "TAG_SHIFT", "latency_key", "table_index", "build_latency_entry_stub",
-           "build_latency_exit_stub", "latency_supported"]
+           "build_latency_exit_stub", "build_latency_both_stub", "latency_supported"]
 
 GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: the high bits of key * GOLDEN
 TAG_SHIFT = 48
@@ -309,6 +309,55 @@ def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address:
     code = stub.code + padding + rseq_descriptor(start, end, abort)
     return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated,
                 action_start=stub.action_start)
+
+
+def build_latency_both_stub(
+    site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int, targets: LatencyTargets,
+    rseq_offset: int | None = None,
+) -> Stub:
+    """The stub of a function whose entry window ends with one of its exits (straight-line code
+    before it: ``lea eax,[rdi+1]; ret``, ``xor esi,esi; jmp f``): the entry action, the relocated
+    instructions before the exit, the exit action, the relocated exit. Both rseq descriptors sit
+    at the end of the slot (the entry's last, the exit's before it). The action range spans both
+    actions and the relocated code between them: a thread anywhere there at removal runs out of
+    the stub by itself."""
+    from iced_x86 import Decoder
+
+    from .stubs import assemble
+    from .x86.relocate import Relocated, relocate
+
+    if not site.at_entry:
+        raise ValueError("a latency entry stub goes at the first byte of a function")
+    displaced = list(getattr(site, "displaced"))
+    prefix, last = displaced[:-1], displaced[-1]
+    entry_desc = slot_address + layout.slot_size - RSEQ_CS_SIZE
+    exit_desc = entry_desc - RSEQ_CS_SIZE
+    per_entry = None if rseq_offset is None else PerCpu(rseq_offset, entry_desc)
+    per_exit = None if rseq_offset is None else PerCpu(rseq_offset, exit_desc)
+    a = count_action(layout, counter_address, red_zone_live=False, flags_live=False, per_cpu=per_entry)
+    entry_action(a, targets)
+    entry_code = assemble(a.instructions(), slot_address)
+    at = slot_address + len(entry_code)
+    pre = relocate(prefix, at, None) if prefix else None
+    address_map = dict(pre.address_map) if pre is not None else {}
+    exit_at = at + (len(pre.code) if pre is not None else 0)
+    b = exit_action(targets, per_exit)
+    exit_code = assemble(b.instructions(), exit_at)
+    address_map[last.address] = exit_at  # a thread at the exit runs the exit action first
+    last_code = relocate([last], exit_at + len(exit_code), None).code
+    code = entry_code + (pre.code if pre is not None else b"") + exit_code + last_code
+    reserve = 2 * RSEQ_CS_SIZE if rseq_offset is not None else 0
+    if len(code) > layout.slot_size - reserve:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    if rseq_offset is not None:
+        descriptors = []
+        for asm, piece, base in ((b, exit_code, exit_at), (a, entry_code, slot_address)):
+            ips = [insn.ip for insn in Decoder(64, piece, ip=base)]
+            descriptors.append(rseq_descriptor(*(ips[asm.index_of(n)] for n in ("cs_start", "cs_end", "abort"))))
+        code = code + b"\xcc" * (layout.slot_size - reserve - len(code)) + b"".join(descriptors)
+    relocated = Relocated(code, slot_address, address_map, None)
+    return Stub(address=slot_address, code=code, action_size=exit_at + len(exit_code) - slot_address,
+                relocated=relocated)
 
 
 def latency_supported() -> str | None:

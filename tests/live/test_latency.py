@@ -21,8 +21,10 @@ from tests.live.test_returns import expected_counts
 
 pytestmark = pytest.mark.timeout(240)
 
-# every function of exits.S/returns_main.c but x_wrap (its tail call ends its entry window)
-FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "x_chain", "rec", "jumper"]
+# every function of exits.S/returns_main.c (x_wrap: its tail call ends its entry window, one stub
+# does both actions)
+FUNCS = ["x_three", "x_leaf", "x_tail", "x_itail", "x_self", "x_paths", "x_condtail", "x_chain", "x_wrap", "rec",
+         "jumper"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def eh_exe():
 
 @pytest.fixture(scope="module")
 def timed_exe():
-    return compile_c(TARGETS / "latency_main.c", "-O2", name="latency_main")
+    return compile_c([TARGETS / "latency_main.c", TARGETS / "latency_short.S"], "-O2", name="latency_main")
 
 
 def _run_with_latency(argv, funcs, per_cpu=True):
@@ -69,13 +71,14 @@ def test_exact_calls_and_returns_threads_recursion_tail_calls_longjmp(returns_ex
     n, threads = 1200, 3
     plain = subprocess.run([str(returns_exe), str(n), str(threads)], capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0
-    out, status, probes, refused = _run_with_latency([returns_exe, n, threads], FUNCS + ["x_wrap"], per_cpu)
+    out, status, probes, refused = _run_with_latency([returns_exe, n, threads], FUNCS, per_cpu)
     assert (out, status) == (plain.stdout, 0)
-    assert list(refused) == ["x_wrap"] and "too short for latency" in str(refused["x_wrap"])
+    assert refused == {}
     want = expected_counts(n, threads)
     for f in FUNCS:
         _check_pairing(probes[f].latency, *want[f])
     assert len(probes["x_three"].exits.exits) == 3
+    assert [p._latency_role for p in probes["x_wrap"]._parts] == ["both"]
     # rec(4) measures the four calls under it too: its samples spread over more buckets
     assert probes["rec"].latency.total_ns > 0 and probes["rec"].latency.average_ns > 0
 
@@ -116,9 +119,11 @@ def test_known_durations_land_in_their_buckets(timed_exe, tmp_path):
     histograms (cumulatively), whatever the load did to the durations."""
     n, threads = 150, 3
     record = tmp_path / "durations.txt"
-    out, status, probes, refused = _run_with_latency([timed_exe, n, threads, record], ["spin_short", "spin_long", "tiny"])
+    funcs = ["spin_short", "spin_long", "tiny", "lat_overlap"]
+    out, status, probes, refused = _run_with_latency([timed_exe, n, threads, record], funcs)
     assert status == 0 and out == f"calls={3 * n * threads} checksum={threads * sum(i + 1 for i in range(n))}\n"
-    assert list(refused) == ["tiny"] and "too short for latency" in str(refused["tiny"])
+    assert list(refused) == ["lat_overlap"] and "too short for latency" in str(refused["lat_overlap"])
+    _check_pairing(probes["tiny"].latency, n * threads, n * threads)  # one stub: entry, lea, exit, ret
     for f, kind, floor in (("spin_short", "short", 5000), ("spin_long", "long", 40000)):
         lat = probes[f].latency
         _check_pairing(lat, n * threads, n * threads)
@@ -178,8 +183,6 @@ def test_register_unregister_under_load(start_target, returns_exe):
 
 def test_refusals_and_exclusive_sites(returns_exe):
     with djprobe.spawn([str(returns_exe), "60", "1"], stdout=subprocess.DEVNULL) as proc:
-        with pytest.raises(djprobe.InvalidSiteError, match="too short for latency"):
-            proc.register(djprobe.Djprobe("x_wrap", at="latency"))
         with pytest.raises(djprobe.InvalidSiteError):
             proc.register(djprobe.Djprobe("x_short", at="latency"))  # its return side is refused
         assert not proc.probes
@@ -210,16 +213,17 @@ def _cli(*args, timeout=120):
 def test_cli_json(timed_exe, tmp_path):
     n, threads = 60, 2
     record = tmp_path / "d.txt"
-    res = _cli("latency", "--json", "spin_*", "tiny", "--", timed_exe, n, threads, record)
+    res = _cli("latency", "--json", "spin_*", "tiny", "lat_overlap", "--", timed_exe, n, threads, record)
     assert res.returncode == 0, res.stderr
     assert f"calls={3 * n * threads}" in res.stdout  # the command's own output
     report = json.loads(res.stdout.splitlines()[-1])
     assert set(report) == {"functions", "refused", "exit_status"}
     assert report["exit_status"] == 0
     assert [(r["site"].split(":")[-1], "too short for latency" in r["reason"]) for r in report["refused"]] == [
-        ("tiny", True)]
+        ("lat_overlap", True)]
     funcs = {f["site"].split(":")[-1]: f for f in report["functions"]}
-    assert set(funcs) == {"spin_short", "spin_long"}
+    assert set(funcs) == {"spin_short", "spin_long", "tiny"}
+    assert funcs["tiny"]["calls"] == n * threads
     for name, floor in (("spin_short", 5000), ("spin_long", 40000)):
         f = funcs[name]
         assert set(f) == {"site", "address", "calls", "returns", "total_ns", "hist"}
