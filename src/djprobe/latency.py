@@ -16,9 +16,11 @@ their table entry to another call: their sample is lost, never mismeasured) and 
 by ``longjmp``, an exception or a thread's end has no return; its entry is overwritten by the
 next call of the function at the same stack pointer, or counted as a collision by another.
 
-Refused (``InvalidSiteError`` with the reason): a function whose return probe would be refused;
-one whose entry window overlaps one of its exit windows (very short functions, and wrappers whose
-tail call ends the entry window); a CPU without AVX (16-byte accesses are atomic only there).
+A function whose entry window ends with one of its exits (straight-line code before it: tiny
+functions, tail-call wrappers) has one *both* part: a stub with the entry action, the relocated
+instructions, the exit action and the exit. Refused (``InvalidSiteError`` with the reason): a
+function whose return probe would be refused; one whose entry window overlaps an exit window
+otherwise; a CPU without AVX (16-byte accesses are atomic only there).
 A latency probe's addresses cannot be shared with another probe (``SiteBusyError``).
 
 :class:`~djprobe.probes.ProbedProcess` calls the hooks here: :func:`expand` (the parts),

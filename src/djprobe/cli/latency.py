@@ -25,7 +25,8 @@ Per function: calls (entries), returns (exits paired with their entry), the aver
 p99 (interpolated inside the log2 buckets) and the histogram. The time of a call is from its
 entry to its exit (a tail call ends it: the called function is measured on its own). A call
 left by longjmp or an exception has no return; calls already running when the probes went in
-are not measured. Functions too short for an entry and separate exit jumps are refused.
+are not measured. Functions whose entry window overlaps an exit window without ending with
+it (too short for separate jumps) are refused.
 """
 
 UNITS = {"nsecs": 1, "usecs": 1000, "msecs": 1_000_000}
