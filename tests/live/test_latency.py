@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import djprobe
+import djprobe.latency
 from djprobe.area import AreaLayout
 from djprobe.latency import bucket_bounds, bucket_of
 from tests.conftest import TARGETS, compile_c
@@ -325,3 +326,28 @@ def test_libc_functions_under_python(tmp_path):
     assert wrong == {}
     assert sum(d.latency.returns for d in placed.values()) > 20000
     assert any(d.latency.returns > 1000 and d.latency.p50 for d in placed.values())
+
+
+def test_area_limits_tags_and_blocks(returns_exe):
+    """An area serves `latency_functions` probes at once (the next is refused with NoRoomError);
+    a block is reused once its probe is out; when the 16-bit tags run out, the table is cleared
+    (no probe of the area in place) and tags start again, still pairing exactly."""
+    with djprobe.spawn([str(returns_exe), "600", "2"], stdout=subprocess.DEVNULL) as proc:
+        proc.layout = AreaLayout(ring_count=1, ring_slots=1, latency_functions=2, latency_slots=64)
+        a = proc.register(djprobe.Djprobe("x_three", at="latency"))
+        b = proc.register(djprobe.Djprobe("x_leaf", at="latency"))
+        with pytest.raises(djprobe.NoRoomError, match="latency probes at most"):
+            proc.register(djprobe.Djprobe("x_tail", at="latency"))
+        assert not any(p.site and p.site.endswith("x_tail") for p in proc.probes)
+        proc.unregister(b)
+        state = a.latency.region.latency_state
+        state.next_tag = djprobe.latency.MAX_TAG + 1  # as after 65,535 registrations in this area
+        with pytest.raises(djprobe.NoRoomError, match="remove the others"):
+            proc.register(djprobe.Djprobe("x_tail", at="latency"))  # a's tag may still be in the table
+        proc.unregister(a)
+        c = proc.register(djprobe.Djprobe("x_tail", at="latency"))
+        assert c.latency.tag == 1 and c.latency.function in (0, 1)
+        assert (a.latency.calls, b.latency.calls) == (0, 0)  # held before main while they were in
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0
+        _check_pairing(c.latency, 1200, 1200)
