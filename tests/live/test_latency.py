@@ -351,3 +351,85 @@ def test_area_limits_tags_and_blocks(returns_exe):
         proc.start()
         assert proc.process.popen.wait(timeout=60) == 0
         _check_pairing(c.latency, 1200, 1200)
+
+
+SIGNALED = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+__attribute__((noinline)) long lat_f(long x) {
+    long s = x;
+    for (int k = 0; k < (int)(x & 7); k++)
+        s = s * 3 + k;
+    return s;
+}
+
+static volatile long handled, sink;
+static volatile int done;
+static pid_t tids[2];
+
+static void on_usr1(int sig) {
+    (void)sig;
+    sink += lat_f(5);  /* a call nested in the interrupted one, on the same stack, lower */
+    __atomic_add_fetch(&handled, 1, __ATOMIC_SEQ_CST);
+}
+
+static void *worker(void *arg) {
+    long n = (long)arg, s = 0;
+    tids[n & 1] = syscall(SYS_gettid);
+    for (long i = 0; i < 2000000; i++)
+        s += lat_f(i);
+    sink += s;
+    return NULL;
+}
+
+static void *sender(void *arg) {
+    (void)arg;
+    while (!done) {
+        for (int k = 0; k < 2; k++)
+            if (tids[k]) syscall(SYS_tgkill, getpid(), tids[k], SIGUSR1);
+        usleep(20);
+    }
+    return NULL;
+}
+
+int main(void) {
+    struct sigaction sa = {.sa_handler = on_usr1, .sa_flags = SA_RESTART};
+    sigaction(SIGUSR1, &sa, NULL);
+    pthread_t w[2], snd;
+    for (long k = 0; k < 2; k++)
+        pthread_create(&w[k], NULL, worker, (void *)k);
+    pthread_create(&snd, NULL, sender, NULL);
+    for (int k = 0; k < 2; k++)
+        pthread_join(w[k], NULL);
+    done = 1;
+    pthread_join(snd, NULL);
+    printf("handled=%ld\n", handled);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("per_cpu", [True, False], ids=["per_cpu", "locked"])
+def test_signals_inside_the_stubs(per_cpu):
+    """Two threads call lat_f 2,000,000 times each while a third signals them every 20 us; each
+    handler calls lat_f too (nested, lower on the same stack). Signals that land inside an rseq
+    critical section of a stub restart it; nothing may be counted twice or lost unaccounted."""
+    exe = compile_c(SIGNALED, "-O2", name="lat_signals")
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.per_cpu_counters = per_cpu
+        djp = proc.register(djprobe.Djprobe("lat_f", at="latency"))
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=120) == 0
+    handled = int(output.split("=")[1])
+    assert handled > 100
+    _check_pairing(djp.latency, 4_000_000 + handled, 4_000_000 + handled)
