@@ -137,9 +137,17 @@ class Latency:
         return LatencyFigures(now.hist - base.hist, now.calls - base.calls, now.total_ns - base.total_ns,
                               now.collisions - base.collisions, now.unpaired - base.unpaired)
 
-    def reset(self) -> None:
-        """Start counting from zero (as of now): what ``latency -i`` does after each report."""
-        self._base = self._read()
+    def reset(self, reported: "LatencyFigures | None" = None) -> None:
+        """Start counting from zero: as of now, or just after ``reported`` (figures read earlier
+        with :meth:`read`: what ``latency -i`` does after each report, so that nothing that
+        happened between the report and the reset is lost)."""
+        if reported is None:
+            self._base = self._read()
+            return
+        b = self._base
+        self._base = _Reading(b.hist + reported.histogram, b.total_ns + reported.total_ns,
+                              b.collisions + reported.collisions, b.unpaired + reported.unpaired,
+                              b.calls + reported.calls)
 
     @property
     def histogram(self) -> np.ndarray:

@@ -249,19 +249,23 @@ def test_cli_text_interval_and_output_file(timed_exe, tmp_path):
     assert res.returncode == 0 and "msecs" in res.stdout
 
 
-def test_cli_interval_resets(returns_exe, start_target):
-    t = start_target([returns_exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert t.proc.stdout.readline().startswith("ready")
-    res = _cli("latency", "--json", "-i", "0.3", "-d", "1.2", "-p", t.pid, "x_three", "rec")
+def test_cli_interval_resets(timed_exe, tmp_path):
+    """With -i every report covers the time since the one before: the calls and returns of all
+    reports add up to the run's (however many reports the load let happen)."""
+    n = 2000
+    res = _cli("latency", "--json", "-i", "0.05", "spin_short", "--", timed_exe, n, 1, tmp_path / "d.txt")
     assert res.returncode == 0, res.stderr
-    reports = [json.loads(line) for line in res.stdout.splitlines()]
-    assert len(reports) >= 3
-    assert all(r["final"] is False for r in reports[:-1]) and reports[-1]["final"] is True
+    reports = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert reports and all(r["final"] is False for r in reports[:-1]) and reports[-1]["final"] is True
+    assert [r["interval"] for r in reports] == list(range(1, len(reports) + 1))
+    assert reports[-1]["exit_status"] == 0
+    calls = returns = 0
     for r in reports:
-        for f in r["functions"]:
-            assert sum(b["count"] for b in f["hist"]) == f["returns"]
-    t.proc.communicate(input="", timeout=30)
-    assert t.proc.returncode == 0
+        (f,) = r["functions"]
+        assert sum(b["count"] for b in f["hist"]) == f["returns"]
+        calls += f["calls"]
+        returns += f["returns"]
+    assert calls == n and returns <= n
 
 
 def test_tracer_killed_with_latency_probes_then_cleanup(start_target, returns_exe):

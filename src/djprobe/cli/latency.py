@@ -9,6 +9,7 @@ import time
 from typing import TextIO
 
 from ..area import AreaLayout
+from ..latency import LatencyFigures
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import (Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target,
@@ -56,9 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run, unit="nsecs")
 
 
-def function_json(djp: Djprobe) -> dict:
+def function_json(djp: Djprobe, lat: LatencyFigures) -> dict:
     """One function of the JSON report (the issue's format)."""
-    lat = djp.latency.read()  # type: ignore[union-attr]
     return {
         "site": djp.site,
         "address": djp.address,
@@ -83,9 +83,8 @@ def _bound(ns: int, unit: str) -> str:
     return f"{v:.0f}" if v >= 1000 else f"{v:.4g}"
 
 
-def text_report(djp: Djprobe, unit: str) -> str:
+def text_report(djp: Djprobe, lat: LatencyFigures, unit: str) -> str:
     """BCC funclatency's histogram, with calls, returns, average and percentiles above it."""
-    lat = djp.latency.read()  # type: ignore[union-attr]
     avg = lat.average_ns
     lines = [
         f"Function = {djp.site}",
@@ -111,11 +110,13 @@ def text_report(djp: Djprobe, unit: str) -> str:
 
 
 def _report(out: TextIO, args: argparse.Namespace, probes: list[Djprobe], refused: list[Refusal],
-            status: int | None, *, interval: int, final: bool) -> None:
+            status: int | None, *, interval: int, final: bool) -> dict[int, LatencyFigures]:
+    """Write one report; returns the figures reported, by probe (``id``)."""
     rows = sorted(probes, key=lambda d: d.site or "")
+    figures = {id(d): d.latency.read() for d in rows}  # type: ignore[union-attr]
     if args.json:
         doc: dict = {
-            "functions": [function_json(d) for d in rows],
+            "functions": [function_json(d, figures[id(d)]) for d in rows],
             "refused": [{"site": r.site, "reason": r.reason} for r in refused],
             "exit_status": status,
         }
@@ -126,10 +127,11 @@ def _report(out: TextIO, args: argparse.Namespace, probes: list[Djprobe], refuse
         if args.interval:
             stamp = time.strftime("%H:%M:%S")
             out.write(f"[{stamp}] interval {interval}" + (" (final)" if final else "") + "\n")
-        out.write("\n\n".join(text_report(d, args.unit) for d in rows) + "\n")
+        out.write("\n\n".join(text_report(d, figures[id(d)], args.unit) for d in rows) + "\n")
         if args.interval and not final:
             out.write("\n")
     out.flush()
+    return figures
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
             interval = 0
             for _ in run_until_done(target, args.duration, args.interval):
                 interval += 1
-                _report(out, args, probes, refused, None, interval=interval, final=False)
+                reported = _report(out, args, probes, refused, None, interval=interval, final=False)
                 for djp in probes:
-                    djp.latency.reset()  # type: ignore[union-attr]
+                    djp.latency.reset(reported[id(djp)])  # type: ignore[union-attr]
             target.unregister_many(probes)
         # closed now: threads left in a stub's action ran out of it first, then the figures froze
         exec_note = watch.note() if watch is not None else None
