@@ -80,6 +80,10 @@ class Djprobe:
     returns. It is placed only if every exit can take a jump (``exits`` then holds the analysis);
     otherwise registration raises InvalidSiteError naming the exit that cannot. A call left by
     ``longjmp`` or an exception has no return.
+
+    ``at="latency"`` makes a latency probe (see :mod:`djprobe.latency`): the entry and every exit
+    of the function, the duration of each call added into a histogram in the target; after
+    registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
 
     def __init__(
@@ -124,7 +128,7 @@ class Djprobe:
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
         #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
         self.latency: latency.Latency | None = None
-        self._latency_role: str | None = None  # "entry" or "exit" for a part of a latency probe
+        self._latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
         self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
         self._parent: Djprobe | None = None  # the return probe this is a part of
         self._preset: SiteAnalysis | None = None  # a part's exit window
