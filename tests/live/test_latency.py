@@ -437,3 +437,29 @@ def test_signals_inside_the_stubs(per_cpu):
     handled = int(output.split("=")[1])
     assert handled > 100
     _check_pairing(djp.latency, 4_000_000 + handled, 4_000_000 + handled)
+
+
+REGS_MAIN = r"""
+#include <stdio.h>
+#include <stdlib.h>
+long regcheck(long n);
+int main(int argc, char **argv) { printf("changed=%ld\n", regcheck(atol(argv[1]))); return 0; }
+"""
+
+
+def test_stubs_keep_every_register(tmp_path):
+    """Callers may keep values in call-clobbered registers across a call to a function that does
+    not touch them (inter-procedural register allocation): with latency probes on such functions
+    (separate entry and exit stubs, and one stub for both), no register the function kept may
+    change."""
+    main = tmp_path / "regs_main.c"
+    main.write_text(REGS_MAIN)
+    exe = compile_c([main, TARGETS / "latency_regs.S"], "-O2", name="latency_regs")
+    n = 20000
+    out, status, probes, refused = _run_with_latency([exe, n], ["leaf_keep", "leaf_tiny"])
+    assert refused == {} and status == 0
+    assert [p._latency_role for p in probes["leaf_tiny"]._parts] == ["both"]
+    assert [p._latency_role for p in probes["leaf_keep"]._parts] == ["entry", "exit"]
+    assert out == "changed=0\n"
+    for f in ("leaf_keep", "leaf_tiny"):
+        _check_pairing(probes[f].latency, n, n)
