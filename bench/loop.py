@@ -90,6 +90,11 @@ def run_atomic(threads: int, iters: int) -> Sample:
     return _sample(r, iters, r["atomic"])
 
 
+def run_tsc_hist(threads: int, iters: int) -> Sample:
+    r = _run_plain("tsc", threads, iters)
+    return _sample(r, iters, None)
+
+
 def run_plain_counter(threads: int, iters: int) -> Sample:
     r = _run_plain("plain", threads, iters)
     return _sample(r, iters, r["plain"])
@@ -478,6 +483,7 @@ ROWS: list[RowSpec] = [
     RowSpec("djp_lossless", "djprobe record args, lossless flood", run_djprobe_lossless, (1_000_000, 5_000_000)),
     RowSpec("djp_flood", "djprobe record, flood + batch read", run_djprobe_flood, (5_000_000, 20_000_000)),
     RowSpec("djp_handler", "djprobe record, flood + Py handler", run_djprobe_handler, (1_000_000, 5_000_000)),
+    RowSpec("tsc_hist", "TSC pair + per-thread hist compiled in", run_tsc_hist, (5_000_000, 20_000_000)),
     RowSpec("djp_latency", "djprobe latency (entry + exits, hist)", run_djprobe_latency, (5_000_000, 20_000_000)),
     RowSpec("uprobe", "kernel uprobe (tracefs)", run_uprobe, (50_000, 200_000)),
     RowSpec("uprobe_pair", "kernel uprobe + uretprobe (tracefs)", run_uprobe_pair, (20_000, 100_000)),
