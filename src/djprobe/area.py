@@ -133,8 +133,9 @@ class AreaLayout:
     @classmethod
     def for_counting(cls) -> "AreaLayout":
         """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
-        them (a record probe can still be placed there, its events then mostly dropped)."""
-        return cls(ring_count=1, ring_slots=1)
+        them (a record probe can still be placed there, its events then mostly dropped) and a small
+        latency block (8 latency probes)."""
+        return cls(ring_count=1, ring_slots=1, latency_functions=8, latency_slots=1024)
 
     @classmethod
     def for_latency(cls) -> "AreaLayout":
