@@ -463,3 +463,18 @@ def test_stubs_keep_every_register(tmp_path):
     assert out == "changed=0\n"
     for f in ("leaf_keep", "leaf_tiny"):
         _check_pairing(probes[f].latency, n, n)
+
+
+def test_cli_attached_by_pid(returns_exe, start_target):
+    t = start_target([returns_exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert t.proc.stdout.readline().startswith("ready")
+    res = _cli("latency", "--json", "-d", "1", "-p", t.pid, "x_three", "rec")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.splitlines()[-1])
+    assert report["exit_status"] is None and report["refused"] == []
+    for f in report["functions"]:
+        assert sum(b["count"] for b in f["hist"]) == f["returns"]
+        in_flight = 4 * (5 if f["site"].endswith(":rec") else 1)  # calls of the 4 threads at removal
+        assert f["returns"] <= f["calls"] + in_flight
+    out, _ = t.proc.communicate(input="", timeout=30)
+    assert t.proc.returncode == 0 and out == "done\n"
