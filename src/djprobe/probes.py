@@ -46,7 +46,7 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
-from . import overlaps, returns
+from . import latency, overlaps, returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
@@ -80,6 +80,10 @@ class Djprobe:
     returns. It is placed only if every exit can take a jump (``exits`` then holds the analysis);
     otherwise registration raises InvalidSiteError naming the exit that cannot. A call left by
     ``longjmp`` or an exception has no return.
+
+    ``at="latency"`` makes a latency probe (see :mod:`djprobe.latency`): the entry and every exit
+    of the function, the duration of each call added into a histogram in the target; after
+    registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
 
     def __init__(
@@ -95,11 +99,15 @@ class Djprobe:
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
-        if at not in ("entry", "return"):
-            raise InvalidSiteError(f"at must be 'entry' or 'return', not {at!r}")
+        if at not in ("entry", "return", "latency"):
+            raise InvalidSiteError(f"at must be 'entry', 'return' or 'latency', not {at!r}")
         if isinstance(addr, str):
             addr, is_return = split_return_spec(addr)
+            if is_return and at == "latency":
+                raise InvalidSiteError("a latency probe names the function, without %return")
             at = "return" if is_return else at
+        if at == "latency" and (size is not None or handler is not None or record or lossless):
+            raise InvalidSiteError("a latency probe takes no size, handler, record or lossless: it only measures")
         if at == "return" and size is not None:
             raise InvalidSiteError("a return probe takes no size: each exit window's size is computed")
         if size is not None and (not isinstance(size, int) or size < 5 or size > 24):
@@ -118,6 +126,9 @@ class Djprobe:
         self.lossless = lossless
         self.at = at
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
+        #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
+        self.latency: latency.Latency | None = None
+        self._latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
         self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
         self._parent: Djprobe | None = None  # the return probe this is a part of
         self._preset: SiteAnalysis | None = None  # a part's exit window
@@ -333,6 +344,7 @@ class ProbedProcess:
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
+        djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
         for djp in djps:
             if djp.registered:
@@ -369,7 +381,7 @@ class ProbedProcess:
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp))
+                plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp)
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 plan[0] = None
@@ -402,6 +414,8 @@ class ProbedProcess:
 
     @staticmethod
     def _action_for(djp: Djprobe) -> tuple[str, str, bool]:
+        if djp._latency_role is not None:
+            return ("latency", "all", False)
         return ("record", djp.registers, djp.lossless) if djp.record else ("count", "all", False)
 
     def _overlapping(self, address: int, size: int) -> Instance | None:
@@ -438,10 +452,12 @@ class ProbedProcess:
             overlaps.insert_guest(self, djp, analysis, host)
             return
         if existing is not None:
-            conflict = returns.join_conflict(existing, analysis)
-            if conflict is not None and (overlaps.place_exit(self, djp, analysis, prepared)
-                                         or overlaps.reanchor(self, djp, analysis, existing, prepared)):
-                return  # an entry probe and an exit share the window
+            conflict = latency.join_conflict(existing, djp)
+            if conflict is None:
+                conflict = returns.join_conflict(existing, analysis)
+                if conflict is not None and (overlaps.place_exit(self, djp, analysis, prepared)
+                                             or overlaps.reanchor(self, djp, analysis, existing, prepared)):
+                    return  # an entry probe and an exit share the window
             if conflict is not None:
                 raise SiteBusyError(f"{analysis.site}: {conflict}", address=address)
             if djp.size is not None and djp.size != existing.size:
@@ -475,7 +491,7 @@ class ProbedProcess:
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, part=djp)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -509,7 +525,8 @@ class ProbedProcess:
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
+    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
+                 part: Djprobe | None = None) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet)."""
         tried_new = False
         # The last slots of an area are kept for the probes already in it (a probe joining one
@@ -532,7 +549,9 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if action == "record":
+                if action == "latency":
+                    stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
+                elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
                         analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
@@ -952,6 +971,7 @@ class ProbedProcess:
             for djp in self.probes:
                 self._forget(djp)
         finally:
+            latency.before_close(self._regions)
             for region in self._regions:
                 region.close_tracer_side()
             self.process.close()

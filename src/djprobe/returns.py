@@ -110,7 +110,8 @@ def settle(proc: "ProbedProcess", refused: list) -> list:
         elif id(parent) not in failed:
             window = djp._preset
             where = f"exit window at {window.address:#x} (ending with '{window.exit.text}' at {window.exit.address:#x})" \
-                if window is not None and window.exit is not None else "an exit window"
+                if window is not None and window.exit is not None else \
+                f"entry window at {window.address:#x}" if window is not None else "an exit window"
             err = type(exc)(f"{parent.site}: {where}: {exc}", address=getattr(exc, "address", None))
             failed[id(parent)] = (parent, err)
     for parent, err in failed.values():
@@ -126,7 +127,7 @@ def parts_of(djps: Iterable["Djprobe"]) -> list["Djprobe"]:
     """``djps`` with every return probe replaced by its registered parts (for removal)."""
     out: list[Djprobe] = []
     for djp in djps:
-        if djp.at == "return" and djp._parts is not None:
+        if djp._parts is not None:  # a return or latency probe
             out.extend(p for p in djp._parts if p.registered)
         else:
             out.append(djp)

@@ -92,7 +92,8 @@ def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, co
 
 
 def make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False,
+    at: str | None = None,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons.
 
@@ -102,7 +103,7 @@ def make_probes(
     """
     held = _held_command(target)
     try:
-        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless)
+        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless, at=at)
     except BaseException as exc:
         if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
@@ -120,10 +121,11 @@ def make_probes(
 
 
 def _make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False,
+    at: str | None = None,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
-    per function); refusals with their reasons."""
+    per function; ``at="latency"``: a latency probe per function); refusals with their reasons."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
     probes: dict[tuple[int, bool], Djprobe] = {}
@@ -140,8 +142,11 @@ def _make_probes(
             key = (site.address, at_return)
             if key in probes:
                 continue
+            if at == "latency" and at_return:
+                raise InvalidSiteError(f"pattern {pattern!r}: a latency probe names the function, without %return")
             djp = Djprobe(
-                site.address, record=record, registers=registers, lossless=lossless, at="return" if at_return else "entry"
+                site.address, record=record, registers=registers, lossless=lossless,
+                at=at or ("return" if at_return else "entry"),
             )
             djp.site = site.name + (RETURN_SUFFIX if at_return else "")
             probes[key] = djp
