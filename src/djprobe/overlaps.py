@@ -43,6 +43,12 @@ def reserved_slots(layout) -> int:
     return layout.max_instances // 16
 
 
+def _shares(instance: "Instance") -> bool:
+    """Whether ``instance``'s action can be one of a shared stub's (counts and records can; a
+    latency probe's stub serves it alone, see ``latency.py``)."""
+    return instance.action in ("count", "record")
+
+
 def _shareable(analysis: SiteAnalysis) -> bool:
     """A window that can hold several actions: an entry or mid-function window, or the plain
     window of an exit (not a path window, whose stub runs a copy of a block)."""
@@ -76,7 +82,7 @@ def host_for(proc: "ProbedProcess", address: int) -> "Instance | None":
     if other is None:
         return None
     host = other.host or other
-    if not _shareable(host.analysis) or not _inside(host.analysis, address) or address == point_of(host):
+    if not _shares(host) or not _shareable(host.analysis) or not _inside(host.analysis, address) or address == point_of(host):
         return None
     return host
 
@@ -189,7 +195,7 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
     False (nothing changed) where that does not apply; raises the grown window's refusal."""
     from .sites import analyse_site
 
-    if djp._preset is None or not _at_exit(analysis):
+    if djp._preset is None or not _at_exit(analysis) or proc._action_for(djp)[0] not in ("count", "record"):
         return False
     exit_insn = analysis.exit
     path = bool(analysis.exit_path)  # its block is copied into the stub; its window's branches lead there
@@ -200,7 +206,7 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
     if other is None:
         return False
     host = other.host or other
-    if not _shareable(host.analysis) or _at_exit(host.analysis) or analysis.address < host.address:
+    if not _shares(host) or not _shareable(host.analysis) or _at_exit(host.analysis) or analysis.address < host.address:
         return False
     if key in proc._instances or key == point_of(host) or key == host.address:
         return False
@@ -428,6 +434,8 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     old = other.host or other
     start = analysis.address
     if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not old.analysis.ok:
+        return False
+    if not _shares(old) or proc._action_for(djp)[0] not in ("count", "record"):
         return False
     old_path = bool(old.analysis.exit_path)  # a path exit: its window's branches lead to a copied block
     old_exit = old.analysis.exit if _at_exit(old.analysis) and not old_path else None
