@@ -35,6 +35,11 @@ RING_WAITED = 8  # producers add the TSC cycles they waited for room (lossless p
 RING_TAIL = 64
 RING_HEARTBEAT = 72  # the consumer's TSC at its last drain: a lossless probe waits only if recent
 RECORD_SIZE = 256
+# Words of the loader hook (see loader.py), in the header page after the header itself.
+LOADER_ARMED = 2048  # u32: the tracer wants to hear of libraries mapped and unmapped
+LOADER_REQUEST = 2052  # u32 futex word: the hook adds one per notification and wakes the tracer
+LOADER_ACK = 2056  # u32 futex word: the tracer writes the request it has handled and wakes the hook
+LOADER_HEARTBEAT = 2064  # u64: the tracer's TSC, written every LOADER_BEAT seconds while it listens
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
 REGISTER_NAMES = (

@@ -356,7 +356,7 @@ class ProbedProcess:
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp))
+                plan[2] = self._prepare(analysis, *self._action_for(djp), builder=getattr(djp, "build_stub", None))
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 plan[0] = None
@@ -387,6 +387,8 @@ class ProbedProcess:
 
     @staticmethod
     def _action_for(djp: Djprobe) -> tuple[str, str, bool]:
+        if getattr(djp, "build_stub", None) is not None:
+            return ("custom", "all", False)  # a probe that builds its own stub (loader.py)
         return ("record", djp.registers, djp.lossless) if djp.record else ("count", "all", False)
 
     def _overlapping(self, address: int, size: int) -> Instance | None:
@@ -412,6 +414,8 @@ class ProbedProcess:
         existing = self._instances.get(address)
         if existing is not None:
             conflict = returns.join_conflict(existing, analysis)
+            if (existing.action == "custom") != (getattr(djp, "build_stub", None) is not None):
+                conflict = "djprobe's own hook (a stub of another kind) is there"
             if conflict is not None:
                 raise SiteBusyError(f"{analysis.site}: {conflict}", address=address)
             if djp.size is not None and djp.size != existing.size:
@@ -442,7 +446,7 @@ class ProbedProcess:
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, getattr(djp, "build_stub", None))
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -476,8 +480,11 @@ class ProbedProcess:
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
-        """Take a slot near the site and write its stub (not reachable by any thread yet)."""
+    def _prepare(
+        self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False, builder: Callable | None = None
+    ) -> tuple[Region, int, Stub]:
+        """Take a slot near the site and write its stub (not reachable by any thread yet);
+        ``builder(self, analysis, region, slot)`` builds a custom action's stub."""
         tried_new = False
         candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
         while True:
@@ -496,7 +503,9 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if action == "record":
+                if builder is not None:
+                    stub = builder(self, analysis, region, slot)
+                elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
                         analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
@@ -666,7 +675,7 @@ class ProbedProcess:
             current = b""
         if current[:5] == instance.patched[:5]:
             self.process.write(instance.address, instance.original)
-        else:
+        elif current:
             # Not our jump any more (the program exec'd, or something rewrote the code): writing
             # the old bytes could corrupt what is there now. Leave it.
             log.warning(

@@ -8,13 +8,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import os
 import subprocess
 
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
+from ..pending import is_missing_module
 from ..sites import RETURN_SUFFIX, split_return_spec
 
 
@@ -92,17 +93,25 @@ def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, co
 
 
 def make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess,
+    patterns: list[str],
+    *,
+    record: bool = False,
+    registers: str = "all",
+    lossless: bool = False,
+    pending: list[str] | None = None,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons.
 
     A command spawned by djprobe (still held before ``main``) that will not be traced is killed
     before it runs: a pattern matches nothing or cannot be resolved, no site takes a probe, or a
     signal asked djprobe to end meanwhile. Raises NotStartedError then (with the reason).
+    With ``pending`` (a list), a pattern whose module is not loaded is appended to it instead
+    of being an error (it is applied when the library is loaded: see ``pending.py``).
     """
     held = _held_command(target)
     try:
-        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless)
+        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless, pending=pending)
     except BaseException as exc:
         if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
@@ -110,7 +119,7 @@ def make_probes(
             raise _not_started(target, held, reason, code) from exc
         raise
     if held is not None and target.process.is_alive():
-        if not probes:
+        if not probes and not pending:
             shown = "; ".join(f"{r.site}: {r.reason}" for r in refused[:3])
             more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
             raise _not_started(target, held, f"no site took a probe: {shown}{more}", _errno.EINVAL)
@@ -120,7 +129,13 @@ def make_probes(
 
 
 def _make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess,
+    patterns: list[str],
+    *,
+    record: bool = False,
+    registers: str = "all",
+    lossless: bool = False,
+    pending: list[str] | None = None,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
     per function); refusals with their reasons."""
@@ -135,6 +150,9 @@ def _make_probes(
         try:
             sites = symbols.resolve(spec)
         except SymbolNotFoundError as exc:
+            if pending is not None and is_missing_module(exc):
+                pending.append(pattern)
+                continue
             raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
         for site in sites:
             key = (site.address, at_return)
@@ -181,9 +199,12 @@ def install_signal_handlers() -> None:
         signal.signal(sig, on_signal)
 
 
-def run_until_done(target: ProbedProcess, duration: float | None, interval: float | None = None) -> Iterator[None]:
+def run_until_done(
+    target: ProbedProcess, duration: float | None, interval: float | None = None, idle: "Callable[[float], None] | None" = None
+) -> Iterator[None]:
     """Yield every `interval` seconds (or every 0.1 s) until the duration passes, the target
-    ends, or Ctrl-C/SIGTERM."""
+    ends, or Ctrl-C/SIGTERM. Between checks, ``idle(seconds)`` is called instead of sleeping
+    (it may return early: the loader hook's wait)."""
     start = time.monotonic()
     next_report = start + interval if interval else None
     try:
@@ -198,7 +219,10 @@ def run_until_done(target: ProbedProcess, duration: float | None, interval: floa
             if next_report is not None and now >= next_report:
                 next_report += interval  # type: ignore[operator]
                 yield
-            time.sleep(0.05)
+            if idle is not None:
+                idle(0.05)
+            else:
+                time.sleep(0.05)
     except (KeyboardInterrupt, Interrupted):
         return
 

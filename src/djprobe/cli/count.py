@@ -11,6 +11,7 @@ from ..area import AreaLayout
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
+from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
 EXAMPLES = """examples:
@@ -38,6 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_output_argument(parser)
     parser.add_argument("-i", "--interval", type=positive_seconds, help="print counts every INTERVAL seconds")
     parser.set_defaults(run=run)
+
+
+def _new_probe(address: int, at_return: bool) -> Djprobe:
+    return Djprobe(address, at="return" if at_return else "entry")
 
 
 def _table(probes: list[Djprobe]) -> str:
@@ -98,20 +103,26 @@ def run(args: argparse.Namespace) -> int:
         with target:
             target.layout = AreaLayout.for_counting()  # no event rings: 660 KiB of data, not 9 MiB
             watch = ExecWatch(target.pid) if args.command_argv else None
+            pending: list[str] = []
             with no_match_in_script(args.command_argv, note):
-                probes, refused = make_probes(target, args.patterns)
+                probes, refused = make_probes(target, args.patterns, pending=pending)
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
+            follower = follow_libraries(target, args.patterns, probes, pending, _new_probe)
+            shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
             target.start()
             interval = 0
-            for _ in run_until_done(target, args.duration, args.interval):
+            idle = follower.wait if follower is not None else None
+            for _ in run_until_done(target, args.duration, args.interval, idle):
                 interval += 1
-                _report(out, args, target.pid, probes, refused, None, interval, final=False)
+                _report(out, args, target.pid, shown(), refused, None, interval, final=False)
+            if follower is not None:
+                follower.close()
             target.unregister_many(probes)
         exec_note = watch.note() if watch is not None else None  # before the command is reaped
         if exec_note is not None:
             notice(f"note: {exec_note}", wrap=True)
         status = exit_status(target) if args.command_argv else None
-        _report(out, args, target.pid, probes, refused, status, interval + 1, final=True)
+        _report(out, args, target.pid, shown(), refused, status, interval + 1, final=True)
     return status or 0
