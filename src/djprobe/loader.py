@@ -116,6 +116,8 @@ def loader_action(
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EDX))
     a.add(Instruction.create_reg_reg(Code.SUB_R32_RM32, R.EAX, R.EBX))
     a.branch(Code.JNS_REL32_64, "waited")  # ACK has reached this request
+    a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM8, _rip(armed, 4), 0))
+    a.branch(Code.JE_REL32_64, "waited")  # disarmed: the tracer is leaving
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R8D, R.EDX))
     _rdtsc(a)
     a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.R12))
@@ -206,6 +208,7 @@ class LoaderWatch:
         self._beat_thread = threading.Thread(target=self._beat_loop, name="djprobe-heartbeat", daemon=True)
         self._beat_thread.start()
         self._words[0] = 1  # armed
+        self.target.close_hooks.append(self.release)
 
     def _beat(self) -> None:
         if self._words is not None:
@@ -245,17 +248,22 @@ class LoaderWatch:
         self._words[2] = self._acked
         _futex(self._address + LOADER_ACK, FUTEX_WAKE, 1 << 30)
 
-    def close(self) -> None:
-        """Disarm, release any waiting thread, stop the heartbeat and remove the hook."""
+    def release(self) -> None:
+        """Disarm and let any waiting thread go on; stop the heartbeat."""
         if self._words is not None:
             self._words[0] = 0
             self.ack()
         self._beat_stop.set()
         if self._beat_thread is not None:
             self._beat_thread.join()
+            self._beat_thread = None
+        self._words = None  # the tracer's view of the area can be released now
+
+    def close(self) -> None:
+        """Disarm, release any waiting thread, stop the heartbeat and remove the hook."""
+        self.release()
         if self.hook is not None and self.hook.registered:
             try:
                 self.target.unregister(self.hook)
             except DjprobeError as exc:
                 log.info("removing the loader hook: %s", exc)
-        self._words = None

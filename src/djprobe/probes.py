@@ -250,6 +250,8 @@ class ProbedProcess:
         self._clock: TscClock | None = None
         self._thread_map = ThreadMap()
         self.handler_errors: list[tuple[Djprobe, BaseException, str]] = []
+        #: Called first by close() (e.g. loader.py: let a thread waiting in its hook go on).
+        self.close_hooks: list[Callable[[], None]] = []
         if process.stopped:
             self._thread_map.learn(process)
         _LIVE.add(self)
@@ -899,6 +901,11 @@ class ProbedProcess:
             return
         self._closed = True
         _LIVE.discard(self)
+        for hook in self.close_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - removing the probes matters more
+                log.exception("close hook of process %d failed", self.pid)
         try:
             try:
                 if self.process.is_alive():

@@ -190,3 +190,13 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "Z"
+
+
+def test_trace_records_constructor_calls_of_each_load(plugin_host):
+    host, plugin = plugin_host
+    res = run(DJPROBE + ["trace", "--json", "libdjplug:plug_ctor_helper", "--", host, plugin], input="l\nl\n")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"time_ns"')]
+    assert [(e["site"], e["args"][0]) for e in events] == [("libdjplug.so:plug_ctor_helper", 41)] * 2
+    summary = json.loads(res.stdout.strip().splitlines()[-1])["summary"]
+    assert [(s["site"], s["hits"], s["dropped"]) for s in summary] == [("libdjplug.so:plug_ctor_helper", 2, 0)]
