@@ -40,6 +40,11 @@ LOADER_ARMED = 2048  # u32: the tracer wants to hear of libraries mapped and unm
 LOADER_REQUEST = 2052  # u32 futex word: the hook adds one per notification and wakes the tracer
 LOADER_ACK = 2056  # u32 futex word: the tracer writes the request it has handled and wakes the hook
 LOADER_HEARTBEAT = 2064  # u64: the tracer's TSC, written every LOADER_BEAT seconds while it listens
+# The fork hook's table (see forks.py): u32 count, then (u64 address, u64 size) of each probe
+# area's data part, this area's own first; a child replaces them with fresh memory, last first.
+FORK_TABLE = 2304
+FORK_TABLE_ENTRIES = 2312
+FORK_TABLE_MAX = 64
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
 REGISTER_NAMES = (

@@ -252,6 +252,8 @@ class ProbedProcess:
         self.handler_errors: list[tuple[Djprobe, BaseException, str]] = []
         #: Called first by close() (e.g. loader.py: let a thread waiting in its hook go on).
         self.close_hooks: list[Callable[[], None]] = []
+        #: Called with each new probe area, world stopped, before any jump leads into it (forks.py).
+        self.region_hooks: list[Callable[[Region], None]] = []
         if process.stopped:
             self._thread_map.learn(process)
         _LIVE.add(self)
@@ -498,6 +500,8 @@ class ProbedProcess:
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
+                    for hook in self.region_hooks:  # before any jump can lead into it
+                        hook(region)
                 candidates = [region]
                 tried_new = True
             region = candidates.pop(0)

@@ -11,6 +11,7 @@ from ..area import AreaLayout
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
+from ._children import guard_children
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
             follower = follow_libraries(target, args.patterns, probes, pending, _new_probe)
+            guard = guard_children(target)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
             target.start()
             interval = 0
@@ -120,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             if follower is not None:
                 follower.close()
             target.unregister_many(probes)
+            if guard is not None:
+                guard.close()
         exec_note = watch.note() if watch is not None else None  # before the command is reaped
         if exec_note is not None:
             notice(f"note: {exec_note}", wrap=True)

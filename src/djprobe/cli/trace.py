@@ -12,6 +12,7 @@ from ..events import EventBatch
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
+from ._children import guard_children
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
@@ -149,6 +150,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             return Djprobe(address, record=True, registers=registers, lossless=not args.drop, at=at)
 
         follower = follow_libraries(target, args.patterns, probes, pending, new_probe)
+        guard = guard_children(target)
         poll = 0.05 if follower is not None else 0.2
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
@@ -177,6 +179,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         if follower is not None:
             follower.close()
         target.unregister_many(probes)
+        if guard is not None:
+            guard.close()
         waited = target.waited_seconds
         leftover = target.read_events()
         if len(leftover):

@@ -1,0 +1,78 @@
+"""Children count apart: without --follow, a forked child never adds to its parent's figures
+(the fork hook gives it fresh data parts) and runs correctly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from djprobe import spawn
+from djprobe.forks import ForkGuard
+from djprobe.probes import Djprobe
+from tests.conftest import TARGETS, compile_c
+
+pytestmark = pytest.mark.timeout(180)
+DJPROBE = [sys.executable, "-m", "djprobe"]
+
+
+@pytest.fixture(scope="module")
+def forkcount():
+    return compile_c(TARGETS / "forkcount.c", name="forkcount")
+
+
+def run(argv, **kw):
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("exec_child", [False, True], ids=["fork", "fork-and-exec"])
+def test_count_only_the_parent(forkcount, exec_child):
+    argv = [forkcount, 1000, 3, 50000] + (["x"] if exec_child else [])
+    res = run(DJPROBE + ["count", "--json", "fc_work", "--"] + argv, input="go\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-2] == "parent 2000 children 3 bad 0"  # every child exited 0: no wrong result
+    if exec_child:  # the exec'd child's own line (its image has no probes)
+        assert lines[0] == "parent 100000 children 0 bad 0"
+    hits = {p["site"].split(":")[1]: p["hits"] for p in json.loads(lines[-1])["probes"]}
+    assert hits == {"fc_work": 2000}  # the children's 2 x 2 x 50,000 calls are theirs
+
+
+def test_trace_records_only_the_parent(forkcount):
+    res = run(DJPROBE + ["trace", "--json", "fc_work", "--", forkcount, 300, 2, 20000], input="go\n")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"time_ns"')]
+    assert len(events) == 600
+    assert sorted(e["args"][0] for e in events) == sorted(list(range(300)) * 2)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])["summary"]
+    assert [(s["hits"], s["dropped"]) for s in summary] == [(600, 0)]
+
+
+def test_api_guard_counts_forks_and_areas_added_later_are_covered(forkcount):
+    """The guard goes in first; the probe's area is created after it: the table of every area
+    is kept, so the child still leaves the parent's counters alone."""
+    proc = spawn([str(forkcount), "500", "2", "30000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    popen = proc.process.popen
+    try:
+        proc.layout = proc.layout.for_counting()
+        guard = ForkGuard(proc)
+        guard.install()
+        before = len(proc._regions)
+        work = proc.register(Djprobe("fc_work"))
+        lib = proc.register(Djprobe("libc:pthread_create"))
+        assert len(proc._regions) > before  # the probes' areas came after the guard's
+        proc.start()
+        popen.stdin.write(b"go\n")
+        popen.stdin.close()
+        assert popen.wait(timeout=60) == 0
+        assert popen.stdout.read() == b"parent 1000 children 2 bad 0\n"
+        assert work.hits == 1000
+        assert lib.hits == 0  # only children create threads
+        assert guard.forks == 2
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        proc.close()
+        popen.wait(timeout=10)
