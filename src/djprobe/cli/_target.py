@@ -30,7 +30,8 @@ def positive_seconds(text: str) -> float:
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-p", "--pid", type=int, help="probe this running process")
+    parser.add_argument("-p", "--pid", type=_pid_list, metavar="PID[,PID...]", help="probe this running process (count: several)")
+    parser.add_argument("--name", metavar="COMM", help="count: probe every running process with this name (/proc/PID/comm)")
     parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
@@ -42,14 +43,21 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pid_list(text: str) -> list[int]:
+    from ._fleet import pid_list
+
+    return pid_list(text)
+
+
 def open_target(args: argparse.Namespace) -> ProbedProcess:
     """Attach to -p PID, or spawn the command given after `--` (held before main)."""
     if args.pid is not None and args.command_argv:
         raise InvalidSiteError("give either -p PID or -- COMMAND, not both")
+    if getattr(args, "name", None) or (args.pid is not None and len(args.pid) > 1):
+        raise InvalidSiteError(f"only count takes several processes (-p PID,PID... or --name), not {args.command}")
     if args.pid is not None:
-        if args.pid <= 0:
-            raise InvalidSiteError(f"invalid PID {args.pid}")
-        return attach(args.pid)
+        (pid,) = args.pid
+        return attach(pid)
     if args.command_argv:
         return spawn(args.command_argv)
     raise InvalidSiteError("no target: give -p PID or -- COMMAND [ARG...]")

@@ -12,6 +12,7 @@ from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
 from ._children import guard_children
+from ._fleet import run_fleet, wants_fleet
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
@@ -34,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Place a jump probe at every function matching the patterns and count hits.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe count [--json] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        usage="djprobe count [--json] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if note is not None:
         notice(f"note: {note}", wrap=True)
     with report_stream(args) as out:
+        if wants_fleet(args):
+            return run_fleet(args, out)
         target = open_target(args)
         with target:
             target.layout = AreaLayout.for_counting()  # no event rings: 660 KiB of data, not 9 MiB
