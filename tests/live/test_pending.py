@@ -200,3 +200,29 @@ def test_trace_records_constructor_calls_of_each_load(plugin_host):
     assert [(e["site"], e["args"][0]) for e in events] == [("libdjplug.so:plug_ctor_helper", 41)] * 2
     summary = json.loads(res.stdout.strip().splitlines()[-1])["summary"]
     assert [(s["site"], s["hits"], s["dropped"]) for s in summary] == [("libdjplug.so:plug_ctor_helper", 2, 0)]
+
+
+def test_attached_process_waits_for_a_library_with_pending_only(plugin_host, start_target):
+    host, plugin = plugin_host
+    t = start_target([host, plugin], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert t.proc.stdout.readline().startswith(b"ready")
+    refused = run(DJPROBE + ["count", "-p", t.pid, "libdjplug:plug_work"])
+    assert refused.returncode == 1 and "--pending waits for a library loaded later" in refused.stderr
+    counter = subprocess.Popen(
+        [str(a) for a in DJPROBE + ["count", "--json", "--pending", "-p", t.pid, "libdjplug:plug_work"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while not counter.stderr.readline().startswith("pending"):
+            assert counter.poll() is None, counter.stderr.read()
+        t.proc.stdin.write(b"l\nl\n")
+        t.proc.stdin.close()
+        assert t.proc.wait(timeout=60) == 0
+        out, err = counter.communicate(timeout=60)  # the process ended: the report is final
+    finally:
+        if counter.poll() is None:
+            counter.kill()
+            counter.wait()
+    assert t.proc.stdout.read() == f"rounds 2 calls {4 * CALLS} bad 0 ctor 2\n".encode()
+    hits = {p["site"]: p["hits"] for p in json.loads(out.strip().splitlines()[-1])["probes"]}
+    assert hits == {"libdjplug.so:plug_work": 4 * CALLS}

@@ -22,7 +22,7 @@ from ..probes import Djprobe, ProbedProcess, attach
 from ._children import guard_children
 from ._output import notice, plural, print_refusals, refusal_reason, short_list
 from ._pending import follow_libraries
-from ._target import Refusal, interrupted, make_probes
+from ._target import Refusal, interrupted, make_probes, pending_list
 
 
 def pid_list(text: str) -> list[int]:
@@ -108,7 +108,7 @@ def open_fleet(args: argparse.Namespace) -> list[Member]:
             command = _command(pid)
             target = attach(pid)
             target.layout = AreaLayout.for_counting()
-            pending: list[str] = []
+            pending = pending_list(args)
             try:
                 probes, refused = make_probes(target, args.patterns, pending=pending)
             except ProcessGoneError:
@@ -116,7 +116,7 @@ def open_fleet(args: argparse.Namespace) -> list[Member]:
                 notice(f"process {pid} ended before its probes went in")
                 continue
             member = Member(target, command, probes, refused=[Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused])
-            member.follower = follow_libraries(target, args.patterns, probes, pending, _new_probe)
+            member.follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             member.guard = guard_children(target)
             members.append(member)
     except BaseException:

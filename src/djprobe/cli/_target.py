@@ -31,6 +31,11 @@ def positive_seconds(text: str) -> float:
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--pid", type=_pid_list, metavar="PID[,PID...]", help="probe this running process (count: several)")
+    parser.add_argument(
+        "--pending",
+        action="store_true",
+        help="with -p: a pattern naming a library not loaded yet waits for it (always so for a command after --)",
+    )
     parser.add_argument("--name", metavar="COMM", help="count: probe every running process with this name (/proc/PID/comm)")
     parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -161,7 +166,8 @@ def _make_probes(
             if pending is not None and is_missing_module(exc):
                 pending.append(pattern)
                 continue
-            raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
+            hint = " (--pending waits for a library loaded later)" if is_missing_module(exc) else ""
+            raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}{hint}") from exc
         for site in sites:
             key = (site.address, at_return)
             if key in probes:
@@ -289,3 +295,11 @@ def _terminal_sent_to_group(pid: int) -> bool:
     except OSError:
         return False
     return False
+
+
+def pending_list(args: argparse.Namespace) -> list[str] | None:
+    """Where patterns naming a library not loaded yet go: a list for a command djprobe starts
+    (it loads its libraries later) or with ``--pending``; None (an error, as gdb's default) for
+    a process attached to."""
+    return [] if args.command_argv or getattr(args, "pending", False) else None
+

@@ -10,7 +10,7 @@ from typing import TextIO
 from ..area import AreaLayout
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
-from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
+from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
 from ._children import guard_children
 from ._fleet import run_fleet, wants_fleet
 from ._pending import follow_libraries
@@ -107,13 +107,13 @@ def run(args: argparse.Namespace) -> int:
         with target:
             target.layout = AreaLayout.for_counting()  # no event rings: 660 KiB of data, not 9 MiB
             watch = ExecWatch(target.pid) if args.command_argv else None
-            pending: list[str] = []
+            pending = pending_list(args)
             with no_match_in_script(args.command_argv, note):
                 probes, refused = make_probes(target, args.patterns, pending=pending)
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
-            follower = follow_libraries(target, args.patterns, probes, pending, _new_probe)
+            follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             guard = guard_children(target)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
             target.start()

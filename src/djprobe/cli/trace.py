@@ -11,7 +11,7 @@ from ..area import AreaLayout
 from ..events import EventBatch
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
-from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
+from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
 from ._children import guard_children
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         watch = ExecWatch(target.pid) if args.command_argv else None
-        pending: list[str] = []
+        pending = pending_list(args)
         with no_match_in_script(args.command_argv, note):
             probes, refused = make_probes(
                 target, args.patterns, record=True, registers=registers, lossless=not args.drop, pending=pending
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             at = "return" if at_return else "entry"
             return Djprobe(address, record=True, registers=registers, lossless=not args.drop, at=at)
 
-        follower = follow_libraries(target, args.patterns, probes, pending, new_probe)
+        follower = follow_libraries(target, args.patterns, probes, pending or [], new_probe)
         guard = guard_children(target)
         poll = 0.05 if follower is not None else 0.2
         if not args.json:
