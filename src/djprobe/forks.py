@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SYS_MMAP, SYS_CLONE = 9, 56
+CLONE_VM = 0x100
 PROT_READ_WRITE = 3
 MAP_PRIVATE_ANONYMOUS_FIXED = 0x02 | 0x20 | 0x10
 
@@ -112,13 +113,19 @@ def find_fork_site(target: "ProbedProcess") -> int:
             continue
         func = funcs[0]
         code = target.process.read(func.address, func.size)
-        eax = None
+        known: dict[int, int | None] = {}  # eax / edi: the system call number, clone's flags
         for insn in Decoder(64, code, ip=func.address):
-            if insn.mnemonic == Mnemonic.MOV and insn.op0_kind == OpKind.REGISTER and insn.op0_register in (Register.EAX, Register.RAX):
-                eax = insn.immediate(1) if insn.op1_kind in (OpKind.IMMEDIATE32, OpKind.IMMEDIATE32TO64) else None
-            if insn.mnemonic == Mnemonic.SYSCALL and eax == SYS_CLONE:
+            if insn.mnemonic == Mnemonic.MOV and insn.op0_kind == OpKind.REGISTER:
+                for regs in ((Register.EAX, Register.RAX), (Register.EDI, Register.RDI)):
+                    if insn.op0_register in regs:
+                        immediate = insn.op1_kind in (OpKind.IMMEDIATE32, OpKind.IMMEDIATE32TO64)
+                        known[regs[0]] = insn.immediate(1) if immediate else None
+            if insn.mnemonic == Mnemonic.SYSCALL and known.get(Register.EAX) == SYS_CLONE:
+                flags = known.get(Register.EDI)
+                if flags is None or flags & CLONE_VM:
+                    break  # a child sharing the parent's memory must not replace anything
                 return insn.next_ip
-        raise SymbolNotFoundError(f"no clone system call found in {module.name}:_Fork")
+        raise SymbolNotFoundError(f"no clone system call without CLONE_VM found in {module.name}:_Fork")
     raise SymbolNotFoundError("no _Fork in the process (glibc 2.34 or later is needed)")
 
 

@@ -54,3 +54,22 @@ def test_loader_action_restores_every_register_it_uses():
     clobbered.discard(Register.RSP)  # balanced: 16 bytes of timespec pushed and dropped
     assert clobbered <= set(pushes)
     assert sum(i.mnemonic == Mnemonic.SYSCALL for i in insns) == 2  # wake the tracer, wait
+
+
+def test_fork_action_balances_the_stack_and_maps_only_in_the_child():
+    from djprobe.forks import fork_action
+
+    code = assemble(fork_action(0x7000_0000, 0x7100_0900), 0x7000_1000)
+    insns = list(Decoder(64, code, ip=0x7000_1000))
+    pushes = [i.op0_register for i in insns if i.mnemonic == Mnemonic.PUSH]
+    pops = [i.op0_register for i in insns if i.mnemonic == Mnemonic.POP]
+    assert pops == list(reversed(pushes))
+    assert insns[0].mnemonic == Mnemonic.LEA and insns[0].memory_displacement == (-128) & 0xFFFFFFFFFFFFFFFF
+    assert insns[-1].mnemonic == Mnemonic.LEA and insns[-1].memory_displacement == 128
+    assert [i.mnemonic for i in insns].count(Mnemonic.PUSHFQ) == 1 == [i.mnemonic for i in insns].count(Mnemonic.POPFQ)
+    # the mmap loop is reached only through the branch taken when rax == 0 (the child)
+    test = next(k for k, i in enumerate(insns) if i.mnemonic == Mnemonic.TEST)
+    assert insns[test + 1].mnemonic == Mnemonic.JE
+    child = insns[test + 1].near_branch_target
+    syscall = next(i for i in insns if i.mnemonic == Mnemonic.SYSCALL)
+    assert syscall.ip > child
