@@ -45,6 +45,16 @@ LOADER_HEARTBEAT = 2064  # u64: the tracer's TSC, written every LOADER_BEAT seco
 FORK_TABLE = 2304
 FORK_TABLE_ENTRIES = 2312
 FORK_TABLE_MAX = 64
+# --follow (follow.py): the tracer sets FORK_FOLLOW; a child adds one to FORK_SEQ (in the
+# parent's area) and writes its PID at FORK_PIDS[seq % FORK_PIDS_MAX], gives itself data parts of
+# its own in memfd files (header and instance table copied), and waits, bounded, until the tracer
+# has mapped them and written FORK_ACK in its copy.
+FORK_FOLLOW = 3344
+FORK_SEQ = 3348
+FORK_ACK = 3352
+FORK_PIDS = 3360
+FORK_PIDS_MAX = 64
+FORK_NAME = 3632  # "djprobe\0": the name of a child's memfd files
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
 REGISTER_NAMES = (

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING
 
 from iced_x86 import Code, Decoder, Instruction, MemoryOperand, Mnemonic, OpKind, Register
 
-from .area import FORK_TABLE, FORK_TABLE_ENTRIES, FORK_TABLE_MAX
+from .area import (
+    LOADER_REQUEST, FORK_ACK, FORK_FOLLOW, FORK_NAME, FORK_PIDS, FORK_PIDS_MAX, FORK_SEQ, FORK_TABLE, FORK_TABLE_ENTRIES, FORK_TABLE_MAX,
+)  # fmt: skip
 from .errors import DjprobeError, SymbolNotFoundError
 from .probes import Djprobe
-from .stubs import RED_ZONE, Stub, _Asm, _finish
+from .stubs import RED_ZONE, Stub, _Asm, _finish, _rdtsc
 
 if TYPE_CHECKING:
     from .probes import ProbedProcess
@@ -41,7 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SYS_MMAP, SYS_CLONE = 9, 56
+SYS_MMAP, SYS_CLONE, SYS_GETPID, SYS_FUTEX = 9, 56, 39, 202
+SYS_MUNMAP, SYS_CLOSE, SYS_FTRUNCATE, SYS_MEMFD_CREATE = 11, 3, 77, 319
+MAP_SHARED, MAP_FIXED = 0x01, 0x10
+FOLLOW_WAIT = 2.0  # seconds a child waits at most for the tracer to take it in (--follow)
+COUNTERS_OFFSET_FIELD = 80  # of the area header (area._HEADER): where the instance table ends
 CLONE_VM = 0x100
 PROT_READ_WRITE = 3
 MAP_PRIVATE_ANONYMOUS_FIXED = 0x02 | 0x20 | 0x10
@@ -51,15 +57,135 @@ def _rip(address: int) -> MemoryOperand:
     return MemoryOperand(Register.RIP, displ=address)
 
 
-def fork_action(counter: int, table: int) -> list[Instruction]:
+def _syscall(a: _Asm, nr: int) -> None:
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, nr))
+    a.add(Instruction.create(Code.SYSCALL))
+
+
+def _follow_notify(a: _Asm, words: int, request: int) -> None:
+    """--follow, in the child, before its data parts are replaced: publish its PID in the
+    parent's area and wake the tracer (clobbers rax, rcx, rdx, rsi, rdi, r11, r8)."""
+    R = Register
+    _syscall(a, SYS_GETPID)
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R8D, R.EAX))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, 1))
+    xadd = Instruction.create_mem_reg(Code.XADD_RM32_R32, _rip(words + FORK_SEQ), R.ECX)
+    xadd.has_lock_prefix = True
+    a.add(xadd)
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.ECX, FORK_PIDS_MAX - 1))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDX, _rip(words + FORK_PIDS)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM32_R32, MemoryOperand(R.RDX, R.RCX, 4, 0, 0), R.R8D))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, _rip(request)))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.ESI, 1))  # FUTEX_WAKE
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1))
+    _syscall(a, SYS_FUTEX)
+
+
+def _memfd_copy(a: _Asm, name: int) -> None:
+    """--follow, in the child: the data part at rdi (rsi bytes) becomes a memfd file of its own
+    (header and instance table copied, counters zero) mapped MAP_SHARED at the same place, so
+    that the tracer can map it too. Falls through to "anon" (fresh private memory, as without
+    --follow) if a call fails. Uses rbx (fd), r14 (address), r15 (size)."""
+    R = Register
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R14, R.RDI))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R15, R.RSI))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, _rip(name)))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.ESI, 1))  # MFD_CLOEXEC
+    _syscall(a, SYS_MEMFD_CREATE)
+    a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
+    a.branch(Code.JS_REL32_64, "anon_restore")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBX, R.RAX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.RBX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R15))
+    _syscall(a, SYS_FTRUNCATE)
+    a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
+    a.branch(Code.JNE_REL32_64, "close_anon")
+    # tmp = mmap(0, size, rw, MAP_SHARED, fd, 0)
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EDI, R.EDI))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R15))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, PROT_READ_WRITE))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.R10D, MAP_SHARED))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RBX))
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.R9D, R.R9D))
+    _syscall(a, SYS_MMAP)
+    a.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, R.RAX, -4096))
+    a.branch(Code.JA_REL32_64, "close_anon")
+    # copy the header page and the instance table (up to the header's counters_offset)
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.RAX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R14))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, MemoryOperand(R.R14, R.NONE, 1, COUNTERS_OFFSET_FIELD, 1)))
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R15))
+    a.branch(Code.JBE_REL32_64, "copy")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.R15))
+    a.label("copy")
+    a.add(Instruction.create(Code.CLD))
+    a.add(Instruction.create_rep_movsb(64))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.RDX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R15))
+    _syscall(a, SYS_MUNMAP)
+    # mmap(address, size, rw, MAP_SHARED | MAP_FIXED, fd, 0): replaces the parent's data part
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.R14))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R15))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, PROT_READ_WRITE))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.R10D, MAP_SHARED | MAP_FIXED))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RBX))
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.R9D, R.R9D))
+    _syscall(a, SYS_MMAP)
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R12, R.RAX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.RBX))
+    _syscall(a, SYS_CLOSE)
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.R12, R.R14))
+    a.branch(Code.JE_REL32_64, "entry_done")
+    a.branch(Code.JMP_REL32_64, "anon_restore")
+    a.label("close_anon")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.RBX))
+    _syscall(a, SYS_CLOSE)
+    a.label("anon_restore")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDI, R.R14))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RSI, R.R15))
+
+
+def _follow_wait(a: _Asm, words: int, wait_cycles: int) -> None:
+    """--follow, in the child, its data parts replaced: wait until the tracer writes FORK_ACK in
+    this area's copy (futex waits of 10 ms; at most ``wait_cycles`` TSC cycles)."""
+    R = Register
+    a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _rip(words + FORK_FOLLOW)))
+    a.add(Instruction.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
+    a.branch(Code.JE_REL32_64, "done")
+    _rdtsc(a)
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R12, wait_cycles))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R12, R.RAX))
+    a.add(Instruction.create_i32(Code.PUSHQ_IMM32, 10_000_000))
+    a.add(Instruction.create_i32(Code.PUSHQ_IMM8, 0))
+    a.label("ack_wait")
+    a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EDX, _rip(words + FORK_ACK)))
+    a.add(Instruction.create_reg_reg(Code.TEST_RM32_R32, R.EDX, R.EDX))
+    a.branch(Code.JNE_REL32_64, "acked")
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.R12))
+    a.branch(Code.JAE_REL32_64, "acked")
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, _rip(words + FORK_ACK)))
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.ESI, R.ESI))  # FUTEX_WAIT
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EDX, R.EDX))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R10, R.RSP))
+    _syscall(a, SYS_FUTEX)
+    a.branch(Code.JMP_REL32_64, "ack_wait")
+    a.label("acked")
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, MemoryOperand(R.RSP, R.NONE, 1, 16, 1)))
+
+
+def fork_action(counter: int, table: int, words: int | None = None, request: int = 0, wait_cycles: int = 0) -> list[Instruction]:
     """The hook's action: count in the parent; in the child (rax == 0) map fresh private memory
     over each data part of the table at ``table``, last entry first. Saves what it clobbers
-    (a mid-function site: the red zone is stepped over, the flags kept)."""
+    (a mid-function site: the red zone is stepped over, the flags kept). With ``words`` (the
+    area's data part) the child checks FORK_FOLLOW there: if set, it tells the tracer (FORK_PIDS,
+    a wake on ``request``), gives itself memfd data parts instead and waits for FORK_ACK."""
     R = Register
     a = _Asm()
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, MemoryOperand(R.RSP, R.NONE, 1, -RED_ZONE, 1)))
     a.add(Instruction.create(Code.PUSHFQ))
-    saved = (R.RAX, R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11, R.RBX, R.R12, R.R13)
+    saved = (R.RAX, R.RCX, R.RDX, R.RSI, R.RDI, R.R8, R.R9, R.R10, R.R11, R.RBX, R.R12, R.R13, R.R14, R.R15, R.RBP)
     for reg in saved:
         a.add(Instruction.create_reg(Code.PUSH_R64, reg))
     a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
@@ -69,15 +195,33 @@ def fork_action(counter: int, table: int) -> list[Instruction]:
     a.add(inc)
     a.branch(Code.JMP_REL32_64, "done")
     a.label("child")
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EBP, R.EBP))  # ebp: following
+    if words is not None:
+        a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EBP, _rip(words + FORK_FOLLOW)))
+        a.add(Instruction.create_reg_reg(Code.TEST_RM32_R32, R.EBP, R.EBP))
+        a.branch(Code.JE_REL32_64, "table")
+        _follow_notify(a, words, request)
+    a.label("table")
     a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.R13D, _rip(table)))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RBX, _rip(table + (FORK_TABLE_ENTRIES - FORK_TABLE))))
     a.label("next")
     a.add(Instruction.create_reg(Code.DEC_RM32, R.R13D))
-    a.branch(Code.JS_REL32_64, "done")
+    a.branch(Code.JS_REL32_64, "mapped")
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R12D, R.R13D))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R12, 4))
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDI, MemoryOperand(R.RBX, R.R12, 1, 0, 0)))
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RSI, MemoryOperand(R.RBX, R.R12, 1, 8, 1)))
+    if words is not None:
+        a.add(Instruction.create_reg_reg(Code.TEST_RM32_R32, R.EBP, R.EBP))
+        a.branch(Code.JE_REL32_64, "anon")
+        a.add(Instruction.create_reg(Code.PUSH_R64, R.RBX))
+        _memfd_copy(a, words + FORK_NAME)
+        a.add(Instruction.create_reg(Code.POP_R64, R.RBX))
+        a.branch(Code.JMP_REL32_64, "anon")
+        a.label("entry_done")
+        a.add(Instruction.create_reg(Code.POP_R64, R.RBX))
+        a.branch(Code.JMP_REL32_64, "next")
+    a.label("anon")
     a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, PROT_READ_WRITE))
     a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.R10D, MAP_PRIVATE_ANONYMOUS_FIXED))
     a.add(Instruction.create_reg_i32(Code.MOV_RM64_IMM32, R.R8, -1))
@@ -85,6 +229,9 @@ def fork_action(counter: int, table: int) -> list[Instruction]:
     a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, SYS_MMAP))
     a.add(Instruction.create(Code.SYSCALL))
     a.branch(Code.JMP_REL32_64, "next")
+    a.label("mapped")
+    if words is not None:
+        _follow_wait(a, words, wait_cycles)
     a.label("done")
     for reg in reversed(saved):
         a.add(Instruction.create_reg(Code.POP_R64, reg))
@@ -98,7 +245,9 @@ class ForkHook(Djprobe):
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         counter = region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride
-        action = fork_action(counter, region.data_address + FORK_TABLE)
+        wait_cycles = int(FOLLOW_WAIT * 1e9 / target.clock.ns_per_tick)
+        data = region.data_address
+        action = fork_action(counter, data + FORK_TABLE, data, data + LOADER_REQUEST, wait_cycles)
         return _finish(analysis, region.layout, region.slot_address(slot), action)
 
 
@@ -164,6 +313,7 @@ class ForkGuard:
             at = FORK_TABLE_ENTRIES + 16 * i
             buf[at : at + 16] = struct.pack("<QQ", r.data_address, r.layout.data_size)
         buf[FORK_TABLE : FORK_TABLE + 4] = struct.pack("<I", len(entries))
+        buf[FORK_NAME : FORK_NAME + 8] = b"djprobe\0"
 
     def close(self) -> None:
         """Remove the hook (children forked from now on keep counting apart only if they were

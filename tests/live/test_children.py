@@ -76,3 +76,34 @@ def test_api_guard_counts_forks_and_areas_added_later_are_covered(forkcount):
             popen.kill()
         proc.close()
         popen.wait(timeout=10)
+
+
+@pytest.mark.parametrize("exec_child", [False, True], ids=["fork", "fork-and-exec"])
+def test_follow_counts_each_child_apart(forkcount, exec_child):
+    argv = [forkcount, 1000, 3, 50000] + (["x"] if exec_child else [])
+    res = run(DJPROBE + ["count", "--follow", "--json", "fc_work", "--"] + argv, input="go\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-2] == "parent 2000 children 3 bad 0"
+    report = json.loads(lines[-1])
+    processes = report["processes"]
+    parent = processes[0]
+    assert parent["command"] == " ".join(map(str, argv))
+    assert [p["hits"] for p in parent["probes"]] == [2000]
+    kids = processes[1:]
+    assert len(kids) == 3 and len({k["pid"] for k in kids}) == 3
+    per_child = [k["probes"][0]["hits"] for k in kids]
+    # each child: 2 threads x 50,000 calls; a child that exec's itself at once has called
+    # nothing before (its new image is not followed)
+    expected = [0, 100000, 100000] if exec_child else [100000] * 3
+    assert per_child == expected
+    assert [p["hits"] for p in report["probes"]] == [2000 + sum(expected)]
+
+
+def test_follow_text_marks_each_process(forkcount):
+    res = run(DJPROBE + ["count", "-f", "fc_work", "--", forkcount, 10, 2, 1000], input="go\n")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "all 3 processes:" in out
+    headers = [line for line in out.splitlines() if line.startswith("process ")]
+    assert len(headers) == 3 and all(line.endswith(" 10 2 1000):") for line in headers)

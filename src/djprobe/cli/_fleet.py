@@ -84,6 +84,10 @@ class Member:
     guard: object | None = None
     refused: list[Refusal] = field(default_factory=list)
 
+    @property
+    def pid(self) -> int:
+        return self.target.pid
+
     def sites(self) -> list:
         return self.follower.sites if self.follower is not None else self.probes  # type: ignore[attr-defined]
 
@@ -157,7 +161,11 @@ def _table(rows: list[dict]) -> list[str]:
     return [f"{'FUNC':<{width}}  {'COUNT':>12}"] + [f"{r['site']:<{width}}  {r['hits']:>12}" for r in rows]
 
 
-def report(out: TextIO, args: argparse.Namespace, members: list[Member], interval: int, final: bool) -> None:
+def report(
+    out: TextIO, args: argparse.Namespace, members: list, interval: int, final: bool, status: int | None = None
+) -> None:
+    """Totals per site, then each process's figures (``members``: objects with ``pid``,
+    ``command``, ``sites()`` and ``refused``)."""
     if args.json:
         out.write(
             json.dumps(
@@ -167,11 +175,9 @@ def report(out: TextIO, args: argparse.Namespace, members: list[Member], interva
                     "interval": interval,
                     "final": final,
                     "probes": _totals(members),
-                    "processes": [
-                        {"pid": m.target.pid, "command": m.command, "probes": _rows(m.sites())} for m in members
-                    ],
-                    "refused": [{"pid": m.target.pid, "site": r.site, "reason": r.reason} for m in members for r in m.refused],
-                    "exit_status": None,
+                    "processes": [{"pid": m.pid, "command": m.command, "probes": _rows(m.sites())} for m in members],
+                    "refused": [{"pid": m.pid, "site": r.site, "reason": r.reason} for m in members for r in m.refused],
+                    "exit_status": status,
                 }
             )
             + "\n"
@@ -184,7 +190,7 @@ def report(out: TextIO, args: argparse.Namespace, members: list[Member], interva
         lines += _table(_totals(members))
         for m in members:
             lines.append("")
-            lines.append(f"process {m.target.pid} ({m.command}):")
+            lines.append(f"process {m.pid} ({m.command}):")
             lines += _table(_rows(m.sites()))
         out.write("\n".join(lines) + ("\n\n" if args.interval and not final else "\n"))
     out.flush()
