@@ -227,3 +227,22 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "X"
+
+
+def follow_forks(target: "ProbedProcess", on_child: Callable[[FollowedChild], None] | None = None,
+                 sites: Callable[[], list] | None = None) -> ChildFollower:
+    """Place the fork hook in ``target`` and take in its children from now on: call
+    :meth:`ChildFollower.poll` in your loop (``on_child(child)`` is called for each child taken
+    in; ``child.sites()`` are its figures for the probes registered in ``target`` at its fork),
+    and :meth:`ChildFollower.close` then ``guard.close()`` at the end. ``sites()`` lists what is
+    counted (default: ``target.probes``). Raises SymbolNotFoundError without libc's ``_Fork``."""
+    from .forks import ForkGuard
+
+    guard = ForkGuard(target)
+    guard.install()
+    def probes() -> list:  # djprobe's own hooks left out
+        return [p for p in target.probes if getattr(p, "build_stub", None) is None]
+
+    children = ChildFollower(target, guard, sites or probes, on_child)
+    children.enable()
+    return children

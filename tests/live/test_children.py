@@ -107,3 +107,76 @@ def test_follow_text_marks_each_process(forkcount):
     assert "all 3 processes:" in out
     headers = [line for line in out.splitlines() if line.startswith("process ")]
     assert len(headers) == 3 and all(line.endswith(" 10 2 1000):") for line in headers)
+
+
+def test_api_follow_forks_callback_and_child_figures(forkcount):
+    from djprobe.follow import follow_forks
+
+    proc = spawn([str(forkcount), "100", "2", "5000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    popen = proc.process.popen
+    seen = []
+    try:
+        work = proc.register(Djprobe("fc_work"))
+        children = follow_forks(proc, on_child=seen.append)
+        proc.start()
+        popen.stdin.write(b"go\n")
+        popen.stdin.close()
+        while popen.poll() is None:
+            children.poll()
+        children.poll()
+        assert popen.returncode == 0 and popen.stdout.read() == b"parent 200 children 2 bad 0\n"
+        assert work.hits == 200
+        assert [c.parent for c in seen] == [proc.pid, proc.pid]
+        assert [[s.hits for s in c.sites()] for c in seen] == [[10000], [10000]]
+        children.close()
+        children.guard.close()
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        proc.close()
+        popen.wait(timeout=10)
+
+
+FOLLOW_KILLER = """
+import os, signal, subprocess, sys
+from djprobe import spawn
+from djprobe.follow import follow_forks
+from djprobe.probes import Djprobe
+exe, out = sys.argv[1:3]
+proc = spawn([exe, "100", "1", "5000"], stdin=subprocess.PIPE, stdout=open(out, "w"))
+proc.register(Djprobe("fc_work"))
+children = follow_forks(proc)
+view = children._hook_view()
+proc.start()
+print(proc.pid, flush=True)
+proc.process.popen.stdin.write(b"go\\n")
+proc.process.popen.stdin.close()
+while children._seq(view) == 0:  # the child has announced itself: it waits for us now
+    pass
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_tracer_killed_while_child_waits(forkcount, tmp_path):
+    import os
+    import signal as sig
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "killer.py"
+    script.write_text(FOLLOW_KILLER)
+    out = tmp_path / "out"
+    tracer = subprocess.Popen([sys.executable, str(script), str(forkcount), str(out)], stdout=subprocess.PIPE, text=True)
+    pid = int(tracer.stdout.readline())
+    try:
+        assert tracer.wait(timeout=60) == -sig.SIGKILL
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the target did not go on after the tracer died"
+            time.sleep(0.05)
+        assert out.read_text() == "parent 200 children 1 bad 0\n"  # the child ran and exited 0
+    finally:
+        try:
+            os.kill(pid, sig.SIGKILL)
+        except ProcessLookupError:
+            pass
