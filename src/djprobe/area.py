@@ -55,6 +55,12 @@ FORK_ACK = 3352
 FORK_PIDS = 3360
 FORK_PIDS_MAX = 64
 FORK_NAME = 3632  # "djprobe\0": the name of a child's memfd files
+# --follow across exec (execs.py): a thread entering execve adds one to EXEC_SEQ, writes its TID
+# at EXEC_TIDS[seq % EXEC_TIDS_MAX], wakes the tracer and waits until EXEC_ACK holds its TID.
+EXEC_SEQ = 3640
+EXEC_ACK = 3644
+EXEC_TIDS = 3648
+EXEC_TIDS_MAX = 16
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
 REGISTER_NAMES = (

@@ -104,6 +104,9 @@ class LibraryFollower:
         self._sites: dict[str, SiteTotal] = {}
         self._module_of: dict[int, ModuleKey] = {}  # id(djp) -> the load it is in
         self._live: list[Djprobe] = []
+        #: Called after each change the loader reported was applied (world running, the
+        #: loading thread still waiting): e.g. hooks that need libc placed before it runs.
+        self.after_load: list[Callable[[], None]] = []
         self.loads = 0  # libraries whose patterns were applied after start
         self.unloads = 0
         symbols = target.symbols
@@ -152,6 +155,8 @@ class LibraryFollower:
         naming newly mapped ones are applied; then the waiting thread is let go."""
         try:
             self._apply_changes()
+            for hook in self.after_load:
+                hook()
         finally:
             self.watch.ack()
 

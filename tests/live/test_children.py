@@ -91,13 +91,20 @@ def test_follow_counts_each_child_apart(forkcount, exec_child):
     assert parent["command"] == " ".join(map(str, argv))
     assert [p["hits"] for p in parent["probes"]] == [2000]
     kids = processes[1:]
-    assert len(kids) == 3 and len({k["pid"] for k in kids}) == 3
-    per_child = [k["probes"][0]["hits"] for k in kids]
-    # each child: 2 threads x 50,000 calls; a child that exec's itself at once has called
-    # nothing before (its new image is not followed)
-    expected = [0, 100000, 100000] if exec_child else [100000] * 3
+    per_child = [(k["command"], k["probes"][0]["hits"]) for k in kids]
+    command = " ".join(map(str, argv))
+    # each child: 2 threads x 50,000 calls. A child that exec's itself at once has called nothing
+    # before; its new image ("forkcount 50000 0": 2 x 50,000 calls of its own) is probed from its
+    # first instruction, under the same PID
+    if exec_child:
+        expected = [(command, 0), (f"{forkcount} 50000 0", 100000), (command, 100000), (command, 100000)]
+        assert lines[0] == "parent 100000 children 0 bad 0"
+        assert kids[0]["pid"] == kids[1]["pid"]
+    else:
+        expected = [(command, 100000)] * 3
+        assert len({k["pid"] for k in kids}) == 3
     assert per_child == expected
-    assert [p["hits"] for p in report["probes"]] == [2000 + sum(expected)]
+    assert [p["hits"] for p in report["probes"]] == [2000 + sum(h for _, h in expected)]
 
 
 def test_follow_text_marks_each_process(forkcount):
