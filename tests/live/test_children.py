@@ -187,3 +187,17 @@ def test_tracer_killed_while_child_waits(forkcount, tmp_path):
             os.kill(pid, sig.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_follow_posix_spawn_child_from_its_first_instruction(forkcount, tmp_path):
+    spawner = compile_c(TARGETS / "pspawn.c", name="pspawn")
+    exe = tmp_path / "forkcount"  # a module name the pattern can give before it is loaded
+    exe.write_bytes(forkcount.read_bytes())
+    exe.chmod(0o755)
+    res = run(DJPROBE + ["count", "--follow", "--json", "forkcount:fc_work", "libc:printf", "--", spawner, exe])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[:2] == ["parent 14 children 0 bad 0", "spawned 0"]
+    report = json.loads(lines[-1])
+    per = [(p["command"], {q["site"].split(":")[1]: q["hits"] for q in p["probes"]}) for p in report["processes"]]
+    assert per == [(f"{spawner} {exe}", {"printf": 1}), (f"{exe} 7 0", {"fc_work": 14, "printf": 1})]
