@@ -104,3 +104,31 @@ def test_several_pids_refused_where_one_is_taken():
     assert res.returncode == 1 and "only count takes several processes" in res.stderr
     res = subprocess.run(DJPROBE + ["count", "-p", "12,x", "f"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "not a PID: 'x'" in res.stderr
+
+
+def test_several_pids_with_follow(start_target):
+    exe = compile_c(TARGETS / "forkcount.c", name="forkcount")
+    targets = [start_target([exe, 100, 2, 3000], stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
+    counter = subprocess.Popen(
+        DJPROBE + ["count", "--json", "--follow", "-p", ",".join(str(t.pid) for t in targets), "fc_work"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert counter.stderr.readline().startswith("Tracing 1 function in 2 processes")
+        for t in targets:
+            t.proc.stdin.write(b"go\n")
+            t.proc.stdin.close()
+        for t in targets:
+            assert t.proc.wait(timeout=60) == 0
+            assert t.proc.stdout.read() == b"parent 200 children 2 bad 0\n"
+        out, err = counter.communicate(timeout=60)  # every process asked for ended
+    finally:
+        if counter.poll() is None:
+            counter.kill()
+            counter.wait()
+    report = json.loads(out.strip().splitlines()[-1])
+    per = {p["pid"]: p["probes"][0]["hits"] for p in report["processes"]}
+    assert len(per) == 6
+    assert [per[t.pid] for t in targets] == [200, 200]
+    assert sorted(per.values()) == [200, 200, 6000, 6000, 6000, 6000]
+    assert report["probes"][0]["hits"] == 2 * 200 + 4 * 6000

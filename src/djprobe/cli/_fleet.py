@@ -19,10 +19,10 @@ from typing import TextIO
 from ..area import AreaLayout
 from ..errors import DjprobeError, InvalidSiteError, ProcessGoneError
 from ..probes import Djprobe, ProbedProcess, attach
-from ._children import guard_children
+from ._children import follow_children, guard_children
 from ._output import notice, plural, print_refusals, refusal_reason, short_list
 from ._pending import follow_libraries
-from ._target import Refusal, interrupted, make_probes, pending_list
+from ._target import Refusal, interrupted, make_probes, pending_list, remember_args
 
 
 def pid_list(text: str) -> list[int]:
@@ -83,6 +83,7 @@ class Member:
     follower: object | None = None
     guard: object | None = None
     refused: list[Refusal] = field(default_factory=list)
+    family: object | None = None  # --follow: its children and the images they exec
 
     @property
     def pid(self) -> int:
@@ -122,6 +123,9 @@ def open_fleet(args: argparse.Namespace) -> list[Member]:
             member = Member(target, command, probes, refused=[Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused])
             member.follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             member.guard = guard_children(target)
+            if getattr(args, "follow", False):
+                remember_args(args)
+                member.family = follow_children(target, member.guard, member.sites)  # type: ignore[arg-type]
             members.append(member)
     except BaseException:
         for member in members:
@@ -135,6 +139,8 @@ def close_member(member: Member) -> None:
         if member.follower is not None:
             member.follower.close()  # type: ignore[attr-defined]
         member.target.unregister_many(member.probes)
+        if member.family is not None:
+            member.family.close()  # type: ignore[attr-defined]
         if member.guard is not None:
             member.guard.close()  # type: ignore[attr-defined]
     except ProcessGoneError:
@@ -220,9 +226,11 @@ def run_fleet(args: argparse.Namespace, out: TextIO) -> int:
             if next_report is not None and now >= next_report:
                 next_report += args.interval
                 interval += 1
-                report(out, args, members, interval, final=False)
+                report(out, args, _everyone(members), interval, final=False)
             waited = False
             for m in members:
+                if m.family is not None:
+                    m.family.poll()  # type: ignore[attr-defined]
                 if m.follower is not None and m.target.process.is_alive():
                     m.follower.wait(0.0)  # type: ignore[attr-defined]
                     waited = True
@@ -235,5 +243,15 @@ def run_fleet(args: argparse.Namespace, out: TextIO) -> int:
                 close_member(member)
             except DjprobeError as exc:
                 notice(f"process {member.target.pid}: {exc}")
-    report(out, args, members, interval + 1, final=True)
+    report(out, args, _everyone(members), interval + 1, final=True)
     return 0
+
+
+def _everyone(members: list[Member]) -> list:
+    """The members and, under --follow, the processes that came from each."""
+    out: list = []
+    for m in members:
+        out.append(m)
+        if m.family is not None:
+            out += m.family.children  # type: ignore[attr-defined]
+    return out

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_output_argument(parser)
     parser.add_argument("-i", "--interval", type=positive_seconds, help="print counts every INTERVAL seconds")
     parser.add_argument(
-        "-f", "--follow", action="store_true", help="count forked children too (per process; not across exec)"
+        "-f", "--follow", action="store_true", help="count forked children and the programs they exec too, each apart"
     )
     parser.set_defaults(run=run)
 
