@@ -18,6 +18,7 @@ until they ``exec``).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -185,14 +186,7 @@ class ChildFollower:
             child.site_list.append(ChildSite(site.site, site.address, slots))
         if hook_view is not None:  # let the child go on
             hook_view.buffer[FORK_ACK : FORK_ACK + 4] = struct.pack("<I", 1)
-            base = memoryview(maps[index])  # type: ignore[arg-type]
-            import ctypes
-
-            holder = ctypes.c_char.from_buffer(maps[index])  # type: ignore[arg-type]
-            address = ctypes.addressof(holder)
-            del holder
-            base.release()
-            _futex(address + FORK_ACK, FUTEX_WAKE, 1)
+            _futex(mapping_address(maps[index]) + FORK_ACK, FUTEX_WAKE, 1)  # type: ignore[arg-type]
         self.children.append(child)
         if self.on_child is not None:
             self.on_child(child)
@@ -219,6 +213,15 @@ class ChildFollower:
                     cleanup(child.pid, force=True)
                 except DjprobeError as exc:
                     log.info("child %d: removing its probes: %s", child.pid, exc)
+
+
+def mapping_address(mapping: mmap.mmap) -> int:
+    """The tracer's address of the first byte of ``mapping`` (for futex calls on its words)."""
+    holder = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(holder)
+    finally:
+        del holder
 
 
 def _state(pid: int) -> str:

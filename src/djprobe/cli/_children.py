@@ -25,15 +25,13 @@ def guard_children(target: ProbedProcess) -> ForkGuard | None:
     return guard
 
 
-def follow_children(target: ProbedProcess, guard: ForkGuard | None, sites: Callable[[], list]) -> "Family | None":
-    """``--follow``: take in forked children and the images they exec (see follow.py, execs.py);
-    None where the fork hook is not."""
+def follow_children(args, target: ProbedProcess, guard: ForkGuard | None, sites: Callable[[], list]) -> "Family | None":
+    """``--follow``: take in forked children and the images they exec (see follow.py, execs.py),
+    placing ``args.patterns`` in the images; None where the fork hook is not."""
     if guard is None:
         notice("note: --follow: children cannot be followed without the fork hook")
         return None
-    from ._target import _current_args
-
-    return Family(_current_args(), target, guard, sites)
+    return Family(args, target, guard, sites)
 
 
 class _Image:
@@ -86,15 +84,12 @@ class Family:
             notice(f"note: --follow: images process {target.pid} execs will not be probed: {exc}", wrap=True)
 
     def _on_child(self, target: ProbedProcess, child) -> None:
-        import ctypes
+        from ..follow import mapping_address
 
         self.children.append(child)
         index = self.execs.region_index(target)
         if index is not None and index < len(child.views) and child.views[index] is not None:
-            holder = ctypes.c_char.from_buffer(child.maps[index])
-            address = ctypes.addressof(holder)
-            del holder
-            self.execs.watch(child.views[index], address)
+            self.execs.watch(child.views[index], mapping_address(child.maps[index]))
 
     def _setup_image(self, target: ProbedProcess) -> _Image:
         from ..area import AreaLayout

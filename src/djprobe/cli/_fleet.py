@@ -22,7 +22,7 @@ from ..probes import Djprobe, ProbedProcess, attach
 from ._children import follow_children, guard_children
 from ._output import notice, plural, print_refusals, refusal_reason, short_list
 from ._pending import follow_libraries
-from ._target import Refusal, interrupted, make_probes, pending_list, remember_args
+from ._target import Refusal, interrupted, make_probes, pending_list
 
 
 def pid_list(text: str) -> list[int]:
@@ -124,8 +124,7 @@ def open_fleet(args: argparse.Namespace) -> list[Member]:
             member.follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             member.guard = guard_children(target)
             if getattr(args, "follow", False):
-                remember_args(args)
-                member.family = follow_children(target, member.guard, member.sites)  # type: ignore[arg-type]
+                member.family = follow_children(args, target, member.guard, member.sites)  # type: ignore[arg-type]
             members.append(member)
     except BaseException:
         for member in members:

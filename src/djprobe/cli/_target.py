@@ -303,15 +303,3 @@ def pending_list(args: argparse.Namespace) -> list[str] | None:
     a process attached to."""
     return [] if args.command_argv or getattr(args, "pending", False) else None
 
-
-_ARGS: list[argparse.Namespace] = []
-
-
-def remember_args(args: argparse.Namespace) -> None:
-    """The command's arguments, for the pieces that set up processes found later (--follow)."""
-    _ARGS[:] = [args]
-
-
-def _current_args() -> argparse.Namespace:
-    return _ARGS[0]
-

@@ -10,7 +10,7 @@ from typing import TextIO
 from ..area import AreaLayout
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
-from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list, remember_args
+from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
 from ._children import follow_children, guard_children, idle_with, report_family
 from ._fleet import run_fleet, wants_fleet
 from ._pending import follow_libraries
@@ -121,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
             follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             guard = guard_children(target)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
-            remember_args(args)
-            children = follow_children(target, guard, shown) if args.follow else None
+            children = follow_children(args, target, guard, shown) if args.follow else None
             target.start()
             interval = 0
             idle = idle_with(follower, children)
