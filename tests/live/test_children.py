@@ -201,3 +201,59 @@ def test_follow_posix_spawn_child_from_its_first_instruction(forkcount, tmp_path
     report = json.loads(lines[-1])
     per = [(p["command"], {q["site"].split(":")[1]: q["hits"] for q in p["probes"]}) for p in report["processes"]]
     assert per == [(f"{spawner} {exe}", {"printf": 1}), (f"{exe} 7 0", {"fc_work": 14, "printf": 1})]
+
+
+EXEC_KILLER = """
+import os, signal, struct, subprocess, sys, time
+from djprobe import spawn
+from djprobe.area import EXEC_SEQ
+from djprobe.execs import ExecFollower
+from djprobe.follow import follow_forks, mapping_address
+from djprobe.probes import Djprobe
+exe, out = sys.argv[1:3]
+proc = spawn([exe, "100", "1", "5000", "x"], stdin=subprocess.PIPE, stdout=open(out, "w"))
+proc.register(Djprobe("fc_work"))
+execs = ExecFollower(lambda target: None)
+watched = []
+
+def on_child(child):
+    index = execs.region_index(proc)
+    execs.watch(child.views[index], mapping_address(child.maps[index]))
+    watched.append(child.views[index])
+
+children = follow_forks(proc, on_child=on_child)
+execs.install(proc)
+proc.start()
+print(proc.pid, flush=True)
+proc.process.popen.stdin.write(b"go\\n")
+proc.process.popen.stdin.close()
+while not any(struct.unpack_from("<I", v.buffer, EXEC_SEQ)[0] for v in watched):
+    children.poll()  # take the child in; then it announces its exec and waits for us
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_tracer_killed_while_exec_waits(forkcount, tmp_path):
+    import os
+    import signal as sig
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "killer.py"
+    script.write_text(EXEC_KILLER)
+    out = tmp_path / "out"
+    tracer = subprocess.Popen([sys.executable, str(script), str(forkcount), str(out)], stdout=subprocess.PIPE, text=True)
+    pid = int(tracer.stdout.readline())
+    try:
+        assert tracer.wait(timeout=60) == -sig.SIGKILL
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the target did not go on after the tracer died"
+            time.sleep(0.05)
+        # the child's exec went on (its new image ran), and the parent saw it exit 0
+        assert out.read_text().splitlines() == ["parent 10000 children 0 bad 0", "parent 200 children 1 bad 0"]
+    finally:
+        try:
+            os.kill(pid, sig.SIGKILL)
+        except ProcessLookupError:
+            pass
