@@ -35,6 +35,32 @@ RING_WAITED = 8  # producers add the TSC cycles they waited for room (lossless p
 RING_TAIL = 64
 RING_HEARTBEAT = 72  # the consumer's TSC at its last drain: a lossless probe waits only if recent
 RECORD_SIZE = 256
+# Words of the loader hook (see loader.py), in the header page after the header itself.
+LOADER_ARMED = 2048  # u32: the tracer wants to hear of libraries mapped and unmapped
+LOADER_REQUEST = 2052  # u32 futex word: the hook adds one per notification and wakes the tracer
+LOADER_ACK = 2056  # u32 futex word: the tracer writes the request it has handled and wakes the hook
+LOADER_HEARTBEAT = 2064  # u64: the tracer's TSC, written every LOADER_BEAT seconds while it listens
+# The fork hook's table (see forks.py): u32 count, then (u64 address, u64 size) of each probe
+# area's data part, this area's own first; a child replaces them with fresh memory, last first.
+FORK_TABLE = 2304
+FORK_TABLE_ENTRIES = 2312
+FORK_TABLE_MAX = 64
+# --follow (follow.py): the tracer sets FORK_FOLLOW; a child adds one to FORK_SEQ (in the
+# parent's area) and writes its PID at FORK_PIDS[seq % FORK_PIDS_MAX], gives itself data parts of
+# its own in memfd files (header and instance table copied), and waits, bounded, until the tracer
+# has mapped them and written FORK_ACK in its copy.
+FORK_FOLLOW = 3344
+FORK_SEQ = 3348
+FORK_ACK = 3352
+FORK_PIDS = 3360
+FORK_PIDS_MAX = 64
+FORK_NAME = 3632  # "djprobe\0": the name of a child's memfd files
+# --follow across exec (execs.py): a thread entering execve adds one to EXEC_SEQ, writes its TID
+# at EXEC_TIDS[seq % EXEC_TIDS_MAX], wakes the tracer and waits until EXEC_ACK holds its TID.
+EXEC_SEQ = 3640
+EXEC_ACK = 3644
+EXEC_TIDS = 3648
+EXEC_TIDS_MAX = 16
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
 REGISTER_NAMES = (

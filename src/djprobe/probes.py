@@ -264,6 +264,10 @@ class ProbedProcess:
         self._clock: TscClock | None = None
         self._thread_map = ThreadMap()
         self.handler_errors: list[tuple[Djprobe, BaseException, str]] = []
+        #: Called first by close() (e.g. loader.py: let a thread waiting in its hook go on).
+        self.close_hooks: list[Callable[[], None]] = []
+        #: Called with each new probe area, world stopped, before any jump leads into it (forks.py).
+        self.region_hooks: list[Callable[[Region], None]] = []
         if process.stopped:
             self._thread_map.learn(process)
         _LIVE.add(self)
@@ -416,6 +420,8 @@ class ProbedProcess:
     def _action_for(djp: Djprobe) -> tuple[str, str, bool]:
         if djp._latency_role is not None:
             return ("latency", "all", False)
+        if getattr(djp, "build_stub", None) is not None:
+            return ("custom", "all", False)  # a probe that builds its own stub (loader.py)
         return ("record", djp.registers, djp.lossless) if djp.record else ("count", "all", False)
 
     def _overlapping(self, address: int, size: int) -> Instance | None:
@@ -453,6 +459,8 @@ class ProbedProcess:
             return
         if existing is not None:
             conflict = latency.join_conflict(existing, djp)
+            if conflict is None and (existing.action == "custom") != (getattr(djp, "build_stub", None) is not None):
+                conflict = "djprobe's own hook (a stub of another kind) is there"
             if conflict is None:
                 conflict = returns.join_conflict(existing, analysis)
                 if conflict is not None and (overlaps.place_exit(self, djp, analysis, prepared)
@@ -527,7 +535,10 @@ class ProbedProcess:
 
     def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
                  part: Djprobe | None = None) -> tuple[Region, int, Stub]:
-        """Take a slot near the site and write its stub (not reachable by any thread yet)."""
+        """Take a slot near the site and write its stub (not reachable by any thread yet); a
+        ``part`` with a ``build_stub(self, analysis, region, slot)`` builds a custom action's stub
+        (loader.py), a latency part a latency stub."""
+        builder = getattr(part, "build_stub", None)
         tried_new = False
         # The last slots of an area are kept for the probes already in it (a probe joining one
         # of their windows takes a slot there, and every change of a shared stub one more).
@@ -542,6 +553,8 @@ class ProbedProcess:
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
+                    for hook in self.region_hooks:  # before any jump can lead into it
+                        hook(region)
                 candidates = [region]
                 tried_new = True
             region = candidates.pop(0)
@@ -549,7 +562,9 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if action == "latency":
+                if builder is not None:
+                    stub = builder(self, analysis, region, slot)
+                elif action == "latency":
                     stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
                 elif action == "record":
                     self._populate_rings(region)
@@ -725,7 +740,7 @@ class ProbedProcess:
             current = b""
         if current[:5] == instance.patched[:5]:
             self.process.write(instance.address, instance.original)
-        else:
+        elif current:
             # Not our jump any more (the program exec'd, or something rewrote the code): writing
             # the old bytes could corrupt what is there now. Leave it.
             log.warning(
@@ -953,6 +968,11 @@ class ProbedProcess:
             return
         self._closed = True
         _LIVE.discard(self)
+        for hook in self.close_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - removing the probes matters more
+                log.exception("close hook of process %d failed", self.pid)
         try:
             try:
                 if self.process.is_alive():
