@@ -171,7 +171,7 @@ class TrapSet:
                 raise DjprobeError("its bytes are not the file's (someone else's patch)")
             if existing is None:
                 existing = self._new_instance(analysis)
-            elif djp.record and existing.action != "record":
+            if djp.record and existing.action != "record":
                 self._start_sampling(existing, djp.registers)
             elif djp.record and djp.registers == "all" and existing.registers != "all":
                 raise DjprobeError("a trap recording only the argument registers is already there")

@@ -9,7 +9,7 @@ from typing import TextIO
 
 from ..area import AreaLayout
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
@@ -43,9 +43,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _table(probes: list[Djprobe]) -> str:
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     width = max([len("FUNC")] + [len(d.site or "") for d in rows])
-    lines = [f"{'FUNC':<{width}}  {'COUNT':>12}"]
-    lines += [f"{d.site:<{width}}  {d.hits:>12}" for d in rows]
+    lines = [f"{'FUNC':<{width}}  {'COUNT':>12}  MODE"]
+    lines += [f"{d.site:<{width}}  {d.hits:>12}  {d.mode or ''}" for d in rows]
     return "\n".join(lines)
+
+
+def probe_json(d: Djprobe) -> dict:
+    """A probe's site, address, hits, mode ("jump" or "trap") and, for a trap, why no jump."""
+    row = {"site": d.site, "address": d.address, "hits": d.hits, "mode": d.mode}
+    if d.mode == "trap":
+        row["no_jump_reason"] = d.no_jump_reason
+    return row
 
 
 def _report_json(
@@ -65,7 +73,7 @@ def _report_json(
             "time": round(time.time(), 6),
             "interval": interval,
             "final": final,
-            "probes": [{"site": d.site, "address": d.address, "hits": d.hits} for d in rows],
+            "probes": [probe_json(d) for d in rows],
             "refused": [{"site": r.site, "reason": r.reason} for r in refused],
             "exit_status": status,
         }
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
+            print_traps(probes)
             target.start()
             interval = 0
             for _ in run_until_done(target, args.duration, args.interval):
