@@ -78,10 +78,8 @@ def remove_stale_uprobes(target: int | None = None) -> tuple[list[str], list[tup
         ids = parse_group(ev.group)
         if ids is None or (target is not None and ids[1] != target):
             continue
-        if ids[0] != os.getpid() and os.path.exists(f"/proc/{ids[0]}"):
+        if ids[0] == os.getpid() or os.path.exists(f"/proc/{ids[0]}"):
             continue  # its tracer runs (or its PID was reused: it stays until that one ends)
-        if ids[0] == os.getpid():
-            continue
         try:
             tracefs.delete_uprobe(root, ev.group, ev.name)
             deleted.append(f"{ev.group}/{ev.name}")

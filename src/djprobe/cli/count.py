@@ -43,8 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _table(probes: list[Djprobe]) -> str:
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     width = max([len("FUNC")] + [len(d.site or "") for d in rows])
-    lines = [f"{'FUNC':<{width}}  {'COUNT':>12}  MODE"]
-    lines += [f"{d.site:<{width}}  {d.hits:>12}  {d.mode or ''}" for d in rows]
+    lines = [f"{'FUNC':<{width}}  MODE  {'COUNT':>12}"]
+    lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>12}" for d in rows]
     return "\n".join(lines)
 
 

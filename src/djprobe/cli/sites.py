@@ -237,6 +237,11 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
     by_class: dict[str, list] = {}
     for entry in rep.refused_entries:
         by_class.setdefault(entry.reason_class, []).append(entry)
+    lines.append(_wrap(f"reachable at all (jump or trap): {rep.entries_jump + rep.entries_trap} "
+                       f"({100 * rep.reachable_ratio:.2f}%): {rep.entries_trap} of the refused take a trap "
+                       f"(kernel uprobe), {sum(rep.entries_neither.values())} neither", ""))
+    for why, n in rep.entries_neither.most_common():
+        lines.append(f"  {n:7d}  neither: {why}")
     for cls, n in rep.refused.most_common():
         lines.append(f"  {n:7d}  {cls}")
         entries = by_class.get(cls, [])
@@ -253,7 +258,11 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
             lines.append(f"  {n:7d}  {cls}")
     if rep.boundaries:
         lines.append(_wrap(f"all instruction boundaries: {rep.boundaries}, {rep.boundaries_jump} take a jump "
-                           f"({100 * rep.boundary_ratio:.2f}%)", ""))
+                           f"({100 * rep.boundary_ratio:.2f}%); jump or trap: "
+                           f"{rep.boundaries_jump + rep.boundaries_trap} ({100 * rep.boundary_reachable_ratio:.2f}%), "
+                           f"neither: {sum(rep.boundaries_neither.values())}", ""))
+        for why, n in rep.boundaries_neither.most_common():
+            lines.append(f"  {n:7d}  neither: {why}")
         for cls, n in rep.boundary_refused.most_common():
             lines.append(f"  {n:7d}  {cls}")
     return "\n".join(lines)

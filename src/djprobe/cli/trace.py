@@ -112,8 +112,8 @@ def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
             }
         )
     width = max([len("PROBE")] + [len(d.site or "") for d in rows])
-    lines = [f"{'PROBE':<{width}}  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}  MODE"]
-    lines += [f"{d.site:<{width}}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}  {d.mode or ''}" for d in rows]
+    lines = [f"{'PROBE':<{width}}  MODE  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}"]
+    lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}" for d in rows]
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
     return "\n".join(lines)
 
