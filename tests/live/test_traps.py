@@ -284,3 +284,41 @@ def test_probes_placed_while_target_is_held_before_main(traps_exe):
         assert d.hits == 400
     finally:
         proc.close()
+
+
+def test_kernel_refuses_exactly_what_the_rules_say():
+    """x86/uprobe_rules.py against the running kernel: a uprobe on each instruction of
+    uprobe_insns.S, placed in a live process, is refused (ENOTSUPP) exactly where the rules say."""
+    from elftools.elf.elffile import ELFFile
+
+    from djprobe._sys import perf
+    from djprobe.x86.uprobe_rules import uprobe_refusal
+
+    exe = compile_c([TARGETS / "uprobe_insns.S"], name="uprobe_insns")
+    data = exe.read_bytes()
+    with open(exe, "rb") as f:
+        syms = {s.name: s["st_value"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols()
+                if s.name.startswith("i_")}
+    assert len(syms) == 16
+    target = subprocess.Popen([str(exe)])  # returns once exec succeeded: its code is mapped
+    root = _root()
+    group = f"djprobe_{os.getpid()}_{target.pid}"
+    verdicts = {}
+    try:
+        for name, offset in syms.items():  # PIE from gcc: file offset = vaddr for .text
+            event = tracefs.add_uprobe(root, group, name, str(exe), offset)
+            try:
+                os.close(perf.perf_event_open(perf.Attr(type=perf.PERF_TYPE_TRACEPOINT, config=event), target.pid, -1))
+                kernel = True
+            except OSError as exc:
+                assert exc.errno == 524, (name, exc)  # ENOTSUPP
+                kernel = False
+            finally:
+                tracefs.delete_uprobe(root, group, name)
+            verdicts[name] = (kernel, uprobe_refusal(data[offset : offset + 15]) is None)
+    finally:
+        target.kill()
+        target.wait(timeout=10)
+    assert all(k == r for k, r in verdicts.values()), verdicts
+    accepted = sorted(n for n, (k, _) in verdicts.items() if k)
+    assert accepted == ["i_fs", "i_nop66", "i_plain", "i_rep", "i_syscall", "i_ud2", "i_vex"]
