@@ -108,6 +108,8 @@ class Djprobe:
             raise InvalidSiteError(f"size must be an integer from 5 to 24 bytes, not {size!r}")
         if handler is not None and not callable(handler):
             raise InvalidSiteError(f"handler must be callable, not {type(handler).__name__}")
+        if trap not in (None, True, False, "only"):
+            raise InvalidSiteError(f"trap must be None, True, False or 'only', not {trap!r}")
         if registers not in ("all", "args"):
             raise InvalidSiteError(f"registers must be 'all' or 'args', not {registers!r}")
         self.addr: int | str = addr
@@ -120,7 +122,8 @@ class Djprobe:
         self.lossless = lossless
         self.at = at
         #: Where no jump fits, fall back to a kernel uprobe (see ``traps.py``): True, False, or
-        #: None for the process's ``trap_fallback``. ``mode`` is then "trap", and
+        #: None for the process's ``trap_fallback``; "only" places a trap even where a jump fits
+        #: (to compare, or to leave the code to the kernel). ``mode`` is then "trap", and
         #: ``no_jump_reason`` says why no jump could be placed.
         self.trap = trap
         self.mode: str | None = None  # "jump" or "trap" once registered
@@ -359,6 +362,9 @@ class ProbedProcess:
                             address=analysis.address,
                         )
                     raise analysis.error()
+                if djp.trap == "only":
+                    raise InvalidSiteError(f"{analysis.site}: a trap was asked for (trap='only')",
+                                           address=analysis.address, reason="a trap was asked for (trap='only')")
             except DjprobeError as exc:
                 self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
                 continue

@@ -39,6 +39,7 @@ from .area import ARG_REGISTERS, REGISTER_NAMES
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .events import EVENT_DTYPE, EventBatch
 from .sites import SiteAnalysis
+from .sites.function import FunctionAnalysis
 from .x86.uprobe_rules import uprobe_refusal
 
 if TYPE_CHECKING:
@@ -204,8 +205,17 @@ class TrapSet:
         address = analysis.address
         if self.proc._overlapping(address, 1) is not None:
             raise DjprobeError("it lies inside the displaced bytes of a jump probe")
-        live = self.proc.process.read(address, 15)
-        refusal = uprobe_refusal(live)
+        module, function = analysis.module, analysis.function
+        if module is None or function is None:
+            raise DjprobeError("no function covers it: its instruction boundaries are unknown")
+        fa = FunctionAnalysis(module, function)
+        if fa.problem is not None or address not in fa.boundaries():
+            raise DjprobeError(fa.problem or "it is not an instruction boundary")
+        try:
+            code = module.read_file(address, min(15, function.address + function.size - address))
+        except InvalidSiteError:
+            code = self.proc.process.read(address, 15)
+        refusal = uprobe_refusal(code)
         if refusal is not None:
             raise DjprobeError(refusal)
         entry = next((m for m in self.proc.process.maps() if address in m), None)
