@@ -93,8 +93,19 @@ def _end(target) -> None:
             target.wait(timeout=10)
 
 
+def _perf_fds(pid: int | str = "self") -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            pass
+    return n
+
+
 def test_each_refusal_reason_counts_exactly_through_a_trap(traps_exe):
     target = _start(traps_exe)
+    fds_before = _perf_fds()
     try:
         with djprobe.attach(target.pid) as proc:
             proc.trap_fallback = True
@@ -117,6 +128,7 @@ def test_each_refusal_reason_counts_exactly_through_a_trap(traps_exe):
             proc.unregister_many(probes)
             assert [d.hits for d in probes] == [4 * ITERATIONS] * len(probes)
             assert _ours(target.pid) == []
+            assert _perf_fds() == fds_before  # every perf event of ours is closed
             for d in probes[: len(TRAPPED)]:
                 _offset, byte = _file_byte(traps_exe, d.site.split(":")[1])
                 assert _live_byte(target.pid, d.address) == byte  # the kernel took its int3 out
@@ -322,3 +334,45 @@ def test_kernel_refuses_exactly_what_the_rules_say():
     assert all(k == r for k, r in verdicts.values()), verdicts
     accepted = sorted(n for n, (k, _) in verdicts.items() if k)
     assert accepted == ["i_fs", "i_nop66", "i_plain", "i_rep", "i_syscall", "i_ud2", "i_vex"]
+
+
+def test_trap_only_where_a_jump_fits_and_never_inside_an_instruction(traps_exe):
+    target = _start(traps_exe, 100)
+    try:
+        with djprobe.attach(target.pid) as proc:
+            forced = proc.register(djprobe.Djprobe("t_leaf", trap="only"))
+            assert forced.mode == "trap" and "trap='only'" in forced.no_jump_reason
+            jump = proc.register(djprobe.Djprobe("t_after"))  # never called: a jump fits
+            assert jump.mode == "jump"
+            with pytest.raises(InvalidSiteError, match="not an instruction boundary"):
+                proc.register(djprobe.Djprobe("t_branch_into+1", trap=True))
+            with pytest.raises(InvalidSiteError, match="trap must be"):
+                djprobe.Djprobe("t_leaf", trap="yes")
+            _finish(target)
+            assert forced.hits == 400 and jump.hits == 0
+            proc.unregister_many([forced, jump])
+        assert _ours(target.pid) == []
+    finally:
+        _end(target)
+
+
+def test_cli_ctrl_c_leaves_nothing_in_the_kernel(traps_exe):
+    target = _start(traps_exe, 100)
+    try:
+        cli = subprocess.Popen(DJPROBE + ["count", "--json", "-p", str(target.pid), "t_branch_into", "t_args"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        banner = cli.stderr.readline()  # written once the probes are in
+        assert banner.startswith("Tracing 2 functions"), banner
+        assert len(_ours(target.pid, cli.pid)) == 2
+        assert _finish(target).startswith("done")
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 0, err
+        report = json.loads(out.strip().splitlines()[-1])
+        assert sorted((p["hits"], p["mode"]) for p in report["probes"]) == [(400, "trap"), (400, "trap")]
+        assert _ours(target.pid) == []
+        for name in ("t_branch_into", "t_args"):
+            address = djprobe.symbols.Symbols.from_process(target.pid).resolve(f"{traps_exe.name}:{name}")[0].address
+            assert _live_byte(target.pid, address) == _file_byte(traps_exe, name)[1]
+    finally:
+        _end(target)
