@@ -66,6 +66,24 @@ def parse_group(group: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def trap_uprobes(target: int) -> list[dict]:
+    """The trap uprobe definitions of any djprobe tracer for ``target``: name, address, file
+    offset, tracer PID and whether that tracer still runs."""
+    try:
+        root = tracefs.tracefs_root(mount=False)
+    except OSError:
+        return []
+    out = []
+    for ev in tracefs.list_uprobes(root):
+        ids = parse_group(ev.group)
+        if ids is None or ids[1] != target:
+            continue
+        address = int(ev.name[1:], 16) if ev.name.startswith("a") else None
+        out.append({"uprobe": f"{ev.group}/{ev.name}", "address": address, "offset": ev.offset,
+                    "tracer": ids[0], "tracer_alive": os.path.exists(f"/proc/{ids[0]}")})
+    return out
+
+
 def remove_stale_uprobes(target: int | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Delete the uprobe definitions of djprobe tracers that are gone (of ``target`` only, if
     given). Returns (deleted ``GROUP/NAME``s, [(``GROUP/NAME``, why not)]). One in use by a perf
@@ -168,12 +186,18 @@ class TrapSet:
             existing = self.instances.get(address)
             if existing is None and (analysis is None or analysis.busy):
                 raise DjprobeError("its bytes are not the file's (someone else's patch)")
+            created = existing is None
             if existing is None:
                 existing = self._new_instance(analysis)
-            if djp.record and existing.action != "record":
-                self._start_sampling(existing, djp.registers)
-            elif djp.record and djp.registers == "all" and existing.registers != "all":
-                raise DjprobeError("a trap recording only the argument registers is already there")
+            try:
+                if djp.record and existing.action != "record":
+                    self._start_sampling(existing, djp.registers)
+                elif djp.record and djp.registers == "all" and existing.registers != "all":
+                    raise DjprobeError("a trap recording only the argument registers is already there")
+            except BaseException:
+                if created:
+                    self._finish(existing)  # no probe uses it: take it out again
+                raise
         except (DjprobeError, OSError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             reason = f"{why_no_jump}; no trap either: {why}"

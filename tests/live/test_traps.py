@@ -272,6 +272,11 @@ def test_tracer_killed_leaves_no_breakpoint_and_cleanup_deletes_the_definitions(
             assert _live_byte(target.pid, address) == _file_byte(traps_exe, name)[1], name  # int3 gone with the fds
         assert len(_ours(target.pid, tracer.pid)) == 3  # only the (unused) definitions stay
         assert _finish(target).startswith("done")  # the target runs on, unharmed
+        st = subprocess.run(DJPROBE + ["status", "--json", "-p", str(target.pid)], capture_output=True, text=True,
+                            timeout=60, env=env)
+        traps = json.loads(st.stdout)["traps"]
+        assert sorted(t["address"] for t in traps) == sorted(addresses.values())
+        assert not any(t["tracer_alive"] for t in traps)
         res = subprocess.run(DJPROBE + ["cleanup", "--stale"], capture_output=True, text=True, timeout=60, env=env)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "deleted trap uprobe" in res.stdout
