@@ -39,8 +39,7 @@ from .area import ARG_REGISTERS, REGISTER_NAMES
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .events import EVENT_DTYPE, EventBatch
 from .sites import SiteAnalysis
-from .sites.function import FunctionAnalysis
-from .x86.uprobe_rules import uprobe_refusal
+from .sites.coverage import site_trap_refusal
 
 if TYPE_CHECKING:
     from .probes import Djprobe, ProbedProcess
@@ -229,17 +228,7 @@ class TrapSet:
         address = analysis.address
         if self.proc._overlapping(address, 1) is not None:
             raise DjprobeError("it lies inside the displaced bytes of a jump probe")
-        module, function = analysis.module, analysis.function
-        if module is None or function is None:
-            raise DjprobeError("no function covers it: its instruction boundaries are unknown")
-        fa = FunctionAnalysis(module, function)
-        if fa.problem is not None or address not in fa.boundaries():
-            raise DjprobeError(fa.problem or "it is not an instruction boundary")
-        try:
-            code = module.read_file(address, min(15, function.address + function.size - address))
-        except InvalidSiteError:
-            code = self.proc.process.read(address, 15)
-        refusal = uprobe_refusal(code)
+        refusal = site_trap_refusal(analysis)  # a boundary of its function, the kernel's rules
         if refusal is not None:
             raise DjprobeError(refusal)
         entry = next((m for m in self.proc.process.maps() if address in m), None)

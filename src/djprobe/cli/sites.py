@@ -28,6 +28,7 @@ from typing import TextIO
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..sites import ExitAnalysis, SiteAnalysis, Verdict, analyse_exits, analyse_site, coverage, split_return_spec
+from ..sites.coverage import site_trap_refusal
 from ._output import add_output_argument, report_stream
 from ._returns import format_exits
 
@@ -207,6 +208,10 @@ def format_site(res: SiteAnalysis) -> str:
     lines.append(f"  size {res.size}: {verdict}" + (f" ({', '.join(extra)})" if extra else ""))
     if res.verdict is not Verdict.JUMP:
         lines.append(_wrap(res.reason, "  "))
+        if res.exit is None:
+            why = site_trap_refusal(res)
+            lines.append(_wrap("trap: a kernel uprobe can go here (count/trace place one unless --no-trap)"
+                               if why is None else f"no trap either: {why}", "  "))
     return "\n".join(lines)
 
 
@@ -305,7 +310,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                 print(f"module {name}: {path}", file=out)
     for i, res in enumerate(results):
         if args.json:
-            print(json.dumps(res.to_json()), file=out)
+            obj = res.to_json()
+            if isinstance(res, SiteAnalysis) and not res.ok and res.exit is None:
+                why = site_trap_refusal(res)
+                obj.update(trap=why is None, trap_refusal=why)
+            print(json.dumps(obj), file=out)
         else:
             if i:
                 print(file=out)

@@ -246,6 +246,21 @@ def trap_refusal(module: "Module", address: int) -> str | None:
     return "not readable from the file"
 
 
+def site_trap_refusal(res: SiteAnalysis) -> str | None:
+    """Why the trap fallback cannot go at the site of ``res`` (a refused jump verdict) either, or
+    None: someone else's patch, no known instruction boundary there, or :func:`trap_refusal`."""
+    if res.busy:
+        return "the bytes are already patched"
+    if res.module is None or res.function is None:
+        return "no function covers it: its instruction boundaries are unknown"
+    fa = FunctionAnalysis(res.module, res.function)
+    if fa.problem is not None:
+        return fa.problem
+    if res.address not in fa.boundaries():
+        return "it is not an instruction boundary"
+    return trap_refusal(res.module, res.address)
+
+
 _COLD = re.compile(r"^.*\.cold(?:\.\d+)?$")
 
 
