@@ -25,6 +25,7 @@ inherited per-thread events), each CPU's events writing into one ring; drained i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -273,7 +274,9 @@ class TrapSet:
         _raise_fd_limit(len(self._tids()))
         attr = self._attr(inst, sampling=False)
         for tid in self._tids():
-            inst.count_fds.append(perf.perf_event_open(attr, tid, -1))
+            fd = _open_for_thread(attr, tid, -1)
+            if fd is not None:
+                inst.count_fds.append(fd)
 
     def _start_sampling(self, inst: TrapInstance, registers: str) -> None:
         """Replace counting events by sampling ones (world stopped: the count carries over)."""
@@ -294,7 +297,9 @@ class TrapSet:
                         os.close(owner)
                         raise
                 for tid in tids:
-                    fd = perf.perf_event_open(attr, tid, cpu)
+                    fd = _open_for_thread(attr, tid, cpu)
+                    if fd is None:
+                        continue
                     fds.append(fd)
                     perf.set_output(fd, self.rings[cpu][0])
                     eid = perf.event_id(fd)
@@ -434,6 +439,17 @@ class TrapSet:
                 log.exception("closing trap %s", inst.name)
         self._close_rings()
         self._delete_unused()
+
+
+def _open_for_thread(attr: perf.Attr, tid: int, cpu: int) -> int | None:
+    """An event for thread ``tid``; None if the thread is gone (killed while the world was
+    stopped: it runs no more code)."""
+    try:
+        return perf.perf_event_open(attr, tid, cpu)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise
 
 
 def _raise_fd_limit(needed: int) -> None:
