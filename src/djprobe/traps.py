@@ -31,6 +31,7 @@ import os
 import resource
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -122,6 +123,7 @@ class TrapInstance:
     analysis: SiteAnalysis  # the refused jump verdict: site, address, reason
     group: str
     name: str
+    event_id: int = 0  # of the tracefs uprobe (the perf tracepoint config)
     action: str = "count"
     registers: str = "args"
     count_fds: list[int] = field(default_factory=list)
@@ -162,7 +164,7 @@ class TrapSet:
         self.instances: dict[int, TrapInstance] = {}
         self.rings: dict[int, tuple[int, perf.Ring]] = {}  # cpu -> (dummy event owning the ring, ring)
         self._by_id: dict[int, TrapInstance] = {}
-        self._root = None
+        self._root: Path | None = None
         self._group = group_name(os.getpid(), proc.pid)
         self._stale_checked = False
 
@@ -217,7 +219,7 @@ class TrapSet:
         djp._instance = existing  # type: ignore[assignment]
         existing.probes.append(djp)
 
-    def _tracefs(self):
+    def _tracefs(self) -> Path:
         if self._root is None:
             self._root = tracefs.tracefs_root()
         if not self._stale_checked:
@@ -240,8 +242,7 @@ class TrapSet:
         root = self._tracefs()
         name = f"a{address:x}"
         event = tracefs.add_uprobe(root, self._group, name, path, offset)
-        inst = TrapInstance(analysis, self._group, name)
-        inst.event_id = event  # type: ignore[attr-defined]
+        inst = TrapInstance(analysis, self._group, name, event)
         try:
             self._open_counting(inst)
         except BaseException:
@@ -253,11 +254,11 @@ class TrapSet:
     def _attr(self, inst: TrapInstance, sampling: bool) -> perf.Attr:
         flags = perf.FLAG_INHERIT | perf.FLAG_INHERIT_THREAD | perf.FLAG_REMOVE_ON_EXEC
         if not sampling:
-            return perf.Attr(type=perf.PERF_TYPE_TRACEPOINT, config=inst.event_id, flags=flags)  # type: ignore[attr-defined]
+            return perf.Attr(type=perf.PERF_TYPE_TRACEPOINT, config=inst.event_id, flags=flags)
         mask, _ = _regs_mask(inst.registers)
         return perf.Attr(
             type=perf.PERF_TYPE_TRACEPOINT,
-            config=inst.event_id,  # type: ignore[attr-defined]
+            config=inst.event_id,
             flags=flags | perf.FLAG_USE_CLOCKID | perf.FLAG_WATERMARK,
             sample_period=1,
             sample_type=perf.PERF_SAMPLE_IDENTIFIER | perf.PERF_SAMPLE_TID | perf.PERF_SAMPLE_TIME | perf.PERF_SAMPLE_REGS_USER,
