@@ -7,6 +7,7 @@ reports. A row whose count differs from the calls is WRONG.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -142,6 +143,16 @@ def run_djprobe_entry(threads: int, iters: int) -> Sample:
 
 def run_djprobe_entry_locked(threads: int, iters: int) -> Sample:
     r, hits, _, _ = _spawned(threads, iters, {"addr": "work"}, per_cpu=False)
+    return _sample(r, iters, hits)
+
+
+def run_djprobe_trap(threads: int, iters: int) -> Sample:
+    """The trap fallback (a kernel uprobe through perf events) at the entry, forced with
+    ``trap="only"``: what a site that takes no jump costs."""
+    djprobe = _djprobe()
+    if "trap" not in inspect.signature(djprobe.Djprobe).parameters:
+        raise Skip("this djprobe has no trap fallback yet")
+    r, hits, _, _ = _spawned(threads, iters, {"addr": "work", "trap": "only"})
     return _sample(r, iters, hits)
 
 
@@ -485,6 +496,7 @@ ROWS: list[RowSpec] = [
     RowSpec("djp_handler", "djprobe record, flood + Py handler", run_djprobe_handler, (1_000_000, 5_000_000)),
     RowSpec("tsc_hist", "TSC pair + per-thread hist compiled in", run_tsc_hist, (5_000_000, 20_000_000)),
     RowSpec("djp_latency", "djprobe latency (entry + exits, hist)", run_djprobe_latency, (5_000_000, 20_000_000)),
+    RowSpec("djp_trap", "djprobe count, trap mode", run_djprobe_trap, (50_000, 200_000)),
     RowSpec("uprobe", "kernel uprobe (tracefs)", run_uprobe, (50_000, 200_000)),
     RowSpec("uprobe_pair", "kernel uprobe + uretprobe (tracefs)", run_uprobe_pair, (20_000, 100_000)),
     RowSpec("bpftrace", "bpftrace count()", run_bpftrace, (50_000, 200_000)),

@@ -90,6 +90,12 @@ class TscClock:
     def now_tsc(self) -> int:
         return int(self.rdtsc())
 
+    def from_ns(self, ns: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_ns`: TSC values for CLOCK_MONOTONIC times (trap samples)."""
+        tsc0, ns0 = self._first
+        delta = ns.astype(np.int64) - np.int64(ns0)
+        return (np.int64(tsc0) + (delta / self.ns_per_tick).astype(np.int64)).astype(np.uint64)
+
     def to_ns(self, tsc: np.ndarray) -> np.ndarray:
         tsc0, ns0 = self._first
         delta = tsc.astype(np.int64) - np.int64(tsc0)

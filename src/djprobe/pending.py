@@ -55,6 +55,15 @@ class SiteTotal:
         return self.probes[-1].address if self.probes else None
 
     @property
+    def mode(self) -> str | None:
+        """How its last load's probe fires: "jump" or "trap" (see ``traps.py``)."""
+        return self.probes[-1].mode if self.probes else None
+
+    @property
+    def no_jump_reason(self) -> str | None:
+        return self.probes[-1].no_jump_reason if self.probes else None
+
+    @property
     def loads(self) -> int:
         """How many loads of its library this site was probed in."""
         return len(self.probes)

@@ -52,6 +52,7 @@ from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols
+from .traps import TrapSet
 from .x86.relocate import RelocationError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Djprobe:
         registers: str = "all",
         lossless: bool = False,
         at: str = "entry",
+        trap: bool | None = None,
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
@@ -114,6 +116,8 @@ class Djprobe:
             raise InvalidSiteError(f"size must be an integer from 5 to 24 bytes, not {size!r}")
         if handler is not None and not callable(handler):
             raise InvalidSiteError(f"handler must be callable, not {type(handler).__name__}")
+        if trap not in (None, True, False, "only"):
+            raise InvalidSiteError(f"trap must be None, True, False or 'only', not {trap!r}")
         if registers not in ("all", "args"):
             raise InvalidSiteError(f"registers must be 'all' or 'args', not {registers!r}")
         self.addr: int | str = addr
@@ -125,6 +129,13 @@ class Djprobe:
         #: of dropping the event, while the consumer is draining.
         self.lossless = lossless
         self.at = at
+        #: Where no jump fits, fall back to a kernel uprobe (see ``traps.py``): True, False, or
+        #: None for the process's ``trap_fallback``; "only" places a trap even where a jump fits
+        #: (to compare, or to leave the code to the kernel). ``mode`` is then "trap", and
+        #: ``no_jump_reason`` says why no jump could be placed.
+        self.trap = trap
+        self.mode: str | None = None  # "jump" or "trap" once registered
+        self.no_jump_reason: str | None = None
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
         #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
         self.latency: latency.Latency | None = None
@@ -261,6 +272,10 @@ class ProbedProcess:
         self._readers: list[RingReader] = []
         self._by_slot: dict[tuple[int, int], Instance] = {}
         self._pending: list[EventBatch] = []
+        #: Where a jump cannot be placed, place a kernel uprobe instead (``traps.py``), unless a
+        #: probe says otherwise (``Djprobe(trap=...)``). Off by default here; the CLI turns it on.
+        self.trap_fallback = False
+        self._traps: TrapSet | None = None
         self._clock: TscClock | None = None
         self._thread_map = ThreadMap()
         self.handler_errors: list[tuple[Djprobe, BaseException, str]] = []
@@ -350,15 +365,20 @@ class ProbedProcess:
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
         djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
+        to_trap: list[tuple[Djprobe, SiteAnalysis | None, DjprobeError]] = []
         for djp in djps:
             if djp.registered:
                 refused.append((djp, InvalidSiteError(f"{djp!r} is already registered")))
                 continue
+            analysis = None
             try:
                 analysis = self.analyse(djp)
                 analysis = overlaps.unpatched_analysis(self, djp, analysis) or analysis  # covers one of ours
+                if djp.trap == "only":
+                    raise InvalidSiteError(f"{analysis.site}: a trap was asked for (trap='only')",
+                                           address=analysis.address, reason="a trap was asked for (trap='only')")
             except DjprobeError as exc:
-                refused.append((djp, self._site_error(exc)))
+                self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
                 continue
             plans.append([djp, analysis, None])
         windows = overlaps.PlanWindows(plans)
@@ -376,7 +396,7 @@ class ProbedProcess:
                 )
             else:
                 exc = analysis.error()  # type: ignore[assignment]
-            refused.append((djp, self._site_error(exc)))
+            self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
         plans = [p for p in plans if p[0] is not None]
         first_at: set[int] = set()
         for plan in plans:
@@ -387,7 +407,7 @@ class ProbedProcess:
             try:
                 plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp)
             except DjprobeError as exc:
-                refused.append((djp, self._site_error(exc)))
+                self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
                 plan[0] = None
         pending = [p for p in plans if p[0] is not None]
         pending.reverse()
@@ -403,9 +423,31 @@ class ProbedProcess:
                         refused.append((djp, self._site_error(exc)))
                     if time.monotonic() >= deadline and not returns.same_group(djp, pending):
                         break
+        if to_trap:
+            with self.stopped():  # every thread stopped: the events cover all of them
+                for djp, analysis, exc in to_trap:
+                    try:
+                        self.traps.place(djp, analysis, exc)
+                    except DjprobeError as err:
+                        refused.append((djp, self._site_error(err)))
         order = {id(djp): i for i, djp in enumerate(djps)}
         refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
         return returns.settle(self, refused)
+
+    @property
+    def traps(self) -> TrapSet:
+        """The trap probes (kernel uprobes) of this process."""
+        if self._traps is None:
+            self._traps = TrapSet(self)
+        return self._traps
+
+    def _refuse_or_trap(self, djp: Djprobe, analysis: SiteAnalysis | None, exc: DjprobeError,
+                        refused: list, to_trap: list) -> None:
+        exc = self._site_error(exc)
+        if self.traps.wants(djp, analysis, exc):
+            to_trap.append((djp, analysis, exc))
+        else:
+            refused.append((djp, exc))
 
     def _site_error(self, exc: DjprobeError) -> DjprobeError:
         """Return ``exc`` if it is about one site; raise it if it is about the whole process
@@ -522,6 +564,7 @@ class ProbedProcess:
         self._join(djp, instance, analysis)
 
     def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis) -> None:
+        djp.mode, djp.no_jump_reason = "jump", None
         djp.address = analysis.address
         djp.site = analysis.site
         djp.analysis = analysis
@@ -678,6 +721,8 @@ class ProbedProcess:
     def unregister_many(self, djps: Iterable[Djprobe]) -> None:
         """Remove many probes, in stops of the world of about ``max_stop_seconds`` each."""
         djps = [d for d in returns.parts_of(djps) if d._instance is not None]
+        if self._traps is not None:
+            djps = self._traps.unregister(djps)  # trap probes: events closed, counts final
         if not djps:
             return
         if not self.process.is_alive() or self._image_replaced():
@@ -862,6 +907,10 @@ class ProbedProcess:
 
     def _drain(self) -> None:
         """Move committed records from the rings into the pending list (with their instances)."""
+        if self._traps is not None:
+            trapped = self._traps.drain()
+            if trapped is not None:
+                self._pending.append(trapped)
         if self._readers:
             self._heartbeat()
         raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain()]
@@ -960,7 +1009,8 @@ class ProbedProcess:
 
     @property
     def probes(self) -> list[Djprobe]:
-        return [p for inst in self._instances.values() for p in inst.probes]
+        traps = self._traps.probes() if self._traps is not None else []
+        return [p for inst in self._instances.values() for p in inst.probes] + traps
 
     def close(self) -> None:
         """Remove every probe, drop the tracer's side of the probe areas, and let the target go."""
@@ -992,6 +1042,8 @@ class ProbedProcess:
                 self._forget(djp)
         finally:
             latency.before_close(self._regions)
+            if self._traps is not None:
+                self._traps.close()
             for region in self._regions:
                 region.close_tracer_side()
             self.process.close()

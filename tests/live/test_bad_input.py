@@ -493,7 +493,7 @@ def test_cli_count_interrupted(start_target, counts_exe, sig):
             cli.wait()
     assert cli.returncode == 0, err
     assert "Traceback" not in err
-    rows = {line.split()[0].split(":")[-1]: int(line.split()[1]) for line in out.splitlines()[1:] if line.strip()}
+    rows = {line.split()[0].split(":")[-1]: int(line.split()[-1]) for line in out.splitlines()[1:] if line.strip()}
     assert rows["work_a"] > 0 and rows["work_b"] > 0
     _untouched(t)
     assert _finish(t)[-1] == "0"

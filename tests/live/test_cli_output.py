@@ -63,7 +63,7 @@ def test_count_banner_on_stderr_report_on_stdout(counts_exe):
     assert "Tracing" not in res.stdout
     lines = res.stdout.splitlines()
     assert lines[0] == "done calls_a=2000 bad=0"  # the program's own output
-    assert lines[1].split() == ["FUNC", "COUNT"]
+    assert lines[1].split() == ["FUNC", "MODE", "COUNT"]
     assert lines[2].split()[0].endswith(":work_a") and lines[2].split()[-1] == "2000"
     assert len(lines) == 3
 
@@ -91,7 +91,7 @@ def test_trace_to_file(tmp_path):
     assert text[0].split() == ["TIME", "TID", "PROBE", "ARGS"]
     hits = [line for line in text if line.split()[2:3] and line.split()[2].endswith(":f")]
     assert len(hits) == 60
-    assert text[-3].split() == ["PROBE", "HITS", "DELIVERED", "DROPPED"] and text[-2].split()[1:] == ["60", "60", "0"]
+    assert text[-3].split() == ["PROBE", "MODE", "HITS", "DELIVERED", "DROPPED"] and text[-2].split()[1:] == ["jump", "60", "60", "0"]
     assert text[-1].startswith("probes waited ")
 
 

@@ -112,6 +112,7 @@ def open_fleet(args: argparse.Namespace) -> list[Member]:
         for pid in pids:
             command = _command(pid)
             target = attach(pid)
+            target.trap_fallback = not getattr(args, "no_trap", False)
             target.layout = AreaLayout.for_counting()
             pending = pending_list(args)
             try:

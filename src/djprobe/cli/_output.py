@@ -91,6 +91,16 @@ def refusal_reason(site: str, message: str) -> str:
         reason = reason[m.end() :]
 
 
+def print_traps(probes: Iterable) -> None:
+    """Probes placed as traps (kernel uprobes: no jump fits there), with the reason, as notices."""
+    rows = [d for d in probes if getattr(d, "mode", None) == "trap"]
+    if not rows:
+        return
+    notice(f"{plural(len(rows), 'site')} traced by a trap (kernel uprobe; --no-trap refuses them):")
+    for d in rows:
+        notice(f"  {d.site}: no jump: {refusal_reason(d.site or '', d.no_jump_reason or '')}")
+
+
 def print_refusals(refused: Iterable[tuple[str, str]]) -> None:
     """Sites that could not take a probe, with their reasons, as notices."""
     rows = list(refused)

@@ -40,6 +40,11 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
+        "--no-trap",
+        action="store_true",
+        help="never fall back to a kernel uprobe (a trap, ~1 us per hit) where no jump fits: refuse the site",
+    )
+    parser.add_argument(
         "patterns",
         nargs="+",
         metavar="PATTERN",
@@ -62,10 +67,13 @@ def open_target(args: argparse.Namespace) -> ProbedProcess:
         raise InvalidSiteError(f"only count takes several processes (-p PID,PID... or --name), not {args.command}")
     if args.pid is not None:
         (pid,) = args.pid
-        return attach(pid)
-    if args.command_argv:
-        return spawn(args.command_argv)
-    raise InvalidSiteError("no target: give -p PID or -- COMMAND [ARG...]")
+        target = attach(pid)
+    elif args.command_argv:
+        target = spawn(args.command_argv)
+    else:
+        raise InvalidSiteError("no target: give -p PID or -- COMMAND [ARG...]")
+    target.trap_fallback = not getattr(args, "no_trap", False)
+    return target
 
 
 @dataclass

@@ -10,12 +10,14 @@ from typing import TextIO
 from ..errors import InvalidSiteError
 from ..recovery import CleanupReport, cleanup
 from ..shmfiles import AreaFile, area_files, remove_stale
+from ..traps import remove_stale_uprobes
 from ._output import add_output_argument, report_stream
 
 EXAMPLES = """examples:
   djprobe cleanup -p 1234          restore every byte patched by djprobe in 1234, unmap its areas
   djprobe cleanup -p 1234 --force  even if the tracer that placed them still runs
-  djprobe cleanup --stale          remove /dev/shm/djprobe-* files whose tracer is gone
+  djprobe cleanup --stale          remove /dev/shm/djprobe-* files and trap uprobe definitions
+                                   (tracefs uprobe_events djprobe_TRACER_TARGET/*) whose tracer is gone
 """
 
 
@@ -84,18 +86,29 @@ def format_stale(removed: list[AreaFile], failed: list[tuple[AreaFile, str]], ke
     return "\n".join(lines)
 
 
+def format_uprobes(deleted: list[str], failed: list[tuple[str, str]]) -> str:
+    lines = [f"deleted trap uprobe {name} (its tracer is gone)" for name in deleted]
+    lines += [f"FAILED to delete trap uprobe {name}: {why}" for name, why in failed]
+    return "\n".join(lines)
+
+
 def _run_stale(args: argparse.Namespace, out: TextIO) -> int:
     removed, failed = remove_stale()
     kept = [f for f in area_files() if not f.stale]
+    deleted, not_deleted = remove_stale_uprobes()
     if args.json:
         print(json.dumps({
             "removed": [f.to_json() for f in removed],
             "failed": [dict(f.to_json(), error=why) for f, why in failed],
             "in_use": [f.to_json() for f in kept],
+            "uprobes_deleted": deleted,
+            "uprobes_failed": [{"uprobe": n, "error": why} for n, why in not_deleted],
         }), file=out)
     else:
         print(format_stale(removed, failed, kept), file=out)
-    return 1 if failed else 0
+        if deleted or not_deleted:
+            print(format_uprobes(deleted, not_deleted), file=out)
+    return 1 if failed or not_deleted else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,10 +127,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_pid(args: argparse.Namespace, out: TextIO) -> int:
     report = cleanup(args.pid, force=args.force)
+    deleted, not_deleted = remove_stale_uprobes(args.pid)  # a killed tracer's trap definitions
     if args.json:
-        print(json.dumps(report.to_json()), file=out)
+        print(json.dumps(dict(report.to_json(), uprobes_deleted=deleted,
+                              uprobes_failed=[{"uprobe": n, "error": why} for n, why in not_deleted])), file=out)
     else:
         # A failed clean-up is shown on stderr too, unless the report has a file of its own.
         stream = sys.stderr if not report.ok and out is sys.stdout else out
         print(format_report(report), file=stream)
-    return 0 if report.ok else 1
+        if deleted or not_deleted:
+            print(format_uprobes(deleted, not_deleted), file=out)
+    return 0 if report.ok and not not_deleted else 1

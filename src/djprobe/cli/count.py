@@ -9,7 +9,7 @@ from typing import TextIO
 
 from ..area import AreaLayout
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
 from ._children import follow_children, guard_children, idle_with, report_family
 from ._fleet import run_fleet, wants_fleet
@@ -53,9 +53,17 @@ def _new_probe(address: int, at_return: bool) -> Djprobe:
 def _table(probes: list[Djprobe]) -> str:
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     width = max([len("FUNC")] + [len(d.site or "") for d in rows])
-    lines = [f"{'FUNC':<{width}}  {'COUNT':>12}"]
-    lines += [f"{d.site:<{width}}  {d.hits:>12}" for d in rows]
+    lines = [f"{'FUNC':<{width}}  MODE  {'COUNT':>12}"]
+    lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>12}" for d in rows]
     return "\n".join(lines)
+
+
+def probe_json(d: Djprobe) -> dict:
+    """A probe's site, address, hits, mode ("jump" or "trap") and, for a trap, why no jump."""
+    row = {"site": d.site, "address": d.address, "hits": d.hits, "mode": d.mode}
+    if d.mode == "trap":
+        row["no_jump_reason"] = d.no_jump_reason
+    return row
 
 
 def _report_json(
@@ -75,7 +83,7 @@ def _report_json(
             "time": round(time.time(), 6),
             "interval": interval,
             "final": final,
-            "probes": [{"site": d.site, "address": d.address, "hits": d.hits} for d in rows],
+            "probes": [probe_json(d) for d in rows],
             "refused": [{"site": r.site, "reason": r.reason} for r in refused],
             "exit_status": status,
         }
@@ -118,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
+            print_traps(probes)
             follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             guard = guard_children(target)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)

@@ -30,6 +30,7 @@ from typing import TextIO
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..sites import ExitAnalysis, SiteAnalysis, Verdict, analyse_exits, analyse_site, coverage, split_return_spec
+from ..sites.coverage import site_trap_refusal
 from ._output import add_output_argument, report_stream
 from ._returns import format_exits
 
@@ -212,6 +213,10 @@ def format_site(res: SiteAnalysis) -> str:
     lines.append(f"  size {res.size}: {verdict}" + (f" ({', '.join(extra)})" if extra else ""))
     if res.verdict is not Verdict.JUMP:
         lines.append(_wrap(res.reason, "  "))
+        if res.exit is None:
+            why = site_trap_refusal(res)
+            lines.append(_wrap("trap: a kernel uprobe can go here (count/trace place one unless --no-trap)"
+                               if why is None else f"no trap either: {why}", "  "))
     return "\n".join(lines)
 
 
@@ -242,6 +247,11 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
     by_class: dict[str, list] = {}
     for entry in rep.refused_entries:
         by_class.setdefault(entry.reason_class, []).append(entry)
+    lines.append(_wrap(f"reachable at all (jump or trap): {rep.entries_jump + rep.entries_trap} "
+                       f"({100 * rep.reachable_ratio:.2f}%): {rep.entries_trap} of the refused take a trap "
+                       f"(kernel uprobe), {sum(rep.entries_neither.values())} neither", ""))
+    for why, n in rep.entries_neither.most_common():
+        lines.append(f"  {n:7d}  neither: {why}")
     for cls, n in rep.refused.most_common():
         lines.append(f"  {n:7d}  {cls}")
         entries = by_class.get(cls, [])
@@ -258,7 +268,11 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
             lines.append(f"  {n:7d}  {cls}")
     if rep.boundaries:
         lines.append(_wrap(f"all instruction boundaries: {rep.boundaries}, {rep.boundaries_jump} take a jump "
-                           f"({100 * rep.boundary_ratio:.2f}%)", ""))
+                           f"({100 * rep.boundary_ratio:.2f}%); jump or trap: "
+                           f"{rep.boundaries_jump + rep.boundaries_trap} ({100 * rep.boundary_reachable_ratio:.2f}%), "
+                           f"neither: {sum(rep.boundaries_neither.values())}", ""))
+        for why, n in rep.boundaries_neither.most_common():
+            lines.append(f"  {n:7d}  neither: {why}")
         for cls, n in rep.boundary_refused.most_common():
             lines.append(f"  {n:7d}  {cls}")
     return "\n".join(lines)
@@ -324,7 +338,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                 print(f"module {name}: {path}", file=out)
     for i, res in enumerate(results):
         if args.json:
-            print(json.dumps(res.to_json()), file=out)
+            obj = res.to_json()
+            if isinstance(res, SiteAnalysis) and not res.ok and res.exit is None:
+                why = site_trap_refusal(res)
+                obj.update(trap=why is None, trap_refusal=why)
+            print(json.dumps(obj), file=out)
         else:
             if i:
                 print(file=out)

@@ -7,6 +7,7 @@ import json
 
 from ..errors import InvalidSiteError
 from ..recovery import FoundArea, status
+from ..traps import trap_uprobes
 from ._output import add_output_argument, report_stream
 
 EXAMPLES = """examples:
@@ -70,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidSiteError(f"invalid PID {args.pid}")
     with report_stream(args) as out:
         areas = status(args.pid)
+        traps = trap_uprobes(args.pid)
         if args.json:
-            print(json.dumps({"pid": args.pid, "areas": [a.to_json() for a in areas]}), file=out)
+            print(json.dumps({"pid": args.pid, "areas": [a.to_json() for a in areas], "traps": traps}), file=out)
         else:
             print(format_areas(args.pid, areas), file=out)
+            for t in traps:
+                where = f"{t['address']:#x}" if t["address"] is not None else "?"
+                state = "alive" if t["tracer_alive"] else "gone: unused, cleanup --stale deletes it"
+                print(f"trap uprobe {t['uprobe']} at {where}, tracer {t['tracer']} ({state})", file=out)
     return 0

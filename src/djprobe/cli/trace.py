@@ -10,7 +10,8 @@ from typing import TextIO
 from ..area import AreaLayout
 from ..events import EventBatch
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
+from .count import probe_json
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
 from ._children import guard_children
 from ._pending import follow_libraries
@@ -106,15 +107,15 @@ def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
         return json.dumps(
             {
                 "summary": [
-                    {"site": d.site, "address": d.address, "hits": d.hits, "delivered": d.hits - d.missed, "dropped": d.missed}
+                    dict(probe_json(d), delivered=d.hits - d.missed, dropped=d.missed)
                     for d in rows
                 ],
                 "waited_s": round(waited, 6),
             }
         )
     width = max([len("PROBE")] + [len(d.site or "") for d in rows])
-    lines = [f"{'PROBE':<{width}}  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}"]
-    lines += [f"{d.site:<{width}}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}" for d in rows]
+    lines = [f"{'PROBE':<{width}}  MODE  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}"]
+    lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}" for d in rows]
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
     return "\n".join(lines)
 
@@ -144,6 +145,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             )
         notice(banner(len(probes), args.patterns))
         print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
+        print_traps(probes)
 
         def new_probe(address: int, at_return: bool) -> Djprobe:
             at = "return" if at_return else "entry"

@@ -1,4 +1,5 @@
-"""Coverage: how much of a module a jump probe can reach, with refusals grouped by reason."""
+"""Coverage: how much of a module a jump probe can reach, with refusals grouped by reason; and
+how much is reachable at all, counting the trap fallback (a kernel uprobe) where no jump fits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..errors import InvalidSiteError
+from ..x86.uprobe_rules import uprobe_refusal
 from .exits import function_exits
 from .function import FunctionAnalysis
 from .index import module_index
@@ -108,6 +111,21 @@ class CoverageReport:
     return_refused: Counter = field(default_factory=Counter)
     both_refused: Counter = field(default_factory=Counter)
     return_examples: dict[str, str] = field(default_factory=dict)
+    #: Refused entries/boundaries where the trap fallback (a kernel uprobe) goes, and those where
+    #: neither a jump nor a trap does, per reason the kernel gives.
+    entries_trap: int = 0
+    entries_neither: Counter = field(default_factory=Counter)
+    boundaries_trap: int = 0
+    boundaries_neither: Counter = field(default_factory=Counter)
+
+    @property
+    def reachable_ratio(self) -> float:
+        """Share of function entries a probe reaches at all (jump or trap)."""
+        return (self.entries_jump + self.entries_trap) / self.entries if self.entries else 0.0
+
+    @property
+    def boundary_reachable_ratio(self) -> float:
+        return (self.boundaries_jump + self.boundaries_trap) / self.boundaries if self.boundaries else 0.0
 
     @property
     def both_ratio(self) -> float:
@@ -137,6 +155,10 @@ class CoverageReport:
             "refused": dict(self.refused.most_common()),
             "examples": self.examples,
             "refused_sites": [e.to_json() for e in self.refused_entries],
+            "entries_trap": self.entries_trap,
+            "entries_neither": sum(self.entries_neither.values()),
+            "entry_reachable_ratio": round(self.reachable_ratio, 5),
+            "neither": dict(self.entries_neither.most_common()),
             "seconds": round(self.seconds, 2),
         }
         if self.returns:
@@ -156,6 +178,10 @@ class CoverageReport:
                 boundaries_jump=self.boundaries_jump,
                 boundary_ratio=round(self.boundary_ratio, 5),
                 boundary_refused=dict(self.boundary_refused.most_common()),
+                boundaries_trap=self.boundaries_trap,
+                boundaries_neither=sum(self.boundaries_neither.values()),
+                boundary_reachable_ratio=round(self.boundary_reachable_ratio, 5),
+                boundary_neither=dict(self.boundaries_neither.most_common()),
             )
         return out
 
@@ -187,6 +213,11 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
             rep.refused[cls] += 1
             rep.examples.setdefault(cls, f"{res.site}: {res.reason}")
             rep.refused_entries.append(RefusedEntry(res.site, func.address, cls, res.reason))
+            why_not = "already patched" if res.busy else trap_refusal(module, func.address)
+            if why_not is None:
+                rep.entries_trap += 1
+            else:
+                rep.entries_neither[why_not] += 1
         if returns:
             _count_returns(rep, module, func, memory, idx, res, fa)
         if all_boundaries:
@@ -199,8 +230,43 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
                     rep.boundaries_jump += 1
                 else:
                     rep.boundary_refused[_reason_class(r.reason)] += 1
+                    why_not = "already patched" if r.busy else trap_refusal(module, a)
+                    if why_not is None:
+                        rep.boundaries_trap += 1
+                    else:
+                        rep.boundaries_neither[why_not] += 1
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def trap_refusal(module: "Module", address: int) -> str | None:
+    """Why the trap fallback (a kernel uprobe) cannot go at ``address`` either, or None: the
+    module is no file, or the kernel refuses the instruction (``x86/uprobe_rules.py``)."""
+    if not module.file_backed:
+        return "not in a file (a uprobe needs one)"
+    for size in (15, 8, 4, 2, 1):
+        try:
+            code = module.read_file(address, size)
+        except InvalidSiteError:
+            continue
+        refusal = uprobe_refusal(code)
+        return None if refusal is None else refusal.split(" (")[0]
+    return "not readable from the file"
+
+
+def site_trap_refusal(res: SiteAnalysis) -> str | None:
+    """Why the trap fallback cannot go at the site of ``res`` (a refused jump verdict) either, or
+    None: someone else's patch, no known instruction boundary there, or :func:`trap_refusal`."""
+    if res.busy:
+        return "the bytes are already patched"
+    if res.module is None or res.function is None:
+        return "no function covers it: its instruction boundaries are unknown"
+    fa = FunctionAnalysis(res.module, res.function)
+    if fa.problem is not None:
+        return fa.problem
+    if res.address not in fa.boundaries():
+        return "it is not an instruction boundary"
+    return trap_refusal(res.module, res.address)
 
 
 _COLD = re.compile(r"^.*\.cold(?:\.\d+)?$")
