@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 2  # 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
+VERSION = 3  # 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records; 3: rings of string records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -60,6 +60,40 @@ ARGS_RECORD_DTYPE = np.dtype(
         "itemsize": ARGS_RECORD_SIZE,
     }
 )
+#: A string record (``djprobe.fetch_stubs``): an argument record's first 128 bytes, then one
+#: string slot per argument register: the address (8 bytes), what ``process_vm_readv`` returned
+#: (8 bytes: the bytes copied, or -errno) and ``string_size`` bytes copied at the hit.
+STRING_SLOT_HEADER = 16
+STRING_MASK_OFFSET = 88  # u32 in the record: the argument registers whose slots the stub filled
+MAX_STRING_SIZE = 4096
+
+
+def string_record_size(string_size: int) -> int:
+    """Bytes of a string record holding six strings of ``string_size`` bytes (a power of two)."""
+    need = ARGS_RECORD_SIZE + len(ARG_REGISTERS) * (STRING_SLOT_HEADER + string_size)
+    return 1 << (need - 1).bit_length()
+
+
+def string_record_dtype(string_size: int) -> np.dtype:
+    """The dtype of a string record (``strings`` holds the six slots of ``string_slot_dtype``)."""
+    slot = string_slot_dtype(string_size)
+    return np.dtype(
+        {
+            "names": ["seq", "instance", "tid", "thread", "tsc", "args", "rax", "mask", "strings"],
+            "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(ARG_REGISTERS)), np.uint64,
+                        np.uint32, (slot, len(ARG_REGISTERS))],
+            "offsets": [0, 8, 12, 16, 24, 32, 32 + 8 * len(ARG_REGISTERS), STRING_MASK_OFFSET, ARGS_RECORD_SIZE],
+            "itemsize": string_record_size(string_size),
+        }
+    )
+
+
+def string_slot_dtype(string_size: int) -> np.dtype:
+    """One string slot: ``address``, ``result`` (bytes copied or -errno), ``data``."""
+    return np.dtype({"names": ["address", "result", "data"], "formats": [np.uint64, np.int64, (np.uint8, string_size)],
+                     "offsets": [0, 8, STRING_SLOT_HEADER], "itemsize": STRING_SLOT_HEADER + string_size})
+
+
 MAX_DISPLACED = 24  # room for the original bytes of the displaced instructions (5 + 14 + slack)
 
 
@@ -73,7 +107,7 @@ class InstanceState(enum.IntEnum):
 
 
 # Header: magic, version, sizes and addresses. Little-endian, fixed offsets.
-_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQ")
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQII")
 _HEADER_FIELDS = (
     "magic",
     "version",
@@ -96,6 +130,8 @@ _HEADER_FIELDS = (
     "ring_count",
     "ring_slots",
     "drops_offset",
+    "string_size",
+    "string_ring_slots",
 )
 
 # Instance entry: address, stub, state, size, action, original bytes, patched bytes, a name hint.
@@ -113,15 +149,19 @@ class AreaLayout:
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
     ring_count: int = 8  # event rings, chosen like counter shards
     ring_slots: int = 4096  # records per ring
+    string_size: int = 64  # bytes copied per string argument (a multiple of 8)
+    string_ring_slots: int = 256  # records per ring of string records
 
     @classmethod
     def for_counting(cls) -> "AreaLayout":
         """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
         them (a record probe can still be placed there, its events then mostly dropped)."""
-        return cls(ring_count=1, ring_slots=1)
+        return cls(ring_count=1, ring_slots=1, string_ring_slots=1)
 
     def __post_init__(self) -> None:
-        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots"):
+        if not 8 <= self.string_size <= MAX_STRING_SIZE or self.string_size % 8:
+            raise ValueError(f"string_size must be a multiple of 8 from 8 to {MAX_STRING_SIZE}, not {self.string_size}")
+        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots", "string_ring_slots"):
             value = getattr(self, name)
             if value <= 0 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -186,8 +226,26 @@ class AreaLayout:
         return self.records_offset + self.ring_count * self.ring_stride
 
     @property
+    def string_record_size(self) -> int:
+        return string_record_size(self.string_size)
+
+    @property
+    def string_ring_stride(self) -> int:
+        """Bytes of records of one ring of string records (a power of two)."""
+        return self.string_ring_slots * self.string_record_size
+
+    @property
+    def string_rings_offset(self) -> int:
+        """Headers of the ``ring_count`` rings of string records (after the argument records)."""
+        return _page_align(self.args_records_offset + self.ring_count * self.args_ring_stride)
+
+    @property
+    def string_records_offset(self) -> int:
+        return _page_align(self.string_rings_offset + self.ring_count * RING_HEADER_SIZE)
+
+    @property
     def rings_size(self) -> int:
-        return self.args_records_offset + self.ring_count * self.args_ring_stride - self.rings_offset
+        return self.string_records_offset + self.ring_count * self.string_ring_stride - self.rings_offset
 
     @property
     def data_size(self) -> int:
@@ -294,6 +352,8 @@ class AreaHeader:
             lay.ring_count,
             lay.ring_slots,
             lay.drops_offset,
+            lay.string_size,
+            lay.string_ring_slots,
         )
         return _HEADER.pack(*values)
 
@@ -317,6 +377,8 @@ class AreaHeader:
             value = fields[name]
             if value <= 0 or value & (value - 1) or value > bound:
                 raise ValueError(f"{name} = {value} is out of bounds")
+        if not 8 <= fields["string_size"] <= MAX_STRING_SIZE or fields["string_size"] % 8:
+            raise ValueError(f"string_size = {fields['string_size']} is out of bounds")
         if not 12 <= fields["shard_shift"] < 48:
             raise ValueError(f"shard_shift = {fields['shard_shift']} is out of bounds")
         layout = AreaLayout(
@@ -326,6 +388,8 @@ class AreaHeader:
             shard_shift=fields["shard_shift"],
             ring_count=fields["ring_count"],
             ring_slots=fields["ring_slots"],
+            string_size=fields["string_size"],
+            string_ring_slots=fields["string_ring_slots"],
         )
         for name in _DERIVED:
             if fields[name] != getattr(layout, name):
@@ -350,6 +414,7 @@ _BOUNDS = {
     "slot_size": 1 << 16,
     "ring_count": 1 << 10,
     "ring_slots": 1 << 20,
+    "string_ring_slots": 1 << 20,
 }
 _DERIVED = (
     "code_size", "data_size", "table_offset", "counters_offset", "rings_offset", "rings_size", "drops_offset",
@@ -384,6 +449,16 @@ class AreaView:
             count=layout.ring_count * layout.ring_slots,
             offset=layout.args_records_offset,
         ).reshape(layout.ring_count, layout.ring_slots)
+        #: Rings of string records: their headers, then their records.
+        self.string_ring_headers = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.ring_count * RING_HEADER_SIZE // 8, offset=layout.string_rings_offset
+        ).reshape(layout.ring_count, RING_HEADER_SIZE // 8)
+        self.string_records = np.frombuffer(
+            self.buffer,
+            dtype=string_record_dtype(layout.string_size),
+            count=layout.ring_count * layout.string_ring_slots,
+            offset=layout.string_records_offset,
+        ).reshape(layout.ring_count, layout.string_ring_slots)
 
     def write_header(self, header: AreaHeader) -> None:
         raw = header.pack()
@@ -402,11 +477,14 @@ class AreaView:
 
     def waited_cycles(self) -> int:
         """TSC cycles that lossless probes spent waiting for room in the rings, in all."""
-        return int(self.ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64))
+        return int(self.ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64)) + int(
+            self.string_ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64)
+        )
 
     def heartbeat(self, tsc: int) -> None:
         """Tell lossless probes that the consumer is alive (its TSC now)."""
         self.ring_headers[:, RING_HEARTBEAT // 8] = tsc
+        self.string_ring_headers[:, RING_HEARTBEAT // 8] = tsc
 
     def count(self, index: int) -> int:
         """Hits of instance ``index``: the sum over all shards."""
@@ -426,5 +504,6 @@ class AreaView:
 
     def release(self) -> None:
         """Drop the numpy view so the underlying mmap can be closed."""
-        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
+        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None
+        self.string_ring_headers = self.string_records = None  # type: ignore[assignment]
         self.buffer.release()

@@ -50,6 +50,8 @@ from . import returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
+from .fetch_stubs import build_fetch_stub, string_rings
+from .prototypes import Prototype, typed_probe
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols
 from .x86.relocate import RelocationError
@@ -92,6 +94,7 @@ class Djprobe:
         registers: str = "all",
         lossless: bool = False,
         at: str = "entry",
+        prototype: "str | Prototype | None" = None,
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
@@ -117,6 +120,11 @@ class Djprobe:
         #: of dropping the event, while the consumer is draining.
         self.lossless = lossless
         self.at = at
+        #: Parameter names and types (``prototype="char *s, long n"``, or one from
+        #: ``djprobe.debuginfo``): a recording probe; ``char *`` arguments are copied at the hit.
+        self.prototype, self.strings = typed_probe(prototype, at)
+        if self.prototype is not None:
+            self.record, self.registers = True, "args"
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
         self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
         self._parent: Djprobe | None = None  # the return probe this is a part of
@@ -179,6 +187,7 @@ class Instance:
     action: str = "count"  # or "record"
     registers: str = "all"
     lossless: bool = False  # its record stub waits for room while the consumer drains
+    strings: int = 0  # argument registers whose strings its stub copies (djprobe.fetch_stubs)
     probes: list[Djprobe] = field(default_factory=list)
     carried_hits: int = 0  # from earlier stubs of this instance that are given back
     carried_drops: int = 0
@@ -211,6 +220,7 @@ class Instance:
             self.action == "record"
             and (self.registers == "all" or djp.registers == "args")
             and (self.lossless or not djp.lossless)
+            and not djp.strings & ~self.strings
         )
 
 
@@ -356,7 +366,7 @@ class ProbedProcess:
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp))
+                plan[2] = self._prepare(analysis, *self._action_for(djp), djp.strings)
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 plan[0] = None
@@ -442,7 +452,7 @@ class ProbedProcess:
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, djp.strings)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -458,7 +468,7 @@ class ProbedProcess:
         self.process.write(address, patched)
         entry.state = InstanceState.INSERTED
         region.view.set_entry(slot, entry)
-        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless)
+        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless, djp.strings)
         self._instances[address] = instance
         bisect.insort(self._addresses, address)
         self._by_slot[(self._regions.index(region), slot)] = instance
@@ -476,7 +486,9 @@ class ProbedProcess:
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
+    def _prepare(
+        self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False, strings: int = 0
+    ) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet)."""
         tried_new = False
         candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
@@ -496,7 +508,12 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if action == "record":
+                if action == "record" and strings:
+                    self._populate_rings(region)
+                    where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    rings = string_rings(region.layout, region.data_address)
+                    stub = build_fetch_stub(analysis, region.layout, region.slot_address(slot), where, rings, strings)
+                elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
                         analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
@@ -751,7 +768,11 @@ class ProbedProcess:
         """Give ``instance`` a record stub (a probe that wants events joined a count-only site)."""
         registers = "all" if "all" in (djp.registers, instance.registers if instance.action == "record" else "args") else "args"
         lossless = djp.lossless or instance.lossless
-        region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless)
+        strings = djp.strings | instance.strings
+        if strings and registers == "all":
+            raise SiteBusyError(f"{instance.analysis.site}: a probe recording every register is there; "
+                                "string arguments are fetched only by argument records", address=instance.address)
+        region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless, strings)
         patched = jump_bytes(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
@@ -763,7 +784,7 @@ class ProbedProcess:
         instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
-        instance.lossless = lossless
+        instance.lossless, instance.strings = lossless, strings
         self._by_slot[(self._regions.index(region), slot)] = instance
         self._give_back_or_retire(instance, old_region, old_slot, old_stub)
 
@@ -796,6 +817,7 @@ class ProbedProcess:
         owners = np.empty(len(unique), dtype=object)
         owners[:] = [self._by_slot.get((k >> 32, k & 0xFFFFFFFF)) for k in unique.tolist()]
         batch.instances = owners[inverse]
+        batch.fetched = {k: v for reader in self._readers for k, v in reader.take_fetched().items()}
         self._pending.append(batch)
 
     def read_events(self) -> EventBatch:
@@ -860,10 +882,11 @@ class ProbedProcess:
                 )
             if not todo:
                 continue
-            regs = Regs(regs_array, k, tid, when)
+            regs = Regs(regs_array, k, tid, when, batch.fetched_strings(k) if batch.fetched else None)
             for djp, handler, joined in todo:
                 if tsc < joined:
                     continue
+                regs.prototype = None if batch.is_return(k) else (djp._parent or djp).prototype
                 try:
                     handler(djp, regs)
                 except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop tracing
