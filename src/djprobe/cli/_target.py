@@ -15,6 +15,8 @@ import subprocess
 
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
+from ..debuginfo import prototype_at
+from ..prototypes import split_prototype
 from ..sites import RETURN_SUFFIX, split_return_spec
 
 
@@ -92,7 +94,13 @@ def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, co
 
 
 def make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess,
+    patterns: list[str],
+    *,
+    record: bool = False,
+    registers: str = "all",
+    lossless: bool = False,
+    debuginfo: bool = False,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons.
 
@@ -102,7 +110,9 @@ def make_probes(
     """
     held = _held_command(target)
     try:
-        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless)
+        probes, refused = _make_probes(
+            target, patterns, record=record, registers=registers, lossless=lossless, debuginfo=debuginfo
+        )
     except BaseException as exc:
         if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
@@ -120,16 +130,25 @@ def make_probes(
 
 
 def _make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess,
+    patterns: list[str],
+    *,
+    record: bool = False,
+    registers: str = "all",
+    lossless: bool = False,
+    debuginfo: bool = False,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
-    per function); refusals with their reasons."""
+    per function; ``PATTERN(char *s, long n)``: with that prototype); refusals with their reasons.
+    With ``debuginfo``, a recording entry probe without a written prototype takes the one DWARF
+    gives its function (``djprobe.debuginfo``)."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
     probes: dict[tuple[int, bool], Djprobe] = {}
     refused: list[Refusal] = []
     for pattern in patterns:
-        spec, at_return = split_return_spec(pattern)
+        spec, prototype = split_prototype(pattern)
+        spec, at_return = split_return_spec(spec)
         if ":" not in spec and not spec.startswith("0x") and main is not None:
             spec = f"{main}:{spec}"
         try:
@@ -140,8 +159,13 @@ def _make_probes(
             key = (site.address, at_return)
             if key in probes:
                 continue
+            typed = prototype
+            if typed is None and debuginfo and record and not at_return and site.function is not None \
+                    and site.offset == 0 and site.module is not None:
+                typed = prototype_at(site.module, site.address)
             djp = Djprobe(
-                site.address, record=record, registers=registers, lossless=lossless, at="return" if at_return else "entry"
+                site.address, record=record, registers=registers, lossless=lossless, at="return" if at_return else "entry",
+                prototype=typed if record else None,
             )
             djp.site = site.name + (RETURN_SUFFIX if at_return else "")
             probes[key] = djp
