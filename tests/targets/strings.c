@@ -4,19 +4,22 @@
  * each call (so only a copy taken at the hit shows the contents). Then the main thread calls
  * ev_str with NULL (n = -1), (char *)1 (-2), an unmapped page (-3), the last 3 bytes of a page
  * before an unmapped one without a NUL ("xyz", -4) and with one ("ab", -5), and a 1,000-byte
- * string (-6). Prints the sum of what ev_str returned, which a probe must not change. */
+ * string (-6). With a third argument "fork": a forked child calls ev_str("child-side", 100) on a
+ * buffer that holds "parent-side" in the parent, which calls ev_str(buf, 200) once the child has
+ * exited. Prints the sum of the n given to ev_str (the parent's), which a probe must not change. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static volatile long total;
 
 __attribute__((noinline)) long ev_str(const char *s, long n)
 {
-    __asm__ volatile("" : : "r"(s) : "memory");
+    __asm__ volatile(".rept 8\n\tnop\n\t.endr" : : "r"(s) : "memory"); /* room for entry and exit windows */
     return __atomic_add_fetch(&total, n, __ATOMIC_RELAXED);
 }
 
@@ -61,6 +64,17 @@ int main(int argc, char **argv)
     memset(big, 'b', 1000);
     big[1000] = 0;
     ev_str(big, -6);
+    if (argc > 3 && strcmp(argv[3], "fork") == 0) {
+        char side[32] = "parent-side";
+        pid_t child = fork();
+        if (child == 0) {
+            strcpy(side, "child-side");
+            ev_str(side, 100);
+            _exit(0);
+        }
+        waitpid(child, NULL, 0);
+        ev_str(side, 200);
+    }
     printf("total %ld\n", total);
     return 0;
 }
