@@ -17,7 +17,11 @@ from .errors import (
     UnsupportedTargetError,
 )
 
+from .debuginfo import prototype_of
+from .events import EventBatch
+from .fetched import FetchedString, FetchError
 from .probes import Djprobe, ProbedProcess, attach, register_djprobe, spawn, unregister_djprobe
+from .prototypes import Prototype, parse_prototype
 
 __version__ = "0.1.0"
 
@@ -28,6 +32,12 @@ __all__ = [
     "register_djprobe",
     "spawn",
     "unregister_djprobe",
+    "EventBatch",
+    "FetchedString",
+    "FetchError",
+    "Prototype",
+    "parse_prototype",
+    "prototype_of",
     "DjprobeError",
     "InvalidSiteError",
     "NoRoomError",

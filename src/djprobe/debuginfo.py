@@ -250,5 +250,18 @@ def _spell(die, depth: int = 0) -> str:
     if t.tag in _CV:
         return _spell(t, depth + 1)
     if t.tag in ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_enumeration_type"):
-        return t.tag[7:].replace("_type", "").replace("structure", "struct") + " " + (text or "<anonymous>")
+        keyword = {"DW_TAG_structure_type": "struct", "DW_TAG_union_type": "union"}.get(t.tag, "enum")
+        return f"{keyword} {text or '<anonymous>'}"
     return text or t.tag[7:]
+
+
+def prototype_of(proc, spec: str) -> Prototype | None:
+    """The DWARF prototype of the function a site spec names in a process (``proc`` a
+    :class:`~djprobe.ProbedProcess` or its ``symbols``), e.g. for
+    ``Djprobe("libc:open", prototype=prototype_of(proc, "libc:open"))``; None without debug
+    information. Raises SymbolNotFoundError/InvalidSiteError as resolving the spec does."""
+    symbols = getattr(proc, "symbols", proc)
+    site = symbols.resolve(spec)[0]
+    if site.module is None or site.function is None or site.offset:
+        return None
+    return prototype_at(site.module, site.address)

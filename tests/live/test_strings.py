@@ -237,3 +237,17 @@ def test_perfetto_file_loads_in_trace_processor(strings_exe, tmp_path):
         assert len(rows) == 16 and {r.name for r in rows} == {"ev_str"} and all(r.dur >= 0 for r in rows)
         args = list(tp.query("select key, display_value from args where key like 'debug.%'"))
         assert {"debug.s", "debug.n", "debug.retval"} <= {a.key for a in args}
+
+
+def test_api_prototype_from_debug_info_as_a_column():
+    proc = djprobe.spawn(["cat", "/etc/hostname"], stdout=subprocess.DEVNULL)
+    with proc:
+        proto = djprobe.prototype_of(proc, "libc:open")
+        assert str(proto) == "const char *file, int oflag, ..."
+        djp = proc.register(djprobe.Djprobe("libc:open", prototype=proto))
+        proc.start()
+        assert proc.process.popen.wait(timeout=30) == 0
+        batch = proc.read_events()  # a few events: the rings hold them all
+        files = [str(f) for f in batch.column("file")]
+        assert "/etc/hostname" in files and djp.hits == len(files)
+        assert batch.column("oflag").tolist()[files.index("/etc/hostname")] == os.O_RDONLY
