@@ -133,3 +133,13 @@ def test_typed_values_and_their_forms():
     assert args == (1, 2, 3, 4, 5, 6) and args.n == -1 and args.s == 'a"b'
     with pytest.raises(AttributeError, match="no parameter named 'x'"):
         args.x
+
+
+@given(st.text(alphabet="abcint chr*,.()[]_0123456789&@-", max_size=40))
+def test_any_text_parses_or_says_what_is_wrong(text):
+    try:
+        proto = parse_prototype(text)
+    except InvalidSiteError as exc:
+        assert "bad prototype" in str(exc) or "prototype must" in str(exc)
+    else:
+        assert all(p.name for p in proto.params)
