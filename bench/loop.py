@@ -424,7 +424,7 @@ ROWS: list[RowSpec] = [
 from .string_rows import run_bpftrace_string, run_djprobe_record_string, run_frida_string  # noqa: E402
 
 ROWS += [
-    RowSpec("djp_record_string", "djprobe record + string (64 B), no drops", run_djprobe_record_string, (100_000, 500_000)),
-    RowSpec("frida_string", "Frida onEnter readUtf8String (JS)", run_frida_string, (100_000, 500_000)),
+    RowSpec("djp_record_string", "djprobe record + string (64 B), no drops", run_djprobe_record_string, (50_000, 200_000)),
+    RowSpec("frida_string", "Frida onEnter readUtf8String (JS)", run_frida_string, (50_000, 200_000)),
     RowSpec("bpftrace_string", "bpftrace str(arg0)", run_bpftrace_string, (50_000, 200_000)),
 ]

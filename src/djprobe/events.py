@@ -20,7 +20,7 @@ import numpy as np
 from iced_x86 import Mnemonic
 
 from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
-from .fetched import Args, Fetched, decode_slots, typed_values
+from .fetched import Args, Fetched, decode_records, typed_values
 
 if TYPE_CHECKING:
     from .process import Process
@@ -187,10 +187,7 @@ class RingReader:
         end = _next_keys(len(records))
         keys = np.arange(end - len(records) + 1, end + 1, dtype=np.int64)
         full.view(EVENT_DTYPE)["fetch"] = keys
-        masks = records["mask"].tolist()
-        strings = records["strings"]
-        for k, key in enumerate(keys.tolist()):
-            self.fetched[key] = decode_slots(masks[k], strings[k])
+        self.fetched.update(zip(keys.tolist(), decode_records(records["mask"], records["strings"])))
         return full
 
     def _drain_ring(self, r: int, ring: np.ndarray, limit: int | None, strings: bool = False) -> np.ndarray | None:

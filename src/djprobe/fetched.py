@@ -53,23 +53,43 @@ Fetched = tuple["FetchedString | FetchError | None", ...]
 
 def decode_slots(mask: int, slots: np.void) -> Fetched:
     """The six string slots of one string record (``mask``: those the stub filled)."""
-    out: list[FetchedString | FetchError | None] = []
+    return decode_records(np.asarray([mask], dtype=np.uint32), np.asarray(slots)[None])[0]
+
+
+def decode_records(masks: np.ndarray, slots: np.ndarray) -> list[Fetched]:
+    """The string slots of many string records at once (``slots``: an (N, 6) array of
+    ``string_slot_dtype``): per record, a tuple of six values, None where the mask has no bit."""
+    n = len(masks)
+    columns: list[list] = []
     for i in range(len(ARG_REGISTERS)):
-        if not mask >> i & 1:
-            out.append(None)
-            continue
-        slot = slots[i]
-        address, result = int(slot["address"]), int(slot["result"])
-        if result < 0:
-            out.append(FetchError(address, -result))
-            continue
-        data = slot["data"][:result].tobytes()
-        nul = data.find(b"\0")
-        if nul < 0:
-            out.append(FetchedString(data.decode("utf-8", "backslashreplace"), address, True))
-        else:
-            out.append(FetchedString(data[:nul].decode("utf-8", "backslashreplace"), address, False))
-    return tuple(out)
+        filled = (masks >> i & 1).astype(bool)
+        column: list = [None] * n
+        if filled.any():
+            rows = np.nonzero(filled)[0]
+            data = slots["data"][rows, i]
+            size = data.shape[1]
+            results = slots["result"][rows, i].tolist()
+            addresses = slots["address"][rows, i].tolist()
+            zero = data == 0
+            has_nul = zero.any(axis=1).tolist()
+            first_nul = zero.argmax(axis=1).tolist()
+            raw = data.tobytes()
+            seen: dict[tuple, FetchedString] = {}  # the same string at the same address: one object
+            for j, k in enumerate(rows.tolist()):
+                result = results[j]
+                if result < 0:
+                    column[k] = FetchError(addresses[j], -result)
+                    continue
+                copied = min(result, size)
+                end = first_nul[j] if has_nul[j] and first_nul[j] < copied else -1
+                piece = raw[j * size : j * size + (copied if end < 0 else end)]
+                key = (piece, addresses[j], end < 0)
+                value = seen.get(key)
+                if value is None:
+                    value = seen[key] = FetchedString(piece.decode("utf-8", "backslashreplace"), addresses[j], end < 0)
+                column[k] = value
+        columns.append(column)
+    return list(zip(*columns)) if n else []
 
 
 def typed_values(prototype: Prototype, args: list[int] | tuple[int, ...], fetched: Fetched | None) -> dict[str, Any]:
