@@ -251,3 +251,40 @@ def test_api_prototype_from_debug_info_as_a_column():
         files = [str(f) for f in batch.column("file")]
         assert "/etc/hostname" in files and djp.hits == len(files)
         assert batch.column("oflag").tolist()[files.index("/etc/hostname")] == os.O_RDONLY
+
+
+def test_tracer_killed_with_string_probes_status_and_cleanup(start_target):
+    """A string probe on a function whose argument is no pointer (every copy fails: EFAULT), its
+    tracer SIGKILLed: the target runs on unharmed and exact; status finds the probe in the
+    version-3 area; cleanup restores the bytes."""
+    from tests.live.test_recovery import _area_maps, _file_bytes, _finish, _live_bytes, _start_loop, djprobe_cli
+
+    exe = compile_c(TARGETS / "counts.c", name="counts")
+    t = _start_loop(start_target, exe)
+    script = (
+        "import time, djprobe\n"
+        f"proc = djprobe.attach({t.pid})\n"
+        "djp = proc.register(djprobe.Djprobe('work_a', prototype='char *s', lossless=True))\n"
+        "batch = proc.events(timeout=5)\n"
+        "first = next(batch)\n"
+        "print('seen', first.values(0)['s'].error, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    tracer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "seen EFAULT"
+        tracer.send_signal(9)
+        tracer.wait(timeout=10)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait(timeout=10)
+    res = djprobe_cli("status", "-p", str(t.pid), "--json")
+    assert res.returncode == 0, res.stderr
+    instances = [i for a in json.loads(res.stdout)["areas"] for i in a["instances"]]
+    assert [i["site"].split(":", 1)[1] for i in instances] == ["work_a"] and instances[0]["hits"] > 0
+    res = djprobe_cli("cleanup", "-p", str(t.pid), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr + res.stdout
+    assert _live_bytes(t.pid, "work_a") == _file_bytes(exe, "work_a")[1]
+    assert _area_maps(t.pid) == []
+    assert _finish(t).split()[-1] == "0"  # bad=0: every call computed right
