@@ -503,3 +503,12 @@ ROWS: list[RowSpec] = [
     RowSpec("frida", "Frida Interceptor + CModule", run_frida, (500_000, 2_000_000)),
     RowSpec("ptrace", "ptrace breakpoint (C tracer)", run_ptrace, (5_000, 20_000)),
 ]
+
+# Rows that read a string argument at each hit (bench/string_rows.py).
+from .string_rows import run_bpftrace_string, run_djprobe_record_string, run_frida_string  # noqa: E402
+
+ROWS += [
+    RowSpec("djp_record_string", "djprobe record + string (64 B), no drops", run_djprobe_record_string, (50_000, 200_000)),
+    RowSpec("frida_string", "Frida onEnter readUtf8String (JS)", run_frida_string, (50_000, 200_000)),
+    RowSpec("bpftrace_string", "bpftrace str(arg0)", run_bpftrace_string, (50_000, 200_000)),
+]

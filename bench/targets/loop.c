@@ -3,8 +3,9 @@
  *   loop FUNC N THREADS OUTFILE [gate] [round=M pause=US]
  *
  * FUNC is "work" (no counter), "atomic" (work_atomic: one lock-incremented counter compiled in),
- * "plain" (work_plain: a plain per-thread counter compiled in, the physical limit) or "tsc"
- * (work_tsc: a per-thread log2 histogram of TSC durations compiled in, the limit of latency). The result
+ * "plain" (work_plain: a plain per-thread counter compiled in, the physical limit), "tsc"
+ * (work_tsc: a per-thread log2 histogram of TSC durations compiled in, the limit of latency) or
+ * "str" (work_str(BENCH_STRING, limit): the same code with a string as first argument). The result
  * line "calls=C elapsed_ns=E threads=T atomic=A plain=P checksum=S" goes to OUTFILE ("-" for
  * stdout).
  * E is the longest time any thread spent in its loop (CLOCK_MONOTONIC around the loop only,
@@ -25,12 +26,14 @@ long work(long x, long limit);
 long work_atomic(long x, long limit);
 long work_plain(long x, long limit);
 long work_tsc(long x, long limit);
+long work_str(const char *s, long limit);
+#define BENCH_STRING "/usr/share/djprobe/bench-string"  /* 31 bytes + NUL, like a path */
 extern volatile long atomic_hits;
 extern __thread long plain_hits;
 static long plain_total;
 
 static long n_calls, round_calls, pause_us;
-static int use_atomic, use_plain, use_tsc;
+static int use_atomic, use_plain, use_tsc, use_str;
 static pthread_barrier_t barrier;
 
 struct result { long calls, checksum, elapsed_ns; };
@@ -49,6 +52,8 @@ static long calls(long from, long to, long limit, long *sum) {
         for (i = from; i < to; i++) s += work_plain(i, limit);
     else if (use_tsc)
         for (i = from; i < to; i++) s += work_tsc(i, limit);
+    else if (use_str)
+        for (i = from; i < to; i++) s += work_str(BENCH_STRING, limit);
     else
         for (i = from; i < to; i++) s += work(i, limit);
     *sum += s;
@@ -81,12 +86,13 @@ static void *worker(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s work|atomic|plain N THREADS OUTFILE [gate]\n", argv[0]);
+        fprintf(stderr, "usage: %s work|atomic|plain|str N THREADS OUTFILE [gate]\n", argv[0]);
         return 2;
     }
     use_atomic = strcmp(argv[1], "atomic") == 0;
     use_plain = strcmp(argv[1], "plain") == 0;
     use_tsc = strcmp(argv[1], "tsc") == 0;
+    use_str = strcmp(argv[1], "str") == 0;
     n_calls = atol(argv[2]);
     int threads = atoi(argv[3]);
     if (threads < 1 || threads > 64) return 2;

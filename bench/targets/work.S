@@ -6,6 +6,8 @@
 #                                          (`lock incq` of one shared counter)
 #   long work_plain(long x, long limit)    the same with a plain per-thread counter compiled in
 #                                          (`incq %fs:...`: the physical limit of counting)
+#   long work_str(const char *s, long limit)  the plain function's code, with a string argument
+#                                          (the string-fetch rows read it at each hit)
 #
 # Site `work+3` lies between the `cmp` and the `jl` that reads its flags: a probe there must
 # keep the flags live (and the red zone: it is not a call boundary).
@@ -84,6 +86,20 @@ work_tsc:
         mov %r9, %rax
         ret
         .size work_tsc, .-work_tsc
+
+        .globl work_str
+        .type work_str, @function
+        .p2align 5
+work_str:
+        cmp %rsi, %rdi
+        lea 1(%rdi,%rdi,2), %rax
+        mov %rsi, %rdx
+        jl 1f
+        sub %rdx, %rax
+        ret
+1:      add %rdx, %rax
+        ret
+        .size work_str, .-work_str
 
         .section .tbss,"awT",@nobits
         .globl tsc_hist

@@ -17,8 +17,12 @@ from .errors import (
     UnsupportedTargetError,
 )
 
+from .debuginfo import prototype_of
+from .events import EventBatch
+from .fetched import FetchedString, FetchError
 from .probes import Djprobe, ProbedProcess, attach, register_djprobe, spawn, unregister_djprobe
 from .latency import Latency
+from .prototypes import Prototype, parse_prototype
 
 __version__ = "0.1.0"
 
@@ -30,6 +34,12 @@ __all__ = [
     "register_djprobe",
     "spawn",
     "unregister_djprobe",
+    "EventBatch",
+    "FetchedString",
+    "FetchError",
+    "Prototype",
+    "parse_prototype",
+    "prototype_of",
     "DjprobeError",
     "InvalidSiteError",
     "NoRoomError",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 3  # 3: latency block (in-flight table, histograms); 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
+VERSION = 4  # 4: latency block and rings of string records; 3: one of them; 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -95,6 +95,40 @@ HIST_WORDS = 2 * HIST_BUCKETS  # 16 cache lines
 LATENCY_MISC_WORDS = 8  # per function: collisions at 0, unpaired exits at 1
 MISC_COLLISIONS = 0
 MISC_UNPAIRED = 1
+#: A string record (``djprobe.fetch_stubs``): an argument record's first 128 bytes, then one
+#: string slot per argument register: the address (8 bytes), what ``process_vm_readv`` returned
+#: (8 bytes: the bytes copied, or -errno) and ``string_size`` bytes copied at the hit.
+STRING_SLOT_HEADER = 16
+STRING_MASK_OFFSET = 88  # u32 in the record: the argument registers whose slots the stub filled
+MAX_STRING_SIZE = 4096
+
+
+def string_record_size(string_size: int) -> int:
+    """Bytes of a string record holding six strings of ``string_size`` bytes (a power of two)."""
+    need = ARGS_RECORD_SIZE + len(ARG_REGISTERS) * (STRING_SLOT_HEADER + string_size)
+    return 1 << (need - 1).bit_length()
+
+
+def string_record_dtype(string_size: int) -> np.dtype:
+    """The dtype of a string record (``strings`` holds the six slots of ``string_slot_dtype``)."""
+    slot = string_slot_dtype(string_size)
+    return np.dtype(
+        {
+            "names": ["seq", "instance", "tid", "thread", "tsc", "args", "rax", "mask", "strings"],
+            "formats": [np.uint64, np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(ARG_REGISTERS)), np.uint64,
+                        np.uint32, (slot, len(ARG_REGISTERS))],
+            "offsets": [0, 8, 12, 16, 24, 32, 32 + 8 * len(ARG_REGISTERS), STRING_MASK_OFFSET, ARGS_RECORD_SIZE],
+            "itemsize": string_record_size(string_size),
+        }
+    )
+
+
+def string_slot_dtype(string_size: int) -> np.dtype:
+    """One string slot: ``address``, ``result`` (bytes copied or -errno), ``data``."""
+    return np.dtype({"names": ["address", "result", "data"], "formats": [np.uint64, np.int64, (np.uint8, string_size)],
+                     "offsets": [0, 8, STRING_SLOT_HEADER], "itemsize": STRING_SLOT_HEADER + string_size})
+
+
 MAX_DISPLACED = 24  # room for the original bytes of the displaced instructions (5 + 14 + slack)
 
 
@@ -108,7 +142,7 @@ class InstanceState(enum.IntEnum):
 
 
 # Header: magic, version, sizes and addresses. Little-endian, fixed offsets.
-_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQQIII")
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQQIIIII")
 _HEADER_FIELDS = (
     "magic",
     "version",
@@ -135,6 +169,8 @@ _HEADER_FIELDS = (
     "latency_functions",
     "latency_slots",
     "latency_shards",
+    "string_size",
+    "string_ring_slots",
 )
 
 # Instance entry: address, stub, state, size, action, original bytes, patched bytes, a name hint.
@@ -155,23 +191,27 @@ class AreaLayout:
     latency_functions: int = 64  # latency probes an area can serve at once (histogram blocks)
     latency_slots: int = 4096  # entries of the table of calls in flight (16 bytes each)
     latency_shards: int = 16  # histogram shards: [0, n/2) one per CPU (rseq), [n/2, n) lock-added by rsp
+    string_size: int = 64  # bytes copied per string argument (a multiple of 8)
+    string_ring_slots: int = 256  # records per ring of string records
 
     @classmethod
     def for_counting(cls) -> "AreaLayout":
         """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
         them (a record probe can still be placed there, its events then mostly dropped) and a small
         latency block (8 latency probes)."""
-        return cls(ring_count=1, ring_slots=1, latency_functions=8, latency_slots=1024)
+        return cls(ring_count=1, ring_slots=1, string_ring_slots=1, latency_functions=8, latency_slots=1024)
 
     @classmethod
     def for_latency(cls) -> "AreaLayout":
         """A layout for areas that serve latency probes (``djprobe latency``): no rings, room for
         512 functions' histograms and 16,384 calls in flight (pages are touched as used)."""
-        return cls(ring_count=1, ring_slots=1, latency_functions=512, latency_slots=16384)
+        return cls(ring_count=1, ring_slots=1, string_ring_slots=1, latency_functions=512, latency_slots=16384)
 
     def __post_init__(self) -> None:
-        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots", "latency_functions",
-                     "latency_slots", "latency_shards"):
+        if not 8 <= self.string_size <= MAX_STRING_SIZE or self.string_size % 8:
+            raise ValueError(f"string_size must be a multiple of 8 from 8 to {MAX_STRING_SIZE}, not {self.string_size}")
+        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots", "string_ring_slots",
+                     "latency_functions", "latency_slots", "latency_shards"):
             value = getattr(self, name)
             if value <= 0 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -236,8 +276,26 @@ class AreaLayout:
         return self.records_offset + self.ring_count * self.ring_stride
 
     @property
+    def string_record_size(self) -> int:
+        return string_record_size(self.string_size)
+
+    @property
+    def string_ring_stride(self) -> int:
+        """Bytes of records of one ring of string records (a power of two)."""
+        return self.string_ring_slots * self.string_record_size
+
+    @property
+    def string_rings_offset(self) -> int:
+        """Headers of the ``ring_count`` rings of string records (after the argument records)."""
+        return _page_align(self.args_records_offset + self.ring_count * self.args_ring_stride)
+
+    @property
+    def string_records_offset(self) -> int:
+        return _page_align(self.string_rings_offset + self.ring_count * RING_HEADER_SIZE)
+
+    @property
     def rings_size(self) -> int:
-        return self.args_records_offset + self.ring_count * self.args_ring_stride - self.rings_offset
+        return self.string_records_offset + self.ring_count * self.string_ring_stride - self.rings_offset
 
     @property
     def latency_offset(self) -> int:
@@ -376,6 +434,8 @@ class AreaHeader:
             lay.latency_functions,
             lay.latency_slots,
             lay.latency_shards,
+            lay.string_size,
+            lay.string_ring_slots,
         )
         return _HEADER.pack(*values)
 
@@ -399,6 +459,8 @@ class AreaHeader:
             value = fields[name]
             if value <= 0 or value & (value - 1) or value > bound:
                 raise ValueError(f"{name} = {value} is out of bounds")
+        if not 8 <= fields["string_size"] <= MAX_STRING_SIZE or fields["string_size"] % 8:
+            raise ValueError(f"string_size = {fields['string_size']} is out of bounds")
         if not 12 <= fields["shard_shift"] < 48:
             raise ValueError(f"shard_shift = {fields['shard_shift']} is out of bounds")
         layout = AreaLayout(
@@ -411,6 +473,8 @@ class AreaHeader:
             latency_functions=fields["latency_functions"],
             latency_slots=fields["latency_slots"],
             latency_shards=fields["latency_shards"],
+            string_size=fields["string_size"],
+            string_ring_slots=fields["string_ring_slots"],
         )
         for name in _DERIVED:
             if fields[name] != getattr(layout, name):
@@ -438,6 +502,7 @@ _BOUNDS = {
     "latency_functions": 1 << 12,
     "latency_slots": 1 << 20,
     "latency_shards": 1 << 8,
+    "string_ring_slots": 1 << 20,
 }
 _DERIVED = (
     "code_size", "data_size", "table_offset", "counters_offset", "rings_offset", "rings_size", "drops_offset",
@@ -473,19 +538,9 @@ class AreaView:
             count=layout.ring_count * layout.ring_slots,
             offset=layout.args_records_offset,
         ).reshape(layout.ring_count, layout.ring_slots)
-        #: Latency block: the table of calls in flight (key, start TSC), per-function counters,
-        #: histograms [shard, function, word].
-        self.latency_table = np.frombuffer(
-            self.buffer, dtype=np.uint64, count=2 * layout.latency_slots, offset=layout.latency_offset
-        ).reshape(layout.latency_slots, 2)
-        self.latency_misc = np.frombuffer(
-            self.buffer, dtype=np.uint64, count=layout.latency_functions * LATENCY_MISC_WORDS,
-            offset=layout.latency_misc_offset,
-        ).reshape(layout.latency_functions, LATENCY_MISC_WORDS)
-        self.histograms = np.frombuffer(
-            self.buffer, dtype=np.uint64, count=layout.latency_shards * layout.latency_functions * HIST_WORDS,
-            offset=layout.hist_offset,
-        ).reshape(layout.latency_shards, layout.latency_functions, HIST_WORDS)
+        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
+        self.latency_table = self.latency_misc = self.histograms = None  # type: ignore[assignment]
+        self.string_ring_headers = self.string_records = None  # type: ignore[assignment]
 
     def write_header(self, header: AreaHeader) -> None:
         raw = header.pack()
@@ -504,11 +559,14 @@ class AreaView:
 
     def waited_cycles(self) -> int:
         """TSC cycles that lossless probes spent waiting for room in the rings, in all."""
-        return int(self.ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64))
+        return int(self.ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64)) + int(
+            self.string_ring_headers[:, RING_WAITED // 8].sum(dtype=np.uint64)
+        )
 
     def heartbeat(self, tsc: int) -> None:
         """Tell lossless probes that the consumer is alive (its TSC now)."""
         self.ring_headers[:, RING_HEARTBEAT // 8] = tsc
+        self.string_ring_headers[:, RING_HEARTBEAT // 8] = tsc
 
     def count(self, index: int) -> int:
         """Hits of instance ``index``: the sum over all shards."""
@@ -530,4 +588,6 @@ class AreaView:
         """Drop the numpy view so the underlying mmap can be closed."""
         self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
         self.latency_table = self.latency_misc = self.histograms = None  # type: ignore[assignment]
+        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None
+        self.string_ring_headers = self.string_records = None  # type: ignore[assignment]
         self.buffer.release()

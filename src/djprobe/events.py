@@ -20,6 +20,7 @@ import numpy as np
 from iced_x86 import Mnemonic
 
 from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
+from .fetched import Args, Fetched, decode_records, typed_values
 
 if TYPE_CHECKING:
     from .process import Process
@@ -28,13 +29,15 @@ ARG_NAMES = ARG_REGISTERS
 _ARG_INDEX = [REGISTER_NAMES.index(n) for n in ARG_NAMES]
 
 # An event is a ring record viewed in place (no field-by-field copy), with the record's spare
-# bytes holding what the consumer adds: the time in ns and the region. ``tid`` is 0 if unknown.
+# bytes holding what the consumer adds: the time in ns, the region, and for an event of a string
+# record the key of its fetched strings in ``EventBatch.fetched`` (0: none). ``tid`` is 0 if unknown.
 _REGS_END = RECORD_DTYPE.fields["regs"][1] + RECORD_DTYPE.fields["regs"][0].itemsize
 EVENT_DTYPE = np.dtype(
     {
-        "names": ["instance", "tid", "thread", "tsc", "regs", "time_ns", "region"],
-        "formats": [np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(REGISTER_NAMES)), np.int64, np.uint32],
-        "offsets": [8, 12, 16, 24, 32, _REGS_END, _REGS_END + 8],
+        "names": ["instance", "tid", "thread", "tsc", "regs", "time_ns", "region", "fetch"],
+        "formats": [np.uint32, np.uint32, np.uint64, np.uint64, (np.uint64, len(REGISTER_NAMES)), np.int64, np.uint32,
+                    np.int64],
+        "offsets": [8, 12, 16, 24, 32, _REGS_END, _REGS_END + 8, _REGS_END + 16],
         "itemsize": RECORD_DTYPE.itemsize,
     }
 )
@@ -161,6 +164,9 @@ class RingReader:
         self.view = view
         self.region_index = region_index
         self.tails = [int(view.ring_headers[r, RING_TAIL // 8]) for r in range(2 * view.layout.ring_count)]
+        self.string_tails = [int(view.string_ring_headers[r, RING_TAIL // 8]) for r in range(view.layout.ring_count)]
+        #: Strings of the string records drained since the last take_fetched(), by fetch key.
+        self.fetched: dict[int, Fetched] = {}
 
     def drain(self, limit: int | None = None) -> list[np.ndarray]:
         """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring."""
@@ -171,12 +177,30 @@ class RingReader:
             got = self._drain_ring(r, self.view.records[r] if full else self.view.args_records[r - n_full], limit)
             if got is not None:
                 out.append(got if full else _widen(got))
+        for r in range(n_full):
+            got = self._drain_ring(r, self.view.string_records[r], limit, strings=True)
+            if got is not None:
+                out.append(self._widen_strings(got))
         return out
 
-    def _drain_ring(self, r: int, ring: np.ndarray, limit: int | None) -> np.ndarray | None:
-        slots = self.view.layout.ring_slots
-        head = int(self.view.ring_headers[r, 0])
-        tail = self.tails[r]
+    def take_fetched(self) -> dict[int, Fetched]:
+        """The strings of the records drained since the last call (by fetch key), forgotten here."""
+        fetched, self.fetched = self.fetched, {}
+        return fetched
+
+    def _widen_strings(self, records: np.ndarray) -> np.ndarray:
+        full = _widen(records)
+        end = _next_keys(len(records))
+        keys = np.arange(end - len(records) + 1, end + 1, dtype=np.int64)
+        full.view(EVENT_DTYPE)["fetch"] = keys
+        self.fetched.update(zip(keys.tolist(), decode_records(records["mask"], records["strings"])))
+        return full
+
+    def _drain_ring(self, r: int, ring: np.ndarray, limit: int | None, strings: bool = False) -> np.ndarray | None:
+        headers, tails = (self.view.string_ring_headers, self.string_tails) if strings else (self.view.ring_headers, self.tails)
+        slots = len(ring)
+        head = int(headers[r, 0])
+        tail = tails[r]
         n = head - tail
         if limit is not None:
             n = min(n, limit)
@@ -200,9 +224,19 @@ class RingReader:
                 parts.append(ring[a : a + take].view(opaque).copy())
             left -= take
         records = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(ring.dtype)
-        self.tails[r] = tail + k
-        self.view.ring_headers[r, RING_TAIL // 8] = tail + k
+        tails[r] = tail + k
+        headers[r, RING_TAIL // 8] = tail + k
         return records
+
+
+_keys_used = 0
+
+
+def _next_keys(n: int) -> int:
+    """Reserve ``n`` fetch keys (process-wide, never 0); returns the end of the range."""
+    global _keys_used
+    _keys_used += n
+    return _keys_used
 
 
 def _widen(args_records: np.ndarray) -> np.ndarray:
@@ -229,6 +263,8 @@ class EventBatch:
 
     events: np.ndarray
     instances: list = field(default_factory=list)
+    #: Strings fetched at the hit, by the event's ``fetch`` key (see :meth:`values`).
+    fetched: dict = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> "EventBatch":
@@ -241,7 +277,8 @@ class EventBatch:
         events = np.concatenate([b.events for b in batches])
         instances = np.concatenate([np.asarray(b.instances, dtype=object) for b in batches])
         order = np.argsort(events["tsc"], kind="stable")
-        return cls(events[order], instances[order])
+        fetched = {k: v for b in batches for k, v in b.fetched.items()}
+        return cls(events[order], instances[order], fetched)
 
     def probes(self, index: int) -> list:
         """The probes that event ``index`` belongs to (a return probe for its exits' events)."""
@@ -264,6 +301,42 @@ class EventBatch:
     def args(self) -> np.ndarray:
         """The six SysV argument registers, an (N, 6) array."""
         return self.events["regs"][:, _ARG_INDEX]
+
+    def prototype(self, index: int):
+        """The prototype of the probe event ``index`` came from (the first of its probes that has
+        one), or None."""
+        instance = self.instances[index]
+        if instance is None:
+            return None
+        for p in instance.probes:
+            owner = p._parent or p
+            if owner.prototype is not None:
+                return owner.prototype
+        return None
+
+    def fetched_strings(self, index: int) -> Fetched | None:
+        """The six string slots of event ``index`` (None: its probe copies no string)."""
+        return self.fetched.get(int(self.events["fetch"][index]))
+
+    def values(self, index: int, prototype=None) -> dict | None:
+        """``{name: value}`` of event ``index`` by its probe's prototype (or ``prototype``): typed
+        integers, pointers, and strings as they were at the hit (``FetchedString``, or a
+        ``FetchError`` for a bad pointer). None when no prototype is known. At a return probe's
+        exits the arguments are gone: only ``retval`` is meaningful there."""
+        prototype = prototype or self.prototype(index)
+        if prototype is None:
+            return None
+        row = self.events["regs"][index, _ARG_INDEX].tolist()
+        return typed_values(prototype, row, self.fetched_strings(index))
+
+    def column(self, name: str) -> np.ndarray:
+        """Parameter ``name`` of every event, as an object array (None where the event's probe
+        has no such parameter)."""
+        out = np.empty(len(self), dtype=object)
+        for k in range(len(self)):
+            values = None if self.is_return(k) else self.values(k)
+            out[k] = None if values is None else values.get(name)
+        return out
 
     def retval(self) -> np.ndarray:
         """``rax`` of every event: the value returned, for the events of a return probe."""
@@ -315,18 +388,25 @@ class Regs:
     when asked for (a handler pays only for those it uses).
     """
 
-    __slots__ = ("_regs", "_k", "tid", "time_ns")
+    __slots__ = ("_regs", "_k", "tid", "time_ns", "_fetched", "prototype")
 
-    def __init__(self, regs: np.ndarray, k: int, tid: int, time_ns: int) -> None:
+    def __init__(self, regs: np.ndarray, k: int, tid: int, time_ns: int, fetched: Fetched | None = None, prototype=None) -> None:
         self._regs = regs
         self._k = k
         self.tid = tid
         self.time_ns = time_ns
+        self._fetched = fetched
+        #: The probe's prototype (None: ``args`` has no names).
+        self.prototype = prototype
 
     @property
-    def args(self) -> tuple[int, int, int, int, int, int]:
+    def args(self) -> Args:
+        """The six argument registers (a tuple); with a prototype, also the parameters by name,
+        typed, strings as they were at the hit: ``regs.args.path``."""
         row = self._regs[self._k]
-        return tuple(int(row[i]) for i in _ARG_INDEX)  # type: ignore[return-value]
+        raw = tuple(int(row[i]) for i in _ARG_INDEX)
+        values = typed_values(self.prototype, raw, self._fetched) if self.prototype is not None else None
+        return Args(raw, values)
 
     def as_dict(self) -> dict[str, int]:
         return dict(zip(REGISTER_NAMES, self._regs[self._k].tolist()))

@@ -46,7 +46,13 @@ def reserved_slots(layout) -> int:
 def _shares(instance: "Instance") -> bool:
     """Whether ``instance``'s action can be one of a shared stub's (counts and records can; a
     latency probe's stub serves it alone, see ``latency.py``)."""
-    return instance.action in ("count", "record")
+    return instance.action in ("count", "record") and not instance.strings
+
+
+def can_share(proc: "ProbedProcess", djp: "Djprobe") -> bool:
+    """Whether ``djp``'s action can be one of a shared stub's: a count or a record without
+    strings copied at the hit (those stubs, like latency and loader hooks, serve one site)."""
+    return proc._action_for(djp)[0] in ("count", "record") and not djp.strings
 
 
 def _shareable(analysis: SiteAnalysis) -> bool:
@@ -124,7 +130,7 @@ def order_plans(plans: list[list], windows: PlanWindows) -> None:
 def joins(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, windows: PlanWindows) -> bool:
     """Whether the entry probe ``djp`` will join the stub of another probe: its site is inside the
     window of a placed probe or of another planned one."""
-    if djp._preset is not None or djp.size is not None:
+    if djp._preset is not None or djp.size is not None or not can_share(proc, djp):
         return False
     return host_for(proc, analysis.address) is not None or windows.around(analysis.address, analysis) is not None
 
@@ -195,7 +201,7 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
     False (nothing changed) where that does not apply; raises the grown window's refusal."""
     from .sites import analyse_site
 
-    if djp._preset is None or not _at_exit(analysis) or proc._action_for(djp)[0] not in ("count", "record"):
+    if djp._preset is None or not _at_exit(analysis) or not can_share(proc, djp):
         return False
     exit_insn = analysis.exit
     path = bool(analysis.exit_path)  # its block is copied into the stub; its window's branches lead there
@@ -435,7 +441,7 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     start = analysis.address
     if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not old.analysis.ok:
         return False
-    if not _shares(old) or proc._action_for(djp)[0] not in ("count", "record"):
+    if not _shares(old) or not can_share(proc, djp):
         return False
     old_path = bool(old.analysis.exit_path)  # a path exit: its window's branches lead to a copied block
     old_exit = old.analysis.exit if _at_exit(old.analysis) and not old_path else None

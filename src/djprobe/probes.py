@@ -50,6 +50,8 @@ from . import latency, overlaps, returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
+from .fetch_stubs import build_fetch_stub, string_rings
+from .prototypes import Prototype, typed_probe
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .symbols import Symbols
 from .traps import TrapSet
@@ -98,6 +100,7 @@ class Djprobe:
         lossless: bool = False,
         at: str = "entry",
         trap: bool | None = None,
+        prototype: "str | Prototype | None" = None,
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
@@ -136,6 +139,11 @@ class Djprobe:
         self.trap = trap
         self.mode: str | None = None  # "jump" or "trap" once registered
         self.no_jump_reason: str | None = None
+        #: Parameter names and types (``prototype="char *s, long n"``, or one from
+        #: ``djprobe.debuginfo``): a recording probe; ``char *`` arguments are copied at the hit.
+        self.prototype, self.strings = typed_probe(prototype, at)
+        if self.prototype is not None:
+            self.record, self.registers = True, "args"
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
         #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
         self.latency: latency.Latency | None = None
@@ -201,6 +209,7 @@ class Instance:
     action: str = "count"  # or "record"
     registers: str = "all"
     lossless: bool = False  # its record stub waits for room while the consumer drains
+    strings: int = 0  # argument registers whose strings its stub copies (djprobe.fetch_stubs)
     probes: list[Djprobe] = field(default_factory=list)
     carried_hits: int = 0  # from earlier stubs of this instance that are given back
     carried_drops: int = 0
@@ -236,6 +245,7 @@ class Instance:
             self.action == "record"
             and (self.registers == "all" or djp.registers == "args")
             and (self.lossless or not djp.lossless)
+            and not djp.strings & ~self.strings
         )
 
 
@@ -405,7 +415,7 @@ class ProbedProcess:
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp)
+                plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp, strings=djp.strings)
             except DjprobeError as exc:
                 self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
                 plan[0] = None
@@ -488,12 +498,16 @@ class ProbedProcess:
         address = analysis.address
         existing = self._instances.get(address)
         if existing is not None and overlaps.shared(existing) and djp._preset is None:
+            if not overlaps.can_share(self, djp):
+                raise SiteBusyError(f"{analysis.site}: probes share a stub here; a probe copying strings cannot join them",
+                                    address=address)
             if djp.size is not None and djp.size != existing.size:
                 raise SiteBusyError(f"{analysis.site}: inside the window of the probe at {(existing.host or existing).address:#x}: "
                                     "its size is not yours to choose", address=address)
             overlaps.join_member(self, djp, existing, analysis)
             return
-        host = overlaps.host_for(self, address) if existing is None and djp._preset is None and djp.size is None else None
+        host = (overlaps.host_for(self, address)
+                if existing is None and djp._preset is None and djp.size is None and overlaps.can_share(self, djp) else None)
         if host is not None:  # inside another probe's window: join its stub
             if prepared is not None:
                 prepared[0].give_back(prepared[1])
@@ -541,7 +555,7 @@ class ProbedProcess:
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, part=djp)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, part=djp, strings=djp.strings)
         patched = jump_bytes(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -557,7 +571,7 @@ class ProbedProcess:
         self.process.write(address, patched)
         entry.state = InstanceState.INSERTED
         region.view.set_entry(slot, entry)
-        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless)
+        instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless, djp.strings)
         self._instances[address] = instance
         bisect.insort(self._addresses, address)
         self._by_slot[(self._regions.index(region), slot)] = instance
@@ -577,10 +591,11 @@ class ProbedProcess:
         instance.probes.append(djp)
 
     def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
-                 part: Djprobe | None = None) -> tuple[Region, int, Stub]:
+                 part: Djprobe | None = None, strings: int = 0) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet); a
         ``part`` with a ``build_stub(self, analysis, region, slot)`` builds a custom action's stub
-        (loader.py), a latency part a latency stub."""
+        (loader.py), a latency part a latency stub; ``strings`` (a mask of argument registers)
+        makes a record stub that copies those strings (``fetch_stubs.py``)."""
         builder = getattr(part, "build_stub", None)
         tried_new = False
         # The last slots of an area are kept for the probes already in it (a probe joining one
@@ -609,6 +624,11 @@ class ProbedProcess:
                     stub = builder(self, analysis, region, slot)
                 elif action == "latency":
                     stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
+                elif action == "record" and strings:
+                    self._populate_rings(region)
+                    where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    rings = string_rings(region.layout, region.data_address)
+                    stub = build_fetch_stub(analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
@@ -874,7 +894,11 @@ class ProbedProcess:
         """Give ``instance`` a record stub (a probe that wants events joined a count-only site)."""
         registers = "all" if "all" in (djp.registers, instance.registers if instance.action == "record" else "args") else "args"
         lossless = djp.lossless or instance.lossless
-        region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless)
+        strings = djp.strings | instance.strings
+        if strings and registers == "all":
+            raise SiteBusyError(f"{instance.analysis.site}: a probe recording every register is there; "
+                                "string arguments are fetched only by argument records", address=instance.address)
+        region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless, strings=strings)
         patched = jump_bytes(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
@@ -886,7 +910,7 @@ class ProbedProcess:
         instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
-        instance.lossless = lossless
+        instance.lossless, instance.strings = lossless, strings
         self._by_slot[(self._regions.index(region), slot)] = instance
         self._give_back_or_retire(instance, old_region, old_slot, old_stub)
 
@@ -923,6 +947,7 @@ class ProbedProcess:
         owners = np.empty(len(unique), dtype=object)
         owners[:] = [self._by_slot.get((k >> 32, k & 0xFFFFFFFF)) for k in unique.tolist()]
         batch.instances = owners[inverse]
+        batch.fetched = {k: v for reader in self._readers for k, v in reader.take_fetched().items()}
         self._pending.append(batch)
 
     def read_events(self) -> EventBatch:
@@ -987,10 +1012,11 @@ class ProbedProcess:
                 )
             if not todo:
                 continue
-            regs = Regs(regs_array, k, tid, when)
+            regs = Regs(regs_array, k, tid, when, batch.fetched_strings(k) if batch.fetched else None)
             for djp, handler, joined in todo:
                 if tsc < joined:
                     continue
+                regs.prototype = None if batch.is_return(k) else (djp._parent or djp).prototype
                 try:
                     handler(djp, regs)
                 except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop tracing

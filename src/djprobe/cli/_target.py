@@ -16,6 +16,8 @@ import subprocess
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
 from ..pending import is_missing_module
+from ..debuginfo import prototype_at
+from ..prototypes import split_prototype
 from ..sites import RETURN_SUFFIX, split_return_spec
 
 
@@ -122,6 +124,7 @@ def make_probes(
     lossless: bool = False,
     at: str | None = None,
     pending: list[str] | None = None,
+    debuginfo: bool = False,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons.
 
@@ -134,7 +137,7 @@ def make_probes(
     held = _held_command(target)
     try:
         probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless, at=at,
-                                       pending=pending)
+                                       pending=pending, debuginfo=debuginfo)
     except BaseException as exc:
         if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
@@ -160,15 +163,19 @@ def _make_probes(
     lossless: bool = False,
     at: str | None = None,
     pending: list[str] | None = None,
+    debuginfo: bool = False,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
-    per function; ``at="latency"``: a latency probe per function); refusals with their reasons."""
+    per function; ``at="latency"``: a latency probe per function; ``PATTERN(char *s, long n)``:
+    with that prototype); refusals with their reasons. With ``debuginfo``, a recording entry probe
+    without a written prototype takes the one DWARF gives its function (``djprobe.debuginfo``)."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
     probes: dict[tuple[int, bool], Djprobe] = {}
     refused: list[Refusal] = []
     for pattern in patterns:
-        spec, at_return = split_return_spec(pattern)
+        spec, prototype = split_prototype(pattern)
+        spec, at_return = split_return_spec(spec)
         if ":" not in spec and not spec.startswith("0x") and main is not None:
             spec = f"{main}:{spec}"
         try:
@@ -185,9 +192,14 @@ def _make_probes(
                 continue
             if at == "latency" and at_return:
                 raise InvalidSiteError(f"pattern {pattern!r}: a latency probe names the function, without %return")
+            typed = prototype
+            if typed is None and debuginfo and record and not at_return and site.function is not None \
+                    and site.offset == 0 and site.module is not None:
+                typed = prototype_at(site.module, site.address)
             djp = Djprobe(
                 site.address, record=record, registers=registers, lossless=lossless,
                 at=at or ("return" if at_return else "entry"),
+                prototype=typed if record else None,
             )
             djp.site = site.name + (RETURN_SUFFIX if at_return else "")
             probes[key] = djp

@@ -7,8 +7,9 @@ import json
 import time
 from typing import TextIO
 
-from ..area import AreaLayout
+from ..area import ARG_REGISTERS, MAX_STRING_SIZE, REGISTER_NAMES, AreaLayout
 from ..events import EventBatch
+from ..fetched import FetchedString, format_value, json_value
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
 from .count import probe_json
@@ -23,6 +24,14 @@ EXAMPLES = """examples:
   djprobe trace -p 1234 'work' | head -5          # the first 5 hits; probes are removed on exit
   djprobe trace 'libc:malloc%return' -- ls /      # what malloc returned, at each return
   djprobe trace -o hits.txt 'libc:open*' -- ls    # the hits in a file, ls's output on stdout
+  djprobe trace 'ev_str(char *s, long n)' -- ./prog  # typed arguments, s copied at each hit
+  djprobe trace 'libc:open*' -- cat /etc/hostname    # names and types from libc's debug info
+  djprobe trace --perfetto t.pftrace 'f' 'f%return' -- ./prog  # calls as slices for ui.perfetto.dev
+
+A pattern may carry a C prototype: SITE(TYPE NAME, ...): integers, bool, pointers, char * (a string,
+copied in the program at the hit, up to --string-size bytes, "..."-marked when longer; a bad pointer
+shows as ADDRESS<ERROR>) and '...'. Without one, DWARF debug info (the module's or its separate debug
+file's) names and types the arguments; without either, the six argument registers are shown.
 
 The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
 """
@@ -35,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Place a recording jump probe at every site matching the patterns and print each hit.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] [--string-size N] "
+        "[--no-debuginfo] [--perfetto FILE] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
@@ -56,6 +66,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "waits for room while djprobe is consuming, up to 0.5 s)",
     )
     parser.add_argument("--all-registers", action="store_true", help="record every register, not only arguments")
+    parser.add_argument(
+        "--string-size",
+        type=int,
+        default=AreaLayout.string_size,
+        metavar="N",
+        help="bytes of each char * argument copied at the hit (default %(default)s; rounded up to 8)",
+    )
+    parser.add_argument(
+        "--no-debuginfo", action="store_true", help="do not read DWARF for argument names and types"
+    )
+    parser.add_argument("--perfetto", metavar="FILE", help="also write a Perfetto trace (https://ui.perfetto.dev) to FILE")
     parser.set_defaults(run=run)
 
 
@@ -73,7 +94,12 @@ def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: b
         if batch.is_return(k):
             a = "retval=? (tail call)" if batch.is_tail_call(k) else f"retval={retvals[k]:#x}"
         else:
-            a = " ".join(f"{x:#x}" for x in args[k])
+            prototype = batch.prototype(k)
+            if prototype is None:
+                a = " ".join(f"{x:#x}" for x in args[k])
+            else:
+                values = batch.values(k, prototype) or {}
+                a = " ".join(f"{p.name}={format_value(p.type.kind, values[p.name])}" for p in prototype.register_params)
         lines.append(f"{stamp:<15} {tid:<7} {batch.site(k)} {a}")
     return lines
 
@@ -92,6 +118,13 @@ def _json_lines(batch: EventBatch) -> list[str]:
             "address": instance.address if instance is not None else None,
             "args": args[k],
         }
+        prototype = None if batch.is_return(k) else batch.prototype(k)
+        if prototype is not None:  # names known: {"name": value}, strings as JSON strings
+            values = batch.values(k, prototype) or {}
+            event["args"] = {name: json_value(v) for name, v in values.items()}
+            truncated = [n for n, v in values.items() if isinstance(v, FetchedString) and v.truncated]
+            if truncated:
+                event["truncated"] = truncated
         if batch.is_return(k):  # a return site: the value returned, and the exit it left by
             tail = batch.is_tail_call(k)
             event["retval"] = None if tail else retvals[k]  # a tail call's callee sets rax later
@@ -99,6 +132,29 @@ def _json_lines(batch: EventBatch) -> list[str]:
             event["tail_call"] = tail
         out.append(json.dumps(event))
     return out
+
+
+def _annotations(batch: EventBatch, k: int) -> dict:
+    """What a Perfetto event carries: the typed arguments (pointers in hex) or the registers, and
+    the return value at a return probe."""
+    if batch.is_return(k):
+        return {} if batch.is_tail_call(k) else {"retval": int(batch.retval()[k])}
+    prototype = batch.prototype(k)
+    if prototype is None:
+        row = batch.events["regs"][k]
+        return {f"arg{i}": f"{int(row[REGISTER_NAMES.index(r)]):#x}" for i, r in enumerate(ARG_REGISTERS)}
+    values = batch.values(k, prototype) or {}
+    kinds = {p.name: p.type.kind for p in prototype.register_params}
+    return {n: (f"{v:#x}" if kinds[n] == "pointer" else v) for n, v in values.items()}
+
+
+def _open_perfetto(path: str, pid: int, probes: list[Djprobe]):
+    from ._perfetto import PerfettoWriter
+
+    file = open(path, "wb")
+    writer = PerfettoWriter(file, pid, probes)
+    writer.file = file  # type: ignore[attr-defined]
+    return writer
 
 
 def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
@@ -124,6 +180,14 @@ def run(args: argparse.Namespace) -> int:
     install_signal_handlers()
     if args.ring_slots <= 0 or args.ring_slots & (args.ring_slots - 1):
         raise SystemExit(f"djprobe trace: error: --ring-slots must be a power of two, not {args.ring_slots}")
+    if not 1 <= args.string_size <= MAX_STRING_SIZE:
+        raise SystemExit(f"djprobe trace: error: --string-size must be from 1 to {MAX_STRING_SIZE} bytes, not {args.string_size}")
+    if args.perfetto is not None:
+        from ._perfetto import missing_package_message
+
+        why = missing_package_message()
+        if why is not None:
+            raise SystemExit(f"djprobe trace: error: {why}")
     with report_stream(args) as out:
         return _run(args, out)
 
@@ -134,14 +198,19 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         notice(f"note: {note}", wrap=True)
     target = open_target(args)
     with target:
-        target.layout = AreaLayout(ring_slots=args.ring_slots)
+        target.layout = AreaLayout(
+            ring_slots=args.ring_slots,
+            string_size=(args.string_size + 7) // 8 * 8,
+            string_ring_slots=max(1, args.ring_slots // 8),
+        )
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         watch = ExecWatch(target.pid) if args.command_argv else None
         pending = pending_list(args)
         with no_match_in_script(args.command_argv, note):
             probes, refused = make_probes(
-                target, args.patterns, record=True, registers=registers, lossless=not args.drop, pending=pending
+                target, args.patterns, record=True, registers=registers, lossless=not args.drop, pending=pending,
+                debuginfo=not args.no_debuginfo,
             )
         notice(banner(len(probes), args.patterns))
         print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
@@ -157,6 +226,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
         wall_offset = time.time_ns() - start_ns
+        perfetto = _open_perfetto(args.perfetto, target.pid, probes) if args.perfetto else None
         target.start()
         deadline = None if args.duration is None else time.monotonic() + args.duration
         try:
@@ -170,6 +240,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                     lines = _json_lines(batch) if args.json else _format_lines(batch, start_ns, wall_offset, args.timestamp)
                     out.write("\n".join(lines) + "\n")
                     out.flush()
+                    if perfetto is not None:
+                        perfetto.add(batch, _annotations)
                     if interrupted():
                         break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -188,6 +260,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         if len(leftover):
             lines = _json_lines(leftover) if args.json else _format_lines(leftover, start_ns, wall_offset, args.timestamp)
             out.write("\n".join(lines) + "\n")
+            if perfetto is not None:
+                perfetto.add(leftover, _annotations)
+        if perfetto is not None:
+            perfetto.file.close()
+            notice(f"perfetto trace written to {args.perfetto}: {perfetto.slices} call slice(s), {perfetto.instants} instant(s)")
     exec_note = watch.note() if watch is not None else None  # before the command is reaped
     if exec_note is not None:
         notice(f"note: {exec_note}", wrap=True)
