@@ -538,9 +538,29 @@ class AreaView:
             count=layout.ring_count * layout.ring_slots,
             offset=layout.args_records_offset,
         ).reshape(layout.ring_count, layout.ring_slots)
-        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
-        self.latency_table = self.latency_misc = self.histograms = None  # type: ignore[assignment]
-        self.string_ring_headers = self.string_records = None  # type: ignore[assignment]
+        #: Latency block: the table of calls in flight (key, start TSC), per-function counters,
+        #: histograms [shard, function, word].
+        self.latency_table = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=2 * layout.latency_slots, offset=layout.latency_offset
+        ).reshape(layout.latency_slots, 2)
+        self.latency_misc = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.latency_functions * LATENCY_MISC_WORDS,
+            offset=layout.latency_misc_offset,
+        ).reshape(layout.latency_functions, LATENCY_MISC_WORDS)
+        self.histograms = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.latency_shards * layout.latency_functions * HIST_WORDS,
+            offset=layout.hist_offset,
+        ).reshape(layout.latency_shards, layout.latency_functions, HIST_WORDS)
+        #: Rings of string records: their headers, then their records.
+        self.string_ring_headers = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.ring_count * RING_HEADER_SIZE // 8, offset=layout.string_rings_offset
+        ).reshape(layout.ring_count, RING_HEADER_SIZE // 8)
+        self.string_records = np.frombuffer(
+            self.buffer,
+            dtype=string_record_dtype(layout.string_size),
+            count=layout.ring_count * layout.string_ring_slots,
+            offset=layout.string_records_offset,
+        ).reshape(layout.ring_count, layout.string_ring_slots)
 
     def write_header(self, header: AreaHeader) -> None:
         raw = header.pack()
@@ -588,6 +608,5 @@ class AreaView:
         """Drop the numpy view so the underlying mmap can be closed."""
         self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
         self.latency_table = self.latency_misc = self.histograms = None  # type: ignore[assignment]
-        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None
         self.string_ring_headers = self.string_records = None  # type: ignore[assignment]
         self.buffer.release()

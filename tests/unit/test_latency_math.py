@@ -4,6 +4,8 @@ table index, the latency block of the area layout."""
 from __future__ import annotations
 
 import numpy as np
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -112,6 +114,17 @@ def test_layout_latency_block_and_header_round_trip():
     with pytest.raises(ValueError):
         LatencyTargets.of(lay, 0x200000, 5, 0x10000, 0.5)
     raw = bytearray(header.pack())
-    raw[-4:] = (3).to_bytes(4, "little")  # latency_shards: not a power of two
+    offset = _latency_shards_offset()
+    raw[offset:offset + 4] = (3).to_bytes(4, "little")  # latency_shards: not a power of two
     with pytest.raises(ValueError, match="latency_shards"):
         AreaHeader.unpack(bytes(raw))
+
+
+def _latency_shards_offset() -> int:
+    """Where the header's latency_shards field is (fields may be appended after it)."""
+    import djprobe.area as _area
+
+    fmt = _area._HEADER.format
+    codes = [c for c in fmt.lstrip("<") if not c.isdigit()]
+    index = _area._HEADER_FIELDS.index("latency_shards")
+    return struct.calcsize("<8s" + "".join(codes[1:index]))
