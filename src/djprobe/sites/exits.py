@@ -476,6 +476,12 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
                 kind = ExitKind.TAIL_CALL
             elif flow is Flow.INDIRECT_JUMP:
                 known = idx.jump_targets(ins.address)
+                if known is None or known[1]:  # through a code pointer: a tail call, unless one lands here
+                    taken = _pointers_inside(main, function)
+                    if taken is not None:
+                        return result(exits, f"'{ins.text}' at {ins.address:#x} jumps through a code pointer, and "
+                                             f"code addresses taken point inside {function.name} ({taken:#x}): it may "
+                                             "stay in the function (a table of pointers) as well as leave it")
                 if known is not None:
                     targets, pointer_too = known
                     inside = [parts.holds(t) and t != function.address for t in targets]
@@ -564,3 +570,13 @@ def analyse_exits(symbols: "Symbols", site: "ResolvedSite | int", memory=None) -
                             f"{address:#x} is not the start of {function.name} ({function.address:#x}): "
                             "a return probe is placed on a function")
     return function_exits(module, function, memory, site=name)
+
+
+def _pointers_inside(main: FunctionAnalysis, function: "Symbol") -> int | None:
+    """A code address taken (a pointer in data, a ``lea``) that lands inside ``function`` other
+    than at its start, if any: a jump through a code pointer may go there."""
+    main._entries_inside()
+    for target, kind, _src in main._entries or []:
+        if kind in (_Entry.POINTER, _Entry.LEA) and target != function.address and main.start <= target < main.end:
+            return target
+    return None
