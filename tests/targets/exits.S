@@ -173,9 +173,25 @@ END(x_padded)
         nop
         nop
 
+/* int x_dispatch(int a): 1 for even a, 2 for odd, through a table of pointers into itself (like
+   CPython's sre dispatch): the indirect jump stays in the function, it is no tail call. */
+FUNC(x_dispatch)
+        and     edi, 1
+        lea     rax, [rip + x_dispatch_table]
+        jmp     qword ptr [rax + rdi*8]
+.Lx_dispatch_even:
+        mov     eax, 1
+        ret
+.Lx_dispatch_odd:
+        mov     eax, 2
+        ret
+END(x_dispatch)
+
         .section .data.rel.local,"aw"
         .p2align 3
         .globl x_ptr
 x_ptr:  .quad   x_leaf
+x_dispatch_table:
+        .quad   .Lx_dispatch_even, .Lx_dispatch_odd
 
         .section .note.GNU-stack,"",@progbits

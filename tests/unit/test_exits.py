@@ -249,3 +249,11 @@ def test_tail_call_ending_the_entry_window_acts_at_the_entry(syms):
     (resolved,) = syms.resolve(f"{syms.modules[0].path}:x_wrap")
     entry = analyse_site(syms, resolved)
     assert (entry.address, entry.size, entry.displaced) == (w.address, w.size, w.displaced)
+
+
+def test_jump_through_pointers_into_the_function_is_no_tail_call(syms):
+    """x_dispatch jumps through a table of code pointers that land inside it: counting that jump
+    as a return would count one call twice; the return probe is refused, naming the jump."""
+    res = exits_of(syms, "x_dispatch")
+    assert res.verdict is Verdict.REFUSED
+    assert "jumps through a code pointer" in res.reason and "x_dispatch" in res.reason
