@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import gc
 import logging
 import time
 import traceback
@@ -48,6 +49,7 @@ from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
+from .sites_cache import SiteCache
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
@@ -232,6 +234,9 @@ class ProbedProcess:
         self.max_stop_seconds = MAX_STOP_SECONDS
         self._closed = False
         self._stop_depth = 0
+        self._own_stop = False
+        self._stop_began = time.monotonic()
+        self._resume_seconds = 0.0  # how long the last resume took (a batch leaves room for it)
         self._stacks = StackWords()
         self._stacks_key: int | None = None
         self._stop_generation = 0
@@ -243,6 +248,8 @@ class ProbedProcess:
         #: that has not drained for longer than this is taken as gone, and events are dropped.
         self.wait_timeout = WAIT_TIMEOUT
         self._rseq: tuple[RseqArea | None, str] | None = None
+        #: Default-size site verdicts kept on disk per build-id (``site_cache.enabled = False``: off).
+        self.site_cache = SiteCache()
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
         self._by_slot: dict[tuple[int, int], Instance] = {}
@@ -274,26 +281,60 @@ class ProbedProcess:
     def stopped(self) -> Iterator[dict[int, Thread]]:
         """Keep every thread of the target stopped inside the block (re-entrant)."""
         if self._stop_depth == 0 and not self.process.stopped:
-            self.process.stop()
-            self._stop_generation += 1
-            self._thread_map.learn(self.process)
-            self._reclaim_retired()
+            self._stop_began = time.monotonic()
+            collecting = gc.isenabled()
+            gc.disable()  # a full collection (100+ ms with 20,000 probes) must not fall inside a stop
+            try:
+                self.process.stop()
+                self._stop_generation += 1
+                self._thread_map.learn(self.process)
+                self._reclaim_retired()
+            except BaseException:
+                if collecting:
+                    gc.enable()
+                raise
             owner = True
         else:
-            owner = False
+            owner = collecting = False
+        self._own_stop = owner if self._stop_depth == 0 else self._own_stop
         self._stop_depth += 1
         try:
             yield self.process.threads
         finally:
             self._stop_depth -= 1
             if owner:
-                self.process.resume()
+                try:
+                    resumed = time.monotonic()
+                    self.process.resume()
+                    self._resume_seconds = min(time.monotonic() - resumed, self.max_stop_seconds / 2)
+                finally:
+                    if collecting:
+                        gc.enable()
+
+    def _batch_deadline(self) -> float:
+        """When a batch of insertions or removals in the stop just made must end: the stop
+        (from the request to stop to the end of the resume) stays within ``max_stop_seconds``."""
+        return self._stop_began + self.max_stop_seconds - self._resume_seconds
+
+    def _breathe(self) -> None:
+        """Inside the one stop this object made itself (not a spawned target held before
+        ``main``), let the target run for a moment and stop it again: a long job under one stop
+        (the system calls that map a probe area) is cut into short stops."""
+        if self._stop_depth != 1 or not self._own_stop:
+            return
+        self.process.resume()
+        self.process.stop()
+        self._stop_generation += 1
+        self._thread_map.learn(self.process)
 
     # -- registration --------------------------------------------------------------------------
-    def analyse(self, djp: Djprobe) -> SiteAnalysis:
-        """Resolve and analyse the site of ``djp`` without changing the target."""
+    def analyse(self, djp: Djprobe, *, cached: bool = True) -> SiteAnalysis:
+        """Resolve and analyse the site of ``djp`` without changing the target (a default-size
+        verdict through the on-disk cache of :mod:`djprobe.sites_cache` unless ``cached`` is False)."""
         if djp._preset is not None:
             return djp._preset  # an exit window of a return probe
+        if cached and djp.size is None and self.site_cache.enabled:
+            return self.site_cache.analyse(self.symbols, self.resolve_site(djp.addr), self.process.memory)  # type: ignore[arg-type]
         return analyse_site(self.symbols, self.resolve_site(djp.addr), djp.size, self.process.memory)  # type: ignore[arg-type]
 
     def resolve_site(self, spec: int | str) -> object:
@@ -365,7 +406,7 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = time.monotonic() + self.max_stop_seconds
+                deadline = self._batch_deadline()
                 while pending:
                     djp, analysis, prepared = pending.pop()
                     try:
@@ -374,6 +415,7 @@ class ProbedProcess:
                         refused.append((djp, self._site_error(exc)))
                     if time.monotonic() >= deadline and not returns.same_group(djp, pending):
                         break
+        self.site_cache.flush()
         return returns.settle(self, refused)
 
     def _site_error(self, exc: DjprobeError) -> DjprobeError:
@@ -429,7 +471,7 @@ class ProbedProcess:
         original = self.process.read(address, analysis.size)
         if original != analysis.original:
             # Changed since it was analysed: look again now that nothing runs.
-            analysis = self.analyse(djp)
+            analysis = self.analyse(djp, cached=False)
             if not analysis.ok:
                 raise analysis.error()
             original = self.process.read(address, analysis.size)
@@ -484,8 +526,9 @@ class ProbedProcess:
             if not candidates:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
-                with self.stopped():  # mapping it takes injected syscalls: a short stop
-                    region = create_region(self.process, analysis.address, self.layout)
+                self.process.prepare_syscalls()  # the slow part of the first injected call, before the stop
+                with self.stopped():  # mapping it takes injected syscalls: short stops
+                    region = create_region(self.process, analysis.address, self.layout, between=self._breathe)
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
@@ -514,7 +557,7 @@ class ProbedProcess:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: {exc.reason}", address=analysis.address) from exc
                 continue
-            self.process.write(stub.address, stub.code)
+            self.process.write(stub.address, stub.image())
             return region, slot, stub
 
     def _rseq_offset(self) -> int | None:
@@ -618,7 +661,7 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = time.monotonic() + self.max_stop_seconds
+                deadline = self._batch_deadline()
                 while pending:
                     djp = pending.pop()
                     instance = djp._instance

@@ -170,6 +170,8 @@ class Stub:
     action_size: int  # bytes of the action
     relocated: Relocated
     action_start: int | None = None  # where the action begins (None: at ``address``, before the relocated code)
+    trailer: bytes = b""  # data at the end of the slot (a per-CPU count stub's rseq descriptor)
+    slot_size: int = 0  # where the trailer ends (with a trailer)
 
     @property
     def action_range(self) -> tuple[int, int]:
@@ -179,7 +181,14 @@ class Stub:
 
     @property
     def end(self) -> int:
-        return self.address + len(self.code)
+        return self.address + (self.slot_size if self.trailer else len(self.code))
+
+    def image(self) -> bytes:
+        """The bytes to write at ``address``: the code, then (int3 padding and) the trailer; built
+        on demand so that thousands of stubs do not each keep a padded slot in the tracer."""
+        if not self.trailer:
+            return self.code
+        return self.code + b"\xcc" * (self.slot_size - len(self.trailer) - len(self.code)) + self.trailer
 
     def original_address(self, stub_address: int) -> int | None:
         """The original address equivalent to ``stub_address`` inside the relocated copy, if any."""
@@ -218,9 +227,8 @@ def build_count_stub(
     stub = _finish(site, layout, slot_address, a.instructions(), reserve=RSEQ_CS_SIZE)
     ips = [insn.ip for insn in Decoder(64, stub.code[: stub.action_size], ip=slot_address)]
     start, end, abort = (ips[a.index_of(name)] for name in ("cs_start", "cs_end", "abort"))
-    padding = b"\xcc" * (layout.slot_size - RSEQ_CS_SIZE - len(stub.code))
-    code = stub.code + padding + rseq_descriptor(start, end, abort)
-    return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated)
+    return Stub(address=slot_address, code=stub.code, action_size=stub.action_size, relocated=stub.relocated,
+                trailer=rseq_descriptor(start, end, abort), slot_size=layout.slot_size)
 
 
 def jump_bytes(site: int, target: int) -> bytes:
