@@ -14,6 +14,7 @@ import os
 import subprocess
 
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
+from ..module_globs import resolve_pattern
 from ..probes import Djprobe, ProbedProcess, attach, spawn
 from ..sites import RETURN_SUFFIX, split_return_spec
 
@@ -28,16 +29,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+def add_target_arguments(parser: argparse.ArgumentParser, *, patterns_optional: bool = False) -> None:
     parser.add_argument("-p", "--pid", type=int, help="probe this running process")
     parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
         "patterns",
-        nargs="+",
+        nargs="*" if patterns_optional else "+",
         metavar="PATTERN",
-        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*), FUNCTION%%return for its returns; "
-        "no module means the main executable",
+        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*, '*:*' for every function of every "
+        "module), FUNCTION%%return for its returns; no module means the main executable",
     )
 
 
@@ -133,7 +134,7 @@ def _make_probes(
         if ":" not in spec and not spec.startswith("0x") and main is not None:
             spec = f"{main}:{spec}"
         try:
-            sites = symbols.resolve(spec)
+            sites = resolve_pattern(symbols, spec)
         except SymbolNotFoundError as exc:
             raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
         for site in sites:
