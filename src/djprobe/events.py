@@ -156,18 +156,36 @@ class RingReader:
         self.region_index = region_index
         self.tails = [int(view.ring_headers[r, RING_TAIL // 8]) for r in range(2 * view.layout.ring_count)]
 
-    def drain(self, limit: int | None = None) -> list[np.ndarray]:
-        """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring."""
+    def drain(self, limit: int | None = None, cutoff_tsc: int | None = None, hole_patience: int | None = None) -> list[np.ndarray]:
+        """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring.
+
+        With ``cutoff_tsc``, only records stamped before it are taken (a ring's prefix stops at
+        the first later one; the rest waits for the next drain), and before the stamp of any
+        committed record that still waits behind an uncommitted slot (a producer preempted
+        between its reservation and its commit) younger than ``hole_patience`` ticks: records of
+        one thread can sit in several rings (per-CPU rings; the thread moved between two hits),
+        and this keeps each thread's events in order from one drain to the next."""
         n_full = self.view.layout.ring_count
+        rings = [self.view.records[r] if r < n_full else self.view.args_records[r - n_full] for r in range(2 * n_full)]
+        scans = [self._scan(r, rings[r], limit) for r in range(2 * n_full)]
+        if cutoff_tsc is not None:
+            for scan in scans:
+                if scan is not None and scan[3] is not None and (
+                    hole_patience is None or cutoff_tsc - scan[3] < hole_patience
+                ):
+                    cutoff_tsc = min(cutoff_tsc, scan[3])
         out = []
-        for r in range(2 * n_full):
-            full = r < n_full
-            got = self._drain_ring(r, self.view.records[r] if full else self.view.args_records[r - n_full], limit)
+        for r, scan in enumerate(scans):
+            if scan is None:
+                continue
+            got = self._take(r, rings[r], scan, cutoff_tsc)
             if got is not None:
-                out.append(got if full else _widen(got))
+                out.append(got if r < n_full else _widen(got))
         return out
 
-    def _drain_ring(self, r: int, ring: np.ndarray, limit: int | None) -> np.ndarray | None:
+    def _scan(self, r: int, ring: np.ndarray, limit: int | None) -> tuple | None:
+        """(tail, pieces, committed prefix length, stamp of the oldest committed record behind
+        an uncommitted slot or None) of ring ``r``, or None when it holds nothing committed."""
         slots = self.view.layout.ring_slots
         head = int(self.view.ring_headers[r, 0])
         tail = self.tails[r]
@@ -183,7 +201,22 @@ class RingReader:
         seqs = np.concatenate([ring["seq"][a:b] for a, b in pieces])
         expected = np.arange(tail + 1, tail + n + 1, dtype=np.uint64)
         committed = seqs == expected
-        k = n if committed.all() else int(np.argmin(committed))
+        if committed.all():
+            return tail, pieces, n, None
+        k = int(np.argmin(committed))
+        behind = None
+        if committed[k:].any():
+            tscs = np.concatenate([ring["tsc"][a:b] for a, b in pieces])[k:][committed[k:]]
+            behind = int(tscs.min())
+        return (tail, pieces, k, behind) if k or behind is not None else None
+
+    def _take(self, r: int, ring: np.ndarray, scan: tuple, cutoff_tsc: int | None) -> np.ndarray | None:
+        tail, pieces, k, _ = scan
+        if k and cutoff_tsc is not None:
+            tscs = np.concatenate([ring["tsc"][a:b] for a, b in pieces])[:k]
+            late = tscs >= np.uint64(max(0, cutoff_tsc))
+            if late.any():
+                k = int(np.argmax(late))
         if k == 0:
             return None
         opaque = np.dtype((np.void, ring.dtype.itemsize))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import dataclasses
 import gc
 import logging
 import time
@@ -65,6 +66,11 @@ CLOSE_SETTLE_TRIES = 20
 WAIT_TIMEOUT = 0.5
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
+#: A drain takes the records stamped this long before it began at most (a commit still in a
+#: store buffer of another CPU must not let that thread's later record, in another ring, go first).
+DRAIN_MARGIN_SECONDS = 20e-6
+#: A reserved slot not committed for longer than this no longer holds back other rings' records.
+HOLE_PATIENCE_SECONDS = 0.5
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 
 
@@ -541,9 +547,9 @@ class ProbedProcess:
             try:
                 if action == "record":
                     self._populate_rings(region)
-                    stub = build_record_stub(
-                        analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
-                    )
+                    targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    targets = dataclasses.replace(targets, rseq_offset=self._rseq_offset())  # per-CPU count and rings
+                    stub = build_record_stub(analysis, region.layout, region.slot_address(slot), targets, registers)
                 else:
                     stub = build_count_stub(
                         analysis,
@@ -763,7 +769,7 @@ class ProbedProcess:
     def _settle(self, owner: Instance, region: Region, slot: int) -> None:
         """No thread can be in ``slot`` any more: its counts are final; give it back."""
         if owner.action == "record":
-            self._drain()  # its events are attributed before the slot can be reused
+            self._drain(complete=True)  # its events are attributed before the slot can be reused
         owner.old_slots = [s for s in owner.old_slots if (s[0], s[1]) != (region, slot)]
         owner.carried_hits += region.view.count(slot)
         owner.carried_drops += region.view.drops(slot)
@@ -825,11 +831,17 @@ class ProbedProcess:
             self._clock = TscClock()
         return self._clock
 
-    def _drain(self) -> None:
-        """Move committed records from the rings into the pending list (with their instances)."""
-        if self._readers:
-            self._heartbeat()
-        raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain()]
+    def _drain(self, complete: bool = False) -> None:
+        """Move committed records from the rings into the pending list (with their instances);
+        unless ``complete``, only those stamped a little before now (see ``RingReader.drain``)."""
+        if not self._readers:
+            return
+        self._heartbeat()
+        cutoff = patience = None
+        if not complete:
+            cutoff = self.clock.now_tsc() - int(DRAIN_MARGIN_SECONDS * 1e9 / self.clock.ns_per_tick)
+            patience = int(HOLE_PATIENCE_SECONDS * 1e9 / self.clock.ns_per_tick)
+        raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain(None, cutoff, patience)]
         if not raw:
             return
         self.clock.refresh()
@@ -940,7 +952,7 @@ class ProbedProcess:
                     if probes:
                         self.unregister_many(probes)
                     if self._regions and not self._image_replaced():
-                        self._drain()
+                        self._drain(complete=True)  # every probe is out: nothing comes later
                         self._let_threads_leave_stubs()
                         with self.stopped():
                             self._unmap_idle_regions()
