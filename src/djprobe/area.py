@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 2  # 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
+VERSION = 2  # 2: per-CPU counter shards, stub slots of the size in the header, rings of argument-only records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -109,7 +109,7 @@ class AreaLayout:
 
     max_instances: int = 1024
     n_shards: int = 128  # shards [0, n/2): one per CPU (plain inc, rseq); [n/2, n): lock inc by rsp
-    slot_size: int = 1024  # a record stub with every register and a lossless wait takes ~600 bytes
+    slot_size: int = 2048  # a per-CPU record stub with every register and a lossless wait takes ~1 KiB
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
     ring_count: int = 8  # event rings, chosen like counter shards
     ring_slots: int = 4096  # records per ring
@@ -118,7 +118,7 @@ class AreaLayout:
     def for_counting(cls) -> "AreaLayout":
         """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
         them (a record probe can still be placed there, its events then mostly dropped)."""
-        return cls(ring_count=1, ring_slots=1)
+        return cls(ring_count=1, ring_slots=1, slot_size=1024)
 
     def __post_init__(self) -> None:
         for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots"):

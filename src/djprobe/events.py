@@ -161,24 +161,30 @@ class RingReader:
 
         With ``cutoff_tsc``, only records stamped before it are taken (a ring's prefix stops at
         the first later one; the rest waits for the next drain), and before the stamp of any
-        committed record that still waits behind an uncommitted slot (a producer preempted
-        between its reservation and its commit) younger than ``hole_patience`` ticks: records of
-        one thread can sit in several rings (per-CPU rings; the thread moved between two hits),
-        and this keeps each thread's events in order from one drain to the next."""
+        committed record that still waits behind an uncommitted slot of a per-CPU ring (a
+        producer preempted between its reservation and its commit) younger than
+        ``hole_patience`` ticks, in the other rings: records of one thread can sit in several
+        rings (per-CPU rings; the thread moved between two hits), and this keeps each thread's
+        events in order from one drain to the next. A thread that reserves in the locked rings
+        (chosen by its stack pointer) always uses the same one."""
         n_full = self.view.layout.ring_count
         rings = [self.view.records[r] if r < n_full else self.view.args_records[r - n_full] for r in range(2 * n_full)]
         scans = [self._scan(r, rings[r], limit) for r in range(2 * n_full)]
+        behind: list[tuple[int, int]] = []  # (ring, stamp) of records waiting behind a hole
         if cutoff_tsc is not None:
-            for scan in scans:
-                if scan is not None and scan[3] is not None and (
-                    hole_patience is None or cutoff_tsc - scan[3] < hole_patience
-                ):
-                    cutoff_tsc = min(cutoff_tsc, scan[3])
+            cpu_rings = n_full // 2  # rings [0, n/2) of each kind belong to one CPU each
+            behind = [
+                (r, scan[3]) for r, scan in enumerate(scans)
+                if scan is not None and scan[3] is not None and r % n_full < cpu_rings
+                and (hole_patience is None or cutoff_tsc - scan[3] < hole_patience)
+            ]  # a thread's records spread over several rings only through the per-CPU ones
         out = []
         for r, scan in enumerate(scans):
             if scan is None:
                 continue
-            got = self._take(r, rings[r], scan, cutoff_tsc)
+            # a hole holds back the other rings only: before it, its own ring is in order already
+            cutoff = min([cutoff_tsc, *(t for s, t in behind if s != r)]) if cutoff_tsc is not None else None
+            got = self._take(r, rings[r], scan, cutoff)
             if got is not None:
                 out.append(got if r < n_full else _widen(got))
         return out

@@ -34,7 +34,7 @@ import struct
 
 from iced_x86 import BlockEncoder, Code, Decoder, Encoder, Instruction, MemoryOperand, Register
 
-from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
+from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
@@ -300,7 +300,9 @@ _SAVED_AT = {Register.RAX: 40, Register.RCX: 32, Register.RDX: 24, Register.R10:
 _FLAGS_SLOT = 0
 _WAIT_BEGAN = 48
 _WAIT_DEADLINE = 56
-_FRAME_SIZE = 64
+_TSC_SLOT = 64
+_ESCAPED = 72  # 1 once the reservation left a ring that its own thread blocks
+_FRAME_SIZE = 80
 _REGISTER = {name: getattr(Register, name.upper()) for name in REGISTER_NAMES if name not in ("rflags", "rsp")}
 RECORD_RSEQ_CS_SIZE = 2 * RSEQ_CS_SIZE  # two critical sections: the count, the reservation
 
@@ -390,9 +392,11 @@ def _record_asm(
     a.add(Instruction.create(Code.LAHF))
     a.add(Instruction.create_reg(Code.SETO_RM8, R.AL))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_FLAGS_SLOT), R.RAX))
-    # The timestamp first: rdtsc's latency overlaps with the rest. r10 = TSC.
+    # The timestamp first: rdtsc's latency overlaps with the rest.
     _rdtsc(a)
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R10, R.RAX))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_TSC_SLOT), R.RAX))
+    if where.wait_cycles:
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _rsp_slot(_ESCAPED), 0))
 
     # Count the hit.
     def count_body(b: _Asm) -> None:
@@ -427,6 +431,8 @@ def _record_asm(
             b.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
             b.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
             b.branch(Code.JAE_REL32_64, "reserve_full")
+            if where.wait_cycles:  # the slot's thread pointer before the commit (see _wait_for_room)
+                _mark_slot(b, R.EDX, R.RAX, layout, record_size)
             b.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RDX, 1)))
             b.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R11), R.RAX))  # the commit
 
@@ -437,6 +443,7 @@ def _record_asm(
     a.label("reserve_locked")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    a.label("locked_pick")  # eax = a number whose low bits choose the locked ring
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, locked_rings - 1))
     if locked_base:
         a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, locked_base))
@@ -460,13 +467,14 @@ def _record_asm(
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.ring_slots - 1))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, record_size.bit_length() - 1))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _fs(0)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RAX))
     a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _mem(R.RCX, 8), where.instance))
     if where.tid_offset is not None:
         a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _fs(where.tid_offset)))
         a.add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _mem(R.RCX, 12), R.EAX))
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _fs(0)))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RAX))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 24), R.R10))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_TSC_SLOT)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 24), R.RAX))
 
     def put(name: str, offset: int) -> None:
         reg = _REGISTER[name]
@@ -499,7 +507,16 @@ def _record_asm(
     a.branch(Code.JMP_REL32_64, "done")
     a.label("full")
     if where.wait_cycles:
-        _wait_for_room(a, layout, where.wait_cycles)
+        own_rings = (headers, headers + cpu_rings * RING_HEADER_SIZE) if per_cpu and cpu_rings else None
+        _wait_for_room(a, layout, where.wait_cycles, record_size, escape=locked_rings > 1, marked_rings=own_rings)
+    if where.wait_cycles and locked_rings > 1:
+        # The ring this thread waited for is blocked by its own slot: reserve in the next locked one.
+        a.label("escape")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _rsp_slot(_ESCAPED), 1))
+        a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
+        a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+        a.add(Instruction.create_reg(Code.INC_RM32, R.EAX))
+        a.branch(Code.JMP_REL32_64, "locked_pick")
     a.label("drop")
     drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
     drop.has_lock_prefix = True
@@ -521,13 +538,22 @@ def _rdtsc(a: _Asm) -> None:
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX))
 
 
-def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
+def _wait_for_room(
+    a: _Asm, layout: AreaLayout, wait_cycles: int, record_size: int, escape: bool, marked_rings: tuple[int, int] | None
+) -> None:
     """The ring whose header is at r11 is full: if its consumer drained it within the last
     ``wait_cycles`` TSC cycles, spin (``pause``) until there is room (then reserve again, maybe in
     another ring if the thread moved to another CPU) or until ``wait_cycles`` have passed (then
     drop). The cycles waited are added to the ring's RING_WAITED. A stopped or dead consumer
     stops draining: after one timeout, full rings drop at once. Uses rax and rdx, and two frame
-    slots for when the wait began and its deadline."""
+    slots for when the wait began and its deadline.
+
+    A ring blocked by an uncommitted slot of the waiting thread itself (its signal handler
+    interrupted it between reservation and commit) never gets room while it waits: the wait
+    then reserves in another locked ring (``escape``, once) or drops at once. Only the per-CPU
+    rings (headers in ``marked_rings``) are checked for this: their slots carry their thread
+    pointer from the reservation on (a locked ring's slot gets it a few instructions later, and
+    holds its previous record's until then). rcx holds the ring's first record."""
     R = Register
     _rdtsc(a)
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_BEGAN), R.RAX))
@@ -543,6 +569,9 @@ def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
     a.branch(Code.JB_REL32_64, "room")
+    if marked_rings is not None:
+        _own_slot_check(a, layout, record_size, escape, marked_rings)
+    a.label("not_mine")
     _rdtsc(a)
     a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _rsp_slot(_WAIT_DEADLINE)))
     a.branch(Code.JB_REL32_64, "wait")
@@ -558,6 +587,57 @@ def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
     added.has_lock_prefix = True
     a.add(added)
     a.branch(Code.JMP_REL32_64, "retry")
+
+
+def _own_slot_check(a: _Asm, layout: AreaLayout, record_size: int, escape: bool, marked_rings: tuple[int, int]) -> None:
+    """In the wait loop: if the ring at r11 is a per-CPU one and the uncommitted slot at its tail
+    was reserved by this thread, leave the wait (escape to a locked ring once, else drop);
+    otherwise go on at ``not_mine``. rax, rdx clobbered."""
+    R = Register
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, MemoryOperand(R.RIP, displ=marked_rings[1])))
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.R11, R.RAX))
+    a.branch(Code.JAE_REL32_64, "not_mine")  # a locked ring: its slots are not marked in time
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EDX, R.EAX))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, layout.ring_slots - 1))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, record_size.bit_length() - 1))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RCX))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, 1)))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RDX)))
+    a.branch(Code.JE_REL32_64, "not_mine")  # committed
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _fs(0)))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RDX, 16)))
+    a.branch(Code.JNE_REL32_64, "not_mine")
+    _add_waited(a)
+    if escape:
+        a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), 0))
+        a.branch(Code.JE_REL32_64, "escape")
+    a.branch(Code.JMP_REL32_64, "drop")
+
+
+def _mark_slot(a: _Asm, position: Register, scratch: Register, layout: AreaLayout, record_size: int) -> None:
+    """Write this thread's pointer (``fs:0``) into the ``thread`` field of the slot at ring
+    position ``position`` (a 32-bit register; the ring's first record in rcx; r10 and
+    ``scratch`` clobbered) before reserving it: a lossless waiter can then tell that the
+    uncommitted slot it waits behind is its own thread's (its signal handler interrupted that
+    record). A reservation that fails leaves the mark in a free slot, overwritten by the next."""
+    R = Register
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R10D, position))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.R10D, layout.ring_slots - 1))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R10, record_size.bit_length() - 1))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R10, R.RCX))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, scratch, _fs(0)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R10, 16), scratch))
+
+
+def _add_waited(a: _Asm) -> None:
+    """Add the TSC cycles since the wait began to the ring's RING_WAITED (rax, rdx clobbered)."""
+    R = Register
+    _rdtsc(a)
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _rsp_slot(_WAIT_BEGAN)))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R11, RING_WAITED), R.RAX)
+    added.has_lock_prefix = True
+    a.add(added)
 
 
 def build_record_stub(
