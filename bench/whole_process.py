@@ -148,5 +148,18 @@ def format_result(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def goals(results: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """Issue 15.3's goals, on the warm run (the cold one analyses every site once)."""
+    warm = next((r for r in results if r["phase"] == "warm"), None)
+    if warm is None:
+        return []
+    growth = (warm["tracer_rss_probed_kib"] - warm["tracer_rss_before_kib"]) / 1024
+    return [
+        ("20,000 probes inserted <= 3 s (warm cache)", f"{warm['total_s']:.2f} s", warm["total_s"] <= 3),
+        ("target stopped <= 10 ms at a time (tracer)", f"{warm['longest_stop_ms']:.1f} ms", warm["longest_stop_ms"] <= 10),
+        ("tracer RSS growth <= 50 MB", f"{growth:.0f} MiB", growth <= 50),
+    ]
+
+
 if __name__ == "__main__":
     print(format_result(run()))
