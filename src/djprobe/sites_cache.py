@@ -12,9 +12,9 @@ process (a site someone else patched, unreadable live bytes).
 An entry holds, for a site at file vaddr V of a function [F, F+S): for a jump, the displaced
 bytes (and how many of them are padding) and whether the flags are dead; for a refusal, its
 reason with the module's addresses written as file vaddrs (rebased when read). A cached jump is
-used only if its bytes are still those of the file at V and decode into whole instructions; the
-live bytes are compared with them again when the jump goes in, with the world stopped (a
-mismatch there analyses the site afresh).
+used only if its bytes are still those of the file at V, decode into whole instructions and are
+the live bytes too (else the site is analysed afresh, which names someone else's patch); the live
+bytes are compared again when the jump goes in, with the world stopped.
 
 Files are replaced atomically (written to a temporary file in the same directory, then renamed),
 so concurrent tracers never see half a file; the last writer wins and entries it did not know
@@ -252,6 +252,13 @@ class SiteCache:
         verdicts = self.verdicts(module)
         if verdicts is not None:
             found = verdicts.lookup(address, function, name)
+            if found is not None and found.ok and memory is not None:
+                try:
+                    live = memory.read(address, found.size)
+                except Exception:  # noqa: BLE001 (the analysis says why)
+                    live = None
+                if live != found.original:
+                    found = None  # someone else's patch: the analysis names it, before any stop
             if found is not None:
                 return found
         analysis = analyse_site(symbols, site, None, memory)
