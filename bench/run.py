@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: python3 bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench import insertion, loop  # noqa: E402
+from bench import insertion, loop, whole_process  # noqa: E402
 
 WIDTH = 98
 
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-insertion", action="store_true", help="skip the insertion and memory measurement")
     ap.add_argument("--no-deep-stacks", action="store_true", help="skip the insertion with 16 threads x 1 MiB stacks")
     ap.add_argument("--insertion-only", action="store_true", help="only the insertion measurements (no rows)")
+    ap.add_argument("--whole-process", action="store_true",
+                    help="also 20,000 count probes into a running python3 ('*:*'), site cache cold then warm")
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
     only = set(args.only.split(",")) if args.only else None
@@ -302,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_deep_stacks:
             print("insertion with deep stacks...", file=sys.stderr)
             deep = run_insertion(1 if args.quick else min(reps, 3), insertion.run_deep)
+    whole = None
+    if args.whole_process:
+        print("whole process...", file=sys.stderr)
+        whole = whole_process.run()
     rows = []
     if not args.insertion_only:
         print("rows...", file=sys.stderr)
@@ -323,12 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         out += ["", format_insertion(ins)]
     if deep:
         out += ["", format_insertion(deep)]
+    if whole:
+        out += ["", whole_process.format_result(whole)]
+        gl += whole_process.goals(whole)
     out += ["", format_goals(gl), "", f"({info['seconds']} s)"]
     text = "\n".join(out)
     if args.json != "-":
         print(text)
     if args.json:
-        doc = {"machine": info, "rows": rows, "insertion": ins, "insertion_deep_stacks": deep,
+        doc = {"machine": info, "rows": rows, "insertion": ins, "insertion_deep_stacks": deep, "whole_process": whole,
                "goals": [{"goal": g, "value": v, "met": m} for g, v, m in gl]}  # fmt: skip
         data = json.dumps(doc, indent=2, default=str)
         if args.json == "-":

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 4  # 4: latency block and rings of string records; 3: one of them; 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
+VERSION = 4  # 4: latency block and rings of string records; 3: one of them; 2: per-CPU counter shards, stub slots of the size in the header, rings of argument-only records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -184,7 +184,7 @@ class AreaLayout:
 
     max_instances: int = 1024
     n_shards: int = 128  # shards [0, n/2): one per CPU (plain inc, rseq); [n/2, n): lock inc by rsp
-    slot_size: int = 1024  # a record stub with every register and a lossless wait takes ~600 bytes
+    slot_size: int = 2048  # a per-CPU record stub with every register and a lossless wait takes ~1 KiB
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
     ring_count: int = 8  # event rings, chosen like counter shards
     ring_slots: int = 4096  # records per ring
@@ -199,7 +199,7 @@ class AreaLayout:
         """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
         them (a record probe can still be placed there, its events then mostly dropped) and a small
         latency block (8 latency probes)."""
-        return cls(ring_count=1, ring_slots=1, string_ring_slots=1, latency_functions=8, latency_slots=1024)
+        return cls(ring_count=1, ring_slots=1, slot_size=1024, string_ring_slots=1, latency_functions=8, latency_slots=1024)
 
     @classmethod
     def for_latency(cls) -> "AreaLayout":

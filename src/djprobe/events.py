@@ -168,17 +168,41 @@ class RingReader:
         #: Strings of the string records drained since the last take_fetched(), by fetch key.
         self.fetched: dict[int, Fetched] = {}
 
-    def drain(self, limit: int | None = None) -> list[np.ndarray]:
-        """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring."""
+    def drain(self, limit: int | None = None, cutoff_tsc: int | None = None, hole_patience: int | None = None) -> list[np.ndarray]:
+        """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring.
+
+        With ``cutoff_tsc``, only records stamped before it are taken (a ring's prefix stops at
+        the first later one; the rest waits for the next drain), and before the stamp of any
+        committed record that still waits behind an uncommitted slot of a per-CPU ring (a
+        producer preempted between its reservation and its commit) younger than
+        ``hole_patience`` ticks, in the other rings: records of one thread can sit in several
+        rings (per-CPU rings; the thread moved between two hits), and this keeps each thread's
+        events in order from one drain to the next. A thread that reserves in the locked rings
+        (chosen by its stack pointer) always uses the same one."""
         n_full = self.view.layout.ring_count
+        rings = [self.view.records[r] if r < n_full else self.view.args_records[r - n_full] for r in range(2 * n_full)]
+        scans = [self._scan(r, rings[r], limit) for r in range(2 * n_full)]
+        behind: list[tuple[int, int]] = []  # (ring, stamp) of records waiting behind a hole
+        if cutoff_tsc is not None:
+            cpu_rings = n_full // 2  # rings [0, n/2) of each kind belong to one CPU each
+            behind = [
+                (r, scan[3]) for r, scan in enumerate(scans)
+                if scan is not None and scan[3] is not None and r % n_full < cpu_rings
+                and (hole_patience is None or cutoff_tsc - scan[3] < hole_patience)
+            ]  # a thread's records spread over several rings only through the per-CPU ones
         out = []
-        for r in range(2 * n_full):
-            full = r < n_full
-            got = self._drain_ring(r, self.view.records[r] if full else self.view.args_records[r - n_full], limit)
+        for r, scan in enumerate(scans):
+            if scan is None:
+                continue
+            # a hole holds back the other rings only: before it, its own ring is in order already
+            cutoff = min([cutoff_tsc, *(t for s, t in behind if s != r)]) if cutoff_tsc is not None else None
+            got = self._take(r, rings[r], scan, cutoff)
             if got is not None:
-                out.append(got if full else _widen(got))
-        for r in range(n_full):
-            got = self._drain_ring(r, self.view.string_records[r], limit, strings=True)
+                out.append(got if r < n_full else _widen(got))
+        for r in range(n_full):  # rings of string records (fetch_stubs.py), reserved with a lock
+            ring = self.view.string_records[r]
+            scan = self._scan(r, ring, limit, strings=True)
+            got = self._take(r, ring, scan, cutoff_tsc, strings=True) if scan is not None else None
             if got is not None:
                 out.append(self._widen_strings(got))
         return out
@@ -196,8 +220,13 @@ class RingReader:
         self.fetched.update(zip(keys.tolist(), decode_records(records["mask"], records["strings"])))
         return full
 
-    def _drain_ring(self, r: int, ring: np.ndarray, limit: int | None, strings: bool = False) -> np.ndarray | None:
-        headers, tails = (self.view.string_ring_headers, self.string_tails) if strings else (self.view.ring_headers, self.tails)
+    def _ring_state(self, strings: bool) -> tuple[np.ndarray, list[int]]:
+        return (self.view.string_ring_headers, self.string_tails) if strings else (self.view.ring_headers, self.tails)
+
+    def _scan(self, r: int, ring: np.ndarray, limit: int | None, strings: bool = False) -> tuple | None:
+        """(tail, pieces, committed prefix length, stamp of the oldest committed record behind
+        an uncommitted slot or None) of ring ``r``, or None when it holds nothing committed."""
+        headers, tails = self._ring_state(strings)
         slots = len(ring)
         head = int(headers[r, 0])
         tail = tails[r]
@@ -213,7 +242,23 @@ class RingReader:
         seqs = np.concatenate([ring["seq"][a:b] for a, b in pieces])
         expected = np.arange(tail + 1, tail + n + 1, dtype=np.uint64)
         committed = seqs == expected
-        k = n if committed.all() else int(np.argmin(committed))
+        if committed.all():
+            return tail, pieces, n, None
+        k = int(np.argmin(committed))
+        behind = None
+        if committed[k:].any():
+            tscs = np.concatenate([ring["tsc"][a:b] for a, b in pieces])[k:][committed[k:]]
+            behind = int(tscs.min())
+        return (tail, pieces, k, behind) if k or behind is not None else None
+
+    def _take(self, r: int, ring: np.ndarray, scan: tuple, cutoff_tsc: int | None, strings: bool = False) -> np.ndarray | None:
+        headers, tails = self._ring_state(strings)
+        tail, pieces, k, _ = scan
+        if k and cutoff_tsc is not None:
+            tscs = np.concatenate([ring["tsc"][a:b] for a, b in pieces])[:k]
+            late = tscs >= np.uint64(max(0, cutoff_tsc))
+            if late.any():
+                k = int(np.argmax(late))
         if k == 0:
             return None
         opaque = np.dtype((np.void, ring.dtype.itemsize))

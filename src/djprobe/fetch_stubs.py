@@ -28,12 +28,11 @@ import dataclasses
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from .area import (
-    ARG_REGISTERS, ARGS_RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_TAIL, STRING_MASK_OFFSET, STRING_SLOT_HEADER,
+    ARG_REGISTERS, ARGS_RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED,
+    STRING_MASK_OFFSET, STRING_SLOT_HEADER,
     AreaLayout,
 )  # fmt: skip
 from .stubs import (
-    _FLAGS_SLOT,
-    _PUSH_ORDER,
     RED_ZONE,
     RecordTargets,
     Relocatable,
@@ -43,8 +42,56 @@ from .stubs import (
     _mem,
     _rdtsc,
     _rsp_slot,
-    _wait_for_room,
 )
+
+# The full frame of this stub (every general-purpose register pushed, then the flags slot) and
+# its bounded wait for room with the ring header in rsi: the record stub of stubs.py now keeps a
+# smaller frame of its own.
+_PUSH_ORDER = (
+    Register.RAX, Register.RCX, Register.RDX, Register.RBX, Register.RBP, Register.RSI, Register.RDI,
+    Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13, Register.R14, Register.R15,
+)  # fmt: skip
+# After the pushes, the frame at rsp holds REGISTER_NAMES[0..14] (r15 first), then the flags slot.
+_FRAME_SIZE = 8 * (len(_PUSH_ORDER) + 1)
+_FLAGS_SLOT = 8 * len(_PUSH_ORDER)
+
+
+def _wait_for_room_rsi(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
+    """The ring at rsi is full: if its consumer drained it within the last ``wait_cycles`` TSC
+    cycles, spin (``pause``) until there is room (then reserve again) or until ``wait_cycles``
+    have passed (then drop). The cycles waited are added to the ring's RING_WAITED. A stopped or
+    dead consumer stops draining: after one timeout, full rings drop at once."""
+    R = Register
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX))  # when the wait began
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_HEARTBEAT)))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R9, wait_cycles))
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R9))
+    a.branch(Code.JA_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R9, R.R8))  # the deadline
+    a.label("wait")
+    a.add(Instruction.create(Code.PAUSE))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RSI, RING_TAIL)))
+    a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
+    a.branch(Code.JB_REL32_64, "room")
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.R9))
+    a.branch(Code.JB_REL32_64, "wait")
+    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
+    added.has_lock_prefix = True
+    a.add(added)
+    a.branch(Code.JMP_REL32_64, "drop")  # timed out
+    a.label("room")
+    _rdtsc(a)
+    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
+    added.has_lock_prefix = True
+    a.add(added)
+    a.branch(Code.JMP_REL32_64, "retry")
+
 
 SYS_GETPID = 39
 SYS_PROCESS_VM_READV = 310
@@ -193,7 +240,7 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     a.branch(Code.JMP_REL32_64, "done")
     a.label("full")
     if where.wait_cycles:  # the string rings have their own number of slots
-        _wait_for_room(a, dataclasses.replace(layout, ring_slots=layout.string_ring_slots), where.wait_cycles)
+        _wait_for_room_rsi(a, dataclasses.replace(layout, ring_slots=layout.string_ring_slots), where.wait_cycles)
     a.label("drop")
     drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
     drop.has_lock_prefix = True

@@ -158,6 +158,11 @@ class Injector:
         self._space: _DeadSpace | None = None
 
     # -- the trampoline's place ---------------------------------------------------------------
+    def find_space(self) -> int:
+        """Where the trampoline goes (looked for once, checked against the maps at each call;
+        reads only /proc and the mapped files, so it may run while the target runs)."""
+        return self._space_address()
+
     def _space_address(self) -> int:
         space = self._space
         maps = self.process.maps()

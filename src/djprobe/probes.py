@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import dataclasses
+import gc
 import logging
 import time
 import traceback
@@ -48,6 +50,7 @@ from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
+from .sites_cache import SiteCache
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
@@ -66,6 +69,11 @@ CLOSE_SETTLE_TRIES = 20
 WAIT_TIMEOUT = 0.5
 SYS_MADVISE = 28
 MADV_POPULATE_WRITE = 23
+#: A drain takes the records stamped this long before it began at most (a commit still in a
+#: store buffer of another CPU must not let that thread's later record, in another ring, go first).
+DRAIN_MARGIN_SECONDS = 20e-6
+#: A reserved slot not committed for longer than this no longer holds back other rings' records.
+HOLE_PATIENCE_SECONDS = 0.5
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 
 
@@ -267,6 +275,9 @@ class ProbedProcess:
         self.max_stop_seconds = MAX_STOP_SECONDS
         self._closed = False
         self._stop_depth = 0
+        self._own_stop = False
+        self._stop_began = time.monotonic()
+        self._resume_seconds = 0.0  # how long the last resume took (a batch leaves room for it)
         self._stacks = StackWords()
         self._stacks_key: int | None = None
         self._stop_generation = 0
@@ -278,6 +289,8 @@ class ProbedProcess:
         #: that has not drained for longer than this is taken as gone, and events are dropped.
         self.wait_timeout = WAIT_TIMEOUT
         self._rseq: tuple[RseqArea | None, str] | None = None
+        #: Default-size site verdicts kept on disk per build-id (``site_cache.enabled = False``: off).
+        self.site_cache = SiteCache()
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
         self._by_slot: dict[tuple[int, int], Instance] = {}
@@ -317,26 +330,60 @@ class ProbedProcess:
     def stopped(self) -> Iterator[dict[int, Thread]]:
         """Keep every thread of the target stopped inside the block (re-entrant)."""
         if self._stop_depth == 0 and not self.process.stopped:
-            self.process.stop()
-            self._stop_generation += 1
-            self._thread_map.learn(self.process)
-            self._reclaim_retired()
+            self._stop_began = time.monotonic()
+            collecting = gc.isenabled()
+            gc.disable()  # a full collection (100+ ms with 20,000 probes) must not fall inside a stop
+            try:
+                self.process.stop()
+                self._stop_generation += 1
+                self._thread_map.learn(self.process)
+                self._reclaim_retired()
+            except BaseException:
+                if collecting:
+                    gc.enable()
+                raise
             owner = True
         else:
-            owner = False
+            owner = collecting = False
+        self._own_stop = owner if self._stop_depth == 0 else self._own_stop
         self._stop_depth += 1
         try:
             yield self.process.threads
         finally:
             self._stop_depth -= 1
             if owner:
-                self.process.resume()
+                try:
+                    resumed = time.monotonic()
+                    self.process.resume()
+                    self._resume_seconds = min(time.monotonic() - resumed, self.max_stop_seconds / 2)
+                finally:
+                    if collecting:
+                        gc.enable()
+
+    def _batch_deadline(self) -> float:
+        """When a batch of insertions or removals in the stop just made must end: the stop
+        (from the request to stop to the end of the resume) stays within ``max_stop_seconds``."""
+        return self._stop_began + self.max_stop_seconds - self._resume_seconds
+
+    def _breathe(self) -> None:
+        """Inside the one stop this object made itself (not a spawned target held before
+        ``main``), let the target run for a moment and stop it again: a long job under one stop
+        (the system calls that map a probe area) is cut into short stops."""
+        if self._stop_depth != 1 or not self._own_stop:
+            return
+        self.process.resume()
+        self.process.stop()
+        self._stop_generation += 1
+        self._thread_map.learn(self.process)
 
     # -- registration --------------------------------------------------------------------------
-    def analyse(self, djp: Djprobe) -> SiteAnalysis:
-        """Resolve and analyse the site of ``djp`` without changing the target."""
+    def analyse(self, djp: Djprobe, *, cached: bool = True) -> SiteAnalysis:
+        """Resolve and analyse the site of ``djp`` without changing the target (a default-size
+        verdict through the on-disk cache of :mod:`djprobe.sites_cache` unless ``cached`` is False)."""
         if djp._preset is not None:
             return djp._preset  # an exit window of a return probe
+        if cached and djp.size is None and self.site_cache.enabled:
+            return self.site_cache.analyse(self.symbols, self.resolve_site(djp.addr), self.process.memory)  # type: ignore[arg-type]
         return analyse_site(self.symbols, self.resolve_site(djp.addr), djp.size, self.process.memory)  # type: ignore[arg-type]
 
     def resolve_site(self, spec: int | str) -> object:
@@ -424,7 +471,7 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = time.monotonic() + self.max_stop_seconds
+                deadline = self._batch_deadline()
                 while pending:
                     djp, analysis, prepared = pending.pop()
                     try:
@@ -442,6 +489,7 @@ class ProbedProcess:
                         refused.append((djp, self._site_error(err)))
         order = {id(djp): i for i, djp in enumerate(djps)}
         refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
+        self.site_cache.flush()
         return returns.settle(self, refused)
 
     @property
@@ -542,7 +590,7 @@ class ProbedProcess:
         original = self.process.read(address, analysis.size)
         if original != analysis.original:
             # Changed since it was analysed: look again now that nothing runs.
-            analysis = self.analyse(djp)
+            analysis = self.analyse(djp, cached=False)
             if not analysis.ok:
                 raise analysis.error()
             original = self.process.read(address, analysis.size)
@@ -606,8 +654,9 @@ class ProbedProcess:
             if not candidates:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
-                with self.stopped():  # mapping it takes injected syscalls: a short stop
-                    region = create_region(self.process, analysis.address, self.layout)
+                self.process.prepare_syscalls()  # the slow part of the first injected call, before the stop
+                with self.stopped():  # mapping it takes injected syscalls: short stops
+                    region = create_region(self.process, analysis.address, self.layout, between=self._breathe)
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
@@ -631,9 +680,9 @@ class ProbedProcess:
                     stub = build_fetch_stub(analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif action == "record":
                     self._populate_rings(region)
-                    stub = build_record_stub(
-                        analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
-                    )
+                    targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    targets = dataclasses.replace(targets, rseq_offset=self._rseq_offset())  # per-CPU count and rings
+                    stub = build_record_stub(analysis, region.layout, region.slot_address(slot), targets, registers)
                 else:
                     stub = build_count_stub(
                         analysis,
@@ -647,7 +696,7 @@ class ProbedProcess:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: {exc.reason}", address=analysis.address) from exc
                 continue
-            self.process.write(stub.address, stub.code)
+            self.process.write(stub.address, stub.image())
             return region, slot, stub
 
     def _rseq_offset(self) -> int | None:
@@ -753,7 +802,7 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = time.monotonic() + self.max_stop_seconds
+                deadline = self._batch_deadline()
                 while pending:
                     djp = pending.pop()
                     instance = djp._instance
@@ -863,7 +912,7 @@ class ProbedProcess:
     def _settle(self, owner: Instance, region: Region, slot: int) -> None:
         """No thread can be in ``slot`` any more: its counts are final; give it back."""
         if owner.action == "record":
-            self._drain()  # its events are attributed before the slot can be reused
+            self._drain(complete=True)  # its events are attributed before the slot can be reused
         owner.old_slots = [s for s in owner.old_slots if (s[0], s[1]) != (region, slot)]
         owner.carried_hits += region.view.count(slot)
         owner.carried_drops += region.view.drops(slot)
@@ -929,15 +978,21 @@ class ProbedProcess:
             self._clock = TscClock()
         return self._clock
 
-    def _drain(self) -> None:
-        """Move committed records from the rings into the pending list (with their instances)."""
+    def _drain(self, complete: bool = False) -> None:
+        """Move committed records from the rings into the pending list (with their instances);
+        unless ``complete``, only those stamped a little before now (see ``RingReader.drain``)."""
         if self._traps is not None:
             trapped = self._traps.drain()
             if trapped is not None:
                 self._pending.append(trapped)
-        if self._readers:
-            self._heartbeat()
-        raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain()]
+        if not self._readers:
+            return
+        self._heartbeat()
+        cutoff = patience = None
+        if not complete:
+            cutoff = self.clock.now_tsc() - int(DRAIN_MARGIN_SECONDS * 1e9 / self.clock.ns_per_tick)
+            patience = int(HOLE_PATIENCE_SECONDS * 1e9 / self.clock.ns_per_tick)
+        raw = [(reader.region_index, part) for reader in self._readers for part in reader.drain(None, cutoff, patience)]
         if not raw:
             return
         self.clock.refresh()
@@ -1056,7 +1111,7 @@ class ProbedProcess:
                     if probes:
                         self.unregister_many(probes)
                     if self._regions and not self._image_replaced():
-                        self._drain()
+                        self._drain(complete=True)  # every probe is out: nothing comes later
                         self._let_threads_leave_stubs()
                         with self.stopped():
                             self._unmap_idle_regions()

@@ -832,6 +832,15 @@ class Process:
         return TracePermissionError(f"cannot trace process {self.pid}: {exc.strerror} ({'; '.join(reasons)})")
 
     # -- injection -----------------------------------------------------------------------------
+    def prepare_syscalls(self) -> None:
+        """Find the place of the injection trampoline now, while the target may run (reading
+        the mapped ELF files' headers takes tens of ms): the first injected call in a stop then
+        only checks that its mapping is still there. Failing here is not an error."""
+        try:
+            self._injector.find_space()
+        except DjprobeError:
+            pass
+
     def syscall(
         self,
         nr: int,

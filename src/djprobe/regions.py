@@ -15,7 +15,7 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .area import RING_HEADER_SIZE, AreaHeader, AreaLayout, AreaView, InstanceEntry
 from .errors import DjprobeError, NoRoomError, RemoteSyscallError
@@ -93,16 +93,19 @@ class Region:
     mapped_in_target: bool = True
     rings_populated: bool = False
 
+    def __post_init__(self) -> None:
+        self._end = self.data_address + self.layout.data_size  # asked for every site placed: computed once
+
     @property
     def start(self) -> int:
         return self.code_address
 
     @property
     def end(self) -> int:
-        return self.data_address + self.layout.data_size
+        return self._end
 
     def reaches(self, site: int) -> bool:
-        return abs(self.start - site) <= REACH and abs(self.end - site) <= REACH
+        return abs(self.code_address - site) <= REACH and abs(self._end - site) <= REACH
 
     def slot_address(self, index: int) -> int:
         return self.layout.slot_address(self.code_address, index)
@@ -145,7 +148,9 @@ class Region:
             pass
 
 
-def create_region(process: "Process", site: int, layout: AreaLayout | None = None) -> Region:
+def create_region(
+    process: "Process", site: int, layout: AreaLayout | None = None, between: Callable[[], None] | None = None
+) -> Region:
     """Map a new probe area in the (stopped) target within reach of ``site``.
 
     The file gets its header before the target maps it, and the target maps the data part before
@@ -153,9 +158,13 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
     nothing or an area that ``djprobe cleanup`` recognises. On any failure, what was mapped is
     unmapped again.
 
+    ``between`` is called between two injected system calls (the caller may let the target run
+    for a moment there, so that no single stop lasts four system calls).
+
     Raises NoRoomError if no free address range within ±2 GiB of the site can take it,
     RemoteSyscallError if the target cannot open the file (naming it).
     """
+    between = between or (lambda: None)
     layout = layout or AreaLayout()
     candidates = find_gap_near(process.maps(), site, layout.total_size)
     if not candidates:
@@ -180,7 +189,9 @@ def create_region(process: "Process", site: int, layout: AreaLayout | None = Non
             except FileNotFoundError:
                 pass
         try:
-            code_address = _map_in_target(process, candidates, layout, target_fd, view)
+            between()
+            code_address = _map_in_target(process, candidates, layout, target_fd, view, between)
+            between()
         finally:
             process.close_fd(target_fd)
     except BaseException:
@@ -207,7 +218,10 @@ def _open_in_target(process: "Process", path: str) -> int:
         ) from exc
 
 
-def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout, target_fd: int, view: AreaView) -> int:
+def _map_in_target(
+    process: "Process", candidates: list[int], layout: AreaLayout, target_fd: int, view: AreaView,
+    between: Callable[[], None] = lambda: None,
+) -> int:
     """At the first free candidate: write the header for that place, map the data part (the
     shared file open as ``target_fd`` in the target, rw-), then the code part (anonymous r-x)."""
     last_error: Exception | None = None
@@ -224,6 +238,11 @@ def _map_in_target(process: "Process", candidates: list[int], layout: AreaLayout
         if data != data_at:
             _unmap_quietly(process, data, layout.data_size)
             continue
+        try:
+            between()
+        except BaseException:
+            _unmap_quietly(process, data_at, layout.data_size)
+            raise
         try:
             code = process.mmap(start, layout.code_size, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
         except DjprobeError as exc:

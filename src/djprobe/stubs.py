@@ -34,7 +34,7 @@ import struct
 
 from iced_x86 import BlockEncoder, Code, Decoder, Encoder, Instruction, MemoryOperand, Register
 
-from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
+from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
@@ -171,6 +171,8 @@ class Stub:
     relocated: Relocated
     action_start: int | None = None  # where the action begins (None: at ``address``, before the relocated code)
     extra_action_ranges: tuple[tuple[int, int], ...] = ()  # the other actions of a shared stub
+    trailer: bytes = b""  # data at the end of the slot (a per-CPU count stub's rseq descriptor)
+    slot_size: int = 0  # where the trailer ends (with a trailer)
 
     @property
     def action_range(self) -> tuple[int, int]:
@@ -189,7 +191,14 @@ class Stub:
 
     @property
     def end(self) -> int:
-        return self.address + len(self.code)
+        return self.address + (self.slot_size if self.trailer else len(self.code))
+
+    def image(self) -> bytes:
+        """The bytes to write at ``address``: the code, then (int3 padding and) the trailer; built
+        on demand so that thousands of stubs do not each keep a padded slot in the tracer."""
+        if not self.trailer:
+            return self.code
+        return self.code + b"\xcc" * (self.slot_size - len(self.trailer) - len(self.code)) + self.trailer
 
     def original_address(self, stub_address: int) -> int | None:
         """The original address equivalent to ``stub_address`` inside the relocated copy, if any."""
@@ -228,9 +237,8 @@ def build_count_stub(
     stub = _finish(site, layout, slot_address, a.instructions(), reserve=RSEQ_CS_SIZE)
     ips = [insn.ip for insn in Decoder(64, stub.code[: stub.action_size], ip=slot_address)]
     start, end, abort = (ips[a.index_of(name)] for name in ("cs_start", "cs_end", "abort"))
-    padding = b"\xcc" * (layout.slot_size - RSEQ_CS_SIZE - len(stub.code))
-    code = stub.code + padding + rseq_descriptor(start, end, abort)
-    return Stub(address=slot_address, code=code, action_size=stub.action_size, relocated=stub.relocated)
+    return Stub(address=slot_address, code=stub.code, action_size=stub.action_size, relocated=stub.relocated,
+                trailer=rseq_descriptor(start, end, abort), slot_size=layout.slot_size)
 
 
 def jump_bytes(site: int, target: int) -> bytes:
@@ -248,15 +256,6 @@ def jump_target(code: bytes, site: int) -> int | None:
     return None
 
 
-_PUSH_ORDER = (
-    Register.RAX, Register.RCX, Register.RDX, Register.RBX, Register.RBP, Register.RSI, Register.RDI,
-    Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13, Register.R14, Register.R15,
-)  # fmt: skip
-# After the pushes, the frame at rsp holds REGISTER_NAMES[0..14] (r15 first), then the flags slot.
-_FRAME_SIZE = 8 * (len(_PUSH_ORDER) + 1)
-_FLAGS_SLOT = 8 * len(_PUSH_ORDER)
-
-
 @dataclass(frozen=True)
 class RecordTargets:
     """Target addresses a record stub writes to."""
@@ -270,6 +269,7 @@ class RecordTargets:
     instance: int  # index written into each record
     tid_offset: int | None = None  # where the thread control block (fs:0) holds the TID, if known
     wait_cycles: int = 0  # lossless: wait up to this many TSC cycles for room (0: drop at once)
+    rseq_offset: int | None = None  # glibc's rseq area (fs:[rseq_offset]): per-CPU counting and rings
 
 
 class _Asm:
@@ -302,116 +302,243 @@ class _Asm:
         return self.ins
 
 
-def record_action(layout: AreaLayout, where: RecordTargets, registers: str = "all") -> list[Instruction]:
-    """Instructions that count the hit and write an event record (see the module docstring)."""
+# The record action's frame, below the red zone: the registers it uses as scratch (their values
+# at the probe are read from here into the record), the raw flags, and the lossless wait's two
+# TSC values.
+_SCRATCH = (Register.RAX, Register.RCX, Register.RDX, Register.R10, Register.R11)
+_SAVED_AT = {Register.RAX: 40, Register.RCX: 32, Register.RDX: 24, Register.R10: 16, Register.R11: 8}
+_FLAGS_SLOT = 0
+_WAIT_BEGAN = 48
+_WAIT_DEADLINE = 56
+_TSC_SLOT = 64
+_ESCAPED = 72  # 1 once the reservation left a ring that its own thread blocks
+_FRAME_SIZE = 80
+_REGISTER = {name: getattr(Register, name.upper()) for name in REGISTER_NAMES if name not in ("rflags", "rsp")}
+RECORD_RSEQ_CS_SIZE = 2 * RSEQ_CS_SIZE  # two critical sections: the count, the reservation
+
+
+def _per_cpu_section(a: _Asm, per_cpu: PerCpu, name: str, limit: int, body, fallback: str, on_full: str | None = None) -> None:
+    """An rseq critical section named ``name``: arm ``rseq_cs`` with the descriptor at
+    ``per_cpu.descriptor``, eax = cpu_id; if it is ``limit`` or more (or negative: no
+    registration), disarm and go to ``fallback``; else ``body(a)`` ending with its one commit
+    store; disarm. A program with its own ``rseq_cs`` armed (not 0) goes to ``fallback`` untouched.
+    ``body`` may branch to ``name + "_full"`` (disarms, then goes to ``on_full``)."""
+    R = Register
+    rseq_cs = _fs(per_cpu.rseq_offset + RSEQ_CS)
+    a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, rseq_cs, 0))
+    a.branch(Code.JNE_REL32_64, fallback)
+    a.label(f"{name}_arm")
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, MemoryOperand(R.RIP, displ=per_cpu.descriptor)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, rseq_cs, R.RAX))
+    a.label(f"{name}_start")  # right after the arming store: a signal before it finds nothing armed
+    a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _fs(per_cpu.rseq_offset + CPU_ID)))
+    a.add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EAX, limit))
+    a.branch(Code.JAE_REL32_64, f"{name}_disarm")
+    body(a)  # ends with the commit
+    a.label(f"{name}_end")
+    a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+    a.branch(Code.JMP_REL32_64, f"{name}_done")
+    a.add(Instruction.create_declare_byte(b"\x0f\xb9\x3d" + RSEQ_SIG.to_bytes(4, "little")))
+    a.label(f"{name}_abort")  # the kernel cleared rseq_cs: arm again and retry
+    a.branch(Code.JMP_REL32_64, f"{name}_arm")
+    if on_full is not None:
+        a.label(f"{name}_full")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+        a.branch(Code.JMP_REL32_64, on_full)
+    a.label(f"{name}_disarm")
+    a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+    a.branch(Code.JMP_REL32_64, fallback)
+
+
+def _ring_pointers(a: _Asm, headers: int, records: int, stride: int) -> None:
+    """eax = a ring number: r11 = its header, rcx = its first record (rax clobbered)."""
+    R = Register
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.ECX, R.EAX))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, 7))  # RING_HEADER_SIZE == 128
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.R11, MemoryOperand(R.RIP, displ=headers)))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R11, R.RAX))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RCX, stride.bit_length() - 1))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, MemoryOperand(R.RIP, displ=records)))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX))
+
+
+def record_action(
+    layout: AreaLayout, where: RecordTargets, registers: str = "all", descriptors: tuple[int, int] | None = None
+) -> list[Instruction]:
+    """Instructions that count the hit and write an event record (see :func:`_record_asm`)."""
+    return _record_asm(layout, where, registers, descriptors).instructions()
+
+
+def _record_asm(
+    layout: AreaLayout, where: RecordTargets, registers: str = "all", descriptors: tuple[int, int] | None = None
+) -> _Asm:
+    """Instructions that count the hit and write an event record (see the module docstring).
+
+    With ``where.rseq_offset`` and ``descriptors`` (the addresses of two ``struct rseq_cs`` for
+    the count and the reservation): the hit is counted with a plain ``inc`` of the current CPU's
+    counter shard, and the record is reserved in the current CPU's ring with a plain store of the
+    ring head, each inside an rseq critical section (see :func:`count_action`). Rings
+    ``[0, ring_count/2)`` belong to one CPU each; a thread without rseq, a CPU without a ring of
+    its own, or a program with its own critical section armed reserves in one of the other rings
+    (chosen by ``rsp``) with ``lock cmpxchg``, so that plain and locked reservations never meet on
+    one ring. Only the five scratch registers and the flags are saved; the recorded registers are
+    written straight into the record (from the frame for the scratch ones)."""
     a = _Asm()
     R = Register
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(-RED_ZONE - 8)))  # + the flags slot
-    for reg in _PUSH_ORDER:
-        a.add(Instruction.create_reg(Code.PUSH_R64, reg))
-    # The arithmetic flags, with lahf/seto (pushfq/popfq cost ~8 ns more here): raw AH:AL in the
-    # flags slot; the record gets them as an rflags image.
+    args_only = registers != "all"
+    headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
+    stride = layout.args_ring_stride if args_only else layout.ring_stride
+    record_size = ARGS_RECORD_SIZE if args_only else RECORD_SIZE
+    per_cpu = where.rseq_offset is not None and descriptors is not None
+    cpu_rings = layout.ring_count // 2  # 0 with a single ring: every reservation is locked
+    locked_base = cpu_rings
+    locked_rings = layout.ring_count - cpu_rings
+    stride_shift = layout.shard_stride.bit_length() - 1
+
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(-RED_ZONE - _FRAME_SIZE)))
+    for reg in _SCRATCH:
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_SAVED_AT[reg]), reg))
+    # The arithmetic flags, with lahf/seto (pushfq/popfq cost ~8 ns more here).
     a.add(Instruction.create(Code.LAHF))
     a.add(Instruction.create_reg(Code.SETO_RM8, R.AL))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_FLAGS_SLOT), R.RAX))
-    # Count the hit (flags are saved: free to clobber).
-    stride_shift = layout.shard_stride.bit_length() - 1
+    # The timestamp first: rdtsc's latency overlaps with the rest.
+    _rdtsc(a)
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_TSC_SLOT), R.RAX))
+    if where.wait_cycles:
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _rsp_slot(_ESCAPED), 0))
+
+    # Count the hit.
+    def count_body(b: _Asm) -> None:
+        b.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
+        b.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, MemoryOperand(R.RIP, displ=where.counter)))
+        b.add(Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1)))  # the commit
+
+    if per_cpu:
+        assert descriptors is not None and where.rseq_offset is not None
+        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[0]), "count", layout.cpu_shards, count_body, "count_locked")
+    a.label("count_locked")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
     a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBX, R.RAX))
     a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, MemoryOperand(R.RIP, displ=where.counter)))
     inc = Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1))
     inc.has_lock_prefix = True
     a.add(inc)
-    # Ring = shard % ring_count: rsi = its header, rdi = its records. Argument-only records
-    # (two cache lines) have rings of their own.
-    args_only = registers != "all"
-    headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
-    stride = layout.args_ring_stride if args_only else layout.ring_stride
-    record_size = ARGS_RECORD_SIZE if args_only else RECORD_SIZE
-    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EBX, layout.ring_count - 1))
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RBX))
-    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, 7))  # RING_HEADER_SIZE == 128
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSI, MemoryOperand(R.RIP, displ=headers)))
-    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RSI, R.RAX))
-    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RBX, stride.bit_length() - 1))
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, MemoryOperand(R.RIP, displ=records)))
-    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RBX))
-    # Reserve: while head - tail < slots: cmpxchg head -> head + 1.
+    a.label("count_done")
+
+    # Reserve a slot: r11 = the ring's header, rcx = its first record, rdx = the position.
     a.label("retry")
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
-    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_TAIL)))
-    a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RCX, layout.ring_slots))
+    if per_cpu and cpu_rings:
+        assert descriptors is not None and where.rseq_offset is not None
+
+        def reserve_body(b: _Asm) -> None:
+            _ring_pointers(b, headers, records, stride)
+            b.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.R11)))
+            b.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RDX))
+            b.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
+            b.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
+            b.branch(Code.JAE_REL32_64, "reserve_full")
+            if where.wait_cycles:  # the slot's thread pointer before the commit (see _wait_for_room)
+                _mark_slot(b, R.EDX, R.RAX, layout, record_size)
+            b.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RDX, 1)))
+            b.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R11), R.RAX))  # the commit
+
+        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[1]), "reserve", cpu_rings, reserve_body,
+                         "reserve_locked", on_full="full")
+        a.label("reserve_done")
+        a.branch(Code.JMP_REL32_64, "reserved")
+    a.label("reserve_locked")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    a.label("locked_pick")  # eax = a number whose low bits choose the locked ring
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, locked_rings - 1))
+    if locked_base:
+        a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, locked_base))
+    _ring_pointers(a, headers, records, stride)
+    a.label("cas")
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11)))
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.R11, RING_TAIL)))
+    a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RDX, layout.ring_slots))
     a.branch(Code.JAE_REL32_64, "full")
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RAX, 1)))
-    cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RSI), R.RCX)
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDX, _mem(R.RAX, 1)))
+    cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.R11), R.RDX)
     cas.has_lock_prefix = True
     a.add(cas)
-    a.branch(Code.JNE_REL32_64, "retry")
-    # rbp = pos; rdi = the record.
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBP, R.RAX))
+    a.branch(Code.JNE_REL32_64, "cas")
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
+
+    # Write the record at rcx + (pos % slots) * size; commit with seq = pos + 1, written last.
+    a.label("reserved")
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EDX))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.ring_slots - 1))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, record_size.bit_length() - 1))
-    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RAX))
-    a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _mem(R.RDI, 8), where.instance))
-    fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, fs0))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 16), R.RCX))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RCX, R.RAX))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _fs(0)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 16), R.RAX))
+    a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _mem(R.RCX, 8), where.instance))
     if where.tid_offset is not None:
-        tid = MemoryOperand(R.NONE, R.NONE, 1, where.tid_offset, 8, False, R.FS)
-        a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.ECX, tid))
-        a.add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _mem(R.RDI, 12), R.ECX))
-    a.add(Instruction.create(Code.RDTSC))
-    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, 32))
-    a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, R.RAX, R.RDX))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 24), R.RAX))
+        a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _fs(where.tid_offset)))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _mem(R.RCX, 12), R.EAX))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_TSC_SLOT)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 24), R.RAX))
+
+    def put(name: str, offset: int) -> None:
+        reg = _REGISTER[name]
+        if reg in _SAVED_AT:
+            a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_SAVED_AT[reg])))
+            a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, offset), R.RAX))
+        else:
+            a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, offset), reg))
+
     if args_only:  # the six argument registers in ARG_REGISTERS order, then rax (a return value)
         for j, name in enumerate(ARG_REGISTERS + ("rax",)):
-            i = REGISTER_NAMES.index(name)
-            a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
-            a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * j), R.RCX))
+            put(name, 32 + 8 * j)
     else:
         for i, name in enumerate(REGISTER_NAMES[:15]):
-            a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(8 * i)))
-            a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * i), R.RCX))
-    if registers == "all":
+            put(name, 32 + 8 * i)
         # rflags image = AH (CF PF AF ZF SF) | OF << 11 | IF | bit 1
-        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(_FLAGS_SLOT)))
-        a.add(Instruction.create_reg_reg(Code.MOVZX_R32_RM8, R.EDX, R.CL))
-        a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EDX, 11))
-        a.add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.ECX, 8))
-        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.ECX, 0xD5))
-        a.add(Instruction.create_reg_reg(Code.OR_R32_RM32, R.ECX, R.EDX))
-        a.add(Instruction.create_reg_u32(Code.OR_RM32_IMM32, R.ECX, 0x202))
-        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 15), R.RCX))
-    if not args_only:  # the stack pointer at the probe
-        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _rsp_slot(_FRAME_SIZE + RED_ZONE)))
-        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI, 32 + 8 * 16), R.RCX))
-    # Commit: seq = pos + 1, written last.
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RBP, 1)))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RDI), R.RCX))
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_FLAGS_SLOT)))
+        a.add(Instruction.create_reg_reg(Code.MOVZX_R32_RM8, R.R11D, R.AL))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.R11D, 11))
+        a.add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.EAX, 8))
+        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, 0xD5))
+        a.add(Instruction.create_reg_reg(Code.OR_R32_RM32, R.EAX, R.R11D))
+        a.add(Instruction.create_reg_u32(Code.OR_RM32_IMM32, R.EAX, 0x202))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 32 + 8 * 15), R.RAX))
+        # the stack pointer at the probe
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _rsp_slot(_FRAME_SIZE + RED_ZONE)))
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 32 + 8 * 16), R.RAX))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RDX, 1)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX), R.RAX))
     a.branch(Code.JMP_REL32_64, "done")
     a.label("full")
     if where.wait_cycles:
-        _wait_for_room(a, layout, where.wait_cycles)
+        own_rings = (headers, headers + cpu_rings * RING_HEADER_SIZE) if per_cpu and cpu_rings else None
+        _wait_for_room(a, layout, where.wait_cycles, record_size, escape=locked_rings > 1, marked_rings=own_rings)
+    if where.wait_cycles and locked_rings > 1:
+        # The ring this thread waited for is blocked by its own slot: reserve in the next locked one.
+        a.label("escape")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _rsp_slot(_ESCAPED), 1))
+        a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
+        a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+        a.add(Instruction.create_reg(Code.INC_RM32, R.EAX))
+        a.branch(Code.JMP_REL32_64, "locked_pick")
     a.label("drop")
     drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
     drop.has_lock_prefix = True
     a.add(drop)
     a.label("done")
-    for reg in reversed(_PUSH_ORDER[1:]):
-        a.add(Instruction.create_reg(Code.POP_R64, reg))
-    # rsp now at the saved rax; the flags slot is above it.
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(8)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_FLAGS_SLOT)))
     a.add(Instruction.create_reg_u32(Code.ADD_RM8_IMM8, R.AL, 0x7F))
     a.add(Instruction.create(Code.SAHF))
-    a.add(Instruction.create_reg(Code.POP_R64, R.RAX))
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE + 8)))
-    return a.instructions()
+    for reg in reversed(_SCRATCH):
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, reg, _rsp_slot(_SAVED_AT[reg])))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE + _FRAME_SIZE)))
+    return a
 
 
 def _rdtsc(a: _Asm) -> None:
@@ -421,41 +548,106 @@ def _rdtsc(a: _Asm) -> None:
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX))
 
 
-def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
-    """The ring at rsi is full: if its consumer drained it within the last ``wait_cycles`` TSC
-    cycles, spin (``pause``) until there is room (then reserve again) or until ``wait_cycles``
-    have passed (then drop). The cycles waited are added to the ring's RING_WAITED. A stopped or
-    dead consumer stops draining: after one timeout, full rings drop at once."""
+def _wait_for_room(
+    a: _Asm, layout: AreaLayout, wait_cycles: int, record_size: int, escape: bool, marked_rings: tuple[int, int] | None
+) -> None:
+    """The ring whose header is at r11 is full: if its consumer drained it within the last
+    ``wait_cycles`` TSC cycles, spin (``pause``) until there is room (then reserve again, maybe in
+    another ring if the thread moved to another CPU) or until ``wait_cycles`` have passed (then
+    drop). The cycles waited are added to the ring's RING_WAITED. A stopped or dead consumer
+    stops draining: after one timeout, full rings drop at once. Uses rax and rdx, and two frame
+    slots for when the wait began and its deadline.
+
+    A ring blocked by an uncommitted slot of the waiting thread itself (its signal handler
+    interrupted it between reservation and commit) never gets room while it waits: the wait
+    then reserves in another locked ring (``escape``, once) or drops at once. Only the per-CPU
+    rings (headers in ``marked_rings``) are checked for this: their slots carry their thread
+    pointer from the reservation on (a locked ring's slot gets it a few instructions later, and
+    holds its previous record's until then). rcx holds the ring's first record."""
     R = Register
     _rdtsc(a)
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX))  # when the wait began
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
-    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_HEARTBEAT)))
-    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R9, wait_cycles))
-    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R9))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_BEGAN), R.RAX))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_HEARTBEAT)))
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RDX, wait_cycles))
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.RDX))
     a.branch(Code.JA_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
-    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R9, R.R8))  # the deadline
+    a.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, R.RDX, _rsp_slot(_WAIT_BEGAN)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_DEADLINE), R.RDX))  # the deadline
     a.label("wait")
     a.add(Instruction.create(Code.PAUSE))
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
-    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RSI, RING_TAIL)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11)))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
     a.branch(Code.JB_REL32_64, "room")
+    if marked_rings is not None:
+        _own_slot_check(a, layout, record_size, escape, marked_rings)
+    a.label("not_mine")
     _rdtsc(a)
-    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.R9))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _rsp_slot(_WAIT_DEADLINE)))
     a.branch(Code.JB_REL32_64, "wait")
-    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
-    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _rsp_slot(_WAIT_BEGAN)))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R11, RING_WAITED), R.RAX)
     added.has_lock_prefix = True
     a.add(added)
     a.branch(Code.JMP_REL32_64, "drop")  # timed out
     a.label("room")
     _rdtsc(a)
-    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
-    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _rsp_slot(_WAIT_BEGAN)))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R11, RING_WAITED), R.RAX)
     added.has_lock_prefix = True
     a.add(added)
     a.branch(Code.JMP_REL32_64, "retry")
+
+
+def _own_slot_check(a: _Asm, layout: AreaLayout, record_size: int, escape: bool, marked_rings: tuple[int, int]) -> None:
+    """In the wait loop: if the ring at r11 is a per-CPU one and the uncommitted slot at its tail
+    was reserved by this thread, leave the wait (escape to a locked ring once, else drop);
+    otherwise go on at ``not_mine``. rax, rdx clobbered."""
+    R = Register
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, MemoryOperand(R.RIP, displ=marked_rings[1])))
+    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.R11, R.RAX))
+    a.branch(Code.JAE_REL32_64, "not_mine")  # a locked ring: its slots are not marked in time
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EDX, R.EAX))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, layout.ring_slots - 1))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, record_size.bit_length() - 1))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RCX))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, 1)))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RDX)))
+    a.branch(Code.JE_REL32_64, "not_mine")  # committed
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _fs(0)))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RDX, 16)))
+    a.branch(Code.JNE_REL32_64, "not_mine")
+    _add_waited(a)
+    if escape:
+        a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), 0))
+        a.branch(Code.JE_REL32_64, "escape")
+    a.branch(Code.JMP_REL32_64, "drop")
+
+
+def _mark_slot(a: _Asm, position: Register, scratch: Register, layout: AreaLayout, record_size: int) -> None:
+    """Write this thread's pointer (``fs:0``) into the ``thread`` field of the slot at ring
+    position ``position`` (a 32-bit register; the ring's first record in rcx; r10 and
+    ``scratch`` clobbered) before reserving it: a lossless waiter can then tell that the
+    uncommitted slot it waits behind is its own thread's (its signal handler interrupted that
+    record). A reservation that fails leaves the mark in a free slot, overwritten by the next."""
+    R = Register
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R10D, position))
+    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.R10D, layout.ring_slots - 1))
+    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R10, record_size.bit_length() - 1))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R10, R.RCX))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, scratch, _fs(0)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R10, 16), scratch))
+
+
+def _add_waited(a: _Asm) -> None:
+    """Add the TSC cycles since the wait began to the ring's RING_WAITED (rax, rdx clobbered)."""
+    R = Register
+    _rdtsc(a)
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _rsp_slot(_WAIT_BEGAN)))
+    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R11, RING_WAITED), R.RAX)
+    added.has_lock_prefix = True
+    a.add(added)
 
 
 def build_record_stub(
@@ -465,7 +657,25 @@ def build_record_stub(
     At an exit window, ``registers="args"`` records ``rax`` (the return value) too."""
     if registers == "args" and getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
         registers = "args+rax"
-    return _finish(site, layout, slot_address, record_action(layout, where, registers))
+    if where.rseq_offset is None:
+        return _finish(site, layout, slot_address, record_action(layout, where, registers))
+    trailer_at = slot_address + layout.slot_size - RECORD_RSEQ_CS_SIZE
+    descriptors = (trailer_at, trailer_at + RSEQ_CS_SIZE)
+    a = _record_asm(layout, where, registers, descriptors)
+    stub = _finish(site, layout, slot_address, a.instructions(), reserve=RECORD_RSEQ_CS_SIZE)
+    if len(stub.code) > layout.slot_size - RECORD_RSEQ_CS_SIZE:
+        raise ValueError(f"stub of {len(stub.code)} bytes does not fit a {layout.slot_size}-byte slot with its rseq descriptors")
+    start = stub.action_range[0]
+    action = stub.code[start - slot_address : start - slot_address + stub.action_size]
+    ips = [insn.ip for insn in Decoder(64, action, ip=start)]
+    trailer = b"".join(
+        rseq_descriptor(*(ips[a.index_of(f"{name}_{part}")] for part in ("start", "end", "abort")))
+        for name in ("count", "reserve")
+    ) if "reserve_start" in a._labels else rseq_descriptor(
+        *(ips[a.index_of(f"count_{part}")] for part in ("start", "end", "abort"))
+    ) + bytes(RSEQ_CS_SIZE)
+    return Stub(address=slot_address, code=stub.code, action_size=stub.action_size, relocated=stub.relocated,
+                action_start=stub.action_start, trailer=trailer, slot_size=layout.slot_size)
 
 
 def _finish(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction], reserve: int = 0) -> Stub:

@@ -14,6 +14,7 @@ import os
 import subprocess
 
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
+from ..module_globs import resolve_pattern
 from ..probes import Djprobe, ProbedProcess, attach, spawn
 from ..pending import is_missing_module
 from ..debuginfo import prototype_at
@@ -31,7 +32,7 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+def add_target_arguments(parser: argparse.ArgumentParser, *, patterns_optional: bool = False) -> None:
     parser.add_argument("-p", "--pid", type=_pid_list, metavar="PID[,PID...]", help="probe this running process (count: several)")
     parser.add_argument(
         "--pending",
@@ -48,10 +49,10 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "patterns",
-        nargs="+",
+        nargs="*" if patterns_optional else "+",
         metavar="PATTERN",
-        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*), FUNCTION%%return for its returns; "
-        "no module means the main executable",
+        help="[MODULE:]FUNCTION[+OFF], globs allowed (libc:str*, '*:*' for every function of every "
+        "module), FUNCTION%%return for its returns; no module means the main executable",
     )
 
 
@@ -179,7 +180,7 @@ def _make_probes(
         if ":" not in spec and not spec.startswith("0x") and main is not None:
             spec = f"{main}:{spec}"
         try:
-            sites = symbols.resolve(spec)
+            sites = resolve_pattern(symbols, spec)
         except SymbolNotFoundError as exc:
             if pending is not None and is_missing_module(exc):
                 pending.append(pattern)

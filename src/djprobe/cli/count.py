@@ -8,6 +8,8 @@ import time
 from typing import TextIO
 
 from ..area import AreaLayout
+from ..errors import InvalidSiteError
+from ..module_globs import ALL_FUNCTIONS
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
@@ -21,6 +23,7 @@ EXAMPLES = """examples:
   djprobe count -p 1234 -d 5 'libc:str*'               # libc string functions of PID 1234, 5 s
   djprobe count -p 1234 -i 1 'main_loop+0x1c'          # a mid-function site, counts every second
   djprobe count --json -o counts.json 'libc:malloc' -- sqlite3 db .dump   # report in a file
+  djprobe count -p 1234 -d 10 '*:*'                     # every function of every module (--all-modules)
 
 The banner and refusals go to stderr, the report to stdout (or -o FILE). With -i the counts
 (cumulative since the start) are reported every INTERVAL seconds, the last report marked final;
@@ -35,13 +38,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Place a jump probe at every function matching the patterns and count hits.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe count [--json] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
+        usage="djprobe count [--json] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) "
+        "(PATTERN... | --all-modules)",
     )
-    add_target_arguments(parser)
+    add_target_arguments(parser, patterns_optional=True)
     add_output_argument(parser)
     parser.add_argument("-i", "--interval", type=positive_seconds, help="print counts every INTERVAL seconds")
     parser.add_argument(
         "-f", "--follow", action="store_true", help="count forked children and the programs they exec too, each apart"
+    )
+    parser.add_argument(
+        "--all-modules", action="store_true",
+        help=f"every function of every module of the process (the pattern '{ALL_FUNCTIONS}')",
     )
     parser.set_defaults(run=run)
 
@@ -109,6 +117,10 @@ def _report(out: TextIO, args: argparse.Namespace, target_pid: int, probes: list
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.all_modules:
+        args.patterns = [*args.patterns, ALL_FUNCTIONS]
+    if not args.patterns:
+        raise InvalidSiteError("no pattern: give PATTERN... or --all-modules")
     install_signal_handlers()
     note = script_note(args.command_argv)
     if note is not None:
