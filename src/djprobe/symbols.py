@@ -58,7 +58,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
-from .arch import check_elf_header, check_target
+from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
 from .fde import fde_ranges
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
@@ -94,6 +94,7 @@ _R_X86_64_GLOB_DAT = 6
 _R_X86_64_JUMP_SLOT = 7
 _R_X86_64_IRELATIVE = 37
 
+_EM = {"EM_X86_64": 62, "EM_386": 3}
 _AT_PHDR = 3
 _AT_SYSINFO_EHDR = 33
 
@@ -213,6 +214,8 @@ class _ElfInfo:
         elf = e.elf
         self.elfclass = elf.elfclass
         self.machine = elf.header["e_machine"]
+        #: the mode of its code (x86-64 when the file says something else: callers checked it)
+        self.arch: Arch = ARCHES.get((1 if elf.elfclass == 32 else 2, _EM.get(self.machine, 0)), X86_64)
         self.e_type = elf.header["e_type"]
         self.loads: list[_Load] = []
         for seg in elf.iter_segments():
@@ -636,6 +639,11 @@ class Module:
     @property
     def build_id(self) -> str | None:
         return self._info.build_id
+
+    @property
+    def arch(self) -> Arch:
+        """The mode of the module's code (:data:`djprobe.arch.X86_64` or ``I386``)."""
+        return self._info.arch
 
     @property
     def image(self) -> bytes | None:
