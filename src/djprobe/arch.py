@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ._sys.procfs import proc_dir
 from .errors import ProcessGoneError, TracePermissionError, UnsupportedTargetError
 
-__all__ = ["Arch", "X86_64", "I386", "ARCHES", "LIVE_ARCHES", "check_target", "check_elf", "check_elf_header", "elf_machine"]
+__all__ = ["Arch", "X86_64", "I386", "ARCHES", "LIVE_ARCHES", "PROCESS_ARCHES", "check_target", "check_elf", "check_elf_header", "elf_machine"]
 
 _ELFCLASS32, _ELFCLASS64 = 1, 2
 _EM_X86_64 = 62
@@ -117,8 +117,11 @@ I386 = Arch(
 
 #: every mode djprobe knows, by (ELF class, e_machine)
 ARCHES = {(a.elfclass, a.e_machine): a for a in (X86_64, I386)}
-#: modes whose processes can be attached to and spawned (the others: files only)
+#: modes whose processes djprobe probes (and so attaches to by default): the others, files only
 LIVE_ARCHES = frozenset({X86_64})
+#: modes the process layer handles (attach, spawn, injected system calls): ``Process(pid,
+#: arches=PROCESS_ARCHES)``; i386 stubs are not written yet, so probing refuses them
+PROCESS_ARCHES = frozenset({X86_64, I386})
 
 
 def elf_machine(header: bytes) -> tuple[int, str] | None:
@@ -130,7 +133,7 @@ def elf_machine(header: bytes) -> tuple[int, str] | None:
     return header[4], MACHINES.get(machine, f"machine {machine}")
 
 
-def check_elf_header(header: bytes, what: str) -> Arch | None:
+def check_elf_header(header: bytes, what: str, arches: frozenset = LIVE_ARCHES) -> Arch | None:
     """The :class:`Arch` of ``header`` (the start of an ELF file); UnsupportedTargetError unless
     it is x86-64 or i386 code. ``what`` names the process or file in the message ("process 123
     (prog)", "/bin/prog"). Data that is not ELF gives None: the caller reports that in its own
@@ -143,7 +146,7 @@ def check_elf_header(header: bytes, what: str) -> Arch | None:
     order = "little" if header[5] == 1 else "big"
     arch = ARCHES.get((elfclass, int.from_bytes(header[18:20], order)))
     if arch is not None and order == "little":
-        if kind == "process" and arch not in LIVE_ARCHES:
+        if kind == "process" and arch not in arches:
             raise UnsupportedTargetError(f"{what}: 32-bit ({arch.name}) {kind}: not supported yet", machine=machine)
         return arch
     if machine == "x86-64":  # ELFCLASS32 + EM_X86_64
@@ -163,10 +166,10 @@ def check_elf(path: str | os.PathLike) -> Arch | None:
         return check_elf_header(f.read(20), os.fspath(path))
 
 
-def check_target(pid: int) -> Arch:
+def check_target(pid: int, arches: frozenset = LIVE_ARCHES) -> Arch:
     """The :class:`Arch` of process ``pid``, judged by the ELF header of its executable;
-    UnsupportedTargetError if djprobe cannot trace processes of that kind. Makes no ptrace
-    request.
+    UnsupportedTargetError if it is not one of ``arches`` (default: the modes djprobe can probe).
+    Makes no ptrace request.
 
     Raises ProcessGoneError, TracePermissionError (the executable may not be read),
     UnsupportedTargetError.
@@ -181,7 +184,7 @@ def check_target(pid: int) -> Arch:
         if _is_kernel_thread(pid):
             raise UnsupportedTargetError(f"process {pid} ({_comm(pid)}) is a kernel thread", machine="") from exc
         raise ProcessGoneError(f"no such process: {pid} (it exited)") from exc
-    arch = check_elf_header(header, f"process {pid} ({_comm(pid)})")
+    arch = check_elf_header(header, f"process {pid} ({_comm(pid)})", arches)
     if arch is None:
         raise UnsupportedTargetError(f"process {pid} ({_comm(pid)}): its executable is not an ELF file", machine="")
     return arch
