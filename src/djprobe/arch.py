@@ -65,6 +65,10 @@ class Arch:
     stack_pointer: str = "rsp"
     return_register: str = "rax"
     red_zone: int = 0  #: bytes below the stack pointer a leaf function may use (128 on x86-64)
+    #: probe areas go below this address (the end of the user address space)
+    address_limit: int = 0x7FFFFFFFF000
+    #: how far a probe's ``jmp rel32`` reaches (None: everywhere, the 32-bit wrap)
+    jump_reach: int | None = (1 << 31) - (1 << 24)
 
     @property
     def word_mask(self) -> int:
@@ -113,12 +117,14 @@ I386 = Arch(
     stack_pointer="esp",
     return_register="eax",
     red_zone=0,
+    address_limit=0xFFFFE000,  # TASK_SIZE of a 32-bit task on x86-64 (the vDSO page above)
+    jump_reach=None,
 )
 
 #: every mode djprobe knows, by (ELF class, e_machine)
 ARCHES = {(a.elfclass, a.e_machine): a for a in (X86_64, I386)}
 #: modes whose processes djprobe probes (and so attaches to by default): the others, files only
-LIVE_ARCHES = frozenset({X86_64})
+LIVE_ARCHES = frozenset({X86_64, I386})
 #: modes the process layer handles (attach, spawn, injected system calls): ``Process(pid,
 #: arches=PROCESS_ARCHES)``; i386 stubs are not written yet, so probing refuses them
 PROCESS_ARCHES = frozenset({X86_64, I386})

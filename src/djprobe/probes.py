@@ -51,6 +51,8 @@ from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
+from .stubs32 import build_stub32, jump_bytes32
+from .arch import I386
 from .symbols import Symbols
 from .x86.relocate import RelocationError
 
@@ -443,7 +445,7 @@ class ProbedProcess:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
         region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
-        patched = jump_bytes(address, stub.address)
+        patched = self._jump(address, stub.address)
         entry = InstanceEntry(
             address=address,
             stub_address=stub.address,
@@ -496,7 +498,13 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if action == "record":
+                if getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
+                    try:
+                        stub = build_stub32(analysis, region, slot, action)
+                    except InvalidSiteError:
+                        region.free_slots.append(slot)
+                        raise
+                elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
                         analysis, region.layout, region.slot_address(slot), region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless)), registers
@@ -516,6 +524,10 @@ class ProbedProcess:
                 continue
             self.process.write(stub.address, stub.code)
             return region, slot, stub
+
+    def _jump(self, site: int, stub: int) -> bytes:
+        """The jmp rel32 written at ``site`` (in a 32-bit process it wraps the 4 GiB)."""
+        return jump_bytes32(site, stub) if getattr(self.process, "arch", None) is I386 else jump_bytes(site, stub)
 
     def _rseq_offset(self) -> int | None:
         """glibc's rseq area offset when per-CPU counting is usable in this process (decided
@@ -752,7 +764,7 @@ class ProbedProcess:
         registers = "all" if "all" in (djp.registers, instance.registers if instance.action == "record" else "args") else "args"
         lossless = djp.lossless or instance.lossless
         region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless)
-        patched = jump_bytes(instance.address, stub.address)
+        patched = self._jump(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
         entry.patched = patched + instance.original[len(patched) :]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -37,7 +38,7 @@ from typing import Iterable, Sequence
 
 from ._sys import ptrace as pt
 from ._sys.procfs import MapEntry, ProcessMemory, read_maps
-from .arch import LIVE_ARCHES, Arch, check_target
+from .arch import LIVE_ARCHES, Arch, check_elf_header, check_target
 from .inject import DATA, Injector, _NoRoom
 from .errors import (
     DjprobeError,
@@ -351,6 +352,7 @@ class Process:
         its entry point), UnsupportedTargetError (not x86-64 code: the child is killed at its
         exec stop, before it runs), TargetTimeoutError.
         """
+        _check_program(argv[0], env, cwd)  # x32, aarch64...: refused before it is started
         popen = subprocess.Popen(
             [os.fspath(a) for a in argv],
             env=env,
@@ -1001,6 +1003,24 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def _check_program(program: str | os.PathLike, env: dict[str, str] | None, cwd: str | os.PathLike | None = None) -> None:
+    """UnsupportedTargetError if ``program`` (found as exec would find it) is an ELF file of a
+    machine djprobe knows nothing of (x32, aarch64...): the kernel would say only "Exec format
+    error", or run it under an emulator. Anything else is left to exec."""
+    name = os.fspath(program)
+    if cwd is not None and "/" in name and not os.path.isabs(name):
+        name = os.path.join(os.fspath(cwd), name)
+    path = shutil.which(name, path=(env or os.environ).get("PATH"))
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return
+    check_elf_header(header, os.fspath(program))
 
 
 def _auxv(pid: int, entry: int = 16) -> dict[int, int]:

@@ -210,7 +210,7 @@ def build_count_stub(
         layout,
         counter_address,
         red_zone_live=not (site.at_entry or at_exit),
-        flags_live=not (site.at_entry or site.flags_dead or at_exit),
+        flags_live=not (site.flags_dead or at_exit),  # dead at an entry unless its first instruction reads them
         per_cpu=per_cpu,
     )
     if per_cpu is None:

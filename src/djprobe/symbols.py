@@ -1126,10 +1126,10 @@ class Symbols:
 
         Raises ProcessGoneError, TracePermissionError, UnsupportedTargetError (not x86-64 code).
         """
-        check_target(pid)
+        arch = check_target(pid)
         maps = read_maps(pid)
         self = cls([], pid=pid, maps=maps, memory=memory, ifunc_resolver=ifunc_resolver)  # a loader
-        auxv = _read_auxv(pid)
+        auxv = _read_auxv(pid, arch.auxv_entry)
         modules: list[Module] = []
 
         # group consecutive mappings of one file; a mapping that does not continue the file's
@@ -1587,14 +1587,15 @@ def _vdso_reference(image: bytes) -> bytes:
     return image
 
 
-def _read_auxv(pid: int) -> dict[int, int]:
+def _read_auxv(pid: int, entry: int = 16) -> dict[int, int]:
     try:
         with open(f"{proc_dir(pid)}/auxv", "rb") as f:
             data = f.read()
     except OSError:
         return {}
     out = {}
-    for key, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
+    fmt = "<QQ" if entry == 16 else "<II"  # Arch.auxv_entry: 8 bytes in a 32-bit process
+    for key, value in struct.iter_unpack(fmt, data[: len(data) // entry * entry]):
         if key == 0:
             break
         out[key] = value

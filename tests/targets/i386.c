@@ -11,8 +11,12 @@
  *
  *   i386 run T N      T threads each call every function N times; prints one line per function
  *                     with the sums (the same in every run: the output a probe must not change)
- *   i386 wait T N     prints "ready <pid>", waits for a line on stdin, then runs as `run` and
- *                     prints "done"
+ *   i386 wait T N     prints "ready <pid>", waits for a line on stdin, then runs as `run`,
+ *                     prints "done" and waits for another line (or the end of stdin) to exit
+ *   i386 malloc T N   starts T threads, prints "ready <pid>", waits for a line; then each thread
+ *                     calls malloc and free N times (nothing else calls them meanwhile: the
+ *                     threads exist and stdout's buffer was allocated before "ready"), prints
+ *                     "mallocs <T*N>" and "done"
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -109,11 +113,52 @@ static void run(int threads) {
     fflush(stdout);
 }
 
+static pthread_mutex_t go_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t go_cond = PTHREAD_COND_INITIALIZER;
+static int go;
+
+static void *mallocer(void *arg) {
+    pthread_mutex_lock(&go_lock);
+    while (!go) pthread_cond_wait(&go_cond, &go_lock);
+    pthread_mutex_unlock(&go_lock);
+    for (long i = 0; i < n_calls; i++) {
+        void *volatile p = malloc(16 + (i & 255));
+        free(p);
+    }
+    *(long *)arg = n_calls;
+    return NULL;
+}
+
+static int run_mallocs(int threads) {
+    pthread_t tids[64];
+    long done[64];
+    for (int t = 0; t < threads; t++) pthread_create(&tids[t], NULL, mallocer, &done[t]);
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    char c;  /* read(2), not stdio: stdin's buffer would be a malloc after "ready" */
+    do {
+        if (read(0, &c, 1) != 1) return 3;
+    } while (c != '\n');
+    pthread_mutex_lock(&go_lock);
+    go = 1;
+    pthread_cond_broadcast(&go_cond);
+    pthread_mutex_unlock(&go_lock);
+    long total = 0;
+    for (int t = 0; t < threads; t++) {
+        pthread_join(tids[t], NULL);
+        total += done[t];
+    }
+    printf("mallocs %ld\ndone\n", total);
+    fflush(stdout);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) return 2;
     int threads = atoi(argv[2]);
     if (threads < 1 || threads > 64) return 2;
     n_calls = atol(argv[3]);
+    if (strcmp(argv[1], "malloc") == 0) return run_mallocs(threads);
     if (strcmp(argv[1], "wait") == 0) {
         printf("ready %d\n", getpid());
         fflush(stdout);
@@ -124,6 +169,8 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "wait") == 0) {
         printf("done\n");
         fflush(stdout);
+        char line[64];  /* stays until a second line, or end of input */
+        if (!fgets(line, sizeof line, stdin)) return 0;
     }
     return 0;
 }
