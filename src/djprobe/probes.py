@@ -500,7 +500,10 @@ class ProbedProcess:
             try:
                 if getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
                     try:
-                        stub = build_stub32(analysis, region, slot, action)
+                        if action == "record":
+                            self._populate_rings(region)
+                            targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                        stub = build_stub32(analysis, region, slot, action, registers, targets if action == "record" else None)
                     except InvalidSiteError:
                         region.free_slots.append(slot)
                         raise
@@ -569,7 +572,7 @@ class ProbedProcess:
         lay = region.layout
         start = region.data_address + lay.rings_offset
         with self.stopped():
-            result = self.process.syscall(SYS_MADVISE, start, lay.data_size - lay.rings_offset, MADV_POPULATE_WRITE)
+            result = self.process.syscall(self.process.arch.syscalls["madvise"], start, lay.data_size - lay.rings_offset, MADV_POPULATE_WRITE)
         if result < 0:
             log.info("madvise(MADV_POPULATE_WRITE) of the event rings failed: %d", result)
         region.rings_populated = True
@@ -861,6 +864,9 @@ class ProbedProcess:
         done = 0
         handlers: dict[int, list] = {}
         regs_array = ev["regs"]
+        regs_view = Regs
+        if getattr(self.process, "arch", None) is I386:  # eax..edi, cdecl arguments
+            from .events32 import Regs32 as regs_view
         columns = zip(ev["tid"].tolist(), ev["time_ns"].tolist(), ev["tsc"].tolist(), batch.instances.tolist())
         for k, (tid, when, tsc, instance) in enumerate(columns):
             todo = handlers.get(id(instance))
@@ -872,7 +878,7 @@ class ProbedProcess:
                 )
             if not todo:
                 continue
-            regs = Regs(regs_array, k, tid, when)
+            regs = regs_view(regs_array, k, tid, when)
             for djp, handler, joined in todo:
                 if tsc < joined:
                     continue

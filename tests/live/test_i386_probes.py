@@ -152,3 +152,78 @@ def test_killed_tracer_32bit_status_and_cleanup(target32, start_target):
             assert mem.read(8) == original[name], name
     t.proc.stdin.close()
     assert t.proc.wait(timeout=30) == 0
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+
+def test_32bit_handlers_see_cdecl_arguments_and_registers(target32):
+    """Handlers of 32-bit probes get ``[esp+4]``... as arg0..., eax..edi, esp and eflags; every hit
+    is delivered (lossless), in threads; the short ``js`` still sees the caller's flags."""
+    threads, n = 3, 2_000
+    want = _reference(target32, threads, n)
+    seen: dict[str, list] = {"esp_entry": [], "thunk_entry": [], "jcc_entry": [], "wide": []}
+
+    def handler(djp, regs):
+        events = seen[djp.site.split(":")[1]]
+        events.append((regs.tid, regs.arg0, regs.arg1, regs.esp, regs.eflags, regs.as_dict() if len(events) < 50 else None))
+
+    proc = djprobe.spawn([str(target32), "run", str(threads), str(n)], stdout=subprocess.PIPE)
+    try:
+        proc.wait_timeout = 10.0  # handlers in Python on a loaded machine: wait for them, lose nothing
+        probes = [proc.register(Djprobe(name, handler=handler, lossless=True)) for name in seen]
+        proc.start()
+        while proc.process.popen.poll() is None:
+            proc.poll(timeout=0.05)
+        proc.poll(timeout=0.2)
+        out = proc.process.popen.stdout.read().decode()
+        assert out == want and proc.process.popen.returncode == 0
+        assert [p.hits for p in probes] == [threads * n] * 4 and [p.missed for p in probes] == [0] * 4
+    finally:
+        proc.close()
+    for name, events in seen.items():
+        assert len(events) == threads * n, name
+        tids = {e[0] for e in events}
+        assert len(tids) == threads and 0 not in tids
+        for tid in tids:
+            mine = [e for e in events if e[0] == tid]
+            if name in ("esp_entry", "thunk_entry", "wide"):
+                assert [e[1] for e in mine] == list(range(n)), name  # arg0 = [esp+4]: i, in order
+            if name == "esp_entry":
+                assert {e[2] for e in mine} == {7}  # arg1 = [esp+8]
+        for _, _, _, esp, eflags, regs in events:
+            assert esp % 4 == 0 and 0 < esp < 1 << 32 and eflags & 0x202 == 0x202
+            if regs is not None:
+                assert set(regs) == {"eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eflags"}
+                assert all(0 <= v < 1 << 32 for v in regs.values()) and regs["esp"] == esp
+    # call_jcc does `test eax,eax` then calls jcc_entry: SF is the sign of its argument
+    signs = [e[4] & 0x80 for e in seen["jcc_entry"]]
+    assert signs.count(0x80) == threads * sum(1 for i in range(n) if i % 3 == 0 and i > 0)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["lossless", "drop"])
+def test_trace_cli_32bit_small_rings(target32, drop):
+    """``trace`` of a 32-bit command with 16-event rings: lossless makes the threads wait for room
+    (nothing lost); --drop counts what did not fit (hits = delivered + dropped)."""
+    threads, n = 4, 3_000
+    want = _reference(target32, threads, n)
+    argv = [sys.executable, "-m", "djprobe", "trace", "--json", "--buffer-size", "16", *(["--drop"] if drop else []),
+            "esp_entry", "--", str(target32), "run", str(threads), str(n)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"time_ns"')]
+    program = [line for line in res.stdout.splitlines() if not line.startswith("{")]
+    assert program == want.splitlines()
+    (summary,) = json.loads(res.stdout.splitlines()[-1])["summary"]
+    assert summary["hits"] == threads * n and summary["delivered"] == len(events)
+    assert summary["hits"] == summary["delivered"] + summary["dropped"]
+    assert (summary["dropped"] == 0) is (not drop)
+    assert all(e["args"][1] == 7 for e in events)
+    if not drop:
+        assert len(events) == threads * n
+        per_tid: dict[int, list[int]] = {}
+        for e in events:
+            per_tid.setdefault(e["tid"], []).append(e["args"][0])
+        assert sorted(per_tid.values()) == [list(range(n))] * threads
+    else:
+        assert 0 < len(events) <= threads * n
