@@ -71,10 +71,7 @@ def build_count_stub32(site: Relocatable, layout: AreaLayout, slot_address: int,
     """The count stub of a site in 32-bit code, in the slot at ``slot_address``: the action, the
     relocated displaced instructions, the jump back.
 
-    Raises ValueError for what 32-bit stubs do not do yet (return probes' exit windows) and when
-    the stub does not fit a slot; RelocationError from the relocator."""
-    if getattr(site, "exit", None) is not None:
-        raise ValueError("return probes are not supported in 32-bit processes yet")
+    Raises ValueError when the stub does not fit a slot; RelocationError from the relocator."""
     action = assemble32(count_action32(layout, counter_address, flags_live=not site.flags_dead), slot_address)
     relocated = site.relocate_to(slot_address + len(action), site.address + site.size)
     code = action + relocated.code
@@ -92,20 +89,49 @@ def jump_bytes32(site: int, target: int) -> bytes:
 def build_stub32(site: Relocatable, region: "Region", slot: int, action: str, registers: str = "all",
                  targets: "RecordTargets | None" = None) -> Stub:
     """The stub of ``action`` ("count" or "record", with ``targets``) for a site of a 32-bit
-    process in slot ``slot`` of ``region``.
+    process in slot ``slot`` of ``region``; at an exit window of a return probe, laid out as the
+    x86-64 one (relocated prefix, action, relocated exit: ``eax``/``edx`` hold the value returned).
 
-    Raises InvalidSiteError naming what 32-bit processes cannot take yet (return probes),
-    RelocationError from the relocator."""
-    what = getattr(site, "site", None) or f"{site.address:#x}"
-    if getattr(site, "exit", None) is not None:
+    Raises InvalidSiteError naming what 32-bit processes cannot take yet (an exit reached through
+    a path window), RelocationError from the relocator."""
+    at_exit = getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False)
+    if at_exit and getattr(site, "exit_path", ()):
+        what = getattr(site, "site", None) or f"{site.address:#x}"
         raise InvalidSiteError(
-            f"{what}: return probes are not supported in 32-bit processes yet",
-            address=site.address, reason="return probes not supported in 32-bit processes yet",
+            f"{what}: an exit whose window is a path window (a copied block) is not supported in 32-bit processes yet",
+            address=site.address, reason="path windows not supported in 32-bit processes yet",
         )
+    layout = region.layout
+    slot_address = region.slot_address(slot)
     if action == "record":
         assert targets is not None
-        return build_record_stub32(site, region.layout, region.slot_address(slot), targets, registers)
-    return build_count_stub32(site, region.layout, region.slot_address(slot), region.counter_address(slot))
+        if not at_exit:
+            return build_record_stub32(site, layout, slot_address, targets, registers)
+        return _finish_exit32(site, layout, slot_address, record_action32(layout, targets, registers))
+    if not at_exit:
+        return build_count_stub32(site, layout, slot_address, region.counter_address(slot))
+    # the flags are dead at a return or a tail call (cdecl keeps none across them)
+    return _finish_exit32(site, layout, slot_address, count_action32(layout, region.counter_address(slot), flags_live=False))
+
+
+def _finish_exit32(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    """The stub of an exit window: relocated prefix, action, relocated exit instruction (as
+    :func:`djprobe.stubs._finish_exit`)."""
+    from .x86.relocate import Relocated, relocate
+
+    displaced = list(getattr(site, "displaced"))
+    prefix, last = displaced[:-1], displaced[-1]
+    pre = relocate(prefix, slot_address, None) if prefix else None
+    action_at = slot_address + (len(pre.code) if pre is not None else 0)
+    action_code = assemble32(action, action_at)
+    exit_code = relocate([last], action_at + len(action_code), None)
+    address_map = dict(pre.address_map) if pre is not None else {}
+    address_map[last.address] = action_at  # a thread at the exit runs the action first
+    code = (pre.code if pre is not None else b"") + action_code + exit_code.code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    relocated = Relocated(code, slot_address, address_map, None)
+    return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated, action_start=action_at)
 
 
 # -- records ----------------------------------------------------------------------------------------

@@ -227,3 +227,42 @@ def test_trace_cli_32bit_small_rings(target32, drop):
         assert sorted(per_tid.values()) == [list(range(n))] * threads
     else:
         assert 0 < len(events) <= threads * n
+
+
+# -- return probes -------------------------------------------------------------------------------------
+
+
+def test_32bit_return_probes_exact_and_edx_eax(target32):
+    """Return probes of 32-bit functions: every exit caught (``jcc_entry`` has two), exact counts in
+    threads, and the handler sees the 64-bit value ``wide`` returns in edx:eax."""
+    threads, n = 3, 3_000
+    want = _reference(target32, threads, n)
+    got: list[tuple[int, int]] = []
+
+    def on_return(djp, regs):
+        got.append((regs.tid, regs.retval64))
+
+    proc = djprobe.spawn([str(target32), "run", str(threads), str(n)], stdout=subprocess.PIPE)
+    try:
+        proc.wait_timeout = 10.0
+        returning = [name for name in FUNCS if name not in ("call_jcc", "wide")]  # call_jcc: `call; ret`: no room
+        with pytest.raises(djprobe.InvalidSiteError, match="not the last displaced instruction"):
+            proc.register(Djprobe("call_jcc%return"))
+        counts = {name: proc.register(Djprobe(f"{name}%return")) for name in returning}
+        wide = proc.register(Djprobe("wide%return", handler=on_return, lossless=True))
+        assert len(counts["jcc_entry"].exits.exits) == 2
+        proc.start()
+        while proc.process.popen.poll() is None:
+            proc.poll(timeout=0.05)
+        proc.poll(timeout=0.2)
+        assert proc.process.popen.stdout.read().decode() == want and proc.process.popen.returncode == 0
+        assert {name: p.hits for name, p in counts.items()} == {name: threads * n for name in returning}
+        assert wide.hits == threads * n and wide.missed == 0
+    finally:
+        proc.close()
+    per_tid: dict[int, list[int]] = {}
+    for tid, value in got:
+        per_tid.setdefault(tid, []).append(value)
+    assert len(per_tid) == threads
+    for values in per_tid.values():
+        assert values == [((i * 3) << 32 | (i ^ 0xA5A5A5A5)) for i in range(n)]

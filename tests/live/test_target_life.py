@@ -91,17 +91,16 @@ def life32():
 # -- 9.1: 32-bit and other machines ----------------------------------------------------------------
 
 
-def test_32bit_process_counted_what_it_cannot_take_refused_untouched(start_target, life32, tmp_path):
-    """Issue 16: a 32-bit process is counted (spawned and attached); what 32-bit processes cannot
-    take yet (return probes) is refused with the reason and leaves it untouched; a machine djprobe
-    does not know (x32) is refused before anything runs."""
+def test_32bit_process_probed_and_left_untouched_x32_refused(start_target, life32, tmp_path):
+    """Issue 16: a 32-bit process is traced and counted (attached and spawned) and left as it was;
+    a machine djprobe does not know (x32) is refused before anything runs."""
     n = 5000
     t = start_target([life32, "wait", n], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     out = Lines(t.proc.stdout)
     assert out.next() == f"ready {t.pid}"
 
-    res = run(DJPROBE + ["trace", "-p", t.pid, "-d", "1", "f_add%return"])
-    assert "return probes are not supported in 32-bit processes yet" in res.stderr, res.stderr
+    res = run(DJPROBE + ["trace", "-p", t.pid, "-d", "0.5", "f_add", "f_add%return"])
+    assert res.returncode == 0 and "refused" not in res.stderr, res.stderr
     assert tracer_pid(t.pid) == 0 and state(t.pid) == "S"
     res = run(DJPROBE + ["sites", "-p", t.pid, "f_add"])
     assert res.returncode == 0 and "JUMP" in res.stdout, res.stderr
