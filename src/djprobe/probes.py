@@ -499,14 +499,11 @@ class ProbedProcess:
                 continue
             try:
                 if getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
-                    try:
-                        if action == "record":
-                            self._populate_rings(region)
-                            targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
-                        stub = build_stub32(analysis, region, slot, action, registers, targets if action == "record" else None)
-                    except InvalidSiteError:
-                        region.free_slots.append(slot)
-                        raise
+                    targets = None
+                    if action == "record":
+                        self._populate_rings(region)
+                        targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    stub = build_stub32(analysis, region, slot, action, registers, targets)
                 elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
 
 from .area import AreaLayout
-from .errors import InvalidSiteError
 from .stubs import Relocatable, Stub
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,15 +91,8 @@ def build_stub32(site: Relocatable, region: "Region", slot: int, action: str, re
     process in slot ``slot`` of ``region``; at an exit window of a return probe, laid out as the
     x86-64 one (relocated prefix, action, relocated exit: ``eax``/``edx`` hold the value returned).
 
-    Raises InvalidSiteError naming what 32-bit processes cannot take yet (an exit reached through
-    a path window), RelocationError from the relocator."""
+    Raises RelocationError from the relocator, ValueError if the stub does not fit a slot."""
     at_exit = getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False)
-    if at_exit and getattr(site, "exit_path", ()):
-        what = getattr(site, "site", None) or f"{site.address:#x}"
-        raise InvalidSiteError(
-            f"{what}: an exit whose window is a path window (a copied block) is not supported in 32-bit processes yet",
-            address=site.address, reason="path windows not supported in 32-bit processes yet",
-        )
     layout = region.layout
     slot_address = region.slot_address(slot)
     if action == "record":
@@ -119,6 +111,10 @@ def _finish_exit32(site: Relocatable, layout: AreaLayout, slot_address: int, act
     :func:`djprobe.stubs._finish_exit`)."""
     from .x86.relocate import Relocated, relocate
 
+    if getattr(site, "exit_path", ()):  # a path window: the x86-64 layout, in 32-bit forms
+        from .stubs import _finish_exit_path
+
+        return _finish_exit_path(site, layout, slot_address, action)
     displaced = list(getattr(site, "displaced"))
     prefix, last = displaced[:-1], displaced[-1]
     pre = relocate(prefix, slot_address, None) if prefix else None

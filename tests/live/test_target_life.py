@@ -99,7 +99,7 @@ def test_32bit_process_probed_and_left_untouched_x32_refused(start_target, life3
     out = Lines(t.proc.stdout)
     assert out.next() == f"ready {t.pid}"
 
-    res = run(DJPROBE + ["trace", "-p", t.pid, "-d", "0.5", "f_add", "f_add%return"])
+    res = run(DJPROBE + ["trace", "-p", t.pid, "-d", "0.5", "f_add%return"])
     assert res.returncode == 0 and "refused" not in res.stderr, res.stderr
     assert tracer_pid(t.pid) == 0 and state(t.pid) == "S"
     res = run(DJPROBE + ["sites", "-p", t.pid, "f_add"])

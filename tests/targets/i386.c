@@ -8,6 +8,8 @@
  *                     (called through call_jcc(x), which sets them with `test`), else 1
  *   esp_entry(a, b)   starts with `mov eax, [esp+4]`: returns a + b
  *   wide(x)           C: a 64-bit value returned in edx:eax
+ *   path_exit(x)      returns 1 if x > 0, else 2, both through a shared `pop ebx; ret` that
+ *                     starts 2 bytes before its ret: a return probe needs path windows there
  *
  *   i386 run T N      T threads each call every function N times; prints one line per function
  *                     with the sums (the same in every run: the output a probe must not change)
@@ -30,6 +32,7 @@ int g_base = 1000;
 int thunk_entry(int x);
 int call_jcc(int x);
 int esp_entry(int a, int b);
+int path_exit(int x);
 
 __asm__(
     ".text\n"
@@ -71,7 +74,20 @@ __asm__(
     "    movl 4(%esp), %eax\n"
     "    addl 8(%esp), %eax\n"
     "    ret\n"
-    ".size esp_entry, .-esp_entry\n");
+    ".size esp_entry, .-esp_entry\n"
+    ".globl path_exit\n"
+    ".type path_exit, @function\n"
+    "path_exit:\n"
+    "    pushl %ebx\n"
+    "    movl 8(%esp), %ebx\n"
+    "    testl %ebx, %ebx\n"
+    "    jle 1f\n"
+    "    movl $1, %eax\n"
+    "    jmp 2f\n"
+    "1:  movl $2, %eax\n"
+    "2:  popl %ebx\n"
+    "    ret\n"
+    ".size path_exit, .-path_exit\n");
 
 __attribute__((noinline, used)) unsigned long long wide(unsigned x) {
     __asm__ volatile("" ::: "memory");
@@ -81,7 +97,7 @@ __attribute__((noinline, used)) unsigned long long wide(unsigned x) {
 static long n_calls;
 
 struct sums {
-    long long thunk, jcc, esp;
+    long long thunk, jcc, esp, path;
     unsigned long long wide;
 };
 
@@ -92,6 +108,7 @@ static void *worker(void *arg) {
         s->jcc += call_jcc((int)(i % 3 == 0 ? -i : i));
         s->esp += esp_entry((int)i, 7);
         s->wide += wide((unsigned)i);
+        s->path += path_exit((int)(i % 5) - 2);
     }
     return NULL;
 }
@@ -101,15 +118,17 @@ static void run(int threads) {
     struct sums sums[64];
     memset(sums, 0, sizeof sums);
     for (int t = 0; t < threads; t++) pthread_create(&tids[t], NULL, worker, &sums[t]);
-    struct sums all = {0, 0, 0, 0};
+    struct sums all = {0, 0, 0, 0, 0};
     for (int t = 0; t < threads; t++) {
         pthread_join(tids[t], NULL);
         all.thunk += sums[t].thunk;
         all.jcc += sums[t].jcc;
         all.esp += sums[t].esp;
         all.wide += sums[t].wide;
+        all.path += sums[t].path;
     }
-    printf("thunk_entry %lld\njcc_entry %lld\nesp_entry %lld\nwide %llu\n", all.thunk, all.jcc, all.esp, all.wide);
+    printf("thunk_entry %lld\njcc_entry %lld\nesp_entry %lld\nwide %llu\npath_exit %lld\n", all.thunk, all.jcc,
+           all.esp, all.wide, all.path);
     fflush(stdout);
 }
 
