@@ -7,9 +7,10 @@ absolute 32-bit displacements (the area is below 4 GiB, like everything in a 32-
 
 * **count**: ``push eax`` (and ``pushfd`` only where the arithmetic flags are live), the shard
   from ``esp`` (``esp >> shard_shift``, as the x86-64 stub uses ``rsp``), then the 64-bit counter
-  of that shard incremented with ``lock add dword [lo], 1; lock adc dword [hi], 0`` (each carry out
-  of the low word is added once, by the thread whose increment produced it: the count stays
-  exact), then ``popfd``/``pop eax``. Per-CPU (rseq) counting is not used in 32-bit processes.
+  of that shard incremented with ``lock add dword [lo], 1`` and, only when that carried,
+  ``lock inc dword [hi]`` (each carry out of the low word is added once, by the thread whose
+  increment produced it: the count stays exact), then ``popfd``/``pop eax``. Per-CPU (rseq)
+  counting is not used in 32-bit processes.
 """
 
 from __future__ import annotations
@@ -55,15 +56,30 @@ def count_action32(layout: AreaLayout, counter_address: int, *, flags_live: bool
         Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base),
         Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift),
     ]
-    low = Instruction.create_mem_u32(Code.ADD_RM32_IMM8, _abs(counter_address, R.EAX), 1)
-    low.has_lock_prefix = True
-    high = Instruction.create_mem_u32(Code.ADC_RM32_IMM8, _abs(counter_address + 4, R.EAX), 0)
-    high.has_lock_prefix = True
-    out += [low, high]
+    from .stubs import _Asm
+
+    a = _Asm()
+    for i in out:
+        a.add(i)
+    _add64(a, _abs(counter_address, R.EAX), _abs(counter_address + 4, R.EAX), "counted")
     if flags_live:
-        out.append(Instruction.create(Code.POPFD))
-    out.append(Instruction.create_reg(Code.POP_R32, R.EAX))
-    return out
+        a.add(Instruction.create(Code.POPFD))
+    a.add(Instruction.create_reg(Code.POP_R32, R.EAX))
+    return _aimed32(a)
+
+
+def _add64(a, low: MemoryOperand, high: MemoryOperand, label: str) -> None:
+    """Add one to the 64-bit counter at ``low``/``high`` (clobbers the flags): ``lock add`` of the
+    low word, and only when that carried (once in 2^32) ``lock inc`` of the high word. Each carry
+    is made, and added, by exactly one thread: the count is exact; one locked instruction a hit."""
+    add = Instruction.create_mem_u32(Code.ADD_RM32_IMM8, low, 1)
+    add.has_lock_prefix = True
+    a.add(add)
+    a.branch(Code.JAE_REL32_32, label)  # no carry
+    inc = Instruction.create_mem(Code.INC_RM32, high)
+    inc.has_lock_prefix = True
+    a.add(inc)
+    a.label(label)
 
 
 def build_count_stub32(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int) -> Stub:
@@ -181,8 +197,7 @@ def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str =
     add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EAX))
     add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
-    add(locked(Instruction.create_mem_u32(Code.ADD_RM32_IMM8, _abs(where.counter, R.EAX), 1)))
-    add(locked(Instruction.create_mem_u32(Code.ADC_RM32_IMM8, _abs(where.counter + 4, R.EAX), 0)))
+    _add64(a, _abs(where.counter, R.EAX), _abs(where.counter + 4, R.EAX), "counted")
     # ring = shard % ring_count: esi = its header, edi = its records
     args_only = registers != "all"
     headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
@@ -260,8 +275,7 @@ def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str =
     if where.wait_cycles:
         _wait_for_room32(a, layout, where.wait_cycles, RING_HEARTBEAT, RING_TAIL, RING_WAITED)
     a.label("drop")
-    add(locked(Instruction.create_mem_u32(Code.ADD_RM32_IMM8, _abs(where.drops), 1)))
-    add(locked(Instruction.create_mem_u32(Code.ADC_RM32_IMM8, _abs(where.drops + 4), 0)))
+    _add64(a, _abs(where.drops), _abs(where.drops + 4), "dropped")
     a.label("done")
     add(Instruction.create(Code.POPAD))
     add(Instruction.create(Code.POPFD))
