@@ -95,6 +95,9 @@ _R_X86_64_JUMP_SLOT = 7
 _R_X86_64_IRELATIVE = 37
 
 _EM = {"EM_X86_64": 62, "EM_386": 3}
+# IFUNC resolution per machine: the IRELATIVE type; (GOT slot types, the absolute-word type)
+_IRELATIVE = {"EM_X86_64": 37, "EM_386": 42}
+_GOT_TYPES = {"EM_X86_64": ((6, 7), 1), "EM_386": ((6, 7), 1)}
 _AT_PHDR = 3
 _AT_SYSINFO_EHDR = 33
 
@@ -231,6 +234,7 @@ class _ElfInfo:
         self.dynsym: list[tuple[str, str | None, bool, bool]] = []
         self._rela: list[tuple[int, int, int, int]] | None = None  # (r_offset, type, sym index, addend)
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
+        self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
         self._stream = stream if data is not None else None
         self._eh_frame: tuple[int, int, int] | None = None  # (file offset, size, vaddr)
         self._fdes: list | None = None
@@ -266,6 +270,8 @@ class _ElfInfo:
         for sec in e.secs:
             if sec["sh_type"] == "SHT_RELA" and sec["sh_flags"] & 0x2:  # SHF_ALLOC
                 self._rela_sections.append((sec["sh_offset"], sec["sh_size"], sec["sh_entsize"] or 24))
+            elif sec["sh_type"] == "SHT_REL" and sec["sh_flags"] & 0x2 and elf.elfclass == 32:
+                self._rel_sections.append((sec["sh_offset"], sec["sh_size"], sec["sh_entsize"] or 8))
 
     # -- symbol tables ---------------------------------------------------------------------
 
@@ -374,6 +380,10 @@ class _ElfInfo:
         with self._lock:
             if self._rela is None:
                 out = []
+                if self.elfclass == 32:  # REL, i386 types: djprobe.symbols32
+                    from .symbols32 import rel_relocations
+
+                    out = rel_relocations(self)
                 if self.elfclass == 64:
                     for off, size, entsize in self._rela_sections:
                         data = self.read_at(off, size)
@@ -1319,9 +1329,10 @@ class Symbols:
             self._ifunc_cache[key] = target
         return target
 
-    def _read_u64(self, address: int) -> int | None:
+    def _read_u64(self, address: int, arch: Arch = X86_64) -> int | None:
+        """A machine word of ``arch`` (8 bytes, or 4 in an i386 module) in process memory."""
         try:
-            return struct.unpack("<Q", self._mem().read(address, 8))[0]
+            return struct.unpack(arch.word_format, self._mem().read(address, arch.word))[0]
         except (DjprobeError, OSError):
             return None
 
@@ -1334,23 +1345,25 @@ class Symbols:
 
     def _ifunc_from_irelative(self, sym: Symbol) -> int | None:
         m = sym.module
-        if m._info.machine != "EM_X86_64":
+        if m._info.machine not in _IRELATIVE:
             return None
         vaddr = sym.address - m.bias
         for r_offset, r_type, _idx, addend in m._info.relocations():
-            if r_type == _R_X86_64_IRELATIVE and addend == vaddr:
-                value = self._read_u64(r_offset + m.bias)
+            if r_type == _IRELATIVE[m._info.machine] and addend == vaddr:
+                value = self._read_u64(r_offset + m.bias, m.arch)
                 if self._plausible_impl(sym, value, own_module=False):
                     return value
         return None
 
     def _ifunc_from_got(self, sym: Symbol) -> int | None:
         for m in self.modules:
-            if m._info.machine != "EM_X86_64" or not m.file_backed:
+            if m._info.machine not in _IRELATIVE or not m.file_backed:
                 continue
             table = m._info.dynsym
+            slot_types, absolute = _GOT_TYPES[m._info.machine]
             for r_offset, r_type, idx, addend in m._info.relocations():
-                if r_type not in (_R_X86_64_GLOB_DAT, _R_X86_64_JUMP_SLOT, _R_X86_64_64) or addend != 0:
+                # GLOB_DAT/JUMP_SLOT take no addend (an i386 REL place holds the lazy PLT address)
+                if not (r_type in slot_types and (addend == 0 or m.arch.elfclass == 1)) and not (r_type == absolute and addend == 0):
                     continue
                 if idx >= len(table):
                     continue
@@ -1361,7 +1374,7 @@ class Symbols:
                     continue
                 if version is None and sym.version_hidden:
                     continue
-                value = self._read_u64(r_offset + m.bias)
+                value = self._read_u64(r_offset + m.bias, m.arch)
                 if self._plausible_impl(sym, value, own_module=True):
                     return value
         return None

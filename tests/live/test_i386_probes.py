@@ -271,3 +271,42 @@ def test_32bit_return_probes_exact_and_edx_eax(target32):
     assert len(per_tid) == threads
     for values in per_tid.values():
         assert values == [((i * 3) << 32 | (i ^ 0xA5A5A5A5)) for i in range(n)]
+
+
+_STRLEN_SRC = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    volatile size_t t = strlen(argv[0]);  /* binds the program's strlen slot (lazy binding) */
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    char c;
+    while (read(0, &c, 1) == 1 && c != '\n') {}
+    for (int i = 0; i < n; i++) t += strlen(argv[1 + (i & 1)]);
+    char out[32];
+    int len = snprintf(out, sizeof out, "%zu\n", (size_t)t);
+    return write(1, out, len) == len ? 0 : 1;
+}
+"""
+
+
+def test_ifunc_of_32bit_libc_resolved_through_the_programs_got(build_c, start_target):
+    """``libc:strlen`` is an IFUNC: in a 32-bit process its implementation is read from the
+    program's bound ``R_386_JUMP_SLOT`` (4-byte GOT word), and its calls are counted exactly."""
+    exe = build_c(_STRLEN_SRC, "-m32", "-fno-builtin", name="strlen32")
+    n = 5_000
+    t = start_target([exe, n, "abc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert t.proc.stdout.readline() == f"ready {t.pid}\n".encode()
+    with djprobe.attach(t.pid) as proc:
+        djp = proc.register(Djprobe("libc:strlen"))
+        resolver = proc.symbols.module("libc").symbols("strlen")[0]
+        assert resolver.kind.name == "IFUNC" and djp.address != resolver.address
+        t.proc.stdin.write(b"go\n")
+        t.proc.stdin.flush()
+        total = int(t.proc.stdout.readline())
+        assert total == len(str(exe)) + n // 2 * (len(str(n)) + 3)
+        assert t.proc.wait(timeout=30) == 0
+        assert djp.hits == n
