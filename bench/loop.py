@@ -90,6 +90,11 @@ def run_atomic(threads: int, iters: int) -> Sample:
     return _sample(r, iters, r["atomic"])
 
 
+def run_tsc_hist(threads: int, iters: int) -> Sample:
+    r = _run_plain("tsc", threads, iters)
+    return _sample(r, iters, None)
+
+
 def run_plain_counter(threads: int, iters: int) -> Sample:
     r = _run_plain("plain", threads, iters)
     return _sample(r, iters, r["plain"])
@@ -260,6 +265,31 @@ def run_djprobe_handler(threads: int, iters: int) -> Sample:
     return s
 
 
+def run_djprobe_latency(threads: int, iters: int) -> Sample:
+    """Latency probe on ``work``: its entry and both exits, the elapsed time of every call added
+    into the histogram in the probe area. The count checked: calls seen at the entry equal the
+    calls made, and every exit is paired or counted unpaired (a lost sample is a counted
+    collision)."""
+    djprobe = _djprobe()
+    if not hasattr(djprobe, "Latency"):
+        raise Skip("this djprobe has no latency probes yet")
+    with _Out() as out:
+        with djprobe.spawn(_loop_argv("work", iters, threads, out)) as proc:
+            djp = proc.register(djprobe.Djprobe("work", at="latency"))
+            proc.start()
+            if proc.process.popen.wait(timeout=600) != 0:
+                raise RuntimeError("target failed")
+            lat = djp.latency
+            calls, returns, unpaired, collisions = lat.calls, lat.returns, lat.unpaired, lat.collisions
+            p50, p99, average = lat.p50, lat.p99, lat.average_ns
+        result = _parse_result(out.read_text())
+    s = _sample(result, iters, calls, returns=returns, collisions=collisions, unpaired=unpaired,
+                p50_ns=p50 or 0, p99_ns=p99 or 0, average_ns=average or 0)
+    if returns + unpaired != result["calls"] or unpaired > collisions:
+        s.expected_hits = -1  # an exit neither paired nor counted: WRONG
+    return s
+
+
 # -- kernel uprobe through tracefs ------------------------------------------------------------
 def run_uprobe(threads: int, iters: int) -> Sample:
     if os.geteuid() != 0:
@@ -287,6 +317,45 @@ def run_uprobe(threads: int, iters: int) -> Sample:
     finally:
         _tracefs_append(events, f"-:{group}/{event}")
     return _sample(r, iters, hits)
+
+
+def run_uprobe_pair(threads: int, iters: int) -> Sample:
+    """A kernel uprobe at ``work`` and a uretprobe on its returns (the pair a latency measurement
+    with uprobes needs: bpftrace's uprobe + uretprobe + hist()), through tracefs; both counts
+    must equal the calls."""
+    if os.geteuid() != 0:
+        raise Skip("not root")
+    if not (TRACEFS / "uprobe_events").exists():
+        raise Skip("no tracefs with uprobe_events")
+    exe = build.loop_target()
+    _, offset = build.symbol(exe, "work")
+    group = f"djbenchpair{os.getpid()}"
+    events = TRACEFS / "uprobe_events"
+    _tracefs_append(events, f"p:{group}/enter {exe}:{offset:#x}")
+    try:
+        _tracefs_append(events, f"r:{group}/leave {exe}:{offset:#x}")
+        try:
+            for e in ("enter", "leave"):
+                (TRACEFS / "events" / group / e / "enable").write_text("1")
+            try:
+                r = _run_plain("work", threads, iters)
+                hits: dict[str, int] = {}
+                for line in (TRACEFS / "uprobe_profile").read_text().splitlines():
+                    parts = line.split()
+                    for e in ("enter", "leave"):
+                        if len(parts) >= 3 and parts[1] in (e, f"{group}/{e}") and parts[0] == str(exe):
+                            hits[e] = int(parts[2])
+            finally:
+                for e in ("enter", "leave"):
+                    (TRACEFS / "events" / group / e / "enable").write_text("0")
+        finally:
+            _tracefs_append(events, f"-:{group}/leave")
+    finally:
+        _tracefs_append(events, f"-:{group}/enter")
+    s = _sample(r, iters, hits.get("enter"), returns=hits.get("leave", -1))
+    if hits.get("leave") != r["calls"]:
+        s.expected_hits = -1
+    return s
 
 
 def _tracefs_append(path: Path, line: str) -> None:
@@ -414,7 +483,10 @@ ROWS: list[RowSpec] = [
     RowSpec("djp_lossless", "djprobe record args, lossless flood", run_djprobe_lossless, (1_000_000, 5_000_000)),
     RowSpec("djp_flood", "djprobe record, flood + batch read", run_djprobe_flood, (5_000_000, 20_000_000)),
     RowSpec("djp_handler", "djprobe record, flood + Py handler", run_djprobe_handler, (1_000_000, 5_000_000)),
+    RowSpec("tsc_hist", "TSC pair + per-thread hist compiled in", run_tsc_hist, (5_000_000, 20_000_000)),
+    RowSpec("djp_latency", "djprobe latency (entry + exits, hist)", run_djprobe_latency, (5_000_000, 20_000_000)),
     RowSpec("uprobe", "kernel uprobe (tracefs)", run_uprobe, (50_000, 200_000)),
+    RowSpec("uprobe_pair", "kernel uprobe + uretprobe (tracefs)", run_uprobe_pair, (20_000, 100_000)),
     RowSpec("bpftrace", "bpftrace count()", run_bpftrace, (50_000, 200_000)),
     RowSpec("frida", "Frida Interceptor + CModule", run_frida, (500_000, 2_000_000)),
     RowSpec("ptrace", "ptrace breakpoint (C tracer)", run_ptrace, (5_000, 20_000)),

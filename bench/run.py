@@ -147,6 +147,11 @@ def format_table(rows: list[dict]) -> str:
             f"{_num(ovh, 12)}{_num(r.get('x_base'), 8)}{_num(r.get('x_djp'), 9)}  {r['status']}"
         )
         ex = r.get("extra", {})
+        if "returns" in ex and r["key"] == "djp_latency":
+            notes.append(f"{r['label']} ({r['threads']} thr): {ex['returns']:.0f} returns paired, "
+                         f"{ex.get('collisions', 0):.0f} collisions, {ex.get('unpaired', 0):.0f} unpaired; "
+                         f"p50 {ex.get('p50_ns', 0):.1f} ns, p99 {ex.get('p99_ns', 0):.1f} ns, "
+                         f"average {ex.get('average_ns', 0):.1f} ns per call of work")
         if "events" in ex or "missed" in ex:
             parts = []
             if "events" in ex:
@@ -253,6 +258,12 @@ def goals(rows: list[dict], ins: dict | None) -> list[tuple[str, str, bool | Non
     h = by.get(("djp_handler", 1), {}).get("events_per_s")
     add("trivial Python handler >= 500 k events/s", _fmt(h / 1e3 if h else None, ".0f", "n/a") + " k/s",
         None if not h else h >= 5e5)  # fmt: skip
+    lat = ovh("djp_latency")
+    add("latency probe (entry + exits) <= 40 ns/call", _fmt(lat, ".2f", "n/a") + " ns", None if lat is None else lat <= 40)
+    pair = ovh("uprobe_pair")
+    ratio = pair / lat if pair is not None and lat and lat > 0 else None
+    add("latency >= 100x cheaper than uprobe + uretprobe", _fmt(ratio, ".0f", "n/a") + "x",
+        None if ratio is None else ratio >= 100)  # fmt: skip
     if ins:
         add("1,000 probes inserted <= 1 s", f"{ins['insert_s']:.2f} s", ins["insert_s"] <= 1.0)
         add("target stopped <= 50 ms at a time (insertion)", f"{ins['insert_max_gap_ms']:.1f} ms",

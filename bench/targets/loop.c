@@ -2,8 +2,9 @@
  *
  *   loop FUNC N THREADS OUTFILE [gate] [round=M pause=US]
  *
- * FUNC is "work" (no counter), "atomic" (work_atomic: one lock-incremented counter compiled in)
- * or "plain" (work_plain: a plain per-thread counter compiled in, the physical limit). The result
+ * FUNC is "work" (no counter), "atomic" (work_atomic: one lock-incremented counter compiled in),
+ * "plain" (work_plain: a plain per-thread counter compiled in, the physical limit) or "tsc"
+ * (work_tsc: a per-thread log2 histogram of TSC durations compiled in, the limit of latency). The result
  * line "calls=C elapsed_ns=E threads=T atomic=A plain=P checksum=S" goes to OUTFILE ("-" for
  * stdout).
  * E is the longest time any thread spent in its loop (CLOCK_MONOTONIC around the loop only,
@@ -23,12 +24,13 @@
 long work(long x, long limit);
 long work_atomic(long x, long limit);
 long work_plain(long x, long limit);
+long work_tsc(long x, long limit);
 extern volatile long atomic_hits;
 extern __thread long plain_hits;
 static long plain_total;
 
 static long n_calls, round_calls, pause_us;
-static int use_atomic, use_plain;
+static int use_atomic, use_plain, use_tsc;
 static pthread_barrier_t barrier;
 
 struct result { long calls, checksum, elapsed_ns; };
@@ -45,6 +47,8 @@ static long calls(long from, long to, long limit, long *sum) {
         for (i = from; i < to; i++) s += work_atomic(i, limit);
     else if (use_plain)
         for (i = from; i < to; i++) s += work_plain(i, limit);
+    else if (use_tsc)
+        for (i = from; i < to; i++) s += work_tsc(i, limit);
     else
         for (i = from; i < to; i++) s += work(i, limit);
     *sum += s;
@@ -82,6 +86,7 @@ int main(int argc, char **argv) {
     }
     use_atomic = strcmp(argv[1], "atomic") == 0;
     use_plain = strcmp(argv[1], "plain") == 0;
+    use_tsc = strcmp(argv[1], "tsc") == 0;
     n_calls = atol(argv[2]);
     int threads = atoi(argv[3]);
     if (threads < 1 || threads > 64) return 2;

@@ -18,11 +18,13 @@ from .errors import (
 )
 
 from .probes import Djprobe, ProbedProcess, attach, register_djprobe, spawn, unregister_djprobe
+from .latency import Latency
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Djprobe",
+    "Latency",
     "ProbedProcess",
     "attach",
     "register_djprobe",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 2  # 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
+VERSION = 3  # 3: latency block (in-flight table, histograms); 2: per-CPU counter shards, 1 KiB stub slots, rings of argument-only records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -35,6 +35,32 @@ RING_WAITED = 8  # producers add the TSC cycles they waited for room (lossless p
 RING_TAIL = 64
 RING_HEARTBEAT = 72  # the consumer's TSC at its last drain: a lossless probe waits only if recent
 RECORD_SIZE = 256
+# Words of the loader hook (see loader.py), in the header page after the header itself.
+LOADER_ARMED = 2048  # u32: the tracer wants to hear of libraries mapped and unmapped
+LOADER_REQUEST = 2052  # u32 futex word: the hook adds one per notification and wakes the tracer
+LOADER_ACK = 2056  # u32 futex word: the tracer writes the request it has handled and wakes the hook
+LOADER_HEARTBEAT = 2064  # u64: the tracer's TSC, written every LOADER_BEAT seconds while it listens
+# The fork hook's table (see forks.py): u32 count, then (u64 address, u64 size) of each probe
+# area's data part, this area's own first; a child replaces them with fresh memory, last first.
+FORK_TABLE = 2304
+FORK_TABLE_ENTRIES = 2312
+FORK_TABLE_MAX = 64
+# --follow (follow.py): the tracer sets FORK_FOLLOW; a child adds one to FORK_SEQ (in the
+# parent's area) and writes its PID at FORK_PIDS[seq % FORK_PIDS_MAX], gives itself data parts of
+# its own in memfd files (header and instance table copied), and waits, bounded, until the tracer
+# has mapped them and written FORK_ACK in its copy.
+FORK_FOLLOW = 3344
+FORK_SEQ = 3348
+FORK_ACK = 3352
+FORK_PIDS = 3360
+FORK_PIDS_MAX = 64
+FORK_NAME = 3632  # "djprobe\0": the name of a child's memfd files
+# --follow across exec (execs.py): a thread entering execve adds one to EXEC_SEQ, writes its TID
+# at EXEC_TIDS[seq % EXEC_TIDS_MAX], wakes the tracer and waits until EXEC_ACK holds its TID.
+EXEC_SEQ = 3640
+EXEC_ACK = 3644
+EXEC_TIDS = 3648
+EXEC_TIDS_MAX = 16
 
 # One event record. `seq` is written last (pos + 1) and commits the record.
 REGISTER_NAMES = (
@@ -60,6 +86,15 @@ ARGS_RECORD_DTYPE = np.dtype(
         "itemsize": ARGS_RECORD_SIZE,
     }
 )
+#: The latency block: a table entry is {key, start TSC}; a histogram block is 64 log2 buckets of
+#: nanoseconds ([0, 1), [1, 2), [2, 4), ... [2**62, 2**63)), each {count, sum of nanoseconds}
+#: (16 bytes: a per-CPU stub commits both with one store).
+LATENCY_ENTRY_SIZE = 16
+HIST_BUCKETS = 64
+HIST_WORDS = 2 * HIST_BUCKETS  # 16 cache lines
+LATENCY_MISC_WORDS = 8  # per function: collisions at 0, unpaired exits at 1
+MISC_COLLISIONS = 0
+MISC_UNPAIRED = 1
 MAX_DISPLACED = 24  # room for the original bytes of the displaced instructions (5 + 14 + slack)
 
 
@@ -73,7 +108,7 @@ class InstanceState(enum.IntEnum):
 
 
 # Header: magic, version, sizes and addresses. Little-endian, fixed offsets.
-_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQ")
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQQQQQQIIQQIII")
 _HEADER_FIELDS = (
     "magic",
     "version",
@@ -96,6 +131,10 @@ _HEADER_FIELDS = (
     "ring_count",
     "ring_slots",
     "drops_offset",
+    "latency_offset",
+    "latency_functions",
+    "latency_slots",
+    "latency_shards",
 )
 
 # Instance entry: address, stub, state, size, action, original bytes, patched bytes, a name hint.
@@ -113,15 +152,26 @@ class AreaLayout:
     shard_shift: int = 21  # shard = (rsp >> shard_shift) % n_shards; thread stacks are >= 2 MiB apart
     ring_count: int = 8  # event rings, chosen like counter shards
     ring_slots: int = 4096  # records per ring
+    latency_functions: int = 64  # latency probes an area can serve at once (histogram blocks)
+    latency_slots: int = 4096  # entries of the table of calls in flight (16 bytes each)
+    latency_shards: int = 16  # histogram shards: [0, n/2) one per CPU (rseq), [n/2, n) lock-added by rsp
 
     @classmethod
     def for_counting(cls) -> "AreaLayout":
         """A layout for areas that serve only count probes: one minimal ring instead of 8 MiB of
-        them (a record probe can still be placed there, its events then mostly dropped)."""
-        return cls(ring_count=1, ring_slots=1)
+        them (a record probe can still be placed there, its events then mostly dropped) and a small
+        latency block (8 latency probes)."""
+        return cls(ring_count=1, ring_slots=1, latency_functions=8, latency_slots=1024)
+
+    @classmethod
+    def for_latency(cls) -> "AreaLayout":
+        """A layout for areas that serve latency probes (``djprobe latency``): no rings, room for
+        512 functions' histograms and 16,384 calls in flight (pages are touched as used)."""
+        return cls(ring_count=1, ring_slots=1, latency_functions=512, latency_slots=16384)
 
     def __post_init__(self) -> None:
-        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots"):
+        for name in ("max_instances", "n_shards", "slot_size", "ring_count", "ring_slots", "latency_functions",
+                     "latency_slots", "latency_shards"):
             value = getattr(self, name)
             if value <= 0 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -190,8 +240,36 @@ class AreaLayout:
         return self.args_records_offset + self.ring_count * self.args_ring_stride - self.rings_offset
 
     @property
-    def data_size(self) -> int:
+    def latency_offset(self) -> int:
+        """The latency block (see :mod:`djprobe.latency`): the table of calls in flight
+        (``latency_slots`` entries of {key, start TSC}, 16-byte aligned: written and read whole),
+        then the per-function counters (collisions, unpaired exits: ``LATENCY_MISC_WORDS`` each),
+        then the histograms: ``latency_shards`` shards of ``latency_functions`` blocks of
+        ``HIST_WORDS`` words (64 log2 buckets of nanoseconds, each {count, sum}). Shards
+        [0, n/2) belong to one CPU each (a plain 16-byte commit inside an rseq critical
+        section), [n/2, n) take ``lock`` adds, chosen by ``rsp``."""
         return _page_align(self.rings_offset + self.rings_size)
+
+    @property
+    def latency_misc_offset(self) -> int:
+        return self.latency_offset + self.latency_slots * LATENCY_ENTRY_SIZE
+
+    @property
+    def hist_offset(self) -> int:
+        return _page_align(self.latency_misc_offset + self.latency_functions * LATENCY_MISC_WORDS * 8)
+
+    @property
+    def hist_shard_stride(self) -> int:
+        """Bytes between two shards of the same function's histogram."""
+        return self.latency_functions * HIST_WORDS * 8
+
+    @property
+    def latency_size(self) -> int:
+        return self.hist_offset + self.latency_shards * self.hist_shard_stride - self.latency_offset
+
+    @property
+    def data_size(self) -> int:
+        return _page_align(self.latency_offset + self.latency_size)
 
     @property
     def code_size(self) -> int:
@@ -294,6 +372,10 @@ class AreaHeader:
             lay.ring_count,
             lay.ring_slots,
             lay.drops_offset,
+            lay.latency_offset,
+            lay.latency_functions,
+            lay.latency_slots,
+            lay.latency_shards,
         )
         return _HEADER.pack(*values)
 
@@ -326,6 +408,9 @@ class AreaHeader:
             shard_shift=fields["shard_shift"],
             ring_count=fields["ring_count"],
             ring_slots=fields["ring_slots"],
+            latency_functions=fields["latency_functions"],
+            latency_slots=fields["latency_slots"],
+            latency_shards=fields["latency_shards"],
         )
         for name in _DERIVED:
             if fields[name] != getattr(layout, name):
@@ -350,9 +435,13 @@ _BOUNDS = {
     "slot_size": 1 << 16,
     "ring_count": 1 << 10,
     "ring_slots": 1 << 20,
+    "latency_functions": 1 << 12,
+    "latency_slots": 1 << 20,
+    "latency_shards": 1 << 8,
 }
 _DERIVED = (
     "code_size", "data_size", "table_offset", "counters_offset", "rings_offset", "rings_size", "drops_offset",
+    "latency_offset",
 )  # fmt: skip
 _MAX_DATA = 1 << 32
 
@@ -384,6 +473,19 @@ class AreaView:
             count=layout.ring_count * layout.ring_slots,
             offset=layout.args_records_offset,
         ).reshape(layout.ring_count, layout.ring_slots)
+        #: Latency block: the table of calls in flight (key, start TSC), per-function counters,
+        #: histograms [shard, function, word].
+        self.latency_table = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=2 * layout.latency_slots, offset=layout.latency_offset
+        ).reshape(layout.latency_slots, 2)
+        self.latency_misc = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.latency_functions * LATENCY_MISC_WORDS,
+            offset=layout.latency_misc_offset,
+        ).reshape(layout.latency_functions, LATENCY_MISC_WORDS)
+        self.histograms = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.latency_shards * layout.latency_functions * HIST_WORDS,
+            offset=layout.hist_offset,
+        ).reshape(layout.latency_shards, layout.latency_functions, HIST_WORDS)
 
     def write_header(self, header: AreaHeader) -> None:
         raw = header.pack()
@@ -427,4 +529,5 @@ class AreaView:
     def release(self) -> None:
         """Drop the numpy view so the underlying mmap can be closed."""
         self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
+        self.latency_table = self.latency_misc = self.histograms = None  # type: ignore[assignment]
         self.buffer.release()

@@ -46,7 +46,7 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
-from . import returns
+from . import latency, overlaps, returns
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
@@ -82,6 +82,10 @@ class Djprobe:
     returns. It is placed only if every exit can take a jump (``exits`` then holds the analysis);
     otherwise registration raises InvalidSiteError naming the exit that cannot. A call left by
     ``longjmp`` or an exception has no return.
+
+    ``at="latency"`` makes a latency probe (see :mod:`djprobe.latency`): the entry and every exit
+    of the function, the duration of each call added into a histogram in the target; after
+    registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
 
     def __init__(
@@ -97,11 +101,15 @@ class Djprobe:
     ) -> None:
         if not isinstance(addr, (int, str)) or isinstance(addr, bool):
             raise InvalidSiteError(f"probe address must be an int or a site spec string, not {type(addr).__name__}")
-        if at not in ("entry", "return"):
-            raise InvalidSiteError(f"at must be 'entry' or 'return', not {at!r}")
+        if at not in ("entry", "return", "latency"):
+            raise InvalidSiteError(f"at must be 'entry', 'return' or 'latency', not {at!r}")
         if isinstance(addr, str):
             addr, is_return = split_return_spec(addr)
+            if is_return and at == "latency":
+                raise InvalidSiteError("a latency probe names the function, without %return")
             at = "return" if is_return else at
+        if at == "latency" and (size is not None or handler is not None or record or lossless):
+            raise InvalidSiteError("a latency probe takes no size, handler, record or lossless: it only measures")
         if at == "return" and size is not None:
             raise InvalidSiteError("a return probe takes no size: each exit window's size is computed")
         if size is not None and (not isinstance(size, int) or size < 5 or size > 24):
@@ -120,6 +128,9 @@ class Djprobe:
         self.lossless = lossless
         self.at = at
         self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
+        #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
+        self.latency: latency.Latency | None = None
+        self._latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
         self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
         self._parent: Djprobe | None = None  # the return probe this is a part of
         self._preset: SiteAnalysis | None = None  # a part's exit window
@@ -188,6 +199,9 @@ class Instance:
     old_slots: list[tuple[Region, int, Stub]] = field(default_factory=list)
     removed: bool = False  # unregistered: its slot is in old_slots until given back
     drained: list[Djprobe] = field(default_factory=list)  # unregistered while a thread was inside
+    # Overlapping probes (see overlaps.py): a guest's host, a host's guests.
+    host: "Instance | None" = field(default=None, repr=False, compare=False)
+    guests: list["Instance"] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def address(self) -> int:
@@ -252,6 +266,10 @@ class ProbedProcess:
         self._clock: TscClock | None = None
         self._thread_map = ThreadMap()
         self.handler_errors: list[tuple[Djprobe, BaseException, str]] = []
+        #: Called first by close() (e.g. loader.py: let a thread waiting in its hook go on).
+        self.close_hooks: list[Callable[[], None]] = []
+        #: Called with each new probe area, world stopped, before any jump leads into it (forks.py).
+        self.region_hooks: list[Callable[[Region], None]] = []
         if process.stopped:
             self._thread_map.learn(process)
         _LIVE.add(self)
@@ -332,6 +350,7 @@ class ProbedProcess:
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
+        djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
         for djp in djps:
             if djp.registered:
@@ -339,26 +358,36 @@ class ProbedProcess:
                 continue
             try:
                 analysis = self.analyse(djp)
-                if not analysis.ok and analysis.address not in self._instances:  # ours: join it
-                    other = self._overlapping(analysis.address, max(1, analysis.size))
-                    if other is not None:
-                        raise SiteBusyError(
-                            f"{analysis.site}: inside the displaced bytes of the probe at {other.address:#x}",
-                            address=analysis.address,
-                        )
-                    raise analysis.error()
+                analysis = overlaps.unpatched_analysis(self, djp, analysis) or analysis  # covers one of ours
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 continue
             plans.append([djp, analysis, None])
+        windows = overlaps.PlanWindows(plans)
+        overlaps.order_plans(plans, windows)  # a probe inside another's window after it: it joins that stub
+        for plan in plans:
+            djp, analysis, _ = plan
+            if analysis.ok or analysis.address in self._instances or overlaps.joins(self, djp, analysis, windows):
+                continue
+            plan[0] = None
+            other = self._overlapping(analysis.address, max(1, analysis.size))
+            if other is not None:
+                exc: DjprobeError = SiteBusyError(
+                    f"{analysis.site}: inside the displaced bytes of the probe at {other.address:#x}",
+                    address=analysis.address,
+                )
+            else:
+                exc = analysis.error()  # type: ignore[assignment]
+            refused.append((djp, self._site_error(exc)))
+        plans = [p for p in plans if p[0] is not None]
         first_at: set[int] = set()
         for plan in plans:
             djp, analysis, _ = plan
-            if analysis.address in self._instances or analysis.address in first_at:
+            if analysis.address in self._instances or analysis.address in first_at or overlaps.joins(self, djp, analysis, windows):
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp))
+                plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp)
             except DjprobeError as exc:
                 refused.append((djp, self._site_error(exc)))
                 plan[0] = None
@@ -376,6 +405,8 @@ class ProbedProcess:
                         refused.append((djp, self._site_error(exc)))
                     if time.monotonic() >= deadline and not returns.same_group(djp, pending):
                         break
+        order = {id(djp): i for i, djp in enumerate(djps)}
+        refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
         return returns.settle(self, refused)
 
     def _site_error(self, exc: DjprobeError) -> DjprobeError:
@@ -389,6 +420,10 @@ class ProbedProcess:
 
     @staticmethod
     def _action_for(djp: Djprobe) -> tuple[str, str, bool]:
+        if djp._latency_role is not None:
+            return ("latency", "all", False)
+        if getattr(djp, "build_stub", None) is not None:
+            return ("custom", "all", False)  # a probe that builds its own stub (loader.py)
         return ("record", djp.registers, djp.lossless) if djp.record else ("count", "all", False)
 
     def _overlapping(self, address: int, size: int) -> Instance | None:
@@ -412,8 +447,27 @@ class ProbedProcess:
     def _insert_stopped(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
         address = analysis.address
         existing = self._instances.get(address)
+        if existing is not None and overlaps.shared(existing) and djp._preset is None:
+            if djp.size is not None and djp.size != existing.size:
+                raise SiteBusyError(f"{analysis.site}: inside the window of the probe at {(existing.host or existing).address:#x}: "
+                                    "its size is not yours to choose", address=address)
+            overlaps.join_member(self, djp, existing, analysis)
+            return
+        host = overlaps.host_for(self, address) if existing is None and djp._preset is None and djp.size is None else None
+        if host is not None:  # inside another probe's window: join its stub
+            if prepared is not None:
+                prepared[0].give_back(prepared[1])
+            overlaps.insert_guest(self, djp, analysis, host)
+            return
         if existing is not None:
-            conflict = returns.join_conflict(existing, analysis)
+            conflict = latency.join_conflict(existing, djp)
+            if conflict is None and (existing.action == "custom") != (getattr(djp, "build_stub", None) is not None):
+                conflict = "djprobe's own hook (a stub of another kind) is there"
+            if conflict is None:
+                conflict = returns.join_conflict(existing, analysis)
+                if conflict is not None and (overlaps.place_exit(self, djp, analysis, prepared)
+                                             or overlaps.reanchor(self, djp, analysis, existing, prepared)):
+                    return  # an entry probe and an exit share the window
             if conflict is not None:
                 raise SiteBusyError(f"{analysis.site}: {conflict}", address=address)
             if djp.size is not None and djp.size != existing.size:
@@ -426,6 +480,9 @@ class ProbedProcess:
             self._join(djp, existing, analysis)
             return
         other = self._overlapping(address, analysis.size)
+        if other is not None and (overlaps.place_exit(self, djp, analysis, prepared)
+                                  or overlaps.reanchor(self, djp, analysis, other, prepared)):
+            return  # one window now holds both probes' actions
         if other is not None:
             raise SiteBusyError(f"{analysis.site}: displaced bytes overlap the probe at {other.address:#x}", address=address)
         original = self.process.read(address, analysis.size)
@@ -444,7 +501,7 @@ class ProbedProcess:
         if blocker:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
-        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless)
+        region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, part=djp)
         patched = self._jump(address, stub.address)
         entry = InstanceEntry(
             address=address,
@@ -478,10 +535,17 @@ class ProbedProcess:
         djp._instance = instance
         instance.probes.append(djp)
 
-    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False) -> tuple[Region, int, Stub]:
-        """Take a slot near the site and write its stub (not reachable by any thread yet)."""
+    def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
+                 part: Djprobe | None = None) -> tuple[Region, int, Stub]:
+        """Take a slot near the site and write its stub (not reachable by any thread yet); a
+        ``part`` with a ``build_stub(self, analysis, region, slot)`` builds a custom action's stub
+        (loader.py), a latency part a latency stub."""
+        builder = getattr(part, "build_stub", None)
         tried_new = False
-        candidates = [r for r in self._regions if r.reaches(analysis.address) and r.free_slots]
+        # The last slots of an area are kept for the probes already in it (a probe joining one
+        # of their windows takes a slot there, and every change of a shared stub one more).
+        candidates = [r for r in self._regions if r.reaches(analysis.address)
+                      and len(r.free_slots) > overlaps.reserved_slots(r.layout)]
         while True:
             if not candidates:
                 if tried_new:
@@ -491,6 +555,8 @@ class ProbedProcess:
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
+                    for hook in self.region_hooks:  # before any jump can lead into it
+                        hook(region)
                 candidates = [region]
                 tried_new = True
             region = candidates.pop(0)
@@ -499,11 +565,21 @@ class ProbedProcess:
                 continue
             try:
                 if getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
+                    if builder is not None or action not in ("count", "record"):
+                        region.free_slots.append(slot)
+                        raise InvalidSiteError(
+                            f"{analysis.site}: {action if builder is None else type(part).__name__} probes are not "
+                            "supported in 32-bit processes yet", address=analysis.address,
+                        )
                     targets = None
                     if action == "record":
                         self._populate_rings(region)
                         targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     stub = build_stub32(analysis, region, slot, action, registers, targets)
+                elif builder is not None:
+                    stub = builder(self, analysis, region, slot)
+                elif action == "latency":
+                    stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
                 elif action == "record":
                     self._populate_rings(region)
                     stub = build_record_stub(
@@ -636,7 +712,9 @@ class ProbedProcess:
                     instance = djp._instance
                     if instance is None:
                         continue
-                    if len(instance.probes) == 1:
+                    if len(instance.probes) == 1 and overlaps.shared(instance):
+                        overlaps.remove_member(self, instance, djp)
+                    elif len(instance.probes) == 1:
                         self._remove_instance(instance)  # freezes the final count
                     self._detach_probe(djp)
                     if time.monotonic() >= deadline and not returns.same_group(djp, pending):
@@ -656,7 +734,9 @@ class ProbedProcess:
         """Drop a probe whose target is gone (exited or exec'd): nothing to write back."""
         instance = djp._instance
         self._detach_probe(djp)
-        if instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
+        if instance is not None and not instance.probes and overlaps.shared(instance):
+            overlaps.forget_member(self, instance)
+        elif instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
             del self._instances[instance.address]
             self._addresses.remove(instance.address)
 
@@ -678,7 +758,7 @@ class ProbedProcess:
             current = b""
         if current[:5] == instance.patched[:5]:
             self.process.write(instance.address, instance.original)
-        else:
+        elif current:
             # Not our jump any more (the program exec'd, or something rewrote the code): writing
             # the old bytes could corrupt what is there now. Leave it.
             log.warning(
@@ -692,7 +772,7 @@ class ProbedProcess:
         self._addresses.remove(instance.address)
         instance.old_slots.append((instance.region, instance.slot, instance.stub))
         instance.removed = True
-        instance.drained = list(instance.probes)
+        instance.drained = instance.drained + list(instance.probes)
         for djp in instance.drained:
             djp._draining = instance  # counts stay live until every slot is given back
         for region, slot, stub in list(instance.old_slots):
@@ -704,10 +784,9 @@ class ProbedProcess:
         of the stub ``onto`` that replaces it. A thread inside the action (or blocked in a
         relocated system call) stays: it runs out of the stub by itself after resume, and the
         slot is retired until it has. Nothing is single-stepped."""
-        action_start, action_end = stub.action_range
         for thread in self.process.threads.values():
             rip = thread.regs().rip
-            if not (stub.address <= rip < stub.end) or action_start <= rip < action_end or thread.in_syscall_restart():
+            if not (stub.address <= rip < stub.end) or stub.in_action(rip) or thread.in_syscall_restart():
                 continue
             original = stub.original_address(rip)
             if original is None:
@@ -720,11 +799,16 @@ class ProbedProcess:
 
     def _give_back_or_retire(self, owner: Instance, region: Region, slot: int, stub: Stub) -> None:
         """``stub`` (in ``slot``) of ``owner`` is out of use: give the slot back if no thread can
-        still run in it or return into it, else retire it until a later stop finds it idle."""
+        still run in it or return into it, else retire it until a later stop finds it idle (a slot
+        retired already is left to the stop that reclaims it: settled twice, it would be given
+        back twice)."""
+        if any(r is region and i == slot for _, r, i, _ in self._retired):
+            return
         if self._referenced(stub.address, stub.end):
             entry = region.view.entry(slot)
-            entry.state = InstanceState.RETIRED
-            region.view.set_entry(slot, entry)
+            if entry.state != InstanceState.FREE:  # a guest's slot has no entry (overlaps.py)
+                entry.state = InstanceState.RETIRED
+                region.view.set_entry(slot, entry)
             self._retired.append((owner, region, slot, stub))
         else:
             self._settle(owner, region, slot)
@@ -905,6 +989,11 @@ class ProbedProcess:
             return
         self._closed = True
         _LIVE.discard(self)
+        for hook in self.close_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - removing the probes matters more
+                log.exception("close hook of process %d failed", self.pid)
         try:
             try:
                 if self.process.is_alive():
@@ -923,6 +1012,7 @@ class ProbedProcess:
             for djp in self.probes:
                 self._forget(djp)
         finally:
+            latency.before_close(self._regions)
             for region in self._regions:
                 region.close_tracer_side()
             self.process.close()

@@ -36,6 +36,7 @@ from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
 from .process import Process
 from .stacks import StackWords
+from .stubs32 import jump_bytes32
 from .stubs import jump_bytes, jump_target
 from .shmfiles import AREA_PATH_RE as _AREA_PATH_RE
 from .symbols import Symbols
@@ -240,7 +241,9 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
     try:
         jump = jump_bytes(inst.address, inst.stub_address)
     except ValueError:
-        return f"stub {inst.stub_address:#x} is out of reach of {inst.address:#x}"
+        jump = jump_bytes32(inst.address, inst.stub_address)  # an i386 process: a rel32 wraps its 4 GiB
+        if inst.address >> 32 or inst.stub_address >> 32:
+            return f"stub {inst.stub_address:#x} is out of reach of {inst.address:#x}"
     if inst.patched[:5] != jump or inst.patched[5:] != inst.original[5:]:
         return "recorded patched bytes are not the jump to its stub followed by the original bytes"
     return None
@@ -491,6 +494,21 @@ def _select(report: CleanupReport, areas: list[FoundArea], force: bool) -> list[
     return chosen
 
 
+def _inside_placed_window(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea]) -> bool:
+    """Whether ``inst``'s site lies inside the window of another valid entry whose jump is in
+    place (a window that took it over: see ``overlaps.py``, re-anchoring)."""
+    for area in areas:
+        for other in area.instances:
+            if other is inst or not other.valid or not other.address <= inst.address < other.address + other.size:
+                continue
+            try:
+                if memory.read(other.address, other.size) == other.patched:
+                    return True
+            except TargetFaultError:
+                continue
+    return False
+
+
 def _restore(
     process: Process, symbols: Symbols, inst: FoundInstance, force: bool, areas: list[FoundArea]
 ) -> str | None:
@@ -506,6 +524,8 @@ def _restore(
     target = jump_target(now, inst.address)
     if now != inst.patched and target is not None and any(a.code_mapped and a.code_address <= target < a.code_end for a in areas):
         return ""  # a stale entry: the site belongs to a later probe now (its own area's entry)
+    if now != inst.patched and _inside_placed_window(memory, inst, areas):
+        return ""  # a stale entry: its bytes belong to the window of a probe sharing a stub now
     if now != inst.patched and not force:
         return (
             f"bytes at the site ({now.hex()}) are neither the recorded patched ({inst.patched.hex()}) "

@@ -30,7 +30,12 @@ def analyse_return(proc: "ProbedProcess", djp: "Djprobe") -> ExitAnalysis:
     """Resolve the function of the return probe ``djp`` and analyse its exits (live bytes
     checked). Raises InvalidSiteError if the spec names several functions; a refused analysis is
     returned (its ``error()`` says why)."""
-    return analyse_exits(proc.symbols, proc.resolve_site(djp.addr), proc.process.memory)  # type: ignore[arg-type]
+    from .overlaps import unpatched_memory
+
+    site = proc.resolve_site(djp.addr)
+    func = getattr(site, "function", None)
+    memory = unpatched_memory(proc, func.address, func.address + func.size) if func is not None else proc.process.memory
+    return analyse_exits(proc.symbols, site, memory)  # type: ignore[arg-type]
 
 
 def _forward(parent: "Djprobe"):
@@ -105,7 +110,8 @@ def settle(proc: "ProbedProcess", refused: list) -> list:
         elif id(parent) not in failed:
             window = djp._preset
             where = f"exit window at {window.address:#x} (ending with '{window.exit.text}' at {window.exit.address:#x})" \
-                if window is not None and window.exit is not None else "an exit window"
+                if window is not None and window.exit is not None else \
+                f"entry window at {window.address:#x}" if window is not None else "an exit window"
             err = type(exc)(f"{parent.site}: {where}: {exc}", address=getattr(exc, "address", None))
             failed[id(parent)] = (parent, err)
     for parent, err in failed.values():
@@ -121,7 +127,7 @@ def parts_of(djps: Iterable["Djprobe"]) -> list["Djprobe"]:
     """``djps`` with every return probe replaced by its registered parts (for removal)."""
     out: list[Djprobe] = []
     for djp in djps:
-        if djp.at == "return" and djp._parts is not None:
+        if djp._parts is not None:  # a return or latency probe
             out.extend(p for p in djp._parts if p.registered)
         else:
             out.append(djp)

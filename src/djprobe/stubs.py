@@ -171,12 +171,22 @@ class Stub:
     action_size: int  # bytes of the action
     relocated: Relocated
     action_start: int | None = None  # where the action begins (None: at ``address``, before the relocated code)
+    extra_action_ranges: tuple[tuple[int, int], ...] = ()  # the other actions of a shared stub
 
     @property
     def action_range(self) -> tuple[int, int]:
-        """[start, end) of the action: a thread there has not finished the probe's work."""
+        """[start, end) of the (first) action: a thread there has not finished the probe's work."""
         start = self.address if self.action_start is None else self.action_start
         return start, start + self.action_size
+
+    @property
+    def action_ranges(self) -> tuple[tuple[int, int], ...]:
+        """[start, end) of every action of the stub (several in a shared stub)."""
+        return (self.action_range, *self.extra_action_ranges)
+
+    def in_action(self, address: int) -> bool:
+        """Whether ``address`` lies inside one of the stub's actions."""
+        return any(start <= address < end for start, end in self.action_ranges)
 
     @property
     def end(self) -> int:

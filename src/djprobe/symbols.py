@@ -1060,6 +1060,8 @@ def _parse_dev(dev: str) -> int | None:
 def _stem_match(base: str, stem: str) -> bool:
     if base == stem + ".so" or base.startswith(stem + ".so."):
         return True
+    if base.startswith(stem + ".") and base.endswith(".so") and "." not in stem:
+        return True  # a Python extension module: _json.cpython-311-x86_64-linux-gnu.so, x.abi3.so
     rest = base[len(stem) :] if base.startswith(stem + "-") else ""
     return len(rest) > 1 and rest[1].isdigit() and (".so." in rest or rest.endswith(".so"))
 

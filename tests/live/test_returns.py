@@ -281,7 +281,7 @@ def test_every_libc_function_entry_and_returns_under_python(tmp_path):
         status = proc.process.popen.wait(timeout=120)
     assert (output, status) == (plain.stdout, 0)
     both = [a for a in funcs if id(ent[a]) not in refused and id(ret[a]) not in refused]
-    assert len(both) > 0.85 * len(funcs)
+    assert len(both) >= 0.95 * len(funcs), (len(both), len(funcs))  # entry and exits share where they overlap
     wrong = {funcs[a].name: (ent[a].hits, ret[a].hits) for a in both
              if ent[a].hits != ret[a].hits and funcs[a].name.split(":")[-1] not in NORETURN}
     assert wrong == {}
@@ -312,7 +312,7 @@ def test_every_libpython_function_entry_and_returns(tmp_path):
         status = proc.process.popen.wait(timeout=120)
     assert (output, status) == (plain.stdout, 0)
     both = [a for a in funcs if id(ent[a]) not in refused and id(ret[a]) not in refused]
-    assert len(both) > 0.9 * len(funcs)
+    assert len(both) >= 0.97 * len(funcs), (len(both), len(funcs))
     wrong = {funcs[a].name: (ent[a].hits, ret[a].hits) for a in both
              if ent[a].hits != ret[a].hits and funcs[a].name.split(":")[-1] not in NORETURN}
     assert wrong == {}

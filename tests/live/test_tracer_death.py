@@ -559,3 +559,47 @@ def test_kill_tracer_at_every_operation_of_api_cycle(sweep_exe, sweep_code, log_
     print(report("register_many/unregister_many", total, outcomes, everything=True))  # shown with -s
     harmed = [o for o in outcomes if o.problems]
     assert not harmed, report("register_many/unregister_many (entries and middles)", total, outcomes)
+
+
+SHARED_SCRIPT = textwrap.dedent(
+    """
+    import sys, djprobe
+    pid, specs = int(sys.argv[1]), sys.argv[2:]
+    with djprobe.attach(pid) as proc:
+        probes = []
+        for spec in specs:  # one at a time: later sites first, so windows re-anchor and grow
+            probe = djprobe.Djprobe(int(spec, 0) if spec.startswith("0x") else spec)
+            if not proc.register_many([probe]):
+                probes.append(probe)
+        proc.poll(timeout=0.2)
+        proc.unregister_many(probes[::2])
+        proc.unregister_many(probes[1::2])
+        print("placed", len(probes), "hits", sum(p.hits for p in probes), flush=True)
+    """
+)
+
+
+def shared_specs(exe: Path, bias: int) -> list[str]:
+    """Every instruction boundary of each function's entry window, last first, then its return
+    probe: probes that share one stub, placed so that every way of joining one happens."""
+    mod = Symbols.from_file(str(exe)).modules[0]
+    specs = []
+    for name in FUNCS:
+        fa = analyse_function(mod, mod.symbols(name)[0])
+        entry = fa.analyse(fa.function.address)
+        if entry.verdict is Verdict.JUMP:
+            specs += [hex(i.address + bias) for i in reversed(entry.displaced)]
+        specs.append(f"{name}%return")
+    return specs
+
+
+def test_kill_tracer_at_every_operation_of_shared_stubs(sweep_exe, sweep_code, log_dir):
+    """The same sweep over probes that share stubs (overlaps.py): guests joining, windows
+    re-anchored and grown to an exit, shared stubs rebuilt and removed."""
+    total, outcomes = sweep(
+        sweep_exe, sweep_code,
+        lambda t: [sys.executable, "-c", SHARED_SCRIPT, str(t.pid), *shared_specs(sweep_exe, t.bias)], log_dir
+    )
+    print(report("shared stubs", total, outcomes, everything=True))
+    harmed = [o for o in outcomes if o.problems]
+    assert not harmed, report("shared stubs (guests, re-anchoring, exits)", total, outcomes)

@@ -10,7 +10,7 @@ import sys
 from ..errors import DjprobeError
 
 # Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args)``.
-SUBCOMMANDS = ["sites", "count", "trace", "status", "cleanup"]
+SUBCOMMANDS = ["sites", "count", "trace", "latency", "status", "cleanup"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,13 +8,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import os
 import subprocess
 
 from ..errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from ..probes import Djprobe, ProbedProcess, attach, spawn
+from ..pending import is_missing_module
 from ..sites import RETURN_SUFFIX, split_return_spec
 
 
@@ -29,7 +30,13 @@ def positive_seconds(text: str) -> float:
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-p", "--pid", type=int, help="probe this running process")
+    parser.add_argument("-p", "--pid", type=_pid_list, metavar="PID[,PID...]", help="probe this running process (count: several)")
+    parser.add_argument(
+        "--pending",
+        action="store_true",
+        help="with -p: a pattern naming a library not loaded yet waits for it (always so for a command after --)",
+    )
+    parser.add_argument("--name", metavar="COMM", help="count: probe every running process with this name (/proc/PID/comm)")
     parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
@@ -41,14 +48,21 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pid_list(text: str) -> list[int]:
+    from ._fleet import pid_list
+
+    return pid_list(text)
+
+
 def open_target(args: argparse.Namespace) -> ProbedProcess:
     """Attach to -p PID, or spawn the command given after `--` (held before main)."""
     if args.pid is not None and args.command_argv:
         raise InvalidSiteError("give either -p PID or -- COMMAND, not both")
+    if getattr(args, "name", None) or (args.pid is not None and len(args.pid) > 1):
+        raise InvalidSiteError(f"only count takes several processes (-p PID,PID... or --name), not {args.command}")
     if args.pid is not None:
-        if args.pid <= 0:
-            raise InvalidSiteError(f"invalid PID {args.pid}")
-        return attach(args.pid)
+        (pid,) = args.pid
+        return attach(pid)
     if args.command_argv:
         return spawn(args.command_argv)
     raise InvalidSiteError("no target: give -p PID or -- COMMAND [ARG...]")
@@ -92,17 +106,27 @@ def _not_started(target: ProbedProcess, popen: subprocess.Popen, reason: str, co
 
 
 def make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess,
+    patterns: list[str],
+    *,
+    record: bool = False,
+    registers: str = "all",
+    lossless: bool = False,
+    at: str | None = None,
+    pending: list[str] | None = None,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns; refusals with their reasons.
 
     A command spawned by djprobe (still held before ``main``) that will not be traced is killed
     before it runs: a pattern matches nothing or cannot be resolved, no site takes a probe, or a
     signal asked djprobe to end meanwhile. Raises NotStartedError then (with the reason).
+    With ``pending`` (a list), a pattern whose module is not loaded is appended to it instead
+    of being an error (it is applied when the library is loaded: see ``pending.py``).
     """
     held = _held_command(target)
     try:
-        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless)
+        probes, refused = _make_probes(target, patterns, record=record, registers=registers, lossless=lossless, at=at,
+                                       pending=pending)
     except BaseException as exc:
         if held is not None and target.process.is_alive():
             reason = str(exc) if isinstance(exc, DjprobeError) else f"interrupted ({type(exc).__name__})"
@@ -110,7 +134,7 @@ def make_probes(
             raise _not_started(target, held, reason, code) from exc
         raise
     if held is not None and target.process.is_alive():
-        if not probes:
+        if not probes and not pending:
             shown = "; ".join(f"{r.site}: {r.reason}" for r in refused[:3])
             more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
             raise _not_started(target, held, f"no site took a probe: {shown}{more}", _errno.EINVAL)
@@ -120,10 +144,17 @@ def make_probes(
 
 
 def _make_probes(
-    target: ProbedProcess, patterns: list[str], *, record: bool = False, registers: str = "all", lossless: bool = False
+    target: ProbedProcess,
+    patterns: list[str],
+    *,
+    record: bool = False,
+    registers: str = "all",
+    lossless: bool = False,
+    at: str | None = None,
+    pending: list[str] | None = None,
 ) -> tuple[list[Djprobe], list[Refusal]]:
     """One probe per distinct address matched by the patterns (``PATTERN%return``: a return probe
-    per function); refusals with their reasons."""
+    per function; ``at="latency"``: a latency probe per function); refusals with their reasons."""
     symbols = target.symbols
     main = symbols.modules[0].name if symbols.modules else None
     probes: dict[tuple[int, bool], Djprobe] = {}
@@ -135,13 +166,20 @@ def _make_probes(
         try:
             sites = symbols.resolve(spec)
         except SymbolNotFoundError as exc:
-            raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}") from exc
+            if pending is not None and is_missing_module(exc):
+                pending.append(pattern)
+                continue
+            hint = " (--pending waits for a library loaded later)" if is_missing_module(exc) else ""
+            raise SymbolNotFoundError(f"pattern {pattern!r} matches nothing: {exc}{hint}") from exc
         for site in sites:
             key = (site.address, at_return)
             if key in probes:
                 continue
+            if at == "latency" and at_return:
+                raise InvalidSiteError(f"pattern {pattern!r}: a latency probe names the function, without %return")
             djp = Djprobe(
-                site.address, record=record, registers=registers, lossless=lossless, at="return" if at_return else "entry"
+                site.address, record=record, registers=registers, lossless=lossless,
+                at=at or ("return" if at_return else "entry"),
             )
             djp.site = site.name + (RETURN_SUFFIX if at_return else "")
             probes[key] = djp
@@ -181,9 +219,12 @@ def install_signal_handlers() -> None:
         signal.signal(sig, on_signal)
 
 
-def run_until_done(target: ProbedProcess, duration: float | None, interval: float | None = None) -> Iterator[None]:
+def run_until_done(
+    target: ProbedProcess, duration: float | None, interval: float | None = None, idle: "Callable[[float], None] | None" = None
+) -> Iterator[None]:
     """Yield every `interval` seconds (or every 0.1 s) until the duration passes, the target
-    ends, or Ctrl-C/SIGTERM."""
+    ends, or Ctrl-C/SIGTERM. Between checks, ``idle(seconds)`` is called instead of sleeping
+    (it may return early: the loader hook's wait)."""
     start = time.monotonic()
     next_report = start + interval if interval else None
     try:
@@ -198,7 +239,10 @@ def run_until_done(target: ProbedProcess, duration: float | None, interval: floa
             if next_report is not None and now >= next_report:
                 next_report += interval  # type: ignore[operator]
                 yield
-            time.sleep(0.05)
+            if idle is not None:
+                idle(0.05)
+            else:
+                time.sleep(0.05)
     except (KeyboardInterrupt, Interrupted):
         return
 
@@ -257,3 +301,11 @@ def _terminal_sent_to_group(pid: int) -> bool:
     except OSError:
         return False
     return False
+
+
+def pending_list(args: argparse.Namespace) -> list[str] | None:
+    """Where patterns naming a library not loaded yet go: a list for a command djprobe starts
+    (it loads its libraries later) or with ``--pending``; None (an error, as gdb's default) for
+    a process attached to."""
+    return [] if args.command_argv or getattr(args, "pending", False) else None
+

@@ -13,7 +13,9 @@ busy, module, function, offset, at_entry, flags_dead, instructions, padding); fo
 (a function's return side) keys site, address, verdict, reason, module, function and exits (one
 site object per exit window, with exit_kind, exit_address, exit_text); with ``--all`` one object
 with the coverage counts, the file the module name resolved to (``module``) and every refused
-function entry (``refused_sites``). The text form of ``--all`` names the file, and lists the
+function entry (``refused_sites``); ``--all --json --each`` prints before it one object per site
+(every function entry, or with ``--boundaries`` every instruction boundary: address, verdict,
+size, reason, class, function, offset). The text form of ``--all`` names the file, and lists the
 refused functions per reason (the first few; ``-v`` every one).
 """
 
@@ -61,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--all", metavar="MODULE", help="summarise the coverage of every function of MODULE")
     parser.add_argument("--boundaries", action="store_true",
                         help="with --all: also every instruction boundary, not only function entries")
+    parser.add_argument("--each", action="store_true",
+                        help="with --all --json: one JSON object per site (address, verdict, reason, size) "
+                        "before the coverage object, so every verdict can be audited")
     parser.add_argument("sites", nargs="*", metavar="SITE",
                         help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, MODULE:sub_VADDR (code no symbol covers, bounds from .eh_frame), or an address with -p")
     parser.set_defaults(run=run)
@@ -259,6 +264,26 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
     return "\n".join(lines)
 
 
+def _each_printer(out: TextIO):
+    """The ``--each`` callback: one JSON line per analysed site."""
+    from ..sites import _reason_class
+
+    def each(res: SiteAnalysis) -> None:
+        func = res.function
+        obj = {
+            "address": f"{res.address:#x}",
+            "verdict": res.verdict.value,
+            "size": res.size,
+            "reason": res.reason,
+            "class": None if res.ok else _reason_class(res.reason),
+            "function": func.name if func is not None else None,
+            "offset": (res.address - func.address) if func is not None else None,
+        }
+        print(json.dumps(obj), file=out)
+
+    return each
+
+
 def run(args: argparse.Namespace) -> int:
     with report_stream(args) as out:
         return _run(args, out)
@@ -268,15 +293,18 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.all:
         if args.sites:
             raise InvalidSiteError("give either --all MODULE or SITEs, not both")
+        if args.each and not args.json:
+            raise InvalidSiteError("--each goes with --all MODULE --json")
+        each = _each_printer(out) if args.each else None
         if args.pid is not None:
             from ..symbols import Symbols
 
             with Symbols.from_process(args.pid) as symbols:
                 module = symbols.module(args.all)
-                rep = coverage(module, symbols._mem(), all_boundaries=args.boundaries)
+                rep = coverage(module, symbols._mem(), all_boundaries=args.boundaries, each=each)
         else:
             module = _file_symbols(args.all).modules[0]
-            rep = coverage(module, all_boundaries=args.boundaries)
+            rep = coverage(module, all_boundaries=args.boundaries, each=each)
         if args.json:
             obj = rep.to_json()
             obj["module_name"] = args.all
@@ -284,8 +312,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print(format_coverage(rep, name=args.all, verbose=args.verbose), file=out)
         return 0
-    if args.boundaries:
-        raise InvalidSiteError("--boundaries goes with --all MODULE")
+    if args.boundaries or args.each:
+        raise InvalidSiteError("--boundaries and --each go with --all MODULE")
     if not args.sites:
         raise InvalidSiteError("no site given (SITE... or --all MODULE)")
     resolved: dict[str, str] = {}

@@ -11,7 +11,9 @@ from ..area import AreaLayout
 from ..events import EventBatch
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
-from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target
+from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
+from ._children import guard_children
+from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
 EXAMPLES = """examples:
@@ -135,10 +137,21 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         registers = "all" if args.all_registers else "args"
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         watch = ExecWatch(target.pid) if args.command_argv else None
+        pending = pending_list(args)
         with no_match_in_script(args.command_argv, note):
-            probes, refused = make_probes(target, args.patterns, record=True, registers=registers, lossless=not args.drop)
+            probes, refused = make_probes(
+                target, args.patterns, record=True, registers=registers, lossless=not args.drop, pending=pending
+            )
         notice(banner(len(probes), args.patterns))
         print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
+
+        def new_probe(address: int, at_return: bool) -> Djprobe:
+            at = "return" if at_return else "entry"
+            return Djprobe(address, record=True, registers=registers, lossless=not args.drop, at=at)
+
+        follower = follow_libraries(target, args.patterns, probes, pending or [], new_probe)
+        guard = guard_children(target)
+        poll = 0.05 if follower is not None else 0.2
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
         wall_offset = time.time_ns() - start_ns
@@ -148,7 +161,9 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             while not interrupted():
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 got = False
-                for batch in target.events(timeout=min(0.2, remaining) if remaining is not None else 0.2):
+                if follower is not None:
+                    follower.wait(0.0)
+                for batch in target.events(timeout=min(poll, remaining) if remaining is not None else poll):
                     got = True
                     lines = _json_lines(batch) if args.json else _format_lines(batch, start_ns, wall_offset, args.timestamp)
                     out.write("\n".join(lines) + "\n")
@@ -161,7 +176,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                     break
         except (KeyboardInterrupt, Interrupted):
             pass
+        if follower is not None:
+            follower.close()
         target.unregister_many(probes)
+        if guard is not None:
+            guard.close()
         waited = target.waited_seconds
         leftover = target.read_events()
         if len(leftover):
@@ -171,5 +190,5 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if exec_note is not None:
         notice(f"note: {exec_note}", wrap=True)
     status = exit_status(target) if args.command_argv else None
-    print(_summary(probes, args.json, waited), file=out, flush=True)
+    print(_summary(follower.sites if follower is not None else probes, args.json, waited), file=out, flush=True)  # type: ignore[arg-type]
     return status or 0

@@ -6,12 +6,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .exits import function_exits
 from .function import FunctionAnalysis
 from .index import module_index
 from .result import SiteAnalysis, Verdict
+from .sharing import sharing_problem
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -28,6 +29,7 @@ def _reason_class(reason: str) -> str:
         ("cross the end", "crosses the end of the function"),
         ("jump table of the jmp", "jump-table case inside"),
         ("unknown targets", "indirect jump with unknown targets"),
+        ("may both stay", "indirect jump both jump table and tail call"),
         ("landing pad", "exception landing pad inside"),
         ("lands at", "branch target inside"),
         ("code symbol starts", "another symbol starts inside"),
@@ -84,8 +86,8 @@ class CoverageReport:
     With ``all_boundaries``: ``boundaries``/``boundaries_jump`` over every instruction start of
     every function, and ``boundary_refused`` per class. With ``returns``: ``returns_jump`` counts
     functions whose every exit takes a jump (``return_refused`` per class), ``both_jump`` those
-    whose entry and every exit take a jump with no exit window overlapping the entry's, so entry
-    and return probes fit together (``both_refused`` per class); both over ``functions``, the
+    whose entry and every exit take a jump, where an exit window overlapping the entry's can
+    share its stub (``sites/sharing.py``), so entry and return probes fit together (``both_refused`` per class); both over ``functions``, the
     functions that are not ``.cold`` parts (those are analysed with their function).
     """
 
@@ -158,10 +160,12 @@ class CoverageReport:
         return out
 
 
-def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, returns: bool = True) -> CoverageReport:
+def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, returns: bool = True,
+             each: "Callable[[SiteAnalysis], None] | None" = None) -> CoverageReport:
     """Analyse every function entry of ``module`` (and with ``all_boundaries`` every instruction
     boundary of every function; with ``returns`` every function's exits, see ``sites/exits.py``).
-    ``memory`` adds the live "already patched" check."""
+    ``memory`` adds the live "already patched" check. ``each`` is called with every site's
+    analysis (every function entry, and every boundary with ``all_boundaries``), once per address."""
     t0 = time.perf_counter()
     rep = CoverageReport(module=module.path, returns=returns)
     reader = memory.read if memory is not None else None
@@ -174,6 +178,8 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
         fa = FunctionAnalysis(module, func, reader, index=idx)
         res = fa.analyse(func.address, site=f"{module.name}:{func.name}")
         rep.entries += 1
+        if each is not None and not all_boundaries:
+            each(res)
         if res.verdict is Verdict.JUMP:
             rep.entries_jump += 1
         else:
@@ -182,10 +188,12 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
             rep.examples.setdefault(cls, f"{res.site}: {res.reason}")
             rep.refused_entries.append(RefusedEntry(res.site, func.address, cls, res.reason))
         if returns:
-            _count_returns(rep, module, func, memory, idx, res)
+            _count_returns(rep, module, func, memory, idx, res, fa)
         if all_boundaries:
             for a in fa.addrs or [func.address]:
                 r = res if a == func.address else fa.analyse(a, site=f"{a:#x}")
+                if each is not None:
+                    each(r)
                 rep.boundaries += 1
                 if r.verdict is Verdict.JUMP:
                     rep.boundaries_jump += 1
@@ -198,7 +206,8 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
 _COLD = re.compile(r"^.*\.cold(?:\.\d+)?$")
 
 
-def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, entry: SiteAnalysis) -> None:
+def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, entry: SiteAnalysis,
+                   fa: FunctionAnalysis) -> None:
     """Add one function's return side (and entry + return side together) to ``rep``."""
     if _COLD.match(func.name):
         return
@@ -207,13 +216,8 @@ def _count_returns(rep: CoverageReport, module: "Module", func, memory, idx, ent
     if ex.ok:
         rep.returns_jump += 1
         reason = None
-        if entry.ok:
-            lo, hi = entry.address, entry.address + entry.size
-            for w in ex.windows:
-                alone = w.address == lo and w.size == entry.size and (w.displaced == (w.exit,) or w.exit_early)
-                if w.address < hi and lo < w.address + w.size and not alone:
-                    reason = f"the window of exit '{w.exit.text}' at {w.exit.address:#x} overlaps the entry window"
-                    break
+        if entry.ok:  # an exit window overlapping the entry's may share its stub (sites/sharing.py)
+            reason = sharing_problem(fa, entry, ex.windows)
         else:
             reason = entry.reason
     else:

@@ -475,10 +475,16 @@ def function_exits(module: "Module", function: "Symbol", memory=None, *, index: 
                     continue
                 kind = ExitKind.TAIL_CALL
             elif flow is Flow.INDIRECT_JUMP:
-                reg = idx.region_at(ins.address)
-                idx._analyse_tables()
-                if reg is not None and any(jmp == ins.address for jmp, _t, _ in reg.tables):
-                    continue  # a jump table: stays in the function
+                known = idx.jump_targets(ins.address)
+                if known is not None:
+                    targets, pointer_too = known
+                    inside = [parts.holds(t) and t != function.address for t in targets]
+                    if all(inside) and not pointer_too:
+                        continue  # a jump table: stays in the function
+                    if any(inside):
+                        return result(exits, f"'{ins.text}' at {ins.address:#x} may both stay in {function.name} "
+                                             "(jump table) and leave it (tail call): a window there would count "
+                                             "both")
                 kind = ExitKind.INDIRECT_TAIL_CALL
             elif j == len(fa.insns) - 1 and flow in (Flow.NEXT, Flow.COND_JUMP, Flow.SYSCALL) and ins.end >= fa.end:
                 return result(exits, f"'{ins.text}' at {ins.address:#x} falls through the end of "

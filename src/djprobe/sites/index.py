@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 import threading
 import weakref
 from typing import TYPE_CHECKING, Iterable
@@ -14,11 +13,13 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from iced_x86 import Mnemonic, OpKind
 
-from ..x86 import DIRECT_FLOWS, Flow, Insn, decode
+from ..x86 import DIRECT_FLOWS, Flow, decode
 from .elf import _ElfFacts
 from .pic32 import lea_candidates32, lea_reaches32
 from .result import ByteReader
-from .slices import _GPR32, _GPR64, _full, _MAX_TABLE, _Budget, _Region, _Slicer, _Val
+from .noreturn import never_returns
+from .slices import _GPR64, _Budget, _Region, _Slicer
+from .tables import targets_of
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -61,6 +62,9 @@ class ModuleIndex:
         self._tainted: set[int] | None = None  # region starts
         self._unknown_jumps: dict[int, int] = {}  # region start -> jmp address
         self._verified: dict[tuple[int, int, int], bool] = {}
+        self._labels: tuple[np.ndarray, np.ndarray] | None = None
+        self._noreturn: dict[int, bool] = {}
+        self._pointer_too: set[int] = set()  # table jumps that may also go through a code pointer
 
     # -- ELF ------------------------------------------------------------------------------
 
@@ -333,68 +337,39 @@ class ModuleIndex:
             instr = ins.instruction
             if instr.op0_kind == OpKind.MEMORY:
                 continue  # jmp [mem]: a code pointer from memory (tail call, PLT, absolute table)
-            if instr.op0_kind != OpKind.REGISTER or instr.op0_register not in (_GPR32 if self.bits == 32 else _GPR64):
+            if instr.op0_kind != OpKind.REGISTER or instr.op0_register not in _GPR64:  # i386: unknown
                 reg.unknown_jumps.append(ins.address)
                 continue
             slicer = _Slicer(self)
             try:
-                v = slicer.value_before(_full(instr.op0_register), reg, k, set())
-                if v is None or v.kind in ("ptr", "loop"):
-                    continue  # a code pointer: lands only on address-taken points
-                if v.kind == "const":
-                    # jmp to a constant address (lea-taken label, non-PIE immediate): that one
-                    if self.in_code(v.value):
-                        reg.tables.append((ins.address, v.value, [v.value]))
-                    continue
-                found = self._table_from(v, slicer, ins)
+                v = slicer.value_before(instr.op0_register, reg, k, set())
+                found = targets_of(self, v, slicer, ins) if v is not None else (ins.address, 0, [])
+                if found is not None and found[2] and any(a.kind == "ptr" for a in (v.alts if v.kind == "set" else (v,))):
+                    self._pointer_too.add(ins.address)  # also a tail call through a code pointer
             except _Budget:
                 found = None
             if found is None:
                 reg.unknown_jumps.append(ins.address)
-            else:
+            elif found[2]:
                 reg.tables.append(found)
 
-    def _table_from(self, v: _Val, slicer: _Slicer, ins: Insn) -> tuple[int, int, list[int]] | None:
-        """Recognise T + movsxd [T' + idx*4 + d] (in either order); read the table."""
-        if v.kind != "add" or v.base is None or v.other is None:
+    def jump_targets(self, jmp: int) -> tuple[list[int], bool] | None:
+        """For the register-indirect jmp at ``jmp``: its known targets (table cases, constant
+        addresses) and whether it may also go through a code pointer (a tail call); None if it
+        only goes through code pointers, or its targets are unknown."""
+        self._analyse_tables()
+        reg = self.region_at(jmp)
+        if reg is None:
             return None
-        for const, load in ((v.base, v.other), (v.other, v.base)):
-            if not (const.kind == "const" and load.kind == "tload" and load.base is not None
-                    and load.base.kind == "const"):
-                continue
-            base = const.value
-            table = load.base.value + load.disp
-            lreg = self._regions.get(load.at[0])
-            n = slicer.bound(load.index, lreg, load.at[1]) if lreg is not None else None
-            if n is not None:
-                try:
-                    raw = self._read_data(table, 4 * n)
-                except Exception:  # noqa: BLE001
-                    return None
-                targets = [base + e for (e,) in struct.iter_unpack("<i", raw)]
-                if not all(self.in_code(t) for t in targets):
-                    return None
-                return (ins.address, table, sorted(set(targets)))
-            # No bound found (glibc's assembly: index from bsf, ...): read entries while they
-            # land in the function holding the jump (symbol, its .cold parts, its FDE range).
-            # Every real entry lands there, so the real table is a prefix of what is read.
-            spans = self._home_spans(ins.address)
-            if not spans:
-                return None
-            targets = []
-            for i in range(_MAX_TABLE):
-                try:
-                    (e,) = struct.unpack("<i", self._read_data(table + 4 * i, 4))
-                except Exception:  # noqa: BLE001
-                    break
-                t = base + e
-                if not any(lo <= t < hi for lo, hi in spans):
-                    break
-                targets.append(t)
-            if not targets:
-                return None
-            return (ins.address, table, sorted(set(targets)))
+        for j, _table, targets in reg.tables:
+            if j == jmp:
+                return list(targets), jmp in self._pointer_too
         return None
+
+    def never_returns(self, address: int) -> bool:
+        """Is ``address`` the start of a function of this module that never returns? (See
+        :func:`.noreturn.never_returns`.)"""
+        return never_returns(self, address)
 
     def _home_spans(self, address: int) -> list[tuple[int, int]]:
         spans = []
@@ -417,6 +392,16 @@ class ModuleIndex:
         i0 = int(np.searchsorted(t, address, side="left"))
         i1 = int(np.searchsorted(t, address, side="right"))
         return [int(s[i]) for i in range(i0, i1) if k[i] != 2 and self._verify(int(s[i]), address, int(k[i]))]
+
+    def is_function_start(self, address: int) -> bool:
+        """Is ``address`` the first byte of a function (and no exception landing pad, where the
+        unwinder restores the callee-saved registers)?"""
+        func = self.module.function_at(address)
+        if func is None or func.address != address:
+            return False
+        keys, kinds = self._static_entries()
+        j = bisect.bisect_left(keys, address)
+        return not (j < len(keys) and keys[j] == address and kinds[j][0] == _Entry.LANDING)
 
     def is_static_entry(self, address: int) -> bool:
         """Is ``address`` a symbol start, a code pointer target, a lea-taken address or a pad?"""

@@ -1,0 +1,189 @@
+"""The commands' side of children: without --follow, a child never counts as its parent."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import DjprobeError
+from ..follow import ChildFollower
+from ..forks import ForkGuard
+from ..pending import LibraryFollower, pattern_module
+from ..probes import ProbedProcess
+from ._output import notice
+
+
+def guard_children(target: ProbedProcess) -> ForkGuard | None:
+    """Place the fork hook (see forks.py); a process where it cannot go is told on stderr."""
+    guard = ForkGuard(target)
+    try:
+        guard.install()
+    except DjprobeError as exc:
+        notice(f"note: children forked by process {target.pid} would add to its counts: {exc}", wrap=True)
+        return None
+    return guard
+
+
+def follow_children(args, target: ProbedProcess, guard: ForkGuard | None, sites: Callable[[], list]) -> "Family | None":
+    """``--follow``: take in forked children and the images they exec (see follow.py, execs.py),
+    placing ``args.patterns`` in the images; None where the fork hook is not."""
+    if guard is None:
+        notice("note: --follow: children cannot be followed without the fork hook")
+        return None
+    return Family(args, target, guard, sites)
+
+
+class _Image:
+    """A process image a followed process exec'd, with its own probes and hooks."""
+
+    def __init__(self, target: ProbedProcess, command: str, probes: list, refused: list,
+                 follower: LibraryFollower | None, guard: ForkGuard | None) -> None:
+        self.target, self.pid, self.command = target, target.pid, command
+        self.probes, self.refused, self.follower, self.guard = probes, refused, follower, guard
+
+    def sites(self) -> list:
+        return self.follower.sites if self.follower is not None else self.probes
+
+    def close(self) -> None:
+        try:
+            if self.follower is not None:
+                self.follower.close()
+            self.target.unregister_many(self.probes)
+            if self.guard is not None:
+                self.guard.close()
+        except DjprobeError as exc:
+            notice(f"process {self.pid}: {exc}")
+        finally:
+            self.target.close()
+
+
+class Family:
+    """``count --follow``: the process, the children it forks (and theirs) and the images any of
+    them exec, each counted apart."""
+
+    def __init__(self, args, target: ProbedProcess, guard: ForkGuard, sites: Callable[[], list]) -> None:
+        from ..execs import ExecFollower
+        from ..follow import _command
+
+        self.args = args
+        self.command = _command(target.pid)
+        self.children: list = []  # every process but the first: FollowedChild or _Image
+        self.followers: list[ChildFollower] = []
+        self.images: list[_Image] = []
+        self.execs = ExecFollower(self._setup_image)
+        self._follow(target, guard, sites)
+
+    def _follow(self, target: ProbedProcess, guard: ForkGuard, sites: Callable[[], list]) -> None:
+        follower = ChildFollower(target, guard, sites, on_child=lambda child: self._on_child(target, child))
+        follower.enable()
+        self.followers.append(follower)
+        try:
+            self.execs.install(target)
+        except DjprobeError as exc:
+            notice(f"note: --follow: images process {target.pid} execs will not be probed: {exc}", wrap=True)
+
+    def _on_child(self, target: ProbedProcess, child) -> None:
+        from ..follow import mapping_address
+
+        self.children.append(child)
+        index = self.execs.region_index(target)
+        if index is not None and index < len(child.views) and child.views[index] is not None:
+            self.execs.watch(child.views[index], mapping_address(child.maps[index]))
+
+    def _setup_image(self, target: ProbedProcess) -> _Image:
+        from ..area import AreaLayout
+        from ..follow import _command
+        from ._pending import follow_libraries
+        from ._target import make_probes
+
+        target.layout = AreaLayout.for_counting()
+        command = _command(target.pid)
+        pending: list[str] = []
+        try:
+            probes, refused = make_probes(target, self.args.patterns, pending=pending)
+        except DjprobeError as exc:
+            notice(f"process {target.pid} exec'd {command}: no probes: {exc}", wrap=True)
+            probes, refused = [], []
+
+        def new_probe(address: int, at_return: bool):
+            from ..probes import Djprobe
+
+            return Djprobe(address, at="return" if at_return else "entry")
+
+        for r in refused:
+            notice(f"process {target.pid} ({command}): {r.site}: refused: {r.reason}")
+        named = [p for p in self.args.patterns if pattern_module(p) is not None]
+        follower = LibraryFollower(target, named, probes, new_probe)
+        image = _Image(target, command, probes, refused, follower, None)
+        try:
+            follower.install()  # ld.so's first report comes once the libraries are mapped
+        except DjprobeError as exc:
+            notice(f"process {target.pid} ({command}): its libraries will not be probed: {exc}", wrap=True)
+            image.follower = None
+        if pending:
+            notice(f"process {target.pid} ({command}): pending until loaded: {' '.join(pending)}")
+
+        def with_libc() -> None:  # the fork and exec hooks need libc: placed before it runs
+            if image.guard is None and any("libc" in m.name for m in target.symbols.modules):
+                image.guard = guard_children(target)
+                if image.guard is not None:
+                    self._follow(target, image.guard, image.sites)
+
+        if image.follower is not None:
+            image.follower.after_load.append(with_libc)
+        self.images.append(image)
+        self.children.append(image)
+        return image
+
+    def poll(self, seconds: float = 0.0) -> None:
+        for image in self.images:
+            if image.follower is not None and image.target.process.is_alive():
+                image.follower.wait(0.0)
+        for follower in self.followers:
+            follower.poll()
+        self.execs.poll()
+
+    def close(self) -> None:
+        self.poll()
+        self.execs.close()
+        for image in self.images:
+            image.close()
+        for follower in self.followers:
+            follower.close()
+
+
+def idle_with(follower: LibraryFollower | None, children: "Family | None") -> Callable[[float], None] | None:
+    """The polling loop's wait: the loader hook's, and taking in children every turn."""
+    if follower is None and children is None:
+        return None
+
+    def idle(seconds: float) -> None:
+        if follower is not None:
+            follower.wait(0.01 if children is not None else seconds)
+        else:
+            time.sleep(0.01)
+        if children is not None:
+            children.poll()
+
+    return idle
+
+
+@dataclass
+class _Parent:
+    pid: int
+    command: str
+    probes: list
+    refused: list
+
+    def sites(self) -> list:
+        return self.probes
+
+
+def report_family(out, args, pid: int, probes: list, refused: list, children: "Family", interval: int,
+                  final: bool, status: int | None) -> None:
+    """The report of a process and its followed children: totals, then each process."""
+    from ._fleet import report
+
+    members = [_Parent(pid, children.command, probes, refused)] + list(children.children)
+    report(out, args, members, interval, final, status)

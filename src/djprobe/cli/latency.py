@@ -1,0 +1,167 @@
+"""`djprobe latency`: how long calls of functions take, as log2 histograms kept in the target
+(in the manner of BCC's funclatency and bpftrace's hist())."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import TextIO
+
+from ..area import AreaLayout
+from ..latency import LatencyFigures
+from ..probes import Djprobe
+from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
+from ._target import (Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target,
+                      positive_seconds, run_until_done)
+from ._wrapper import ExecWatch, no_match_in_script, script_note
+
+EXAMPLES = """examples:
+  djprobe latency 'libc:malloc' -- ls -l /          # malloc's latency over one ls run, in ns
+  djprobe latency -u -p 1234 -d 10 'handle_*'       # functions of PID 1234 for 10 s, in us
+  djprobe latency -m -i 5 -p 1234 'query'           # in ms, a report every 5 s (then reset)
+  djprobe latency --json -o lat.json 'libz:deflate' -- gzip -k big.file
+
+Per function: calls (entries), returns (exits paired with their entry), the average, p50 and
+p99 (interpolated inside the log2 buckets) and the histogram. The time of a call is from its
+entry to its exit (a tail call ends it: the called function is measured on its own). A call
+left by longjmp or an exception has no return; calls already running when the probes went in
+are not measured. Functions whose entry window overlaps an exit window without ending with
+it (too short for separate jumps) are refused.
+"""
+
+UNITS = {"nsecs": 1, "usecs": 1000, "msecs": 1_000_000}
+BAR_WIDTH = 40
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "latency",
+        help="histograms of how long calls of functions take",
+        description="Pair a jump at the entry of every function matching the patterns with one at each of its "
+        "exits, and histogram the time between them inside the target.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) "
+        "PATTERN...",
+    )
+    add_target_arguments(parser)
+    add_output_argument(parser)
+    units = parser.add_mutually_exclusive_group()
+    units.add_argument("-u", "--microseconds", action="store_const", const="usecs", dest="unit",
+                       help="show times in microseconds")
+    units.add_argument("-m", "--milliseconds", action="store_const", const="msecs", dest="unit",
+                       help="show times in milliseconds")
+    parser.add_argument("-i", "--interval", type=positive_seconds,
+                        help="print the histograms every INTERVAL seconds, then start them again from zero")
+    parser.set_defaults(run=run, unit="nsecs")
+
+
+def function_json(djp: Djprobe, lat: LatencyFigures) -> dict:
+    """One function of the JSON report (the issue's format)."""
+    return {
+        "site": djp.site,
+        "address": djp.address,
+        "calls": lat.calls,
+        "returns": lat.returns,
+        "total_ns": lat.total_ns,
+        "hist": [{"low_ns": lo, "high_ns": hi, "count": c} for lo, hi, c in lat.buckets()],
+    }
+
+
+def _num(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    v = value / UNITS[unit]
+    return f"{v:.0f}" if v >= 100 or v == int(v) else f"{v:.3g}"
+
+
+def _bound(ns: int, unit: str) -> str:
+    if unit == "nsecs":
+        return str(ns)
+    v = ns / UNITS[unit]
+    return f"{v:.0f}" if v >= 1000 else f"{v:.4g}"
+
+
+def text_report(djp: Djprobe, lat: LatencyFigures, unit: str) -> str:
+    """BCC funclatency's histogram, with calls, returns, average and percentiles above it."""
+    avg = lat.average_ns
+    lines = [
+        f"Function = {djp.site}",
+        f"  calls {lat.calls}  returns {lat.returns}  average {_num(avg, unit)} {unit}  "
+        f"p50 {_num(lat.p50, unit)} {unit}  p99 {_num(lat.p99, unit)} {unit}"
+        + (f"  (lost to collisions {lat.collisions}, exits of earlier calls {lat.unpaired})"
+           if lat.collisions or lat.unpaired else ""),
+    ]
+    buckets = lat.buckets()
+    if not buckets:
+        lines.append("  (no call returned)")
+        return "\n".join(lines)
+    rows = [(f"{_bound(lo, unit)} -> {_bound(hi, unit)}", c) for lo, hi, c in buckets]
+    width = max(19, max(len(r) for r, _ in rows))
+    top = max(c for _, c in rows)
+    lines.append(f"{unit:>{width + 5}} : count     distribution")
+    for label, count in rows:
+        stars = round(count * BAR_WIDTH / top) if top else 0
+        if count and not stars:
+            stars = 1
+        lines.append(f"{label:>{width + 5}} : {count:<9} |{'*' * stars:<{BAR_WIDTH}}|")
+    return "\n".join(lines)
+
+
+def _report(out: TextIO, args: argparse.Namespace, probes: list[Djprobe], refused: list[Refusal],
+            status: int | None, *, interval: int, final: bool) -> dict[int, LatencyFigures]:
+    """Write one report; returns the figures reported, by probe (``id``)."""
+    rows = sorted(probes, key=lambda d: d.site or "")
+    figures = {id(d): d.latency.read() for d in rows}  # type: ignore[union-attr]
+    if args.json:
+        doc: dict = {
+            "functions": [function_json(d, figures[id(d)]) for d in rows],
+            "refused": [{"site": r.site, "reason": r.reason} for r in refused],
+            "exit_status": status,
+        }
+        if args.interval:
+            doc.update(time=round(time.time(), 6), interval=interval, final=final)
+        out.write(json.dumps(doc) + "\n")
+    else:
+        if args.interval:
+            stamp = time.strftime("%H:%M:%S")
+            out.write(f"[{stamp}] interval {interval}" + (" (final)" if final else "") + "\n")
+        out.write("\n\n".join(text_report(d, figures[id(d)], args.unit) for d in rows) + "\n")
+        if args.interval and not final:
+            out.write("\n")
+    out.flush()
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    install_signal_handlers()
+    note = script_note(args.command_argv)
+    if note is not None:
+        notice(f"note: {note}", wrap=True)
+    with report_stream(args) as out:
+        target = open_target(args)
+        with target:
+            target.layout = AreaLayout.for_latency()
+            watch = ExecWatch(target.pid) if args.command_argv else None
+            with no_match_in_script(args.command_argv, note):
+                probes, refused = make_probes(target, args.patterns, at="latency")
+            refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
+            notice(banner(len(probes), args.patterns))
+            print_refusals((r.site, r.reason) for r in refused)
+            target.start()
+            interval = 0
+            for _ in run_until_done(target, args.duration, args.interval):
+                interval += 1
+                reported = _report(out, args, probes, refused, None, interval=interval, final=False)
+                for djp in probes:
+                    djp.latency.reset(reported[id(djp)])  # type: ignore[union-attr]
+            target.unregister_many(probes)
+        # closed now: threads left in a stub's action ran out of it first, then the figures froze
+        exec_note = watch.note() if watch is not None else None
+        if exec_note is not None:
+            notice(f"note: {exec_note}", wrap=True)
+        status = exit_status(target) if args.command_argv else None
+        _report(out, args, probes, refused, status, interval=interval + 1, final=True)
+    return status or 0
+
