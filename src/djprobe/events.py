@@ -120,7 +120,8 @@ class ThreadMap:
     def learn(self, process: "Process") -> None:
         pairs = []
         for thread in process.threads.values():
-            pointer = thread.regs().fs_base
+            regs = thread.regs()
+            pointer = regs.fs_base or regs.gs_base  # a 32-bit thread's TCB is at gs_base
             if pointer:
                 self.by_pointer[pointer] = thread.tid
                 pairs.append((pointer, thread.tid))
@@ -133,8 +134,11 @@ class ThreadMap:
         for pointer, tid in pairs[:8]:
             try:
                 block = np.frombuffer(process.read(pointer, 4096), dtype=np.uint32)
-            except Exception:  # noqa: BLE001 - a TCB we cannot read tells us nothing
-                continue
+            except Exception:  # noqa: BLE001 - the TCB may end its mapping (i386): its page only
+                try:
+                    block = np.frombuffer(process.read(pointer, (4096 - pointer % 4096) & ~3), dtype=np.uint32)
+                except Exception:  # noqa: BLE001 - a TCB we cannot read tells us nothing
+                    continue
             offsets = {int(i) * 4 for i in np.nonzero(block == tid)[0]}
             candidates = offsets if candidates is None else candidates & offsets
         return min(candidates) if candidates else None

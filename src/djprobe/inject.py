@@ -179,13 +179,15 @@ class Injector:
         self._space = _DeadSpace(address, mapping)
         return address
 
-    def _write_trampoline(self, resume_at: int) -> int:
+    def _write_trampoline(self, resume_at: int, build=None) -> int:
+        """Write the trampoline (``build(address, resume_at)`` gives its bytes: the i386 one)."""
         address = self._space_address()
         space = self._space
         assert space is not None
         if space.original is None:
             space.original = self.process.read(address, TRAMPOLINE_SIZE)
-        self.process.write(address, TRAMPOLINE + (resume_at & _MASK64).to_bytes(8, "little"))
+        code = build(address, resume_at) if build is not None else TRAMPOLINE + (resume_at & _MASK64).to_bytes(8, "little")
+        self.process.write(address, code)
         return address
 
     def restore(self) -> None:
@@ -232,6 +234,10 @@ class Injector:
 
         Raises ProcessGoneError, TargetTimeoutError, TargetFaultError, DjprobeError.
         """
+        if self.process.arch.bits == 32:  # int 0x80 from 32-bit code: djprobe.inject32
+            from .inject32 import syscall32
+
+            return syscall32(self, thread, nr, args, data=data, timeout=timeout)
         process = self.process
         saved = thread.regs()
         frame_at = self._frame_address(thread, saved.rsp, len(data))

@@ -81,9 +81,17 @@ def _inside(window: SiteAnalysis, address: int) -> bool:
     )
 
 
+def _mode32(proc: "ProbedProcess") -> bool:
+    """A 32-bit (i386) process: shared stubs are x86-64 code, not built for it (its probes whose
+    windows overlap are refused as before)."""
+    return getattr(getattr(proc.process, "arch", None), "bits", 64) == 32
+
+
 def host_for(proc: "ProbedProcess", address: int) -> "Instance | None":
     """The host instance whose window has ``address`` as an instruction boundary (not its first
     byte), if there is one and its stub can be shared."""
+    if _mode32(proc):
+        return None
     other = proc._overlapping(address, 1)
     if other is None:
         return None
@@ -130,7 +138,7 @@ def order_plans(plans: list[list], windows: PlanWindows) -> None:
 def joins(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, windows: PlanWindows) -> bool:
     """Whether the entry probe ``djp`` will join the stub of another probe: its site is inside the
     window of a placed probe or of another planned one."""
-    if djp._preset is not None or djp.size is not None or not can_share(proc, djp):
+    if djp._preset is not None or djp.size is not None or not can_share(proc, djp) or _mode32(proc):
         return False
     return host_for(proc, analysis.address) is not None or windows.around(analysis.address, analysis) is not None
 
@@ -201,7 +209,7 @@ def place_exit(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, pr
     False (nothing changed) where that does not apply; raises the grown window's refusal."""
     from .sites import analyse_site
 
-    if djp._preset is None or not _at_exit(analysis) or not can_share(proc, djp):
+    if djp._preset is None or not _at_exit(analysis) or not can_share(proc, djp) or _mode32(proc):
         return False
     exit_insn = analysis.exit
     path = bool(analysis.exit_path)  # its block is copied into the stub; its window's branches lead there
@@ -439,7 +447,8 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
 
     old = other.host or other
     start = analysis.address
-    if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not old.analysis.ok:
+    if djp._preset is not None or djp.size is not None or not _shareable(analysis) or not old.analysis.ok \
+            or _mode32(proc):
         return False
     if not _shares(old) or not can_share(proc, djp):
         return False

@@ -56,6 +56,8 @@ from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
 from .prototypes import Prototype, typed_probe
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
+from .stubs32 import build_stub32, jump_bytes32
+from .arch import I386
 from .symbols import Symbols
 from .traps import TrapSet
 from .x86.relocate import RelocationError
@@ -604,7 +606,7 @@ class ProbedProcess:
             raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
         action, registers, lossless = self._action_for(djp)
         region, slot, stub = prepared or self._prepare(analysis, action, registers, lossless, part=djp, strings=djp.strings)
-        patched = jump_bytes(address, stub.address)
+        patched = self._jump(address, stub.address)
         entry = InstanceEntry(
             address=address,
             stub_address=stub.address,
@@ -669,7 +671,19 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if builder is not None:
+                if getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
+                    if builder is not None or action not in ("count", "record"):
+                        region.free_slots.append(slot)
+                        raise InvalidSiteError(
+                            f"{analysis.site}: {action if builder is None else type(part).__name__} probes are not "
+                            "supported in 32-bit processes yet", address=analysis.address,
+                        )
+                    targets = None
+                    if action == "record":
+                        self._populate_rings(region)
+                        targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    stub = build_stub32(analysis, region, slot, action, registers, targets)
+                elif builder is not None:
                     stub = builder(self, analysis, region, slot)
                 elif action == "latency":
                     stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
@@ -698,6 +712,10 @@ class ProbedProcess:
                 continue
             self.process.write(stub.address, stub.image())
             return region, slot, stub
+
+    def _jump(self, site: int, stub: int) -> bytes:
+        """The jmp rel32 written at ``site`` (in a 32-bit process it wraps the 4 GiB)."""
+        return jump_bytes32(site, stub) if getattr(self.process, "arch", None) is I386 else jump_bytes(site, stub)
 
     def _rseq_offset(self) -> int | None:
         """glibc's rseq area offset when per-CPU counting is usable in this process (decided
@@ -739,7 +757,7 @@ class ProbedProcess:
         lay = region.layout
         start = region.data_address + lay.rings_offset
         with self.stopped():
-            result = self.process.syscall(SYS_MADVISE, start, lay.data_size - lay.rings_offset, MADV_POPULATE_WRITE)
+            result = self.process.syscall(self.process.arch.syscalls["madvise"], start, lay.data_size - lay.rings_offset, MADV_POPULATE_WRITE)
         if result < 0:
             log.info("madvise(MADV_POPULATE_WRITE) of the event rings failed: %d", result)
         region.rings_populated = True
@@ -948,7 +966,7 @@ class ProbedProcess:
             raise SiteBusyError(f"{instance.analysis.site}: a probe recording every register is there; "
                                 "string arguments are fetched only by argument records", address=instance.address)
         region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless, strings=strings)
-        patched = jump_bytes(instance.address, stub.address)
+        patched = self._jump(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
         entry.patched = patched + instance.original[len(patched) :]
@@ -1056,6 +1074,9 @@ class ProbedProcess:
         done = 0
         handlers: dict[int, list] = {}
         regs_array = ev["regs"]
+        regs_view = Regs
+        if getattr(self.process, "arch", None) is I386:  # eax..edi, cdecl arguments
+            from .events32 import Regs32 as regs_view
         columns = zip(ev["tid"].tolist(), ev["time_ns"].tolist(), ev["tsc"].tolist(), batch.instances.tolist())
         for k, (tid, when, tsc, instance) in enumerate(columns):
             todo = handlers.get(id(instance))
@@ -1067,7 +1088,7 @@ class ProbedProcess:
                 )
             if not todo:
                 continue
-            regs = Regs(regs_array, k, tid, when, batch.fetched_strings(k) if batch.fetched else None)
+            regs = regs_view(regs_array, k, tid, when, batch.fetched_strings(k) if batch.fetched else None)
             for djp, handler, joined in todo:
                 if tsc < joined:
                     continue

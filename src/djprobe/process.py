@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -37,7 +38,7 @@ from typing import Iterable, Sequence
 
 from ._sys import ptrace as pt
 from ._sys.procfs import MapEntry, ProcessMemory, read_maps
-from .arch import check_target
+from .arch import LIVE_ARCHES, Arch, check_elf_header, check_target
 from .inject import DATA, Injector, _NoRoom
 from .errors import (
     DjprobeError,
@@ -289,8 +290,9 @@ class Process:
 
     popen: subprocess.Popen | None
 
-    def __init__(self, pid: int) -> None:
-        """Check that ``pid`` exists, is not a zombie and runs x86-64 code; does not attach.
+    def __init__(self, pid: int, *, arches: frozenset = LIVE_ARCHES) -> None:
+        """Check that ``pid`` exists, is not a zombie and runs code of one of ``arches`` (default:
+        what djprobe probes; ``djprobe.arch.PROCESS_ARCHES`` adds i386); does not attach.
 
         Raises ProcessGoneError, TracePermissionError, UnsupportedTargetError.
         """
@@ -302,7 +304,7 @@ class Process:
         tgid = int(status.get("Tgid", pid))
         if tgid == os.getpid():
             raise TracePermissionError(f"cannot trace process {pid}: it is the tracer itself")
-        check_target(tgid)  # 32-bit or another machine: refused before any ptrace request
+        self.arch: Arch = check_target(tgid, arches)  # another machine: refused before any ptrace request
         self.pid = tgid
         # /proc/PID/{mem,maps} are empty once the leader has exited (a zombie leader with live
         # threads); /proc/TID/... of a live thread shows the same address space.
@@ -338,8 +340,9 @@ class Process:
         stdout=None,
         stderr=None,
         timeout: float = 30.0,
+        arches: frozenset = LIVE_ARCHES,
     ) -> "Process":
-        """Start ``argv`` and hold it, world stopped, at its ELF entry point (``AT_ENTRY``): the
+        """Start ``argv`` (a program of one of ``arches``) and hold it, world stopped, at its ELF entry point (``AT_ENTRY``): the
         dynamic loader has mapped the libraries and run their initialisers; ``main`` has not run.
         Works for PIE, non-PIE and static executables. ``proc.popen`` is the Popen object (wait
         for the exit status with it after :meth:`resume`). The child keeps the caller's stdio
@@ -349,6 +352,7 @@ class Process:
         its entry point), UnsupportedTargetError (not x86-64 code: the child is killed at its
         exec stop, before it runs), TargetTimeoutError.
         """
+        _check_program(argv[0], env, cwd)  # x32, aarch64...: refused before it is started
         popen = subprocess.Popen(
             [os.fspath(a) for a in argv],
             env=env,
@@ -379,7 +383,7 @@ class Process:
                 if pt.stop_signal(status) == signal.SIGTRAP:
                     break
                 pt.cont(pid, pt.stop_signal(status) if pt.stop_event(status) == 0 else 0)
-            check_target(pid)  # not x86-64: killed below before it runs an instruction of its own
+            self.arch = check_target(pid, arches)  # refused: killed below before it runs an instruction of its own
             self._proc_tid = pid
             self.memory = ProcessMemory(pid)
             # Until start() detaches it, the command has run none of its own code: if the tracer
@@ -388,7 +392,7 @@ class Process:
             thread = Thread(self, pid)
             self.threads[pid] = thread
             # 2. a breakpoint at AT_ENTRY
-            entry = _auxv(pid).get(AT_ENTRY)
+            entry = _auxv(pid, self.arch.auxv_entry).get(AT_ENTRY)
             if not entry:
                 raise DjprobeError(f"{argv[0]}: no AT_ENTRY in /proc/{pid}/auxv")
             original = self.memory.read(entry, 1)
@@ -886,10 +890,12 @@ class Process:
 
     def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
         """mmap in the target; returns the address. Raises RemoteSyscallError."""
+        if self.arch.bits == 32:  # mmap2: the offset in pages
+            return self._check_syscall("mmap", self.syscall(self.arch.syscalls["mmap"], addr, length, prot, flags, fd, offset // 4096))
         return self._check_syscall("mmap", self.syscall(SYS_mmap, addr, length, prot, flags, fd & _MASK64, offset))
 
     def munmap(self, addr: int, length: int) -> None:
-        self._check_syscall("munmap", self.syscall(SYS_munmap, addr, length))
+        self._check_syscall("munmap", self.syscall(self.arch.syscalls["munmap"], addr, length))
 
     def open_file(self, path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
         """openat(AT_FDCWD, path, flags, mode) in the target; returns the target's fd. The path is
@@ -897,11 +903,11 @@ class Process:
 
         Raises RemoteSyscallError."""
         data = os.fsencode(path) + b"\0"
-        result = self.syscall(SYS_openat, AT_FDCWD & _MASK64, DATA, flags, mode, data=data)
+        result = self.syscall(self.arch.syscalls["openat"], AT_FDCWD & _MASK64, DATA, flags, mode, data=data)
         return self._check_syscall(f"open {os.fsdecode(path)!r}", result)
 
     def close_fd(self, fd: int) -> None:
-        self._check_syscall("close", self.syscall(SYS_close, fd))
+        self._check_syscall("close", self.syscall(self.arch.syscalls["close"], fd))
 
     # -- memory, maps, life --------------------------------------------------------------------
     def read(self, address: int, size: int) -> bytes:
@@ -1008,13 +1014,33 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def _auxv(pid: int) -> dict[int, int]:
+def _check_program(program: str | os.PathLike, env: dict[str, str] | None, cwd: str | os.PathLike | None = None) -> None:
+    """UnsupportedTargetError if ``program`` (found as exec would find it) is an ELF file of a
+    machine djprobe knows nothing of (x32, aarch64...): the kernel would say only "Exec format
+    error", or run it under an emulator. Anything else is left to exec."""
+    name = os.fspath(program)
+    if cwd is not None and "/" in name and not os.path.isabs(name):
+        name = os.path.join(os.fspath(cwd), name)
+    path = shutil.which(name, path=(env or os.environ).get("PATH"))
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return
+    check_elf_header(header, os.fspath(program))
+
+
+def _auxv(pid: int, entry: int = 16) -> dict[int, int]:
+    """/proc/PID/auxv: ``entry`` bytes an entry (``Arch.auxv_entry``: 8 in a 32-bit process)."""
     with open(f"/proc/{pid}/auxv", "rb") as f:
         data = f.read()
     out = {}
-    for i in range(0, len(data) - 15, 16):
-        key = int.from_bytes(data[i : i + 8], "little")
-        value = int.from_bytes(data[i + 8 : i + 16], "little")
+    half = entry // 2
+    for i in range(0, len(data) - entry + 1, entry):
+        key = int.from_bytes(data[i : i + half], "little")
+        value = int.from_bytes(data[i + half : i + entry], "little")
         if key == 0:
             break
         out[key] = value

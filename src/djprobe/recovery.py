@@ -36,6 +36,7 @@ from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
 from .process import Process
 from .stacks import StackWords
+from .stubs32 import jump_bytes32
 from .stubs import jump_bytes, jump_target
 from .shmfiles import AREA_PATH_RE as _AREA_PATH_RE
 from .symbols import Symbols
@@ -240,7 +241,9 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
     try:
         jump = jump_bytes(inst.address, inst.stub_address)
     except ValueError:
-        return f"stub {inst.stub_address:#x} is out of reach of {inst.address:#x}"
+        jump = jump_bytes32(inst.address, inst.stub_address)  # an i386 process: a rel32 wraps its 4 GiB
+        if inst.address >> 32 or inst.stub_address >> 32:
+            return f"stub {inst.stub_address:#x} is out of reach of {inst.address:#x}"
     if inst.patched[:5] != jump or inst.patched[5:] != inst.original[5:]:
         return "recorded patched bytes are not the jump to its stub followed by the original bytes"
     return None

@@ -48,18 +48,23 @@ def _user_of(pid: int) -> tuple[int, int]:
     return uid, gid
 
 
-def find_gap_near(maps: list["MapEntry"], site: int, size: int) -> list[int]:
-    """Candidate start addresses for ``size`` bytes of free address space, closest to ``site``
-    first, every byte of which lies within rel32 reach of ``site``."""
+def find_gap_near(
+    maps: list["MapEntry"], site: int, size: int, max_address: int = MAX_ADDRESS, reach: int | None = REACH
+) -> list[int]:
+    """Candidate start addresses for ``size`` bytes of free address space below ``max_address``,
+    closest to ``site`` first, every byte of which lies within rel32 reach of ``site`` (``reach``;
+    None: any address, as in a 32-bit process)."""
     spans = sorted((m.start, m.end) for m in maps)
     gaps = []
     prev_end = MIN_ADDRESS
     for start, end in spans:
+        if start >= max_address:
+            break
         if start > prev_end:
             gaps.append((prev_end, start))
         prev_end = max(prev_end, end)
-    if prev_end < MAX_ADDRESS:
-        gaps.append((prev_end, MAX_ADDRESS))
+    if prev_end < max_address:
+        gaps.append((prev_end, max_address))
     candidates = []
     for lo, hi in gaps:
         lo_aligned = (lo + ALIGN - 1) & ~(ALIGN - 1)
@@ -74,10 +79,25 @@ def find_gap_near(maps: list["MapEntry"], site: int, size: int) -> list[int]:
         else:
             start = site & ~(ALIGN - 1)
             start = max(lo_aligned, min(start, hi_aligned))
-        if abs(start - site) <= REACH and abs(start + size - site) <= REACH:
+        if reach is None:
+            # Anywhere goes (a 32-bit process): also the gap's ends, and places whose addresses
+            # do not read as text come first (below).
+            candidates.extend({start, lo_aligned, hi_aligned})
+        elif abs(start - site) <= reach and abs(start + size - site) <= reach:
             candidates.append(start)
+    if reach is None:
+        # A 4-byte stack word is often text (environment strings are on the main stack): an area
+        # at 0x56xxxxxx ("V...", where a PIE executable is loaded) would look referenced by them
+        # and could not be unmapped. Prefer places whose top byte is not printable ASCII.
+        candidates.sort(key=lambda a: (_text_like(a) or _text_like(a + size - 1), abs(a + size // 2 - site)))
+        return candidates
     candidates.sort(key=lambda a: abs(a + size // 2 - site))
     return candidates
+
+
+def _text_like(address: int) -> bool:
+    """Is the top byte of a 32-bit address a printable ASCII character?"""
+    return 0x20 <= (address >> 24) & 0xFF <= 0x7E
 
 
 @dataclass
@@ -92,6 +112,7 @@ class Region:
     free_slots: list[int] = field(default_factory=list)
     mapped_in_target: bool = True
     rings_populated: bool = False
+    reach: int | None = REACH  # of the jumps to it (None: a 32-bit process, everywhere)
 
     def __post_init__(self) -> None:
         self._end = self.data_address + self.layout.data_size  # asked for every site placed: computed once
@@ -105,7 +126,9 @@ class Region:
         return self._end
 
     def reaches(self, site: int) -> bool:
-        return abs(self.code_address - site) <= REACH and abs(self._end - site) <= REACH
+        if self.reach is None:
+            return True
+        return abs(self.code_address - site) <= self.reach and abs(self._end - site) <= self.reach
 
     def slot_address(self, index: int) -> int:
         return self.layout.slot_address(self.code_address, index)
@@ -166,7 +189,9 @@ def create_region(
     """
     between = between or (lambda: None)
     layout = layout or AreaLayout()
-    candidates = find_gap_near(process.maps(), site, layout.total_size)
+    arch = getattr(process, "arch", None)
+    limits = {} if arch is None else {"max_address": arch.address_limit, "reach": arch.jump_reach}
+    candidates = find_gap_near(process.maps(), site, layout.total_size, **limits)
     if not candidates:
         raise NoRoomError(f"no free address space within ±2 GiB of {site:#x} for stubs", address=site)
     path = new_area_path(process.pid)
@@ -202,7 +227,7 @@ def create_region(
         raise
     finally:
         os.close(fd)
-    region = Region(layout, code_address, code_address + layout.code_size, view, tracer_map)
+    region = Region(layout, code_address, code_address + layout.code_size, view, tracer_map, **({"reach": limits["reach"]} if limits else {}))
     region.free_slots = list(range(layout.max_instances - 1, -1, -1))
     return region
 

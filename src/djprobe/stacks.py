@@ -105,7 +105,10 @@ class StackWords:
         executable = [m for m in maps if m.executable]
         if not executable:
             return result
-        scanner = _Scanner(process, maps, min(m.start for m in executable), max(m.end for m in executable))
+        scanner_class = _Scanner
+        if getattr(getattr(process, "arch", None), "bits", 64) == 32:
+            from .stacks32 import Scanner32 as scanner_class  # 4-byte words, i386 signal frames
+        scanner = scanner_class(process, maps, min(m.start for m in executable), max(m.end for m in executable))
         for thread in list(process.threads.values()):
             if thread.gone:
                 continue
@@ -146,6 +149,9 @@ class StackWords:
 
 
 class _Scanner:
+    WORD = 8  # bytes of a stack word
+    FRAME_WORDS = _FRAME_WORDS  # words of a signal frame up to its saved instruction pointer
+
     def __init__(self, process: "Process", maps: list[MapEntry], lo: int, hi: int) -> None:
         self.process = process
         self.maps = sorted(maps, key=lambda m: m.start)
@@ -174,7 +180,7 @@ class _Scanner:
         """The code-like words from ``rsp`` up, following signal frames to other stacks."""
         scanned: dict[int, int] = {}  # mapping start -> lowest address scanned in it
         parts: list[np.ndarray] = []
-        todo = [rsp & ~7]
+        todo = [rsp & ~(self.WORD - 1)]
         while todo and len(scanned) <= MAX_STACKS:
             start = todo.pop()
             m = self.mapping(start)
@@ -185,7 +191,7 @@ class _Scanner:
                 continue  # already scanned from lower down
             scanned[m.start] = start
             for saved_rsp in self._scan(m, start, end, parts):
-                todo.append(saved_rsp & ~7)
+                todo.append(saved_rsp & ~(self.WORD - 1))
         if not parts:
             return _EMPTY
         return sorted_unique(np.concatenate(parts))
@@ -203,17 +209,17 @@ class _Scanner:
         tail, tail_end = _EMPTY, -1  # a frame may straddle two reads: keep the last words
         for at, words in self._pieces(start, end):
             n = len(words)
-            self.bytes_scanned += 8 * n
+            self.bytes_scanned += self.WORD * n
             tmp, keep, other = self._tmp[:n], self._keep[:n], self._other[:n]
             np.less(np.subtract(words, self.lo, out=tmp), span, out=keep)
             keep &= np.greater_equal(np.subtract(words, own_start, out=tmp), own_size, out=other)
             parts.append(words[keep])
             joined = at == tail_end
             if joined:  # frames that start in the previous read's last words
-                saved.extend(self._frames(np.concatenate([tail, words[: _FRAME_WORDS - 1]]), len(tail)))
+                saved.extend(self._frames(np.concatenate([tail, words[: self.FRAME_WORDS - 1]]), len(tail)))
             saved.extend(self._frames(words, n))
-            last = np.concatenate([tail, words]) if joined and n < _FRAME_WORDS else words
-            tail, tail_end = last[-(_FRAME_WORDS - 1) :].copy(), at + 8 * n  # the buffer is reused
+            last = np.concatenate([tail, words]) if joined and n < self.FRAME_WORDS else words
+            tail, tail_end = last[-(self.FRAME_WORDS - 1) :].copy(), at + self.WORD * n  # the buffer is reused
         return saved
 
     def _pieces(self, start: int, end: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -56,9 +56,10 @@ class Relocatable(Protocol):
     def relocate_to(self, stub_address: int, return_to: int | None = None) -> Relocated: ...
 
 
-def assemble(instructions: Sequence[Instruction], address: int) -> bytes:
-    """Encode ``instructions`` to run at ``address`` (RIP-relative operands hold absolute targets)."""
-    encoder = BlockEncoder(64)
+def assemble(instructions: Sequence[Instruction], address: int, bits: int = 64) -> bytes:
+    """Encode ``instructions`` to run at ``address`` (RIP-relative operands hold absolute targets;
+    ``bits`` 32: i386 code)."""
+    encoder = BlockEncoder(bits)
     encoder.add_many(list(instructions))
     return bytes(encoder.encode(address))
 
@@ -229,7 +230,7 @@ def build_count_stub(
         layout,
         counter_address,
         red_zone_live=not (site.at_entry or at_exit),
-        flags_live=not (site.at_entry or site.flags_dead or at_exit),
+        flags_live=not (site.flags_dead or at_exit),  # dead at an entry unless its first instruction reads them
         per_cpu=per_cpu,
     )
     if per_cpu is None:
@@ -728,7 +729,8 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
     path = list(getattr(site, "exit_path"))
     via = getattr(site, "exit_via", None) or path[0].address
     last = path[-1]
-    if not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
+    bits = window[0].bits  # 32: an i386 function (djprobe.stubs32); a rel32 then reaches everywhere
+    if bits == 64 and not -(2**31) <= slot_address - (site.address + JMP_REL32_SIZE) < 2**31:
         raise RelocationError(
             f"stub at {slot_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {site.address:#x}",
             address=site.address,
@@ -736,14 +738,17 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
         )
 
     def exact(instruction: Instruction, at: int) -> bytes:
-        encoder = Encoder(64)  # the form given, never a shorter one: both passes lay out alike
+        encoder = Encoder(bits)  # the form given, never a shorter one: both passes lay out alike
         encoder.encode(instruction, at)
         return bytes(encoder.take_buffer())
 
     def branch_to(insn, at: int, to: int) -> bytes:
         c = insn.instruction.copy()
         c.as_near_branch()
-        c.near_branch64 = to
+        if bits == 32:
+            c.near_branch32 = to
+        else:
+            c.near_branch64 = to
         return exact(c, at)
 
     copies = {insn.address for insn in path} | {via}
@@ -765,7 +770,7 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
         end = window[-1]
         if end.end != via and end.flow in FALLS_THROUGH:
             amap[end.end] = at  # the fall-through of the window's last branch goes back
-            piece = exact(Instruction.create_branch(Code.JMP_REL32_64, copy.get(end.end, end.end)), at)
+            piece = exact(Instruction.create_branch(Code.JMP_REL32_64 if bits == 64 else Code.JMP_REL32_32, copy.get(end.end, end.end)), at)
             code += piece
             at += len(piece)
         for insn in path[:-1]:
@@ -786,7 +791,7 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
     if at != action_at:
         raise RelocationError(f"stub layout of the path window at {site.address:#x} did not converge",
                               address=site.address)
-    action_code = assemble(action, at)
+    action_code = assemble(action, at, bits)
     code += action_code
     code += relocate([last], slot_address + len(code), None).code
     if len(code) > layout.slot_size:

@@ -58,7 +58,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
-from .arch import check_elf_header, check_target
+from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
 from .fde import fde_ranges
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
@@ -94,6 +94,10 @@ _R_X86_64_GLOB_DAT = 6
 _R_X86_64_JUMP_SLOT = 7
 _R_X86_64_IRELATIVE = 37
 
+_EM = {"EM_X86_64": 62, "EM_386": 3}
+# IFUNC resolution per machine: the IRELATIVE type; (GOT slot types, the absolute-word type)
+_IRELATIVE = {"EM_X86_64": 37, "EM_386": 42}
+_GOT_TYPES = {"EM_X86_64": ((6, 7), 1), "EM_386": ((6, 7), 1)}
 _AT_PHDR = 3
 _AT_SYSINFO_EHDR = 33
 
@@ -213,6 +217,8 @@ class _ElfInfo:
         elf = e.elf
         self.elfclass = elf.elfclass
         self.machine = elf.header["e_machine"]
+        #: the mode of its code (x86-64 when the file says something else: callers checked it)
+        self.arch: Arch = ARCHES.get((1 if elf.elfclass == 32 else 2, _EM.get(self.machine, 0)), X86_64)
         self.e_type = elf.header["e_type"]
         self.loads: list[_Load] = []
         for seg in elf.iter_segments():
@@ -228,6 +234,7 @@ class _ElfInfo:
         self.dynsym: list[tuple[str, str | None, bool, bool]] = []
         self._rela: list[tuple[int, int, int, int]] | None = None  # (r_offset, type, sym index, addend)
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
+        self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
         self._stream = stream if data is not None else None
         self._eh_frame: tuple[int, int, int] | None = None  # (file offset, size, vaddr)
         self._fdes: list | None = None
@@ -263,6 +270,8 @@ class _ElfInfo:
         for sec in e.secs:
             if sec["sh_type"] == "SHT_RELA" and sec["sh_flags"] & 0x2:  # SHF_ALLOC
                 self._rela_sections.append((sec["sh_offset"], sec["sh_size"], sec["sh_entsize"] or 24))
+            elif sec["sh_type"] == "SHT_REL" and sec["sh_flags"] & 0x2 and elf.elfclass == 32:
+                self._rel_sections.append((sec["sh_offset"], sec["sh_size"], sec["sh_entsize"] or 8))
 
     # -- symbol tables ---------------------------------------------------------------------
 
@@ -371,6 +380,10 @@ class _ElfInfo:
         with self._lock:
             if self._rela is None:
                 out = []
+                if self.elfclass == 32:  # REL, i386 types: djprobe.symbols32
+                    from .symbols32 import rel_relocations
+
+                    out = rel_relocations(self)
                 if self.elfclass == 64:
                     for off, size, entsize in self._rela_sections:
                         data = self.read_at(off, size)
@@ -636,6 +649,11 @@ class Module:
     @property
     def build_id(self) -> str | None:
         return self._info.build_id
+
+    @property
+    def arch(self) -> Arch:
+        """The mode of the module's code (:data:`djprobe.arch.X86_64` or ``I386``)."""
+        return self._info.arch
 
     @property
     def image(self) -> bytes | None:
@@ -1120,10 +1138,10 @@ class Symbols:
 
         Raises ProcessGoneError, TracePermissionError, UnsupportedTargetError (not x86-64 code).
         """
-        check_target(pid)
+        arch = check_target(pid)
         maps = read_maps(pid)
         self = cls([], pid=pid, maps=maps, memory=memory, ifunc_resolver=ifunc_resolver)  # a loader
-        auxv = _read_auxv(pid)
+        auxv = _read_auxv(pid, arch.auxv_entry)
         modules: list[Module] = []
 
         # group consecutive mappings of one file; a mapping that does not continue the file's
@@ -1313,9 +1331,10 @@ class Symbols:
             self._ifunc_cache[key] = target
         return target
 
-    def _read_u64(self, address: int) -> int | None:
+    def _read_u64(self, address: int, arch: Arch = X86_64) -> int | None:
+        """A machine word of ``arch`` (8 bytes, or 4 in an i386 module) in process memory."""
         try:
-            return struct.unpack("<Q", self._mem().read(address, 8))[0]
+            return struct.unpack(arch.word_format, self._mem().read(address, arch.word))[0]
         except (DjprobeError, OSError):
             return None
 
@@ -1328,23 +1347,25 @@ class Symbols:
 
     def _ifunc_from_irelative(self, sym: Symbol) -> int | None:
         m = sym.module
-        if m._info.machine != "EM_X86_64":
+        if m._info.machine not in _IRELATIVE:
             return None
         vaddr = sym.address - m.bias
         for r_offset, r_type, _idx, addend in m._info.relocations():
-            if r_type == _R_X86_64_IRELATIVE and addend == vaddr:
-                value = self._read_u64(r_offset + m.bias)
+            if r_type == _IRELATIVE[m._info.machine] and addend == vaddr:
+                value = self._read_u64(r_offset + m.bias, m.arch)
                 if self._plausible_impl(sym, value, own_module=False):
                     return value
         return None
 
     def _ifunc_from_got(self, sym: Symbol) -> int | None:
         for m in self.modules:
-            if m._info.machine != "EM_X86_64" or not m.file_backed:
+            if m._info.machine not in _IRELATIVE or not m.file_backed:
                 continue
             table = m._info.dynsym
+            slot_types, absolute = _GOT_TYPES[m._info.machine]
             for r_offset, r_type, idx, addend in m._info.relocations():
-                if r_type not in (_R_X86_64_GLOB_DAT, _R_X86_64_JUMP_SLOT, _R_X86_64_64) or addend != 0:
+                # GLOB_DAT/JUMP_SLOT take no addend (an i386 REL place holds the lazy PLT address)
+                if not (r_type in slot_types and (addend == 0 or m.arch.elfclass == 1)) and not (r_type == absolute and addend == 0):
                     continue
                 if idx >= len(table):
                     continue
@@ -1355,7 +1376,7 @@ class Symbols:
                     continue
                 if version is None and sym.version_hidden:
                     continue
-                value = self._read_u64(r_offset + m.bias)
+                value = self._read_u64(r_offset + m.bias, m.arch)
                 if self._plausible_impl(sym, value, own_module=True):
                     return value
         return None
@@ -1581,14 +1602,15 @@ def _vdso_reference(image: bytes) -> bytes:
     return image
 
 
-def _read_auxv(pid: int) -> dict[int, int]:
+def _read_auxv(pid: int, entry: int = 16) -> dict[int, int]:
     try:
         with open(f"{proc_dir(pid)}/auxv", "rb") as f:
             data = f.read()
     except OSError:
         return {}
     out = {}
-    for key, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
+    fmt = "<QQ" if entry == 16 else "<II"  # Arch.auxv_entry: 8 bytes in a 32-bit process
+    for key, value in struct.iter_unpack(fmt, data[: len(data) // entry * entry]):
         if key == 0:
             break
         out[key] = value

@@ -1,4 +1,4 @@
-"""The target's life (issues 9.1, 9.6, 13.1): 32-bit processes refused untouched, a process
+"""The target's life (issues 9.1, 9.6, 13.1, 16): 32-bit processes counted, what they cannot take refused untouched, a process
 whose main thread has exited, the vDSO, no probe area left behind, spawn mode's signals and
 commands that will not be traced."""
 
@@ -91,48 +91,46 @@ def life32():
 # -- 9.1: 32-bit and other machines ----------------------------------------------------------------
 
 
-def test_32bit_process_and_file_refused_untouched(start_target, life32):
+def test_32bit_process_probed_and_left_untouched_x32_refused(start_target, life32, tmp_path):
+    """Issue 16: a 32-bit process is traced and counted (attached and spawned) and left as it was;
+    a machine djprobe does not know (x32) is refused before anything runs."""
     n = 5000
     t = start_target([life32, "wait", n], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     out = Lines(t.proc.stdout)
     assert out.next() == f"ready {t.pid}"
-    want = f"process {t.pid} ({life32.name[:15]}): 32-bit (i386) process: not supported yet"
 
-    with pytest.raises(UnsupportedTargetError) as info:
-        djprobe.attach(t.pid)
-    assert str(info.value) == want
-    for argv in (
-        ["count", "-p", t.pid, "-d", "1", "f_add"],
-        ["count", "--json", "-p", t.pid, "f_*"],
-        ["trace", "-p", t.pid, "-d", "1", "f_add"],
-        ["sites", "-p", t.pid, "f_add"],
-        ["sites", "--all", life32.name, "-p", t.pid],
-    ):
-        res = run(DJPROBE + argv)
-        assert res.returncode == 1, (argv, res.stdout, res.stderr)
-        assert res.stderr.strip() == f"djprobe: error: {want}", argv
-        assert tracer_pid(t.pid) == 0 and state(t.pid) == "S", argv
-
-    # status and cleanup only read it: a 32-bit process has no probe areas, nothing to do
+    res = run(DJPROBE + ["trace", "-p", t.pid, "-d", "0.5", "f_add%return"])
+    assert res.returncode == 0 and "refused" not in res.stderr, res.stderr
+    assert tracer_pid(t.pid) == 0 and state(t.pid) == "S"
+    res = run(DJPROBE + ["sites", "-p", t.pid, "f_add"])
+    assert res.returncode == 0 and "JUMP" in res.stdout, res.stderr
     res = run(DJPROBE + ["cleanup", "-p", t.pid])
     assert res.returncode == 0 and "nothing to clean up" in res.stdout
     assert tracer_pid(t.pid) == 0 and state(t.pid) == "S"
+    res = run(DJPROBE + ["sites", f"{life32}:f_add"])
+    assert res.returncode == 0 and "JUMP" in res.stdout, res.stderr
 
-    for argv in (["sites", f"{life32}:f_add"], ["sites", "--all", str(life32)]):
-        res = run(DJPROBE + argv)
-        assert res.returncode == 1 and res.stderr.strip() == f"djprobe: error: {life32}: 32-bit (i386) ELF file: not supported yet"
-
-    # spawn: refused at the exec stop, before the program runs any code of its own
-    res = run(DJPROBE + ["count", "f_add", "--", life32, "wait", "10"], input="\n")
-    assert res.returncode == 1, res.stderr
-    assert "32-bit (i386) process: not supported yet" in res.stderr
-    assert "ready" not in res.stdout and "sum=" not in res.stdout
+    # spawned: counted from before main, exactly; its output unchanged
+    res = run(DJPROBE + ["count", "--json", "f_add", "--", life32, "wait", "10"], input="\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[:3] == [f"ready {json.loads(lines[-1])['pid']}", "sum=45", "done"]
+    assert [p["hits"] for p in json.loads(lines[-1])["probes"]] == [10]
 
     # the attached-to target never noticed: it finishes with its normal output
     t.proc.stdin.write(b"go\n")
     t.proc.stdin.flush()
     assert out.next() == f"sum={n * (n - 1) // 2}"
     assert out.next() == "done"
+
+    # x32 (a machine the kernel here cannot even run): refused before it is started
+    try:
+        x32 = compile_c("int main(void) { return 0; }\n", "-mx32", name="x32")
+    except RuntimeError:
+        return
+    for argv in (["count", "main", "--", x32], ["sites", f"{x32}:main"]):
+        res = run(DJPROBE + argv)
+        assert res.returncode == 1 and res.stderr.strip() == f"djprobe: error: {x32}: x32 (32-bit x86-64 ABI) ELF file: not supported", argv
     assert t.proc.wait(timeout=20) == 0
 
 

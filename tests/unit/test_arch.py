@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from djprobe import UnsupportedTargetError
-from djprobe.arch import check_elf, check_target
+from djprobe.arch import I386, X86_64, check_elf, check_target
 from djprobe.symbols import Symbols
 
 
@@ -20,7 +20,6 @@ def _header(elfclass: int, machine: int) -> bytes:
 @pytest.mark.parametrize(
     "elfclass, machine, words",
     [
-        (1, 3, "32-bit (i386) ELF file: not supported yet"),
         (1, 62, "x32"),
         (2, 183, "64-bit aarch64 ELF file: not supported"),
         (1, 40, "32-bit arm ELF file"),
@@ -38,12 +37,27 @@ def test_non_x86_64_headers_are_refused_with_what_they_are(tmp_path, elfclass, m
         Symbols.from_file(path)  # `djprobe sites FILE:sym` goes through here
 
 
-def test_x86_64_passes(tmp_path):
-    check_elf(sys.executable)
-    check_target(__import__("os").getpid())
+def test_x86_64_and_i386_files_pass_with_their_arch(tmp_path):
+    assert check_elf(sys.executable) is X86_64
+    assert check_target(__import__("os").getpid()) is X86_64
     path = tmp_path / "prog"
     path.write_bytes(_header(2, 62))
-    check_elf(path)
+    assert check_elf(path) is X86_64
+    path.write_bytes(_header(1, 3))
+    arch = check_elf(path)
+    assert arch is I386 and (arch.bits, arch.word, arch.auxv_entry, arch.syscall_insn) == (32, 4, 8, b"\xcd\x80")
+    assert arch.syscalls["mmap"] == 192  # mmap2: the offset in pages
+    assert arch.arguments[0] == ("stack", 4) and arch.red_zone == 0
+
+
+def test_big_endian_i386_header_is_refused(tmp_path):
+    path = tmp_path / "prog"
+    header = bytearray(_header(1, 3))
+    header[5] = 2  # ELFDATA2MSB
+    header[18:20] = (3).to_bytes(2, "big")
+    path.write_bytes(bytes(header))
+    with pytest.raises(UnsupportedTargetError):
+        check_elf(path)
 
 
 def test_kernel_thread_and_missing_process():

@@ -41,9 +41,10 @@ _ENC_FMT = {0x02: "<H", 0x03: "<I", 0x04: "<Q", 0x0A: "<h", 0x0B: "<i", 0x0C: "<
 class _Image:
     """The file's loadable bytes by virtual address (for .eh_frame and table reads)."""
 
-    def __init__(self, data: bytes, loads: list[tuple[int, int, int, int]]) -> None:
+    def __init__(self, data: bytes, loads: list[tuple[int, int, int, int]], word: int = 8) -> None:
         self.data = data
         self.loads = loads  # (vaddr, memsz, offset, filesz)
+        self.absptr = "<Q" if word == 8 else "<I"  # DW_EH_PE_absptr: one machine word
 
     def read(self, vaddr: int, size: int) -> bytes:
         for va, memsz, off, filesz in self.loads:
@@ -64,7 +65,7 @@ class _Image:
         elif fmt == 0x09:
             value, pos = _sleb(data, pos)
         else:
-            f = _ENC_FMT.get(fmt)
+            f = self.absptr if fmt == 0x00 else _ENC_FMT.get(fmt)
             if f is None:
                 raise ValueError(f"unsupported pointer encoding {encoding:#x}")
             (value,) = struct.unpack_from(f, data, pos)
@@ -91,11 +92,14 @@ class _ElfFacts:
 
         elf = ELFFile(io.BytesIO(data))
         self.is_exec = elf.header["e_type"] == _ET_EXEC
+        self.elfclass = elf.elfclass
+        #: i386 PIC code addresses data from the GOT (``_GLOBAL_OFFSET_TABLE_``): its file vaddr
+        self.got: int | None = None
         loads = []
         for seg in elf.iter_segments():
             if seg["p_type"] == "PT_LOAD":
                 loads.append((seg["p_vaddr"], seg["p_memsz"], seg["p_offset"], seg["p_filesz"]))
-        self.image = _Image(data, loads)
+        self.image = _Image(data, loads, 8 if elf.elfclass == 64 else 4)
         self.exec_sections: list[tuple[int, int]] = []
         sections = {}
         for sec in elf.iter_sections():
@@ -174,7 +178,7 @@ class _ElfFacts:
         aug = data[p:nul].decode("ascii", "replace")
         p = nul + 1
         if "eh" in aug:
-            p += 8
+            p += 8 if self.elfclass == 64 else 4
         _, p = _uleb(data, p)  # code alignment
         _, p = _sleb(data, p)  # data alignment
         if version == 1:
@@ -243,7 +247,12 @@ class _ElfFacts:
             ))
             dynsym_values = np.where(arr["shndx"] != 0, arr["value"], 0).astype(np.uint64)
         rela_t = np.dtype([("off", "<u8"), ("info", "<u8"), ("add", "<i8")])
-        for sec in sections.values():
+        if elf.elfclass == 32:  # REL relocations, 4-byte words: their own reader
+            from .elf32 import code_pointers32, got_address
+
+            out.extend(code_pointers32(self, sections, data))
+            self.got = got_address(sections)
+        for sec in (sections.values() if elf.elfclass == 64 else ()):
             if sec["sh_type"] == "SHT_RELA" and sec["sh_flags"] & _SHF_ALLOC and sec["sh_size"]:
                 raw = data[sec["sh_offset"] : sec["sh_offset"] + sec["sh_size"]]
                 r = np.frombuffer(raw[: len(raw) // 24 * 24], dtype=rela_t)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from iced_x86 import Mnemonic
 
-from ..x86 import Flow, Insn, flags_dead_after, relocation_problem
+from ..x86 import Flow, Insn, flags_dead_after, flags_effect, relocation_problem
 from .index import _INDEX_LOCK, ModuleIndex, module_index
 from .result import JUMP_SIZE, ByteReader, SiteAnalysis, Verdict
 from .slices import _NO_FALLTHROUGH
@@ -249,7 +249,9 @@ class FunctionAnalysis:
                 return refuse(f"'{insns[m + 1].text}' at {insns[m + 1].address:#x} follows '{ins.text}' in the "
                               f"displaced bytes: it can only be reached from elsewhere", n, displaced)
 
-        flags_dead = base["at_entry"] or flags_dead_after(insns, k)
+        # dead at a function entry by the ABI, unless its first instruction reads them (a hand-written
+        # entry that branches on the caller's flags: the stub must then keep them)
+        flags_dead = (base["at_entry"] and not flags_effect(insns[k])[0]) or flags_dead_after(insns, k)
         reason = f"jump: displaces {len(displaced)} instruction(s), {n} bytes"
         if padding:
             reason += f" (with {len(padding)} padding instruction(s) after the end of {func.name})"

@@ -15,6 +15,7 @@ from iced_x86 import Mnemonic, OpKind
 
 from ..x86 import DIRECT_FLOWS, Flow, decode
 from .elf import _ElfFacts
+from .pic32 import lea_candidates32, lea_reaches32
 from .result import ByteReader
 from .noreturn import never_returns
 from .slices import _GPR64, _Budget, _Region, _Slicer
@@ -45,6 +46,7 @@ class ModuleIndex:
     def __init__(self, module: "Module", read: ByteReader | None = None) -> None:
         self.module = module
         self.bias = module.bias
+        self.bits = getattr(getattr(module, "arch", None), "bits", 64)  # 32: an i386 module
         self._read = read or module.read_file
         self._lock = threading.RLock()
         self._facts: _ElfFacts | None = None
@@ -135,7 +137,7 @@ class ModuleIndex:
                     code = self._read(start, end - start)
                 except Exception:  # noqa: BLE001
                     code = b""
-                insns = decode(code, start) if code else []
+                insns = decode(code, start, self.bits) if code else []
                 reg = _Region(start, end, insns)
                 if not insns:
                     reg.bad = reg.bad  # empty: nothing to say
@@ -205,6 +207,10 @@ class ModuleIndex:
             p = pos[((a & 0xF0) == 0x70) | (a == 0xEB) | ((a >= 0xE0) & (a <= 0xE3))]
             t = addr[p] + 2 + pad[p + 1].astype(np.int8).astype(np.int64)
             self._add(tg, sr, kd, t, addr[p], 1, in_code)
+            if self.bits == 32:  # no RIP-relative lea: absolute and GOT-relative forms
+                t, src = lea_candidates32(a, pad, addr, self._got())
+                self._add(tg, sr, kd, t, src, 2, in_code)
+                continue
             # lea r, [rip+disp32]: [REX] 8d modrm(mod=00, rm=101)
             p = pos[(a == 0x8D) & ((pad[1 : n + 1] & 0xC7) == 0x05)]
             t = addr[p] + 6 + rel32(p + 2)
@@ -244,10 +250,18 @@ class ModuleIndex:
                 ok = reg.bad is not None
             elif kind in (0, 1):
                 ok = ins.flow in DIRECT_FLOWS and ins.target == tgt
+            elif self.bits == 32:
+                ok = lea_reaches32(ins, tgt, self._got())
             else:
                 ok = ins.instruction.mnemonic == Mnemonic.LEA and ins.mem_target == tgt
         self._verified[key] = ok
         return ok
+
+    def _got(self) -> int | None:
+        """Runtime address of the GOT of an i386 module (None if unknown)."""
+        f = self.facts
+        got = getattr(f, "got", None)
+        return got + self.bias if got is not None else None
 
     # -- exact entries --------------------------------------------------------------------------
 
@@ -323,7 +337,7 @@ class ModuleIndex:
             instr = ins.instruction
             if instr.op0_kind == OpKind.MEMORY:
                 continue  # jmp [mem]: a code pointer from memory (tail call, PLT, absolute table)
-            if instr.op0_kind != OpKind.REGISTER or instr.op0_register not in _GPR64:
+            if instr.op0_kind != OpKind.REGISTER or instr.op0_register not in _GPR64:  # i386: unknown
                 reg.unknown_jumps.append(ins.address)
                 continue
             slicer = _Slicer(self)

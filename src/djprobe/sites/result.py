@@ -97,7 +97,8 @@ class SiteAnalysis:
         if self.verdict is not Verdict.JUMP:
             raise self.error()
         rel = stub_address - (self.address + JUMP_SIZE)
-        if not -(2**31) <= rel < 2**31:
+        wraps = bool(self.displaced) and self.displaced[0].bits == 32  # i386: rel32 reaches all 4 GiB
+        if not wraps and not -(2**31) <= rel < 2**31:
             raise RelocationError(
                 f"stub at {stub_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {self.address:#x}",
                 address=self.address,

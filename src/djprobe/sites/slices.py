@@ -57,6 +57,10 @@ _GPR64 = {
     Register.RSP, Register.R8, Register.R9, Register.R10, Register.R11, Register.R12, Register.R13,
     Register.R14, Register.R15,
 }
+#: the general-purpose registers of i386 code (value analysis names them by their 64-bit register)
+_GPR32 = {
+    Register.EAX, Register.EBX, Register.ECX, Register.EDX, Register.ESI, Register.EDI, Register.EBP, Register.ESP,
+}
 _CALLEE_SAVED = frozenset({Register.RBX, Register.RBP, Register.R12, Register.R13, Register.R14, Register.R15})
 _CALLER_SAVED = {Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.RDI, Register.R8,
                  Register.R9, Register.R10, Register.R11}
@@ -67,8 +71,8 @@ _WRITE_ACCESS = frozenset({OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WR
 
 def _writes(insn: Insn, reg: int) -> bool:
     """Does ``insn`` (possibly) write the 64-bit register ``reg`` (or a part of it)?"""
-    if insn.flow in (Flow.CALL, Flow.INDIRECT_CALL) and reg in _CALLER_SAVED:
-        return True
+    if insn.flow in (Flow.CALL, Flow.INDIRECT_CALL) and (reg in _CALLER_SAVED or insn.bits == 32):
+        return True  # i386: the callee may be __x86.get_pc_thunk.REG, which sets any register
     info = _info_factory().info(insn.instruction)
     return any(_full(ur.register) == reg and ur.access in _WRITE_ACCESS for ur in info.used_registers())
 
@@ -134,6 +138,7 @@ class _Slicer:
         self.ix = index
         self.steps = 0
         self.bounding = False
+        self.gprs = _GPR32 if getattr(index, "bits", 64) == 32 else _GPR64  # full-width registers
 
     def _tick(self) -> None:
         self.steps += 1
@@ -281,7 +286,7 @@ class _Slicer:
             return _DATA  # zeroed: null
         if mn == Mnemonic.MOV and instr.op1_kind in _IMM_KINDS | {OpKind.IMMEDIATE64} and _reg_bits(dst) >= 32:
             return _Val("const", value=instr.immediate(1) & (0xFFFFFFFF if _reg_bits(dst) == 32 else -1))
-        if dst not in _GPR64:
+        if dst not in self.gprs:
             return _ARITH  # a 32/16/8-bit write: not a 64-bit address
         if mn == Mnemonic.LEA:
             if ins.rip_relative:
@@ -311,8 +316,8 @@ class _Slicer:
         if mn == Mnemonic.MOV:
             if instr.op1_kind == OpKind.MEMORY:
                 return _PTR
-            if instr.op1_kind == OpKind.REGISTER and instr.op1_register in _GPR64:
-                return self._v(instr.op1_register, r, j, seen)
+            if instr.op1_kind == OpKind.REGISTER and instr.op1_register in self.gprs:
+                return self._v(_full(instr.op1_register), r, j, seen)
             return _ARITH
         if mn == Mnemonic.ADD and instr.op1_kind == OpKind.REGISTER and instr.op1_register in _GPR64:
             a, b = self._v(reg, r, j, seen), self._v(instr.op1_register, r, j, seen)

@@ -1,4 +1,4 @@
-"""x86-64 decoding into :class:`Insn` records (iced-x86 underneath).
+"""x86 decoding (64-bit, or 32-bit for i386) into :class:`Insn` records (iced-x86 underneath).
 
 Only what the rest of djprobe needs: instruction boundaries, a flow-control kind, direct branch
 targets and RIP-relative operand targets. Everything that is not needed by a linear sweep
@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterator
 
 import iced_x86
-from iced_x86 import Code, Decoder, FlowControl, Formatter, FormatterSyntax
+from iced_x86 import Code, CodeSize, Decoder, FlowControl, Formatter, FormatterSyntax
 
 __all__ = ["Flow", "Insn", "decode", "decode_one", "iter_decode", "format_instruction"]
 
@@ -56,6 +56,7 @@ _FC_MAP = {
 }
 _FC_NEXT = FlowControl.NEXT
 _CODE_INVALID = Code.INVALID
+_CODE32 = CodeSize.CODE32
 _CODE_INT_IMM8 = Code.INT_IMM8
 _CODE_XBEGIN = frozenset({Code.XBEGIN_REL16, Code.XBEGIN_REL32})
 _CODE_SYSCALL = frozenset({Code.SYSCALL, Code.SYSENTER})
@@ -170,6 +171,11 @@ class Insn:
         return None
 
     @property
+    def bits(self) -> int:
+        """The mode it was decoded in: 64 or 32."""
+        return 32 if self.instruction.code_size == _CODE32 else 64
+
+    @property
     def falls_through(self) -> bool:
         """Can execution continue at ``end`` after this instruction?"""
         return self.flow in FALLS_THROUGH
@@ -186,8 +192,9 @@ class Insn:
         return f"Insn({self.address:#x}, {self.raw.hex(' ')!r}, {self.text!r}, {self.flow.name})"
 
 
-def iter_decode(code: bytes, address: int) -> Iterator[Insn]:
-    """Linear sweep over all of ``code`` placed at ``address``.
+def iter_decode(code: bytes, address: int, bits: int = 64) -> Iterator[Insn]:
+    """Linear sweep over all of ``code`` placed at ``address``, in ``bits``-bit mode (64 or 32:
+    ``Arch.bits``).
 
     Bytes that do not decode (including a truncated instruction at the end) give an
     ``Insn(flow=INVALID, length=1)`` and decoding resumes at the next byte.
@@ -196,7 +203,7 @@ def iter_decode(code: bytes, address: int) -> Iterator[Insn]:
     n = len(buf)
     if n == 0:
         return
-    dec = Decoder(64, buf, ip=address)
+    dec = Decoder(bits, buf, ip=address)
     fc_next = _FC_NEXT
     slow = _slow_flow
     new = Insn.__new__
@@ -237,17 +244,17 @@ def iter_decode(code: bytes, address: int) -> Iterator[Insn]:
         pos += ln
 
 
-def decode(code: bytes, address: int) -> list[Insn]:
+def decode(code: bytes, address: int, bits: int = 64) -> list[Insn]:
     """Linear sweep over all of ``code`` (see :func:`iter_decode`)."""
-    return list(iter_decode(code, address))
+    return list(iter_decode(code, address, bits))
 
 
-def decode_one(code: bytes, address: int) -> Insn:
+def decode_one(code: bytes, address: int, bits: int = 64) -> Insn:
     """Decode the first instruction of ``code`` (INVALID with length 1 if it does not decode)."""
     buf = bytes(code[:15])
     if not buf:
         raise ValueError("decode_one: no bytes")
-    for insn in iter_decode(buf, address):
+    for insn in iter_decode(buf, address, bits):
         insn._buf = buf[: insn.length]
         insn._off = 0
         return insn

@@ -13,7 +13,14 @@ xbegin rel32           ``xbegin rel32``
 loop*/jrcxz/jecxz      ``loop +2 ; jmp short +5 ; jmp rel32 target`` (no near form exists)
 call rel32             ``push qword [rip+L] ; jmp rel32 target ; L: dq return_address``
 call r/m64             ``push qword [rip+L] ; jmp r/m64 (same operand) ; L: dq return_address``
+call rel32 (i386)      ``push imm32 return_address ; jmp rel32 target``
+call r/m32 (i386)      ``push imm32 return_address ; jmp r/m32 (same operand)``
 =====================  ==========================================================================
+
+32-bit (i386) code is relocated by the same rules, with the forms of :mod:`.mode`: it has no
+RIP-relative operands, and a ``jmp rel32`` reaches every address (the 4 GiB wrap). A call keeps
+its original return address, so ``call __x86.get_pc_thunk.bx`` at a PIC function's entry makes the
+thunk read the original address of the next instruction, as it expects.
 
 followed, if the last instruction can fall through, by ``jmp rel32 return_to``. Every piece has a
 size that does not depend on where it is placed, so the layout is computed first and the pieces
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 from iced_x86 import Code, Decoder, Encoder, Instruction, MemoryOperand, MemorySizeExt, Mnemonic, OpKind, Register
 
 from .decode import FALLS_THROUGH, Flow, Insn, decode
+from .mode import MODE64, MODES, Mode
 
 __all__ = ["RelocationError", "Relocated", "relocate", "relocation_problem", "max_relocated_size"]
 
@@ -47,19 +55,6 @@ _PUSH_RIP_SIZE = 6  # ff 35 disp32
 _QWORD = 8
 _JMP_SHORT_SIZE = 2
 
-_LOOP_CODES = frozenset(
-    {
-        Code.LOOP_REL8_64_RCX,
-        Code.LOOP_REL8_64_ECX,
-        Code.LOOPE_REL8_64_RCX,
-        Code.LOOPE_REL8_64_ECX,
-        Code.LOOPNE_REL8_64_RCX,
-        Code.LOOPNE_REL8_64_ECX,
-        Code.JRCXZ_REL8_64,
-        Code.JECXZ_REL8_64,
-    }
-)
-_JMP_CODES = frozenset({Code.JMP_REL8_64, Code.JMP_REL32_64})
 _XBEGIN_OK = frozenset({Code.XBEGIN_REL32})
 _STACK_REGS = frozenset({Register.RSP, Register.ESP, Register.SP, Register.SPL})
 
@@ -105,8 +100,8 @@ def _fits32(v: int) -> bool:
     return _INT32_MIN <= v <= _INT32_MAX
 
 
-def _encode(instr: Instruction, rip: int) -> bytes:
-    enc = Encoder(64)
+def _encode(instr: Instruction, rip: int, bits: int = 64) -> bytes:
+    enc = Encoder(bits)
     enc.encode(instr, rip)
     return enc.take_buffer()
 
@@ -147,18 +142,19 @@ def relocation_problem(insn: Insn) -> str | None:
             )
         return f"{_where(insn)} traps or stops the thread; it cannot be displaced, choose another site"
     code = instr.code
-    if flow is Flow.JUMP and code not in _JMP_CODES:
+    mode = MODES[insn.bits]
+    if flow is Flow.JUMP and code not in mode.jmp_codes:
         return f"{_where(insn)} is an unusual jump form (operand-size prefix) that cannot be relocated"
     if flow is Flow.COND_JUMP:
         if instr.mnemonic == Mnemonic.XBEGIN:
             if code not in _XBEGIN_OK:
                 return f"{_where(insn)} is a 16-bit xbegin form that cannot be relocated"
-        elif not (instr.is_jcc_short_or_near or code in _LOOP_CODES):
+        elif not (instr.is_jcc_short_or_near or code in mode.loop_codes):
             return f"{_where(insn)} is an unusual conditional branch form that cannot be relocated"
-    if flow is Flow.CALL and code != Code.CALL_REL32_64:
+    if flow is Flow.CALL and code != mode.call_rel32:
         return f"{_where(insn)} is an unusual call form (operand-size prefix) that cannot be relocated"
     if flow is Flow.INDIRECT_CALL:
-        if code != Code.CALL_RM64:
+        if code != mode.call_rm:
             return f"{_where(insn)} is a far or 16-bit call that cannot be relocated"
         if _uses_stack_pointer(instr):
             return (
@@ -199,32 +195,41 @@ class _Piece:
 def _near_copy(insn: Insn, target: int) -> Instruction:
     c = insn.instruction.copy()
     c.as_near_branch()
-    c.near_branch64 = target
+    _set_target(c, target)
     return c
+
+
+def _set_target(c: Instruction, target: int) -> None:
+    if c.op0_kind == OpKind.NEAR_BRANCH32:
+        c.near_branch32 = target & 0xFFFFFFFF
+    else:
+        c.near_branch64 = target
 
 
 def _jmp_copy(insn: Insn) -> Instruction:
     c = insn.instruction.copy()
-    c.code = Code.JMP_RM64
+    c.code = MODES[insn.bits].jmp_rm
     return c
 
 
 def _kind_and_size(insn: Insn) -> _Piece:
     flow = insn.flow
     instr = insn.instruction
+    mode = MODES[insn.bits]
+    call_extra = mode.push_return_size + mode.return_literal_size
     if flow is Flow.CALL:
-        return _Piece(insn, "call", _PUSH_RIP_SIZE + _JMP_REL32_SIZE + _QWORD)
+        return _Piece(insn, "call", call_extra + _JMP_REL32_SIZE)
     if flow is Flow.INDIRECT_CALL:
-        # the encoded length of `jmp r/m64` does not depend on where it is placed
-        jmp = _encode(_jmp_copy(insn), insn.address)
-        return _Piece(insn, "icall", _PUSH_RIP_SIZE + len(jmp) + _QWORD)
+        # the encoded length of `jmp r/m` does not depend on where it is placed
+        jmp = _encode(_jmp_copy(insn), insn.address, mode.bits)
+        return _Piece(insn, "icall", call_extra + len(jmp))
     if flow in (Flow.JUMP, Flow.COND_JUMP):
-        if instr.code in _LOOP_CODES:
+        if instr.code in mode.loop_codes:
             c = instr.copy()
-            c.near_branch64 = insn.address + 16
-            loop_len = len(_encode(c, insn.address))
+            _set_target(c, insn.address + 16)
+            loop_len = len(_encode(c, insn.address, mode.bits))
             return _Piece(insn, "loop", loop_len + _JMP_SHORT_SIZE + _JMP_REL32_SIZE)
-        n = len(_encode(_near_copy(insn, insn.target), insn.address))
+        n = len(_encode(_near_copy(insn, insn.target), insn.address, mode.bits))
         return _Piece(insn, "near", n)
     if insn.rip_relative:
         return _Piece(insn, "riprel", insn.length)
@@ -244,6 +249,15 @@ def max_relocated_size(insns: Sequence[Insn]) -> int:
     return total
 
 
+def _mode_of(insns: Sequence[Insn]) -> Mode:
+    if not insns:
+        return MODE64
+    bits = {i.bits for i in insns}
+    if len(bits) != 1:
+        raise ValueError("instructions decoded in different modes")
+    return MODES[bits.pop()]
+
+
 def _out_of_reach(insn: Insn | None, what: str, target: int, new_address: int) -> RelocationError:
     who = f"{_where(insn)}: " if insn is not None else ""
     return RelocationError(
@@ -260,6 +274,8 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
     appended. Raises :class:`RelocationError` if that cannot be done faithfully.
     """
     insns = list(insns)
+    mode = _mode_of(insns)
+    bits = mode.bits
     for a, b in zip(insns, insns[1:]):
         if a.end != b.address:
             raise ValueError(f"instructions are not contiguous: {a.end:#x} != {b.address:#x}")
@@ -315,6 +331,8 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
 
     def rel32(insn: Insn | None, what: str, target: int, next_ip: int) -> int:
         d = target - next_ip
+        if mode.rel32_reaches_all:
+            return ((d + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
         if not _fits32(d):
             raise _out_of_reach(insn, what, target, new_address)
         return d
@@ -334,32 +352,35 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
         elif p.kind == "near":
             tgt = resolve(insn, insn.target)
             rel32(insn, "branch target", tgt, at + p.size)
-            b = _encode(_near_copy(insn, tgt), at)
+            b = _encode(_near_copy(insn, tgt), at, bits)
         elif p.kind == "loop":
             tgt = resolve(insn, insn.target)
             loop_len = p.size - _JMP_SHORT_SIZE - _JMP_REL32_SIZE
             far_jmp = at + loop_len + _JMP_SHORT_SIZE
             c = insn.instruction.copy()
-            c.near_branch64 = far_jmp  # loop +2 -> the jmp rel32
-            b = _encode(c, at)
-            b += _encode(Instruction.create_branch(Code.JMP_REL8_64, at + p.size), at + loop_len)
+            _set_target(c, far_jmp)  # loop +2 -> the jmp rel32
+            b = _encode(c, at, bits)
+            b += _encode(Instruction.create_branch(mode.jmp_rel8, at + p.size), at + loop_len, bits)
             rel32(insn, "branch target", tgt, at + p.size)
-            b += _encode(Instruction.create_branch(Code.JMP_REL32_64, tgt), far_jmp)
+            b += _encode(Instruction.create_branch(mode.jmp_rel32, tgt), far_jmp, bits)
         elif p.kind in ("call", "icall"):
-            lit = at + p.size - _QWORD
+            lit = at + p.size - mode.return_literal_size
+            jmp_at = at + mode.push_return_size
             if p.kind == "call":
                 tgt = resolve(insn, insn.target)
-                jmp_at = at + _PUSH_RIP_SIZE
                 rel32(insn, "call target", tgt, jmp_at + _JMP_REL32_SIZE)
-                jmp = _encode(Instruction.create_branch(Code.JMP_REL32_64, tgt), jmp_at)
+                jmp = _encode(Instruction.create_branch(mode.jmp_rel32, tgt), jmp_at, bits)
             else:
                 if insn.rip_relative:
                     rel32(insn, "its memory operand", insn.mem_target, lit)
-                jmp = _encode(_jmp_copy(insn), at + _PUSH_RIP_SIZE)
-            push = _encode(
-                Instruction.create_mem(Code.PUSH_RM64, MemoryOperand(Register.RIP, displ=lit)), at
-            )
-            b = push + jmp + struct.pack("<Q", insn.end & _U64)
+                jmp = _encode(_jmp_copy(insn), jmp_at, bits)
+            if bits == 64:
+                push = _encode(
+                    Instruction.create_mem(Code.PUSH_RM64, MemoryOperand(Register.RIP, displ=lit)), at
+                )
+                b = push + jmp + struct.pack("<Q", insn.end & _U64)
+            else:  # push imm32: the 4-byte return address itself
+                b = b"\x68" + struct.pack("<I", insn.end & 0xFFFFFFFF) + jmp
         else:  # pragma: no cover
             raise AssertionError(p.kind)
         if len(b) != p.size:
@@ -374,7 +395,7 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
         assert return_to is not None
         return_jump = end_of_pieces
         rel32(None, "jump back to", return_to, return_jump + _JMP_REL32_SIZE)
-        out += _encode(Instruction.create_branch(Code.JMP_REL32_64, return_to), return_jump)
+        out += _encode(Instruction.create_branch(mode.jmp_rel32, return_to), return_jump, bits)
 
     amap: dict[int, int] = {}
     for p in pieces:
@@ -388,13 +409,13 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
             amap[p.insn.end] = end_of_pieces
 
     rel = Relocated(bytes(out), new_address, amap, return_jump)
-    _verify(pieces, rel, resolve, return_to if add_jump else None)
+    _verify(pieces, rel, resolve, return_to if add_jump else None, mode)
     return rel
 
 
-def _verify(pieces: list[_Piece], rel: Relocated, resolve, return_to: int | None) -> None:
+def _verify(pieces: list[_Piece], rel: Relocated, resolve, return_to: int | None, mode: Mode = MODE64) -> None:
     """Decode the result and check it against the original; RelocationError on mismatch."""
-    got = {i.address: i for i in decode(rel.code, rel.address)}
+    got = {i.address: i for i in decode(rel.code, rel.address, mode.bits)}
 
     def fail(insn: Insn, what: str) -> RelocationError:
         return RelocationError(
@@ -424,8 +445,11 @@ def _verify(pieces: list[_Piece], rel: Relocated, resolve, return_to: int | None
             if far is None or far.target != resolve(insn, insn.target):
                 raise fail(insn, "branch target moved")
         else:
-            lit = p.start + p.size - _QWORD
-            if new.mem_target != lit or struct.unpack_from("<Q", rel.code, lit - rel.address)[0] != insn.end:
+            if mode.bits == 64:
+                lit = p.start + p.size - _QWORD
+                if new.mem_target != lit or struct.unpack_from("<Q", rel.code, lit - rel.address)[0] != insn.end:
+                    raise fail(insn, "return address")
+            elif new.instruction.code != Code.PUSHD_IMM32 or new.instruction.immediate32 != insn.end & 0xFFFFFFFF:
                 raise fail(insn, "return address")
             jmp = got.get(new.end)
             if jmp is None:
