@@ -158,8 +158,9 @@ class ModuleVerdicts:
         if n < 5 or not 0 <= padding_bytes < n or module.read_file(address, n) != raw:
             return None
         body = n - padding_bytes
-        displaced = tuple(decode(raw[:body], address))
-        padding = tuple(decode(raw[body:], address + body)) if padding_bytes else ()
+        bits = module.arch.bits  # a 32-bit module's bytes decode as 32-bit code
+        displaced = tuple(decode(raw[:body], address, bits))
+        padding = tuple(decode(raw[body:], address + body, bits)) if padding_bytes else ()
         if any(i.flow is Flow.INVALID for i in displaced + padding):
             return None
         reason = f"jump: displaces {len(displaced)} instruction(s), {n} bytes"
