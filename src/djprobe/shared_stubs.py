@@ -114,8 +114,9 @@ def build_shared_stub(
     if len(code) > layout.slot_size - reserve:
         raise StubTooLargeError(
             f"the probes in this window need a shared stub of {len(code) + reserve} bytes, more than a "
-            f"{layout.slot_size}-byte slot holds (it takes any number of count probes, but at most one "
-            "probe recording every register or two recording the arguments)"
+            f"{layout.slot_size}-byte slot holds (it takes any number of count probes, but only a few "
+            "recording ones)"
+        )"
         )
     if descriptors:
         code += b"\xcc" * (layout.slot_size - reserve - len(code))
