@@ -116,7 +116,6 @@ def build_shared_stub(
             f"the probes in this window need a shared stub of {len(code) + reserve} bytes, more than a "
             f"{layout.slot_size}-byte slot holds (it takes any number of count probes, but only a few "
             "recording ones)"
-        )"
         )
     if descriptors:
         code += b"\xcc" * (layout.slot_size - reserve - len(code))
