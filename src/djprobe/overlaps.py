@@ -103,7 +103,7 @@ def host_for(proc: "ProbedProcess", address: int) -> "Instance | None":
 
 def shared(instance: "Instance") -> bool:
     """Whether ``instance`` is a host with guests or a guest."""
-    return instance.host is not None or bool(instance.guests)
+    return getattr(instance, "host", None) is not None or bool(getattr(instance, "guests", ()))  # traps have neither
 
 
 class PlanWindows:

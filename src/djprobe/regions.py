@@ -86,10 +86,11 @@ def find_gap_near(
         elif abs(start - site) <= reach and abs(start + size - site) <= reach:
             candidates.append(start)
     if reach is None:
-        # A 4-byte stack word is often text (environment strings are on the main stack): an area
-        # at 0x56xxxxxx ("V...", where a PIE executable is loaded) would look referenced by them
-        # and could not be unmapped. Prefer places whose top byte is not printable ASCII.
-        candidates.sort(key=lambda a: (_text_like(a) or _text_like(a + size - 1), abs(a + size // 2 - site)))
+        # A 4-byte stack word is often text (environment strings are on the main stack) or a small
+        # number (a count, a length, a small negative one): an area at 0x56xxxxxx ("V...", where a
+        # PIE executable is loaded) or at 0x000xxxxx would look referenced by them and could not
+        # be unmapped. Prefer places whose top byte is neither printable ASCII nor 0x00/0xff.
+        candidates.sort(key=lambda a: (_word_like(a) or _word_like(a + size - 1), abs(a + size // 2 - site)))
         return candidates
     candidates.sort(key=lambda a: abs(a + size // 2 - site))
     return candidates
@@ -98,6 +99,12 @@ def find_gap_near(
 def _text_like(address: int) -> bool:
     """Is the top byte of a 32-bit address a printable ASCII character?"""
     return 0x20 <= (address >> 24) & 0xFF <= 0x7E
+
+
+def _word_like(address: int) -> bool:
+    """Does a 32-bit address read like a common non-pointer stack word: text, or a small number
+    (top byte 0x00, or 0xff for a small negative one)?"""
+    return _text_like(address) or (address >> 24) & 0xFF in (0x00, 0xFF)
 
 
 @dataclass
