@@ -24,6 +24,8 @@ _GLOB_CHARS = frozenset("*?[")
 def has_module_glob(spec: str) -> bool:
     """Whether ``spec`` is ``MODULE:SYMBOL`` with a glob in MODULE (a path never is one)."""
     module, colon, _ = spec.strip().rpartition(":")
+    if module in ("[vdso]", "[vsyscall]"):  # the kernel's names for its images, not character classes
+        return False
     return bool(colon) and "/" not in module and any(c in _GLOB_CHARS for c in module)
 
 
