@@ -262,7 +262,7 @@ def join_member(proc: "ProbedProcess", djp: "Djprobe", member: "Instance", analy
     """``djp`` joins ``member`` (a guest, or a host that has guests) at its address: its action
     is upgraded if it needs one it lacks (count to record) or is absent (an anchor)."""
     if member.drained and not member.removed:
-        _finish_drained(member)
+        member.finish_drained()
     needs_stub = not member.probes or not member.serves(djp)
     if not member.serves(djp):
         member.registers = "all" if "all" in (djp.registers, member.registers if member.action == "record" else "args") else "args"
@@ -302,14 +302,6 @@ def remove_member(proc: "ProbedProcess", member: "Instance", departing: "Djprobe
     departing._draining = member
     member.drained.append(departing)
     rebuild(proc, host, leaving=(departing,))
-
-
-def _finish_drained(member: "Instance") -> None:
-    for djp in member.drained:
-        djp._final_hits = member.count() - djp._baseline
-        djp._final_missed = member.drops() - djp._drop_baseline
-        djp._draining = None
-    member.drained = []
 
 
 def _points(proc: "ProbedProcess", host: "Instance", region, leaving: Sequence = (),

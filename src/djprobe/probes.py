@@ -247,6 +247,14 @@ class Instance:
         live = 0 if self.removed else self.region.view.drops(self.slot)
         return self.carried_drops + live + sum(r.view.drops(i) for r, i, _ in self.old_slots)
 
+    def finish_drained(self) -> None:
+        """The probes unregistered while a thread was inside get their final counts now."""
+        for djp in self.drained:
+            djp._final_hits = self.count() - djp._baseline
+            djp._final_missed = self.drops() - djp._drop_baseline
+            djp._draining = None
+        self.drained = []
+
     def serves(self, djp: Djprobe) -> bool:
         """Whether this instance's stub does what ``djp`` needs."""
         if not djp.record:
@@ -935,11 +943,7 @@ class ProbedProcess:
         owner.carried_hits += region.view.count(slot)
         owner.carried_drops += region.view.drops(slot)
         if owner.removed and not owner.old_slots:
-            for djp in owner.drained:
-                djp._final_hits = owner.count() - djp._baseline
-                djp._final_missed = owner.drops() - djp._drop_baseline
-                djp._draining = None
-            owner.drained = []
+            owner.finish_drained()
         key = (self._regions.index(region), slot)
         if self._by_slot.get(key) is owner and (owner.removed or owner.region is not region or owner.slot != slot):
             del self._by_slot[key]

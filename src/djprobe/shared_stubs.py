@@ -24,11 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from iced_x86 import Code, Decoder, Encoder, Instruction
+from iced_x86 import Code, Decoder, Instruction
 
 from .area import AreaLayout
 from .sites import SiteAnalysis
-from .stubs import RSEQ_CS_SIZE, PerCpu, RecordTargets, Stub, assemble, count_action, record_action, rseq_descriptor
+from .stubs import (
+    RSEQ_CS_SIZE, PerCpu, RecordTargets, Stub, assemble, count_action, encode_exact, near_branch_to, record_action,
+    rseq_descriptor,
+)  # fmt: skip
 from .x86 import Flow
 from .x86.relocate import Relocated, relocate
 
@@ -59,19 +62,6 @@ class PathPoint:
     counter: int
     record: RecordTargets | None = None
     registers: str = "all"
-
-
-def _exact(instruction: Instruction, at: int) -> bytes:
-    encoder = Encoder(64)  # the form given, never a shorter one: both layout passes agree
-    encoder.encode(instruction, at)
-    return bytes(encoder.take_buffer())
-
-
-def _branch_to(insn, at: int, to: int) -> bytes:
-    c = insn.instruction.copy()
-    c.as_near_branch()
-    c.near_branch64 = to
-    return _exact(c, at)
 
 
 def build_shared_stub(
@@ -169,10 +159,10 @@ def _emit(site, layout, slot_address, displaced, by_address, paths, redirects, r
             k = redirects[insn.address]
             to = at if blocks is None else blocks[k][insn.target]
             address_map[insn.address] = at
-            piece = _branch_to(insn, at, to)
+            piece = near_branch_to(insn, at, to)
             if return_to is not None and insn.flow is Flow.COND_JUMP:
                 return_jump = at + len(piece)
-                piece += _exact(Instruction.create_branch(Code.JMP_REL32_64, return_to), at + len(piece))
+                piece += encode_exact(Instruction.create_branch(Code.JMP_REL32_64, return_to), at + len(piece))
             address_map[insn.end] = at + len(piece)
         else:
             rel = relocate([insn], at, return_to)
@@ -190,7 +180,7 @@ def _emit(site, layout, slot_address, displaced, by_address, paths, redirects, r
         for insn in block[:-1]:
             copy[insn.address] = at
             if insn.flow in (Flow.JUMP, Flow.COND_JUMP) and insn.target in _copies(path.window):
-                piece = _branch_to(insn, at, at if blocks is None else blocks[k][insn.target])
+                piece = near_branch_to(insn, at, at if blocks is None else blocks[k][insn.target])
             else:
                 piece = relocate([insn], at, None).code
             code += piece

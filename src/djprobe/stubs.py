@@ -717,6 +717,25 @@ def _finish_exit(site: Relocatable, layout: AreaLayout, slot_address: int, actio
     return Stub(address=slot_address, code=code, action_size=len(action_code), relocated=relocated, action_start=action_at)
 
 
+def encode_exact(instruction: Instruction, at: int, bits: int = 64) -> bytes:
+    """``instruction`` encoded at ``at`` in the form given, never a shorter one (so that two
+    layout passes with different branch targets lay out alike)."""
+    encoder = Encoder(bits)
+    encoder.encode(instruction, at)
+    return bytes(encoder.take_buffer())
+
+
+def near_branch_to(insn, at: int, to: int, bits: int = 64) -> bytes:
+    """The branch ``insn`` (an ``Insn``) in its near form, aimed at ``to``, encoded at ``at``."""
+    c = insn.instruction.copy()
+    c.as_near_branch()
+    if bits == 32:
+        c.near_branch32 = to
+    else:
+        c.near_branch64 = to
+    return encode_exact(c, at, bits)
+
+
 def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
     """The stub of a path window: the relocated window (its branches to the copied block aimed at
     the copy; a fall-through out of it goes back to the original code), then a copy of the block
@@ -738,18 +757,10 @@ def _finish_exit_path(site: Relocatable, layout: AreaLayout, slot_address: int, 
         )
 
     def exact(instruction: Instruction, at: int) -> bytes:
-        encoder = Encoder(bits)  # the form given, never a shorter one: both passes lay out alike
-        encoder.encode(instruction, at)
-        return bytes(encoder.take_buffer())
+        return encode_exact(instruction, at, bits)
 
     def branch_to(insn, at: int, to: int) -> bytes:
-        c = insn.instruction.copy()
-        c.as_near_branch()
-        if bits == 32:
-            c.near_branch32 = to
-        else:
-            c.near_branch64 = to
-        return exact(c, at)
+        return near_branch_to(insn, at, to, bits)
 
     copies = {insn.address for insn in path} | {via}
 
