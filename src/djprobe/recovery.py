@@ -509,6 +509,30 @@ def _inside_placed_window(memory: ProcessMemory, inst: FoundInstance, areas: lis
     return False
 
 
+def _others_in_place(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea], now: bytes) -> bool:
+    """Whether ``now`` (the bytes at ``inst``'s window) is its original bytes with the jumps of
+    other valid entries, each in place at its own site, over parts of them. This is a window the
+    tracer recorded (PREPARED) but died before writing, while re-anchoring a window over the
+    probes it was to take in (see ``overlaps.py``): the old jumps are still there, and restoring
+    each of those entries leaves the original bytes."""
+    expected = bytearray(inst.original)
+    covered = False
+    end = inst.address + inst.size
+    for area in areas:
+        for other in area.instances:
+            lo, hi = max(inst.address, other.address), min(end, other.address + other.size)
+            if other is inst or not other.valid or lo >= hi:
+                continue
+            try:
+                if memory.read(other.address, other.size) != other.patched:
+                    continue
+            except TargetFaultError:
+                continue
+            expected[lo - inst.address : hi - inst.address] = other.patched[lo - other.address : hi - other.address]
+            covered = True
+    return covered and bytes(expected) == now
+
+
 def _restore(
     process: Process, symbols: Symbols, inst: FoundInstance, force: bool, areas: list[FoundArea]
 ) -> str | None:
@@ -526,6 +550,8 @@ def _restore(
         return ""  # a stale entry: the site belongs to a later probe now (its own area's entry)
     if now != inst.patched and _inside_placed_window(memory, inst, areas):
         return ""  # a stale entry: its bytes belong to the window of a probe sharing a stub now
+    if now != inst.patched and _others_in_place(memory, inst, areas, now):
+        return ""  # a window never written: its old occupants' jumps are still there, theirs to undo
     if now != inst.patched and not force:
         return (
             f"bytes at the site ({now.hex()}) are neither the recorded patched ({inst.patched.hex()}) "

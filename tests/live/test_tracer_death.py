@@ -10,7 +10,8 @@ byte equal to the file, no probe area left that cleanup could have removed, no w
 finally stop with ``ok``.
 
 Short form (CI): the first 5 and last 5 operations and every k-th in between (about 28 runs).
-Long form (DJPROBE_LONG=1): every operation. A second sweep does the same for a
+Long form (DJPROBE_LONG=1): every operation (with DJPROBE_KILL_KIND=mem-write, say, every
+operation of that kind and only those: the numbering of the others varies between runs). A second sweep does the same for a
 register/unregister cycle of entry and mid-function probes made through the Python API in a
 child Python process.
 """
@@ -41,6 +42,7 @@ from djprobe.symbols import Symbols
 from tests.conftest import TARGETS, compile_c
 
 LONG = os.environ.get("DJPROBE_LONG") == "1"
+KILL_KIND = os.environ.get(faults.KIND_VAR, "")  # kill only before operations of this kind
 FUNCS = ("f_add", "f_mul", "f_flags", "f_red", "f_call")
 SAMPLE_EDGE = 5  # the first and last operations always tried
 SAMPLE_SIZE = 28  # about this many runs in the short form (about 2 s each: ~60 s a sweep)
@@ -266,7 +268,7 @@ class Outcome:
 
 def tracer_env(**extra: str) -> dict[str, str]:
     """This environment without the fault variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in (faults.KILL_VAR, faults.COUNT_VAR)}
+    env = {k: v for k, v in os.environ.items() if k not in (faults.KILL_VAR, faults.COUNT_VAR, faults.KIND_VAR)}
     env.update(extra)
     return env
 
@@ -307,12 +309,13 @@ TracerArgv = Callable[["SweepTarget"], list[str]]
 """The tracer's command line for a target."""
 
 
-def measure(exe: Path, code: FuncBytes, argv_for: TracerArgv, tmp: Path) -> list[str]:
-    """The operations of one whole tracer run (DJPROBE_COUNT_OPS), on a fresh target."""
+def measure(exe: Path, code: FuncBytes, argv_for: TracerArgv, tmp: Path, kind: str = KILL_KIND) -> list[str]:
+    """The operations of one whole tracer run (DJPROBE_COUNT_OPS; with ``kind``, only those of
+    the kind the sweep kills at), on a fresh target."""
     target = SweepTarget(exe, code)
     try:
         log = tmp / "ops-measure"
-        res = run_tracer(argv_for(target), tracer_env(**{faults.COUNT_VAR: str(log)}))
+        res = run_tracer(argv_for(target), tracer_env(**{faults.COUNT_VAR: str(log), faults.KIND_VAR: kind}))
         assert res.returncode == 0, res.stderr
         n, whats = faults.read_log(str(log))
         assert n == len(whats) > 0
@@ -334,13 +337,13 @@ def sample(total: int) -> list[int]:
     return sorted(edge | set(range(SAMPLE_EDGE + k, total - SAMPLE_EDGE + 1, k)))
 
 
-def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcome:
+def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path, kind: str = KILL_KIND) -> Outcome:
     """Kill the tracer before its nth operation, clean up, check the target. The target is
     left running if every check passed (and killed otherwise)."""
     out = Outcome(n)
     log = tmp / f"ops-{n}"
     log.unlink(missing_ok=True)
-    res = run_tracer(argv, tracer_env(**{faults.KILL_VAR: str(n), faults.COUNT_VAR: str(log)}))
+    res = run_tracer(argv, tracer_env(**{faults.KILL_VAR: str(n), faults.COUNT_VAR: str(log), faults.KIND_VAR: kind}))
     if res.returncode == -signal.SIGKILL:
         out.tracer = "killed"
         try:
@@ -432,17 +435,20 @@ def kill_once(target: SweepTarget, n: int, argv: list[str], tmp: Path) -> Outcom
     return out
 
 
-def sweep(exe: Path, code: FuncBytes, argv_for: TracerArgv, tmp: Path) -> tuple[int, list[Outcome]]:
-    """Measure the operations of one run, then kill at each sampled N. Returns the measured
-    count and the outcomes of the kills that harmed the target (or the final stop)."""
-    whats = measure(exe, code, argv_for, tmp)
+def sweep(
+    exe: Path, code: FuncBytes, argv_for: TracerArgv, tmp: Path, kind: str = KILL_KIND, every: bool = LONG
+) -> tuple[int, list[Outcome]]:
+    """Measure the operations (of ``kind``: every kind if empty) of one run, then kill at each
+    sampled N (each N with ``every``). Returns the measured count and the outcomes of the kills
+    that harmed the target (or the final stop)."""
+    whats = measure(exe, code, argv_for, tmp, kind)
     outcomes: list[Outcome] = []
     target: SweepTarget | None = None
     try:
-        for n in sample(len(whats)):
+        for n in range(1, len(whats) + 1) if every else sample(len(whats)):
             if target is None or target.proc.poll() is not None:
                 target = SweepTarget(exe, code)
-            out = kill_once(target, n, argv_for(target), tmp)
+            out = kill_once(target, n, argv_for(target), tmp, kind)
             outcomes.append(out)
             if out.problems:
                 target.kill()
@@ -519,7 +525,7 @@ def test_target_checks_itself(sweep_exe, sweep_code):
 
 def test_kill_point_log_covers_a_whole_run(sweep_exe, sweep_code, log_dir):
     """The measured run inserts, counts and removes: jump writes and restores are logged."""
-    whats = measure(sweep_exe, sweep_code, lambda t: count_command(t.pid), log_dir)
+    whats = measure(sweep_exe, sweep_code, lambda t: count_command(t.pid), log_dir, kind="")
     writes = [w for w in whats if w.startswith("mem-write")]
     assert any(w.startswith("ptrace SEIZE") for w in whats)
     assert any(w.startswith("ptrace DETACH") for w in whats)
@@ -593,12 +599,16 @@ def shared_specs(exe: Path, bias: int) -> list[str]:
     return specs
 
 
-def test_kill_tracer_at_every_operation_of_shared_stubs(sweep_exe, sweep_code, log_dir):
+@pytest.mark.parametrize("kind", ["", "mem-write"], ids=["sampled", "every-write"])
+def test_kill_tracer_at_every_operation_of_shared_stubs(sweep_exe, sweep_code, log_dir, kind):
     """The same sweep over probes that share stubs (overlaps.py): guests joining, windows
-    re-anchored and grown to an exit, shared stubs rebuilt and removed."""
+    re-anchored and grown to an exit, shared stubs rebuilt and removed. The second form kills
+    before every write to the target (about 60), the instants where a window has been recorded
+    but not yet written (a window re-anchored over placed probes harmed the target once)."""
     total, outcomes = sweep(
         sweep_exe, sweep_code,
-        lambda t: [sys.executable, "-c", SHARED_SCRIPT, str(t.pid), *shared_specs(sweep_exe, t.bias)], log_dir
+        lambda t: [sys.executable, "-c", SHARED_SCRIPT, str(t.pid), *shared_specs(sweep_exe, t.bias)], log_dir,
+        kind=kind or KILL_KIND, every=LONG or bool(kind),
     )
     print(report("shared stubs", total, outcomes, everything=True))
     harmed = [o for o in outcomes if o.problems]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 def run_child(code: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh Python with ``env`` added (and both fault variables removed
     unless given)."""
-    full = {k: v for k, v in os.environ.items() if k not in (faults.KILL_VAR, faults.COUNT_VAR)}
+    full = {k: v for k, v in os.environ.items() if k not in (faults.KILL_VAR, faults.COUNT_VAR, faults.KIND_VAR)}
     full.update(env)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -63,6 +63,27 @@ def test_kill_before_nth_operation(tmp_path, n):
     assert res.stdout.splitlines() == ["enabled True"] + [f"done {i}" for i in range(1, n)]
     count, whats = faults.read_log(str(log))
     assert count == n and len(whats) == n and whats[-1] == f"ptrace GETREGS {1000 + n}"
+
+
+MIXED = """
+    from djprobe._sys import faults
+    for i in range(1, 5):
+        faults.tick("mem-read", 0x1000 * i, 8)
+        faults.tick("mem-write", 0x1000 * i, 5)
+        print("done", i, flush=True)
+"""
+
+
+def test_only_one_kind_counts(tmp_path):
+    """With DJPROBE_KILL_KIND, the other operations neither count nor are logged: the 3rd write
+    is killed, after the 3rd read."""
+    log = tmp_path / "ops"
+    env = {faults.KILL_VAR: "3", faults.COUNT_VAR: str(log), faults.KIND_VAR: "mem-write"}
+    res = run_child(MIXED, env, tmp_path)
+    assert res.returncode == -signal.SIGKILL
+    assert res.stdout.splitlines() == ["done 1", "done 2"]
+    count, whats = faults.read_log(str(log))
+    assert count == 3 and whats == ["mem-write 0x1000+5", "mem-write 0x2000+5", "mem-write 0x3000+5"]
 
 
 def test_kill_point_beyond_the_run(tmp_path):

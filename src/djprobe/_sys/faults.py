@@ -15,7 +15,11 @@ Two environment variables, read once at import, switch it on:
     exits (``atexit``), and also just before a kill requested by ``DJPROBE_KILL_AT_OP`` (then
     the last line is the operation that was not made).
 
-With neither set, ``enabled`` is False and a hook costs one attribute check. A forked child
+``DJPROBE_KILL_KIND=PREFIX``
+    only operations whose description (see :func:`describe`) starts with PREFIX count, e.g.
+    ``mem-write``: a sweep can then kill before every write and nothing else.
+
+With neither of the first two set, ``enabled`` is False and a hook costs one attribute check. A forked child
 (e.g. spawn's child before ``exec``) does not count or kill.
 """
 
@@ -27,6 +31,7 @@ import signal
 
 KILL_VAR = "DJPROBE_KILL_AT_OP"
 COUNT_VAR = "DJPROBE_COUNT_OPS"
+KIND_VAR = "DJPROBE_KILL_KIND"
 
 _PTRACE_NAMES = {
     0: "TRACEME", 1: "PEEKTEXT", 2: "PEEKDATA", 3: "PEEKUSER", 4: "POKETEXT", 5: "POKEDATA",
@@ -49,6 +54,9 @@ count_path: str | None = None
 count: int = 0
 """Ticks so far (in this process)."""
 
+only_kind: str = ""
+"""When set, only operations whose description starts with it are counted."""
+
 log: list[str] = []
 """One description per tick, kept only when ``count_path`` is set."""
 
@@ -63,13 +71,14 @@ def describe(kind: str, *args: int) -> str:
     return " ".join([kind, *(str(a) for a in args)])
 
 
-def configure(kill: int = 0, path: str | None = None) -> None:
-    """Set the kill point and the log path (what import does from the environment); resets the
-    count and the log. Raises ValueError for a negative ``kill``."""
-    global enabled, kill_at, count_path, count
+def configure(kill: int = 0, path: str | None = None, kind: str = "") -> None:
+    """Set the kill point, the log path and the kind of operations counted (what import does
+    from the environment); resets the count and the log. Raises ValueError for a negative
+    ``kill``."""
+    global enabled, kill_at, count_path, count, only_kind
     if kill < 0:
         raise ValueError(f"{KILL_VAR} must be >= 0, not {kill}")
-    kill_at, count_path, count = kill, path, 0
+    kill_at, count_path, count, only_kind = kill, path, 0, kind
     log.clear()
     enabled = bool(kill or path)
 
@@ -77,9 +86,12 @@ def configure(kill: int = 0, path: str | None = None) -> None:
 def tick(kind: str, *args: int) -> None:
     """Count one operation about to be made; kill this process first if it is the chosen one."""
     global count
+    what = describe(kind, *args) if (count_path is not None or only_kind) else ""
+    if only_kind and not what.startswith(only_kind):
+        return
     count += 1
     if count_path is not None:
-        log.append(describe(kind, *args))
+        log.append(what)
     if count == kill_at:
         if count_path is not None:
             try:
@@ -126,7 +138,7 @@ def _from_environment() -> None:
         kill = int(raw) if raw else 0
     except ValueError:
         raise ValueError(f"{KILL_VAR} must be an integer, not {raw!r}") from None
-    configure(kill, os.environ.get(COUNT_VAR) or None)
+    configure(kill, os.environ.get(COUNT_VAR) or None, os.environ.get(KIND_VAR, ""))
 
 
 _from_environment()
