@@ -30,7 +30,7 @@ A latency probe's addresses cannot be shared with another probe (``SiteBusyError
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -311,9 +311,12 @@ def build_stub(proc: "ProbedProcess", part: "Djprobe", analysis: "SiteAnalysis",
             proc.clock.refresh()
             _allocate(proc, region, lat)
         assert lat.targets is not None
-        build = build_latency_both_stub if part._latency_role == "both" else build_latency_entry_stub
-        return build(analysis, region.layout, region.slot_address(slot), region.counter_address(slot), lat.targets,
-                     proc._rseq_offset())
+        if part._latency_role == "both":
+            return build_latency_both_stub(analysis, region.layout, region.slot_address(slot),
+                                           region.counter_address(slot), lat.targets, proc._rseq_offset(),
+                                           exit_window=part._latency_exit)
+        return build_latency_entry_stub(analysis, region.layout, region.slot_address(slot),
+                                        region.counter_address(slot), lat.targets, proc._rseq_offset())
     if lat.targets is None:
         raise SiteBusyError(f"{analysis.site}: the entry of this latency probe could not be prepared")
     return build_latency_exit_stub(analysis, region.layout, region.slot_address(slot), lat.targets,
@@ -347,6 +350,58 @@ def _ends_with_exit(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
             and all(i.flow is Flow.NEXT for i in entry.displaced[:-1]))
 
 
+def _way_in_ends_entry(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
+    """Whether ``window`` is a path window (see ``SiteAnalysis.exit_path``) whose instructions are
+    the last ones of the entry window (``test rdi,rdi; je <ret>`` at ``free``'s entry): one stub
+    can run the entry action, the relocated entry window with its branches into the exit block
+    aimed at a copy of the block, the exit action and the exit."""
+    n = len(window.displaced)
+    return (bool(window.exit_path) and 0 < n <= len(entry.displaced) and not entry.padding
+            and tuple(entry.displaced[-n:]) == tuple(window.displaced))
+
+
+def _ends_at_exit(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
+    """Whether the entry window ends with the exit instruction of ``window`` (not a path window),
+    and no instruction before it branches back into the window (to the function's first byte:
+    the entry action would run again for the same call)."""
+    if not entry.displaced or window.exit is None or window.exit_path or entry.padding:
+        return False
+    lo, hi = entry.address, entry.address + entry.size
+    return (entry.displaced[-1].address == window.exit.address
+            and not any(i.target is not None and lo <= i.target < hi for i in entry.displaced[:-1]))
+
+
+def entry_plan(
+    entry: "SiteAnalysis", windows: Sequence["SiteAnalysis"], widen: "Callable[[int], SiteAnalysis] | None" = None
+) -> tuple["SiteAnalysis", "SiteAnalysis | None", str | None]:
+    """How the entry of a latency probe goes with its exit windows: (the entry window to use, the
+    exit window that the entry's stub takes in or None, why the function cannot take a latency
+    probe or None). The entry window may overlap one exit window only, which it must end with:
+    the exit reached by straight-line code or branches that leave the window, or the way into an
+    exit block. ``widen(size)`` analyses a larger window at the entry: an entry window that ends
+    inside an exit window is grown to that window's end when the grown one can take a jump
+    (``mov r9,rsi; test rcx,rcx`` then ``je <mov rax,r9; ret>``)."""
+    clash = _overlapping(entry, list(windows))
+    if not clash:
+        return entry, None, None
+    if len(clash) == 1:
+        w = clash[0]
+        if _ends_with_exit(entry, w) or _ends_at_exit(entry, w) or _way_in_ends_entry(entry, w):
+            return entry, w, None
+        end = w.displaced[-1].end if w.displaced else 0
+        if widen is not None and not w.padding and end > entry.address + entry.size and w.address >= entry.address:
+            grown = widen(end - entry.address)
+            if grown.ok and (_ends_at_exit(grown, w) or (_way_in_ends_entry(grown, w) and _no_branch_back(grown))):
+                return grown, w, None
+    return entry, None, (f"too short for latency: its entry window {entry.address:#x}+{entry.size} overlaps the "
+                         f"window of the exit '{clash[0].exit.text if clash[0].exit else '?'}' at {clash[0].address:#x}")
+
+
+def _no_branch_back(window: "SiteAnalysis") -> bool:
+    lo, hi = window.address, window.address + window.size
+    return not any(i.target is not None and lo <= i.target < hi for i in window.displaced)
+
+
 def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> list["Djprobe"]:
     """``djps`` with every latency probe replaced by its parts: the entry, then one per exit
     window. A latency probe that cannot be placed goes to ``refused`` with the error."""
@@ -377,13 +432,13 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
             if not entry.ok:
                 raise entry.error()
             windows = exits.windows
-            clash = _overlapping(entry, windows)
-            both = len(clash) == 1 and _ends_with_exit(entry, clash[0])
-            if clash and not both:
-                raise InvalidSiteError(
-                    f"{name}: too short for latency: its entry window {entry.address:#x}+{entry.size} overlaps the "
-                    f"window of the exit '{clash[0].exit.text if clash[0].exit else '?'}' at {clash[0].address:#x}",
-                    address=entry.address)
+
+            def widen(size: int) -> "SiteAnalysis":
+                return analyse_site(proc.symbols, exits.address, size, proc.process.memory)
+
+            entry, both, why = entry_plan(entry, windows, widen)
+            if why is not None:
+                raise InvalidSiteError(f"{name}: {why}", address=entry.address)
         except DjprobeError as exc:
             refused.append((djp, proc._site_error(exc)))
             continue
@@ -391,8 +446,10 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
         djp.address = exits.address
         djp.site = name
         djp.latency = Latency(djp)
-        if both:  # one stub for the entry and the exit its window ends with
-            djp._parts = [_part(djp, entry, "both")] + [_part(djp, w, "exit") for w in windows if w is not clash[0]]
+        if both is not None:  # one stub for the entry and the exit its window ends with
+            first = _part(djp, entry, "both")
+            first._latency_exit = both
+            djp._parts = [first] + [_part(djp, w, "exit") for w in windows if w is not both]
         else:
             djp._parts = [_part(djp, entry, "entry")] + [_part(djp, w, "exit") for w in windows]
         out.extend(djp._parts)

@@ -313,17 +313,22 @@ def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address:
 
 def build_latency_both_stub(
     site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int, targets: LatencyTargets,
-    rseq_offset: int | None = None,
+    rseq_offset: int | None = None, exit_window: Relocatable | None = None,
 ) -> Stub:
     """The stub of a function whose entry window ends with one of its exits (straight-line code
     before it: ``lea eax,[rdi+1]; ret``, ``xor esi,esi; jmp f``): the entry action, the relocated
-    instructions before the exit, the exit action, the relocated exit. Both rseq descriptors sit
-    at the end of the slot (the entry's last, the exit's before it). The action range spans both
-    actions and the relocated code between them: a thread anywhere there at removal runs out of
-    the stub by itself."""
+    instructions before the exit, the exit action, the relocated exit. With an ``exit_window``
+    that is a path window whose way in ends the entry window (``test rdi,rdi; je <ret>``): the
+    entry action, then the path-window stub of the entry window (see ``stubs._finish_exit_path``:
+    its branches into the exit block aimed at a copy of the block, the exit action, the exit).
+    Both rseq descriptors sit at the end of the slot (the entry's last, the exit's before it).
+    The action range spans both actions and the code between them: a thread anywhere there at
+    removal runs out of the stub by itself."""
+    from dataclasses import replace
+
     from iced_x86 import Decoder
 
-    from .stubs import assemble
+    from .stubs import _finish_exit_path, assemble
     from .x86.relocate import Relocated, relocate
 
     if not site.at_entry:
@@ -338,14 +343,23 @@ def build_latency_both_stub(
     entry_action(a, targets)
     entry_code = assemble(a.instructions(), slot_address)
     at = slot_address + len(entry_code)
-    pre = relocate(prefix, at, None) if prefix else None
-    address_map = dict(pre.address_map) if pre is not None else {}
-    exit_at = at + (len(pre.code) if pre is not None else 0)
     b = exit_action(targets, per_exit)
-    exit_code = assemble(b.instructions(), exit_at)
-    address_map[last.address] = exit_at  # a thread at the exit runs the exit action first
-    last_code = relocate([last], exit_at + len(exit_code), None).code
-    code = entry_code + (pre.code if pre is not None else b"") + exit_code + last_code
+    if exit_window is not None and getattr(exit_window, "exit_path", ()):
+        merged = replace(site, exit=exit_window.exit, exit_path=exit_window.exit_path,  # type: ignore[type-var]
+                         exit_via=exit_window.exit_via)
+        rest = _finish_exit_path(merged, layout, at, b.instructions())
+        code = entry_code + rest.code
+        address_map = dict(rest.relocated.address_map)
+        exit_at = rest.action_start
+        exit_code = rest.code[exit_at - at: exit_at - at + rest.action_size]
+    else:
+        pre = relocate(prefix, at, None) if prefix else None
+        address_map = dict(pre.address_map) if pre is not None else {}
+        exit_at = at + (len(pre.code) if pre is not None else 0)
+        exit_code = assemble(b.instructions(), exit_at)
+        address_map[last.address] = exit_at  # a thread at the exit runs the exit action first
+        last_code = relocate([last], exit_at + len(exit_code), None).code
+        code = entry_code + (pre.code if pre is not None else b"") + exit_code + last_code
     reserve = 2 * RSEQ_CS_SIZE if rseq_offset is not None else 0
     if len(code) > layout.slot_size - reserve:
         raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")

@@ -158,6 +158,7 @@ class Djprobe:
         #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
         self.latency: latency.Latency | None = None
         self._latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
+        self._latency_exit: SiteAnalysis | None = None  # for "both": the exit window its stub takes in
         self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
         self._parent: Djprobe | None = None  # the return probe this is a part of
         self._preset: SiteAnalysis | None = None  # a part's exit window

@@ -120,11 +120,12 @@ def test_known_durations_land_in_their_buckets(timed_exe, tmp_path):
     histograms (cumulatively), whatever the load did to the durations."""
     n, threads = 150, 3
     record = tmp_path / "durations.txt"
-    funcs = ["spin_short", "spin_long", "tiny", "lat_overlap"]
+    funcs = ["spin_short", "spin_long", "tiny", "lat_overlap", "lat_noexit"]
     out, status, probes, refused = _run_with_latency([timed_exe, n, threads, record], funcs)
     assert status == 0 and out == f"calls={3 * n * threads} checksum={threads * sum(i + 1 for i in range(n))}\n"
-    assert list(refused) == ["lat_overlap"] and "too short for latency" in str(refused["lat_overlap"])
+    assert list(refused) == ["lat_noexit"] and "the way in by" in str(refused["lat_noexit"]), refused
     _check_pairing(probes["tiny"].latency, n * threads, n * threads)  # one stub: entry, lea, exit, ret
+    _check_pairing(probes["lat_overlap"].latency, 2 * n * threads, 2 * n * threads)  # grown: one stub too
     for f, kind, floor in (("spin_short", "short", 5000), ("spin_long", "long", 40000)):
         lat = probes[f].latency
         _check_pairing(lat, n * threads, n * threads)
@@ -182,6 +183,29 @@ def test_register_unregister_under_load(start_target, returns_exe):
     assert t.proc.returncode == 0 and out == "done\n"
 
 
+@pytest.mark.parametrize("per_cpu", [True, False], ids=["per_cpu", "locked"])
+def test_entry_window_ending_with_the_way_into_an_exit(per_cpu):
+    """``test rdi,rdi; je <lone ret>`` (glibc's free): the lone ret's path window is the end of
+    the entry window (the je alone, or the whole entry window); and entry windows that end inside
+    an exit window, grown to its end (a ret after a jne, a je into a lone block). One stub for
+    both, exact under threads, the early return measured as well as the other."""
+    exe = compile_c([TARGETS / "latency_wayin_main.c", TARGETS / "latency_wayin.S"], "-O2", name="latency_wayin")
+    n, threads = 3000, 3
+    plain = subprocess.run([str(exe), str(n), str(threads)], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0
+    funcs = ["lat_wayin_far", "lat_wayin_near", "lat_grow_ret", "lat_grow_path"]
+    out, status, probes, refused = _run_with_latency([exe, n, threads], funcs, per_cpu)
+    assert refused == {}
+    assert (out, status) == (plain.stdout, 0)
+    for f in funcs:
+        both = probes[f]._parts[0]
+        assert [p._latency_role for p in probes[f]._parts] == ["both", "exit"]
+        assert bool(both._latency_exit.exit_path) == (f != "lat_grow_ret")  # a lone block, reached by a copied je
+        # grown (from 7 and 6 bytes): the entry window runs to the end of the exit window it overlapped
+        assert both.size == {"lat_wayin_far": 9, "lat_wayin_near": 5, "lat_grow_ret": 10, "lat_grow_path": 8}[f]
+        _check_pairing(probes[f].latency, n * threads, n * threads)
+
+
 def test_refusals_and_exclusive_sites(returns_exe):
     with djprobe.spawn([str(returns_exe), "60", "1"], stdout=subprocess.DEVNULL) as proc:
         with pytest.raises(djprobe.InvalidSiteError):
@@ -214,14 +238,14 @@ def _cli(*args, timeout=120):
 def test_cli_json(timed_exe, tmp_path):
     n, threads = 60, 2
     record = tmp_path / "d.txt"
-    res = _cli("latency", "--json", "spin_*", "tiny", "lat_overlap", "--", timed_exe, n, threads, record)
+    res = _cli("latency", "--json", "spin_*", "tiny", "lat_noexit", "--", timed_exe, n, threads, record)
     assert res.returncode == 0, res.stderr
     assert f"calls={3 * n * threads}" in res.stdout  # the command's own output
     report = json.loads(res.stdout.splitlines()[-1])
     assert set(report) == {"functions", "refused", "exit_status"}
     assert report["exit_status"] == 0
-    assert [(r["site"].split(":")[-1], "too short for latency" in r["reason"]) for r in report["refused"]] == [
-        ("lat_overlap", True)]
+    assert [(r["site"].split(":")[-1], "the way in by" in r["reason"]) for r in report["refused"]] == [
+        ("lat_noexit", True)]
     funcs = {f["site"].split(":")[-1]: f for f in report["functions"]}
     assert set(funcs) == {"spin_short", "spin_long", "tiny"}
     assert funcs["tiny"]["calls"] == n * threads

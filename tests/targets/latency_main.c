@@ -1,7 +1,7 @@
 /* Functions of known duration for latency probes (tests/live/test_latency.py).
    usage: latency_main N THREADS FILE
      each thread calls spin_short (spins >= 5 us on CLOCK_MONOTONIC) and spin_long (>= 40 us)
-     N times each, tiny() N times and lat_overlap() 2N times; for every spin call it writes to FILE the duration the
+     N times each, tiny() N times and lat_overlap() and lat_noexit() 2N times each; for every spin call it writes to FILE the duration the
      function measured inside itself (a lower bound of what a probe can see) and the duration the
      caller measured around the call (an upper bound): "short|long LO HI" per line.
      Prints "calls=... checksum=..." (the same with or without probes). */
@@ -30,7 +30,8 @@ __attribute__((noinline)) long spin_short(long x) { return spin(5000) + (x & 0);
 __attribute__((noinline)) long spin_long(long x) { return spin(40000) + (x & 0); }
 /* its entry window ends with its exit: one stub does both */
 __attribute__((noinline)) int tiny(int x) { return x + 1; }
-int lat_overlap(int); /* latency_short.S: too short for latency */
+int lat_overlap(int);  /* latency_short.S: entry and exit in one grown window */
+int lat_noexit(int);   /* latency_short.S: no return probe, so no latency probe */
 
 struct arg { int n; long *lo, *hi; int *kind; long sum; };
 
@@ -46,7 +47,7 @@ static void *worker(void *p) {
             a->hi[j] = t1 - t0;
             a->kind[j] = k;
         }
-        a->sum += tiny(i) + lat_overlap(i) - lat_overlap(i);  /* (i? i+3 : 0) twice */
+        a->sum += tiny(i) + lat_overlap(i) - lat_overlap(i) + lat_noexit(i) - lat_noexit(i);
     }
     return NULL;
 }
