@@ -147,7 +147,7 @@ class Djprobe:
         #: (to compare, or to leave the code to the kernel). ``mode`` is then "trap", and
         #: ``no_jump_reason`` says why no jump could be placed.
         self.trap = trap
-        self.mode: str | None = None  # "jump" or "trap" once registered
+        self._mode: str | None = None  # "jump" or "trap" once registered (see ``mode``)
         self.no_jump_reason: str | None = None
         #: Parameter names and types (``prototype="char *s, long n"``, or one from
         #: ``djprobe.debuginfo``): a recording probe; ``char *`` arguments are copied at the hit.
@@ -173,6 +173,19 @@ class Djprobe:
         self._final_missed: int | None = None
         # Unregistered, but a thread may still be running through its stub: counts stay live.
         self._draining: Instance | None = None
+
+    @property
+    def mode(self) -> str | None:
+        """How the probe is (or was last) placed: "jump" or "trap"; for a return or latency probe,
+        that of its parts ("jump+trap" if they differ); None before it was ever placed."""
+        if self._parts is not None:
+            modes = sorted({p.mode for p in self._parts if p.mode})
+            return "+".join(modes) if modes else None
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str | None) -> None:
+        self._mode = value
 
     @property
     def missed(self) -> int:

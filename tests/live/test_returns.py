@@ -197,6 +197,7 @@ def test_trace_text_and_count_with_globs(returns_exe):
     report = json.loads(res.stdout.splitlines()[-1])
     hits = {p["site"].split(":")[-1]: p["hits"] for p in report["probes"]}
     assert hits == {"x_three%return": 120, "x_tail%return": 120, "x_three": 120}
+    assert {p["mode"] for p in report["probes"]} == {"jump"}  # a return probe's parts' mode
     refused = {r["site"].split(":")[-1]: r["reason"] for r in report["refused"]}
     assert list(refused) == ["x_tiny%return"] and "only 4 byte(s)" in refused["x_tiny%return"]
 
