@@ -418,69 +418,8 @@ def run_ptrace(threads: int, iters: int) -> Sample:
     return _sample(r, iters, hits)
 
 
-# -- Frida -------------------------------------------------------------------------------------
-FRIDA_SCRIPT = """
-const hits = Memory.alloc(64);
-const cm = new CModule(`
-#include <gum/guminterceptor.h>
-extern volatile gint64 hits;
-void onEnter (GumInvocationContext * ic)
-{
-  volatile gint64 * p = &hits;
-  asm volatile ("lock incq (%0)" : : "r" (p) : "memory");
-}
-`, { hits });
-Interceptor.attach(ptr("ADDRESS"), cm);
-rpc.exports = { hits() { return hits.readS64().toString(); } };
-"""
-# (The counter lives in memory allocated by the script: a CModule's own globals sit next to its
-# code, which is not writable on this system; TinyCC's "m" operand on an extern misassembles.)
-
-
-def run_frida(threads: int, iters: int) -> Sample:
-    try:
-        import frida
-    except ImportError:
-        raise Skip("frida not installed (pip install frida)") from None
-    exe = build.loop_target()
-    vaddr, _ = build.symbol(exe, "work")
-    with _Out() as out:
-        p = subprocess.Popen(_loop_argv("work", iters, threads, out, "gate"), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-        session = None
-        try:
-            if not p.stdout.readline().startswith("ready"):
-                raise RuntimeError("target did not start")
-            with open(f"/proc/{p.pid}/maps") as maps:
-                base = int(maps.readline().split("-")[0], 16)
-            session = frida.attach(p.pid)
-            errors: list = []
-            script = session.create_script(FRIDA_SCRIPT.replace("ADDRESS", hex(base + vaddr)))
-            script.on("message", lambda m, d: errors.append(m) if m.get("type") == "error" else None)
-            script.load()
-            if errors:
-                raise RuntimeError(f"frida script: {errors[0].get('description')}")
-            p.stdin.write("go\n")
-            p.stdin.flush()
-            while p.poll() is None and not out.read_text():
-                time.sleep(0.01)
-            hits = int(script.exports_sync.hits())
-            script.unload()
-            p.stdin.write("exit\n")
-            p.stdin.flush()
-            p.wait(timeout=60)
-            r = _parse_result(out.read_text())
-        finally:
-            if session is not None:
-                try:
-                    session.detach()
-                except Exception:  # noqa: BLE001 - the process may be gone
-                    pass
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return _sample(r, iters, hits)
-
+# -- Frida (bench/frida_rows.py) -----------------------------------------------------------------
+from .frida_rows import run_frida, run_frida_latency, run_frida_string  # noqa: E402
 
 ROWS: list[RowSpec] = [
     RowSpec("none", "no probe", run_none, (20_000_000, 100_000_000)),
@@ -501,11 +440,12 @@ ROWS: list[RowSpec] = [
     RowSpec("uprobe_pair", "kernel uprobe + uretprobe (tracefs)", run_uprobe_pair, (20_000, 100_000)),
     RowSpec("bpftrace", "bpftrace count()", run_bpftrace, (50_000, 200_000)),
     RowSpec("frida", "Frida Interceptor + CModule", run_frida, (500_000, 2_000_000)),
+    RowSpec("frida_latency", "Frida onEnter/onLeave latency (CModule)", run_frida_latency, (500_000, 2_000_000)),
     RowSpec("ptrace", "ptrace breakpoint (C tracer)", run_ptrace, (5_000, 20_000)),
 ]
 
 # Rows that read a string argument at each hit (bench/string_rows.py).
-from .string_rows import run_bpftrace_string, run_djprobe_record_string, run_frida_string  # noqa: E402
+from .string_rows import run_bpftrace_string, run_djprobe_record_string  # noqa: E402
 
 ROWS += [
     RowSpec("djp_record_string", "djprobe record + string (64 B), no drops", run_djprobe_record_string, (50_000, 200_000)),

@@ -66,64 +66,6 @@ def run_djprobe_record_string(threads: int, iters: int) -> Sample:
     return s
 
 
-FRIDA_STRING_SCRIPT = """
-let n = 0, bad = 0;
-Interceptor.attach(ptr("ADDRESS"), {
-  onEnter(args) { const s = args[0].readUtf8String(); if (s !== "EXPECTED") bad++; n++; }
-});
-rpc.exports = { hits() { return n; }, bad() { return bad; } };
-"""
-
-
-def run_frida_string(threads: int, iters: int) -> Sample:
-    try:
-        import frida
-    except ImportError:
-        raise Skip("frida not installed (pip install frida)") from None
-    exe = build.loop_target()
-    vaddr, _ = build.symbol(exe, "work_str")
-    with _Out() as out:
-        p = subprocess.Popen(_loop_argv("str", iters, threads, out, "gate"), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-        session = None
-        try:
-            if not p.stdout.readline().startswith("ready"):
-                raise RuntimeError("target did not start")
-            with open(f"/proc/{p.pid}/maps") as maps:
-                base = int(maps.readline().split("-")[0], 16)
-            session = frida.attach(p.pid)
-            errors: list = []
-            text = FRIDA_STRING_SCRIPT.replace("ADDRESS", hex(base + vaddr)).replace("EXPECTED", BENCH_STRING)
-            script = session.create_script(text)
-            script.on("message", lambda m, d: errors.append(m) if m.get("type") == "error" else None)
-            script.load()
-            if errors:
-                raise RuntimeError(f"frida script: {errors[0].get('description')}")
-            p.stdin.write("go\n")
-            p.stdin.flush()
-            while p.poll() is None and not out.read_text():
-                time.sleep(0.01)
-            hits, bad = int(script.exports_sync.hits()), int(script.exports_sync.bad())
-            script.unload()
-            p.stdin.write("exit\n")
-            p.stdin.flush()
-            p.wait(timeout=60)
-            r = _parse_result(out.read_text())
-        finally:
-            if session is not None:
-                try:
-                    session.detach()
-                except Exception:  # noqa: BLE001 - the process may be gone
-                    pass
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    s = _sample(r, iters, hits, wrong_strings=bad)
-    if bad:
-        s.expected_hits = -1
-    return s
-
-
 def run_bpftrace_string(threads: int, iters: int) -> Sample:
     tool = shutil.which("bpftrace")
     if tool is None:
