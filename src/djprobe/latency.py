@@ -30,10 +30,12 @@ A latency probe's addresses cannot be shared with another probe (``SiteBusyError
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from . import latency_stubs32
+from .arch import I386, X86_64
 from .area import HIST_BUCKETS, MISC_COLLISIONS, MISC_UNPAIRED
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .latency_stubs import (LatencyTargets, build_latency_both_stub, build_latency_entry_stub, build_latency_exit_stub,
@@ -311,13 +313,37 @@ def build_stub(proc: "ProbedProcess", part: "Djprobe", analysis: "SiteAnalysis",
             proc.clock.refresh()
             _allocate(proc, region, lat)
         assert lat.targets is not None
-        build = build_latency_both_stub if part._latency_role == "both" else build_latency_entry_stub
-        return build(analysis, region.layout, region.slot_address(slot), region.counter_address(slot), lat.targets,
-                     proc._rseq_offset())
-    if lat.targets is None:
+    elif lat.targets is None:
         raise SiteBusyError(f"{analysis.site}: the entry of this latency probe could not be prepared")
-    return build_latency_exit_stub(analysis, region.layout, region.slot_address(slot), lat.targets,
-                                   proc._rseq_offset())
+    stubs = _STUBS[getattr(proc.process, "arch", X86_64)]
+    return stubs.build(part._latency_role, analysis, region.layout, region.slot_address(slot),
+                       region.counter_address(slot), lat.targets, proc)
+
+
+@dataclass(frozen=True)
+class _StubSet:
+    """The latency stub builders of one :class:`~djprobe.arch.Arch` (entry, exit, both), and
+    whether they take glibc's rseq area (per-CPU shards)."""
+
+    entry: Callable
+    exit: Callable
+    both: Callable
+    rseq: bool
+
+    def build(self, role: str, analysis: "SiteAnalysis", layout, slot_address: int, counter: int,
+              targets: LatencyTargets, proc: "ProbedProcess") -> "Stub":
+        extra = (proc._rseq_offset(),) if self.rseq else ()
+        if role == "exit":
+            return self.exit(analysis, layout, slot_address, targets, *extra)
+        return (self.both if role == "both" else self.entry)(analysis, layout, slot_address, counter, targets, *extra)
+
+
+#: latency stubs per architecture: x86-64 (per-CPU shards with rseq), i386 (locked shards)
+_STUBS = {
+    X86_64: _StubSet(build_latency_entry_stub, build_latency_exit_stub, build_latency_both_stub, rseq=True),
+    I386: _StubSet(latency_stubs32.build_latency_entry_stub, latency_stubs32.build_latency_exit_stub,
+                   latency_stubs32.build_latency_both_stub, rseq=False),
+}
 
 
 # -- registration hooks ----------------------------------------------------------------------------
@@ -345,6 +371,23 @@ def _ends_with_exit(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
     return (bool(entry.displaced) and window.exit is not None and not window.exit_path
             and entry.displaced[-1].address == window.exit.address
             and all(i.flow is Flow.NEXT for i in entry.displaced[:-1]))
+
+
+def _entry_to_exit(proc: "ProbedProcess", entry: "SiteAnalysis", window: "SiteAnalysis") -> "SiteAnalysis | None":
+    """The entry window made longer to end with the exit of ``window`` when only straight-line
+    code lies between (``mov eax,[esp+4]; add eax,1; ret`` in 32-bit code: the shortest entry
+    window stops before the ``ret``), so that one stub does both; None when that is not so."""
+    from .x86 import Flow
+
+    exit_insn = window.exit
+    if exit_insn is None or window.exit_path or not entry.displaced or not window.displaced:
+        return None
+    if window.displaced[0].address != entry.address or window.displaced[-1].address != exit_insn.address:
+        return None
+    if any(i.flow is not Flow.NEXT for i in window.displaced[:-1]):
+        return None
+    longer = analyse_site(proc.symbols, entry.address, exit_insn.end - entry.address, proc.process.memory)
+    return longer if longer.ok and _ends_with_exit(longer, window) else None
 
 
 def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> list["Djprobe"]:
@@ -378,6 +421,11 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
                 raise entry.error()
             windows = exits.windows
             clash = _overlapping(entry, windows)
+            if len(clash) == 1 and not _ends_with_exit(entry, clash[0]):
+                longer = _entry_to_exit(proc, entry, clash[0])
+                if longer is not None:
+                    entry = longer
+                    clash = _overlapping(entry, windows)
             both = len(clash) == 1 and _ends_with_exit(entry, clash[0])
             if clash and not both:
                 raise InvalidSiteError(
