@@ -216,3 +216,43 @@ def test_table_index32_spreads_stacks_and_tags():
     assert len(stacks) > 200
     assert table_index32(0xFFD0_1234, 1, slots) != table_index32(0xFFD0_1234, 2, slots)
     assert all(0 <= table_index32(esp, 5, slots) < slots for esp in range(0xFF00_0000, 0xFF00_1000, 4))
+
+
+def test_multiplier_above_32_bits(tmp_path, monkeypatch):
+    """A TSC below 1 GHz makes ``mul`` (ns per tick << 32) wider than 32 bits: the exit stub then
+    adds ``ticks * high word``. This TSC is faster, so the calibration the stubs get is scaled by
+    a factor that puts ``mul`` near 1.5 * 2**32: the durations recorded must be that factor times
+    the real ones (bounded by what the target measured inside and around each call)."""
+    import math
+
+    import djprobe.latency as latency_mod
+    from djprobe.latency_stubs import LatencyTargets
+
+    exe = _build("-fno-pie", "-no-pie")
+    seen = {}
+
+    class Scaled(LatencyTargets):
+        @classmethod
+        def of(cls, layout, data_address, function, tag, ns_per_tick):
+            seen["scale"] = scale = math.ceil(1.5 / ns_per_tick)
+            targets = LatencyTargets.of(layout, data_address, function, tag, ns_per_tick * scale)
+            seen["mul"] = targets.mul
+            return targets
+
+    monkeypatch.setattr(latency_mod, "LatencyTargets", Scaled)
+    n, threads = 40, 2
+    record = tmp_path / "d.txt"
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(n), str(threads), str(record)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        lat = proc.register(djprobe.Djprobe("spin_long", at="latency")).latency
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            out.read()
+        assert proc.process.popen.wait(timeout=120) == 0
+    assert seen["mul"] >> 32 >= 1  # the high word is used
+    scale = seen["scale"]
+    assert lat.calls == n * threads and lat.returns + lat.unpaired == n * threads
+    if lat.collisions == 0:
+        lo, hi = _bounds(record, "long")
+        assert lo.sum() * scale * 0.999 <= lat.total_ns <= hi.sum() * scale * 1.001, (scale, lat)
