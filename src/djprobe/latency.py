@@ -6,7 +6,9 @@ the world (like a return probe's): an entry part whose stub counts the call and 
 in a table of calls in flight in the probe area, and one exit part per exit window, whose stub
 finds its call's entry, frees it and adds the elapsed nanoseconds into a histogram of the area
 (64 log2 buckets and the total, sharded by ``rsp``). No event per call, no consumer, nothing
-dropped; see :mod:`djprobe.latency_stubs` for the stub code and the pairing key.
+dropped; see :mod:`djprobe.latency_stubs` for the stub code and the pairing key, and
+:mod:`djprobe.latency_stubs32` for the same stubs in 32-bit (i386) processes (the process's
+:class:`~djprobe.arch.Arch` picks the set: ``_STUBS``).
 
 After registration, ``djp.latency`` is a :class:`Latency`: ``calls`` (entries), ``returns``
 (exits paired with their entry: the histogram's sum), ``histogram`` (numpy, counts per bucket),
