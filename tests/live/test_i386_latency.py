@@ -256,3 +256,66 @@ def test_multiplier_above_32_bits(tmp_path, monkeypatch):
     if lat.collisions == 0:
         lo, hi = _bounds(record, "long")
         assert lo.sum() * scale * 0.999 <= lat.total_ns <= hi.sum() * scale * 1.001, (scale, lat)
+
+
+REGS_MAIN = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <pthread.h>
+#include <unistd.h>
+int regcheck(int n);
+int leaf_keep(int);
+static volatile int handled;
+static void on_signal(int s) { (void)s; handled += leaf_keep(1) > 0; }
+static pthread_t main_thread;
+static volatile int done;
+static void *signaller(void *p) {
+    (void)p;
+    while (!done) { pthread_kill(main_thread, SIGUSR1); usleep(20); }
+    return NULL;
+}
+int main(int argc, char **argv) {
+    signal(SIGUSR1, on_signal);
+    main_thread = pthread_self();
+    pthread_t t;
+    pthread_create(&t, NULL, signaller, NULL);
+    int changed = regcheck(atoi(argv[1]));
+    done = 1;
+    pthread_join(t, NULL);
+    printf("changed=%d handled=%d\n", changed, handled);
+    return 0;
+}
+"""
+
+
+def test_stubs_keep_every_register_under_signals(tmp_path):
+    """A caller keeps values in every register (ebx..ebp, xmm0, xmm1) across calls of functions
+    that do not touch them; with latency probes on both (separate entry and exit stubs, and one
+    stub for both) nothing may change. A thread signals the caller every 20 us, and its handler
+    calls leaf_keep too (nested, lower on the same stack, often inside a stub): every call is
+    counted and paired."""
+    main = tmp_path / "regs32_main.c"
+    main.write_text(REGS_MAIN)
+    try:
+        exe = compile_c([main, TARGETS / "latency_regs32.S"], "-m32", "-O2", name="latency_regs32")
+    except RuntimeError as exc:  # pragma: no cover
+        pytest.skip(f"gcc -m32 cannot build here: {exc}")
+    n = 200_000
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(n)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        probes = {f: djprobe.Djprobe(f, at="latency") for f in ("leaf_keep", "leaf_tiny")}
+        assert proc.register_many(list(probes.values())) == []
+        assert [p._latency_role for p in probes["leaf_tiny"]._parts] == ["both"]
+        assert [p._latency_role for p in probes["leaf_keep"]._parts] == ["entry", "exit"]
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=120) == 0
+    changed, handled = (int(kv.split("=")[1]) for kv in output.split())
+    assert changed == 0 and handled > 10, output
+    for f, calls in (("leaf_keep", n + handled), ("leaf_tiny", n)):
+        lat = probes[f].latency
+        assert lat.calls == calls and lat.returns + lat.unpaired == calls, (f, lat)
+        assert lat.unpaired <= lat.collisions and int(lat.histogram.sum()) == lat.returns
