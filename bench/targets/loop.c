@@ -36,12 +36,12 @@ static long n_calls, round_calls, pause_us;
 static int use_atomic, use_plain, use_tsc, use_str;
 static pthread_barrier_t barrier;
 
-struct result { long calls, checksum, elapsed_ns; };
+struct result { long calls, checksum; long long elapsed_ns; };  /* long long: also built -m32 (loop32) */
 
-static long now_ns(void) {
+static long long now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 static long calls(long from, long to, long limit, long *sum) {
@@ -65,14 +65,14 @@ static void *worker(void *arg) {
     long sum = 0, done = 0, limit = n_calls / 2;
     pthread_barrier_wait(&barrier);
     if (round_calls <= 0) {
-        long t0 = now_ns();
+        long long t0 = now_ns();
         done = calls(0, n_calls, limit, &sum);
         r->elapsed_ns = now_ns() - t0;
     } else {
         r->elapsed_ns = 0;
         while (done < n_calls) {
             long end = done + round_calls < n_calls ? done + round_calls : n_calls;
-            long t0 = now_ns();
+            long long t0 = now_ns();
             done += calls(done, end, limit, &sum);
             r->elapsed_ns += now_ns() - t0;
             usleep(pause_us);
@@ -114,7 +114,8 @@ int main(int argc, char **argv) {
     pthread_barrier_init(&barrier, NULL, threads);
     for (int t = 1; t < threads; t++) pthread_create(&th[t], NULL, worker, &res[t]);
     worker(&res[0]);
-    long calls = res[0].calls, sum = res[0].checksum, elapsed = res[0].elapsed_ns;
+    long calls = res[0].calls, sum = res[0].checksum;
+    long long elapsed = res[0].elapsed_ns;
     for (int t = 1; t < threads; t++) {
         pthread_join(th[t], NULL);
         calls += res[t].calls;
@@ -123,7 +124,7 @@ int main(int argc, char **argv) {
     }
     FILE *out = strcmp(argv[4], "-") == 0 ? stdout : fopen(argv[4], "w");
     if (!out) return 4;
-    fprintf(out, "calls=%ld elapsed_ns=%ld threads=%d atomic=%ld plain=%ld checksum=%ld\n", calls, elapsed,
+    fprintf(out, "calls=%ld elapsed_ns=%lld threads=%d atomic=%ld plain=%ld checksum=%ld\n", calls, elapsed,
             threads, (long)atomic_hits, plain_total, sum);
     fclose(out);
     if (gate) { /* hold until told to exit: the tool may read its count from this process */

@@ -6,7 +6,9 @@ the world (like a return probe's): an entry part whose stub counts the call and 
 in a table of calls in flight in the probe area, and one exit part per exit window, whose stub
 finds its call's entry, frees it and adds the elapsed nanoseconds into a histogram of the area
 (64 log2 buckets and the total, sharded by ``rsp``). No event per call, no consumer, nothing
-dropped; see :mod:`djprobe.latency_stubs` for the stub code and the pairing key.
+dropped; see :mod:`djprobe.latency_stubs` for the stub code and the pairing key, and
+:mod:`djprobe.latency_stubs32` for the same stubs in 32-bit (i386) processes (the process's
+:class:`~djprobe.arch.Arch` picks the set: ``_STUBS``).
 
 After registration, ``djp.latency`` is a :class:`Latency`: ``calls`` (entries), ``returns``
 (exits paired with their entry: the histogram's sum), ``histogram`` (numpy, counts per bucket),
@@ -34,6 +36,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from . import latency_stubs32
+from .arch import I386, X86_64, Arch
 from .area import HIST_BUCKETS, MISC_COLLISIONS, MISC_UNPAIRED
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .latency_stubs import (LatencyTargets, build_latency_both_stub, build_latency_entry_stub, build_latency_exit_stub,
@@ -311,16 +315,44 @@ def build_stub(proc: "ProbedProcess", part: "Djprobe", analysis: "SiteAnalysis",
             proc.clock.refresh()
             _allocate(proc, region, lat)
         assert lat.targets is not None
-        if part._latency_role == "both":
-            return build_latency_both_stub(analysis, region.layout, region.slot_address(slot),
-                                           region.counter_address(slot), lat.targets, proc._rseq_offset(),
-                                           exit_window=part._latency_exit)
-        return build_latency_entry_stub(analysis, region.layout, region.slot_address(slot),
-                                        region.counter_address(slot), lat.targets, proc._rseq_offset())
-    if lat.targets is None:
+    elif lat.targets is None:
         raise SiteBusyError(f"{analysis.site}: the entry of this latency probe could not be prepared")
-    return build_latency_exit_stub(analysis, region.layout, region.slot_address(slot), lat.targets,
-                                   proc._rseq_offset())
+    stubs = _STUBS[_arch(proc)]
+    return stubs.build(part._latency_role, analysis, region.layout, region.slot_address(slot),
+                       region.counter_address(slot), lat.targets, proc, part._latency_exit)
+
+
+def _arch(proc: "ProbedProcess") -> "Arch":
+    return getattr(proc.process, "arch", X86_64)
+
+
+@dataclass(frozen=True)
+class _StubSet:
+    """The latency stub builders of one :class:`~djprobe.arch.Arch` (entry, exit, both), and
+    whether they take glibc's rseq area (per-CPU shards)."""
+
+    entry: Callable
+    exit: Callable
+    both: Callable
+    rseq: bool
+    paths: bool  # the "both" stub takes an exit window that is a path window (see entry_plan)
+
+    def build(self, role: str, analysis: "SiteAnalysis", layout, slot_address: int, counter: int,
+              targets: LatencyTargets, proc: "ProbedProcess", exit_window: "SiteAnalysis | None" = None) -> "Stub":
+        extra = (proc._rseq_offset(),) if self.rseq else ()
+        if role == "exit":
+            return self.exit(analysis, layout, slot_address, targets, *extra)
+        if role == "both" and self.paths:
+            return self.both(analysis, layout, slot_address, counter, targets, *extra, exit_window=exit_window)
+        return (self.both if role == "both" else self.entry)(analysis, layout, slot_address, counter, targets, *extra)
+
+
+#: latency stubs per architecture: x86-64 (per-CPU shards with rseq), i386 (locked shards)
+_STUBS = {
+    X86_64: _StubSet(build_latency_entry_stub, build_latency_exit_stub, build_latency_both_stub, rseq=True, paths=True),
+    I386: _StubSet(latency_stubs32.build_latency_entry_stub, latency_stubs32.build_latency_exit_stub,
+                   latency_stubs32.build_latency_both_stub, rseq=False, paths=False),
+}
 
 
 # -- registration hooks ----------------------------------------------------------------------------
@@ -439,6 +471,9 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
             entry, both, why = entry_plan(entry, windows, widen)
             if why is not None:
                 raise InvalidSiteError(f"{name}: {why}", address=entry.address)
+            if both is not None and both.exit_path and not _STUBS[_arch(proc)].paths:
+                raise InvalidSiteError(f"{name}: its entry window ends with the way into an exit block; one stub for "
+                                       f"both is not built for {_arch(proc).name} processes", address=entry.address)
         except DjprobeError as exc:
             refused.append((djp, proc._site_error(exc)))
             continue

@@ -693,7 +693,9 @@ class ProbedProcess:
             if slot is None:
                 continue
             try:
-                if getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
+                if action == "latency":  # per architecture: djprobe.latency picks the stub module
+                    stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
+                elif getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
                     if builder is not None or action not in ("count", "record"):
                         region.free_slots.append(slot)
                         raise InvalidSiteError(
@@ -707,8 +709,6 @@ class ProbedProcess:
                     stub = build_stub32(analysis, region, slot, action, registers, targets)
                 elif builder is not None:
                     stub = builder(self, analysis, region, slot)
-                elif action == "latency":
-                    stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
                 elif action == "record" and strings:
                     self._populate_rings(region)
                     where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))

@@ -20,6 +20,7 @@ from .result import ByteReader
 from .noreturn import never_returns
 from .slices import _GPR64, _Budget, _Region, _Slicer
 from .tables import targets_of
+from .tables32 import pic_table32
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -337,7 +338,14 @@ class ModuleIndex:
             instr = ins.instruction
             if instr.op0_kind == OpKind.MEMORY:
                 continue  # jmp [mem]: a code pointer from memory (tail call, PLT, absolute table)
-            if instr.op0_kind != OpKind.REGISTER or instr.op0_register not in _GPR64:  # i386: unknown
+            if instr.op0_kind == OpKind.REGISTER and self.bits == 32:  # i386: PIC jump tables only
+                found = pic_table32(self, reg, k, ins)
+                if found is None:
+                    reg.unknown_jumps.append(ins.address)
+                elif found[2]:
+                    reg.tables.append(found)
+                continue
+            if instr.op0_kind != OpKind.REGISTER or instr.op0_register not in _GPR64:
                 reg.unknown_jumps.append(ins.address)
                 continue
             slicer = _Slicer(self)

@@ -8,11 +8,20 @@ a site)."""
 from __future__ import annotations
 
 import numpy as np
+from typing import TYPE_CHECKING
+
 from iced_x86 import Mnemonic, Register
 
 from ..x86 import Insn
 
+if TYPE_CHECKING:
+    from .index import ModuleIndex
+
 _U32 = 0xFFFFFFFF
+#: ``mov REG, [esp]; ret``: the body of ``__x86.get_pc_thunk.REG``, by its ModRM byte
+_THUNKS = {0x04 | n << 3: reg for n, reg in enumerate(
+    (Register.EAX, Register.ECX, Register.EDX, Register.EBX, None, Register.EBP, Register.ESI, Register.EDI))
+    if reg is not None}
 
 
 def lea_candidates32(a: np.ndarray, pad: np.ndarray, addr: np.ndarray, got: int | None):
@@ -55,3 +64,18 @@ def lea_reaches32(ins: Insn, target: int, got: int | None) -> bool:
     if instr.memory_base == Register.NONE and instr.memory_index == Register.NONE:
         return disp == target
     return got is not None and (disp + got) & _U32 == target
+
+
+def pc_thunk_register(ix: "ModuleIndex", address: int) -> int | None:
+    """The register that the function at ``address`` sets to its return address, if it is a PC
+    thunk (``mov REG, [esp]; ret``: ``__x86.get_pc_thunk.REG``, named or not), else None."""
+    cache = ix.__dict__.setdefault("_pc_thunks", {})
+    if address in cache:
+        return cache[address]
+    try:
+        code = ix._read(address, 4)
+    except Exception:  # noqa: BLE001
+        code = b""
+    reg = _THUNKS.get(code[1]) if len(code) == 4 and code[0] == 0x8B and code[2] == 0x24 and code[3] == 0xC3 else None
+    cache[address] = reg
+    return reg

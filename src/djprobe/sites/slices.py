@@ -276,6 +276,10 @@ class _Slicer:
     def _def(self, ins: Insn, reg: int, r: _Region, j: int, seen: set) -> _Val:
         instr = ins.instruction
         mn = instr.mnemonic
+        if ins.bits == 32:
+            known = _def32(self, ins, reg, r, j, seen)
+            if known is not None:
+                return known
         if ins.flow in (Flow.CALL, Flow.INDIRECT_CALL, Flow.SYSCALL):
             return _PTR  # a call result or clobbered: never used as a computed address
         if instr.op_count < 1 or instr.op0_kind != OpKind.REGISTER or _full(instr.op0_register) != reg:
@@ -443,6 +447,40 @@ class _Slicer:
 
 
 _HIGH8 = frozenset({Register.AH, Register.BH, Register.CH, Register.DH})
+#: registers an i386 callee keeps (cdecl), by their 64-bit names as the slicer tracks them
+_CALLEE_SAVED32 = frozenset({Register.RBX, Register.RSI, Register.RDI, Register.RBP})
+
+
+def _def32(slicer: _Slicer, ins: Insn, reg: int, r: _Region, j: int, seen: set) -> _Val | None:
+    """What i386 PIC code computes that x86-64 code does not (None: as for x86-64): the PC thunk
+    (``call __x86.get_pc_thunk.bx`` sets ebx to the address after the call), a callee-saved
+    register kept across any other direct call, ``add reg, imm`` and ``lea reg, [reg + d]`` of
+    a known address (the GOT, ``T@GOTOFF``), ``lea reg, [d]``."""
+    from .pic32 import pc_thunk_register
+
+    instr = ins.instruction
+    mn = instr.mnemonic
+    if ins.flow is Flow.CALL and ins.target is not None:
+        thunk = pc_thunk_register(slicer.ix, ins.target)
+        if thunk is not None and _full(thunk) == reg:
+            return _Val("const", value=ins.end)
+        if reg in _CALLEE_SAVED32 and thunk is None:
+            return slicer._v(reg, r, j, seen)  # kept by the callee
+        return None
+    if instr.op_count < 2 or instr.op0_kind != OpKind.REGISTER or instr.op0_register not in _GPR32 \
+            or _full(instr.op0_register) != reg:
+        return None
+    if mn == Mnemonic.ADD and instr.op1_kind in _IMM_KINDS:
+        inner = slicer._v(reg, r, j, seen)
+        return _Val("const", value=(inner.value + instr.immediate(1)) & 0xFFFFFFFF) if inner.kind == "const" else None
+    if mn == Mnemonic.LEA and instr.memory_index == Register.NONE:
+        d = instr.memory_displacement & 0xFFFFFFFF
+        if instr.memory_base == Register.NONE:
+            return _Val("const", value=d)
+        if instr.memory_base in _GPR32 and instr.memory_base != Register.ESP:
+            inner = slicer._v(_full(instr.memory_base), r, j, seen)
+            return _Val("const", value=(inner.value + d) & 0xFFFFFFFF) if inner.kind == "const" else None
+    return None
 
 
 def _lea_index(ins: Insn, index: int) -> tuple[int, int] | None:
