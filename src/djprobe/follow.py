@@ -52,6 +52,11 @@ class ChildSite:
     def hits(self) -> int:
         return sum(view.count(slot) for view, slot in self.slots)
 
+    @property
+    def missed(self) -> int:
+        """Events of the site's record probes the child dropped (a ring was full)."""
+        return sum(view.drops(slot) for view, slot in self.slots)
+
 
 @dataclass
 class FollowedChild:
@@ -65,6 +70,9 @@ class FollowedChild:
     site_list: list[ChildSite] = field(default_factory=list)
     seen_seq: int = 0
     refused: list = field(default_factory=list)
+    #: The process whose probe areas the child copied (its parent, or the image it was forked
+    #: from): its instances name the child's slots.
+    source: "ProbedProcess | None" = None
 
     def sites(self) -> list[ChildSite]:
         return self.site_list
@@ -169,7 +177,7 @@ class ChildFollower:
             finally:
                 os.close(fd)
             views[i] = AreaView(memoryview(maps[i]), region.layout)  # type: ignore[arg-type]
-        child = FollowedChild(pid, _command(pid), parent, views, maps)
+        child = FollowedChild(pid, _command(pid), parent, views, maps, source=self.target)
         index = self._hook_index()
         hook_view = views[index]
         if hook_view is not None:
