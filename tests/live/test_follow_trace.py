@@ -88,3 +88,42 @@ def test_trace_without_follow_has_no_pid(forkcount):
     assert res.returncode == 0, res.stderr
     events = _events(res.stdout)
     assert len(events) == 10 and all("pid" not in e for e in events)
+
+
+@pytest.mark.parametrize("exec_child", [False, True], ids=["fork", "fork-and-exec"])
+def test_latency_follow_per_process(forkcount, exec_child):
+    argv = [forkcount, 300, 3, 2000] + (["x"] if exec_child else [])
+    res = run(DJPROBE + ["latency", "--follow", "--json", "fc_work", "--"] + argv, input="go\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-2] == "parent 600 children 3 bad 0"
+    report = json.loads(lines[-1])
+    per = [(p["command"].split()[1:], [(f["calls"], f["returns"]) for f in p["probes"]]) for p in report["processes"]]
+    mine = [str(a) for a in argv[1:]]
+    if exec_child:
+        assert per == [(mine, [(600, 600)]), (mine, [(0, 0)]), (["2000", "0"], [(4000, 4000)]),
+                       (mine, [(4000, 4000)]), (mine, [(4000, 4000)])]
+    else:
+        assert per == [(mine, [(600, 600)])] + [(mine, [(4000, 4000)])] * 3
+    for p in report["processes"]:
+        for f in p["probes"]:
+            assert sum(b["count"] for b in f["hist"]) == f["returns"]
+    [total] = report["functions"]
+    assert (total["calls"], total["returns"]) == (600 + 3 * 4000, 600 + 3 * 4000)
+    assert total["total_ns"] == sum(f["total_ns"] for p in report["processes"] for f in p["probes"])
+    buckets = Counter()
+    for p in report["processes"]:
+        for f in p["probes"]:
+            for b in f["hist"]:
+                buckets[b["low_ns"]] += b["count"]
+    assert {b["low_ns"]: b["count"] for b in total["hist"] if b["count"]} == {k: v for k, v in buckets.items() if v}
+
+
+def test_latency_without_follow_measures_only_the_parent(forkcount):
+    res = run(DJPROBE + ["latency", "--json", "fc_work", "--", forkcount, 300, 2, 2000], input="go\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-2] == "parent 600 children 2 bad 0"  # the children ran right
+    report = json.loads(lines[-1])
+    assert "processes" not in report
+    assert [(f["calls"], f["returns"]) for f in report["functions"]] == [(600, 600)]
