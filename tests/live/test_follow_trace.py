@@ -127,3 +127,38 @@ def test_latency_without_follow_measures_only_the_parent(forkcount):
     report = json.loads(lines[-1])
     assert "processes" not in report
     assert [(f["calls"], f["returns"]) for f in report["functions"]] == [(600, 600)]
+
+
+def test_name_with_follow_takes_in_a_process_started_later(start_target, forkcount):
+    """--name COMM --follow: a process named COMM started after djprobe gets the probes too
+    (found by its scan of /proc); the children of both are followed, never taken twice."""
+    from pathlib import Path
+
+    first = start_target([forkcount, 100, 1, 3000], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    comm = Path(f"/proc/{first.pid}/comm").read_text().strip()
+    counter = subprocess.Popen(DJPROBE + ["count", "--json", "--follow", "--name", comm, "fc_work"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert counter.stderr.readline().startswith("Tracing 1 function in 1 process")
+        later = start_target([forkcount, 50, 2, 2000], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = counter.stderr.readline()  # within a scan (0.1 s) and the placing of its probes
+        assert line.startswith(f"process {later.pid} (") and "started later: 1 probe placed" in line, line
+        for t in (first, later):
+            t.proc.stdin.write(b"go\n")
+            t.proc.stdin.close()
+        assert first.proc.wait(timeout=60) == 0 and later.proc.wait(timeout=60) == 0
+        assert first.proc.stdout.read() == b"parent 200 children 1 bad 0\n"
+        assert later.proc.stdout.read() == b"parent 100 children 2 bad 0\n"
+        out, err = counter.communicate(timeout=60)  # every process it took in ended
+    finally:
+        if counter.poll() is None:
+            counter.kill()
+            counter.wait()
+    assert counter.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    per = [(p["pid"], p["probes"][0]["hits"]) for p in report["processes"]]
+    # the first, its child; the later one, its two children: each once
+    assert [h for _, h in per] == [200, 6000, 100, 4000, 4000]
+    assert per[0][0] == first.pid and per[2][0] == later.pid
+    assert len({pid for pid, _ in per}) == 5
+    assert report["probes"][0]["hits"] == 200 + 6000 + 100 + 2 * 4000
