@@ -162,3 +162,55 @@ def test_name_with_follow_takes_in_a_process_started_later(start_target, forkcou
     assert per[0][0] == first.pid and per[2][0] == later.pid
     assert len({pid for pid, _ in per}) == 5
     assert report["probes"][0]["hits"] == 200 + 6000 + 100 + 2 * 4000
+
+
+@pytest.fixture(scope="module")
+def vforker():
+    return compile_c(TARGETS / "vforker.c", name="vforker")
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["plain", "follow"])
+def test_vfork_child_calls_before_exec_count_as_the_parent(vforker, follow):
+    """Documented: a vfork child runs in its parent's memory (its stubs, its counters) until it
+    execs, so its 1,000 calls before the exec are the parent's; with --follow the program it
+    execs (3,000 calls) is counted apart, under the child's PID."""
+    res = run(DJPROBE + ["count", "--json"] + (["--follow"] if follow else []) + ["fc_work", "--", vforker, 1000],
+              input="go\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "parent 1000 child 0"  # the child ran and its exec'd program exited 0
+    report = json.loads(lines[-1])
+    if not follow:
+        assert [p["hits"] for p in report["probes"]] == [2000]
+        return
+    per = [(p["command"].split()[1:], p["probes"][0]["hits"]) for p in report["processes"]]
+    assert per == [(["1000"], 2000), (["1000", "exec"], 3000)]
+
+
+def test_vfork_child_events_carry_the_parent_pid_and_tid(vforker):
+    res = run(DJPROBE + ["trace", "--follow", "--json", "fc_work", "--", vforker, 200], input="go\n")
+    assert res.returncode == 0, res.stderr
+    events = _events(res.stdout)
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    parent, image = (p["pid"] for p in report["processes"])
+    where = Counter((e["pid"], e["tid"], e["args"][0] // 1000) for e in events)
+    # x < 1000: the parent's own; 1000..: the vfork child's (in the parent's rings, with the TID
+    # its parent's thread control block holds); 2000..: the exec'd program's, apart
+    assert where == {(parent, parent, 0): 200, (parent, parent, 1): 200, (image, image, 2): 600}
+    assert image != parent
+
+
+def test_posix_spawn_child_file_actions_count_as_the_parent(forkcount, tmp_path):
+    """posix_spawn's child runs the file actions (dup2 here) in its parent's memory before its
+    exec: they are the parent's; the spawned program is counted apart from its first instruction."""
+    spawner = compile_c(TARGETS / "pspawn_dup.c", name="pspawn_dup")
+    exe = tmp_path / "forkcount"
+    exe.write_bytes(forkcount.read_bytes())
+    exe.chmod(0o755)
+    res = run(DJPROBE + ["count", "--follow", "--json", "libc:dup2", "forkcount:fc_work", "--", spawner, exe, 3])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[:2] == ["parent 14 children 0 bad 0", "spawned 0"]
+    report = json.loads(lines[-1])
+    per = [(p["command"], {q["site"].split(":")[1]: q["hits"] for q in p["probes"]}) for p in report["processes"]]
+    assert per == [(f"{spawner} {exe} 3", {"dup2": 3}), (f"{exe} 7 0", {"fc_work": 14, "dup2": 0})]
