@@ -11,9 +11,9 @@ stay readable after the child has exited (the tracer's mapping keeps the file). 
 followed children are taken in the same way (their areas' ``FORK_SEQ``). At the end, the jumps
 of children still alive are removed as ``djprobe cleanup`` does (from their instance tables).
 
-Not followed: the image an ``exec`` puts in place (its probes are gone with the old image; the
-child's counts end there), ``vfork``/``posix_spawn`` children (they share their parent's memory
-until they ``exec``).
+The image an ``exec`` puts in place is followed by :mod:`.execs`; the child's events and latency
+figures are read by :mod:`.child_data`. ``vfork``/``posix_spawn`` children are not taken in:
+they share their parent's memory until they ``exec`` (what they call before is the parent's).
 """
 
 from __future__ import annotations
