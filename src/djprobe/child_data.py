@@ -65,6 +65,7 @@ class ChildEvents:
             RingReader(view, k) for k, view in enumerate(child.views) if view is not None and k in with_rings
         ]
         self._memory = _Memory(child.pid)
+        self.heartbeat()  # before the child runs (the copied heartbeat is stale: no wait at all)
 
     def heartbeat(self) -> None:
         """Tell the child's lossless probes that the tracer is draining (else they never wait)."""

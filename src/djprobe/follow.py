@@ -5,8 +5,8 @@ child publish its PID in the parent's area (``FORK_PIDS``, ``FORK_SEQ``), give i
 of its own for every probe area (a ``memfd`` file with the header and the instance table copied,
 counters zero, mapped ``MAP_SHARED`` where the parent's was) and wait, at most
 ``forks.FOLLOW_WAIT`` seconds, for ``FORK_ACK`` in its copy. :class:`ChildFollower` sees the PID,
-opens the child's data parts through ``/proc/PID/map_files`` and maps them, writes the ACK and
-wakes the child. The child's counters are then read like the parent's, at the same slots, and
+opens the child's data parts through ``/proc/PID/map_files`` and maps them, calls ``on_child``
+(the child still waiting), then writes the ACK and wakes the child. The child's counters are then read like the parent's, at the same slots, and
 stay readable after the child has exited (the tracer's mapping keeps the file). Children of
 followed children are taken in the same way (their areas' ``FORK_SEQ``). At the end, the jumps
 of children still alive are removed as ``djprobe cleanup`` does (from their instance tables).
@@ -192,12 +192,14 @@ class ChildFollower:
                 if views[k] is not None:
                     slots.append((views[k], instance.slot))
             child.site_list.append(ChildSite(site.site, site.address, slots))
-        if hook_view is not None:  # let the child go on
-            hook_view.buffer[FORK_ACK : FORK_ACK + 4] = struct.pack("<I", 1)
-            _futex(mapping_address(maps[index]) + FORK_ACK, FUTEX_WAKE, 1)  # type: ignore[arg-type]
         self.children.append(child)
-        if self.on_child is not None:
-            self.on_child(child)
+        try:
+            if self.on_child is not None:  # while the child waits: what the caller sets up
+                self.on_child(child)       # (its exec watch, its lossless heartbeat) is in time
+        finally:
+            if hook_view is not None:  # let the child go on
+                hook_view.buffer[FORK_ACK : FORK_ACK + 4] = struct.pack("<I", 1)
+                _futex(mapping_address(maps[index]) + FORK_ACK, FUTEX_WAKE, 1)  # type: ignore[arg-type]
 
     @staticmethod
     def _live(site) -> list["Djprobe"]:

@@ -67,10 +67,12 @@ class NameWatch:
     """Finds processes named ``comm`` started since it was made (see the module docstring)."""
 
     def __init__(self, comm: str, present: Iterable[int], every: float = NEW_PROCESS_SCAN) -> None:
+        """``present``: the processes taken at the start (every other one found is new: one
+        started while those were being attached is found by the first scan)."""
         self.comm = comm
         self.every = every
-        self.seen = set(present) | set(processes_named(comm))
-        self._next = time.monotonic() + every
+        self.seen = set(present)
+        self._next = time.monotonic()
 
     def new(self, known: set[int]) -> list[int]:
         """PIDs named ``comm`` not seen before and not descending from ``known`` (at most one
