@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..area import AreaLayout
 from ..errors import DjprobeError
@@ -79,7 +79,9 @@ class _Image:
     def sites(self) -> list:
         return self.follower.sites if self.follower is not None else self.probes
 
-    def close(self, before: list[Callable[["_Image"], None]] = []) -> None:  # noqa: B006 - read only
+    def close(self, before: Sequence[Callable[["_Image"], None]] = ()) -> None:
+        """Remove its probes and hooks; ``before`` callbacks get the image once its probes are
+        out, before its areas are unmapped."""
         try:
             if self.follower is not None:
                 self.follower.close()

@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   djprobe latency -u -p 1234 -d 10 'handle_*'       # functions of PID 1234 for 10 s, in us
   djprobe latency -m -i 5 -p 1234 'query'           # in ms, a report every 5 s (then reset)
   djprobe latency --json -o lat.json 'libz:deflate' -- gzip -k big.file
+  djprobe latency -f 'libc:malloc' -- make -j4      # make and every program it runs: totals, each
 
 Per function: calls (entries), returns (exits paired with their entry), the average, p50 and
 p99 (interpolated inside the log2 buckets) and the histogram. The time of a call is from its
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "exits, and histogram the time between them inside the target.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) "
+        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] [-f] (-p PID | -- COMMAND [ARG...]) "
         "PATTERN...",
     )
     add_target_arguments(parser)

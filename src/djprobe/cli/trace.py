@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   djprobe trace 'ev_str(char *s, long n)' -- ./prog  # typed arguments, s copied at each hit
   djprobe trace 'libc:open*' -- cat /etc/hostname    # names and types from libc's debug info
   djprobe trace --perfetto t.pftrace 'f' 'f%return' -- ./prog  # calls as slices for ui.perfetto.dev
+  djprobe trace -f 'handle_*' -- ./server          # its children and what they exec too ([pid N])
 
 A pattern may carry a C prototype: SITE(TYPE NAME, ...): integers, bool, pointers, char * (a string,
 copied in the program at the hit, up to --string-size bytes, "..."-marked when longer; a bad pointer
@@ -46,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] [--string-size N] "
-        "[--no-debuginfo] [--perfetto FILE] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        "[--no-debuginfo] [--perfetto FILE] [-f] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
