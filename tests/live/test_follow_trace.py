@@ -278,3 +278,27 @@ def test_api_child_events_lossless(forkcount):
             popen.kill()
         proc.close()
         popen.wait(timeout=10)
+
+
+def test_name_without_follow_keeps_to_the_processes_found(start_target, forkcount, tmp_path):
+    import os
+
+    comm = f"nx{os.getpid()}"
+    exe = tmp_path / comm
+    exe.write_bytes(forkcount.read_bytes())
+    exe.chmod(0o755)
+    first = start_target([exe, 10, 1, 10], stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # waits for a line
+    counter = subprocess.Popen(DJPROBE + ["count", "--json", "-d", "1.5", "--name", comm, "fc_work"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert counter.stderr.readline().startswith("Tracing 1 function in 1 process")
+        later = start_target([exe, 10, 0], stdout=subprocess.PIPE)  # runs at once: 20 calls
+        assert later.proc.wait(timeout=60) == 0
+        out, err = counter.communicate(timeout=60)
+    finally:
+        if counter.poll() is None:
+            counter.kill()
+            counter.wait()
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [(p["pid"], p["probes"][0]["hits"]) for p in report["processes"]] == [(first.pid, 0)]
+    assert "started later" not in err
