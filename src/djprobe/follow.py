@@ -5,15 +5,15 @@ child publish its PID in the parent's area (``FORK_PIDS``, ``FORK_SEQ``), give i
 of its own for every probe area (a ``memfd`` file with the header and the instance table copied,
 counters zero, mapped ``MAP_SHARED`` where the parent's was) and wait, at most
 ``forks.FOLLOW_WAIT`` seconds, for ``FORK_ACK`` in its copy. :class:`ChildFollower` sees the PID,
-opens the child's data parts through ``/proc/PID/map_files`` and maps them, writes the ACK and
-wakes the child. The child's counters are then read like the parent's, at the same slots, and
+opens the child's data parts through ``/proc/PID/map_files`` and maps them, calls ``on_child``
+(the child still waiting), then writes the ACK and wakes the child. The child's counters are then read like the parent's, at the same slots, and
 stay readable after the child has exited (the tracer's mapping keeps the file). Children of
 followed children are taken in the same way (their areas' ``FORK_SEQ``). At the end, the jumps
 of children still alive are removed as ``djprobe cleanup`` does (from their instance tables).
 
-Not followed: the image an ``exec`` puts in place (its probes are gone with the old image; the
-child's counts end there), ``vfork``/``posix_spawn`` children (they share their parent's memory
-until they ``exec``).
+The image an ``exec`` puts in place is followed by :mod:`.execs`; the child's events and latency
+figures are read by :mod:`.child_data`. ``vfork``/``posix_spawn`` children are not taken in:
+they share their parent's memory until they ``exec`` (what they call before is the parent's).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ class ChildSite:
     def hits(self) -> int:
         return sum(view.count(slot) for view, slot in self.slots)
 
+    @property
+    def missed(self) -> int:
+        """Events of the site's record probes the child dropped (a ring was full)."""
+        return sum(view.drops(slot) for view, slot in self.slots)
+
 
 @dataclass
 class FollowedChild:
@@ -65,6 +70,9 @@ class FollowedChild:
     site_list: list[ChildSite] = field(default_factory=list)
     seen_seq: int = 0
     refused: list = field(default_factory=list)
+    #: The process whose probe areas the child copied (its parent, or the image it was forked
+    #: from): its instances name the child's slots.
+    source: "ProbedProcess | None" = None
 
     def sites(self) -> list[ChildSite]:
         return self.site_list
@@ -169,7 +177,7 @@ class ChildFollower:
             finally:
                 os.close(fd)
             views[i] = AreaView(memoryview(maps[i]), region.layout)  # type: ignore[arg-type]
-        child = FollowedChild(pid, _command(pid), parent, views, maps)
+        child = FollowedChild(pid, _command(pid), parent, views, maps, source=self.target)
         index = self._hook_index()
         hook_view = views[index]
         if hook_view is not None:
@@ -184,12 +192,14 @@ class ChildFollower:
                 if views[k] is not None:
                     slots.append((views[k], instance.slot))
             child.site_list.append(ChildSite(site.site, site.address, slots))
-        if hook_view is not None:  # let the child go on
-            hook_view.buffer[FORK_ACK : FORK_ACK + 4] = struct.pack("<I", 1)
-            _futex(mapping_address(maps[index]) + FORK_ACK, FUTEX_WAKE, 1)  # type: ignore[arg-type]
         self.children.append(child)
-        if self.on_child is not None:
-            self.on_child(child)
+        try:
+            if self.on_child is not None:  # while the child waits: what the caller sets up
+                self.on_child(child)       # (its exec watch, its lossless heartbeat) is in time
+        finally:
+            if hook_view is not None:  # let the child go on
+                hook_view.buffer[FORK_ACK : FORK_ACK + 4] = struct.pack("<I", 1)
+                _futex(mapping_address(maps[index]) + FORK_ACK, FUTEX_WAKE, 1)  # type: ignore[arg-type]
 
     @staticmethod
     def _live(site) -> list["Djprobe"]:

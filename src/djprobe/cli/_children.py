@@ -2,16 +2,48 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+from ..area import AreaLayout
 from ..errors import DjprobeError
 from ..follow import ChildFollower
 from ..forks import ForkGuard
 from ..pending import LibraryFollower, pattern_module
 from ..probes import ProbedProcess
 from ._output import notice
+
+
+def add_follow_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``-f``/``--follow`` (as strace spells it) for count, trace and latency."""
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help=f"{what} forked children and the programs they exec too, each apart")
+
+
+def _count_probe(address: int, at_return: bool):
+    from ..probes import Djprobe
+
+    return Djprobe(address, at="return" if at_return else "entry")
+
+
+@dataclass
+class Placement:
+    """How a command places its probes in a process it takes in (an image a followed process
+    exec'd): the areas' layout, ``make(target, patterns, pending)`` -> (probes, refusals) and
+    ``new_probe(address, at_return)`` for libraries loaded later. The default counts."""
+
+    layout: Callable[[], AreaLayout] = AreaLayout.for_counting
+    make: Callable | None = None
+    new_probe: Callable = _count_probe
+
+    def place(self, target: ProbedProcess, patterns: list[str], pending: list[str]) -> tuple[list, list]:
+        from ._target import make_probes
+
+        if self.make is not None:
+            return self.make(target, patterns, pending)
+        return make_probes(target, patterns, pending=pending)
 
 
 def guard_children(target: ProbedProcess) -> ForkGuard | None:
@@ -25,13 +57,15 @@ def guard_children(target: ProbedProcess) -> ForkGuard | None:
     return guard
 
 
-def follow_children(args, target: ProbedProcess, guard: ForkGuard | None, sites: Callable[[], list]) -> "Family | None":
+def follow_children(args, target: ProbedProcess, guard: ForkGuard | None, sites: Callable[[], list],
+                    placement: Placement | None = None) -> "Family | None":
     """``--follow``: take in forked children and the images they exec (see follow.py, execs.py),
-    placing ``args.patterns`` in the images; None where the fork hook is not."""
+    placing ``args.patterns`` in the images as ``placement`` says (default: counting); None
+    where the fork hook is not."""
     if guard is None:
         notice("note: --follow: children cannot be followed without the fork hook")
         return None
-    return Family(args, target, guard, sites)
+    return Family(args, target, guard, sites, placement or Placement())
 
 
 class _Image:
@@ -45,7 +79,9 @@ class _Image:
     def sites(self) -> list:
         return self.follower.sites if self.follower is not None else self.probes
 
-    def close(self) -> None:
+    def close(self, before: Sequence[Callable[["_Image"], None]] = ()) -> None:
+        """Remove its probes and hooks; ``before`` callbacks get the image once its probes are
+        out, before its areas are unmapped."""
         try:
             if self.follower is not None:
                 self.follower.close()
@@ -55,18 +91,28 @@ class _Image:
         except DjprobeError as exc:
             notice(f"process {self.pid}: {exc}")
         finally:
-            self.target.close()
+            try:
+                for callback in before:
+                    callback(self)
+            finally:
+                self.target.close()
 
 
 class Family:
-    """``count --follow``: the process, the children it forks (and theirs) and the images any of
-    them exec, each counted apart."""
+    """``--follow``: the process, the children it forks (and theirs) and the images any of them
+    exec, each counted apart. ``on_process`` callbacks get each process taken in (a
+    ``FollowedChild`` or an ``_Image``); ``before_image_close`` ones get each image once its
+    probes are out, before its areas are unmapped (to read its last events)."""
 
-    def __init__(self, args, target: ProbedProcess, guard: ForkGuard, sites: Callable[[], list]) -> None:
+    def __init__(self, args, target: ProbedProcess, guard: ForkGuard, sites: Callable[[], list],
+                 placement: Placement | None = None) -> None:
         from ..execs import ExecFollower
         from ..follow import _command
 
         self.args = args
+        self.placement = placement or Placement()
+        self.on_process: list[Callable[[object], None]] = []
+        self.before_image_close: list[Callable[["_Image"], None]] = []
         self.command = _command(target.pid)
         self.children: list = []  # every process but the first: FollowedChild or _Image
         self.followers: list[ChildFollower] = []
@@ -90,26 +136,21 @@ class Family:
         index = self.execs.region_index(target)
         if index is not None and index < len(child.views) and child.views[index] is not None:
             self.execs.watch(child.views[index], mapping_address(child.maps[index]))
+        for callback in self.on_process:
+            callback(child)
 
     def _setup_image(self, target: ProbedProcess) -> _Image:
-        from ..area import AreaLayout
         from ..follow import _command
-        from ._pending import follow_libraries
-        from ._target import make_probes
 
-        target.layout = AreaLayout.for_counting()
+        target.layout = self.placement.layout()
         command = _command(target.pid)
         pending: list[str] = []
         try:
-            probes, refused = make_probes(target, self.args.patterns, pending=pending)
+            probes, refused = self.placement.place(target, self.args.patterns, pending)
         except DjprobeError as exc:
             notice(f"process {target.pid} exec'd {command}: no probes: {exc}", wrap=True)
             probes, refused = [], []
-
-        def new_probe(address: int, at_return: bool):
-            from ..probes import Djprobe
-
-            return Djprobe(address, at="return" if at_return else "entry")
+        new_probe = self.placement.new_probe
 
         for r in refused:
             notice(f"process {target.pid} ({command}): {r.site}: refused: {r.reason}")
@@ -134,6 +175,8 @@ class Family:
             image.follower.after_load.append(with_libc)
         self.images.append(image)
         self.children.append(image)
+        for callback in self.on_process:
+            callback(image)
         return image
 
     def poll(self, seconds: float = 0.0) -> None:
@@ -148,7 +191,7 @@ class Family:
         self.poll()
         self.execs.close()
         for image in self.images:
-            image.close()
+            image.close(self.before_image_close)
         for follower in self.followers:
             follower.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -20,6 +19,7 @@ from ..area import AreaLayout
 from ..errors import DjprobeError, InvalidSiteError, ProcessGoneError
 from ..probes import Djprobe, ProbedProcess, attach
 from ._children import follow_children, guard_children
+from ._name_watch import NameWatch, known_pids, processes_named
 from ._output import notice, plural, print_refusals, refusal_reason, short_list
 from ._pending import follow_libraries
 from ._target import Refusal, interrupted, make_probes, pending_list
@@ -38,26 +38,6 @@ def pid_list(text: str) -> list[int]:
         if pid not in pids:
             pids.append(pid)
     return pids
-
-
-def processes_named(comm: str) -> list[int]:
-    """Every running process whose name (``/proc/PID/comm``, 15 characters at most) is ``comm``,
-    djprobe itself excepted, by PID."""
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                name = f.read().rstrip("\n")
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if name == comm[:15] and state not in ("Z", "X"):
-            found.append(int(entry))
-    return sorted(found)
 
 
 def wants_fleet(args: argparse.Namespace) -> bool:
@@ -110,28 +90,39 @@ def open_fleet(args: argparse.Namespace) -> list[Member]:
     members: list[Member] = []
     try:
         for pid in pids:
-            command = _command(pid)
-            target = attach(pid)
-            target.trap_fallback = not getattr(args, "no_trap", False)
-            target.layout = AreaLayout.for_counting()
-            pending = pending_list(args)
-            try:
-                probes, refused = make_probes(target, args.patterns, pending=pending)
-            except ProcessGoneError:
-                target.close()
-                notice(f"process {pid} ended before its probes went in")
-                continue
-            member = Member(target, command, probes, refused=[Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused])
-            member.follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
-            member.guard = guard_children(target)
-            if getattr(args, "follow", False):
-                member.family = follow_children(args, target, member.guard, member.sites)  # type: ignore[arg-type]
-            members.append(member)
+            member = open_member(args, pid)
+            if member is not None:
+                members.append(member)
     except BaseException:
         for member in members:
             close_member(member)
         raise
     return members
+
+
+def open_member(args: argparse.Namespace, pid: int) -> Member | None:
+    """Attach to ``pid`` and place the probes and hooks (None if it ended meanwhile)."""
+    command = _command(pid)
+    target = attach(pid)
+    try:
+        target.trap_fallback = not getattr(args, "no_trap", False)
+        target.layout = AreaLayout.for_counting()
+        pending = pending_list(args)
+        try:
+            probes, refused = make_probes(target, args.patterns, pending=pending)
+        except ProcessGoneError:
+            target.close()
+            notice(f"process {pid} ended before its probes went in")
+            return None
+        member = Member(target, command, probes, refused=[Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused])
+        member.follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
+        member.guard = guard_children(target)
+        if getattr(args, "follow", False):
+            member.family = follow_children(args, target, member.guard, member.sites)  # type: ignore[arg-type]
+    except BaseException:
+        target.close()
+        raise
+    return member
 
 
 def close_member(member: Member) -> None:
@@ -217,10 +208,13 @@ def run_fleet(args: argparse.Namespace, out: TextIO) -> int:
         interval = 0
         start = time.monotonic()
         next_report = start + args.interval if args.interval else None
+        newcomers = NameWatch(args.name, [m.pid for m in members]) if args.name and args.follow else None
         while not interrupted():
             now = time.monotonic()
             if args.duration is not None and now - start >= args.duration:
                 break
+            if newcomers is not None:
+                _take_in(args, members, newcomers)
             if not any(m.target.process.is_alive() for m in members):
                 break
             if next_report is not None and now >= next_report:
@@ -245,6 +239,19 @@ def run_fleet(args: argparse.Namespace, out: TextIO) -> int:
                 notice(f"process {member.target.pid}: {exc}")
     report(out, args, _everyone(members), interval + 1, final=True)
     return 0
+
+
+def _take_in(args: argparse.Namespace, members: list[Member], newcomers: NameWatch) -> None:
+    """--name with --follow: place the probes in processes of that name started since."""
+    for pid in newcomers.new(known_pids(_everyone(members))):
+        try:
+            member = open_member(args, pid)
+        except DjprobeError as exc:
+            notice(f"process {pid} ({args.name}), started later: not probed: {exc}", wrap=True)
+            continue
+        if member is not None:
+            members.append(member)
+            notice(f"process {pid} ({member.command}), started later: {plural(len(member.probes), 'probe')} placed")
 
 
 def _everyone(members: list[Member]) -> list:

@@ -13,7 +13,7 @@ from ..module_globs import ALL_FUNCTIONS
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
-from ._children import follow_children, guard_children, idle_with, report_family
+from ._children import add_follow_argument, follow_children, guard_children, idle_with, report_family
 from ._fleet import run_fleet, wants_fleet
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
@@ -44,9 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_arguments(parser, patterns_optional=True)
     add_output_argument(parser)
     parser.add_argument("-i", "--interval", type=positive_seconds, help="print counts every INTERVAL seconds")
-    parser.add_argument(
-        "-f", "--follow", action="store_true", help="count forked children and the programs they exec too, each apart"
-    )
+    add_follow_argument(parser, "count")
     parser.add_argument(
         "--all-modules", action="store_true",
         help=f"every function of every module of the process (the pattern '{ALL_FUNCTIONS}')",

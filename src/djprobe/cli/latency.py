@@ -15,12 +15,15 @@ from ._output import add_output_argument, banner, notice, print_refusals, refusa
 from ._target import (Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target,
                       positive_seconds, run_until_done)
 from ._wrapper import ExecWatch, no_match_in_script, script_note
+from ._children import Placement, add_follow_argument, follow_children, guard_children, idle_with
+from ._follow_latency import LatencyFamily
 
 EXAMPLES = """examples:
   djprobe latency 'libc:malloc' -- ls -l /          # malloc's latency over one ls run, in ns
   djprobe latency -u -p 1234 -d 10 'handle_*'       # functions of PID 1234 for 10 s, in us
   djprobe latency -m -i 5 -p 1234 'query'           # in ms, a report every 5 s (then reset)
   djprobe latency --json -o lat.json 'libz:deflate' -- gzip -k big.file
+  djprobe latency -f 'libc:malloc' -- make -j4      # make and every program it runs: totals, each
 
 Per function: calls (entries), returns (exits paired with their entry), the average, p50 and
 p99 (interpolated inside the log2 buckets) and the histogram. The time of a call is from its
@@ -42,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "exits, and histogram the time between them inside the target.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] (-p PID | -- COMMAND [ARG...]) "
+        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] [-f] (-p PID | -- COMMAND [ARG...]) "
         "PATTERN...",
     )
     add_target_arguments(parser)
@@ -54,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="show times in milliseconds")
     parser.add_argument("-i", "--interval", type=positive_seconds,
                         help="print the histograms every INTERVAL seconds, then start them again from zero")
+    add_follow_argument(parser, "measure")
     parser.set_defaults(run=run, unit="nsecs")
 
 
@@ -114,12 +118,20 @@ def _report(out: TextIO, args: argparse.Namespace, probes: list[Djprobe], refuse
     """Write one report; returns the figures reported, by probe (``id``)."""
     rows = sorted(probes, key=lambda d: d.site or "")
     figures = {id(d): d.latency.read() for d in rows}  # type: ignore[union-attr]
+    _write(out, args, [(d, figures[id(d)]) for d in rows], None, refused, status, interval=interval, final=final)
+    return figures
+
+
+def _write(out: TextIO, args: argparse.Namespace, rows: list, processes: list | None, refused: list[Refusal],
+           status: int | None, *, interval: int, final: bool) -> None:
+    """One report: ``rows`` (site, figures) of each function; ``processes`` (--follow, several
+    processes): (pid, command, rows) of each, after the totals."""
     if args.json:
-        doc: dict = {
-            "functions": [function_json(d, figures[id(d)]) for d in rows],
-            "refused": [{"site": r.site, "reason": r.reason} for r in refused],
-            "exit_status": status,
-        }
+        doc: dict = {"functions": [function_json(d, f) for d, f in rows]}
+        if processes is not None:
+            doc["processes"] = [{"pid": pid, "command": command, "probes": [function_json(d, f) for d, f in prows]}
+                                for pid, command, prows in processes]
+        doc.update(refused=[{"site": r.site, "reason": r.reason} for r in refused], exit_status=status)
         if args.interval:
             doc.update(time=round(time.time(), 6), interval=interval, final=final)
         out.write(json.dumps(doc) + "\n")
@@ -127,11 +139,26 @@ def _report(out: TextIO, args: argparse.Namespace, probes: list[Djprobe], refuse
         if args.interval:
             stamp = time.strftime("%H:%M:%S")
             out.write(f"[{stamp}] interval {interval}" + (" (final)" if final else "") + "\n")
-        out.write("\n\n".join(text_report(d, figures[id(d)], args.unit) for d in rows) + "\n")
+        if processes is None:
+            out.write("\n\n".join(text_report(d, f, args.unit) for d, f in rows) + "\n")
+        else:
+            parts = [f"all {len(processes)} processes:\n" + "\n\n".join(text_report(d, f, args.unit) for d, f in rows)]
+            parts += [f"process {pid} ({command}):\n" + "\n\n".join(text_report(d, f, args.unit) for d, f in prows)
+                      for pid, command, prows in processes]
+            out.write("\n\n".join(parts) + "\n")
         if args.interval and not final:
             out.write("\n")
     out.flush()
-    return figures
+
+
+def _report_family(out: TextIO, args: argparse.Namespace, family: LatencyFamily, refused: list[Refusal],
+                   status: int | None, *, interval: int, final: bool) -> None:
+    """--follow: the totals, then each process (only the totals while there is one process)."""
+    readings = family.read()
+    processes = [(m.pid, m.command, rows) for m, rows in readings] if family.several else None
+    _write(out, args, family.totals(readings), processes, refused, status, interval=interval, final=final)
+    if args.interval and not final:
+        family.reset(readings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,19 +176,39 @@ def run(args: argparse.Namespace) -> int:
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
+            guard = guard_children(target)  # a forked child measures apart
+            children = followed = None
+            if args.follow:
+                def place(image: object, patterns: list[str], pending: list[str]) -> tuple:
+                    return make_probes(image, patterns, at="latency", pending=pending)  # type: ignore[arg-type]
+
+                placement = Placement(AreaLayout.for_latency, place, lambda address, at_return: Djprobe(address, at="latency"))
+                children = follow_children(args, target, guard, lambda: probes, placement)
+                followed = LatencyFamily(children, target, probes) if children is not None else None
             target.start()
             interval = 0
-            for _ in run_until_done(target, args.duration, args.interval):
+            for _ in run_until_done(target, args.duration, args.interval, idle_with(None, children)):
                 interval += 1
+                if followed is not None:
+                    _report_family(out, args, followed, refused, None, interval=interval, final=False)
+                    continue
                 reported = _report(out, args, probes, refused, None, interval=interval, final=False)
                 for djp in probes:
                     djp.latency.reset(reported[id(djp)])  # type: ignore[union-attr]
             target.unregister_many(probes)
+            if children is not None:
+                children.poll()
+                children.close()
+            if guard is not None:
+                guard.close()
         # closed now: threads left in a stub's action ran out of it first, then the figures froze
         exec_note = watch.note() if watch is not None else None
         if exec_note is not None:
             notice(f"note: {exec_note}", wrap=True)
         status = exit_status(target) if args.command_argv else None
-        _report(out, args, probes, refused, status, interval=interval + 1, final=True)
+        if followed is not None:
+            _report_family(out, args, followed, refused, status, interval=interval + 1, final=True)
+        else:
+            _report(out, args, probes, refused, status, interval=interval + 1, final=True)
     return status or 0
 

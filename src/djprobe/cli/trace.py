@@ -14,7 +14,8 @@ from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
 from .count import probe_json
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
-from ._children import guard_children
+from ._children import Placement, add_follow_argument, guard_children
+from ._follow_trace import follow_loop, refuse_with_follow, start_family, summary, write_events
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   djprobe trace 'ev_str(char *s, long n)' -- ./prog  # typed arguments, s copied at each hit
   djprobe trace 'libc:open*' -- cat /etc/hostname    # names and types from libc's debug info
   djprobe trace --perfetto t.pftrace 'f' 'f%return' -- ./prog  # calls as slices for ui.perfetto.dev
+  djprobe trace -f 'handle_*' -- ./server          # its children and what they exec too ([pid N])
 
 A pattern may carry a C prototype: SITE(TYPE NAME, ...): integers, bool, pointers, char * (a string,
 copied in the program at the hit, up to --string-size bytes, "..."-marked when longer; a bad pointer
@@ -45,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] [--string-size N] "
-        "[--no-debuginfo] [--perfetto FILE] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        "[--no-debuginfo] [--perfetto FILE] [-f] (-p PID | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
@@ -77,10 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--no-debuginfo", action="store_true", help="do not read DWARF for argument names and types"
     )
     parser.add_argument("--perfetto", metavar="FILE", help="also write a Perfetto trace (https://ui.perfetto.dev) to FILE")
+    add_follow_argument(parser, "trace")
     parser.set_defaults(run=run)
 
 
-def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: bool) -> list[str]:
+def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: bool, mark: str = "") -> list[str]:
+    """One text line per event (``mark``: put before each, e.g. ``[pid N] ``)."""
     ev = batch.events
     args = batch.args().tolist()
     retvals = batch.retval().tolist()
@@ -100,11 +104,12 @@ def _format_lines(batch: EventBatch, start_ns: int, wall_offset_ns: int, wall: b
             else:
                 values = batch.values(k, prototype) or {}
                 a = " ".join(f"{p.name}={format_value(p.type.kind, values[p.name])}" for p in prototype.register_params)
-        lines.append(f"{stamp:<15} {tid:<7} {batch.site(k)} {a}")
+        lines.append(f"{mark}{stamp:<15} {tid:<7} {batch.site(k)} {a}")
     return lines
 
 
-def _json_lines(batch: EventBatch) -> list[str]:
+def _json_lines(batch: EventBatch, pid: int | None = None) -> list[str]:
+    """One JSON line per event (with ``"pid"`` when given: --follow)."""
     ev = batch.events
     args = batch.args().tolist()
     retvals = batch.retval().tolist()
@@ -113,6 +118,7 @@ def _json_lines(batch: EventBatch) -> list[str]:
         instance = batch.instances[k]
         event = {
             "time_ns": t,
+            **({"pid": pid} if pid is not None else {}),
             "tid": tid,
             "site": batch.site(k),
             "address": instance.address if instance is not None else None,
@@ -157,6 +163,35 @@ def _open_perfetto(path: str, pid: int, probes: list[Djprobe]):
     return writer
 
 
+def _run_followed(args, out: TextIO, target, probes, follower, guard, family, watch, start_ns: int, wall_offset: int,
+                  shown) -> int:
+    """``trace --follow`` from the start of the target to the summary (see _follow_trace.py)."""
+
+    def text(batch: EventBatch, mark: str) -> list[str]:
+        return _format_lines(batch, start_ns, wall_offset, args.timestamp, mark)
+
+    def write(got: list, several: bool) -> None:
+        write_events(out, got, several, text, _json_lines, args.json)
+
+    follow_loop(args, out, family, follower, write)
+    if follower is not None:
+        follower.close()
+    target.unregister_many(probes)
+    family.family.close()  # children's jumps out; images' last events kept
+    if guard is not None:
+        guard.close()
+    write(family.read(complete=True), family.several)
+    waited = family.waited_seconds()
+    target.close()
+    exec_note = watch.note() if watch is not None else None
+    if exec_note is not None:
+        notice(f"note: {exec_note}", wrap=True)
+    status = exit_status(target) if args.command_argv else None
+    members = family.members(target.pid, family.family.command, shown())
+    print(summary(members, args.json, waited), file=out, flush=True)
+    return status or 0
+
+
 def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     if as_json:
@@ -188,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
         why = missing_package_message()
         if why is not None:
             raise SystemExit(f"djprobe trace: error: {why}")
+    if args.follow:
+        refuse_with_follow(args)
     with report_stream(args) as out:
         return _run(args, out)
 
@@ -222,12 +259,24 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
         follower = follow_libraries(target, args.patterns, probes, pending or [], new_probe)
         guard = guard_children(target)
+        shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
+        family = None
+        if args.follow:
+            layout = target.layout
+
+            def place(image, patterns: list[str], pending: list[str]):
+                return make_probes(image, patterns, record=True, registers=registers, lossless=not args.drop,
+                                   pending=pending, debuginfo=not args.no_debuginfo)
+
+            family = start_family(args, target, guard, shown, Placement(lambda: layout, place, new_probe))
         poll = 0.05 if follower is not None else 0.2
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
         wall_offset = time.time_ns() - start_ns
         perfetto = _open_perfetto(args.perfetto, target.pid, probes) if args.perfetto else None
         target.start()
+        if family is not None:
+            return _run_followed(args, out, target, probes, follower, guard, family, watch, start_ns, wall_offset, shown)
         deadline = None if args.duration is None else time.monotonic() + args.duration
         try:
             while not interrupted():

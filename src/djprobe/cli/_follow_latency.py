@@ -1,0 +1,117 @@
+"""``latency --follow``: the figures of the process, of the children it forks (and theirs) and of
+the images any of them exec, as ``count --follow`` takes them in (see _children.Family).
+
+A forked child's calls are measured in its own copies of the probe areas (child_data.ChildLatency
+reads them); an exec'd image has latency probes of its own. Reports give each function's figures
+over every process (histograms added bucket by bucket), then each process's; with ``-i`` every
+process's figures start again from zero after each report, as the process's own do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..area import HIST_BUCKETS
+from ..child_data import ChildLatency, site_probes, sum_figures
+from ..follow import FollowedChild
+from ..latency import LatencyFigures
+from ..probes import ProbedProcess
+from ._children import Family
+
+
+def _zero() -> LatencyFigures:
+    return LatencyFigures(np.zeros(HIST_BUCKETS, dtype=np.uint64), 0, 0, 0, 0)
+
+
+def _minus(a: LatencyFigures, b: LatencyFigures) -> LatencyFigures:
+    return LatencyFigures(a.histogram.astype(np.uint64) - b.histogram.astype(np.uint64), a.calls - b.calls,
+                          a.total_ns - b.total_ns, a.collisions - b.collisions, a.unpaired - b.unpaired)
+
+
+@dataclass
+class SiteFigures:
+    """One function in one process: ``read()`` since the last ``reset``."""
+
+    site: str
+    address: int | None
+    raw: Callable[[], LatencyFigures]
+    base: LatencyFigures
+
+    def read(self) -> LatencyFigures:
+        return _minus(self.raw(), self.base)
+
+    def reset(self, reported: LatencyFigures) -> None:
+        self.base = sum_figures([self.base, reported])
+
+
+def _probe_figures(site) -> SiteFigures:
+    def raw() -> LatencyFigures:
+        return sum_figures([d.latency.read() for d in site_probes(site) if getattr(d, "latency", None) is not None])
+
+    return SiteFigures(site.site, site.address, raw, _zero())
+
+
+@dataclass
+class Member:
+    pid: int
+    command: str
+    sites: Callable[[], list[SiteFigures]]
+
+
+class LatencyFamily:
+    """The processes ``latency --follow`` reads figures from (see the module docstring)."""
+
+    def __init__(self, family: Family, target: ProbedProcess, probes: list) -> None:
+        self.family = family
+        first = [_probe_figures(d) for d in probes]
+        self.members: list[Member] = [Member(target.pid, family.command, lambda: first)]
+        family.on_process.append(self._add)
+
+    def _add(self, process: object) -> None:
+        if isinstance(process, FollowedChild):
+            sources = [f.sites for f in self.family.followers if f.target is process.source]
+            sites = sources[0]() if sources else []
+            figures = [self._child_figures(process, s) for s in sites]
+            self.members.append(Member(process.pid, process.command, lambda: figures))
+        else:  # an exec'd image: its sites grow as its libraries are loaded
+            known: dict[str, SiteFigures] = {}
+
+            def image_sites(image=process) -> list[SiteFigures]:
+                for s in image.sites():  # type: ignore[attr-defined]
+                    if s.site not in known:
+                        known[s.site] = _probe_figures(s)
+                return list(known.values())
+
+            self.members.append(Member(process.pid, process.command, image_sites))  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _child_figures(child: FollowedChild, site) -> SiteFigures:
+        reader = ChildLatency(child, site)
+        return SiteFigures(site.site, site.address, reader.read, _zero())
+
+    @property
+    def several(self) -> bool:
+        return len(self.members) > 1
+
+    def read(self) -> list[tuple[Member, list[tuple[SiteFigures, LatencyFigures]]]]:
+        """Every process's figures now (each function's since the last reset)."""
+        return [(m, [(s, s.read()) for s in sorted(m.sites(), key=lambda s: s.site or "")]) for m in self.members]
+
+    @staticmethod
+    def reset(readings: list[tuple[Member, list[tuple[SiteFigures, LatencyFigures]]]]) -> None:
+        """Start again from zero after the figures in ``readings`` (``latency -i``)."""
+        for _, rows in readings:
+            for s, figures in rows:
+                s.reset(figures)
+
+    @staticmethod
+    def totals(readings) -> list[tuple[SiteFigures, LatencyFigures]]:
+        """Each function's figures over every process."""
+        by_site: dict[str, list] = {}
+        for _, rows in readings:
+            for s, figures in rows:
+                by_site.setdefault(s.site, [s, []])[1].append(figures)
+        return [(s, sum_figures(f)) for _, (s, f) in sorted(by_site.items())]

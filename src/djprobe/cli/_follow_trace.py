@@ -1,0 +1,181 @@
+"""``trace --follow``: the events of the process, of the children it forks (and theirs) and of
+the images any of them exec, as ``count --follow`` takes them in (see _children.Family).
+
+A forked child records into its own copies of the probe areas (child_data.ChildEvents drains
+them); an exec'd image has probes and rings of its own. Each turn, every process's events are
+drained and written in time order; text lines are marked ``[pid N]`` once there is more than
+one process, JSON lines carry ``"pid"``. The summary gives the totals per site, then each
+process's own figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from ..child_data import ChildEvents
+from ..events import EventBatch
+from ..follow import FollowedChild
+from ..probes import ProbedProcess
+from ._children import Family, Placement, follow_children
+from ._output import plural
+from ._target import Interrupted, interrupted
+
+
+@dataclass
+class _Row:
+    """A site's figures in the summary (one process's, or the totals)."""
+
+    site: str
+    address: int | None
+    mode: str | None
+    hits: int
+    missed: int
+
+
+def _rows(sites: list) -> list[_Row]:
+    return [_Row(s.site, s.address, getattr(s, "mode", None), s.hits, s.missed) for s in sites]
+
+
+class TraceFamily:
+    """The processes ``trace --follow`` reads events from (see the module docstring)."""
+
+    def __init__(self, family: Family, target: ProbedProcess) -> None:
+        self.family = family
+        self.target = target
+        self.children: list[ChildEvents] = []
+        self.images: list = []  # _Image, while its areas are mapped
+        self.held: list[tuple[int, EventBatch]] = []  # last events of closed images
+        self.waited = 0.0  # seconds the lossless probes of closed images waited
+        family.on_process.append(self._add)
+        family.before_image_close.append(self._image_closing)
+
+    def _add(self, process: object) -> None:
+        if isinstance(process, FollowedChild):
+            self.children.append(ChildEvents(process))
+        else:
+            self.images.append(process)
+
+    def _image_closing(self, image) -> None:
+        batch = image.target.read_events()
+        if len(batch):
+            self.held.append((image.pid, batch))
+        self.waited += image.target.waited_seconds
+        if image in self.images:
+            self.images.remove(image)
+
+    @property
+    def several(self) -> bool:
+        return bool(self.family.children)
+
+    def poll(self) -> None:
+        self.family.poll()
+
+    def read(self, complete: bool = False) -> list[tuple[int, EventBatch]]:
+        """The events of every process since the last call, with their PID."""
+        got = [(self.target.pid, self.target.read_events())]
+        got += [(image.pid, image.target.read_events()) for image in self.images]
+        got += [(child.pid, child.read(complete)) for child in self.children]
+        got += self.held
+        self.held = []
+        return [(pid, batch) for pid, batch in got if len(batch)]
+
+    def waited_seconds(self) -> float:
+        return (self.target.waited_seconds + self.waited + sum(c.waited_seconds for c in self.children)
+                + sum(i.target.waited_seconds for i in self.images))
+
+    def members(self, pid: int, command: str, sites: list) -> list[tuple[int, str, list[_Row]]]:
+        """(pid, command, rows) of the process and of everyone taken in."""
+        out = [(pid, command, _rows(sites))]
+        for child in self.family.children:
+            out.append((child.pid, child.command, _rows(child.sites())))
+        return out
+
+
+def start_family(args: argparse.Namespace, target: ProbedProcess, guard, sites: Callable[[], list],
+                 placement: Placement) -> TraceFamily | None:
+    """``trace --follow``: take in children and exec'd images (None without the fork hook)."""
+    family = follow_children(args, target, guard, sites, placement)
+    return TraceFamily(family, target) if family is not None else None
+
+
+def write_events(out: TextIO, got: list[tuple[int, EventBatch]], several: bool,
+                 text: Callable[[EventBatch, str], list[str]], as_json: Callable[[EventBatch, int], list[str]],
+                 json_mode: bool) -> None:
+    """Write the events of several processes in time order."""
+    entries: list[tuple[int, int, str]] = []
+    for n, (pid, batch) in enumerate(got):
+        lines = as_json(batch, pid) if json_mode else text(batch, f"[pid {pid}] " if several else "")
+        times = batch.events["time_ns"].tolist()
+        entries += [(t, n, line) for t, line in zip(times, lines)]
+    if not entries:
+        return
+    entries.sort(key=lambda e: (e[0], e[1]))
+    out.write("\n".join(e[2] for e in entries) + "\n")
+    out.flush()
+
+
+def follow_loop(args: argparse.Namespace, out: TextIO, family: TraceFamily, follower, write: Callable[[list, bool], None]) -> None:
+    """Drain every process until the traced one ends, the duration passes or a signal comes."""
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    try:
+        while not interrupted():
+            if follower is not None:
+                follower.wait(0.0)
+            family.poll()
+            got = family.read()
+            write(got, family.several)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if not got:
+                if not family.target.process.is_alive():
+                    break
+                time.sleep(0.01)
+    except (KeyboardInterrupt, Interrupted):
+        pass
+
+
+def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: float) -> str:
+    """Totals per site over every process, then each process's figures."""
+    totals: dict[str, _Row] = {}
+    for _, _, rows in members:
+        for r in rows:
+            t = totals.setdefault(r.site, _Row(r.site, r.address, r.mode, 0, 0))
+            t.hits += r.hits
+            t.missed += r.missed
+
+    def ordered(rows) -> list[_Row]:
+        return sorted(rows, key=lambda r: (-r.hits, r.site or ""))
+
+    def row_json(r: _Row) -> dict:
+        return {"site": r.site, "address": r.address, "mode": r.mode, "hits": r.hits,
+                "delivered": r.hits - r.missed, "dropped": r.missed}
+
+    if as_json:
+        return json.dumps({
+            "summary": [row_json(r) for r in ordered(totals.values())],
+            "processes": [{"pid": pid, "command": command, "probes": [row_json(r) for r in ordered(rows)]}
+                          for pid, command, rows in members],
+            "waited_s": round(waited, 6),
+        })
+
+    def table(rows: list[_Row]) -> list[str]:
+        width = max([len("PROBE")] + [len(r.site or "") for r in rows])
+        lines = [f"{'PROBE':<{width}}  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}"]
+        return lines + [f"{r.site:<{width}}  {r.hits:>10}  {r.hits - r.missed:>10}  {r.missed:>8}" for r in rows]
+
+    lines = [f"all {plural(len(members), 'process', 'processes')}:"] + table(ordered(totals.values()))
+    for pid, command, rows in members:
+        lines += ["", f"process {pid} ({command}):"] + table(ordered(rows))
+    lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
+    return "\n".join(lines)
+
+
+def refuse_with_follow(args: argparse.Namespace) -> None:
+    """What ``trace --follow`` does not take (raises SystemExit naming it)."""
+    if args.perfetto is not None:
+        raise SystemExit("djprobe trace: error: --perfetto writes one process's trace: not with --follow")
+
