@@ -57,6 +57,23 @@ def test_count_follows_dlopen_dlclose_and_reload(plugin_host):
     assert hits == {"libdjplug.so:plug_work": rounds * 2 * CALLS, "libdjplug.so:plug_ctor_helper": rounds}
 
 
+def test_latency_follows_dlopen_dlclose_and_reload(plugin_host):
+    """`latency` with a pattern naming a library loaded later: every load's calls add up under
+    one function, each paired with its return."""
+    host, plugin = plugin_host
+    rounds = 3
+    res = run(DJPROBE + ["latency", "--json", "libdjplug:plug_work", "--", host, plugin], input="l\n" * rounds)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[-2] == f"rounds {rounds} calls {rounds * 2 * CALLS} bad 0 ctor {rounds}", res.stdout
+    assert "pending (1 pattern" in res.stderr
+    report = json.loads(lines[-1])
+    (f,) = report["functions"]
+    assert f["site"] == "libdjplug.so:plug_work" and f["calls"] == rounds * 2 * CALLS
+    assert f["returns"] <= f["calls"] and sum(b["count"] for b in f["hist"]) == f["returns"]
+    assert f["returns"] >= f["calls"] * 0.99  # only collisions (counted) can lose a sample
+
+
 def test_api_unload_forgets_probes_and_frees_stubs(plugin_host):
     host, plugin = plugin_host
     proc = spawn([str(host), str(plugin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)

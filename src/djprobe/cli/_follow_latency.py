@@ -54,6 +54,20 @@ def _probe_figures(site) -> SiteFigures:
     return SiteFigures(site.site, site.address, raw, _zero())
 
 
+def growing(sites: Callable[[], list]) -> Callable[[], list[SiteFigures]]:
+    """The figures of ``sites()``, a list that grows as libraries are loaded (a ``SiteTotal``
+    keeps adding every load's probe of its site), each site's kept from its first appearance."""
+    known: dict[str, SiteFigures] = {}
+
+    def current() -> list[SiteFigures]:
+        for s in sites():
+            if s.site not in known:
+                known[s.site] = _probe_figures(s)
+        return list(known.values())
+
+    return current
+
+
 @dataclass
 class Member:
     pid: int
@@ -64,10 +78,9 @@ class Member:
 class LatencyFamily:
     """The processes ``latency --follow`` reads figures from (see the module docstring)."""
 
-    def __init__(self, family: Family, target: ProbedProcess, probes: list) -> None:
+    def __init__(self, family: Family, target: ProbedProcess, sites: Callable[[], list]) -> None:
         self.family = family
-        first = [_probe_figures(d) for d in probes]
-        self.members: list[Member] = [Member(target.pid, family.command, lambda: first)]
+        self.members: list[Member] = [Member(target.pid, family.command, growing(sites))]
         family.on_process.append(self._add)
 
     def _add(self, process: object) -> None:
@@ -77,15 +90,7 @@ class LatencyFamily:
             figures = [self._child_figures(process, s) for s in sites]
             self.members.append(Member(process.pid, process.command, lambda: figures))
         else:  # an exec'd image: its sites grow as its libraries are loaded
-            known: dict[str, SiteFigures] = {}
-
-            def image_sites(image=process) -> list[SiteFigures]:
-                for s in image.sites():  # type: ignore[attr-defined]
-                    if s.site not in known:
-                        known[s.site] = _probe_figures(s)
-                return list(known.values())
-
-            self.members.append(Member(process.pid, process.command, image_sites))  # type: ignore[attr-defined]
+            self.members.append(Member(process.pid, process.command, growing(process.sites)))  # type: ignore[attr-defined]
 
     @staticmethod
     def _child_figures(child: FollowedChild, site) -> SiteFigures:

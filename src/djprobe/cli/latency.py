@@ -6,17 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ..area import AreaLayout
 from ..latency import LatencyFigures
 from ..probes import Djprobe
 from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
 from ._target import (Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target,
-                      positive_seconds, run_until_done)
+                      pending_list, positive_seconds, run_until_done)
+from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 from ._children import Placement, add_follow_argument, follow_children, guard_children, idle_with
-from ._follow_latency import LatencyFamily
+from ._follow_latency import LatencyFamily, SiteFigures, growing
 
 EXAMPLES = """examples:
   djprobe latency 'libc:malloc' -- ls -l /          # malloc's latency over one ls run, in ns
@@ -29,8 +30,8 @@ Per function: calls (entries), returns (exits paired with their entry), the aver
 p99 (interpolated inside the log2 buckets) and the histogram. The time of a call is from its
 entry to its exit (a tail call ends it: the called function is measured on its own). A call
 left by longjmp or an exception has no return; calls already running when the probes went in
-are not measured. Functions whose entry window overlaps an exit window without ending with
-it (too short for separate jumps) are refused.
+are not measured. A pattern naming a library not loaded yet waits for it (always so for a
+command after --; with -p, --pending): each load of the library adds to the same function.
 """
 
 UNITS = {"nsecs": 1, "usecs": 1000, "msecs": 1_000_000}
@@ -113,13 +114,16 @@ def text_report(djp: Djprobe, lat: LatencyFigures, unit: str) -> str:
     return "\n".join(lines)
 
 
-def _report(out: TextIO, args: argparse.Namespace, probes: list[Djprobe], refused: list[Refusal],
-            status: int | None, *, interval: int, final: bool) -> dict[int, LatencyFigures]:
-    """Write one report; returns the figures reported, by probe (``id``)."""
-    rows = sorted(probes, key=lambda d: d.site or "")
-    figures = {id(d): d.latency.read() for d in rows}  # type: ignore[union-attr]
-    _write(out, args, [(d, figures[id(d)]) for d in rows], None, refused, status, interval=interval, final=final)
-    return figures
+def _report(out: TextIO, args: argparse.Namespace, sites: Callable[[], list[SiteFigures]], refused: list[Refusal],
+            status: int | None, *, interval: int, final: bool) -> list[tuple[SiteFigures, LatencyFigures]]:
+    """Write one report; returns each function's figures as reported."""
+    rows = [(s, s.read()) for s in sorted(sites(), key=lambda s: s.site or "")]
+    _write(out, args, rows, None, refused, status, interval=interval, final=final)
+    return rows
+
+
+def _new_probe(address: int, at_return: bool) -> Djprobe:
+    return Djprobe(address, at="latency")
 
 
 def _write(out: TextIO, args: argparse.Namespace, rows: list, processes: list | None, refused: list[Refusal],
@@ -171,30 +175,35 @@ def run(args: argparse.Namespace) -> int:
         with target:
             target.layout = AreaLayout.for_latency()
             watch = ExecWatch(target.pid) if args.command_argv else None
+            pending = pending_list(args)
             with no_match_in_script(args.command_argv, note):
-                probes, refused = make_probes(target, args.patterns, at="latency")
+                probes, refused = make_probes(target, args.patterns, at="latency", pending=pending)
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
             notice(banner(len(probes), args.patterns))
             print_refusals((r.site, r.reason) for r in refused)
+            follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
+            shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
+            sites = growing(shown)  # each function's figures, over every load of its library
             guard = guard_children(target)  # a forked child measures apart
             children = followed = None
             if args.follow:
                 def place(image: object, patterns: list[str], pending: list[str]) -> tuple:
                     return make_probes(image, patterns, at="latency", pending=pending)  # type: ignore[arg-type]
 
-                placement = Placement(AreaLayout.for_latency, place, lambda address, at_return: Djprobe(address, at="latency"))
-                children = follow_children(args, target, guard, lambda: probes, placement)
-                followed = LatencyFamily(children, target, probes) if children is not None else None
+                placement = Placement(AreaLayout.for_latency, place, _new_probe)
+                children = follow_children(args, target, guard, shown, placement)
+                followed = LatencyFamily(children, target, shown) if children is not None else None
             target.start()
             interval = 0
-            for _ in run_until_done(target, args.duration, args.interval, idle_with(None, children)):
+            for _ in run_until_done(target, args.duration, args.interval, idle_with(follower, children)):
                 interval += 1
                 if followed is not None:
                     _report_family(out, args, followed, refused, None, interval=interval, final=False)
                     continue
-                reported = _report(out, args, probes, refused, None, interval=interval, final=False)
-                for djp in probes:
-                    djp.latency.reset(reported[id(djp)])  # type: ignore[union-attr]
+                for s, figures in _report(out, args, sites, refused, None, interval=interval, final=False):
+                    s.reset(figures)
+            if follower is not None:
+                follower.close()
             target.unregister_many(probes)
             if children is not None:
                 children.poll()
@@ -209,6 +218,6 @@ def run(args: argparse.Namespace) -> int:
         if followed is not None:
             _report_family(out, args, followed, refused, status, interval=interval + 1, final=True)
         else:
-            _report(out, args, probes, refused, status, interval=interval + 1, final=True)
+            _report(out, args, sites, refused, status, interval=interval + 1, final=True)
     return status or 0
 
