@@ -25,6 +25,9 @@ class Verdict(enum.Enum):
 
     JUMP = "jump"  # a direct-jump probe
     REFUSED = "refused"  # nothing: see the reason
+    #: analysis only (``coverage(springboards=True)``): no jmp rel32 fits, a jmp rel8 to a
+    #: springboard does (``sites/springboards.py``); probes do not place it yet, so not ``ok``
+    SHORT_JUMP = "short-jump"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class SiteAnalysis:
     ``exit_early``: the window is the function's entry window, which ends with a tail call reached
     by straight-line code that leaves ``rsp`` alone (``xor esi,esi; jmp f``): its action runs at
     the first byte, as an entry probe's does (the count is exact, and an entry probe can share it).
+    ``springboard``: for a ``SHORT_JUMP`` verdict, where the ``jmp rel32`` the ``jmp rel8`` at the
+    site leads to would go (dead padding, see ``sites/springboards.py``).
     """
 
     site: str
@@ -68,6 +73,7 @@ class SiteAnalysis:
     exit_path: tuple[Insn, ...] = ()
     exit_via: int | None = None
     exit_early: bool = False
+    springboard: int | None = None  # SHORT_JUMP: the address of the springboard jmp rel32
 
     @property
     def ok(self) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from iced_x86 import Mnemonic
@@ -56,8 +56,9 @@ class DeadRun:
 
 @dataclass(frozen=True)
 class ShortJump:
-    """A short-jump placement: ``window`` (the displaced whole instructions, at least 2 bytes,
-    with the checks of a jump window), and the springboard's address in ``run``."""
+    """A short-jump placement: ``window`` (verdict ``SHORT_JUMP``: the displaced whole
+    instructions, at least 2 bytes, that passed the checks of a jump window), and the
+    springboard's address in ``run``."""
 
     window: SiteAnalysis
     springboard: int
@@ -196,10 +197,8 @@ def short_jump(fa: "FunctionAnalysis", address: int, taken: "set[int] | None" = 
         return None
     reason = (f"short jump: displaces {len(res.displaced)} instruction(s), {res.size} bytes; "
               f"jmp rel8 to a springboard at {spot[0]:#x} in the padding after {spot[1].after}")
-    return ShortJump(window=_with_reason(res, reason), springboard=spot[0], run=spot[1])
+    return ShortJump(window=_short(res, reason, spot[0]), springboard=spot[0], run=spot[1])
 
 
-def _with_reason(res: SiteAnalysis, reason: str) -> SiteAnalysis:
-    from dataclasses import replace
-
-    return replace(res, reason=reason)
+def _short(res: SiteAnalysis, reason: str, springboard: int) -> SiteAnalysis:
+    return replace(res, reason=reason, verdict=Verdict.SHORT_JUMP, springboard=springboard)
