@@ -1,0 +1,168 @@
+"""Short-jump probes (springboards.py, ``ProbedProcess.springboards``, off by default): a jmp
+rel8 to a springboard in dead padding where no jmp rel32 fits (tests/targets/springboards.S),
+in 4 threads: exact counts, output unchanged, every byte back after removal; added and removed
+under load; and ``djprobe cleanup`` after a killed tracer restores sites and springboards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import djprobe
+from djprobe import recovery
+from djprobe._sys.procfs import read_maps
+from djprobe.symbols import Symbols
+from tests.conftest import TARGETS, compile_c
+
+pytestmark = pytest.mark.timeout(120)
+
+ROUNDS = 20000
+SHORT = ("sb_near", "sb_near+4", "sb_near+6")
+
+
+@pytest.fixture(scope="module")
+def exe():
+    return compile_c([TARGETS / "springboards.S", TARGETS / "springboards_main.c"], name="springboards")
+
+
+@pytest.fixture(scope="module")
+def layout(exe):
+    """sb_near's address and size, and its file bytes with the padding after it."""
+    m = Symbols.from_file(str(exe)).modules[0]
+    (f,) = m.symbols("sb_near")
+    return f.address, f.size, m.read_file(f.address, f.size + 16)
+
+
+def _live(pid: int, layout) -> bytes:
+    addr, size, _ = layout
+    with Symbols.from_process(pid) as syms:
+        base = syms.modules[0].bias
+        return syms._mem().read(base + addr, size + 16)
+
+
+def test_springboards_are_off_by_default(exe):
+    with djprobe.spawn([str(exe), "1"]) as proc:
+        assert proc.springboards is False
+        with pytest.raises(djprobe.InvalidSiteError, match="lands at"):
+            proc.register(djprobe.Djprobe("sb_near+4"))
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0
+
+
+def test_short_jumps_count_exactly(exe, layout):
+    plain = subprocess.run([str(exe), str(ROUNDS)], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and plain.stdout.startswith("done")
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        probes = {s: proc.register(djprobe.Djprobe(s)) for s in SHORT}
+        addr, size, file_bytes = layout
+        bias = proc.symbols.modules[0].bias
+        boards = sorted(p._instance.springboard for p in probes.values())
+        # three springboards in the 16 bytes after sb_near, each a jmp rel32, each site a jmp rel8
+        assert [b - bias - addr - size for b in boards] == [0, 5, 10]
+        for p in probes.values():
+            assert p.mode == "jump" and proc.read(p.address, 1) == b"\xeb"
+            assert proc.read(p._instance.springboard, 1) == b"\xe9"
+            assert "short jump" in p.analysis.reason
+        # a jmp rel32 window over one of them is refused, the short jumps stay
+        with pytest.raises(djprobe.SiteBusyError):
+            proc.register(djprobe.Djprobe("sb_near+2"))
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        hits = {s: p.hits for s, p in probes.items()}
+    assert output == plain.stdout
+    # +0 once per call; +4 and +6 once per turn of the loop: sum of k % 5 over ROUNDS calls
+    assert hits == {"sb_near": 4 * ROUNDS, "sb_near+4": 8 * ROUNDS, "sb_near+6": 8 * ROUNDS}
+
+
+def _start_loop(start_target, exe):
+    t = start_target([exe, "loop"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = t.proc.stdout.readline()
+    assert line.startswith("ready"), line
+    return t
+
+
+def _finish(t) -> str:
+    t.proc.stdin.close()
+    line = t.proc.stdout.readline()
+    assert t.proc.wait(timeout=20) == 0
+    return line
+
+
+@pytest.mark.parametrize("order", ["same", "reverse"])
+def test_added_and_removed_under_load(start_target, exe, layout, order):
+    """Placed and removed 20 times while 4 threads run through them; the program sees nothing,
+    each probe counts while it is in, and every byte (sites and padding) is the file's after."""
+    t = _start_loop(start_target, exe)
+    proc = djprobe.attach(t.pid)
+    try:
+        proc.springboards = True
+        for _ in range(20):
+            probes = [proc.register(djprobe.Djprobe(s)) for s in SHORT]
+            time.sleep(0.005)
+            counts = [p.hits for p in probes]
+            proc.unregister_many(probes if order == "same" else probes[::-1])
+            assert all(p.hits >= c for p, c in zip(probes, counts))
+            assert _live(t.pid, layout) == layout[2]
+        assert probes[0].hits > 0
+    finally:
+        proc.close()
+    assert _live(t.pid, layout) == layout[2]
+    calls, n, bad, m = _finish(t).split()
+    assert (calls, bad, m) == ("calls", "bad", "0") and int(n) > 0
+
+
+def _kill_tracer_with_short_jumps(pid: int) -> None:
+    script = textwrap.dedent(
+        f"""
+        import time, djprobe
+        proc = djprobe.attach({pid})
+        proc.springboards = True
+        for s in {list(SHORT)!r}:
+            proc.register(djprobe.Djprobe(s))
+        print("placed", flush=True)
+        time.sleep(60)
+        """
+    )
+    tracer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline().strip() == "placed"
+        tracer.send_signal(signal.SIGKILL)
+        tracer.wait(timeout=10)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait(timeout=10)
+
+
+def test_cleanup_after_a_killed_tracer_restores_sites_and_springboards(start_target, exe, layout):
+    t = _start_loop(start_target, exe)
+    _kill_tracer_with_short_jumps(t.pid)
+    time.sleep(0.2)
+    assert t.proc.poll() is None
+    live = _live(t.pid, layout)
+    assert live != layout[2] and live[0] == 0xEB
+    res = subprocess.run([sys.executable, "-m", "djprobe", "status", "-p", str(t.pid), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    instances = [i for a in json.loads(res.stdout)["areas"] for i in a["instances"]]
+    assert len(instances) == 3 and all(i["valid"] and i["code"] == "patched" and i["hits"] > 0 for i in instances)
+    assert all("springboard" in i for i in instances)
+    report = recovery.cleanup(t.pid)
+    assert report.ok and len(report.restored) == 3 and not report.left_mapped and not report.orphans
+    assert _live(t.pid, layout) == layout[2]
+    assert not [m for m in read_maps(t.pid) if recovery.AREA_PATH_RE.match(m.path)]
+    time.sleep(0.1)
+    calls, n, bad, m = _finish(t).split()
+    assert m == "0" and int(n) > 0
