@@ -166,3 +166,68 @@ def test_cleanup_after_a_killed_tracer_restores_sites_and_springboards(start_tar
     time.sleep(0.1)
     calls, n, bad, m = _finish(t).split()
     assert m == "0" and int(n) > 0
+
+
+SWEEP_SCRIPT = textwrap.dedent(
+    """
+    import sys, djprobe
+    with djprobe.attach(int(sys.argv[1])) as proc:
+        proc.springboards = True
+        probes = [djprobe.Djprobe(s) for s in sys.argv[2:]]
+        refused = proc.register_many(probes)
+        proc.poll(timeout=0.1)
+        proc.unregister_many(probes)
+        print("placed", len(probes) - len(refused), flush=True)
+    """
+)
+
+
+def _status(t) -> tuple[int, int]:
+    t.proc.stdin.write("s\n")
+    t.proc.stdin.flush()
+    _, calls, bad = t.proc.stdout.readline().split()
+    return int(calls), int(bad)
+
+
+def test_kill_tracer_before_every_write_of_a_short_jump_cycle(start_target, exe, layout, tmp_path):
+    """The tracer placing and removing the 3 short jumps is killed before each of its writes to
+    the target's memory (stubs, springboards, jmp rel8s, original bytes back); after each kill
+    ``djprobe cleanup`` leaves sb_near and the padding after it as in the file, no area mapped,
+    and the 4 threads calling sb_near go on with no wrong result."""
+    from djprobe._sys import faults
+
+    def run(pid: int, **env: str) -> subprocess.CompletedProcess:
+        e = {k: v for k, v in os.environ.items() if k not in (faults.KILL_VAR, faults.COUNT_VAR, faults.KIND_VAR)}
+        e.update(env)
+        return subprocess.run([sys.executable, "-c", SWEEP_SCRIPT, str(pid), *SHORT], env=e,
+                              capture_output=True, text=True, timeout=60)
+
+    t = _start_loop(start_target, exe)
+    log = tmp_path / "ops"
+    res = run(t.pid, **{faults.COUNT_VAR: str(log), faults.KIND_VAR: "mem-write"})
+    assert res.returncode == 0 and res.stdout.split() == ["placed", "3"], res.stderr
+    total, whats = faults.read_log(str(log))
+    assert total >= 9  # 3 stubs, 3 springboards, 3 rel8s, then as many restores
+    assert _live(t.pid, layout) == layout[2]
+    killed = 0
+    last = _status(t)[0]
+    for n in range(1, total + 1):
+        res = run(t.pid, **{faults.KILL_VAR: str(n), faults.KIND_VAR: "mem-write"})
+        killed += res.returncode == -signal.SIGKILL
+        report = recovery.cleanup(t.pid)
+        assert report.ok, (n, whats[n - 1], report.skipped)
+        assert _live(t.pid, layout) == layout[2], (n, whats[n - 1])
+        assert not [m for m in read_maps(t.pid) if recovery.AREA_PATH_RE.match(m.path)], n
+        assert t.proc.poll() is None, (n, whats[n - 1])
+        deadline = time.monotonic() + 10
+        while True:
+            calls, bad = _status(t)
+            assert bad == 0, (n, whats[n - 1])
+            if calls > last or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert calls > last, n
+        last = calls
+    assert killed == total
+    calls, n_calls, bad, m = _finish(t).split()
+    assert m == "0"

@@ -2,7 +2,8 @@
    springboards_main N: N calls of sb_near(k % 5) per thread (its loop body runs k % 5 times),
    then prints the totals.
    springboards_main loop: prints "ready", calls until stdin is closed, then prints
-   "calls N bad M" (bad: calls that did not return 0). */
+   "calls N bad M" (bad: calls that did not return 0); each line "s" read before prints
+   "status N M" with the figures so far. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,8 +40,15 @@ int main(int argc, char **argv) {
         printf("ready\n");
         fflush(stdout);
         char buf[64];
-        while (fgets(buf, sizeof buf, stdin) != NULL)
-            ;
+        while (fgets(buf, sizeof buf, stdin) != NULL) {
+            if (buf[0] == 's') {
+                long c = 0, b = 0;
+                for (int t = 0; t < 4; t++)
+                    c += calls[t], b += bad[t];
+                printf("status %ld %ld\n", c, b);
+                fflush(stdout);
+            }
+        }
         stop = 1;
         long c = 0, b = 0;
         for (int t = 0; t < 4; t++) {
