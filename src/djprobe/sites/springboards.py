@@ -9,9 +9,9 @@ FDE start, every byte a nop or an ``int3``, covered by no symbol and no FDE, and
 known way (branch, code pointer, taken address, jump table, landing pad, indirect jump with
 unknown targets). Alignment nops *inside* a function are never used: fall-through executes them.
 
-This module only finds the places (:func:`dead_runs`, :func:`short_jump`); it is analysis. The
-coverage report counts them only when asked (``springboards=True``); placing them in a process
-is the design in docs/internals.md ("Short jumps through springboards"), not yet built.
+This module only finds the places (:func:`dead_runs`, :func:`short_jump`, :func:`springboard_for`).
+The coverage report counts them only when asked (``springboards=True``); ``djprobe/springboards.py``
+places them in a process when ``ProbedProcess.springboards`` is on (off by default).
 """
 
 from __future__ import annotations
