@@ -569,7 +569,7 @@ class ProbedProcess:
 
     def _insert_stopped(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
         address = analysis.address
-        short = springboards.in_the_way(self, analysis) if self._springboards else None
+        short = springboards.in_the_way(self, djp, analysis) if self._springboards else None
         if short is not None:
             raise SiteBusyError(f"{analysis.site}: overlaps the short jump at {short.address:#x} or its springboard",
                                 address=address)

@@ -39,10 +39,7 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
     insertion), or None: springboards off, a probe of another kind (return, latency, custom
     stub, string fetching, a size asked for), a 32-bit process, someone else's patch, or no
     short jump fits."""
-    if not getattr(proc, "springboards", False) or analysis.ok or analysis.busy:
-        return None
-    if (djp._preset is not None or djp._latency_role is not None or djp.size is not None or djp.strings
-            or getattr(djp, "build_stub", None) is not None or djp.trap == "only"):
+    if not getattr(proc, "springboards", False) or analysis.ok or analysis.busy or not _plain(djp):
         return None
     if getattr(proc.process, "arch", None) is not None and proc.process.arch.bits != 64:
         return None
@@ -55,17 +52,23 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
     return replace(sj.window, verdict=Verdict.JUMP, site=analysis.site)
 
 
+def _plain(djp: "Djprobe") -> bool:
+    """A count or record probe of its own site: what a short jump can serve."""
+    return not (djp._preset is not None or djp._latency_role is not None or djp.size is not None or djp.strings
+                or getattr(djp, "build_stub", None) is not None or djp.trap == "only")
+
+
 def _windows_meet(a: int, n: int, b: int, m: int) -> bool:
     return a < b + m and b < a + n
 
 
-def in_the_way(proc: "ProbedProcess", analysis: SiteAnalysis) -> "Instance | None":
-    """A short-jump instance whose window or springboard the window of ``analysis`` overlaps
-    (other than the same short window at the same site, which joins it): such a window is
-    refused, as nothing but the probes of its own site can share a short jump."""
+def in_the_way(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> "Instance | None":
+    """A short-jump instance whose window or springboard the window of ``analysis`` overlaps,
+    unless ``djp`` is a count or record probe at the short jump's own site (it joins that
+    instance): nothing but the probes of its own site can share a short jump."""
     size = max(1, analysis.size)
     for sb, inst in proc._springboards.items():
-        if inst.address == analysis.address and analysis.springboard is not None:
+        if inst.address == analysis.address and _plain(djp):
             continue
         if _windows_meet(analysis.address, size, inst.address, inst.size) or \
                 _windows_meet(analysis.address, size, sb, SPRINGBOARD_SIZE):

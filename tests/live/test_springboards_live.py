@@ -189,6 +189,7 @@ def _status(t) -> tuple[int, int]:
     return int(calls), int(bad)
 
 
+@pytest.mark.timeout(900)  # about 35 tracer runs and cleanups: 1.5 to 2 minutes on a loaded machine
 def test_kill_tracer_before_every_write_of_a_short_jump_cycle(start_target, exe, layout, tmp_path):
     """The tracer placing and removing the 3 short jumps is killed before each of its writes to
     the target's memory (stubs, springboards, jmp rel8s, original bytes back); after each kill
@@ -231,3 +232,32 @@ def test_kill_tracer_before_every_write_of_a_short_jump_cycle(start_target, exe,
     assert killed == total
     calls, n_calls, bad, m = _finish(t).split()
     assert m == "0"
+
+
+def test_a_record_probe_joining_repoints_the_springboard(exe, layout):
+    """A probe that wants records joins a count-only short site: a new stub, the springboard
+    now leads there, the rel8 is unchanged; both count every hit, the events are all there."""
+    rounds = 500
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(rounds)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        counted = proc.register(djprobe.Djprobe("sb_near+4"))
+        inst = counted._instance
+        board, rel8, old_stub = inst.springboard, proc.read(inst.address, 2), inst.stub.address
+        events = []
+        recorded = proc.register(djprobe.Djprobe("sb_near+4", handler=lambda probe, regs: events.append(regs.rdi & 0xFFFFFFFF)))
+        assert recorded._instance is inst and inst.stub.address != old_stub
+        assert proc.read(inst.address, 2) == rel8
+        target = board + 5 + int.from_bytes(proc.read(board + 1, 4), "little", signed=True)
+        assert target == inst.stub.address
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            assert out.read().startswith("done")
+        assert proc.process.popen.wait(timeout=60) == 0
+        proc.poll(timeout=0.5)
+        hits = (counted.hits, recorded.hits)
+    assert hits == (8 * rounds, 8 * rounds)
+    assert len(events) == 8 * rounds
+    # at sb_near+4 (dec edi) edi counts down from k % 5: values 1..4, 2 * rounds of 1, ...
+    assert sorted(set(events)) == [1, 2, 3, 4] and events.count(1) == 4 * rounds * 4 // 5
