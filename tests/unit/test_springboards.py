@@ -5,6 +5,7 @@ figures behind ``--springboards`` (off by default), and the audit of short-jump 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from djprobe.sites.springboards import (REL8_MAX, REL8_MIN, SHORT_JUMP_SIZE, dea
 from djprobe.symbols import Symbols
 from tests import site_audit
 from tests.conftest import TARGETS, compile_c
+
+LONG = os.environ.get("DJPROBE_LONG") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +172,24 @@ def test_audit_finds_planted_springboards(exe, mod, where):
     want = {"inside": "lies in an FDE or a sized symbol", "fde": "lies in an FDE or a sized symbol",
             "entered": "enters the springboard", "far": "beyond the rel8 reach"}[where]
     assert any(want in v for v in res.violations), res.violations
+
+
+def test_cli_text_gives_the_short_jump_figures(exe):
+    out = subprocess.run([sys.executable, "-m", "djprobe", "sites", "--all", str(exe), "--boundaries",
+                          "--springboards"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "with short jumps through springboards (analysis only" not in out  # placed now, off by default
+    assert "with short jumps through springboards" in out and "7 of the refused" in out
+
+
+@needs_tools
+@pytest.mark.skipif(not LONG, reason="long form (DJPROBE_LONG=1): several minutes")
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("which", ["libc", "libpython"])
+def test_audit_of_short_jumps_in_libc_and_libpython(which):
+    from tests.unit.test_tables import _lib, _libpython
+
+    path = _lib("libc.so.6") if which == "libc" else _libpython()
+    if path is None:
+        pytest.skip(f"no {which}")
+    res = site_audit.audit(path, springboards=True)
+    assert res.short > 5000 and not res.violations, res.violations[:5]

@@ -119,8 +119,8 @@ class CoverageReport:
     boundaries_trap: int = 0
     boundaries_neither: Counter = field(default_factory=Counter)
     #: With ``springboards``: refused entries/boundaries where a short jump (``jmp rel8`` to a
-    #: springboard in dead padding, ``sites/springboards.py``) fits, by the refusal's class. An
-    #: analysis figure: probes do not place short jumps yet.
+    #: springboard in dead padding, ``sites/springboards.py``) fits, by the refusal's class.
+    #: Probes place them only with ``ProbedProcess.springboards`` on (off by default).
     springboards: bool = False
     entries_short: int = 0
     boundaries_short: int = 0

@@ -25,8 +25,9 @@ class Verdict(enum.Enum):
 
     JUMP = "jump"  # a direct-jump probe
     REFUSED = "refused"  # nothing: see the reason
-    #: analysis only (``coverage(springboards=True)``): no jmp rel32 fits, a jmp rel8 to a
-    #: springboard does (``sites/springboards.py``); probes do not place it yet, so not ``ok``
+    #: from ``coverage(springboards=True)`` only: no jmp rel32 fits, a jmp rel8 to a springboard
+    #: does (``sites/springboards.py``); not ``ok`` (probes place one only with
+    #: ``ProbedProcess.springboards`` on, from a jump verdict with ``springboard`` set)
     SHORT_JUMP = "short-jump"
 
 
