@@ -261,3 +261,38 @@ def test_a_record_probe_joining_repoints_the_springboard(exe, layout):
     assert len(events) == 8 * rounds
     # at sb_near+4 (dec edi) edi counts down from k % 5: values 1..4, 2 * rounds of 1, ...
     assert sorted(set(events)) == [1, 2, 3, 4] and events.count(1) == 4 * rounds * 4 // 5
+
+
+LIBC_SHORT = ("libc:sem_trywait", "libc:pthread_rwlock_tryrdlock")
+
+
+def test_short_jumps_at_libc_entries_count_exactly():
+    """glibc's sem_trywait and pthread_rwlock_tryrdlock take no jmp rel32 at their entry (a
+    branch lands inside the first 5 bytes); with springboards on, a short jump there counts
+    every call of 4 threads, and the program sees the same results."""
+    exe = compile_c(TARGETS / "springboards_libc.c", name="springboards_libc")
+    with djprobe.spawn([str(exe), "1"]) as proc:
+        for site in LIBC_SHORT:
+            res = proc.analyse(djprobe.Djprobe(site))
+            if res.ok or "lands at" not in res.reason:
+                pytest.skip(f"{site} takes a jmp rel32 or is refused otherwise in this libc: {res.reason}")
+        proc.start()
+        proc.process.popen.wait(timeout=60)
+    plain = subprocess.run([str(exe), str(ROUNDS)], capture_output=True, text=True, timeout=60)
+    assert plain.stdout == f"done rounds={ROUNDS} ok={7 * ROUNDS}\n"
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        probes = {s: proc.register(djprobe.Djprobe(s)) for s in LIBC_SHORT}
+        for p in probes.values():
+            assert proc.read(p.address, 1) == b"\xeb" and p._instance.springboard is not None
+        boards = {p._instance.springboard: proc.read(p._instance.springboard, 5) for p in probes.values()}
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        hits = {s: p.hits for s, p in probes.items()}
+    assert output == plain.stdout
+    assert hits == {s: 4 * ROUNDS for s in LIBC_SHORT}
+    assert all(b[0] == 0xE9 for b in boards.values())
