@@ -296,3 +296,22 @@ def test_short_jumps_at_libc_entries_count_exactly():
     assert output == plain.stdout
     assert hits == {s: 4 * ROUNDS for s in LIBC_SHORT}
     assert all(b[0] == 0xE9 for b in boards.values())
+
+
+def test_a_loop_back_to_the_site_counts_every_turn(exe):
+    """sb_near+2 (jle, the loop's head) takes a jmp rel32 whose window holds the loop's jmp back
+    to it: each turn goes through the site's jump again, so the count is every execution (it
+    used to be once per call: the relocated jmp went into the copy, past the action)."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        head = proc.register(djprobe.Djprobe("sb_near+2"))
+        tail = proc.register(djprobe.Djprobe("sb_near+8"))
+        assert [i.text.split()[0] for i in head.analysis.displaced] == ["jle", "dec", "jmp"]
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            assert out.read().startswith("done")
+        assert proc.process.popen.wait(timeout=60) == 0
+        hits = (head.hits, tail.hits)
+    # per call k % 5 turns and the last test: 3 per call on average; +8 once per call
+    assert hits == (12 * ROUNDS, 4 * ROUNDS)

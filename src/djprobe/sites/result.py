@@ -113,7 +113,9 @@ class SiteAnalysis:
             )
         if return_to is None:
             return_to = self.address + self.size
-        return relocate(list(self.displaced), stub_address, return_to)
+        # a branch back to the site (a loop whose head is the site) goes through the jump there,
+        # so the action counts every turn, not only the first
+        return relocate(list(self.displaced), stub_address, return_to, external=(self.address,))
 
     def to_json(self) -> dict:
         """A JSON-ready dict: site, address, size, verdict, reason, busy, function, offset,
