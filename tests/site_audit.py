@@ -13,7 +13,14 @@ displaced bytes begin and end on instruction boundaries:
 - every case of every jump table djprobe decodes, and the exception landing pads (djprobe's LSDA
   reader: there is no other one at hand).
 
-Run as ``python3 -m tests.site_audit MODULE...``: prints the counts and every violation.
+With ``--springboards``, each short-jump verdict is checked too: its window as above (2 bytes or
+more), and its springboard: within rel8 reach, outside every FDE (readelf) and sized symbol
+(pyelftools), no way in at any of its bytes, every byte an objdump nop/int3, the fill before it
+entered by no way in and preceded by a ``jmp``, ``ret`` or ``call`` (a final call: counted apart,
+as djprobe's judgement that the callee never returns is trusted there).
+
+Run as ``python3 -m tests.site_audit [--springboards] MODULE...``: prints the counts and every
+violation.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class Ways:
     starts: list[int] = field(default_factory=list)  # objdump's instruction starts, sorted
     ends: dict[int, int] = field(default_factory=dict)  # instruction start -> its end
     entries: dict[int, str] = field(default_factory=dict)  # target -> what
+    texts: dict[int, str] = field(default_factory=dict)  # instruction start -> objdump's text
+    covered: list[tuple[int, int]] = field(default_factory=list)  # FDE and sized symbol ranges
 
     def add(self, target: int, what: str) -> None:
         self.entries.setdefault(target, what)
@@ -49,6 +58,8 @@ class AuditResult:
     jumps: int = 0
     refused: int = 0
     violations: list[str] = field(default_factory=list)
+    short: int = 0  # short-jump verdicts (``--springboards``), window and springboard checked
+    after_call: int = 0  # of them, springboards after a final call (djprobe's noreturn judgement)
 
 
 def _exec_ranges(path: str) -> list[tuple[int, int]]:
@@ -79,6 +90,7 @@ def collect_ways(path: str) -> Ways:
         starts.append(addr)
         ways.ends[addr] = addr + len(raw.split())
         text = text.strip()
+        ways.texts[addr] = text.decode(errors="replace")
         b = _BRANCH.match(text)
         if b is not None:
             ways.add(int(b.group(2), 16), f"objdump: {text.decode(errors='replace')} at {addr:#x}")
@@ -101,6 +113,8 @@ def collect_ways(path: str) -> Ways:
                     continue
                 if in_code(sym["st_value"]):
                     ways.add(sym["st_value"], f"symbol {sym.name}")
+                    if sym["st_size"]:
+                        ways.covered.append((sym["st_value"], sym["st_value"] + sym["st_size"]))
         dynsym = elf.get_section_by_name(".dynsym")
         for sec in elf.iter_sections():
             if not isinstance(sec, RelocationSection):
@@ -119,6 +133,7 @@ def collect_ways(path: str) -> Ways:
         lo = int(m.group(1), 16)
         if in_code(lo):
             ways.add(lo, "FDE start")
+            ways.covered.append((lo, int(m.group(2), 16)))
     return ways
 
 
@@ -138,9 +153,11 @@ def djprobe_facts(path: str, ways: Ways) -> None:
             ways.add(lp, "landing pad")
 
 
-def each_site(path: str, timeout: float = 1800):
-    """The per-site objects of ``djprobe sites --all PATH --boundaries --json --each``."""
-    proc = subprocess.run([sys.executable, "-m", "djprobe", "sites", "--all", path, "--boundaries", "--json", "--each"],
+def each_site(path: str, timeout: float = 1800, springboards: bool = False):
+    """The per-site objects of ``djprobe sites --all PATH --boundaries --json --each`` (with
+    ``--springboards``: short-jump verdicts too)."""
+    proc = subprocess.run([sys.executable, "-m", "djprobe", "sites", "--all", path, "--boundaries", "--json", "--each"]
+                          + (["--springboards"] if springboards else []),
                           check=True, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         obj = json.loads(line)
@@ -148,19 +165,72 @@ def each_site(path: str, timeout: float = 1800):
             yield obj
 
 
-def audit(path: str, sites=None) -> AuditResult:
-    """Check every jump verdict of ``path`` against ways into code found independently."""
+_FILL = re.compile(r"^(?:(?:data16|cs|ds|rex\.?\w*)\s+)*(?:nop|xchg\s+ax,\s*ax|int3)\b")
+_ENDS = re.compile(r"^(?:(?:bnd|notrack|rep[a-z]*)\s+)*(jmp|ret|call)\b")
+
+
+def _springboard_problem(ways: Ways, site: int, sb: int, covered_lo: list[int], reach: list[int]) -> str | None:
+    """Why the springboard ``[sb, sb+5)`` of the short jump at ``site`` is not dead padding, or
+    None; "call" when it follows a final call (trusting djprobe that the callee never returns)."""
+    if not -128 <= sb - (site + 2) <= 127:
+        return f"springboard {sb:#x} is beyond the rel8 reach of {site:#x}"
+    k = bisect.bisect_left(covered_lo, sb + 5)
+    if k and reach[k - 1] > sb:
+        return f"springboard {sb:#x} lies in an FDE or a sized symbol"
+    targets = ways.entries
+    for b in range(sb, sb + 5):
+        if b in targets:
+            return f"{targets[b]} enters the springboard at {b:#x}"
+    starts = ways.starts
+    i = bisect.bisect_right(starts, sb) - 1  # the instruction holding sb, then back over the fill
+    if i < 0:
+        return f"springboard {sb:#x}: no instruction before it"
+    last = bisect.bisect_left(starts, sb + 5) - 1
+    if ways.ends[starts[last]] < sb + 5 and last + 1 < len(starts):
+        last += 1
+    for j in range(i, last + 1):
+        if not _FILL.match(ways.texts[starts[j]]):
+            return f"springboard {sb:#x}: '{ways.texts[starts[j]]}' at {starts[j]:#x} is not padding"
+    while i >= 0 and _FILL.match(ways.texts[starts[i]]):
+        if starts[i] in targets:
+            return f"{targets[starts[i]]} enters the padding at {starts[i]:#x}"
+        i -= 1
+    if i < 0:
+        return f"springboard {sb:#x}: nothing before the padding"
+    m = _ENDS.match(ways.texts[starts[i]])
+    if m is None:
+        return f"springboard {sb:#x}: '{ways.texts[starts[i]]}' at {starts[i]:#x} falls through into the padding"
+    return "call" if m.group(1) == "call" else None
+
+
+def audit(path: str, sites=None, springboards: bool = False) -> AuditResult:
+    """Check every jump verdict of ``path`` against ways into code found independently (with
+    ``springboards``, every short-jump verdict too: its window, and that its springboard is
+    padding after a jmp/ret/call outside every FDE and sized symbol, entered by no way in)."""
     ways = collect_ways(path)
     djprobe_facts(path, ways)
     targets = sorted(ways.entries)
     starts = ways.starts
+    covered = sorted(ways.covered)
+    covered_lo = [lo for lo, _ in covered]
+    reach: list[int] = []
+    for _, hi in covered:
+        reach.append(max(hi, reach[-1]) if reach else hi)
     res = AuditResult(module=path)
-    for obj in sites if sites is not None else each_site(path):
-        if obj["verdict"] != "jump":
+    for obj in sites if sites is not None else each_site(path, springboards=springboards):
+        if obj["verdict"] not in ("jump", "short-jump"):
             res.refused += 1
             continue
-        res.jumps += 1
         a = int(obj["address"], 16)
+        if obj["verdict"] == "short-jump":
+            res.short += 1
+            why = _springboard_problem(ways, a, int(obj["springboard"], 16), covered_lo, reach)
+            if why == "call":
+                res.after_call += 1
+            elif why is not None:
+                res.violations.append(f"{a:#x} ({obj['function']}): {why}")
+        else:
+            res.jumps += 1
         end = a + obj["size"]
         i = bisect.bisect_left(starts, a)
         if i >= len(starts) or starts[i] != a:
@@ -177,9 +247,11 @@ def audit(path: str, sites=None) -> AuditResult:
 
 def main(argv: list[str]) -> int:
     bad = 0
-    for path in argv:
-        res = audit(path)
-        print(f"{path}: {res.jumps} jump verdicts, {res.refused} refused, {len(res.violations)} violations")
+    springboards = "--springboards" in argv
+    for path in [p for p in argv if p != "--springboards"]:
+        res = audit(path, springboards=springboards)
+        print(f"{path}: {res.jumps} jump verdicts, {res.short} short-jump verdicts ({res.after_call} after a "
+              f"final call), {res.refused} refused, {len(res.violations)} violations")
         for v in res.violations:
             print("  " + v)
         bad += len(res.violations)

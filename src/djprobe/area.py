@@ -173,9 +173,12 @@ _HEADER_FIELDS = (
     "string_ring_slots",
 )
 
-# Instance entry: address, stub, state, size, action, original bytes, patched bytes, a name hint.
+# Instance entry: address, stub, state, size, action, kind, original bytes, patched bytes, a name
+# hint. Kind 0: a jmp rel32 at ``address``; ENTRY_SHORT: a jmp rel8 there to a springboard jmp
+# rel32 in dead padding (its address is where the rel8 leads; see springboards.py).
 _ENTRY = struct.Struct(f"<QQIBBH{MAX_DISPLACED}s{MAX_DISPLACED}sQ48s")
 assert _ENTRY.size <= ENTRY_SIZE
+ENTRY_SHORT = 1
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,7 @@ class InstanceEntry:
     patched: bytes = b""
     generation: int = 0
     name: str = ""
+    kind: int = 0  # 0: jmp rel32 at the site; ENTRY_SHORT: jmp rel8 to a springboard
 
     def pack(self) -> bytes:
         if len(self.original) > MAX_DISPLACED or len(self.patched) > MAX_DISPLACED:
@@ -373,7 +377,7 @@ class InstanceEntry:
             int(self.state),
             self.size,
             self.action,
-            0,
+            self.kind,
             self.original.ljust(MAX_DISPLACED, b"\0"),
             self.patched.ljust(MAX_DISPLACED, b"\0"),
             self.generation,
@@ -382,7 +386,7 @@ class InstanceEntry:
 
     @classmethod
     def unpack(cls, raw: bytes) -> "InstanceEntry":
-        address, stub, state, size, action, _, orig, patched, gen, name = _ENTRY.unpack_from(raw)
+        address, stub, state, size, action, kind, orig, patched, gen, name = _ENTRY.unpack_from(raw)
         return cls(
             address=address,
             stub_address=stub,
@@ -393,6 +397,7 @@ class InstanceEntry:
             patched=patched[:size],
             generation=gen,
             name=name.rstrip(b"\0").decode(errors="replace"),
+            kind=kind,
         )
 
 

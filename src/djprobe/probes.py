@@ -26,6 +26,7 @@ import bisect
 import dataclasses
 import gc
 import logging
+import os
 import time
 import traceback
 import weakref
@@ -48,7 +49,7 @@ from .errors import (
 from .process import Process, Thread
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
-from . import latency, overlaps, returns
+from . import latency, overlaps, returns, springboards
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .sites_cache import SiteCache
 from .stacks import StackWords
@@ -244,6 +245,9 @@ class Instance:
     # Overlapping probes (see overlaps.py): a guest's host, a host's guests.
     host: "Instance | None" = field(default=None, repr=False, compare=False)
     guests: list["Instance"] = field(default_factory=list, repr=False, compare=False)
+    # A short jump (springboards.py): the jmp rel8's springboard and the padding bytes it replaced.
+    springboard: int | None = None
+    springboard_original: bytes = b""
 
     @property
     def address(self) -> int:
@@ -322,6 +326,10 @@ class ProbedProcess:
         #: Where a jump cannot be placed, place a kernel uprobe instead (``traps.py``), unless a
         #: probe says otherwise (``Djprobe(trap=...)``). Off by default here; the CLI turns it on.
         self.trap_fallback = False
+        #: Where no jmp rel32 fits, a jmp rel8 to a springboard in dead padding (springboards.py).
+        #: Off by default (``DJPROBE_SPRINGBOARDS=1`` turns it on).
+        self.springboards = os.environ.get("DJPROBE_SPRINGBOARDS") == "1"
+        self._springboards: dict[int, Instance] = {}  # springboard address -> its instance
         self._traps: TrapSet | None = None
         self._clock: TscClock | None = None
         self._thread_map = ThreadMap()
@@ -468,6 +476,10 @@ class ProbedProcess:
             djp, analysis, _ = plan
             if analysis.ok or analysis.address in self._instances or overlaps.joins(self, djp, analysis, windows):
                 continue
+            short = springboards.plan(self, djp, analysis)
+            if short is not None:
+                plan[1] = short  # a jmp rel8 to a springboard
+                continue
             plan[0] = None
             other = self._overlapping(analysis.address, max(1, analysis.size))
             if other is not None:
@@ -555,6 +567,9 @@ class ProbedProcess:
             inst = self._instances[self._addresses[i]]
             if inst.address + inst.size > address:
                 return inst
+        for sb, inst in self._springboards.items():  # a springboard is patched bytes too
+            if sb < address + size and address < sb + springboards.SPRINGBOARD_SIZE:
+                return inst
         return None
 
     def _insert(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
@@ -568,7 +583,14 @@ class ProbedProcess:
 
     def _insert_stopped(self, djp: Djprobe, analysis: SiteAnalysis, prepared: tuple[Region, int, Stub] | None) -> None:
         address = analysis.address
+        short = springboards.in_the_way(self, djp, analysis) if self._springboards else None
+        if short is not None:
+            raise SiteBusyError(f"{analysis.site}: overlaps the short jump at {short.address:#x} or its springboard",
+                                address=address)
         existing = self._instances.get(address)
+        if analysis.springboard is not None and existing is None:
+            springboards.insert(self, djp, analysis, prepared)
+            return
         if existing is not None and overlaps.shared(existing) and djp._preset is None:
             if not overlaps.can_share(self, djp):
                 raise SiteBusyError(f"{analysis.site}: probes share a stub here; a probe copying strings cannot join them",
@@ -875,6 +897,8 @@ class ProbedProcess:
         elif instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
             del self._instances[instance.address]
             self._addresses.remove(instance.address)
+            if instance.springboard is not None:
+                self._springboards.pop(instance.springboard, None)
 
     def _detach_probe(self, djp: Djprobe) -> None:
         instance = djp._instance
@@ -903,6 +927,7 @@ class ProbedProcess:
                 current[:5].hex(),
                 instance.patched[:5].hex(),
             )
+        springboards.remove(self, instance)  # a short jump's springboard, once its rel8 is gone
         self._move_threads_out_of_stub(instance.stub)
         del self._instances[instance.address]
         self._addresses.remove(instance.address)
@@ -984,12 +1009,15 @@ class ProbedProcess:
             raise SiteBusyError(f"{instance.analysis.site}: a probe recording every register is there; "
                                 "string arguments are fetched only by argument records", address=instance.address)
         region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless, strings=strings)
-        patched = self._jump(instance.address, stub.address)
+        patched = instance.patched if instance.springboard is not None else self._jump(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
         entry.patched = patched + instance.original[len(patched) :]
         region.view.set_entry(slot, entry)
-        self.process.write(instance.address, patched)
+        if instance.springboard is not None:
+            springboards.repoint(self, instance, stub)  # the rel8 stays; its springboard leads to the new stub
+        else:
+            self.process.write(instance.address, patched)
         old_region, old_slot, old_stub = instance.region, instance.slot, instance.stub
         self._move_threads_out_of_stub(old_stub, onto=stub)
         instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back

@@ -69,6 +69,8 @@ class FoundInstance:
     hits: int = 0
     code: str = "?"  # what the site holds now: "patched", "original", "other", "unreadable"
     problem: str | None = None  # why this entry is not trusted (None: valid)
+    kind: int = 0  # 0: a jmp rel32 at the site; ENTRY_SHORT: a jmp rel8 to a springboard
+    springboard: int | None = None  # for a short jump: where its rel8 leads (a jmp rel32 in padding)
 
     @property
     def valid(self) -> bool:
@@ -89,6 +91,7 @@ class FoundInstance:
             "patched": self.patched.hex(),
             "valid": self.valid,
             "problem": self.problem,
+            **({"springboard": self.springboard} if self.springboard is not None else {}),
         }
 
 
@@ -228,6 +231,10 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
     assert area.layout is not None
     if raw_state not in _STATE_NAMES:
         return f"unknown state {raw_state}"
+    if inst.kind == _area.ENTRY_SHORT:
+        return _check_short_entry(inst, area, maps)
+    if inst.kind != 0:
+        return f"unknown kind {inst.kind}"
     if not 5 <= inst.size <= MAX_DISPLACED:
         return f"size {inst.size} is out of bounds"
     m = find_mapping(maps, inst.address)
@@ -247,6 +254,101 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
     if inst.patched[:5] != jump or inst.patched[5:] != inst.original[5:]:
         return "recorded patched bytes are not the jump to its stub followed by the original bytes"
     return None
+
+
+def _check_short_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry]) -> str | None:
+    """The checks of a short-jump entry (``springboards.py``): a window of 2 or more bytes in
+    probeable code whose patched bytes are ``EB rel8`` and the original tail, the rel8 landing
+    outside the window, its 5 springboard bytes in the same mapping; the stub in its own slot."""
+    assert area.layout is not None
+    if not 2 <= inst.size <= MAX_DISPLACED:
+        return f"size {inst.size} is out of bounds"
+    m = find_mapping(maps, inst.address)
+    if m is None or not _probeable_code(m):
+        return f"{inst.address:#x} is not in an executable file-backed mapping (or the vDSO)"
+    if inst.address + inst.size > m.end:
+        return f"{inst.address:#x}+{inst.size} crosses the end of its mapping"
+    slot = area.layout.slot_address(area.code_address, inst.index)
+    if inst.stub_address != slot:
+        return f"stub address {inst.stub_address:#x} is not slot {inst.index} ({slot:#x})"
+    if inst.patched[:1] != b"\xeb" or inst.patched[2:] != inst.original[2:]:
+        return "recorded patched bytes are not a jmp rel8 followed by the original bytes"
+    sb = inst.address + 2 + int.from_bytes(inst.patched[1:2], "little", signed=True)
+    if sb < inst.address + inst.size and inst.address < sb + 5:
+        return f"the springboard {sb:#x} overlaps the window"
+    if not (m.start <= sb and sb + 5 <= m.end):
+        return f"the springboard {sb:#x} is not in the site's mapping"
+    inst.springboard = sb
+    return None
+
+
+def _restore_springboard(process: Process, symbols: Symbols, inst: FoundInstance,
+                         areas: list[FoundArea]) -> str | None:
+    """Put the padding bytes back at the springboard of a short-jump entry once its site holds
+    its original bytes; a thread standing at the springboard goes on at the stub it leads to.
+    None if done or nothing to do, else why it stays (then it is left in place: the rel8 may
+    still need it)."""
+    sb = inst.springboard
+    assert sb is not None
+    memory = process.memory
+    try:
+        site = memory.read(inst.address, inst.size)
+        now = memory.read(sb, 5)
+    except TargetFaultError as exc:
+        return f"cannot read the springboard at {sb:#x}: {exc}"
+    module = symbols.module_at(sb)
+    if module is None:
+        return f"no ELF module is mapped at the springboard {sb:#x}"
+    try:
+        file_bytes = module.read_file(sb, 5)
+    except (DjprobeError, OSError) as exc:
+        return f"cannot read the file bytes at the springboard {sb:#x}: {exc}"
+    if now == file_bytes:
+        return None
+    target = jump_target(now, sb)
+    if target is None or not any(a.slot_start(target) for a in areas):
+        return None  # not ours (any more): nothing of ours to undo
+    if site != inst.original:
+        return f"the springboard at {sb:#x} stays: its site {inst.address:#x} still holds {site.hex()}"
+    if any(b not in (0x90, 0xCC) for b in file_bytes) and not _all_nops(file_bytes, sb):
+        return f"the file's bytes at the springboard {sb:#x} ({file_bytes.hex()}) are not padding; left alone"
+    for thread in process.threads.values():
+        if thread.gone:
+            continue
+        regs = thread.regs()
+        if sb <= regs.rip < sb + 5:
+            regs = regs.copy()
+            regs.rip = target
+            thread.set_regs(regs)
+    memory.write(sb, file_bytes)
+    return None
+
+
+def _all_nops(code: bytes, at: int) -> bool:
+    """Whether ``code`` (maybe cut inside its last instruction) is made of nops and int3."""
+    from iced_x86 import Decoder, Mnemonic
+
+    dec = Decoder(64, code, ip=at)
+    for ins in dec:
+        if ins.mnemonic not in (Mnemonic.NOP, Mnemonic.INT3) and not (ins.is_invalid and ins.ip + ins.len > at + len(code)):
+            return False
+    return True
+
+
+def _rel8_into(memory: ProcessMemory, module, address: int) -> bool:
+    """Whether a patched ``jmp rel8`` (not in the file) lands at ``address``: the jmp rel32 there
+    is then a springboard whose site was not undone, and must stay."""
+    lo = max(address - 129, 0)
+    try:
+        now = memory.read(lo, address + 126 - lo)
+        disk = module.read_file(lo, address + 126 - lo)
+    except (DjprobeError, OSError):
+        return True  # cannot tell: keep it
+    for p in range(len(now) - 1):
+        if now[p] == 0xEB and now[p:p + 2] != disk[p:p + 2] and \
+                lo + p + 2 + int.from_bytes(now[p + 1:p + 2], "little", signed=True) == address:
+            return True
+    return False
 
 
 def _read_area(pid: int, memory: ProcessMemory, m: MapEntry, maps: list[MapEntry]) -> FoundArea:
@@ -291,7 +393,7 @@ def _read_area(pid: int, memory: ProcessMemory, m: MapEntry, maps: list[MapEntry
     hits = counters.sum(axis=0, dtype=np.uint64)
     for i in range(layout.max_instances):
         off = i * ENTRY_SIZE
-        address, stub, state, size, _action, _, orig, patched, _gen, name = _area._ENTRY.unpack_from(table, off)
+        address, stub, state, size, _action, kind, orig, patched, _gen, name = _area._ENTRY.unpack_from(table, off)
         if state == InstanceState.FREE:
             continue
         n = min(size, MAX_DISPLACED)
@@ -305,6 +407,7 @@ def _read_area(pid: int, memory: ProcessMemory, m: MapEntry, maps: list[MapEntry
             patched=patched[:n],
             name=name.rstrip(b"\0").decode(errors="replace"),
             hits=int(hits[i]),
+            kind=kind,
         )
         inst.problem = _check_entry(inst, area, maps, state)
         if inst.valid:
@@ -664,9 +767,25 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
                         report.untouched.append(inst)
                     else:
                         report.skipped.append((inst, why))
+            # the springboards of short jumps, once their sites are undone
+            kept: set[int] = set()
+            held: dict[int, str] = {}  # areas a springboard left in place still leads into
+            for a in chosen:
+                for inst in a.instances:
+                    if inst.valid and inst.springboard is not None:
+                        why = _restore_springboard(process, symbols, inst, chosen)
+                        if why is not None:
+                            kept.add(inst.springboard)
+                            report.skipped.append((inst, why))
             # whatever jump into these areas is left (no entry, an untrusted entry, or one whose
-            # record disagrees with the file) goes too, replaced by the file's bytes
-            for owner, orphan in find_orphans(process.memory, process.maps(), symbols, chosen, known=set()):
+            # record disagrees with the file) goes too, replaced by the file's bytes; but not a
+            # springboard that a jmp rel8 still in place leads to
+            for owner, orphan in find_orphans(process.memory, process.maps(), symbols, chosen, known=kept):
+                module = symbols.module_at(orphan.address)
+                if module is None or _rel8_into(process.memory, module, orphan.address):
+                    held.setdefault(owner.data_address, f"the jump at {orphan.address:#x} is still in place "
+                                    "(a jmp rel8 leads to it)")
+                    continue
                 process.write(orphan.address, orphan.original)
                 owner.orphans.append(orphan)
                 report.orphans.append(orphan)
@@ -675,7 +794,7 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
         # an untrusted entry whose jump the file comparison removed is done with
         gone = {o.address for o in report.orphans}
         report.skipped = [(i, why) for i, why in report.skipped if i.address not in gone]
-        busy: dict[int, str] = {}
+        busy: dict[int, str] = dict(held)
         for inst, _ in report.skipped:
             for a in chosen:
                 if inst in a.instances:

@@ -84,6 +84,20 @@ def test_internal_branch_points_into_copy():
     check_relocation(insns, rel, 0x600007)
 
 
+def test_branch_back_to_an_external_start_keeps_its_address():
+    """A loop whose head is the probe's site (``external``): the branch back goes to the site
+    itself (through the probe's jump, its action runs every turn), not into the copy."""
+    # 0: jle short 8 ; 2: dec edi ; 4: jmp short 0 ; 6: nop ; 7: nop
+    insns = decode(H("7e 06 ff cf eb fa 90 90"), 0x600000)
+    inside = relocate(insns, 0x700000, 0x600008)
+    assert decode(inside.code, inside.address)[2].target == inside.address_map[0x600000] == 0x700000
+    rel = relocate(insns, 0x700000, 0x600008, external=(0x600000,))
+    jle, _, jmp = decode(rel.code, rel.address)[:3]
+    assert jmp.flow is Flow.JUMP and jmp.target == 0x600000
+    assert jle.target == 0x600008  # other branches as before
+    assert rel.address_map == inside.address_map
+
+
 def test_branch_to_end_keeps_absolute_target():
     insns = decode(H("85 c0 74 02 31 c0"), 0x600000)
     rel = relocate(insns, 0x700000, 0x600006)

@@ -67,6 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--each", action="store_true",
                         help="with --all --json: one JSON object per site (address, verdict, reason, size) "
                         "before the coverage object, so every verdict can be audited")
+    parser.add_argument("--springboards", action="store_true",
+                        help="with --all: also count refused sites where a short jump (jmp rel8 to a "
+                        "springboard in dead padding between functions) would fit; probes place them "
+                        "only with DJPROBE_SPRINGBOARDS=1")
     parser.add_argument("sites", nargs="*", metavar="SITE",
                         help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, MODULE:sub_VADDR (code no symbol covers, bounds from .eh_frame), or an address with -p")
     parser.set_defaults(run=run)
@@ -275,6 +279,12 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
             lines.append(f"  {n:7d}  neither: {why}")
         for cls, n in rep.boundary_refused.most_common():
             lines.append(f"  {n:7d}  {cls}")
+        if rep.springboards:
+            lines.append(_wrap(f"with short jumps through springboards (placed only with DJPROBE_SPRINGBOARDS=1): "
+                               f"{rep.boundaries_jump + rep.boundaries_short} ({100 * rep.boundary_short_ratio:.2f}%); "
+                               f"{rep.boundaries_short} of the refused, by reason:", ""))
+            for cls, n in rep.boundary_short_by.most_common():
+                lines.append(f"  {n:7d}  {cls}")
     return "\n".join(lines)
 
 
@@ -293,6 +303,8 @@ def _each_printer(out: TextIO):
             "function": func.name if func is not None else None,
             "offset": (res.address - func.address) if func is not None else None,
         }
+        if res.springboard is not None:
+            obj["springboard"] = f"{res.springboard:#x}"
         print(json.dumps(obj), file=out)
 
     return each
@@ -315,10 +327,11 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
             with Symbols.from_process(args.pid) as symbols:
                 module = symbols.module(args.all)
-                rep = coverage(module, symbols._mem(), all_boundaries=args.boundaries, each=each)
+                rep = coverage(module, symbols._mem(), all_boundaries=args.boundaries, each=each,
+                               springboards=args.springboards)
         else:
             module = _file_symbols(args.all).modules[0]
-            rep = coverage(module, all_boundaries=args.boundaries, each=each)
+            rep = coverage(module, all_boundaries=args.boundaries, each=each, springboards=args.springboards)
         if args.json:
             obj = rep.to_json()
             obj["module_name"] = args.all
@@ -326,8 +339,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print(format_coverage(rep, name=args.all, verbose=args.verbose), file=out)
         return 0
-    if args.boundaries or args.each:
-        raise InvalidSiteError("--boundaries and --each go with --all MODULE")
+    if args.boundaries or args.each or args.springboards:
+        raise InvalidSiteError("--boundaries, --each and --springboards go with --all MODULE")
     if not args.sites:
         raise InvalidSiteError("no site given (SITE... or --all MODULE)")
     resolved: dict[str, str] = {}

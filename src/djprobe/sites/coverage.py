@@ -16,6 +16,7 @@ from .function import FunctionAnalysis
 from .index import module_index
 from .result import SiteAnalysis, Verdict
 from .sharing import sharing_problem
+from .springboards import short_jump
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -117,6 +118,18 @@ class CoverageReport:
     entries_neither: Counter = field(default_factory=Counter)
     boundaries_trap: int = 0
     boundaries_neither: Counter = field(default_factory=Counter)
+    #: With ``springboards``: refused entries/boundaries where a short jump (``jmp rel8`` to a
+    #: springboard in dead padding, ``sites/springboards.py``) fits, by the refusal's class.
+    #: Probes place them only with ``ProbedProcess.springboards`` on (off by default).
+    springboards: bool = False
+    entries_short: int = 0
+    boundaries_short: int = 0
+    boundary_short_by: Counter = field(default_factory=Counter)
+
+    @property
+    def boundary_short_ratio(self) -> float:
+        """Share of boundaries a jump or a short jump reaches."""
+        return (self.boundaries_jump + self.boundaries_short) / self.boundaries if self.boundaries else 0.0
 
     @property
     def reachable_ratio(self) -> float:
@@ -172,6 +185,14 @@ class CoverageReport:
                 entry_and_returns_ratio=round(self.both_ratio, 5),
                 entry_and_returns_refused=dict(self.both_refused.most_common()),
             )
+        if self.springboards:
+            out.update(entries_short=self.entries_short,
+                       entry_short_ratio=round((self.entries_jump + self.entries_short) / self.entries, 5)
+                       if self.entries else 0.0)
+            if self.boundaries:
+                out.update(boundaries_short=self.boundaries_short,
+                           boundary_short_ratio=round(self.boundary_short_ratio, 5),
+                           boundary_short_by=dict(self.boundary_short_by.most_common()))
         if self.boundaries:
             out.update(
                 boundaries=self.boundaries,
@@ -187,13 +208,16 @@ class CoverageReport:
 
 
 def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, returns: bool = True,
-             each: "Callable[[SiteAnalysis], None] | None" = None) -> CoverageReport:
+             each: "Callable[[SiteAnalysis], None] | None" = None,
+             springboards: bool = False) -> CoverageReport:
     """Analyse every function entry of ``module`` (and with ``all_boundaries`` every instruction
     boundary of every function; with ``returns`` every function's exits, see ``sites/exits.py``).
     ``memory`` adds the live "already patched" check. ``each`` is called with every site's
-    analysis (every function entry, and every boundary with ``all_boundaries``), once per address."""
+    analysis (every function entry, and every boundary with ``all_boundaries``), once per address.
+    With ``springboards``, a refused site where a short jump fits is counted apart (the
+    ``*_short`` figures) and ``each`` gets its ``SHORT_JUMP`` verdict instead of the refusal."""
     t0 = time.perf_counter()
-    rep = CoverageReport(module=module.path, returns=returns)
+    rep = CoverageReport(module=module.path, returns=returns, springboards=springboards)
     reader = memory.read if memory is not None else None
     idx = module_index(module)
     seen: set[int] = set()
@@ -204,11 +228,13 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
         fa = FunctionAnalysis(module, func, reader, index=idx)
         res = fa.analyse(func.address, site=f"{module.name}:{func.name}")
         rep.entries += 1
+        short = short_jump(fa, func.address) if springboards and not res.ok else None
         if each is not None and not all_boundaries:
-            each(res)
+            each(short.window if short is not None else res)
         if res.verdict is Verdict.JUMP:
             rep.entries_jump += 1
         else:
+            rep.entries_short += short is not None
             cls = _reason_class(res.reason)
             rep.refused[cls] += 1
             rep.examples.setdefault(cls, f"{res.site}: {res.reason}")
@@ -223,13 +249,17 @@ def coverage(module: "Module", memory=None, *, all_boundaries: bool = False, ret
         if all_boundaries:
             for a in fa.addrs or [func.address]:
                 r = res if a == func.address else fa.analyse(a, site=f"{a:#x}")
+                short = short_jump(fa, a) if springboards and not r.ok else None
                 if each is not None:
-                    each(r)
+                    each(short.window if short is not None else r)
                 rep.boundaries += 1
                 if r.verdict is Verdict.JUMP:
                     rep.boundaries_jump += 1
                 else:
                     rep.boundary_refused[_reason_class(r.reason)] += 1
+                    if short is not None:
+                        rep.boundaries_short += 1
+                        rep.boundary_short_by[_reason_class(r.reason)] += 1
                     why_not = "already patched" if r.busy else trap_refusal(module, a)
                     if why_not is None:
                         rep.boundaries_trap += 1

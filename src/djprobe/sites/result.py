@@ -25,6 +25,10 @@ class Verdict(enum.Enum):
 
     JUMP = "jump"  # a direct-jump probe
     REFUSED = "refused"  # nothing: see the reason
+    #: from ``coverage(springboards=True)`` only: no jmp rel32 fits, a jmp rel8 to a springboard
+    #: does (``sites/springboards.py``); not ``ok`` (probes place one only with
+    #: ``ProbedProcess.springboards`` on, from a jump verdict with ``springboard`` set)
+    SHORT_JUMP = "short-jump"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class SiteAnalysis:
     ``exit_early``: the window is the function's entry window, which ends with a tail call reached
     by straight-line code that leaves ``rsp`` alone (``xor esi,esi; jmp f``): its action runs at
     the first byte, as an entry probe's does (the count is exact, and an entry probe can share it).
+    ``springboard``: for a ``SHORT_JUMP`` verdict, where the ``jmp rel32`` the ``jmp rel8`` at the
+    site leads to would go (dead padding, see ``sites/springboards.py``).
     """
 
     site: str
@@ -68,6 +74,7 @@ class SiteAnalysis:
     exit_path: tuple[Insn, ...] = ()
     exit_via: int | None = None
     exit_early: bool = False
+    springboard: int | None = None  # SHORT_JUMP: the address of the springboard jmp rel32
 
     @property
     def ok(self) -> bool:
@@ -106,7 +113,9 @@ class SiteAnalysis:
             )
         if return_to is None:
             return_to = self.address + self.size
-        return relocate(list(self.displaced), stub_address, return_to)
+        # a branch back to the site (a loop whose head is the site) goes through the jump there,
+        # so the action counts every turn, not only the first
+        return relocate(list(self.displaced), stub_address, return_to, external=(self.address,))
 
     def to_json(self) -> dict:
         """A JSON-ready dict: site, address, size, verdict, reason, busy, function, offset,

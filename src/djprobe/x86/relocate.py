@@ -27,8 +27,9 @@ size that does not depend on where it is placed, so the layout is computed first
 are then encoded at their final addresses. The result is decoded again and checked against the
 original before it is returned.
 
-Branch targets inside the displaced range are redirected to the relocated copy; all other
-targets (and RIP-relative operands) keep their absolute address. A call keeps its original
+Branch targets inside the displaced range are redirected to the relocated copy (except those the
+caller names ``external``: a probe's own site); all other targets (and RIP-relative operands) keep
+their absolute address. A call keeps its original
 return address, so callees return into the original code and the stack holds exactly what it
 would have held.
 """
@@ -36,7 +37,7 @@ would have held.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from iced_x86 import Code, Decoder, Encoder, Instruction, MemoryOperand, MemorySizeExt, Mnemonic, OpKind, Register
@@ -267,11 +268,14 @@ def _out_of_reach(insn: Insn | None, what: str, target: int, new_address: int) -
     )
 
 
-def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> Relocated:
+def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None, *,
+             external: Collection[int] = ()) -> Relocated:
     """Encode the displaced instructions ``insns`` (contiguous, in order) to run at ``new_address``.
 
     If ``return_to`` is not None and the last instruction can fall through, ``jmp return_to`` is
-    appended. Raises :class:`RelocationError` if that cannot be done faithfully.
+    appended. A branch to an address in ``external`` keeps that address even inside the displaced
+    range (a probe's site: a loop back to it goes through the jump there, so the probe's action
+    runs on every turn). Raises :class:`RelocationError` if that cannot be done faithfully.
     """
     insns = list(insns)
     mode = _mode_of(insns)
@@ -319,7 +323,7 @@ def relocate(insns: Sequence[Insn], new_address: int, return_to: int | None) -> 
     new_start = {p.insn.address: p.start for p in pieces}
 
     def resolve(insn: Insn, target: int) -> int:
-        if lo <= target < hi:
+        if lo <= target < hi and target not in external:
             if target not in new_start:
                 raise RelocationError(
                     f"{_where(insn)} branches to {target:#x}, into the middle of a displaced "
