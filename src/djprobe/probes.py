@@ -55,7 +55,8 @@ from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
 from .prototypes import Prototype, typed_probe
-from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
+from .stub_templates import build_count_stub_fast
+from .stubs import Stub, build_record_stub, jump_bytes
 from .stubs32 import build_stub32, jump_bytes32
 from .arch import I386
 from .symbols import Symbols
@@ -705,8 +706,8 @@ class ProbedProcess:
                     targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     targets = dataclasses.replace(targets, rseq_offset=self._rseq_offset())  # per-CPU count and rings
                     stub = build_record_stub(analysis, region.layout, region.slot_address(slot), targets, registers)
-                else:
-                    stub = build_count_stub(
+                else:  # the count action from a template (djprobe.stub_templates)
+                    stub = build_count_stub_fast(
                         analysis,
                         region.layout,
                         region.slot_address(slot),
