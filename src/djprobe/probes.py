@@ -55,6 +55,7 @@ from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
 from .prototypes import Prototype, typed_probe
+from .batches import StopBudget
 from .stub_templates import build_count_stub_fast
 from .stubs import Stub, build_record_stub, jump_bytes
 from .stubs32 import build_stub32, jump_bytes32
@@ -78,6 +79,14 @@ DRAIN_MARGIN_SECONDS = 20e-6
 #: A reserved slot not committed for longer than this no longer holds back other rings' records.
 HOLE_PATIENCE_SECONDS = 0.5
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
+
+
+def _remove_sorted(values: list[int], value: int) -> None:
+    """Remove ``value`` from the sorted list ``values`` (a bisection, not a scan of 20,000)."""
+    i = bisect.bisect_left(values, value)
+    if i == len(values) or values[i] != value:
+        raise ValueError(f"{value:#x} is not in the sorted list")
+    del values[i]
 
 
 class Djprobe:
@@ -482,14 +491,14 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = self._batch_deadline()
+                budget = StopBudget(self._batch_deadline())
                 while pending:
                     djp, analysis, prepared = pending.pop()
                     try:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
                         refused.append((djp, self._site_error(exc)))
-                    if time.monotonic() >= deadline and not returns.same_group(djp, pending):
+                    if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
         if to_trap:
             with self.stopped():  # every thread stopped: the events cover all of them
@@ -829,7 +838,7 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = self._batch_deadline()
+                budget = StopBudget(self._batch_deadline())
                 while pending:
                     djp = pending.pop()
                     instance = djp._instance
@@ -840,7 +849,7 @@ class ProbedProcess:
                     elif len(instance.probes) == 1:
                         self._remove_instance(instance)  # freezes the final count
                     self._detach_probe(djp)
-                    if time.monotonic() >= deadline and not returns.same_group(djp, pending):
+                    if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
 
     def _image_replaced(self) -> bool:
@@ -861,7 +870,7 @@ class ProbedProcess:
             overlaps.forget_member(self, instance)
         elif instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
             del self._instances[instance.address]
-            self._addresses.remove(instance.address)
+            _remove_sorted(self._addresses, instance.address)
 
     def _detach_probe(self, djp: Djprobe) -> None:
         instance = djp._instance
@@ -892,7 +901,7 @@ class ProbedProcess:
             )
         self._move_threads_out_of_stub(instance.stub)
         del self._instances[instance.address]
-        self._addresses.remove(instance.address)
+        _remove_sorted(self._addresses, instance.address)
         instance.old_slots.append((instance.region, instance.slot, instance.stub))
         instance.removed = True
         instance.drained = instance.drained + list(instance.probes)
