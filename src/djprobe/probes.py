@@ -216,7 +216,7 @@ class Djprobe:
         return f"<Djprobe {where} {state} hits={self.hits}>"
 
 
-@dataclass
+@dataclass(slots=True)  # 20,000 of them in a whole process: no per-instance dict
 class Instance:
     """The patch at one address: a stub in a region slot, shared by the probes placed there."""
 
@@ -643,15 +643,19 @@ class ProbedProcess:
         self._instances[address] = instance
         bisect.insort(self._addresses, address)
         self._by_slot[(self._regions.index(region), slot)] = instance
-        self._join(djp, instance, analysis)
+        self._join(djp, instance, analysis, fresh=True)
 
-    def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis) -> None:
+    def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis, fresh: bool = False) -> None:
+        """``djp`` is served by ``instance`` from now on; ``fresh``: the instance was placed just
+        now, world stopped, so its counts are 0 (its slot's counters were zeroed when the slot was
+        given back, and no thread could reach its stub before): not read, which would map every
+        counter page of the area into the tracer (1 MiB per 1,024 probes) during insertion."""
         djp.mode, djp.no_jump_reason = "jump", None
         djp.address = analysis.address
         djp.site = analysis.site
         djp.analysis = analysis
-        djp._baseline = instance.count()
-        djp._drop_baseline = instance.drops()
+        djp._baseline = 0 if fresh else instance.count()
+        djp._drop_baseline = 0 if fresh else instance.drops()
         djp._join_tsc = self.clock.now_tsc() if djp.record else 0
         djp._final_hits = None
         djp._final_missed = None

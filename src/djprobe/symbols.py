@@ -60,6 +60,7 @@ from elftools.elf.elffile import ELFFile
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
 from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
 from .fde import fde_ranges
+from .reloc_table import RelocationTable
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
 __all__ = [
@@ -232,7 +233,7 @@ class _ElfInfo:
         self.symbols: list[_RawSym] = []
         # dynamic symbol table by index (for relocations): (name, version, hidden, defined)
         self.dynsym: list[tuple[str, str | None, bool, bool]] = []
-        self._rela: list[tuple[int, int, int, int]] | None = None  # (r_offset, type, sym index, addend)
+        self._rela: RelocationTable | None = None  # (r_offset, type, sym index, addend) columns
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
         self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
         self._stream = stream if data is not None else None
@@ -376,20 +377,18 @@ class _ElfInfo:
 
     # -- relocations (lazy: only IFUNC resolution needs them) -----------------------------
 
-    def relocations(self) -> list[tuple[int, int, int, int]]:
+    def relocations(self) -> RelocationTable:
+        """(r_offset, type, symbol index, addend) of every allocated relocation, as columns."""
         with self._lock:
             if self._rela is None:
-                out = []
                 if self.elfclass == 32:  # REL, i386 types: djprobe.symbols32
                     from .symbols32 import rel_relocations
 
-                    out = rel_relocations(self)
-                if self.elfclass == 64:
-                    for off, size, entsize in self._rela_sections:
-                        data = self.read_at(off, size)
-                        for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", data[: len(data) // 24 * 24]):
-                            out.append((r_offset, r_info & 0xFFFFFFFF, r_info >> 32, r_addend))
-                self._rela = out
+                    self._rela = RelocationTable.from_rows(rel_relocations(self))
+                elif self.elfclass == 64:
+                    self._rela = RelocationTable.from_rela64(self.read_at(off, size) for off, size, _ in self._rela_sections)
+                else:
+                    self._rela = RelocationTable.from_rows(())
             return self._rela
 
     # -- file access ----------------------------------------------------------------------
@@ -1350,7 +1349,8 @@ class Symbols:
         if m._info.machine not in _IRELATIVE:
             return None
         vaddr = sym.address - m.bias
-        for r_offset, r_type, _idx, addend in m._info.relocations():
+        table = m._info.relocations()
+        for r_offset, r_type, _idx, addend in table.rows((table.types == _IRELATIVE[m._info.machine]) & (table.addends == vaddr)):
             if r_type == _IRELATIVE[m._info.machine] and addend == vaddr:
                 value = self._read_u64(r_offset + m.bias, m.arch)
                 if self._plausible_impl(sym, value, own_module=False):
@@ -1363,7 +1363,9 @@ class Symbols:
                 continue
             table = m._info.dynsym
             slot_types, absolute = _GOT_TYPES[m._info.machine]
-            for r_offset, r_type, idx, addend in m._info.relocations():
+            relocs = m._info.relocations()
+            wanted = relocs.of_types((*slot_types, absolute))  # the rows the test below can accept
+            for r_offset, r_type, idx, addend in relocs.rows(wanted):
                 # GLOB_DAT/JUMP_SLOT take no addend (an i386 REL place holds the lazy PLT address)
                 if not (r_type in slot_types and (addend == 0 or m.arch.elfclass == 1)) and not (r_type == absolute and addend == 0):
                     continue

@@ -27,7 +27,7 @@ class Verdict(enum.Enum):
     REFUSED = "refused"  # nothing: see the reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SiteAnalysis:
     """The verdict for one site.
 
