@@ -125,7 +125,7 @@ def _kind_of(st_type: int) -> SymbolKind:
     return SymbolKind.OTHER
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # tens of thousands per process: no per-symbol dict
 class Symbol:
     """One symbol of a module, at its runtime address (file vaddr + module bias)."""
 
@@ -155,9 +155,9 @@ class Symbol:
             return self.name
         return f"{self.name}{'@' if self.version_hidden else '@@'}{self.version}"
 
-    @functools.cached_property
+    @property
     def _rank(self) -> tuple:
-        return _compute_rank(self)
+        return _compute_rank(self)  # not cached: a slotted Symbol has no dict to cache it in
 
     @property
     def display_name(self) -> str:
@@ -190,6 +190,21 @@ def _compute_rank(sym: Symbol) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # ELF parsing (bias-independent, cached per file identity)
 # ---------------------------------------------------------------------------------------------
+
+
+_SYMBOL_SETTERS = tuple(getattr(Symbol, name).__set__ for name in (
+    "name", "address", "size", "kind", "module", "binding", "version", "version_hidden", "from_eh_frame"))
+
+
+def _make_symbol(name: str, address: int, size: int, kind: SymbolKind, module: "Module", binding: str,
+                 version: str | None, version_hidden: bool, from_eh_frame: bool) -> Symbol:
+    """The same as ``Symbol(...)``, without the frozen dataclass's per-field ``__setattr__`` cost
+    (the slots are filled through their descriptors)."""
+    sym = object.__new__(Symbol)
+    for setter, value in zip(_SYMBOL_SETTERS, (name, address, size, kind, module, binding, version, version_hidden,
+                                               from_eh_frame)):
+        setter(sym, value)
+    return sym
 
 
 @dataclass(frozen=True)
@@ -705,7 +720,6 @@ class Module:
         funcs: list[Symbol] = []
         objs: list[Symbol] = []
         starts: set[int] = set()
-        new = object.__new__
         kinds = {_STT_FUNC: SymbolKind.FUNC, _STT_GNU_IFUNC: SymbolKind.IFUNC, _STT_OBJECT: SymbolKind.OBJECT}
         other = SymbolKind.OTHER
         for name, version, hidden, value, size, st_type, bind, exec_sec in self._info.symbols:
@@ -714,11 +728,7 @@ class Module:
             kind = kinds.get(st_type, other)
             address = value + bias
             # the same as Symbol(...), without the frozen dataclass's per-field setattr cost
-            sym = new(Symbol)
-            sym.__dict__.update(
-                name=name, address=address, size=size, kind=kind, module=self,
-                binding=_BINDINGS.get(bind, "GLOBAL"), version=version, version_hidden=hidden,
-            )
+            sym = _make_symbol(name, address, size, kind, self, _BINDINGS.get(bind, "GLOBAL"), version, hidden, False)
             all_syms.append(sym)
             lst = by_name.get(name)
             if lst is None:
@@ -786,7 +796,6 @@ class Module:
         func_starts = [f.address for f in funcs]
         maxend = _prefix_max_end(funcs)
         added: list[Symbol] = []
-        new = object.__new__
         for r in fdes:
             if not any(lo <= r.start < hi for lo, hi in exec_ranges):
                 continue
@@ -801,11 +810,7 @@ class Module:
                 end = sorted_starts[k]
             if added and added[-1].end > address:
                 continue  # overlapping FDEs: the first one stands
-            sym = new(Symbol)
-            sym.__dict__.update(
-                name=f"sub_{r.start:x}", address=address, size=end - address, kind=SymbolKind.FUNC, module=self,
-                binding="LOCAL", version=None, version_hidden=False, from_eh_frame=True,
-            )
+            sym = _make_symbol(f"sub_{r.start:x}", address, end - address, SymbolKind.FUNC, self, "LOCAL", None, False, True)
             added.append(sym)
             by_name.setdefault(sym.name, []).append(sym)
             all_syms.append(sym)
