@@ -109,6 +109,40 @@ class Djprobe:
     registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
 
+    # 20,000 probes in a whole process: no per-probe dict unless someone adds an attribute of their own
+    __slots__ = (
+        "addr",
+        "size",
+        "handler",
+        "record",
+        "registers",
+        "lossless",
+        "at",
+        "trap",
+        "mode",
+        "no_jump_reason",
+        "strings",
+        "exits",
+        "latency",
+        "_latency_role",
+        "_parts",
+        "_parent",
+        "_preset",
+        "address",
+        "site",
+        "analysis",
+        "_instance",
+        "_baseline",
+        "_drop_baseline",
+        "_join_tsc",
+        "_final_hits",
+        "_final_missed",
+        "_draining",
+        "prototype",
+        "__dict__",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         addr: int | str,
