@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from iced_x86 import Decoder
 
 from .area import AreaLayout
-from .sites import SiteAnalysis, Verdict
-from .stubs import JMP_REL32_SIZE, RSEQ_CS_SIZE, PerCpu, Stub, assemble, build_count_stub, count_action, rseq_descriptor
+from .stubs import JMP_REL32_SIZE, RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, assemble, build_count_stub, count_action, rseq_descriptor
 from .x86 import Flow, Relocated, RelocationError
 
 __all__ = ["CountTemplate", "count_template", "build_count_stub_fast", "relocate_plain"]
@@ -102,15 +101,16 @@ def _plain(displaced: tuple) -> bool:
     return bool(displaced) and all(i.flow is Flow.NEXT and not i.instruction.is_ip_rel_memory_operand for i in displaced)
 
 
-def relocate_plain(site: SiteAnalysis, stub_address: int) -> Relocated:
-    """``site.relocate_to(stub_address)`` for a site whose displaced instructions are all plain
+def relocate_plain(site: Relocatable, stub_address: int) -> Relocated:
+    """``site.relocate_to(stub_address, site.address + site.size)`` (a site analysis: its
+    ``displaced`` instructions relocated, then a jump back) for a site whose displaced instructions are all plain
     (see :func:`_plain`): their bytes, then ``jmp rel32`` to the end of the site; the same code
     and address map as the relocator's. Anything else goes to the relocator itself.
 
     Raises RelocationError (``out_of_reach``) as ``relocate_to`` does."""
-    displaced = site.displaced
-    if site.verdict is not Verdict.JUMP or not _plain(displaced) or displaced[0].bits != 64:
-        return site.relocate_to(stub_address)
+    displaced = getattr(site, "displaced", ())
+    if not getattr(site, "ok", False) or not _plain(displaced) or displaced[0].bits != 64:
+        return site.relocate_to(stub_address, site.address + site.size)
     if not -(1 << 31) <= stub_address - (site.address + JMP_REL32_SIZE) < 1 << 31:
         raise RelocationError(
             f"stub at {stub_address:#x} is beyond the +-2 GiB reach of a jmp rel32 at {site.address:#x}",
@@ -123,7 +123,7 @@ def relocate_plain(site: SiteAnalysis, stub_address: int) -> Relocated:
     expected = displaced[0].address
     for insn in displaced:
         if insn.address != expected:
-            return site.relocate_to(stub_address)  # not contiguous: let the relocator say so
+            return site.relocate_to(stub_address, site.address + site.size)  # not contiguous: let the relocator say so
         amap[insn.address] = at
         code += insn.raw
         at += insn.length
@@ -139,19 +139,18 @@ def relocate_plain(site: SiteAnalysis, stub_address: int) -> Relocated:
 
 
 def build_count_stub_fast(
-    site: SiteAnalysis,
+    site: Relocatable,
     layout: AreaLayout,
     slot_address: int,
     counter_address: int,
     rseq_offset: int | None = None,
 ) -> Stub:
     """What :func:`djprobe.stubs.build_count_stub` builds, from a template (see the module
-    docstring); the exit window of a return probe, or a site that is not a plain SiteAnalysis,
-    is built by ``build_count_stub`` itself.
+    docstring); the exit window of a return probe is built by ``build_count_stub`` itself.
 
     Raises RelocationError if the displaced instructions or the counter cannot be reached from
     this slot, ValueError if the stub does not fit in a slot."""
-    if not isinstance(site, SiteAnalysis) or (site.exit is not None and not site.exit_early):
+    if getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
         return build_count_stub(site, layout, slot_address, counter_address, rseq_offset)
     template = count_template(layout, red_zone_live=not site.at_entry, flags_live=not site.flags_dead,
                               rseq_offset=rseq_offset)
