@@ -8,7 +8,7 @@ with a mask first, so a search looks at the few rows of the types it wants.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,13 +21,14 @@ class RelocationTable:
     """Relocations of one ELF file: ``offsets`` (r_offset, file vaddr), ``types``, ``indexes``
     (symbol index) and ``addends``, one row per relocation, in file order."""
 
-    __slots__ = ("offsets", "types", "indexes", "addends")
+    __slots__ = ("offsets", "types", "indexes", "addends", "_by_name")
 
     def __init__(self, offsets: np.ndarray, types: np.ndarray, indexes: np.ndarray, addends: np.ndarray) -> None:
         self.offsets = offsets
         self.types = types
         self.indexes = indexes
         self.addends = addends
+        self._by_name: dict[tuple[int, ...], dict[str, list[tuple[int, int, int, int]]]] = {}
 
     @classmethod
     def from_rela64(cls, chunks: Iterable[bytes]) -> "RelocationTable":
@@ -64,3 +65,17 @@ class RelocationTable:
     def of_types(self, types: Iterable[int]) -> np.ndarray:
         """A mask of the rows whose type is one of ``types``."""
         return np.isin(self.types, np.fromiter(types, dtype=np.uint32))
+
+    def by_symbol_name(self, types: Iterable[int], symbols: Sequence[Sequence]) -> dict[str, list[tuple[int, int, int, int]]]:
+        """The rows of ``types`` grouped by the name of their symbol (``symbols[index][0]``, the
+        file's dynamic symbol table; rows whose index is beyond it are left out), each group in
+        file order. Kept per ``types``: a file's tables do not change."""
+        key = tuple(sorted(types))
+        found = self._by_name.get(key)
+        if found is None:
+            found = {}
+            for row in self.rows(self.of_types(key)):
+                if row[2] < len(symbols):
+                    found.setdefault(symbols[row[2]][0], []).append(row)
+            self._by_name[key] = found
+        return found

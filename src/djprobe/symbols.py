@@ -1369,8 +1369,9 @@ class Symbols:
             table = m._info.dynsym
             slot_types, absolute = _GOT_TYPES[m._info.machine]
             relocs = m._info.relocations()
-            wanted = relocs.of_types((*slot_types, absolute))  # the rows the test below can accept
-            for r_offset, r_type, idx, addend in relocs.rows(wanted):
+            # the rows the test below can accept, grouped by the name of their symbol (in order)
+            named = relocs.by_symbol_name((*slot_types, absolute), table)
+            for r_offset, r_type, idx, addend in named.get(sym.name, ()):
                 # GLOB_DAT/JUMP_SLOT take no addend (an i386 REL place holds the lazy PLT address)
                 if not (r_type in slot_types and (addend == 0 or m.arch.elfclass == 1)) and not (r_type == absolute and addend == 0):
                     continue
