@@ -324,6 +324,7 @@ class ProbedProcess:
         self.pid = process.pid
         self._symbols: Symbols | None = None
         self._regions: list[Region] = []
+        self._region_numbers: dict[int, int] = {}  # id(region) -> its index in _regions (only appended)
         self._instances: dict[int, Instance] = {}
         self._addresses: list[int] = []  # sorted keys of _instances
         self.max_stop_seconds = MAX_STOP_SECONDS
@@ -592,7 +593,7 @@ class ProbedProcess:
         try:
             self._insert_stopped(djp, analysis, prepared)
         except BaseException:
-            if prepared is not None and self._by_slot.get((self._regions.index(prepared[0]), prepared[1])) is None:
+            if prepared is not None and self._by_slot.get((self._region_number(prepared[0]), prepared[1])) is None:
                 prepared[0].give_back(prepared[1])  # never reachable: free it
             raise
 
@@ -676,7 +677,7 @@ class ProbedProcess:
         instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless, djp.strings)
         self._instances[address] = instance
         bisect.insort(self._addresses, address)
-        self._by_slot[(self._regions.index(region), slot)] = instance
+        self._by_slot[(self._region_number(region), slot)] = instance
         self._join(djp, instance, analysis, fresh=True)
 
     def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis, fresh: bool = False) -> None:
@@ -717,6 +718,7 @@ class ProbedProcess:
                     region = create_region(self.process, analysis.address, self.layout, between=self._breathe)
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
+                    self._region_numbers[id(region)] = len(self._regions) - 1
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
                     for hook in self.region_hooks:  # before any jump can lead into it
                         hook(region)
@@ -768,6 +770,14 @@ class ProbedProcess:
                 continue
             self.process.write(stub.address, stub.image())
             return region, slot, stub
+
+    def _region_number(self, region: Region) -> int:
+        """The index of ``region`` in ``_regions`` (a dict lookup, not a scan per insertion)."""
+        number = self._region_numbers.get(id(region))
+        if number is None or number >= len(self._regions) or self._regions[number] is not region:
+            number = self._regions.index(region)
+            self._region_numbers[id(region)] = number
+        return number
 
     def _jump(self, site: int, stub: int) -> bytes:
         """The jmp rel32 written at ``site`` (in a 32-bit process it wraps the 4 GiB)."""
@@ -992,7 +1002,7 @@ class ProbedProcess:
         owner.carried_drops += region.view.drops(slot)
         if owner.removed and not owner.old_slots:
             owner.finish_drained()
-        key = (self._regions.index(region), slot)
+        key = (self._region_number(region), slot)
         if self._by_slot.get(key) is owner and (owner.removed or owner.region is not region or owner.slot != slot):
             del self._by_slot[key]
         region.give_back(slot)
@@ -1030,7 +1040,7 @@ class ProbedProcess:
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
         instance.lossless, instance.strings = lossless, strings
-        self._by_slot[(self._regions.index(region), slot)] = instance
+        self._by_slot[(self._region_number(region), slot)] = instance
         self._give_back_or_retire(instance, old_region, old_slot, old_stub)
 
     def _referenced(self, start: int, end: int) -> bool:
