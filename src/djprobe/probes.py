@@ -1227,14 +1227,21 @@ class ProbedProcess:
     def _unmap_idle_regions(self) -> None:
         """Unmap the probe areas no thread can still be in or return into (world stopped). A
         retired slot does not keep its area: it was retired because a thread could return into
-        it then; the same check over the whole code part, now, says whether one still can."""
+        it then; the same check over the whole code part, now, says whether one still can.
+        Between two areas the target runs for a moment (each unmap is two injected system calls,
+        about 4 ms: twenty areas under one stop held a whole-process target for 84 ms); the
+        next area is checked again in the new stop."""
+        unmapped = 0
         for region in self._regions:
             if region.mapped_in_target is False:
                 continue
+            if unmapped:
+                self._breathe()
             code_end = region.code_address + region.layout.code_size
             if self._referenced(region.code_address, code_end):
                 continue
             unmap_region(self.process, region)
+            unmapped += 1
 
     def _check_open(self) -> None:
         if self._closed:
