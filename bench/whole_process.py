@@ -3,13 +3,15 @@
 The target is python3 with enough extension modules imported (ssl, sqlite3, ctypes, decimal, ...)
 to have more than 20,000 functions in its modules; it runs a small loop (json, math, sleeps).
 The probes are the first 20,000 sites of ``*:*`` (modules in name order, functions in address
-order), placed with one ``register_many``, as ``djprobe count -p PID '*:*'`` does.
+order), placed with one ``register_many`` in areas of the counting layout, as ``djprobe count -p
+PID '*:*'`` does.
 
 Measured twice with the same, initially empty, site cache directory: *cold* (every site
 analysed, verdicts written to the cache) and *warm* (verdicts read from it). Reported: the time
 to resolve the patterns and to place the probes, the number of stops and the longest one (timed
 in the tracer, from the request to stop to the end of the resume), and the tracer's resident
-size before attaching, with the probes in, and at its peak.
+size before attaching, with the probes in, at its peak, and once every probe's count was read
+(which maps the counter pages of the areas, shared with the target, into the tracer).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class WholeProcessResult:
     tracer_rss_before_kib: int
     tracer_rss_probed_kib: int
     tracer_maxrss_kib: int
+    tracer_rss_counted_kib: int = 0  # after reading every probe's count (maps the counter pages)
 
     @property
     def total_s(self) -> float:
@@ -56,6 +59,7 @@ class WholeProcessResult:
 
 
 def _one(phase: str, n: int) -> WholeProcessResult:
+    from djprobe.area import AreaLayout
     from djprobe.module_globs import matching_modules
     from djprobe.probes import Djprobe, attach
 
@@ -66,6 +70,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
         rss_before = rss_kib()
         t0 = time.monotonic()
         with attach(target.pid) as proc:
+            proc.layout = AreaLayout.for_counting()  # as `djprobe count` does
             symbols = proc.symbols
             probes = []
             for module in sorted(matching_modules(symbols, "*"), key=lambda m: m.name):
@@ -97,6 +102,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
             placed = [d for d in probes if d.registered]
             time.sleep(0.5)
             counting = sum(1 for d in placed if d.hits)
+            rss_counted = rss_kib()
             hits, misses = proc.site_cache.hits, proc.site_cache.misses
             t3 = time.monotonic()
             proc.unregister_many(placed)
@@ -106,7 +112,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
             phase=phase, probes=len(placed), refused=len(refused), resolve_s=t1 - t0, insert_s=t2 - t1,
             stops=len(stops), longest_stop_ms=max(stops) * 1000 if stops else 0.0, remove_s=remove_s,
             counting=counting, cache_hits=hits, cache_misses=misses, tracer_rss_before_kib=rss_before,
-            tracer_rss_probed_kib=rss_probed, tracer_maxrss_kib=rss_kib(field="VmHWM"),
+            tracer_rss_probed_kib=rss_probed, tracer_maxrss_kib=rss_kib(field="VmHWM"), tracer_rss_counted_kib=rss_counted,
         )
     finally:
         target.kill()
@@ -143,7 +149,8 @@ def format_result(results: list[dict]) -> str:
             f"        tracer RSS {r['tracer_rss_before_kib'] // 1024} MiB before attach -> "
             f"{r['tracer_rss_probed_kib'] // 1024} MiB with the probes "
             f"(+{(r['tracer_rss_probed_kib'] - r['tracer_rss_before_kib']) / 1024:.0f} MiB), "
-            f"peak {r['tracer_maxrss_kib'] // 1024} MiB"
+            f"peak {r['tracer_maxrss_kib'] // 1024} MiB; {r.get('tracer_rss_counted_kib', 0) // 1024} MiB "
+            "once every count was read"
         )
     return "\n".join(lines)
 

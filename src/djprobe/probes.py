@@ -56,7 +56,9 @@ from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
 from .prototypes import Prototype, typed_probe
-from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
+from .batches import StopBudget
+from .stub_templates import build_count_stub_fast
+from .stubs import Stub, build_record_stub, jump_bytes
 from .stubs32 import build_stub32, jump_bytes32
 from .arch import I386
 from .symbols import Symbols
@@ -80,6 +82,14 @@ HOLE_PATIENCE_SECONDS = 0.5
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 
 
+def _remove_sorted(values: list[int], value: int) -> None:
+    """Remove ``value`` from the sorted list ``values`` (a bisection, not a scan of 20,000)."""
+    i = bisect.bisect_left(values, value)
+    if i == len(values) or values[i] != value:
+        raise ValueError(f"{value:#x} is not in the sorted list")
+    del values[i]
+
+
 class Djprobe:
     """A jump probe, in the seed's terms: ``addr``, ``size`` and ``handler(djp, regs)``.
 
@@ -99,6 +109,41 @@ class Djprobe:
     of the function, the duration of each call added into a histogram in the target; after
     registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
+
+    # 20,000 probes in a whole process: no per-probe dict unless someone adds an attribute of their own
+    __slots__ = (
+        "addr",
+        "size",
+        "handler",
+        "record",
+        "registers",
+        "lossless",
+        "at",
+        "trap",
+        "_mode",
+        "no_jump_reason",
+        "strings",
+        "exits",
+        "latency",
+        "_latency_role",
+        "_latency_exit",
+        "_parts",
+        "_parent",
+        "_preset",
+        "address",
+        "site",
+        "analysis",
+        "_instance",
+        "_baseline",
+        "_drop_baseline",
+        "_join_tsc",
+        "_final_hits",
+        "_final_missed",
+        "_draining",
+        "prototype",
+        "__dict__",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -221,7 +266,7 @@ class Djprobe:
         return f"<Djprobe {where} {state} hits={self.hits}>"
 
 
-@dataclass
+@dataclass(slots=True)  # 20,000 of them in a whole process: no per-instance dict
 class Instance:
     """The patch at one address: a stub in a region slot, shared by the probes placed there."""
 
@@ -298,6 +343,7 @@ class ProbedProcess:
         self.pid = process.pid
         self._symbols: Symbols | None = None
         self._regions: list[Region] = []
+        self._region_numbers: dict[int, int] = {}  # id(region) -> its index in _regions (only appended)
         self._instances: dict[int, Instance] = {}
         self._addresses: list[int] = []  # sorted keys of _instances
         self.max_stop_seconds = MAX_STOP_SECONDS
@@ -507,14 +553,14 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = self._batch_deadline()
+                budget = StopBudget(self._batch_deadline())
                 while pending:
                     djp, analysis, prepared = pending.pop()
                     try:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
                         refused.append((djp, self._site_error(exc)))
-                    if time.monotonic() >= deadline and not returns.same_group(djp, pending):
+                    if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
         if to_trap:
             with self.stopped():  # every thread stopped: the events cover all of them
@@ -577,7 +623,7 @@ class ProbedProcess:
         try:
             self._insert_stopped(djp, analysis, prepared)
         except BaseException:
-            if prepared is not None and self._by_slot.get((self._regions.index(prepared[0]), prepared[1])) is None:
+            if prepared is not None and self._by_slot.get((self._region_number(prepared[0]), prepared[1])) is None:
                 prepared[0].give_back(prepared[1])  # never reachable: free it
             raise
 
@@ -668,16 +714,20 @@ class ProbedProcess:
         instance = Instance(analysis, region, slot, stub, original, entry.patched, action, registers, lossless, djp.strings)
         self._instances[address] = instance
         bisect.insort(self._addresses, address)
-        self._by_slot[(self._regions.index(region), slot)] = instance
-        self._join(djp, instance, analysis)
+        self._by_slot[(self._region_number(region), slot)] = instance
+        self._join(djp, instance, analysis, fresh=True)
 
-    def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis) -> None:
+    def _join(self, djp: Djprobe, instance: Instance, analysis: SiteAnalysis, fresh: bool = False) -> None:
+        """``djp`` is served by ``instance`` from now on; ``fresh``: the instance was placed just
+        now, world stopped, so its counts are 0 (its slot's counters were zeroed when the slot was
+        given back, and no thread could reach its stub before): not read, which would map every
+        counter page of the area into the tracer (1 MiB per 1,024 probes) during insertion."""
         djp.mode, djp.no_jump_reason = "jump", None
         djp.address = analysis.address
         djp.site = analysis.site
         djp.analysis = analysis
-        djp._baseline = instance.count()
-        djp._drop_baseline = instance.drops()
+        djp._baseline = 0 if fresh else instance.count()
+        djp._drop_baseline = 0 if fresh else instance.drops()
         djp._join_tsc = self.clock.now_tsc() if djp.record else 0
         djp._final_hits = None
         djp._final_missed = None
@@ -705,6 +755,7 @@ class ProbedProcess:
                     region = create_region(self.process, analysis.address, self.layout, between=self._breathe)
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
+                    self._region_numbers[id(region)] = len(self._regions) - 1
                     self._readers.append(RingReader(region.view, len(self._regions) - 1))
                     for hook in self.region_hooks:  # before any jump can lead into it
                         hook(region)
@@ -741,8 +792,8 @@ class ProbedProcess:
                     targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     targets = dataclasses.replace(targets, rseq_offset=self._rseq_offset())  # per-CPU count and rings
                     stub = build_record_stub(analysis, region.layout, region.slot_address(slot), targets, registers)
-                else:
-                    stub = build_count_stub(
+                else:  # the count action from a template (djprobe.stub_templates)
+                    stub = build_count_stub_fast(
                         analysis,
                         region.layout,
                         region.slot_address(slot),
@@ -756,6 +807,14 @@ class ProbedProcess:
                 continue
             self.process.write(stub.address, stub.image())
             return region, slot, stub
+
+    def _region_number(self, region: Region) -> int:
+        """The index of ``region`` in ``_regions`` (a dict lookup, not a scan per insertion)."""
+        number = self._region_numbers.get(id(region))
+        if number is None or number >= len(self._regions) or self._regions[number] is not region:
+            number = self._regions.index(region)
+            self._region_numbers[id(region)] = number
+        return number
 
     def _jump(self, site: int, stub: int) -> bytes:
         """The jmp rel32 written at ``site`` (in a 32-bit process it wraps the 4 GiB)."""
@@ -864,7 +923,7 @@ class ProbedProcess:
         while pending:
             with self.stopped():
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
-                deadline = self._batch_deadline()
+                budget = StopBudget(self._batch_deadline())
                 while pending:
                     djp = pending.pop()
                     instance = djp._instance
@@ -875,7 +934,7 @@ class ProbedProcess:
                     elif len(instance.probes) == 1:
                         self._remove_instance(instance)  # freezes the final count
                     self._detach_probe(djp)
-                    if time.monotonic() >= deadline and not returns.same_group(djp, pending):
+                    if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
 
     def _image_replaced(self) -> bool:
@@ -896,7 +955,7 @@ class ProbedProcess:
             overlaps.forget_member(self, instance)
         elif instance is not None and not instance.probes and self._instances.get(instance.address) is instance:
             del self._instances[instance.address]
-            self._addresses.remove(instance.address)
+            _remove_sorted(self._addresses, instance.address)
             if instance.springboard is not None:
                 self._springboards.pop(instance.springboard, None)
 
@@ -930,7 +989,7 @@ class ProbedProcess:
         springboards.remove(self, instance)  # a short jump's springboard, once its rel8 is gone
         self._move_threads_out_of_stub(instance.stub)
         del self._instances[instance.address]
-        self._addresses.remove(instance.address)
+        _remove_sorted(self._addresses, instance.address)
         instance.old_slots.append((instance.region, instance.slot, instance.stub))
         instance.removed = True
         instance.drained = instance.drained + list(instance.probes)
@@ -983,7 +1042,7 @@ class ProbedProcess:
         owner.carried_drops += region.view.drops(slot)
         if owner.removed and not owner.old_slots:
             owner.finish_drained()
-        key = (self._regions.index(region), slot)
+        key = (self._region_number(region), slot)
         if self._by_slot.get(key) is owner and (owner.removed or owner.region is not region or owner.slot != slot):
             del self._by_slot[key]
         region.give_back(slot)
@@ -1024,7 +1083,7 @@ class ProbedProcess:
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
         instance.lossless, instance.strings = lossless, strings
-        self._by_slot[(self._regions.index(region), slot)] = instance
+        self._by_slot[(self._region_number(region), slot)] = instance
         self._give_back_or_retire(instance, old_region, old_slot, old_stub)
 
     def _referenced(self, start: int, end: int) -> bool:
@@ -1211,14 +1270,21 @@ class ProbedProcess:
     def _unmap_idle_regions(self) -> None:
         """Unmap the probe areas no thread can still be in or return into (world stopped). A
         retired slot does not keep its area: it was retired because a thread could return into
-        it then; the same check over the whole code part, now, says whether one still can."""
+        it then; the same check over the whole code part, now, says whether one still can.
+        Between two areas the target runs for a moment (each unmap is two injected system calls,
+        about 4 ms: twenty areas under one stop held a whole-process target for 84 ms); the
+        next area is checked again in the new stop."""
+        unmapped = 0
         for region in self._regions:
             if region.mapped_in_target is False:
                 continue
+            if unmapped:
+                self._breathe()
             code_end = region.code_address + region.layout.code_size
             if self._referenced(region.code_address, code_end):
                 continue
             unmap_region(self.process, region)
+            unmapped += 1
 
     def _check_open(self) -> None:
         if self._closed:

@@ -162,7 +162,7 @@ def rseq_descriptor(start: int, post_commit: int, abort: int) -> bytes:
     return struct.pack("<IIQQQ", 0, 0, start, post_commit - start, abort)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stub:
     """A stub ready to be written at ``address``."""
 

@@ -60,6 +60,7 @@ from elftools.elf.elffile import ELFFile
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
 from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
 from .fde import fde_ranges
+from .reloc_table import RelocationTable
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
 __all__ = [
@@ -124,7 +125,7 @@ def _kind_of(st_type: int) -> SymbolKind:
     return SymbolKind.OTHER
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # tens of thousands per process: no per-symbol dict
 class Symbol:
     """One symbol of a module, at its runtime address (file vaddr + module bias)."""
 
@@ -154,9 +155,9 @@ class Symbol:
             return self.name
         return f"{self.name}{'@' if self.version_hidden else '@@'}{self.version}"
 
-    @functools.cached_property
+    @property
     def _rank(self) -> tuple:
-        return _compute_rank(self)
+        return _compute_rank(self)  # not cached: a slotted Symbol has no dict to cache it in
 
     @property
     def display_name(self) -> str:
@@ -189,6 +190,21 @@ def _compute_rank(sym: Symbol) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # ELF parsing (bias-independent, cached per file identity)
 # ---------------------------------------------------------------------------------------------
+
+
+_SYMBOL_SETTERS = tuple(getattr(Symbol, name).__set__ for name in (
+    "name", "address", "size", "kind", "module", "binding", "version", "version_hidden", "from_eh_frame"))
+
+
+def _make_symbol(name: str, address: int, size: int, kind: SymbolKind, module: "Module", binding: str,
+                 version: str | None, version_hidden: bool, from_eh_frame: bool) -> Symbol:
+    """The same as ``Symbol(...)``, without the frozen dataclass's per-field ``__setattr__`` cost
+    (the slots are filled through their descriptors)."""
+    sym = object.__new__(Symbol)
+    for setter, value in zip(_SYMBOL_SETTERS, (name, address, size, kind, module, binding, version, version_hidden,
+                                               from_eh_frame)):
+        setter(sym, value)
+    return sym
 
 
 @dataclass(frozen=True)
@@ -232,7 +248,7 @@ class _ElfInfo:
         self.symbols: list[_RawSym] = []
         # dynamic symbol table by index (for relocations): (name, version, hidden, defined)
         self.dynsym: list[tuple[str, str | None, bool, bool]] = []
-        self._rela: list[tuple[int, int, int, int]] | None = None  # (r_offset, type, sym index, addend)
+        self._rela: RelocationTable | None = None  # (r_offset, type, sym index, addend) columns
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
         self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
         self._stream = stream if data is not None else None
@@ -376,20 +392,18 @@ class _ElfInfo:
 
     # -- relocations (lazy: only IFUNC resolution needs them) -----------------------------
 
-    def relocations(self) -> list[tuple[int, int, int, int]]:
+    def relocations(self) -> RelocationTable:
+        """(r_offset, type, symbol index, addend) of every allocated relocation, as columns."""
         with self._lock:
             if self._rela is None:
-                out = []
                 if self.elfclass == 32:  # REL, i386 types: djprobe.symbols32
                     from .symbols32 import rel_relocations
 
-                    out = rel_relocations(self)
-                if self.elfclass == 64:
-                    for off, size, entsize in self._rela_sections:
-                        data = self.read_at(off, size)
-                        for r_offset, r_info, r_addend in struct.iter_unpack("<QQq", data[: len(data) // 24 * 24]):
-                            out.append((r_offset, r_info & 0xFFFFFFFF, r_info >> 32, r_addend))
-                self._rela = out
+                    self._rela = RelocationTable.from_rows(rel_relocations(self))
+                elif self.elfclass == 64:
+                    self._rela = RelocationTable.from_rela64(self.read_at(off, size) for off, size, _ in self._rela_sections)
+                else:
+                    self._rela = RelocationTable.from_rows(())
             return self._rela
 
     # -- file access ----------------------------------------------------------------------
@@ -706,7 +720,6 @@ class Module:
         funcs: list[Symbol] = []
         objs: list[Symbol] = []
         starts: set[int] = set()
-        new = object.__new__
         kinds = {_STT_FUNC: SymbolKind.FUNC, _STT_GNU_IFUNC: SymbolKind.IFUNC, _STT_OBJECT: SymbolKind.OBJECT}
         other = SymbolKind.OTHER
         for name, version, hidden, value, size, st_type, bind, exec_sec in self._info.symbols:
@@ -715,11 +728,7 @@ class Module:
             kind = kinds.get(st_type, other)
             address = value + bias
             # the same as Symbol(...), without the frozen dataclass's per-field setattr cost
-            sym = new(Symbol)
-            sym.__dict__.update(
-                name=name, address=address, size=size, kind=kind, module=self,
-                binding=_BINDINGS.get(bind, "GLOBAL"), version=version, version_hidden=hidden,
-            )
+            sym = _make_symbol(name, address, size, kind, self, _BINDINGS.get(bind, "GLOBAL"), version, hidden, False)
             all_syms.append(sym)
             lst = by_name.get(name)
             if lst is None:
@@ -787,7 +796,6 @@ class Module:
         func_starts = [f.address for f in funcs]
         maxend = _prefix_max_end(funcs)
         added: list[Symbol] = []
-        new = object.__new__
         for r in fdes:
             if not any(lo <= r.start < hi for lo, hi in exec_ranges):
                 continue
@@ -802,11 +810,7 @@ class Module:
                 end = sorted_starts[k]
             if added and added[-1].end > address:
                 continue  # overlapping FDEs: the first one stands
-            sym = new(Symbol)
-            sym.__dict__.update(
-                name=f"sub_{r.start:x}", address=address, size=end - address, kind=SymbolKind.FUNC, module=self,
-                binding="LOCAL", version=None, version_hidden=False, from_eh_frame=True,
-            )
+            sym = _make_symbol(f"sub_{r.start:x}", address, end - address, SymbolKind.FUNC, self, "LOCAL", None, False, True)
             added.append(sym)
             by_name.setdefault(sym.name, []).append(sym)
             all_syms.append(sym)
@@ -1350,7 +1354,8 @@ class Symbols:
         if m._info.machine not in _IRELATIVE:
             return None
         vaddr = sym.address - m.bias
-        for r_offset, r_type, _idx, addend in m._info.relocations():
+        table = m._info.relocations()
+        for r_offset, r_type, _idx, addend in table.rows((table.types == _IRELATIVE[m._info.machine]) & (table.addends == vaddr)):
             if r_type == _IRELATIVE[m._info.machine] and addend == vaddr:
                 value = self._read_u64(r_offset + m.bias, m.arch)
                 if self._plausible_impl(sym, value, own_module=False):
@@ -1363,7 +1368,10 @@ class Symbols:
                 continue
             table = m._info.dynsym
             slot_types, absolute = _GOT_TYPES[m._info.machine]
-            for r_offset, r_type, idx, addend in m._info.relocations():
+            relocs = m._info.relocations()
+            # the rows the test below can accept, grouped by the name of their symbol (in order)
+            named = relocs.by_symbol_name((*slot_types, absolute), table)
+            for r_offset, r_type, idx, addend in named.get(sym.name, ()):
                 # GLOB_DAT/JUMP_SLOT take no addend (an i386 REL place holds the lazy PLT address)
                 if not (r_type in slot_types and (addend == 0 or m.arch.elfclass == 1)) and not (r_type == absolute and addend == 0):
                     continue

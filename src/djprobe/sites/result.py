@@ -31,7 +31,7 @@ class Verdict(enum.Enum):
     SHORT_JUMP = "short-jump"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SiteAnalysis:
     """The verdict for one site.
 

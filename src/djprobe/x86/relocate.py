@@ -75,7 +75,7 @@ class RelocationError(Exception):
         self.out_of_reach = out_of_reach
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Relocated:
     """Relocated instructions.
 

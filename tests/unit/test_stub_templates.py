@@ -1,0 +1,86 @@
+"""Count stubs from templates (djprobe.stub_templates) are the stubs build_count_stub assembles:
+same bytes, address map, jump back and rseq descriptor, for every shape (entry or mid-function,
+flags live or dead, per-CPU or locked, two layouts) over every site of a real library."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from djprobe.area import AreaLayout
+from djprobe.sites import analyse_site
+from djprobe.stub_templates import _plain, build_count_stub_fast, count_template
+from djprobe.stubs import build_count_stub
+from djprobe.symbols import Symbols
+from djprobe.x86 import RelocationError
+
+LIBZ = "/lib/x86_64-linux-gnu/libz.so.1"
+
+
+@pytest.fixture(scope="module")
+def sites():
+    if not os.path.exists(LIBZ):
+        pytest.skip("no libz")
+    symbols = Symbols.from_file(LIBZ)
+    out = []
+    for s in symbols.resolve(f"{LIBZ}:*"):
+        entry = analyse_site(symbols, s)
+        if not entry.ok:
+            continue
+        out.append(entry)
+        mid = analyse_site(symbols, s.address + entry.displaced[0].length)  # a mid-function site
+        if mid.ok:
+            out.append(mid)
+    return out
+
+
+def _same(a, b):
+    assert a.code == b.code
+    assert a.image() == b.image()
+    assert (a.address, a.action_size, a.trailer, a.slot_size, a.action_start) == (
+        b.address, b.action_size, b.trailer, b.slot_size, b.action_start)
+    assert a.relocated.code == b.relocated.code
+    assert a.relocated.address_map == b.relocated.address_map
+    assert a.relocated.return_jump == b.relocated.return_jump
+
+
+@pytest.mark.parametrize("layout", [AreaLayout(), AreaLayout.for_counting()], ids=["default", "counting"])
+@pytest.mark.parametrize("rseq_offset", [None, -0x60], ids=["locked", "per-cpu"])
+def test_template_stubs_equal_assembled_ones(sites, layout, rseq_offset):
+    shapes = set()
+    kinds = set()
+    for n, site in enumerate(sites):
+        slot_index = (n * 37) % layout.max_instances
+        code_address = site.address + 0x40_0000 if n % 2 else site.address + 0x7000_0000
+        slot = code_address + slot_index * layout.slot_size
+        counter = slot + 0x123_4568 + 8 * slot_index
+        fast = build_count_stub_fast(site, layout, slot, counter, rseq_offset)
+        _same(fast, build_count_stub(site, layout, slot, counter, rseq_offset))
+        shapes.add((site.at_entry, site.flags_dead))
+        kinds.add(_plain(site.displaced))
+    assert len(shapes) >= 3  # entry and mid-function sites, flags live and dead
+    assert kinds == {True, False}  # copied as they are, and through the relocator
+
+
+def test_template_is_built_once_per_shape():
+    layout = AreaLayout()
+    a = count_template(layout, red_zone_live=True, flags_live=True, rseq_offset=-0x60)
+    assert count_template(layout, red_zone_live=True, flags_live=True, rseq_offset=-0x60) is a
+    assert count_template(layout, red_zone_live=False, flags_live=True, rseq_offset=-0x60) is not a
+    assert len(a.patches) == 2 and a.rseq_labels is not None  # the per-CPU and the locked increment
+    locked = count_template(layout, red_zone_live=True, flags_live=True, rseq_offset=None)
+    assert len(locked.patches) == 1 and locked.rseq_labels is None
+
+
+def test_out_of_reach_is_refused_like_the_assembler(sites):
+    layout = AreaLayout()
+    site = next(s for s in sites if _plain(s.displaced))
+    far = site.address + (3 << 30)
+    with pytest.raises(RelocationError) as fast:
+        build_count_stub_fast(site, layout, far, far + 0x1000, None)
+    assert fast.value.out_of_reach
+    near = site.address + 0x10000
+    with pytest.raises(RelocationError) as counter:
+        build_count_stub_fast(site, layout, near, near + (3 << 30), None)
+    assert counter.value.out_of_reach
