@@ -183,8 +183,8 @@ class RingReader:
         between CPUs, between a CPU with a ring of its own and one without, or escaped its own
         uncommitted slot), and this keeps each thread's events in order from one drain to the
         next. Per-CPU rings have no such slots (a record is reserved, written and committed in
-        one rseq critical section). The thread field of every slot drained is zeroed: a lossless
-        producer tells an uncommitted slot not yet marked by its owner by it (stubs.py)."""
+        one rseq critical section). The last 8 bytes of every slot drained (the claim of a
+        lossless producer in a locked ring, see stubs.py) are zeroed before the tail moves."""
         n_full = self.view.layout.ring_count
         rings = [self.view.records[r] if r < n_full else self.view.args_records[r - n_full] for r in range(2 * n_full)]
         scans = [self._scan(r, rings[r], limit) for r in range(2 * n_full)]
@@ -274,11 +274,12 @@ class RingReader:
                 parts.append(ring[a : a + take].view(opaque).copy())
             left -= take
         records = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(ring.dtype)
-        if not strings:
+        if not strings:  # give back the slots' claims (stubs.py) before the tail frees them
+            words = ring.view(np.uint64).reshape(len(ring), -1)
             left = k
-            for a, b in pieces:  # before the tail moves: a reserved slot reads 0 until its owner marks it
+            for a, b in pieces:
                 take = min(left, b - a)
-                ring["thread"][a : a + take] = 0
+                words[a : a + take, -1] = 0
                 left -= take
         tails[r] = tail + k
         headers[r, RING_TAIL // 8] = tail + k

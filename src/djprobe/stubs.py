@@ -34,7 +34,10 @@ import struct
 
 from iced_x86 import BlockEncoder, Code, Decoder, Encoder, Instruction, MemoryOperand, Register
 
-from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
+from .area import (
+    ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED,
+    SLOT_CLAIM_FROM_END, AreaLayout,
+)
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
@@ -314,7 +317,8 @@ _WAIT_DEADLINE = 56
 _TSC_SLOT = 64
 _ESCAPED = 72  # locked rings skipped: the ring chosen by rsp (and the next ones) held an own uncommitted slot
 _WAIT_TAIL = 80  # the ring's tail when the wait's deadline was last set
-_FRAME_SIZE = 88
+_CLAIM_POS = 88  # the ring position whose slot a lossless locked reservation claims
+_FRAME_SIZE = 96
 _REGISTER = {name: getattr(Register, name.upper()) for name in REGISTER_NAMES if name not in ("rflags", "rsp")}
 RECORD_RSEQ_CS_SIZE = 2 * RSEQ_CS_SIZE  # two critical sections: the count, the record
 
@@ -468,11 +472,42 @@ def _record_asm(
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RDX, layout.ring_slots))
     a.branch(Code.JAE_REL32_64, "full")
+    if where.wait_cycles:
+        # Lossless: claim the slot (0 -> this thread's pointer, in its last 8 bytes) before the
+        # head moves, so that a signal handler of this thread that finds it full and
+        # uncommitted knows it for its own (see _own_slot_check). A head that moved meanwhile
+        # gives the claim back. A claim already held by this thread is that of its own record,
+        # interrupted between its claim and its reservation: this is its signal handler.
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_CLAIM_POS), R.RAX))
+        a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R10D, R.EAX))
+        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.R10D, layout.ring_slots - 1))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R10, record_size.bit_length() - 1))
+        a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R10, R.RCX))
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _fs(0)))
+        a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX))
+        claim = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.R10, record_size - SLOT_CLAIM_FROM_END), R.RDX)
+        claim.has_lock_prefix = True
+        a.add(claim)
+        a.branch(Code.JNE_REL32_64, "claim_held")
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_CLAIM_POS)))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDX, _mem(R.RAX, 1)))
     cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.R11), R.RDX)
     cas.has_lock_prefix = True
     a.add(cas)
-    a.branch(Code.JNE_REL32_64, "cas")
+    if where.wait_cycles:
+        a.branch(Code.JE_REL32_64, "reserved")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _mem(R.R10, record_size - SLOT_CLAIM_FROM_END), 0))
+        a.branch(Code.JMP_REL32_64, "cas")
+        a.label("claim_held")  # rax = the claim's holder
+        a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _fs(0)))
+        a.branch(Code.JNE_REL32_64, "cas")  # another thread's, which will take the slot or give it back
+        if locked_rings > 1:
+            a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), locked_rings - 1))
+            a.branch(Code.JB_REL32_64, "escape")
+        a.branch(Code.JMP_REL32_64, "drop")
+        a.label("reserved")
+    else:
+        a.branch(Code.JNE_REL32_64, "cas")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
     _write_record(a, layout, where, record_size, args_only)  # ends with the commit (seq = pos + 1)
     a.branch(Code.JMP_REL32_64, "done")
@@ -502,7 +537,6 @@ def _record_asm(
 def _write_record(a: _Asm, layout: AreaLayout, where: RecordTargets, record_size: int, args_only: bool) -> None:
     """Write the record of ring position rdx into its slot (rcx: the ring's first record, moved
     to the slot) and its sequence number ``pos + 1`` last; rax = pos + 1 after it. The thread
-    pointer goes first: a waiter tells its own uncommitted slot by it (see _own_slot_check).
     rax and r10 clobbered; r11 is left alone (the per-CPU commit stores through it)."""
     R = Register
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EDX))
@@ -607,14 +641,14 @@ def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int, record_size: i
 
 
 def _own_slot_check(a: _Asm, layout: AreaLayout, record_size: int, escapes: int) -> None:
-    """In the wait loop: is the slot at the tail of the full ring at r11 reserved and not
-    committed, and this thread's own (its thread pointer) or not yet marked by its owner (0: the
-    consumer zeroes the thread field of the slots it drains, and a locked reservation writes it
-    first, a few instructions after its ``cmpxchg``)? Then it can be this thread's own record,
-    interrupted by the signal handler that is waiting now, which would wait for itself: leave
-    the wait and reserve in the next locked ring (at most ``escapes`` times), else drop. A
-    per-CPU ring never has such a slot (its records are committed in the critical section that
-    reserves them). rax, rdx clobbered."""
+    """In the wait loop: is the slot at the tail of the full ring at r11 reserved, not committed
+    and claimed by this thread? Then it is this thread's own record, interrupted by the signal
+    handler that is waiting now, which would wait for itself: leave the wait and reserve in the
+    next locked ring (at most ``escapes`` times), else drop. A lossless locked reservation
+    claims its slot (its thread pointer, with ``lock cmpxchg`` from 0, in the slot's last 8
+    bytes, which the consumer zeroes when it drains the slot) before it moves the head, so a
+    reserved slot always names its owner; a per-CPU ring never has an uncommitted slot (its
+    records are committed in the critical section that reserves them). rax, rdx clobbered."""
     R = Register
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EDX, R.EAX))
@@ -628,12 +662,9 @@ def _own_slot_check(a: _Asm, layout: AreaLayout, record_size: int, escapes: int)
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
     a.branch(Code.JB_REL32_64, "room")  # drained meanwhile
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDX, 16)))
-    a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
-    a.branch(Code.JE_REL32_64, "own")  # not marked yet: maybe ours, interrupted right after its cmpxchg
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDX, record_size - SLOT_CLAIM_FROM_END)))
     a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _fs(0)))
     a.branch(Code.JNE_REL32_64, "not_mine")
-    a.label("own")
     _add_waited(a)
     if escapes:
         a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), escapes))
