@@ -3,11 +3,13 @@
 A stub is: the action, then the relocated displaced instructions, then a jump back to the
 instruction after them (the relocator appends it). The action saves exactly what it clobbers:
 
-* **record** (events and handlers): steps over the red zone, saves every general-purpose
-  register and the arithmetic flags (``lahf``/``seto``) as a pt_regs-like frame on the stack, counts the hit, reserves a slot
-  in one of the instance's area's event rings (a ``cmpxchg`` on the ring head, refused when the
-  ring is full: the drop is counted), writes the record (instance, thread pointer ``fs:[0]`` and the TID read
-  from the thread control block, TSC, registers) and commits it by writing its sequence number last.
+* **record** (events and handlers): steps over the red zone, saves five scratch registers and
+  the arithmetic flags (``lahf``/``seto``) in a frame on the stack, counts the hit, and writes a
+  record (instance, thread pointer ``fs:[0]`` and the TID read from the thread control block,
+  TSC, registers) into one of the area's event rings. Per CPU (rseq): reserve, write and commit
+  (the head store) in one critical section. Locked: reserve with ``lock cmpxchg`` on the ring
+  head (a lossless probe claims the slot first), write, commit by writing the sequence number
+  last. A full ring drops the event (counted) or, lossless, waits for room, bounded.
 
 * **count**: two scratch registers (stored in the red zone, or just below it at a mid-function
   site after stepping ``rsp`` over it with ``lea``, which leaves the flags alone) and, only where the
@@ -381,14 +383,16 @@ def _record_asm(
     """Instructions that count the hit and write an event record (see the module docstring).
 
     With ``where.rseq_offset`` and ``descriptors`` (the addresses of two ``struct rseq_cs`` for
-    the count and the reservation): the hit is counted with a plain ``inc`` of the current CPU's
-    counter shard, and the record is reserved in the current CPU's ring with a plain store of the
-    ring head, each inside an rseq critical section (see :func:`count_action`). Rings
-    ``[0, ring_count/2)`` belong to one CPU each; a thread without rseq, a CPU without a ring of
-    its own, or a program with its own critical section armed reserves in one of the other rings
-    (chosen by ``rsp``) with ``lock cmpxchg``, so that plain and locked reservations never meet on
-    one ring. Only the five scratch registers and the flags are saved; the recorded registers are
-    written straight into the record (from the frame for the scratch ones)."""
+    the count and the record): the hit is counted with a plain ``inc`` of the current CPU's
+    counter shard, and the record is written into the current CPU's ring and committed by a
+    plain store of the ring head, each inside an rseq critical section (see
+    :func:`count_action`): a signal, a preemption or a migration restarts the record, so no
+    per-CPU slot is ever reserved and left uncommitted. Rings ``[0, ring_count/2)`` belong to one
+    CPU each; a thread without rseq, a CPU without a ring of its own, or a program with its own
+    critical section armed reserves in one of the other rings (chosen by ``rsp``) with ``lock
+    cmpxchg``, so that plain and locked reservations never meet on one ring. Only the five
+    scratch registers and the flags are saved; the recorded registers are written straight into
+    the record (from the frame for the scratch ones)."""
     a = _Asm()
     R = Register
     args_only = registers != "all"
