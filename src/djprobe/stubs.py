@@ -504,7 +504,10 @@ def _record_asm(
         a.branch(Code.JMP_REL32_64, "cas")
         a.label("claim_held")  # rax = the claim's holder
         a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _fs(0)))
-        a.branch(Code.JNE_REL32_64, "cas")  # another thread's, which will take the slot or give it back
+        a.branch(Code.JE_REL32_64, "own_claim")
+        a.add(Instruction.create(Code.PAUSE))  # another thread's, which takes the slot or gives it back at once
+        a.branch(Code.JMP_REL32_64, "cas")
+        a.label("own_claim")
         if locked_rings > 1:
             a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), locked_rings - 1))
             a.branch(Code.JB_REL32_64, "escape")
