@@ -1,8 +1,8 @@
 """Records with per-CPU counters and per-CPU rings (rseq, issue 15.2): exact hit counts and
 every event delivered, in order per thread, with its arguments, under more threads than CPUs,
 ``sched_setaffinity`` churn and signals whose handler hits the probe too; the same with the
-``lock inc``/``lock cmpxchg`` fallback forced. Short form: 2,000 calls per worker; long form
-(DJPROBE_LONG=1): 20,000."""
+``lock inc``/``lock cmpxchg`` fallback forced. Short form: 20,000 calls per worker; long form
+(DJPROBE_LONG=1): 200,000."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from djprobe.area import REGISTER_NAMES, AreaLayout
 
 pytestmark = pytest.mark.timeout(180)
 LONG = os.environ.get("DJPROBE_LONG") == "1"
-CALLS = 20_000 if LONG else 2_000
+CALLS = 200_000 if LONG else 20_000
 
 CHURN = r"""
 #define _GNU_SOURCE
