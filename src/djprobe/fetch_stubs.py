@@ -68,7 +68,7 @@ def _wait_for_room_rsi(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_HEARTBEAT)))
     a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R9, wait_cycles))
     a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R9))
-    a.branch(Code.JA_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
+    a.branch(Code.JG_REL32_64, "drop")  # no drain for longer than the timeout (signed: see stubs._wait_for_room)
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R9, R.R8))  # the deadline
     a.label("wait")
     a.add(Instruction.create(Code.PAUSE))
