@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from iced_x86 import Mnemonic
 
-from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
+from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, STRING_CLAIM_OFFSET, AreaView
 from .fetched import Args, Fetched, decode_records, typed_values
 
 if TYPE_CHECKING:
@@ -274,13 +274,14 @@ class RingReader:
                 parts.append(ring[a : a + take].view(opaque).copy())
             left -= take
         records = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(ring.dtype)
-        if not strings:  # give back the slots' claims (stubs.py) before the tail frees them
-            words = ring.view(np.uint64).reshape(len(ring), -1)
-            left = k
-            for a, b in pieces:
-                take = min(left, b - a)
-                words[a : a + take, -1] = 0
-                left -= take
+        # give back the slots' claims (stubs.py, fetch_stubs.py) before the tail frees them
+        words = ring.view(np.uint64).reshape(len(ring), -1)
+        claim = STRING_CLAIM_OFFSET // 8 if strings else -1
+        left = k
+        for a, b in pieces:
+            take = min(left, b - a)
+            words[a : a + take, claim] = 0
+            left -= take
         tails[r] = tail + k
         headers[r, RING_TAIL // 8] = tail + k
         return records
