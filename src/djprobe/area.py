@@ -86,6 +86,14 @@ ARGS_RECORD_DTYPE = np.dtype(
         "itemsize": ARGS_RECORD_SIZE,
     }
 )
+#: The last 8 bytes of a slot of a ring of full or argument records: the claim of the lossless
+#: producer that reserves it in a locked ring (its thread pointer, set with ``lock cmpxchg``
+#: from 0 before the head moves: a signal handler of that thread, waiting for room, must not
+#: wait for it; see stubs.py). The consumer zeroes it when it drains the slot.
+SLOT_CLAIM_FROM_END = 8
+#: The same claim in a string record (``fetch_stubs.py``): the last 8 bytes of its first 128
+#: (after the mask at +88, before the string slots).
+STRING_CLAIM_OFFSET = 120
 #: The latency block: a table entry is {key, start TSC}; a histogram block is 64 log2 buckets of
 #: nanoseconds ([0, 1), [1, 2), [2, 4), ... [2**62, 2**63)), each {count, sum of nanoseconds}
 #: (16 bytes: a per-CPU stub commits both with one store).

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from iced_x86 import Mnemonic
 
-from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, AreaView
+from .area import ARG_REGISTERS, RECORD_DTYPE, REGISTER_NAMES, RING_TAIL, STRING_CLAIM_OFFSET, AreaView
 from .fetched import Args, Fetched, decode_records, typed_values
 
 if TYPE_CHECKING:
@@ -176,24 +176,25 @@ class RingReader:
         """Committed records of every ring (RECORD_DTYPE arrays), oldest first per ring.
 
         With ``cutoff_tsc``, only records stamped before it are taken (a ring's prefix stops at
-        the first later one; the rest waits for the next drain), and before the stamp of any
-        committed record that still waits behind an uncommitted slot of a per-CPU ring (a
-        producer preempted between its reservation and its commit) younger than
-        ``hole_patience`` ticks, in the other rings: records of one thread can sit in several
-        rings (per-CPU rings; the thread moved between two hits), and this keeps each thread's
-        events in order from one drain to the next. A thread that reserves in the locked rings
-        (chosen by its stack pointer) always uses the same one."""
+        the first later one; the rest waits for the next drain), and, in the other rings, none
+        stamped after a committed record that still waits behind an uncommitted slot (a producer
+        preempted between its ``cmpxchg`` and its commit in a locked ring) younger than
+        ``hole_patience`` ticks: records of one thread can sit in several rings (it moved
+        between CPUs, between a CPU with a ring of its own and one without, or escaped its own
+        uncommitted slot), and this keeps each thread's events in order from one drain to the
+        next. Per-CPU rings have no such slots (a record is reserved, written and committed in
+        one rseq critical section). The last 8 bytes of every slot drained (the claim of a
+        lossless producer in a locked ring, see stubs.py) are zeroed before the tail moves."""
         n_full = self.view.layout.ring_count
         rings = [self.view.records[r] if r < n_full else self.view.args_records[r - n_full] for r in range(2 * n_full)]
         scans = [self._scan(r, rings[r], limit) for r in range(2 * n_full)]
         behind: list[tuple[int, int]] = []  # (ring, stamp) of records waiting behind a hole
         if cutoff_tsc is not None:
-            cpu_rings = n_full // 2  # rings [0, n/2) of each kind belong to one CPU each
             behind = [
                 (r, scan[3]) for r, scan in enumerate(scans)
-                if scan is not None and scan[3] is not None and r % n_full < cpu_rings
+                if scan is not None and scan[3] is not None
                 and (hole_patience is None or cutoff_tsc - scan[3] < hole_patience)
-            ]  # a thread's records spread over several rings only through the per-CPU ones
+            ]
         out = []
         for r, scan in enumerate(scans):
             if scan is None:
@@ -273,6 +274,14 @@ class RingReader:
                 parts.append(ring[a : a + take].view(opaque).copy())
             left -= take
         records = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(ring.dtype)
+        # give back the slots' claims (stubs.py, fetch_stubs.py) before the tail frees them
+        words = ring.view(np.uint64).reshape(len(ring), -1)
+        claim = STRING_CLAIM_OFFSET // 8 if strings else -1
+        left = k
+        for a, b in pieces:
+            take = min(left, b - a)
+            words[a : a + take, claim] = 0
+            left -= take
         tails[r] = tail + k
         headers[r, RING_TAIL // 8] = tail + k
         return records

@@ -29,7 +29,7 @@ from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from .area import (
     ARG_REGISTERS, ARGS_RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED,
-    STRING_MASK_OFFSET, STRING_SLOT_HEADER,
+    STRING_CLAIM_OFFSET, STRING_MASK_OFFSET, STRING_SLOT_HEADER,
     AreaLayout,
 )  # fmt: skip
 from .stubs import (
@@ -56,41 +56,75 @@ _FRAME_SIZE = 8 * (len(_PUSH_ORDER) + 1)
 _FLAGS_SLOT = 8 * len(_PUSH_ORDER)
 
 
-def _wait_for_room_rsi(a: _Asm, layout: AreaLayout, wait_cycles: int) -> None:
-    """The ring at rsi is full: if its consumer drained it within the last ``wait_cycles`` TSC
-    cycles, spin (``pause``) until there is room (then reserve again) or until ``wait_cycles``
-    have passed (then drop). The cycles waited are added to the ring's RING_WAITED. A stopped or
+def _wait_for_room_rsi(a: _Asm, layout: AreaLayout, wait_cycles: int, record_size: int) -> None:
+    """The ring at rsi (records at rdi) is full: if its consumer drained it within the last
+    ``wait_cycles`` TSC cycles, spin (``pause``) until there is room (then reserve again) or
+    until ``wait_cycles`` pass without the consumer draining it (each drain seen starts the
+    timeout again; then drop). If the slot at the ring's tail is uncommitted and claimed by this
+    thread, this is that thread's signal handler, which would wait for itself: it goes to
+    ``own`` (the next ring). The cycles waited are added to the ring's RING_WAITED. A stopped or
     dead consumer stops draining: after one timeout, full rings drop at once."""
     R = Register
+    fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
     _rdtsc(a)
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R8, R.RAX))  # when the wait began
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_HEARTBEAT)))
     a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R9, wait_cycles))
     a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RCX, R.R9))
-    a.branch(Code.JA_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
+    a.branch(Code.JG_REL32_64, "drop")  # no drain for longer than the timeout (signed: see stubs._wait_for_room)
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R9, R.R8))  # the deadline
+    a.label("progress")
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.R11, _mem(R.RSI, RING_TAIL)))
     a.label("wait")
     a.add(Instruction.create(Code.PAUSE))
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RSI, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
     a.branch(Code.JB_REL32_64, "room")
+    if wait_cycles:  # own uncommitted slot at the tail?
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI, RING_TAIL)))
+        a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EDX, R.EAX))
+        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, layout.ring_slots - 1))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, record_size.bit_length() - 1))
+        a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RDI))
+        a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, 1)))
+        a.add(Instruction.create_mem_reg(Code.CMP_RM64_R64, _mem(R.RDX), R.RAX))
+        a.branch(Code.JAE_REL32_64, "not_mine")  # committed (or read as a later lap's)
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
+        a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.RSI, RING_TAIL)))
+        a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
+        a.branch(Code.JB_REL32_64, "room")
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDX, STRING_CLAIM_OFFSET)))
+        a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, fs0))
+        a.branch(Code.JNE_REL32_64, "not_mine")
+        _waited(a)
+        a.branch(Code.JMP_REL32_64, "own")
+    a.label("not_mine")
     _rdtsc(a)
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.R11, _mem(R.RSI, RING_TAIL)))
+    a.branch(Code.JE_REL32_64, "no_progress")
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.R9, wait_cycles))  # drained: the timeout starts again
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R9, R.RAX))
+    a.branch(Code.JMP_REL32_64, "progress")
+    a.label("no_progress")
     a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.R9))
     a.branch(Code.JB_REL32_64, "wait")
-    a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
-    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
-    added.has_lock_prefix = True
-    a.add(added)
+    _waited(a)
     a.branch(Code.JMP_REL32_64, "drop")  # timed out
     a.label("room")
+    _waited(a)
+    a.branch(Code.JMP_REL32_64, "retry")
+
+
+def _waited(a: _Asm) -> None:
+    """Add the TSC cycles since the wait began (r8) to the ring's RING_WAITED (rax, rdx clobbered)."""
+    R = Register
     _rdtsc(a)
     a.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, R.RAX, R.R8))
     added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.RSI, RING_WAITED), R.RAX)
     added.has_lock_prefix = True
     a.add(added)
-    a.branch(Code.JMP_REL32_64, "retry")
 
 
 SYS_GETPID = 39
@@ -141,7 +175,13 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     inc = Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, 0, R.RAX, 1))
     inc.has_lock_prefix = True
     a.add(inc)
-    # Ring = shard % ring_count: rsi = its header, rdi = its records.
+    # Ring = (shard + rings escaped) % ring_count: rsi = its header, rdi = its records. r13 = the
+    # shard, r15 = the rings escaped (lossless: see _own_slot_check_rsi), both free until the strings.
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R13, R.RBX))
+    a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.R15D, R.R15D))
+    a.label("pick")
+    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.R13D))
+    a.add(Instruction.create_reg_reg(Code.ADD_R32_RM32, R.EBX, R.R15D))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EBX, layout.ring_count - 1))
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RBX))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, RING_HEADER_SIZE.bit_length() - 1))
@@ -150,18 +190,49 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RBX, layout.string_ring_stride.bit_length() - 1))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDI, MemoryOperand(R.RIP, displ=rings.records)))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RBX))
-    # Reserve: while head - tail < slots: cmpxchg head -> head + 1.
+    # Reserve: while head - tail < slots: cmpxchg head -> head + 1 (lossless: claim the slot first,
+    # as the record stub does; the claim is at STRING_CLAIM_OFFSET, free in a string record).
     a.label("retry")
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RSI)))
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RCX, R.RAX))
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RCX, _mem(R.RSI, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RCX, layout.string_ring_slots))
     a.branch(Code.JAE_REL32_64, "full")
+    fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
+    if where.wait_cycles:
+        a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R12, R.RAX))
+        a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R10D, R.EAX))
+        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.R10D, layout.string_ring_slots - 1))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R10, record_size.bit_length() - 1))
+        a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R10, R.RDI))
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, fs0))
+        a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX))
+        claim = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.R10, STRING_CLAIM_OFFSET), R.RCX)
+        claim.has_lock_prefix = True
+        a.add(claim)
+        a.branch(Code.JNE_REL32_64, "claim_held")
+        a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.R12))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RAX, 1)))
     cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.RSI), R.RCX)
     cas.has_lock_prefix = True
     a.add(cas)
-    a.branch(Code.JNE_REL32_64, "retry")
+    if where.wait_cycles:
+        a.branch(Code.JE_REL32_64, "reserved")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _mem(R.R10, STRING_CLAIM_OFFSET), 0))
+        a.branch(Code.JMP_REL32_64, "retry")
+        a.label("claim_held")  # rax = the claim's holder
+        a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, fs0))
+        a.branch(Code.JE_REL32_64, "own")  # this thread's record, interrupted: we are its signal handler
+        a.add(Instruction.create(Code.PAUSE))
+        a.branch(Code.JMP_REL32_64, "retry")
+        a.label("own")
+        a.add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.R15D, layout.ring_count - 1))
+        a.branch(Code.JAE_REL32_64, "drop")
+        a.add(Instruction.create_reg(Code.INC_RM32, R.R15D))
+        a.branch(Code.JMP_REL32_64, "pick")
+        a.label("reserved")
+    else:
+        a.branch(Code.JNE_REL32_64, "retry")
     # rbp = pos; r12 = the record.
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBP, R.RAX))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.string_ring_slots - 1))
@@ -169,7 +240,6 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDI, R.RAX))
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.R12, R.RDI))
     a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _mem(R.R12, 8), where.instance))
-    fs0 = MemoryOperand(R.NONE, R.NONE, 1, 0, 8, False, R.FS)
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, fs0))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R12, 16), R.RCX))
     if where.tid_offset is not None:  # r14 = the TID: it names this process for process_vm_readv
@@ -240,7 +310,8 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     a.branch(Code.JMP_REL32_64, "done")
     a.label("full")
     if where.wait_cycles:  # the string rings have their own number of slots
-        _wait_for_room_rsi(a, dataclasses.replace(layout, ring_slots=layout.string_ring_slots), where.wait_cycles)
+        _wait_for_room_rsi(a, dataclasses.replace(layout, ring_slots=layout.string_ring_slots), where.wait_cycles,
+                           record_size)
     a.label("drop")
     drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
     drop.has_lock_prefix = True

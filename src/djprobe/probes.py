@@ -78,7 +78,10 @@ MADV_POPULATE_WRITE = 23
 #: store buffer of another CPU must not let that thread's later record, in another ring, go first).
 DRAIN_MARGIN_SECONDS = 20e-6
 #: A reserved slot not committed for longer than this no longer holds back other rings' records.
-HOLE_PATIENCE_SECONDS = 0.5
+#: Well under WAIT_TIMEOUT: the slot may be that of a thread whose signal handler waits for
+#: room in one of the rings it holds back (its record cannot be committed before the handler
+#: returns), and the consumer must let that ring go before the handler's wait times out.
+HOLE_PATIENCE_SECONDS = 0.1
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 
 

@@ -3,11 +3,13 @@
 A stub is: the action, then the relocated displaced instructions, then a jump back to the
 instruction after them (the relocator appends it). The action saves exactly what it clobbers:
 
-* **record** (events and handlers): steps over the red zone, saves every general-purpose
-  register and the arithmetic flags (``lahf``/``seto``) as a pt_regs-like frame on the stack, counts the hit, reserves a slot
-  in one of the instance's area's event rings (a ``cmpxchg`` on the ring head, refused when the
-  ring is full: the drop is counted), writes the record (instance, thread pointer ``fs:[0]`` and the TID read
-  from the thread control block, TSC, registers) and commits it by writing its sequence number last.
+* **record** (events and handlers): steps over the red zone, saves five scratch registers and
+  the arithmetic flags (``lahf``/``seto``) in a frame on the stack, counts the hit, and writes a
+  record (instance, thread pointer ``fs:[0]`` and the TID read from the thread control block,
+  TSC, registers) into one of the area's event rings. Per CPU (rseq): reserve, write and commit
+  (the head store) in one critical section. Locked: reserve with ``lock cmpxchg`` on the ring
+  head (a lossless probe claims the slot first), write, commit by writing the sequence number
+  last. A full ring drops the event (counted) or, lossless, waits for room, bounded.
 
 * **count**: two scratch registers (stored in the red zone, or just below it at a mid-function
   site after stepping ``rsp`` over it with ``lea``, which leaves the flags alone) and, only where the
@@ -34,7 +36,10 @@ import struct
 
 from iced_x86 import BlockEncoder, Code, Decoder, Encoder, Instruction, MemoryOperand, Register
 
-from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED, AreaLayout
+from .area import (
+    ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED,
+    SLOT_CLAIM_FROM_END, AreaLayout,
+)
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
 
 if TYPE_CHECKING:
@@ -312,10 +317,12 @@ _FLAGS_SLOT = 0
 _WAIT_BEGAN = 48
 _WAIT_DEADLINE = 56
 _TSC_SLOT = 64
-_ESCAPED = 72  # 1 once the reservation left a ring that its own thread blocks
-_FRAME_SIZE = 80
+_ESCAPED = 72  # locked rings skipped: the ring chosen by rsp (and the next ones) held an own uncommitted slot
+_WAIT_TAIL = 80  # the ring's tail when the wait's deadline was last set
+_CLAIM_POS = 88  # the ring position whose slot a lossless locked reservation claims
+_FRAME_SIZE = 96
 _REGISTER = {name: getattr(Register, name.upper()) for name in REGISTER_NAMES if name not in ("rflags", "rsp")}
-RECORD_RSEQ_CS_SIZE = 2 * RSEQ_CS_SIZE  # two critical sections: the count, the reservation
+RECORD_RSEQ_CS_SIZE = 2 * RSEQ_CS_SIZE  # two critical sections: the count, the record
 
 
 def _per_cpu_section(a: _Asm, per_cpu: PerCpu, name: str, limit: int, body, fallback: str, on_full: str | None = None) -> None:
@@ -376,14 +383,16 @@ def _record_asm(
     """Instructions that count the hit and write an event record (see the module docstring).
 
     With ``where.rseq_offset`` and ``descriptors`` (the addresses of two ``struct rseq_cs`` for
-    the count and the reservation): the hit is counted with a plain ``inc`` of the current CPU's
-    counter shard, and the record is reserved in the current CPU's ring with a plain store of the
-    ring head, each inside an rseq critical section (see :func:`count_action`). Rings
-    ``[0, ring_count/2)`` belong to one CPU each; a thread without rseq, a CPU without a ring of
-    its own, or a program with its own critical section armed reserves in one of the other rings
-    (chosen by ``rsp``) with ``lock cmpxchg``, so that plain and locked reservations never meet on
-    one ring. Only the five scratch registers and the flags are saved; the recorded registers are
-    written straight into the record (from the frame for the scratch ones)."""
+    the count and the record): the hit is counted with a plain ``inc`` of the current CPU's
+    counter shard, and the record is written into the current CPU's ring and committed by a
+    plain store of the ring head, each inside an rseq critical section (see
+    :func:`count_action`): a signal, a preemption or a migration restarts the record, so no
+    per-CPU slot is ever reserved and left uncommitted. Rings ``[0, ring_count/2)`` belong to one
+    CPU each; a thread without rseq, a CPU without a ring of its own, or a program with its own
+    critical section armed reserves in one of the other rings (chosen by ``rsp``) with ``lock
+    cmpxchg``, so that plain and locked reservations never meet on one ring. Only the five
+    scratch registers and the flags are saved; the recorded registers are written straight into
+    the record (from the frame for the scratch ones)."""
     a = _Asm()
     R = Register
     args_only = registers != "all"
@@ -430,31 +439,33 @@ def _record_asm(
     a.add(inc)
     a.label("count_done")
 
-    # Reserve a slot: r11 = the ring's header, rcx = its first record, rdx = the position.
+    # Per-CPU: reserve, write and commit in one critical section (a signal, a preemption or a
+    # migration aborts it before the commit: no slot is ever reserved and left uncommitted).
     a.label("retry")
     if per_cpu and cpu_rings:
         assert descriptors is not None and where.rseq_offset is not None
 
-        def reserve_body(b: _Asm) -> None:
-            _ring_pointers(b, headers, records, stride)
+        def record_body(b: _Asm) -> None:
+            _ring_pointers(b, headers, records, stride)  # r11 = the ring's header, rcx = its first record
             b.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.R11)))
             b.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RDX))
             b.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
             b.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
-            b.branch(Code.JAE_REL32_64, "reserve_full")
-            if where.wait_cycles:  # the slot's thread pointer before the commit (see _wait_for_room)
-                _mark_slot(b, R.EDX, R.RAX, layout, record_size)
-            b.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RDX, 1)))
-            b.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R11), R.RAX))  # the commit
+            b.branch(Code.JAE_REL32_64, "record_full")
+            _write_record(b, layout, where, record_size, args_only)  # into the free slot at the head
+            b.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R11), R.RAX))  # head = pos + 1: the commit
 
-        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[1]), "reserve", cpu_rings, reserve_body,
+        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[1]), "record", cpu_rings, record_body,
                          "reserve_locked", on_full="full")
-        a.label("reserve_done")
-        a.branch(Code.JMP_REL32_64, "reserved")
+        a.label("record_done")
+        a.branch(Code.JMP_REL32_64, "done")
+    # Locked: reserve with lock cmpxchg in a ring chosen by rsp (plus the rings escaped, see
+    # _own_slot_check), then write, then commit with the slot's sequence number.
     a.label("reserve_locked")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
-    a.label("locked_pick")  # eax = a number whose low bits choose the locked ring
+    if where.wait_cycles and locked_rings > 1:
+        a.add(Instruction.create_reg_mem(Code.ADD_R32_RM32, R.EAX, _rsp_slot(_ESCAPED)))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, locked_rings - 1))
     if locked_base:
         a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, locked_base))
@@ -465,15 +476,76 @@ def _record_asm(
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RDX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RDX, layout.ring_slots))
     a.branch(Code.JAE_REL32_64, "full")
+    if where.wait_cycles:
+        # Lossless: claim the slot (0 -> this thread's pointer, in its last 8 bytes) before the
+        # head moves, so that a signal handler of this thread that finds it full and
+        # uncommitted knows it for its own (see _own_slot_check). A head that moved meanwhile
+        # gives the claim back. A claim already held by this thread is that of its own record,
+        # interrupted between its claim and its reservation: this is its signal handler.
+        a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_CLAIM_POS), R.RAX))
+        a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R10D, R.EAX))
+        a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.R10D, layout.ring_slots - 1))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R10, record_size.bit_length() - 1))
+        a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R10, R.RCX))
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _fs(0)))
+        a.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, R.EAX, R.EAX))
+        claim = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.R10, record_size - SLOT_CLAIM_FROM_END), R.RDX)
+        claim.has_lock_prefix = True
+        a.add(claim)
+        a.branch(Code.JNE_REL32_64, "claim_held")
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_CLAIM_POS)))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RDX, _mem(R.RAX, 1)))
     cas = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R.R11), R.RDX)
     cas.has_lock_prefix = True
     a.add(cas)
-    a.branch(Code.JNE_REL32_64, "cas")
+    if where.wait_cycles:
+        a.branch(Code.JE_REL32_64, "reserved")
+        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _mem(R.R10, record_size - SLOT_CLAIM_FROM_END), 0))
+        a.branch(Code.JMP_REL32_64, "cas")
+        a.label("claim_held")  # rax = the claim's holder
+        a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _fs(0)))
+        a.branch(Code.JE_REL32_64, "own_claim")
+        a.add(Instruction.create(Code.PAUSE))  # another thread's, which takes the slot or gives it back at once
+        a.branch(Code.JMP_REL32_64, "cas")
+        a.label("own_claim")
+        if locked_rings > 1:
+            a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), locked_rings - 1))
+            a.branch(Code.JB_REL32_64, "escape")
+        a.branch(Code.JMP_REL32_64, "drop")
+        a.label("reserved")
+    else:
+        a.branch(Code.JNE_REL32_64, "cas")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
+    _write_record(a, layout, where, record_size, args_only)  # ends with the commit (seq = pos + 1)
+    a.branch(Code.JMP_REL32_64, "done")
+    a.label("full")
+    if where.wait_cycles:
+        _wait_for_room(a, layout, where.wait_cycles, record_size, escapes=locked_rings - 1)
+    if where.wait_cycles and locked_rings > 1:
+        # The locked ring this thread waited for is blocked by its own uncommitted slot (its
+        # signal handler interrupted that record): reserve in the next locked ring from now on.
+        a.label("escape")
+        a.add(Instruction.create_mem(Code.INC_RM64, _rsp_slot(_ESCAPED)))
+        a.branch(Code.JMP_REL32_64, "reserve_locked")
+    a.label("drop")
+    drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
+    drop.has_lock_prefix = True
+    a.add(drop)
+    a.label("done")
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_FLAGS_SLOT)))
+    a.add(Instruction.create_reg_u32(Code.ADD_RM8_IMM8, R.AL, 0x7F))
+    a.add(Instruction.create(Code.SAHF))
+    for reg in reversed(_SCRATCH):
+        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, reg, _rsp_slot(_SAVED_AT[reg])))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE + _FRAME_SIZE)))
+    return a
 
-    # Write the record at rcx + (pos % slots) * size; commit with seq = pos + 1, written last.
-    a.label("reserved")
+
+def _write_record(a: _Asm, layout: AreaLayout, where: RecordTargets, record_size: int, args_only: bool) -> None:
+    """Write the record of ring position rdx into its slot (rcx: the ring's first record, moved
+    to the slot) and its sequence number ``pos + 1`` last; rax = pos + 1 after it. The thread
+    rax and r10 clobbered; r11 is left alone (the per-CPU commit stores through it)."""
+    R = Register
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EDX))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.ring_slots - 1))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RAX, record_size.bit_length() - 1))
@@ -503,11 +575,11 @@ def _record_asm(
             put(name, 32 + 8 * i)
         # rflags image = AH (CF PF AF ZF SF) | OF << 11 | IF | bit 1
         a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_FLAGS_SLOT)))
-        a.add(Instruction.create_reg_reg(Code.MOVZX_R32_RM8, R.R11D, R.AL))
-        a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.R11D, 11))
+        a.add(Instruction.create_reg_reg(Code.MOVZX_R32_RM8, R.R10D, R.AL))
+        a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.R10D, 11))
         a.add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.EAX, 8))
         a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, 0xD5))
-        a.add(Instruction.create_reg_reg(Code.OR_R32_RM32, R.EAX, R.R11D))
+        a.add(Instruction.create_reg_reg(Code.OR_R32_RM32, R.EAX, R.R10D))
         a.add(Instruction.create_reg_u32(Code.OR_RM32_IMM32, R.EAX, 0x202))
         a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 32 + 8 * 15), R.RAX))
         # the stack pointer at the probe
@@ -515,31 +587,6 @@ def _record_asm(
         a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX, 32 + 8 * 16), R.RAX))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RDX, 1)))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.RCX), R.RAX))
-    a.branch(Code.JMP_REL32_64, "done")
-    a.label("full")
-    if where.wait_cycles:
-        own_rings = (headers, headers + cpu_rings * RING_HEADER_SIZE) if per_cpu and cpu_rings else None
-        _wait_for_room(a, layout, where.wait_cycles, record_size, escape=locked_rings > 1, marked_rings=own_rings)
-    if where.wait_cycles and locked_rings > 1:
-        # The ring this thread waited for is blocked by its own slot: reserve in the next locked one.
-        a.label("escape")
-        a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, _rsp_slot(_ESCAPED), 1))
-        a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
-        a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
-        a.add(Instruction.create_reg(Code.INC_RM32, R.EAX))
-        a.branch(Code.JMP_REL32_64, "locked_pick")
-    a.label("drop")
-    drop = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=where.drops))
-    drop.has_lock_prefix = True
-    a.add(drop)
-    a.label("done")
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(_FLAGS_SLOT)))
-    a.add(Instruction.create_reg_u32(Code.ADD_RM8_IMM8, R.AL, 0x7F))
-    a.add(Instruction.create(Code.SAHF))
-    for reg in reversed(_SCRATCH):
-        a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, reg, _rsp_slot(_SAVED_AT[reg])))
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE + _FRAME_SIZE)))
-    return a
 
 
 def _rdtsc(a: _Asm) -> None:
@@ -549,96 +596,87 @@ def _rdtsc(a: _Asm) -> None:
     a.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX))
 
 
-def _wait_for_room(
-    a: _Asm, layout: AreaLayout, wait_cycles: int, record_size: int, escape: bool, marked_rings: tuple[int, int] | None
-) -> None:
-    """The ring whose header is at r11 is full: if its consumer drained it within the last
-    ``wait_cycles`` TSC cycles, spin (``pause``) until there is room (then reserve again, maybe in
-    another ring if the thread moved to another CPU) or until ``wait_cycles`` have passed (then
-    drop). The cycles waited are added to the ring's RING_WAITED. A stopped or dead consumer
-    stops draining: after one timeout, full rings drop at once. Uses rax and rdx, and two frame
-    slots for when the wait began and its deadline.
-
-    A ring blocked by an uncommitted slot of the waiting thread itself (its signal handler
-    interrupted it between reservation and commit) never gets room while it waits: the wait
-    then reserves in another locked ring (``escape``, once) or drops at once. Only the per-CPU
-    rings (headers in ``marked_rings``) are checked for this: their slots carry their thread
-    pointer from the reservation on (a locked ring's slot gets it a few instructions later, and
-    holds its previous record's until then). rcx holds the ring's first record."""
+def _wait_for_room(a: _Asm, layout: AreaLayout, wait_cycles: int, record_size: int, escapes: int) -> None:
+    """The ring whose header is at r11 (first record at rcx) is full: if its consumer drained it
+    within the last ``wait_cycles`` TSC cycles, spin (``pause``) until there is room (then
+    reserve again, maybe in another ring if the thread moved to another CPU) or until
+    ``wait_cycles`` have passed without the consumer draining this ring (then drop): each drain
+    of the ring seen starts the timeout again, so a thread whose room is taken by others (its
+    own signal handlers in a storm, other threads) waits as long as the consumer is alive and
+    draining. The cycles waited are added to the ring's RING_WAITED. A stopped or dead consumer
+    stops draining: after one timeout, full rings drop at once. A heartbeat a little ahead of this CPU's TSC (written by the consumer on another CPU
+    just now) is recent: the age is compared signed. Uses rax and rdx, and two frame slots for
+    when the wait began and its deadline. While it waits, :func:`_own_slot_check` looks at the
+    slot at the ring's tail (the one the consumer waits for)."""
     R = Register
     _rdtsc(a)
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_BEGAN), R.RAX))
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_HEARTBEAT)))
     a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RDX, wait_cycles))
     a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.RAX, R.RDX))
-    a.branch(Code.JA_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
+    a.branch(Code.JG_REL32_64, "drop")  # no drain for longer than the timeout: do not wait
     a.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, R.RDX, _rsp_slot(_WAIT_BEGAN)))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_DEADLINE), R.RDX))  # the deadline
+    a.label("progress")  # rdx = the new deadline
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_DEADLINE), R.RDX))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
+    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_WAIT_TAIL), R.RAX))
     a.label("wait")
     a.add(Instruction.create(Code.PAUSE))
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11)))
     a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
     a.branch(Code.JB_REL32_64, "room")
-    if marked_rings is not None:
-        _own_slot_check(a, layout, record_size, escape, marked_rings)
+    _own_slot_check(a, layout, record_size, escapes)
     a.label("not_mine")
     _rdtsc(a)
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _mem(R.R11, RING_TAIL)))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RDX, _rsp_slot(_WAIT_TAIL)))
+    a.branch(Code.JE_REL32_64, "no_progress")
+    # The consumer drained this ring (others took the room first: the thread's own signal
+    # handlers, other threads): it is alive, so the timeout starts again.
+    a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RDX, wait_cycles))
+    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RAX))
+    a.branch(Code.JMP_REL32_64, "progress")
+    a.label("no_progress")
     a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _rsp_slot(_WAIT_DEADLINE)))
     a.branch(Code.JB_REL32_64, "wait")
-    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _rsp_slot(_WAIT_BEGAN)))
-    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R11, RING_WAITED), R.RAX)
-    added.has_lock_prefix = True
-    a.add(added)
+    _add_waited(a)
     a.branch(Code.JMP_REL32_64, "drop")  # timed out
     a.label("room")
-    _rdtsc(a)
-    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _rsp_slot(_WAIT_BEGAN)))
-    added = Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R11, RING_WAITED), R.RAX)
-    added.has_lock_prefix = True
-    a.add(added)
+    _add_waited(a)
     a.branch(Code.JMP_REL32_64, "retry")
 
 
-def _own_slot_check(a: _Asm, layout: AreaLayout, record_size: int, escape: bool, marked_rings: tuple[int, int]) -> None:
-    """In the wait loop: if the ring at r11 is a per-CPU one and the uncommitted slot at its tail
-    was reserved by this thread, leave the wait (escape to a locked ring once, else drop);
-    otherwise go on at ``not_mine``. rax, rdx clobbered."""
+def _own_slot_check(a: _Asm, layout: AreaLayout, record_size: int, escapes: int) -> None:
+    """In the wait loop: is the slot at the tail of the full ring at r11 reserved, not committed
+    and claimed by this thread? Then it is this thread's own record, interrupted by the signal
+    handler that is waiting now, which would wait for itself: leave the wait and reserve in the
+    next locked ring (at most ``escapes`` times), else drop. A lossless locked reservation
+    claims its slot (its thread pointer, with ``lock cmpxchg`` from 0, in the slot's last 8
+    bytes, which the consumer zeroes when it drains the slot) before it moves the head, so a
+    reserved slot always names its owner; a per-CPU ring never has an uncommitted slot (its
+    records are committed in the critical section that reserves them). rax, rdx clobbered."""
     R = Register
-    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, MemoryOperand(R.RIP, displ=marked_rings[1])))
-    a.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, R.R11, R.RAX))
-    a.branch(Code.JAE_REL32_64, "not_mine")  # a locked ring: its slots are not marked in time
     a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
     a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EDX, R.EAX))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, layout.ring_slots - 1))
     a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.RDX, record_size.bit_length() - 1))
     a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.RDX, R.RCX))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RAX, _mem(R.RAX, 1)))
-    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RDX)))
-    a.branch(Code.JE_REL32_64, "not_mine")  # committed
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _fs(0)))
-    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _mem(R.RDX, 16)))
+    a.add(Instruction.create_mem_reg(Code.CMP_RM64_R64, _mem(R.RDX), R.RAX))
+    a.branch(Code.JAE_REL32_64, "not_mine")  # seq >= tail + 1: committed (or read as a later lap's)
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.R11)))
+    a.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, R.RAX, _mem(R.R11, RING_TAIL)))
+    a.add(Instruction.create_reg_u32(Code.CMP_RM64_IMM32, R.RAX, layout.ring_slots))
+    a.branch(Code.JB_REL32_64, "room")  # drained meanwhile
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _mem(R.RDX, record_size - SLOT_CLAIM_FROM_END)))
+    a.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, R.RAX, _fs(0)))
     a.branch(Code.JNE_REL32_64, "not_mine")
     _add_waited(a)
-    if escape:
-        a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), 0))
-        a.branch(Code.JE_REL32_64, "escape")
+    if escapes:
+        a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, _rsp_slot(_ESCAPED), escapes))
+        a.branch(Code.JB_REL32_64, "escape")
     a.branch(Code.JMP_REL32_64, "drop")
-
-
-def _mark_slot(a: _Asm, position: Register, scratch: Register, layout: AreaLayout, record_size: int) -> None:
-    """Write this thread's pointer (``fs:0``) into the ``thread`` field of the slot at ring
-    position ``position`` (a 32-bit register; the ring's first record in rcx; r10 and
-    ``scratch`` clobbered) before reserving it: a lossless waiter can then tell that the
-    uncommitted slot it waits behind is its own thread's (its signal handler interrupted that
-    record). A reservation that fails leaves the mark in a free slot, overwritten by the next."""
-    R = Register
-    a.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.R10D, position))
-    a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.R10D, layout.ring_slots - 1))
-    a.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, R.R10, record_size.bit_length() - 1))
-    a.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, R.R10, R.RCX))
-    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, scratch, _fs(0)))
-    a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R10, 16), scratch))
 
 
 def _add_waited(a: _Asm) -> None:
@@ -671,8 +709,8 @@ def build_record_stub(
     ips = [insn.ip for insn in Decoder(64, action, ip=start)]
     trailer = b"".join(
         rseq_descriptor(*(ips[a.index_of(f"{name}_{part}")] for part in ("start", "end", "abort")))
-        for name in ("count", "reserve")
-    ) if "reserve_start" in a._labels else rseq_descriptor(
+        for name in ("count", "record")
+    ) if "record_start" in a._labels else rseq_descriptor(
         *(ips[a.index_of(f"count_{part}")] for part in ("start", "end", "abort"))
     ) + bytes(RSEQ_CS_SIZE)
     return Stub(address=slot_address, code=stub.code, action_size=stub.action_size, relocated=stub.relocated,

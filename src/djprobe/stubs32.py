@@ -314,10 +314,11 @@ def _wait_for_room32(a, layout: AreaLayout, wait_cycles: int, heartbeat: int, ta
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBP, R.EDX))
     add(Instruction.create_reg_mem(Code.SUB_R32_RM32, R.EAX, _at(R.ESI, heartbeat)))
     add(Instruction.create_reg_mem(Code.SBB_R32_RM32, R.EDX, _at(R.ESI, heartbeat + 4)))
-    # no drain for longer than the timeout (now - heartbeat > wait_cycles, unsigned): drop
+    # no drain for longer than the timeout (now - heartbeat > wait_cycles, signed: a heartbeat
+    # written on another CPU just now may be a few cycles ahead of this one's TSC): drop
     add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EDX, hi))
-    a.branch(Code.JA_REL32_32, "drop")
-    a.branch(Code.JB_REL32_32, "recent")
+    a.branch(Code.JG_REL32_32, "drop")
+    a.branch(Code.JL_REL32_32, "recent")
     add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EAX, lo))
     a.branch(Code.JA_REL32_32, "drop")
     a.label("recent")
