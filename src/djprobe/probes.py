@@ -54,15 +54,20 @@ from .sites_cache import SiteCache
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
+from .fetch_stubs32 import build_fetch_stub32
 from .prototypes import Prototype, typed_probe
+from .prototypes32 import cdecl_prototype
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
 from .stubs32 import build_stub32, jump_bytes32
-from .arch import I386
+from .arch import I386, X86_64
 from .symbols import Symbols
 from .traps import TrapSet
 from .x86.relocate import RelocationError
 
 log = logging.getLogger(__name__)
+
+#: the string-copying record stub of each mode (same signature): picked by the process's Arch
+_FETCH_STUBS = {X86_64: build_fetch_stub, I386: build_fetch_stub32}
 
 Handler = Callable[["Djprobe", object], None]
 
@@ -429,6 +434,11 @@ class ProbedProcess:
         """
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
+        if getattr(self.process, "arch", None) is I386:  # ILP32 types on the cdecl stack
+            for djp in djps:
+                if djp.prototype is not None and not djp.registered:
+                    djp.prototype = cdecl_prototype(djp.prototype)
+                    djp.strings = djp.prototype.string_mask if djp.strings else 0
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
         djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
@@ -681,6 +691,12 @@ class ProbedProcess:
             try:
                 if action == "latency":  # per architecture: djprobe.latency picks the stub module
                     stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
+                elif action == "record" and strings and builder is None:  # per Arch: djprobe.fetch_stubs(32)
+                    self._populate_rings(region)
+                    where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    rings = string_rings(region.layout, region.data_address)
+                    build_fetch = _FETCH_STUBS[getattr(self.process, "arch", X86_64)]
+                    stub = build_fetch(analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
                     if builder is not None or action not in ("count", "record"):
                         region.free_slots.append(slot)
@@ -695,11 +711,6 @@ class ProbedProcess:
                     stub = build_stub32(analysis, region, slot, action, registers, targets)
                 elif builder is not None:
                     stub = builder(self, analysis, region, slot)
-                elif action == "record" and strings:
-                    self._populate_rings(region)
-                    where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
-                    rings = string_rings(region.layout, region.data_address)
-                    stub = build_fetch_stub(analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif action == "record":
                     self._populate_rings(region)
                     targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
