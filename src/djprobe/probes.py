@@ -697,20 +697,24 @@ class ProbedProcess:
                     rings = string_rings(region.layout, region.data_address)
                     build_fetch = _FETCH_STUBS[getattr(self.process, "arch", X86_64)]
                     stub = build_fetch(analysis, region.layout, region.slot_address(slot), where, rings, strings)
+                elif builder is not None:  # written for the modes its class names (stub_arches)
+                    if getattr(self.process, "arch", X86_64) not in getattr(part, "stub_arches", (X86_64,)):
+                        region.free_slots.append(slot)
+                        raise InvalidSiteError(f"{analysis.site}: {type(part).__name__} probes are not supported "
+                                               "in 32-bit processes yet", address=analysis.address)
+                    stub = builder(self, analysis, region, slot)
                 elif getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
-                    if builder is not None or action not in ("count", "record"):
+                    if action not in ("count", "record"):
                         region.free_slots.append(slot)
                         raise InvalidSiteError(
-                            f"{analysis.site}: {action if builder is None else type(part).__name__} probes are not "
-                            "supported in 32-bit processes yet", address=analysis.address,
+                            f"{analysis.site}: {action} probes are not supported in 32-bit processes yet",
+                            address=analysis.address,
                         )
                     targets = None
                     if action == "record":
                         self._populate_rings(region)
                         targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     stub = build_stub32(analysis, region, slot, action, registers, targets)
-                elif builder is not None:
-                    stub = builder(self, analysis, region, slot)
                 elif action == "record":
                     self._populate_rings(region)
                     targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
