@@ -309,7 +309,7 @@ class ForkGuard:
         self.target.region_hooks.append(self._tables_with)
         for region in self.target._regions:
             self._write_table(region)
-        hook = ForkHook(site)
+        hook = ForkHook(site, trap=False)  # its own stub or nothing
         self.target.register(hook)
         self.hook = hook
 

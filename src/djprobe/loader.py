@@ -152,7 +152,7 @@ class LoaderHook(Djprobe):
     stub_arches = frozenset({X86_64, I386})
 
     def __init__(self, site: int, r_state: int) -> None:
-        super().__init__(site)
+        super().__init__(site, trap=False)  # its own stub or nothing: never a uprobe
         self.r_state = r_state
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
