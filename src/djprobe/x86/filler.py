@@ -16,16 +16,18 @@ from .decode import Insn
 
 __all__ = ["is_filler"]
 
-_LEA = {Code.LEA_R32_M, Code.LEA_R64_M}
-_MOV = {Code.MOV_R32_RM32, Code.MOV_RM32_R32, Code.MOV_R64_RM64, Code.MOV_RM64_R64}
+_LEA = {Code.LEA_R32_M}
+_MOV = {Code.MOV_R32_RM32, Code.MOV_RM32_R32}
 
 
 def is_filler(insn: Insn) -> bool:
-    """True for ``nop``, ``int3``, and the no-op ``lea r,[r+0]`` / ``lea r,[r+eiz*1+0]`` and
-    ``mov r,r`` forms of alignment padding."""
+    """True for ``nop``, ``int3``, and in 32-bit code the no-op ``lea r,[r+0]`` /
+    ``lea r,[r+eiz*1+0]`` and ``mov esi,esi`` / ``mov edi,edi`` forms of alignment padding."""
     i = insn.instruction
     if i.mnemonic in (Mnemonic.NOP, Mnemonic.INT3):
         return True
+    if insn.bits != 32:  # x86-64 toolchains pad with nop forms (a 32-bit mov there zero-extends)
+        return False
     if i.code in _LEA:
         return (i.op1_kind == OpKind.MEMORY and i.memory_base == i.op0_register
                 and i.memory_index == Register.NONE and i.memory_displacement == 0 and i.segment_prefix == Register.NONE)
