@@ -145,3 +145,33 @@ def test_trace_takes_the_32bit_prototype_from_dwarf():
     lines = res.stdout.splitlines()
     assert sum(line.endswith(':ev_wide v=-81985529216486895 s="wide" k=-7') for line in lines) == 1
     assert sum(line.endswith(' s="t0-1" n=1') for line in lines) == 1
+
+
+def test_trap_in_a_32bit_process_records_the_cdecl_arguments(strings32):
+    """A recording uprobe (trap='only') in a 32-bit process samples the user stack: the typed
+    arguments come from [esp+4].. as at a jump; strings are not copied at a trap (None), the raw
+    pointer is there; esp/eip-side registers are the i386 ones."""
+    seen = []
+
+    def handler(djp, regs):
+        seen.append((regs.args.n, regs.args.s, regs.arg0, regs.esp))
+
+    read_fd, write_fd = os.pipe()
+    proc = djprobe.spawn([str(strings32), "2", "30"], stdout=write_fd)
+    os.close(write_fd)
+    with proc:
+        d = proc.register(djprobe.Djprobe("ev_str", handler=handler, prototype=PROTO, trap="only"))
+        assert d.mode == "trap"
+        proc.start()
+        while proc.process.is_alive():
+            proc.poll(0.2)
+        proc.poll(0.0)
+        with os.fdopen(read_fd) as out:
+            assert out.read() == _unprobed(strings32, 2, 30)
+        assert proc.process.popen.wait(timeout=30) == 0
+    assert d.hits == len(seen) == 66
+    assert sorted(n for n, *_ in seen) == sorted(list(range(30)) * 2 + [-1, -2, -3, -4, -5, -6])
+    assert all(s is None for _, s, _, _ in seen)
+    by_n = {n: (raw, esp) for n, _, raw, esp in seen}
+    assert by_n[-1][0] == 0 and by_n[-2][0] == 1
+    assert all(0 < esp < 1 << 32 and esp % 4 == 0 for _, esp in by_n.values())
