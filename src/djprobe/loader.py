@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RT_CONSISTENT = 0
-R_STATE_OFFSET = 24  # struct r_debug: int r_version; link_map *r_map; ElfW(Addr) r_brk; r_state (12 on i386)
 SYS_FUTEX = 202
 FUTEX_WAIT, FUTEX_WAKE = 0, 1
 POLL_NS = 10_000_000  # the stub's futex wait is re-checked every 10 ms

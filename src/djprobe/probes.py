@@ -662,8 +662,9 @@ class ProbedProcess:
                  part: Djprobe | None = None, strings: int = 0) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet); a
         ``part`` with a ``build_stub(self, analysis, region, slot)`` builds a custom action's stub
-        (loader.py), a latency part a latency stub; ``strings`` (a mask of argument registers)
-        makes a record stub that copies those strings (``fetch_stubs.py``)."""
+        (loader.py, forks.py: for the modes in its ``stub_arches``), a latency part a latency stub;
+        ``strings`` (a mask of argument slots) makes a record stub that copies those strings
+        (``fetch_stubs.py``, or ``fetch_stubs32.py`` in a 32-bit process)."""
         builder = getattr(part, "build_stub", None)
         tried_new = False
         # The last slots of an area are kept for the probes already in it (a probe joining one

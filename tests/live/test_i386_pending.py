@@ -7,6 +7,7 @@ hook leaves the target going on."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import os
 import pytest
 
 from djprobe import spawn

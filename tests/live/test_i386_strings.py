@@ -17,8 +17,7 @@ import pytest
 import djprobe
 from djprobe.arch import I386
 from djprobe.area import AreaLayout
-from djprobe.events import EventBatch
-from djprobe.fetched import FetchedString, FetchError
+from djprobe.fetched import FetchedString
 
 from ..conftest import TARGETS, compile_c
 from .test_strings import PROTO, _check_specials, _spawn, _unprobed
