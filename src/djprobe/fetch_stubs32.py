@@ -19,6 +19,8 @@ strings are fetched one after the other by unrolled code (the mask is known when
 built), with the record's address and the ring position kept in the stub's frame. The frame:
 ``pushfd; pushad`` (36 bytes), then 48 bytes of locals (three iovecs, the record, the position,
 the TID); the stack below ``esp`` is nobody's at a probe site, as for the other 32-bit stubs.
+As on x86-64, a program whose seccomp filter forbids ``process_vm_readv`` gets the filter's
+answer: do not give string prototypes for such programs.
 """
 
 from __future__ import annotations
