@@ -174,3 +174,33 @@ def test_trap_in_a_32bit_process_records_the_cdecl_arguments(strings32):
     by_n = {n: (raw, esp) for n, _, raw, esp in seen}
     assert by_n[-1][0] == 0 and by_n[-2][0] == 1
     assert all(0 < esp < 1 << 32 and esp % 4 == 0 for _, esp in by_n.values())
+
+
+def test_32bit_string_rings_lossless_wait_and_drops(strings32):
+    """Rings of 4 string records: lossless, the 32-bit fetch stub waits for the consumer (every
+    event arrives, in order); without it, hits stay exact and what did not fit is counted missed."""
+    small = AreaLayout(string_ring_slots=4)
+    proc, djp, batch, out = _spawn(
+        [strings32, 2, 2000], lambda p: p.register(djprobe.Djprobe("ev_str", prototype=PROTO, lossless=True)), small
+    )
+    with proc:
+        assert out == _unprobed(strings32, 2, 2000)
+        assert djp.hits == 4006 and djp.missed == 0 and len(batch) == 4006
+        assert proc.waited_seconds > 0  # the stub did wait for room
+        per_thread: dict[int, list[int]] = defaultdict(list)
+        for tid, value in zip(batch.events["tid"].tolist(), batch.column("n")):
+            per_thread[tid].append(value)
+        assert sorted(len(v) for v in per_thread.values()) == [6, 2000, 2000]
+        assert all(v == list(range(2000)) for v in per_thread.values() if len(v) == 2000)
+    read_fd, write_fd = os.pipe()
+    proc = djprobe.spawn([str(strings32), "2", "2000"], stdout=write_fd)
+    os.close(write_fd)
+    with proc:
+        proc.layout = small
+        d = proc.register(djprobe.Djprobe("ev_str", prototype=PROTO))
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0  # nobody drains meanwhile
+        with os.fdopen(read_fd) as out:
+            assert out.read() == _unprobed(strings32, 2, 2000)
+        batch = proc.read_events()
+        assert d.hits == 4006 and len(batch) + d.missed == 4006 and d.missed > 0
