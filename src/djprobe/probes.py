@@ -54,7 +54,7 @@ from .sites_cache import SiteCache
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
-from .fetch_stubs32 import build_fetch_stub32
+from .fetch_stubs32 import build_fetch_stub32, kernel_vsyscall
 from .prototypes import Prototype, typed_probe
 from .prototypes32 import cdecl_prototype
 from .stubs import Stub, build_count_stub, build_record_stub, jump_bytes
@@ -66,8 +66,11 @@ from .x86.relocate import RelocationError
 
 log = logging.getLogger(__name__)
 
-#: the string-copying record stub of each mode (same signature): picked by the process's Arch
-_FETCH_STUBS = {X86_64: build_fetch_stub, I386: build_fetch_stub32}
+#: the string-copying record stub of each mode, built for a process: picked by its Arch
+_FETCH_STUBS = {
+    X86_64: lambda proc, *args: build_fetch_stub(*args),
+    I386: lambda proc, *args: build_fetch_stub32(*args, vsyscall=kernel_vsyscall(proc.process.pid)),
+}
 
 Handler = Callable[["Djprobe", object], None]
 
@@ -697,7 +700,7 @@ class ProbedProcess:
                     where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     rings = string_rings(region.layout, region.data_address)
                     build_fetch = _FETCH_STUBS[getattr(self.process, "arch", X86_64)]
-                    stub = build_fetch(analysis, region.layout, region.slot_address(slot), where, rings, strings)
+                    stub = build_fetch(self, analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif builder is not None:  # written for the modes its class names (stub_arches)
                     if getattr(self.process, "arch", X86_64) not in getattr(part, "stub_arches", (X86_64,)):
                         region.free_slots.append(slot)

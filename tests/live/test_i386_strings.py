@@ -47,6 +47,8 @@ def test_strings_at_the_hit_every_thread_every_call_32bit(strings32):
         assert proc.process.arch is I386
         assert out == expected_out
         assert djp.prototype.slots == ((0, 1), (1, 1)) and djp.strings == 1
+        code = djp._instance.stub.code  # system calls through __kernel_vsyscall, not int 0x80
+        assert b"\xcd\x80" not in code
         assert djp.hits == THREADS * CALLS + 6 and djp.missed == 0 and len(batch) == djp.hits
         per_thread: dict[int, list[tuple[str, int]]] = defaultdict(list)
         for tid, text, value in zip(batch.events["tid"].tolist(), batch.column("s"), batch.column("n")):
@@ -204,3 +206,23 @@ def test_32bit_string_rings_lossless_wait_and_drops(strings32):
             assert out.read() == _unprobed(strings32, 2, 2000)
         batch = proc.read_events()
         assert d.hits == 4006 and len(batch) + d.missed == 4006 and d.missed > 0
+
+
+def test_32bit_fetch_stub_with_int80_when_no_vsyscall_is_known(strings32, monkeypatch):
+    """Without an AT_SYSINFO the stub issues ``int 0x80``: the same events."""
+    import djprobe.probes as probes_module
+
+    monkeypatch.setattr(probes_module, "kernel_vsyscall", lambda pid: None)
+    proc, djp, batch, out = _spawn(
+        [strings32, 2, 200], lambda p: p.register(djprobe.Djprobe("ev_str", prototype=PROTO, lossless=True))
+    )
+    with proc:
+        assert b"\xcd\x80" in djp._instance.stub.code
+        assert out == _unprobed(strings32, 2, 200)
+        assert djp.hits == len(batch) == 406 and djp.missed == 0
+        texts = sorted(str(s) for s, n in zip(batch.column("s"), batch.column("n")) if n >= 0)
+        assert texts == sorted(f"t{t}-{i}" for t in range(2) for i in range(200))
+        (main,) = [tid for tid in set(batch.events["tid"].tolist()) if (batch.events["tid"] == tid).sum() == 6]
+        by_n = {n: s for s, n, tid in zip(batch.column("s"), batch.column("n"), batch.events["tid"].tolist())
+                if tid == main}
+        _check_specials(by_n, AreaLayout.string_size)
