@@ -4,6 +4,11 @@ stack) called by targets/loop.c built with ``gcc -m32``.
 - *djprobe count, entry, i386* (`djp_entry_i386`): `Djprobe("work")` in the 32-bit process (the
   32-bit count stub: `lock add` on an esp-sharded counter; no rseq in 32-bit processes).
 - *kernel uprobe, i386* (`uprobe_i386`): a tracefs uprobe on the same function of the same file.
+- *djprobe record + string, i386* (`djp_record_string_i386`): `Djprobe("work_str", prototype=
+  "const char *s, long limit")` in the 32-bit process (``work_str`` is ``work``'s code): the
+  32-bit fetch stub copies 64 bytes with ``process_vm_readv`` by ``int 0x80`` at each hit; rounds
+  of 1,024 calls with 50 ms pauses in which ``read_events()`` drains, every string checked (as the
+  x86-64 ``djp_record_string`` row).
 
 Each row measures its own baseline (the same 32-bit loop with no probe, just before) and reports
 it as ``base_ns``: the overhead column is over the 32-bit loop, not the x86-64 one.
@@ -80,3 +85,48 @@ def run_uprobe_i386(threads: int, iters: int) -> Sample:
     finally:
         _tracefs_append(events, f"-:{group}/{event}")
     return _sample(r, iters, hits, base_ns=base["elapsed_ns"] / iters)
+
+
+def run_djprobe_record_string_i386(threads: int, iters: int) -> Sample:
+    import time
+
+    import djprobe
+    from djprobe.area import AreaLayout
+
+    from .string_rows import BENCH_STRING, PROTOTYPE, ROUNDS
+
+    def argv(out: Path) -> list[str]:
+        return [str(loop32_target()), "str", str(iters), str(threads), str(out), *ROUNDS]
+
+    with _Out() as out:
+        subprocess.run(argv(out), check=True, timeout=600)
+        base = _parse_result(out.read_text())
+    events = wrong = 0
+    with _Out() as out:
+        with djprobe.spawn(argv(out)) as proc:
+            if proc.process.arch.bits != 32:
+                raise RuntimeError("the 32-bit loop target is not a 32-bit process")
+            proc.layout = AreaLayout(string_ring_slots=4096)  # a round of 1,024 calls fits a ring
+            djp = proc.register(djprobe.Djprobe("work_str", prototype=PROTOTYPE))
+            if djp.mode != "jump":
+                raise RuntimeError(f"work_str took no jump: {djp.no_jump_reason}")
+            proc.read_events()  # TSC clock calibration before the target runs
+            proc.start()
+            popen = proc.process.popen
+            while True:
+                alive = popen.poll() is None
+                batch = proc.read_events()
+                events += len(batch)
+                wrong += sum(1 for slots in batch.fetched.values() if slots[0] != BENCH_STRING)
+                if not alive:
+                    break
+                if not len(batch):
+                    time.sleep(0.0005)
+            if popen.wait(timeout=600) != 0:
+                raise RuntimeError("target failed")
+            hits, missed = djp.hits, djp.missed
+        r = _parse_result(out.read_text())
+    s = _sample(r, iters, hits, events=events, missed=missed, base_ns=base["elapsed_ns"] / iters, wrong_strings=wrong)
+    if events + missed != hits or wrong:
+        s.expected_hits = events + missed if not wrong else -1  # lost events or a wrong string: WRONG
+    return s

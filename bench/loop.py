@@ -454,9 +454,11 @@ ROWS += [
 ]
 
 # Rows of the 32-bit (i386) loop target (bench/i386_rows.py), each over its own 32-bit baseline.
-from .i386_rows import run_djprobe_entry_i386, run_uprobe_i386  # noqa: E402
+from .i386_rows import run_djprobe_entry_i386, run_djprobe_record_string_i386, run_uprobe_i386  # noqa: E402
 
 ROWS += [
     RowSpec("djp_entry_i386", "djprobe count, entry, i386 process", run_djprobe_entry_i386, (20_000_000, 100_000_000)),
     RowSpec("uprobe_i386", "kernel uprobe (tracefs), i386 process", run_uprobe_i386, (50_000, 200_000)),
+    RowSpec("djp_record_string_i386", "djprobe record + string (64 B), i386 process", run_djprobe_record_string_i386,
+            (50_000, 200_000)),
 ]

@@ -126,7 +126,7 @@ ARCHES = {(a.elfclass, a.e_machine): a for a in (X86_64, I386)}
 #: modes whose processes djprobe probes (and so attaches to by default): the others, files only
 LIVE_ARCHES = frozenset({X86_64, I386})
 #: modes the process layer handles (attach, spawn, injected system calls): ``Process(pid,
-#: arches=PROCESS_ARCHES)``; i386 stubs are not written yet, so probing refuses them
+#: arches=PROCESS_ARCHES)``
 PROCESS_ARCHES = frozenset({X86_64, I386})
 
 

@@ -253,7 +253,7 @@ class ExecFollower:
         for the hook to act). Raises SymbolNotFoundError without libc's ``execve``."""
         import ctypes
 
-        hook = ExecHook(find_exec_site(target))
+        hook = ExecHook(find_exec_site(target), trap=False)  # its own stub or nothing
         target.register(hook)
         self.hooks.append((target, hook))
         region = hook._instance.region  # type: ignore[union-attr]

@@ -93,15 +93,19 @@ def decode_records(masks: np.ndarray, slots: np.ndarray) -> list[Fetched]:
 
 
 def typed_values(prototype: Prototype, args: list[int] | tuple[int, ...], fetched: Fetched | None) -> dict[str, Any]:
-    """``{name: value}`` for the register parameters of ``prototype``: integers converted to their
-    type, pointers as ints, strings as :class:`FetchedString` or :class:`FetchError` (None when
+    """``{name: value}`` for the recorded parameters of ``prototype`` (``args``: the six argument
+    slots): integers converted to their type, pointers as ints, strings as :class:`FetchedString` or :class:`FetchError` (None when
     the string was not copied)."""
     values: dict[str, Any] = {}
     for i, p in enumerate(prototype.register_params):
+        first, n = prototype.slots_of(i)
         if p.type.kind == "string":
-            values[p.name] = fetched[i] if fetched is not None else None
-        else:
-            values[p.name] = p.type.convert(int(args[i]))
+            values[p.name] = fetched[first] if fetched is not None else None
+        else:  # a 64-bit parameter of 32-bit code takes two stack words, low first
+            raw = 0
+            for k in range(n):
+                raw |= (int(args[first + k]) & 0xFFFFFFFF if n > 1 else int(args[first + k])) << (32 * k)
+            values[p.name] = p.type.convert(raw)
     return values
 
 

@@ -16,6 +16,9 @@ own first; the child walks it from the last entry to the first, so its own area,
 is reading, is replaced last. A new area is added to every table while the world is stopped,
 before any jump leads into it (``ProbedProcess.region_hooks``).
 
+In a 32-bit process the hook is i386 code (:mod:`djprobe.forks32`: after ``call gs:[0x10]`` of
+``clone``), without ``--follow``.
+
 Not covered: ``vfork`` and ``posix_spawn`` children share the parent's memory until they
 ``exec`` (what they run before, through probed functions, is counted as the parent's), and a raw
 ``clone`` without ``CLONE_VM`` that does not go through ``_Fork``.
@@ -32,9 +35,12 @@ from iced_x86 import Code, Decoder, Instruction, MemoryOperand, Mnemonic, OpKind
 from .area import (
     LOADER_REQUEST, FORK_ACK, FORK_FOLLOW, FORK_NAME, FORK_PIDS, FORK_PIDS_MAX, FORK_SEQ, FORK_TABLE, FORK_TABLE_ENTRIES, FORK_TABLE_MAX,
 )  # fmt: skip
+from .arch import I386, X86_64
 from .errors import DjprobeError, SymbolNotFoundError
+from .forks32 import find_clone_return32, fork_action32
 from .probes import Djprobe
 from .stubs import RED_ZONE, Stub, _Asm, _finish, _rdtsc
+from .stubs32 import finish32
 
 if TYPE_CHECKING:
     from .probes import ProbedProcess
@@ -243,8 +249,14 @@ def fork_action(counter: int, table: int, words: int | None = None, request: int
 class ForkHook(Djprobe):
     """The jump probe after ``_Fork``'s ``clone`` (see the module docstring)."""
 
+    #: the modes whose processes this custom stub is written for (32-bit: :mod:`djprobe.forks32`)
+    stub_arches = frozenset({X86_64, I386})
+
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         counter = region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride
+        if getattr(target.process, "arch", X86_64) is I386:  # no --follow for 32-bit children
+            action32 = fork_action32(counter, region.data_address + FORK_TABLE)
+            return finish32(analysis, region.layout, region.slot_address(slot), action32)
         wait_cycles = int(FOLLOW_WAIT * 1e9 / target.clock.ns_per_tick)
         data = region.data_address
         action = fork_action(counter, data + FORK_TABLE, data, data + LOADER_REQUEST, wait_cycles)
@@ -262,6 +274,11 @@ def find_fork_site(target: "ProbedProcess") -> int:
             continue
         func = funcs[0]
         code = target.process.read(func.address, func.size)
+        if module.arch is I386:
+            site, why = find_clone_return32(code, func.address)
+            if site is None:
+                raise SymbolNotFoundError(f"{module.name}:_Fork: {why}")
+            return site
         known: dict[int, int | None] = {}  # eax / edi: the system call number, clone's flags
         for insn in Decoder(64, code, ip=func.address):
             if insn.mnemonic == Mnemonic.MOV and insn.op0_kind == OpKind.REGISTER:
@@ -292,7 +309,7 @@ class ForkGuard:
         self.target.region_hooks.append(self._tables_with)
         for region in self.target._regions:
             self._write_table(region)
-        hook = ForkHook(site)
+        hook = ForkHook(site, trap=False)  # its own stub or nothing
         self.target.register(hook)
         self.hook = hook
 

@@ -28,10 +28,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
+from .arch import I386, X86_64
 from .area import LOADER_ACK, LOADER_ARMED, LOADER_HEARTBEAT, LOADER_REQUEST
 from .errors import DjprobeError, SymbolNotFoundError
 from .probes import Djprobe
+from .loader32 import loader_action32
 from .stubs import Stub, _Asm, _finish, _rdtsc
+from .stubs32 import finish32
 
 if TYPE_CHECKING:
     from .probes import ProbedProcess
@@ -41,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RT_CONSISTENT = 0
-R_STATE_OFFSET = 24  # struct r_debug: int r_version; link_map *r_map; ElfW(Addr) r_brk; r_state
 SYS_FUTEX = 202
 FUTEX_WAIT, FUTEX_WAKE = 0, 1
 POLL_NS = 10_000_000  # the stub's futex wait is re-checked every 10 ms
@@ -142,24 +144,31 @@ def loader_action(
 
 class LoaderHook(Djprobe):
     """The jump probe at ``_dl_debug_state`` (see the module docstring). Registered by
-    :class:`LoaderWatch`; its ``hits`` count every call of ``_dl_debug_state``."""
+    :class:`LoaderWatch`; its ``hits`` count every call of ``_dl_debug_state``. Its stub is
+    x86-64 or i386 code (:mod:`djprobe.loader32`) as the process is."""
+
+    #: the modes whose processes this custom stub is written for (``ProbedProcess._prepare``)
+    stub_arches = frozenset({X86_64, I386})
 
     def __init__(self, site: int, r_state: int) -> None:
-        super().__init__(site)
+        super().__init__(site, trap=False)  # its own stub or nothing: never a uprobe
         self.r_state = r_state
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         if not analysis.at_entry:
             raise DjprobeError(f"{analysis.site}: the loader hook must be at the function's entry")
         ns_per_tick = target.clock.ns_per_tick
-        action = loader_action(
+        args = (
             region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride,
             region.data_address,
             self.r_state,
             int(STALE * 1e9 / ns_per_tick),
             int(MAX_WAIT * 1e9 / ns_per_tick),
         )
-        return _finish(analysis, region.layout, region.slot_address(slot), action)
+        if getattr(target.process, "arch", X86_64) is I386:  # 32-bit code: djprobe.loader32
+            action = loader_action32(*args, POLL_NS)
+            return finish32(analysis, region.layout, region.slot_address(slot), action)
+        return _finish(analysis, region.layout, region.slot_address(slot), loader_action(*args))
 
 
 class LoaderWatch:
@@ -187,8 +196,8 @@ class LoaderWatch:
         for module in target.symbols.modules:
             funcs = [s for s in module.symbols("_dl_debug_state")]
             r_debug = [s for s in module.symbols("_r_debug")]
-            if funcs and r_debug:
-                return funcs[0].address, r_debug[0].address + R_STATE_OFFSET
+            if funcs and r_debug:  # r_state follows an int and two pointers: 24 or 12 (i386)
+                return funcs[0].address, r_debug[0].address + 3 * module.arch.word
         raise SymbolNotFoundError("no dynamic loader with _dl_debug_state and _r_debug in the process")
 
     def install(self) -> None:

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 from .loader import LoaderWatch
 from .probes import Djprobe, ProbedProcess
+from .prototypes import split_prototype, typed_probe
 from .sites import RETURN_SUFFIX, split_return_spec
 from .symbols import Module, parse_site_spec
 
@@ -70,9 +71,10 @@ class SiteTotal:
 
 
 def pattern_module(pattern: str) -> str | None:
-    """The module part of a pattern (``libsqlite3`` of ``libsqlite3:sqlite3_*%return``), or None."""
-    spec, _ = split_return_spec(pattern)
+    """The module part of a pattern (``libsqlite3`` of ``libsqlite3:sqlite3_*%return`` or of
+    ``libsqlite3:sqlite3_open(char *name, void *db)``), or None."""
     try:
+        spec, _ = split_return_spec(split_prototype(pattern)[0])
         return parse_site_spec(spec).module
     except InvalidSiteError:
         return None
@@ -192,7 +194,8 @@ class LibraryFollower:
         keys = {_key(m) for m in modules}
         made: dict[tuple[int, bool], tuple[Djprobe, Module]] = {}
         for pattern in self.patterns:
-            spec, at_return = split_return_spec(pattern)
+            spec, prototype = split_prototype(pattern)  # 'lib:f(char *s, int n)': typed when recording
+            spec, at_return = split_return_spec(spec)
             try:
                 module = symbols.module(pattern_module(pattern))  # type: ignore[arg-type]
             except (SymbolNotFoundError, InvalidSiteError):
@@ -208,6 +211,9 @@ class LibraryFollower:
                 if (site.address, at_return) in made:
                     continue
                 djp = self.new_probe(site.address, at_return)
+                if prototype is not None and djp.record and not at_return:
+                    djp.prototype, djp.strings = typed_probe(prototype, djp.at)
+                    djp.registers = "args"
                 djp.site = site.name + (RETURN_SUFFIX if at_return else "")
                 made[(site.address, at_return)] = (djp, module)
         if not made:

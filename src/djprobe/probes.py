@@ -55,17 +55,25 @@ from .sites_cache import SiteCache
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
+from .fetch_stubs32 import build_fetch_stub32, kernel_vsyscall
 from .prototypes import Prototype, typed_probe
 from .batches import StopBudget
+from .prototypes32 import cdecl_prototype
 from .stub_templates import build_count_stub_fast
 from .stubs import Stub, build_record_stub, jump_bytes
 from .stubs32 import build_stub32, jump_bytes32
-from .arch import I386
+from .arch import I386, X86_64
 from .symbols import Symbols
 from .traps import TrapSet
 from .x86.relocate import RelocationError
 
 log = logging.getLogger(__name__)
+
+#: the string-copying record stub of each mode, built for a process: picked by its Arch
+_FETCH_STUBS = {
+    X86_64: lambda proc, *args: build_fetch_stub(*args),
+    I386: lambda proc, *args: build_fetch_stub32(*args, vsyscall=kernel_vsyscall(proc.process.pid)),
+}
 
 Handler = Callable[["Djprobe", object], None]
 
@@ -500,6 +508,11 @@ class ProbedProcess:
         """
         self._check_open()
         refused: list[tuple[Djprobe, DjprobeError]] = []
+        if getattr(self.process, "arch", None) is I386:  # ILP32 types on the cdecl stack
+            for djp in djps:
+                if djp.prototype is not None and not djp.registered:
+                    djp.prototype = cdecl_prototype(djp.prototype)
+                    djp.strings = djp.prototype.string_mask if djp.strings else 0
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
         djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
         plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
@@ -741,8 +754,9 @@ class ProbedProcess:
                  part: Djprobe | None = None, strings: int = 0) -> tuple[Region, int, Stub]:
         """Take a slot near the site and write its stub (not reachable by any thread yet); a
         ``part`` with a ``build_stub(self, analysis, region, slot)`` builds a custom action's stub
-        (loader.py), a latency part a latency stub; ``strings`` (a mask of argument registers)
-        makes a record stub that copies those strings (``fetch_stubs.py``)."""
+        (loader.py, forks.py: for the modes in its ``stub_arches``), a latency part a latency stub;
+        ``strings`` (a mask of argument slots) makes a record stub that copies those strings
+        (``fetch_stubs.py``, or ``fetch_stubs32.py`` in a 32-bit process)."""
         builder = getattr(part, "build_stub", None)
         tried_new = False
         # The last slots of an area are kept for the probes already in it (a probe joining one
@@ -771,25 +785,30 @@ class ProbedProcess:
             try:
                 if action == "latency":  # per architecture: djprobe.latency picks the stub module
                     stub = latency.build_stub(self, part, analysis, region, slot)  # type: ignore[arg-type]
+                elif action == "record" and strings and builder is None:  # per Arch: djprobe.fetch_stubs(32)
+                    self._populate_rings(region)
+                    where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
+                    rings = string_rings(region.layout, region.data_address)
+                    build_fetch = _FETCH_STUBS[getattr(self.process, "arch", X86_64)]
+                    stub = build_fetch(self, analysis, region.layout, region.slot_address(slot), where, rings, strings)
+                elif builder is not None:  # written for the modes its class names (stub_arches)
+                    if getattr(self.process, "arch", X86_64) not in getattr(part, "stub_arches", (X86_64,)):
+                        region.free_slots.append(slot)
+                        raise InvalidSiteError(f"{analysis.site}: {type(part).__name__} probes are not supported "
+                                               "in 32-bit processes yet", address=analysis.address)
+                    stub = builder(self, analysis, region, slot)
                 elif getattr(self.process, "arch", None) is I386:  # 32-bit code: djprobe.stubs32
-                    if builder is not None or action not in ("count", "record"):
+                    if action not in ("count", "record"):
                         region.free_slots.append(slot)
                         raise InvalidSiteError(
-                            f"{analysis.site}: {action if builder is None else type(part).__name__} probes are not "
-                            "supported in 32-bit processes yet", address=analysis.address,
+                            f"{analysis.site}: {action} probes are not supported in 32-bit processes yet",
+                            address=analysis.address,
                         )
                     targets = None
                     if action == "record":
                         self._populate_rings(region)
                         targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     stub = build_stub32(analysis, region, slot, action, registers, targets)
-                elif builder is not None:
-                    stub = builder(self, analysis, region, slot)
-                elif action == "record" and strings:
-                    self._populate_rings(region)
-                    where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
-                    rings = string_rings(region.layout, region.data_address)
-                    stub = build_fetch_stub(analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif action == "record":
                     self._populate_rings(region)
                     targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))

@@ -60,19 +60,29 @@ class Prototype:
 
     params: tuple[Param, ...]
     variadic: bool = False
+    #: Where each parameter is among the six recorded argument slots: (first slot, slots), one
+    #: entry per parameter. None: parameter i in slot i (the SysV registers); a 32-bit process's
+    #: prototype has the cdecl stack words here (:func:`djprobe.prototypes32.cdecl_prototype`).
+    slots: tuple[tuple[int, int], ...] | None = None
+
+    def slots_of(self, index: int) -> tuple[int, int]:
+        """(first argument slot, number of slots) of parameter ``index``."""
+        return (index, 1) if self.slots is None else self.slots[index]
 
     @property
     def register_params(self) -> tuple[Param, ...]:
-        """The parameters that arrive in registers (the first six)."""
-        return self.params[:MAX_REGISTER_ARGS]
+        """The parameters that are recorded (in the six argument registers or stack words)."""
+        if self.slots is None:
+            return self.params[:MAX_REGISTER_ARGS]
+        return tuple(p for p, (first, n) in zip(self.params, self.slots) if first + n <= MAX_REGISTER_ARGS)
 
     @property
     def string_mask(self) -> int:
-        """Bit ``i`` set when argument register ``i`` holds a ``char *`` to fetch at the hit."""
+        """Bit ``i`` set when argument slot ``i`` holds a ``char *`` to fetch at the hit."""
         mask = 0
         for i, p in enumerate(self.register_params):
             if p.type.kind == "string":
-                mask |= 1 << i
+                mask |= 1 << self.slots_of(i)[0]
         return mask
 
     def __str__(self) -> str:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .regions import Region
     from .stubs import RecordTargets
 
-__all__ = ["assemble32", "count_action32", "build_count_stub32", "build_stub32", "jump_bytes32"]
+__all__ = ["assemble32", "count_action32", "build_count_stub32", "build_stub32", "finish32", "jump_bytes32"]
 
 JMP_REL32_SIZE = 5
 
@@ -358,3 +358,17 @@ def build_record_stub32(site: Relocatable, layout: AreaLayout, slot_address: int
     if len(code) > layout.slot_size:
         raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
     return Stub(address=slot_address, code=code, action_size=len(action), relocated=relocated)
+
+
+def finish32(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
+    """The stub of an entry site in 32-bit code: ``action``, then the relocated displaced
+    instructions and the jump back (:func:`djprobe.stubs._finish` for 32-bit code; custom stubs
+    such as the loader hook's).
+
+    Raises ValueError when the stub does not fit a slot; RelocationError from the relocator."""
+    code = assemble32(action, slot_address)
+    relocated = site.relocate_to(slot_address + len(code), site.address + site.size)
+    code += relocated.code
+    if len(code) > layout.slot_size:
+        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
+    return Stub(address=slot_address, code=code, action_size=len(code) - len(relocated.code), relocated=relocated)

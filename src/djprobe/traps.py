@@ -37,11 +37,13 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from ._sys import perf, tracefs
+from .arch import I386
 from .area import ARG_REGISTERS, REGISTER_NAMES
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .events import EVENT_DTYPE, EventBatch
 from .sites import SiteAnalysis
 from .sites.coverage import site_trap_refusal
+from .traps32 import STACK_BYTES, regs_mask32, row32
 
 if TYPE_CHECKING:
     from .probes import Djprobe, ProbedProcess
@@ -219,6 +221,11 @@ class TrapSet:
         djp._instance = existing  # type: ignore[assignment]
         existing.probes.append(djp)
 
+    @property
+    def _mode32(self) -> bool:
+        """A 32-bit process: samples take the stack words and the i386 registers (traps32)."""
+        return getattr(self.proc.process, "arch", None) is I386
+
     def _tracefs(self) -> Path:
         if self._root is None:
             self._root = tracefs.tracefs_root()
@@ -256,13 +263,19 @@ class TrapSet:
         if not sampling:
             return perf.Attr(type=perf.PERF_TYPE_TRACEPOINT, config=inst.event_id, flags=flags)
         mask, _ = _regs_mask(inst.registers)
+        sample_type = perf.PERF_SAMPLE_IDENTIFIER | perf.PERF_SAMPLE_TID | perf.PERF_SAMPLE_TIME | perf.PERF_SAMPLE_REGS_USER
+        stack = 0
+        if self._mode32:  # cdecl arguments are on the stack: djprobe.traps32
+            mask, stack = regs_mask32(), STACK_BYTES
+            sample_type |= perf.PERF_SAMPLE_STACK_USER
         return perf.Attr(
             type=perf.PERF_TYPE_TRACEPOINT,
             config=inst.event_id,
             flags=flags | perf.FLAG_USE_CLOCKID | perf.FLAG_WATERMARK,
             sample_period=1,
-            sample_type=perf.PERF_SAMPLE_IDENTIFIER | perf.PERF_SAMPLE_TID | perf.PERF_SAMPLE_TIME | perf.PERF_SAMPLE_REGS_USER,
+            sample_type=sample_type,
             sample_regs_user=mask,
+            sample_stack_user=stack,
             clockid=perf.CLOCK_MONOTONIC,
             wakeup=RING_PAGES * 4096 // 2,
         )
@@ -335,7 +348,9 @@ class TrapSet:
                 if order is None:
                     order = layouts[inst.registers] = _regs_mask(inst.registers)[1]
                 row = [0] * len(REGISTER_NAMES)
-                if abi:
+                if self._mode32:
+                    row = row32(body, 24)
+                elif abi:
                     values = struct.unpack_from(f"<{len(order)}Q", body, 32)
                     for k, v in zip(order, values):
                         row[k] = v

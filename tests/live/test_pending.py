@@ -243,3 +243,12 @@ def test_attached_process_waits_for_a_library_with_pending_only(plugin_host, sta
     assert t.proc.stdout.read() == f"rounds 2 calls {4 * CALLS} bad 0 ctor 2\n".encode()
     hits = {p["site"]: p["hits"] for p in json.loads(out.strip().splitlines()[-1])["probes"]}
     assert hits == {"libdjplug.so:plug_work": 4 * CALLS}
+
+
+def test_pending_pattern_keeps_its_prototype(plugin_host):
+    """``lib:f(long x)`` naming a library loaded later: its probes are typed when it is loaded."""
+    host, plugin = plugin_host
+    res = run(DJPROBE + ["trace", "--json", "libdjplug:plug_ctor_helper(long x)", "--", host, plugin], input="l\nl\n")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"time_ns"')]
+    assert [(e["site"], e["args"]) for e in events] == [("libdjplug.so:plug_ctor_helper", {"x": 41})] * 2

@@ -6,7 +6,7 @@
  * before an unmapped one without a NUL ("xyz", -4) and with one ("ab", -5), and a 1,000-byte
  * string (-6). With a third argument "fork": a forked child calls ev_str("child-side", 100) on a
  * buffer that holds "parent-side" in the parent, which calls ev_str(buf, 200) once the child has
- * exited. Prints the sum of the n given to ev_str (the parent's), which a probe must not change. */
+ * exited; with "wide", ev_wide(-0x123456789abcdef, "wide", -7) once. Prints the sum of the n given to ev_str (the parent's), which a probe must not change. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +21,13 @@ __attribute__((noinline)) long ev_str(const char *s, long n)
 {
     __asm__ volatile(".rept 8\n\tnop\n\t.endr" : : "r"(s) : "memory"); /* room for entry and exit windows */
     return __atomic_add_fetch(&total, n, __ATOMIC_RELAXED);
+}
+
+/* a 64-bit parameter between two others: two stack words in 32-bit code */
+__attribute__((noinline)) long ev_wide(long long v, const char *s, int k)
+{
+    __asm__ volatile(".rept 8\n\tnop\n\t.endr" : : "r"(s) : "memory");
+    return __atomic_add_fetch(&total, (long)(v & 0xff) + k, __ATOMIC_RELAXED);
 }
 
 static long n_calls;
@@ -64,6 +71,8 @@ int main(int argc, char **argv)
     memset(big, 'b', 1000);
     big[1000] = 0;
     ev_str(big, -6);
+    if (argc > 3 && strcmp(argv[3], "wide") == 0)
+        ev_wide(-0x123456789abcdefLL, "wide", -7);
     if (argc > 3 && strcmp(argv[3], "fork") == 0) {
         char side[32] = "parent-side";
         pid_t child = fork();

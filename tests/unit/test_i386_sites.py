@@ -182,7 +182,7 @@ def test_libc32_entry_coverage_and_no_jump_over_a_branch_target():
     rep = coverage(m)
     print(f"\n{LIBC32}: {rep.entries_jump}/{rep.entries} entries take a jump ({100 * rep.entry_ratio:.2f}%) "
           f"in {rep.seconds:.1f} s; refused: {dict(rep.refused)}")
-    assert rep.entries > 3000 and rep.entry_ratio >= 0.96  # 96.55% with the PIC jump tables (94.8% without)
+    assert rep.entries > 3000 and rep.entry_ratio >= 0.97  # 97.26% (96.55% before the i386 filler, 94.8% before PIC tables)
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(LIBC32)], capture_output=True, text=True).stdout
     targets = set()
     for line in out.splitlines():

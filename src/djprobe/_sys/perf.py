@@ -26,6 +26,7 @@ PERF_COUNT_SW_DUMMY = 9
 PERF_SAMPLE_TID = 1 << 1
 PERF_SAMPLE_TIME = 1 << 2
 PERF_SAMPLE_REGS_USER = 1 << 12
+PERF_SAMPLE_STACK_USER = 1 << 13
 PERF_SAMPLE_IDENTIFIER = 1 << 16
 
 # attr flag bits (the 64-bit word after read_format)
@@ -74,13 +75,14 @@ class Attr:
     config1: int = 0
     config2: int = 0
     sample_regs_user: int = 0
+    sample_stack_user: int = 0  # bytes of the user stack from the stack pointer (PERF_SAMPLE_STACK_USER)
     clockid: int = 0
 
     def pack(self) -> bytes:
         head = struct.pack(
             "<IIQQQQQIIQQQQIi",
             self.type, ATTR_SIZE, self.config, self.sample_period, self.sample_type, 0, self.flags,
-            self.wakeup, 0, self.config1, self.config2, 0, self.sample_regs_user, 0, self.clockid,
+            self.wakeup, 0, self.config1, self.config2, 0, self.sample_regs_user, self.sample_stack_user, self.clockid,
         )
         return head + bytes(ATTR_SIZE - len(head))
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 from iced_x86 import Mnemonic
 
 from ..x86 import Flow, Insn, flags_dead_after, flags_effect, relocation_problem
+from ..x86.filler import is_filler
 from .index import _INDEX_LOCK, ModuleIndex, module_index
 from .result import JUMP_SIZE, ByteReader, SiteAnalysis, Verdict
 from .slices import _NO_FALLTHROUGH
@@ -155,8 +156,9 @@ class FunctionAnalysis:
 
     def _padding(self, last: Insn, need_end: int) -> tuple[Insn, ...] | None:
         """Alignment padding after the function that a jump may overwrite: the function's last
-        instruction does not fall through, and every byte up to ``need_end`` is a nop/int3 that
-        no symbol, FDE or known entry covers. None if not so."""
+        instruction does not fall through, and every byte up to ``need_end`` is filler (nop, int3,
+        i386 gas's no-op lea/mov: ``x86/filler.py``) that no symbol, FDE or known entry covers.
+        None if not so."""
         if last.end != self.end or last.flow not in (Flow.JUMP, Flow.INDIRECT_JUMP, Flow.RETURN):
             return None
         reg = self.index.region_at(self.end)
@@ -166,7 +168,7 @@ class FunctionAnalysis:
         k = reg.index(self.end)
         while k is not None and k < len(reg.insns) and (not out or out[-1].end < need_end):
             ins = reg.insns[k]
-            if ins.instruction.mnemonic not in (Mnemonic.NOP, Mnemonic.INT3) or ins.end > reg.end:
+            if not is_filler(ins) or ins.end > reg.end:
                 return None
             out.append(ins)
             k += 1
