@@ -588,6 +588,7 @@ class ProbedProcess:
         order = {id(djp): i for i, djp in enumerate(djps)}
         refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
         self.site_cache.flush()
+        self._heartbeat()  # registration took its time: the consumer is alive as of now
         return returns.settle(self, refused)
 
     @property
@@ -1233,6 +1234,9 @@ class ProbedProcess:
     def start(self) -> None:
         """Let a spawned (or otherwise held) target run: every thread is resumed and detached."""
         if self.process.stopped and self._stop_depth == 0:
+            # the consumer is alive now: lossless probes whose rings fill before its first drain
+            # wait for it (a heartbeat from registration, over wait_timeout ago, made them drop)
+            self._heartbeat()
             self.process.resume()
             self._stop_generation += 1
 

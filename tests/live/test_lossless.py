@@ -55,6 +55,28 @@ def test_every_event_delivered_with_tiny_rings(args_exe):
     assert waited > 0
 
 
+def test_probes_wait_for_the_first_drain_after_a_slow_registration(args_exe):
+    """More than ``wait_timeout`` between registration and ``start()``, then rings full before
+    the consumer's first drain: ``start()`` tells the probes that the consumer is alive, so they
+    wait for that drain instead of dropping every event after the first rings (the heartbeat of
+    registration made the tracer look dead: seen in CI as one ring delivered, the rest dropped)."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(args_exe), str(N)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.layout, proc.wait_timeout = AreaLayout(ring_slots=64), 1.0
+        djp = proc.register(djprobe.Djprobe("f", registers="args", lossless=True))
+        time.sleep(1.5)  # longer than wait_timeout since registration
+        proc.start()
+        time.sleep(0.3)  # the rings fill; the probes wait (less than wait_timeout)
+        batches = list(proc.events(timeout=120, interval=0.001))
+        with os.fdopen(read_fd) as out:
+            out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        batches.append(proc.read_events())
+    assert djp.missed == 0 and djp.hits == 3 * N
+    assert sum(len(b) for b in batches) == 3 * N
+
+
 SLOW_CONSUMER = textwrap.dedent(
     """
     import os, signal, sys, time

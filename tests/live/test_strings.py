@@ -40,6 +40,9 @@ def _spawn(argv, register, layout=None):
     os.close(write_fd)
     if layout is not None:
         proc.layout = layout
+    # strings are the subject here, not the timeout: a consumer held up for more than the default
+    # 0.5 s on a loaded machine (seen in CI: every event after the first ring dropped) must not drop
+    proc.wait_timeout = 5.0
     djp = register(proc)
     proc.start()
     batches = list(proc.events(timeout=60))
