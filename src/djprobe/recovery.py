@@ -235,16 +235,9 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
         return _check_short_entry(inst, area, maps)
     if inst.kind != 0:
         return f"unknown kind {inst.kind}"
-    if not 5 <= inst.size <= MAX_DISPLACED:
-        return f"size {inst.size} is out of bounds"
-    m = find_mapping(maps, inst.address)
-    if m is None or not _probeable_code(m):
-        return f"{inst.address:#x} is not in an executable file-backed mapping (or the vDSO)"
-    if inst.address + inst.size > m.end:
-        return f"{inst.address:#x}+{inst.size} crosses the end of its mapping"
-    slot = area.layout.slot_address(area.code_address, inst.index)
-    if inst.stub_address != slot:
-        return f"stub address {inst.stub_address:#x} is not slot {inst.index} ({slot:#x})"
+    problem, _ = _check_window(inst, area, maps, 5)
+    if problem is not None:
+        return problem
     try:
         jump = jump_bytes(inst.address, inst.stub_address)
     except ValueError:
@@ -256,21 +249,31 @@ def _check_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], raw
     return None
 
 
+def _check_window(inst: FoundInstance, area: FoundArea, maps: list[MapEntry], smallest: int) -> tuple[str | None, MapEntry | None]:
+    """The checks every entry's window passes (at least ``smallest`` bytes, in probeable code,
+    inside one mapping, its stub in its own slot): (the problem or None, the site's mapping)."""
+    assert area.layout is not None
+    if not smallest <= inst.size <= MAX_DISPLACED:
+        return f"size {inst.size} is out of bounds", None
+    m = find_mapping(maps, inst.address)
+    if m is None or not _probeable_code(m):
+        return f"{inst.address:#x} is not in an executable file-backed mapping (or the vDSO)", None
+    if inst.address + inst.size > m.end:
+        return f"{inst.address:#x}+{inst.size} crosses the end of its mapping", m
+    slot = area.layout.slot_address(area.code_address, inst.index)
+    if inst.stub_address != slot:
+        return f"stub address {inst.stub_address:#x} is not slot {inst.index} ({slot:#x})", m
+    return None, m
+
+
 def _check_short_entry(inst: FoundInstance, area: FoundArea, maps: list[MapEntry]) -> str | None:
     """The checks of a short-jump entry (``springboards.py``): a window of 2 or more bytes in
     probeable code whose patched bytes are ``EB rel8`` and the original tail, the rel8 landing
     outside the window, its 5 springboard bytes in the same mapping; the stub in its own slot."""
-    assert area.layout is not None
-    if not 2 <= inst.size <= MAX_DISPLACED:
-        return f"size {inst.size} is out of bounds"
-    m = find_mapping(maps, inst.address)
-    if m is None or not _probeable_code(m):
-        return f"{inst.address:#x} is not in an executable file-backed mapping (or the vDSO)"
-    if inst.address + inst.size > m.end:
-        return f"{inst.address:#x}+{inst.size} crosses the end of its mapping"
-    slot = area.layout.slot_address(area.code_address, inst.index)
-    if inst.stub_address != slot:
-        return f"stub address {inst.stub_address:#x} is not slot {inst.index} ({slot:#x})"
+    problem, m = _check_window(inst, area, maps, 2)
+    if problem is not None:
+        return problem
+    assert m is not None
     if inst.patched[:1] != b"\xeb" or inst.patched[2:] != inst.original[2:]:
         return "recorded patched bytes are not a jmp rel8 followed by the original bytes"
     sb = inst.address + 2 + int.from_bytes(inst.patched[1:2], "little", signed=True)
