@@ -37,7 +37,7 @@ from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RING_HEARTBEAT, RING_TAIL, RI
 from .fetch_stubs import PAGE, StringRings
 from .process import _auxv
 from .stubs import RecordTargets, Relocatable, Stub, _Asm
-from .stubs32 import _abs, _add64, _aimed32, _at, _esp, _wait_for_room32, assemble32
+from .stubs32 import _abs, _add64, _aimed32, _at, _esp, _wait_for_room32, assemble32, count_and_reserve32
 
 __all__ = ["fetch_action32", "build_fetch_stub32", "kernel_vsyscall", "SYS_PROCESS_VM_READV32", "SYS_GETPID32"]
 
@@ -71,10 +71,6 @@ def fetch_action32(layout: AreaLayout, where: RecordTargets, rings: StringRings,
     slot_size = STRING_SLOT_HEADER + S
     record_size = layout.string_record_size
 
-    def locked(i: Instruction) -> Instruction:
-        i.has_lock_prefix = True
-        return i
-
     def system_call() -> None:
         if vsyscall is None:
             add(Instruction.create_u32(Code.INT_IMM8, 0x80))
@@ -84,35 +80,10 @@ def fetch_action32(layout: AreaLayout, where: RecordTargets, rings: StringRings,
     add(Instruction.create(Code.PUSHFD))
     add(Instruction.create(Code.PUSHAD))
     add(Instruction.create_reg_mem(Code.LEA_R32_M, R.ESP, _esp(-_LOCALS)))
-    # count in a locked shard chosen by esp (as the other 32-bit stubs); ebx = the shard
-    add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.ESP))
-    add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.EAX, layout.shard_shift))
-    add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
-    add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
-    add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EAX))
-    add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, layout.shard_stride.bit_length() - 1))
-    _add64(a, _abs(where.counter, R.EAX), _abs(where.counter + 4, R.EAX), "counted")
-    # string ring = shard % ring_count: esi = its header, edi = its records
-    add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EBX, layout.ring_count - 1))
-    add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EBX))
-    add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, 7))  # RING_HEADER_SIZE == 128
-    add(Instruction.create_reg_mem(Code.LEA_R32_M, R.ESI, _abs(rings.headers, R.EAX)))
-    add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EBX, layout.string_ring_stride.bit_length() - 1))
-    add(Instruction.create_reg_mem(Code.LEA_R32_M, R.EDI, _abs(rings.records, R.EBX)))
-    # reserve: while head - tail < slots: cmpxchg8b head -> head + 1
-    a.label("retry")
-    add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EAX, _at(R.ESI, 0)))
-    add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EDX, _at(R.ESI, 4)))
-    add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.ECX, R.EAX))
-    add(Instruction.create_reg_mem(Code.SUB_R32_RM32, R.ECX, _at(R.ESI, RING_TAIL)))
-    add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.ECX, layout.string_ring_slots))
-    a.branch(Code.JAE_REL32_32, "full")
-    add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EAX))
-    add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.ECX, R.EDX))
-    add(Instruction.create_reg_u32(Code.ADD_RM32_IMM8, R.EBX, 1))
-    add(Instruction.create_reg_u32(Code.ADC_RM32_IMM8, R.ECX, 0))
-    add(locked(Instruction.create_mem(Code.CMPXCHG8B_M64, _at(R.ESI, 0))))
-    a.branch(Code.JNE_REL32_32, "retry")
+    # count in a locked shard chosen by esp (as the other 32-bit stubs), reserve in string ring
+    # shard % ring_count: esi = its header, edi = its records, edx:eax = the position
+    count_and_reserve32(a, layout, where.counter, rings.headers, rings.records, layout.string_ring_stride,
+                        layout.string_ring_slots)
     # the position in the frame; edi = the record
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _esp(_POS_LO), R.EAX))
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _esp(_POS_HI), R.EDX))

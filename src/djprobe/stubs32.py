@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
 
-from .area import AreaLayout
+from .area import RING_TAIL, AreaLayout
 from .stubs import Relocatable, Stub
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,38 +171,21 @@ def _at(base: Register, displ: int) -> MemoryOperand:
     return MemoryOperand(base, Register.NONE, 1, displ, 1 if -128 <= displ < 128 else 4)
 
 
-def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str = "all") -> list[Instruction]:
-    """Instructions that count the hit and write an event record of a 32-bit thread (see
-    :func:`djprobe.stubs.record_action`; ``lock cmpxchg8b`` reserves the 64-bit ring head)."""
-    from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED
-    from .stubs import _Asm
-
+def count_and_reserve32(a, layout: AreaLayout, counter: int, headers: int, records: int, stride: int,
+                        slots: int) -> None:
+    """Count the hit in a locked shard chosen by ``esp`` (ebx = the shard), then reserve a slot
+    in ring ``shard % ring_count`` of the rings at ``headers``/``records`` (``stride`` bytes of
+    records each, ``slots`` slots) with ``lock cmpxchg8b`` on its head: esi = the ring's header,
+    edi = its records, edx:eax = the position; a full ring goes to ``full``."""
     R = Register
-    a = _Asm()
-
-    def add(i: Instruction) -> None:
-        a.add(i)
-
-    def locked(i: Instruction) -> Instruction:
-        i.has_lock_prefix = True
-        return i
-
-    add(Instruction.create(Code.PUSHFD))
-    add(Instruction.create(Code.PUSHAD))
-    # count (esp-sharded, as the count stub)
-    stride_shift = layout.shard_stride.bit_length() - 1
+    add = a.add
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.ESP))
     add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.EAX, layout.shard_shift))
     add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
     add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EAX))
-    add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
-    _add64(a, _abs(where.counter, R.EAX), _abs(where.counter + 4, R.EAX), "counted")
-    # ring = shard % ring_count: esi = its header, edi = its records
-    args_only = registers != "all"
-    headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
-    stride = layout.args_ring_stride if args_only else layout.ring_stride
-    record_size = ARGS_RECORD_SIZE if args_only else RECORD_SIZE
+    add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, layout.shard_stride.bit_length() - 1))
+    _add64(a, _abs(counter, R.EAX), _abs(counter + 4, R.EAX), "counted")
     add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EBX, layout.ring_count - 1))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EBX))
     add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, 7))  # RING_HEADER_SIZE == 128
@@ -215,14 +198,38 @@ def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str =
     add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EDX, _at(R.ESI, 4)))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.ECX, R.EAX))
     add(Instruction.create_reg_mem(Code.SUB_R32_RM32, R.ECX, _at(R.ESI, RING_TAIL)))
-    add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.ECX, layout.ring_slots))
+    add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.ECX, slots))
     a.branch(Code.JAE_REL32_32, "full")
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EAX))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.ECX, R.EDX))
     add(Instruction.create_reg_u32(Code.ADD_RM32_IMM8, R.EBX, 1))
     add(Instruction.create_reg_u32(Code.ADC_RM32_IMM8, R.ECX, 0))
-    add(locked(Instruction.create_mem(Code.CMPXCHG8B_M64, _at(R.ESI, 0))))
+    cas = Instruction.create_mem(Code.CMPXCHG8B_M64, _at(R.ESI, 0))
+    cas.has_lock_prefix = True
+    add(cas)
     a.branch(Code.JNE_REL32_32, "retry")
+
+
+def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str = "all") -> list[Instruction]:
+    """Instructions that count the hit and write an event record of a 32-bit thread (see
+    :func:`djprobe.stubs.record_action`; ``lock cmpxchg8b`` reserves the 64-bit ring head)."""
+    from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEARTBEAT, RING_TAIL, RING_WAITED
+    from .stubs import _Asm
+
+    R = Register
+    a = _Asm()
+
+    def add(i: Instruction) -> None:
+        a.add(i)
+
+    add(Instruction.create(Code.PUSHFD))
+    add(Instruction.create(Code.PUSHAD))
+    # count (esp-sharded, as the count stub), then reserve a slot in one of the rings
+    args_only = registers != "all"
+    headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
+    stride = layout.args_ring_stride if args_only else layout.ring_stride
+    record_size = ARGS_RECORD_SIZE if args_only else RECORD_SIZE
+    count_and_reserve32(a, layout, where.counter, headers, records, stride, layout.ring_slots)
     # ebp:ebx = pos; edi = the record
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBP, R.EAX))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EDX))
