@@ -372,16 +372,6 @@ def _overlapping(entry: "SiteAnalysis", windows: list["SiteAnalysis"]) -> list["
     return [w for w in windows if w.address < hi and lo < w.address + w.size]
 
 
-def _ends_with_exit(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
-    """Whether the entry window ends with the exit of ``window`` and runs straight to it (the
-    exit action can follow the entry action and the relocated instructions in one stub)."""
-    from .x86 import Flow
-
-    return (bool(entry.displaced) and window.exit is not None and not window.exit_path
-            and entry.displaced[-1].address == window.exit.address
-            and all(i.flow is Flow.NEXT for i in entry.displaced[:-1]))
-
-
 def _way_in_ends_entry(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
     """Whether ``window`` is a path window (see ``SiteAnalysis.exit_path``) whose instructions are
     the last ones of the entry window (``test rdi,rdi; je <ret>`` at ``free``'s entry): one stub
@@ -394,13 +384,26 @@ def _way_in_ends_entry(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
 
 def _ends_at_exit(entry: "SiteAnalysis", window: "SiteAnalysis") -> bool:
     """Whether the entry window ends with the exit instruction of ``window`` (not a path window),
-    and no instruction before it branches back into the window (to the function's first byte:
-    the entry action would run again for the same call)."""
-    if not entry.displaced or window.exit is None or window.exit_path or entry.padding:
+    reached by straight-line code (``lea eax,[rdi+1]; ret``, ``xor esi,esi; jmp f``), or by
+    branches that leave the window, none going back into it (to the function's first byte: the
+    entry action would run again for the same call): the exit action can follow the entry
+    action and the relocated instructions in one stub."""
+    from .x86 import Flow
+
+    if not entry.displaced or window.exit is None or window.exit_path:
         return False
-    lo, hi = entry.address, entry.address + entry.size
-    return (entry.displaced[-1].address == window.exit.address
-            and not any(i.target is not None and lo <= i.target < hi for i in entry.displaced[:-1]))
+    if entry.displaced[-1].address != window.exit.address:
+        return False
+    prefix = entry.displaced[:-1]
+    if all(i.flow is Flow.NEXT for i in prefix):
+        return True
+    return not entry.padding and not _branches_back(entry, prefix)
+
+
+def _branches_back(window: "SiteAnalysis", insns: Sequence) -> bool:
+    """Whether one of ``insns`` branches into ``window``."""
+    lo, hi = window.address, window.address + window.size
+    return any(i.target is not None and lo <= i.target < hi for i in insns)
 
 
 def entry_plan(
@@ -418,20 +421,16 @@ def entry_plan(
         return entry, None, None
     if len(clash) == 1:
         w = clash[0]
-        if _ends_with_exit(entry, w) or _ends_at_exit(entry, w) or _way_in_ends_entry(entry, w):
+        if _ends_at_exit(entry, w) or _way_in_ends_entry(entry, w):
             return entry, w, None
         end = w.displaced[-1].end if w.displaced else 0
         if widen is not None and not w.padding and end > entry.address + entry.size and w.address >= entry.address:
             grown = widen(end - entry.address)
-            if grown.ok and (_ends_at_exit(grown, w) or (_way_in_ends_entry(grown, w) and _no_branch_back(grown))):
+            if grown.ok and (_ends_at_exit(grown, w) or (_way_in_ends_entry(grown, w)
+                                                          and not _branches_back(grown, grown.displaced))):
                 return grown, w, None
     return entry, None, (f"too short for latency: its entry window {entry.address:#x}+{entry.size} overlaps the "
                          f"window of the exit '{clash[0].exit.text if clash[0].exit else '?'}' at {clash[0].address:#x}")
-
-
-def _no_branch_back(window: "SiteAnalysis") -> bool:
-    lo, hi = window.address, window.address + window.size
-    return not any(i.target is not None and lo <= i.target < hi for i in window.displaced)
 
 
 def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> list["Djprobe"]:
