@@ -600,19 +600,24 @@ def _select(report: CleanupReport, areas: list[FoundArea], force: bool) -> list[
     return chosen
 
 
-def _inside_placed_window(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea]) -> bool:
-    """Whether ``inst``'s site lies inside the window of another valid entry whose jump is in
-    place (a window that took it over: see ``overlaps.py``, re-anchoring)."""
+def _placed_others(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea], lo: int, hi: int):
+    """The other valid entries whose window overlaps [lo, hi) and whose patched bytes are in
+    place at their own site."""
     for area in areas:
         for other in area.instances:
-            if other is inst or not other.valid or not other.address <= inst.address < other.address + other.size:
+            if other is inst or not other.valid or not (other.address < hi and lo < other.address + other.size):
                 continue
             try:
                 if memory.read(other.address, other.size) == other.patched:
-                    return True
+                    yield other
             except TargetFaultError:
                 continue
-    return False
+
+
+def _inside_placed_window(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea]) -> bool:
+    """Whether ``inst``'s site lies inside the window of another valid entry whose jump is in
+    place (a window that took it over: see ``overlaps.py``, re-anchoring)."""
+    return next(_placed_others(memory, inst, areas, inst.address, inst.address + 1), None) is not None
 
 
 def _others_in_place(memory: ProcessMemory, inst: FoundInstance, areas: list[FoundArea], now: bytes) -> bool:
@@ -624,18 +629,10 @@ def _others_in_place(memory: ProcessMemory, inst: FoundInstance, areas: list[Fou
     expected = bytearray(inst.original)
     covered = False
     end = inst.address + inst.size
-    for area in areas:
-        for other in area.instances:
-            lo, hi = max(inst.address, other.address), min(end, other.address + other.size)
-            if other is inst or not other.valid or lo >= hi:
-                continue
-            try:
-                if memory.read(other.address, other.size) != other.patched:
-                    continue
-            except TargetFaultError:
-                continue
-            expected[lo - inst.address : hi - inst.address] = other.patched[lo - other.address : hi - other.address]
-            covered = True
+    for other in _placed_others(memory, inst, areas, inst.address, end):
+        lo, hi = max(inst.address, other.address), min(end, other.address + other.size)
+        expected[lo - inst.address : hi - inst.address] = other.patched[lo - other.address : hi - other.address]
+        covered = True
     return covered and bytes(expected) == now
 
 
