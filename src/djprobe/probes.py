@@ -1111,10 +1111,19 @@ class ProbedProcess:
 
     def _referenced(self, start: int, end: int) -> bool:
         """Whether any thread is in [start, end) or holds an address there on its stack."""
-        for thread in self.process.threads.values():
-            if any(start <= p < end for p in thread.positions()):
-                return True
-        return self._stack_snapshot().first_in(start, end) is not None
+        return self._thread_in(start, end) or self._stack_snapshot().first_in(start, end) is not None
+
+    def _code_part_referenced(self, region: Region) -> bool:
+        """Whether a thread is in ``region``'s code part or may resume in one of its stubs
+        (:meth:`StackWords.first_in_stubs`: a number on a stack that falls where no stub was
+        ever written does not keep the area)."""
+        start, end = region.code_address, region.code_address + region.layout.code_size
+        return self._thread_in(start, end) or (
+            self._stack_snapshot().first_in_stubs(start, end, region.layout.slot_size, self.process.read) is not None
+        )
+
+    def _thread_in(self, start: int, end: int) -> bool:
+        return any(start <= p < end for thread in self.process.threads.values() for p in thread.positions())
 
     # -- events --------------------------------------------------------------------------------
     @property
@@ -1306,8 +1315,7 @@ class ProbedProcess:
                 continue
             if unmapped:
                 self._breathe()
-            code_end = region.code_address + region.layout.code_size
-            if self._referenced(region.code_address, code_end):
+            if self._code_part_referenced(region):
                 continue
             unmap_region(self.process, region)
             unmapped += 1

@@ -718,7 +718,10 @@ def _references(process: Process, areas: list[FoundArea], busy: dict[int, str]) 
     for a in areas:
         if a.data_address in busy or not a.code_mapped:
             continue
-        found = stacks.first_in(a.code_address, a.code_end)
+        if a.layout is None:
+            found = stacks.first_in(a.code_address, a.code_end)
+        else:  # a number that falls where no stub was ever written keeps nothing mapped
+            found = stacks.first_in_stubs(a.code_address, a.code_end, a.layout.slot_size, process.read)
         if found is not None:
             tid, word = found
             busy[a.data_address] = (

@@ -30,6 +30,7 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x01, 0x02, 0x20, 0x100000
 O_RDWR, O_CLOEXEC = 0o2, 0o2000000
 
+RARE_WORDS = 0xA000_0000  # a 32-bit place whose address reads as a rare number (see find_gap_near)
 REACH = (1 << 31) - (1 << 24)  # rel32 reach, with a 16 MiB margin for the region's own size
 MIN_ADDRESS = 0x10000
 MAX_ADDRESS = 0x7FFFFFFFF000
@@ -82,15 +83,20 @@ def find_gap_near(
         if reach is None:
             # Anywhere goes (a 32-bit process): also the gap's ends, and places whose addresses
             # do not read as text come first (below).
-            candidates.extend({start, lo_aligned, hi_aligned})
+            band = min(max(RARE_WORDS, lo_aligned), hi_aligned) & ~(ALIGN - 1)  # see below
+            candidates.extend({start, lo_aligned, hi_aligned, max(band, lo_aligned)})
         elif abs(start - site) <= reach and abs(start + size - site) <= reach:
             candidates.append(start)
     if reach is None:
         # A 4-byte stack word is often text (environment strings are on the main stack) or a small
         # number (a count, a length, a small negative one): an area at 0x56xxxxxx ("V...", where a
         # PIE executable is loaded) or at 0x000xxxxx would look referenced by them and could not
-        # be unmapped. Prefer places whose top byte is neither printable ASCII nor 0x00/0xff.
-        candidates.sort(key=lambda a: (_word_like(a) or _word_like(a + size - 1), abs(a + size // 2 - site)))
+        # be unmapped. Prefer places whose top byte is neither printable ASCII nor 0x00/0xff, and
+        # among those the band 0x80..0xbe: as a signed number below -1 billion, as a float a
+        # negative one smaller than 0.5 in magnitude; numbers a program rarely holds (at
+        # 0x06xxxxxx, a duration of 0.1 s in nanoseconds kept an area mapped).
+        candidates.sort(key=lambda a: (_word_like(a) or _word_like(a + size - 1), not (_rare_word(a) and _rare_word(a + size - 1)),
+                                       abs(a + size // 2 - site)))
         return candidates
     candidates.sort(key=lambda a: abs(a + size // 2 - site))
     return candidates
@@ -99,6 +105,11 @@ def find_gap_near(
 def _text_like(address: int) -> bool:
     """Is the top byte of a 32-bit address a printable ASCII character?"""
     return 0x20 <= (address >> 24) & 0xFF <= 0x7E
+
+
+def _rare_word(address: int) -> bool:
+    """Is a 32-bit address, read as a number, one that programs rarely hold (top byte 0x80..0xbe)?"""
+    return 0x80 <= (address >> 24) & 0xFF <= 0xBE
 
 
 def _word_like(address: int) -> bool:

@@ -6,7 +6,10 @@ a jump overwrites displaced bytes, or before a stub's memory is freed, no thread
 address there. :meth:`StackWords.of` reads, for every stopped thread, its *whole used stack*: from
 ``rsp`` (aligned down to 8) to the end of the mapping that contains ``rsp``, in chunks, with no
 fixed cap (a signal handler that ``alloca``\\ s 128 KiB does not hide its frame); unreadable parts
-are skipped.
+are skipped. The main thread's stack is read up to its initial stack pointer (``startstack`` in
+``/proc/PID/stat``, the address of ``argc``) only: above it lie ``argv``, the environment, the
+auxiliary vector and their strings, never a frame, and four characters of a 32-bit process's
+environment (``"DK_V"`` = 0x565f4b44) read as an address inside its PIE executable.
 
 **Alternate signal stacks.** A handler running on a ``sigaltstack`` has its ``rsp`` there, and its
 signal frame (with the interrupted ``rip``) above ``rsp`` on that stack: the scan above covers it.
@@ -39,11 +42,11 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from ._sys.procfs import MapEntry
+from ._sys.procfs import MapEntry, start_stack
 from .errors import DjprobeError, ProcessGoneError
 
 if TYPE_CHECKING:
@@ -109,6 +112,8 @@ class StackWords:
         if getattr(getattr(process, "arch", None), "bits", 64) == 32:
             from .stacks32 import Scanner32 as scanner_class  # 4-byte words, i386 signal frames
         scanner = scanner_class(process, maps, min(m.start for m in executable), max(m.end for m in executable))
+        pid = getattr(process, "pid", None)
+        scanner.ceiling = start_stack(pid) if isinstance(pid, int) else 0
         for thread in list(process.threads.values()):
             if thread.gone:
                 continue
@@ -133,15 +138,48 @@ class StackWords:
         """A (tid, word) with ``start < word < end`` (strictly inside) on its stack, or None."""
         return self._first(start, end, "right")
 
-    def _first(self, start: int, end: int, side: str) -> tuple[int, int] | None:
-        if not 0 <= start < 1 << 64:
-            return None
+    def first_in_stubs(
+        self, start: int, end: int, slot_size: int, read: Callable[[int, int], bytes]
+    ) -> tuple[int, int] | None:
+        """A (tid, word) with ``start <= word < end`` that a thread may resume at in the stub
+        code of [start, end) (a code part of ``slot_size`` slots, read through ``read``), or None.
+
+        A stub is written from the start of its slot, and its last instruction is a jump or a
+        return, whose opcode byte is not zero; the rest of a slot is never written (zeros, as
+        mapped). So a place to resume at ``word`` has a non-zero byte at or after ``word`` in its
+        slot: a word followed only by zeros there is a number that happens to fall in the code
+        part (a count or a duration of the program: in a 32-bit process the whole address space is
+        such numbers), not a return address or a saved ``eip``. A slot that cannot be read counts
+        as referenced."""
+        for tid, word in self._all(start, end):
+            slot_end = start + ((word - start) // slot_size + 1) * slot_size
+            try:
+                tail = read(word, min(slot_end, end) - word)
+            except DjprobeError:
+                return tid, word
+            if tail.count(0) != len(tail):
+                return tid, word
+        return None
+
+    def _all(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        values, owners = self._sorted()
+        i = int(np.searchsorted(values, np.uint64(start), side="left"))  # type: ignore[call-overload]
+        while i < len(values) and int(values[i]) < end:
+            yield int(owners[i]), int(values[i])
+            i += 1
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
         if self._index is None:  # every thread's words in one sorted array: one search per query
             tids = [np.full(len(w), tid, dtype=np.int64) for tid, w in self.words.items()]
             values = np.concatenate([_EMPTY, *self.words.values()])
             order = np.argsort(values, kind="stable")
             self._index = (values[order], np.concatenate([np.empty(0, np.int64), *tids])[order])
-        values, owners = self._index
+        return self._index
+
+    def _first(self, start: int, end: int, side: str) -> tuple[int, int] | None:
+        if not 0 <= start < 1 << 64:
+            return None
+        values, owners = self._sorted()
         i = int(np.searchsorted(values, np.uint64(start), side=side))  # type: ignore[call-overload]
         if i < len(values) and int(values[i]) < end:
             return int(owners[i]), int(values[i])
@@ -160,6 +198,7 @@ class _Scanner:
         self.hi = np.uint64(hi)
         self.bytes_scanned = 0
         self.frames = 0
+        self.ceiling = 0  # the main thread's initial stack pointer: nothing above it is read (0: unknown)
         self._restorer: dict[int, bool] = {}
         # Buffers reused for every chunk: fresh 1 MiB arrays per chunk cost page faults that
         # doubled the time of a scan.
@@ -187,6 +226,8 @@ class _Scanner:
             if m is None or not m.writable:
                 continue  # a stack is readable and writable
             end = scanned.get(m.start, m.end)
+            if m.start <= self.ceiling < end:
+                end = self.ceiling  # argv, the environment and the auxiliary vector: no frames
             if start >= end:
                 continue  # already scanned from lower down
             scanned[m.start] = start

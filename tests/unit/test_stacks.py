@@ -220,3 +220,37 @@ def test_frame_layout_constants():
     assert stacks._FRAME_RIP * 8 == 8 + 40 + 16 * 8
 
 
+
+
+def test_nothing_above_the_main_threads_initial_stack_pointer_is_read(proc, monkeypatch):
+    """argv, the environment and the auxiliary vector lie above ``startstack``: never frames."""
+    ceiling = STACK + 4 * MIB - 4096
+    proc.pid = 4242
+    monkeypatch.setattr(stacks, "start_stack", lambda pid: ceiling if pid == 4242 else 0)
+    proc.thread(1, STACK + 3 * MIB)
+    proc.put(ceiling - 8, SITE + 2)  # the last word below: a frame's
+    proc.put(ceiling, SITE + 4)  # argc's place and above: not
+    proc.put(ceiling + 512, SITE + 6)
+    sw = StackWords.of(proc)
+    assert sw.first_inside(SITE, SITE + 8) == (1, SITE + 2)
+    assert sw.first_in(SITE + 3, SITE + 8) is None
+    assert sw.bytes_scanned == ceiling - STACK - 3 * MIB
+
+
+def test_a_number_where_no_stub_was_written_is_not_a_place_to_resume(proc):
+    """first_in_stubs: a word in a slot whose bytes from it on are all zero is a number."""
+    part, slot = CODE + 0x400, 0x100  # a code part of four slots: a stub in the first
+    proc.mem[CODE][0x400:0x420] = b"\x90" * 31 + b"\xc3"  # ... ending with a ret
+    proc.thread(1, STACK + MIB)
+    proc.put(STACK + MIB + 64, part + 0x380)  # in the fourth slot, never written
+    proc.put(STACK + MIB + 128, part + 0x120)  # in the second slot, never written
+    sw = StackWords.of(proc)
+    assert sw.first_in(part, part + 0x400) == (1, part + 0x120)  # the plain test takes any word
+    assert sw.first_in_stubs(part, part + 0x400, slot, proc.read) is None
+    proc.put(STACK + MIB + 192, part + 0x1F)  # the stub's last instruction: a place to resume
+    sw = StackWords.of(proc)
+    assert sw.first_in_stubs(part, part + 0x400, slot, proc.read) == (1, part + 0x1F)
+    proc.put(STACK + MIB + 192, part + 0x20)  # just after it: zeros to the slot's end
+    assert StackWords.of(proc).first_in_stubs(part, part + 0x400, slot, proc.read) is None
+    proc.unreadable.add(part + 0x390)  # a slot that cannot be read counts as referenced
+    assert StackWords.of(proc).first_in_stubs(part, part + 0x400, slot, proc.read) == (1, part + 0x380)

@@ -76,6 +76,22 @@ def _task_state(path: str) -> str:
     return text[text.rfind(")") + 2 :][:1]
 
 
+def start_stack(pid: int) -> int:
+    """The main thread's initial stack pointer (``startstack``, field 28 of ``/proc/PID/stat``):
+    the address of ``argc``, above which the stack holds only ``argv``, the environment, the
+    auxiliary vector and their strings, never a frame. 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return 0
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        return int(fields[28 - 3])  # fields[0] is field 3 (the state)
+    except (IndexError, ValueError):
+        return 0
+
+
 def proc_dir(pid: int) -> str:
     """The /proc directory that shows the address space of process ``pid``: ``/proc/PID``, or
     ``/proc/PID/task/TID`` of a live thread once the thread-group leader has exited while other
