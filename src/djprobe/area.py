@@ -12,7 +12,9 @@ jump). It is a pair of adjacent mappings in the target:
 Instance ``i`` owns stub slot ``i``, table entry ``i`` and counter column ``i``. Counters are
 sharded so that threads on different CPUs rarely share a cache line: the stub picks a shard from
 its stack pointer (threads have distinct stacks), so the count of instance ``i`` is the sum of
-column ``i`` over all shards. This module is the one definition of that layout, used by the stub
+column ``i`` over all shards. One more row after the shards, the *apart* row, counts (with ``lock
+inc``) the hits of ``vfork``/``posix_spawn`` children before their ``exec`` (see
+:mod:`djprobe.vforks`); it is not part of the hits. This module is the one definition of that layout, used by the stub
 builder, the probe lifecycle and the consumer.
 """
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DJPROBE\x01"
-VERSION = 4  # 4: latency block and rings of string records; 3: one of them; 2: per-CPU counter shards, stub slots of the size in the header, rings of argument-only records
+VERSION = 5  # 5: the "apart" counter row (vfork children, see vforks.py); 4: latency block and rings of string records; 3: one of them; 2: per-CPU counter shards, stub slots of the size in the header, rings of argument-only records
 PAGE = 4096
 
 HEADER_SIZE = PAGE
@@ -253,6 +255,16 @@ class AreaLayout:
         return self.n_shards - self.n_shards // 2
 
     @property
+    def apart_shard(self) -> int:
+        """The row after the shards: hits of vfork/posix_spawn children before their exec (lock inc)."""
+        return self.n_shards
+
+    @property
+    def apart_offset(self) -> int:
+        """Bytes from an instance's shard 0 to its apart counter."""
+        return self.apart_shard * self.shard_stride
+
+    @property
     def shard_stride(self) -> int:
         """Bytes between two shards of the same counter (a power of two)."""
         return self.max_instances * 8
@@ -260,7 +272,7 @@ class AreaLayout:
     @property
     def drops_offset(self) -> int:
         """Per-instance count of events dropped because a ring was full."""
-        return _page_align(self.counters_offset + self.n_shards * self.shard_stride)
+        return _page_align(self.counters_offset + (self.n_shards + 1) * self.shard_stride)  # + the apart row
 
     @property
     def rings_offset(self) -> int:
@@ -536,6 +548,9 @@ class AreaView:
             count=layout.n_shards * layout.max_instances,
             offset=layout.counters_offset,
         ).reshape(layout.n_shards, layout.max_instances)
+        self._apart = np.frombuffer(
+            self.buffer, dtype=np.uint64, count=layout.max_instances, offset=layout.counters_offset + layout.apart_offset
+        )
         self._drops = np.frombuffer(self.buffer, dtype=np.uint64, count=layout.max_instances, offset=layout.drops_offset)
         ring_words = 2 * layout.ring_count * RING_HEADER_SIZE // 8
         #: Rows 0 .. ring_count-1: rings of full records; then the rings of argument records.
@@ -609,8 +624,14 @@ class AreaView:
         """Hits of every instance (one vector, summed over shards)."""
         return self._counters.sum(axis=0, dtype=np.uint64)
 
+    def apart(self, index: int) -> int:
+        """Hits of instance ``index`` in vfork/posix_spawn children before their exec (not in
+        :meth:`count`)."""
+        return int(self._apart[index])
+
     def reset_count(self, index: int) -> None:
         self._counters[:, index] = 0
+        self._apart[index] = 0
         self._drops[index] = 0
 
     def drops(self, index: int) -> int:
@@ -619,7 +640,7 @@ class AreaView:
 
     def release(self) -> None:
         """Drop the numpy view so the underlying mmap can be closed."""
-        self._counters = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
+        self._counters = self._apart = self._drops = self.ring_headers = self.records = self.args_records = None  # type: ignore[assignment]
         self.latency_table = self.latency_misc = self.histograms = None  # type: ignore[assignment]
         self.string_ring_headers = self.string_records = None  # type: ignore[assignment]
         self.buffer.release()

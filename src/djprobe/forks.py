@@ -19,9 +19,11 @@ before any jump leads into it (``ProbedProcess.region_hooks``).
 In a 32-bit process the hook is i386 code (:mod:`djprobe.forks32`: after ``call gs:[0x10]`` of
 ``clone``), without ``--follow``.
 
-Not covered: ``vfork`` and ``posix_spawn`` children share the parent's memory until they
-``exec`` (what they run before, through probed functions, is counted as the parent's), and a raw
-``clone`` without ``CLONE_VM`` that does not go through ``_Fork``.
+``vfork`` and ``posix_spawn`` children share the parent's memory until they ``exec``: the guard
+also places the vfork hooks (:mod:`djprobe.vforks`), so that what they run before, through probed
+functions, is counted apart (:attr:`Djprobe.vfork_hits`), not as the parent's.
+
+Not covered: a raw ``clone`` without ``CLONE_VM`` that does not go through ``_Fork``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .stubs32 import finish32
 
 if TYPE_CHECKING:
     from .probes import ProbedProcess
+    from .vforks import VforkMarks
     from .regions import Region
     from .sites import SiteAnalysis
 
@@ -301,6 +304,7 @@ class ForkGuard:
     def __init__(self, target: "ProbedProcess") -> None:
         self.target = target
         self.hook: ForkHook | None = None
+        self.vforks: "VforkMarks | None" = None
 
     def install(self) -> None:
         """Place the fork hook and keep every area's table. Raises SymbolNotFoundError without
@@ -312,6 +316,15 @@ class ForkGuard:
         hook = ForkHook(site, trap=False)  # its own stub or nothing
         self.target.register(hook)
         self.hook = hook
+        from .vforks import VforkMarks
+
+        self.vforks = VforkMarks(self.target)
+        self.vforks.install()
+
+    @property
+    def notes(self) -> list[str]:
+        """What the guard does not cover in this process (vfork/posix_spawn children)."""
+        return list(self.vforks.notes) if self.vforks is not None else []
 
     @property
     def forks(self) -> int:
@@ -335,6 +348,8 @@ class ForkGuard:
     def close(self) -> None:
         """Remove the hook (children forked from now on keep counting apart only if they were
         forked before: afterwards there are no probes to count)."""
+        if self.vforks is not None:
+            self.vforks.close()
         if self._tables_with in self.target.region_hooks:
             self.target.region_hooks.remove(self._tables_with)
         if self.hook is not None and self.hook.registered:

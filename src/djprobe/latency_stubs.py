@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from .area import LATENCY_ENTRY_SIZE, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
-from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
+from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG, VFORK_CPU
 from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _fs, _mem, _rsp_slot, count_action, rseq_descriptor
 
 __all__ = ["LatencyTargets", "GOLDEN", "TAG_SHIFT", "latency_key", "table_index", "build_latency_entry_stub",
@@ -177,7 +177,17 @@ def entry_action(a: _Asm, t: LatencyTargets) -> None:
     a.label("lat_claim_other")
     a.add(Instruction.create_mem_reg(Code.MOVDQA_XMMM128_XMM, _mem(R.R8), R.XMM8))
     a.label("lat_done")
-    _restore(a)
+    a.add(Instruction.create_reg_mem(Code.MOVDQU_XMM_XMMM128, R.XMM8, _rsp_slot(-48)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.R8, _rsp_slot(-32)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RDX, _rsp_slot(-24)))
+    a.label(ENTRY_SKIP)  # a vfork child's count (stubs.count_action's skip_to): rax, rcx restored here
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RCX, _rsp_slot(-16)))
+    a.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, R.RAX, _rsp_slot(-8)))
+
+
+#: The label of the entry action where the count of a vfork child (``cpu_id`` VFORK_CPU) goes:
+#: its call is counted apart and not timed.
+ENTRY_SKIP = "lat_entry_skip"
 
 
 def exit_action(t: LatencyTargets, per_cpu: PerCpu | None = None) -> _Asm:
@@ -254,6 +264,9 @@ def exit_action(t: LatencyTargets, per_cpu: PerCpu | None = None) -> _Asm:
     a.add(_locked(Instruction.create_mem_reg(Code.ADD_RM64_R64, _mem(R.R8, 8), R.RAX)))
     a.branch(Code.JMP_REL32_64, "lat_done")
     a.label("lat_unpaired")
+    if per_cpu is not None:  # a vfork child's exit (its entry was not timed): not an unpaired exit
+        a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _fs(per_cpu.rseq_offset + CPU_ID), VFORK_CPU))
+        a.branch(Code.JE_REL32_64, "lat_done")
     a.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, R.RAX, t.misc + 8 * MISC_UNPAIRED))
     a.add(_locked(Instruction.create_mem(Code.INC_RM64, _mem(R.RAX))))
     a.label("lat_done")
@@ -273,7 +286,8 @@ def build_latency_entry_stub(
         raise ValueError("a latency entry stub goes at the first byte of a function")
     descriptor = slot_address + layout.slot_size - RSEQ_CS_SIZE
     per_cpu = None if rseq_offset is None else PerCpu(rseq_offset, descriptor)
-    a = count_action(layout, counter_address, red_zone_live=False, flags_live=False, per_cpu=per_cpu)
+    a = count_action(layout, counter_address, red_zone_live=False, flags_live=False, per_cpu=per_cpu,
+                     skip_to=ENTRY_SKIP if per_cpu is not None else None)
     entry_action(a, targets)
     if per_cpu is None:
         return _finish(site, layout, slot_address, a.instructions())
@@ -339,7 +353,8 @@ def build_latency_both_stub(
     exit_desc = entry_desc - RSEQ_CS_SIZE
     per_entry = None if rseq_offset is None else PerCpu(rseq_offset, entry_desc)
     per_exit = None if rseq_offset is None else PerCpu(rseq_offset, exit_desc)
-    a = count_action(layout, counter_address, red_zone_live=False, flags_live=False, per_cpu=per_entry)
+    a = count_action(layout, counter_address, red_zone_live=False, flags_live=False, per_cpu=per_entry,
+                     skip_to=ENTRY_SKIP if per_entry is not None else None)
     entry_action(a, targets)
     entry_code = assemble(a.instructions(), slot_address)
     at = slot_address + len(entry_code)

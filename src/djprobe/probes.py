@@ -150,6 +150,8 @@ class Djprobe:
         "_join_tsc",
         "_final_hits",
         "_final_missed",
+        "_apart_baseline",
+        "_final_apart",
         "_draining",
         "prototype",
         "__dict__",
@@ -228,6 +230,8 @@ class Djprobe:
         self._join_tsc = 0
         self._final_hits: int | None = None
         self._final_missed: int | None = None
+        self._apart_baseline = 0
+        self._final_apart: int | None = None
         # Unregistered, but a thread may still be running through its stub: counts stay live.
         self._draining: Instance | None = None
 
@@ -271,6 +275,18 @@ class Djprobe:
             return source.count() - self._baseline
         return self._final_hits or 0
 
+    @property
+    def vfork_hits(self) -> int:
+        """Hits in ``vfork``/``posix_spawn`` children before their ``exec`` (they run in this
+        process's memory), counted apart and not in :attr:`hits`; 0 where the process has no
+        usable rseq area or the vfork hook is not in (see :mod:`djprobe.vforks`)."""
+        if self._parts is not None:
+            return sum(p.vfork_hits for p in self._parts)
+        source = self._instance or self._draining
+        if source is not None and hasattr(source, "apart"):
+            return source.apart() - self._apart_baseline
+        return self._final_apart or 0
+
     def __repr__(self) -> str:
         where = self.site or (hex(self.addr) if isinstance(self.addr, int) else self.addr)
         state = "registered" if self.registered else "unregistered"
@@ -294,6 +310,7 @@ class Instance:
     probes: list[Djprobe] = field(default_factory=list)
     carried_hits: int = 0  # from earlier stubs of this instance that are given back
     carried_drops: int = 0
+    carried_apart: int = 0
     # Earlier stubs (region, slot, stub) that a thread may still run through: still counted.
     old_slots: list[tuple[Region, int, Stub]] = field(default_factory=list)
     removed: bool = False  # unregistered: its slot is in old_slots until given back
@@ -317,6 +334,11 @@ class Instance:
         live = 0 if self.removed else self.region.view.count(self.slot)
         return self.carried_hits + live + sum(r.view.count(i) for r, i, _ in self.old_slots)
 
+    def apart(self) -> int:
+        """Hits of vfork/posix_spawn children before their exec (see :mod:`djprobe.vforks`)."""
+        live = 0 if self.removed else self.region.view.apart(self.slot)
+        return self.carried_apart + live + sum(r.view.apart(i) for r, i, _ in self.old_slots)
+
     def drops(self) -> int:
         live = 0 if self.removed else self.region.view.drops(self.slot)
         return self.carried_drops + live + sum(r.view.drops(i) for r, i, _ in self.old_slots)
@@ -326,6 +348,7 @@ class Instance:
         for djp in self.drained:
             djp._final_hits = self.count() - djp._baseline
             djp._final_missed = self.drops() - djp._drop_baseline
+            djp._final_apart = self.apart() - djp._apart_baseline
             djp._draining = None
         self.drained = []
 
@@ -745,6 +768,8 @@ class ProbedProcess:
         djp.analysis = analysis
         djp._baseline = 0 if fresh else instance.count()
         djp._drop_baseline = 0 if fresh else instance.drops()
+        djp._apart_baseline = 0 if fresh else instance.apart()
+        djp._final_apart = None
         djp._join_tsc = self.clock.now_tsc() if djp.record else 0
         djp._final_hits = None
         djp._final_missed = None
@@ -989,6 +1014,7 @@ class ProbedProcess:
         if djp._final_hits is None:
             djp._final_hits = instance.count() - djp._baseline
             djp._final_missed = instance.drops() - djp._drop_baseline
+            djp._final_apart = instance.apart() - djp._apart_baseline
         djp._instance = None
         if djp in instance.probes:
             instance.probes.remove(djp)
@@ -1063,6 +1089,7 @@ class ProbedProcess:
         owner.old_slots = [s for s in owner.old_slots if (s[0], s[1]) != (region, slot)]
         owner.carried_hits += region.view.count(slot)
         owner.carried_drops += region.view.drops(slot)
+        owner.carried_apart += region.view.apart(slot)
         if owner.removed and not owner.old_slots:
             owner.finish_drained()
         key = (self._region_number(region), slot)

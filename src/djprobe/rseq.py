@@ -28,13 +28,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from .process import Process
     from .symbols import Symbols
 
-__all__ = ["RSEQ_SIG", "RseqArea", "rseq_symbols", "glibc_rseq_area", "CPU_ID", "RSEQ_CS"]
+__all__ = ["RSEQ_SIG", "RseqArea", "rseq_symbols", "glibc_rseq_area", "CPU_ID", "RSEQ_CS", "VFORK_CPU"]
 
 #: glibc's signature on x86 (also librseq's): the 4 bytes before every abort handler.
 RSEQ_SIG = 0x53053053
 #: Offsets inside ``struct rseq``.
 CPU_ID = 4
 RSEQ_CS = 8
+#: What the vfork hook (:mod:`djprobe.vforks`) writes into ``cpu_id`` in a vfork/posix_spawn
+#: child (which has its parent thread's area but no registration of its own): more than any shard
+#: count, so a stub takes its fallback path, where it counts the hit apart and does nothing else.
+VFORK_CPU = 0x7FFF_FFF0
 _FIELDS_END = 16  # cpu_id_start, cpu_id, rseq_cs: what the stub uses
 
 

@@ -40,7 +40,7 @@ from .area import (
     ARG_REGISTERS, ARGS_RECORD_SIZE, RECORD_SIZE, REGISTER_NAMES, RING_HEADER_SIZE, RING_HEARTBEAT, RING_TAIL, RING_WAITED,
     SLOT_CLAIM_FROM_END, AreaLayout,
 )
-from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG
+from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG, VFORK_CPU
 
 if TYPE_CHECKING:
     from .x86.relocate import Relocated
@@ -97,6 +97,7 @@ def count_action(
     red_zone_live: bool,
     flags_live: bool,
     per_cpu: PerCpu | None = None,
+    skip_to: str | None = None,
 ) -> _Asm:
     """Instructions that add one to the counter of an instance (shard 0 at ``counter_address``).
 
@@ -104,7 +105,12 @@ def count_action(
     (armed in ``rseq_cs``, restarted by the kernel at the abort handler on preemption, migration
     or a signal); the ``lock inc`` of an rsp-chosen locked shard where the thread has no rseq
     registration (``cpu_id`` < 0), the CPU number has no shard of its own, or the program has a
-    critical section of its own armed (its ``rseq_cs`` is left untouched)."""
+    critical section of its own armed (its ``rseq_cs`` is left untouched). A ``cpu_id`` of
+    :data:`~djprobe.rseq.VFORK_CPU` (a vfork/posix_spawn child before its exec, see
+    :mod:`djprobe.vforks`) takes the fallback too, where it ``lock inc``s the instance's apart
+    counter instead; then, with ``skip_to``, it jumps to that label of the caller's action without
+    restoring ``rax``/``rcx`` (the caller's code there restores them from ``[rsp-8]``/``[rsp-16]``;
+    only without a live red zone or live flags)."""
     a = _Asm()
     R = Register
     if red_zone_live:
@@ -140,6 +146,15 @@ def count_action(
         a.branch(Code.JMP_REL32_64, "arm")
         a.label("disarm")
         a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+        a.add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EAX, VFORK_CPU))
+        a.branch(Code.JNE_REL32_64, "locked")
+        apart_inc(a, layout, counter_address)  # a vfork child: counted apart, nothing else
+        if skip_to is not None:
+            if red_zone_live or flags_live:
+                raise ValueError("skip_to needs a dead red zone and dead flags")
+            a.branch(Code.JMP_REL32_64, skip_to)
+        else:
+            a.branch(Code.JMP_REL32_64, "done")
         a.label("locked")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
@@ -160,6 +175,16 @@ def count_action(
     if red_zone_live:
         a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, _rsp_slot(RED_ZONE)))
     return a
+
+
+def apart_inc(a: "_Asm", layout: AreaLayout, counter_address: int) -> None:
+    """``lock inc`` of the apart counter of the instance whose shard 0 is at ``counter_address``
+    (rcx clobbered): the counter's RIP-relative operand is the one the count templates patch."""
+    R = Register
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, MemoryOperand(R.RIP, displ=counter_address)))
+    inc = Instruction.create_mem(Code.INC_RM64, _mem(R.RCX, layout.apart_offset))
+    inc.has_lock_prefix = True
+    a.add(inc)
 
 
 def rseq_descriptor(start: int, post_commit: int, abort: int) -> bytes:
@@ -325,12 +350,15 @@ _REGISTER = {name: getattr(Register, name.upper()) for name in REGISTER_NAMES if
 RECORD_RSEQ_CS_SIZE = 2 * RSEQ_CS_SIZE  # two critical sections: the count, the record
 
 
-def _per_cpu_section(a: _Asm, per_cpu: PerCpu, name: str, limit: int, body, fallback: str, on_full: str | None = None) -> None:
+def _per_cpu_section(a: _Asm, per_cpu: PerCpu, name: str, limit: int, body, fallback: str, on_full: str | None = None,
+                     apart: str | None = None) -> None:
     """An rseq critical section named ``name``: arm ``rseq_cs`` with the descriptor at
     ``per_cpu.descriptor``, eax = cpu_id; if it is ``limit`` or more (or negative: no
     registration), disarm and go to ``fallback``; else ``body(a)`` ending with its one commit
     store; disarm. A program with its own ``rseq_cs`` armed (not 0) goes to ``fallback`` untouched.
-    ``body`` may branch to ``name + "_full"`` (disarms, then goes to ``on_full``)."""
+    ``body`` may branch to ``name + "_full"`` (disarms, then goes to ``on_full``). With ``apart``,
+    a ``cpu_id`` of VFORK_CPU (a vfork child, see :mod:`djprobe.vforks`) goes there instead of to
+    ``fallback`` (a check on the fallback path only)."""
     R = Register
     rseq_cs = _fs(per_cpu.rseq_offset + RSEQ_CS)
     a.add(Instruction.create_mem_u32(Code.CMP_RM64_IMM8, rseq_cs, 0))
@@ -355,6 +383,9 @@ def _per_cpu_section(a: _Asm, per_cpu: PerCpu, name: str, limit: int, body, fall
         a.branch(Code.JMP_REL32_64, on_full)
     a.label(f"{name}_disarm")
     a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
+    if apart is not None:
+        a.add(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, R.EAX, VFORK_CPU))
+        a.branch(Code.JE_REL32_64, apart)
     a.branch(Code.JMP_REL32_64, fallback)
 
 
@@ -426,8 +457,12 @@ def _record_asm(
 
     if per_cpu:
         assert descriptors is not None and where.rseq_offset is not None
-        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[0]), "count", layout.cpu_shards, count_body, "count_locked")
+        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[0]), "count", layout.cpu_shards, count_body, "count_locked",
+                         apart="apart")
     a.label("count_locked")
+    if where.rseq_offset is not None and not per_cpu:  # locked only (a shared stub's record): the check here
+        a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _fs(where.rseq_offset + CPU_ID), VFORK_CPU))
+        a.branch(Code.JE_REL32_64, "apart")
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
     a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
@@ -518,6 +553,10 @@ def _record_asm(
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RAX))
     _write_record(a, layout, where, record_size, args_only)  # ends with the commit (seq = pos + 1)
     a.branch(Code.JMP_REL32_64, "done")
+    if where.rseq_offset is not None:
+        a.label("apart")  # a vfork/posix_spawn child before its exec: counted apart, no record
+        apart_inc(a, layout, where.counter)
+        a.branch(Code.JMP_REL32_64, "done")
     a.label("full")
     if where.wait_cycles:
         _wait_for_room(a, layout, where.wait_cycles, record_size, escapes=locked_rings - 1)

@@ -68,7 +68,7 @@ def test_template_is_built_once_per_shape():
     a = count_template(layout, red_zone_live=True, flags_live=True, rseq_offset=-0x60)
     assert count_template(layout, red_zone_live=True, flags_live=True, rseq_offset=-0x60) is a
     assert count_template(layout, red_zone_live=False, flags_live=True, rseq_offset=-0x60) is not a
-    assert len(a.patches) == 2 and a.rseq_labels is not None  # the per-CPU and the locked increment
+    assert len(a.patches) == 3 and a.rseq_labels is not None  # the per-CPU, the vfork child's and the locked increment
     locked = count_template(layout, red_zone_live=True, flags_live=True, rseq_offset=None)
     assert len(locked.patches) == 1 and locked.rseq_labels is None
 

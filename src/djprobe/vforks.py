@@ -1,0 +1,180 @@
+"""vfork and posix_spawn children count apart: the vfork hooks.
+
+A child made by ``vfork``, or by glibc's ``posix_spawn`` (``__spawni`` uses ``clone(CLONE_VM |
+CLONE_VFORK)`` and runs ``__spawni_child`` in the child), shares all of its parent's memory until
+it calls ``exec``: its parent's jumps, stubs and counters, and its parent thread's TLS, rseq area
+included. It has no rseq registration of its own (the kernel clears it for ``CLONE_VM``), so the
+kernel never updates the ``cpu_id`` it reads nor restarts its critical sections: a per-CPU stub's
+plain ``inc`` on the shard of the parent's last CPU could race with a parent thread running there
+(a lost count), and everything the child calls before its exec (``close``, ``dup2``,
+``sigaction``...) would count as the parent's.
+
+Two jump probes of their own kind mark such a child: right after the ``syscall`` of libc's
+``__vfork`` when ``rax`` is 0 (in the parent, ``rax`` is the child's PID or an error: the hook
+only counts there), and at the entry of ``__spawni_child`` (which runs only in a posix_spawn
+child; a static function, found in the symbol table or libc's separate debug file). Each writes
+:data:`~djprobe.rseq.VFORK_CPU` into ``cpu_id`` at ``fs:[__rseq_offset + 4]``: every per-CPU stub
+then takes its fallback path (``cpu_id`` is beyond its shards), where it finds the marker and only
+adds one, with ``lock inc``, to the instance's *apart* counter (:attr:`AreaLayout.apart_shard`,
+read by :attr:`Djprobe.vfork_hits`, not part of the hits): no record, no latency pairing. When
+the parent returns from the ``vfork`` (its thread was blocked), the kernel writes its real CPU
+number into ``cpu_id`` again. The hooks are plain code without waits: a dead tracer changes
+nothing.
+
+Only where per-CPU counting is used (glibc registered rseq in the process, see
+:mod:`djprobe.rseq`): without it there is no ``cpu_id`` to mark and such children's hits count as
+the parent's (``lock inc``, no race). Without ``__spawni_child`` in any symbol table (no debug
+file for libc), only ``vfork`` children are marked. 64-bit processes only (the 32-bit stubs have
+no per-CPU path). The stubs that still count a vfork child as the parent: string-fetching
+(:mod:`djprobe.fetch_stubs`, always locked).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from iced_x86 import Code, Decoder, Instruction, MemoryOperand, Mnemonic, OpKind, Register
+
+from .arch import I386, X86_64
+from .errors import DjprobeError, SymbolNotFoundError
+from .probes import Djprobe
+from .rseq import CPU_ID, VFORK_CPU
+from .stubs import RED_ZONE, Stub, _Asm, _finish, _fs
+
+if TYPE_CHECKING:
+    from .probes import ProbedProcess
+    from .regions import Region
+    from .sites import SiteAnalysis
+
+__all__ = ["VforkHook", "VforkMarks", "find_vfork_site", "find_spawn_child", "vfork_action"]
+
+log = logging.getLogger(__name__)
+
+SYS_VFORK = 58
+
+
+def vfork_action(counter: int, rseq_offset: int, *, child_only_if_rax_zero: bool) -> list[Instruction]:
+    """The hook's action: write VFORK_CPU into ``cpu_id`` (``fs:[rseq_offset + 4]``); with
+    ``child_only_if_rax_zero`` only when ``rax`` is 0, else ``lock inc`` the counter at ``counter``
+    (the parent returning from ``vfork``). Saves the flags, steps over the red zone; touches no
+    register."""
+    R = Register
+    a = _Asm()
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, MemoryOperand(R.RSP, R.NONE, 1, -RED_ZONE, 1)))
+    a.add(Instruction.create(Code.PUSHFQ))
+    if child_only_if_rax_zero:
+        a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
+        a.branch(Code.JNE_REL32_64, "parent")
+    a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _fs(rseq_offset + CPU_ID), VFORK_CPU))
+    if child_only_if_rax_zero:
+        a.branch(Code.JMP_REL32_64, "done")
+        a.label("parent")
+        inc = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=counter))
+        inc.has_lock_prefix = True
+        a.add(inc)
+    else:
+        inc = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=counter))
+        inc.has_lock_prefix = True
+        a.add(inc)
+    a.label("done")
+    a.add(Instruction.create(Code.POPFQ))
+    a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, MemoryOperand(R.RSP, R.NONE, 1, RED_ZONE, 1)))
+    return a.instructions()
+
+
+class VforkHook(Djprobe):
+    """A jump probe that marks a vfork or posix_spawn child (see the module docstring); its
+    :attr:`hits` count the parent's returns from ``vfork`` (after ``__vfork``'s syscall) or the
+    posix_spawn children started (at ``__spawni_child``)."""
+
+    stub_arches = frozenset({X86_64})
+
+    def __init__(self, address: int, rseq_offset: int, after_syscall: bool) -> None:
+        super().__init__(address, trap=False)  # its own stub or nothing
+        self.rseq_offset = rseq_offset
+        self.after_syscall = after_syscall
+
+    def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
+        counter = region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride
+        action = vfork_action(counter, self.rseq_offset, child_only_if_rax_zero=self.after_syscall)
+        return _finish(analysis, region.layout, region.slot_address(slot), action)
+
+
+def find_vfork_site(target: "ProbedProcess") -> int:
+    """The instruction after the ``vfork`` system call in libc's ``__vfork``.
+
+    Raises SymbolNotFoundError when there is no ``__vfork``/``vfork`` or no ``mov eax, 58;
+    syscall`` in it."""
+    for module in target.symbols.modules:
+        funcs = [s for name in ("__vfork", "vfork") for s in module.symbols(name) if s.size]
+        if not funcs or module.arch is I386:
+            continue
+        func = funcs[0]
+        code = target.process.read(func.address, func.size)
+        eax: int | None = None
+        for insn in Decoder(64, code, ip=func.address):
+            if insn.mnemonic == Mnemonic.MOV and insn.op0_kind == OpKind.REGISTER and insn.op0_register in (Register.EAX, Register.RAX):
+                eax = insn.immediate(1) if insn.op1_kind in (OpKind.IMMEDIATE32, OpKind.IMMEDIATE32TO64) else None
+            elif insn.mnemonic == Mnemonic.SYSCALL:
+                if eax == SYS_VFORK:
+                    return insn.next_ip
+                eax = None
+        raise SymbolNotFoundError(f"no vfork system call found in {module.name}:{func.name}")
+    raise SymbolNotFoundError("no __vfork in the process")
+
+
+def find_spawn_child(target: "ProbedProcess") -> int:
+    """The entry of glibc's ``__spawni_child`` (a static function: in ``.symtab`` or libc's debug
+    file). Raises SymbolNotFoundError without it."""
+    for module in target.symbols.modules:
+        funcs = [s for s in module.symbols("__spawni_child") if s.size]
+        if funcs and module.arch is not I386:
+            return funcs[0].address
+    raise SymbolNotFoundError("no __spawni_child symbol (libc without its symbol table or debug file)")
+
+
+class VforkMarks:
+    """The vfork hooks of one process (see the module docstring). ``notes`` says what is not
+    covered after :meth:`install`."""
+
+    def __init__(self, target: "ProbedProcess") -> None:
+        self.target = target
+        self.hooks: list[VforkHook] = []
+        self.notes: list[str] = []
+
+    def install(self) -> None:
+        """Place the hooks that can go in; what cannot is said in :attr:`notes` (never raises
+        for a missing function or rseq area; raises what registering a probe raises otherwise)."""
+        if getattr(self.target.process, "arch", X86_64) is I386:
+            self.notes.append("vfork/posix_spawn children of 32-bit processes count as the parent's")
+            return
+        offset = self.target._rseq_offset()
+        if offset is None:
+            self.notes.append("no per-CPU counting (rseq) in this process: vfork/posix_spawn children count as the parent's")
+            return
+        for find, after_syscall in ((find_vfork_site, True), (find_spawn_child, False)):
+            try:
+                site = find(self.target)
+            except (SymbolNotFoundError, DjprobeError) as exc:
+                self.notes.append(f"{exc}: such children count as the parent's")
+                continue
+            hook = VforkHook(site, offset, after_syscall)
+            try:
+                self.target.register(hook)
+            except DjprobeError as exc:
+                self.notes.append(f"vfork hook at {site:#x} refused: {exc}")
+                continue
+            self.hooks.append(hook)
+        for note in self.notes:
+            log.info("process %d: %s", self.target.pid, note)
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for hook in self.hooks:
+            if hook.registered:
+                try:
+                    self.target.unregister(hook)
+                except DjprobeError as exc:
+                    log.info("removing a vfork hook: %s", exc)
+        self.hooks = []
