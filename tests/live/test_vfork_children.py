@@ -1,0 +1,171 @@
+"""vfork and posix_spawn children count apart (djprobe.vforks): what such a child calls through
+probed functions before its exec is neither the parent's hits, nor its events, nor its latency
+calls, but the probe's ``vfork_hits``; the parent's figures stay exact while its other threads
+run on every CPU (the child's counts never race with theirs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import djprobe
+from djprobe.area import AreaLayout
+from djprobe.forks import ForkGuard
+from djprobe.vforks import VforkMarks
+from tests.conftest import compile_c
+
+pytestmark = pytest.mark.timeout(240)
+DJPROBE = [sys.executable, "-m", "djprobe"]
+
+# vfchildren T N V S K: T threads call vf_work(i) and dup2 at least N times each, until the main
+# thread is done; meanwhile the main thread makes V vfork children (each calls vf_work(1000000 +
+# i) and dup2 K times, then execs /bin/true or _exits) and S posix_spawn children of /bin/true
+# with K dup2 file actions, and calls vf_work once after each child. It prints the parent's
+# calls of vf_work and dup2 in all.
+TARGET = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+extern char **environ;
+static long n, v, s, k;
+static volatile long main_done, calls, dups, bad;
+__attribute__((noinline)) long vf_work(long x) { __asm__ volatile(""); return x + 1; }
+static void *work(void *a) {
+    long t = (long)a, i, sum = 0, d = 0;
+    for (i = 0; i < n || !main_done; i++) {
+        sum += vf_work(i);
+        if (dup2(2, 300 + (int)t) == 300 + (int)t) d++;
+    }
+    if (sum != i * (i + 1) / 2) __atomic_add_fetch(&bad, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&calls, i, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&dups, d, __ATOMIC_SEQ_CST);
+    return a;
+}
+int main(int argc, char **argv) {
+    if (argc < 6) return 2;
+    int nt = atoi(argv[1]);
+    n = atol(argv[2]); v = atol(argv[3]); s = atol(argv[4]); k = atol(argv[5]);
+    pthread_t th[16];
+    for (long t = 0; t < nt; t++) pthread_create(&th[t], 0, work, (void *)t);
+    long mine = 0, failed = 0;
+    for (long j = 0; j < v; j++) {
+        pid_t pid = vfork();
+        if (pid == 0) {
+            volatile long cs = 0;
+            for (long i = 0; i < k; i++) { cs += vf_work(1000000 + i); dup2(2, 200); }
+            if (j % 2) execl("/bin/true", "true", (char *)NULL);
+            _exit(0);
+        }
+        int st = 0;
+        if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st)) failed++;
+        vf_work(-1); mine++;   /* the parent's own call after each vfork */
+    }
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    for (long i = 0; i < k; i++) posix_spawn_file_actions_adddup2(&fa, 2, 10 + (int)(i % 50));
+    char *args[] = {"true", NULL};
+    for (long j = 0; j < s; j++) {
+        pid_t pid;
+        int st = 0;
+        if (posix_spawn(&pid, "/bin/true", &fa, NULL, args, environ) || waitpid(pid, &st, 0) != pid || WEXITSTATUS(st)) failed++;
+        vf_work(-2); mine++;
+    }
+    main_done = 1;
+    for (long t = 0; t < nt; t++) pthread_join(th[t], 0);
+    printf("done calls=%ld dups=%ld failed=%ld bad=%ld\n", calls + mine, dups, failed, bad);
+    return 0;
+}
+"""
+
+T, N, V, S, K = 3, 20000, 40, 40, 25
+
+
+@pytest.fixture(scope="module")
+def vfchildren():
+    return compile_c(TARGET, name="vfchildren")
+
+
+def _fields(output: str) -> dict[str, int]:
+    assert output.startswith("done "), output
+    fields = {key: int(value) for key, value in (kv.split("=") for kv in output.split()[1:])}
+    assert fields["failed"] == 0 and fields["bad"] == 0, output
+    return fields
+
+
+def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True):
+    """Spawn vfchildren with the fork guard (and its vfork hooks) and ``probes``; run it to its
+    end. Returns (fields, proc, marks, batches)."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        if layout is not None:
+            proc.layout = layout
+        marks = None
+        if guard:
+            fork_guard = ForkGuard(proc)
+            fork_guard.install()
+            marks = fork_guard.vforks
+            assert marks is not None and marks.notes == [], marks and marks.notes
+            assert [h.mode for h in marks.hooks] == ["jump", "jump"]
+        for djp in probes:
+            proc.register(djp)
+        proc.start()
+        batches = []
+        if any(d.record for d in probes):
+            batches = list(proc.events(timeout=120))
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0, output
+        if batches:
+            batches.append(proc.read_events())
+        hooks = [h.hits for h in marks.hooks] if marks is not None else []
+        figures = [(d.hits, d.vfork_hits) for d in probes]
+    return _fields(output), figures, hooks, batches
+
+
+def test_count_children_apart_parent_exact(vfchildren):
+    work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
+    fields, figures, hooks, _ = _run(vfchildren, [work, dup2])
+    assert hooks == [V, S]  # the parent's returns from vfork, the posix_spawn children
+    assert fields["calls"] >= T * N
+    assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
+
+
+def test_without_the_hooks_children_count_as_the_parent(vfchildren):
+    """The reference: without the vfork hooks, the children's calls before their exec are the
+    parent's (and a per-CPU count may even be lost to a race with a parent thread)."""
+    dup2 = djprobe.Djprobe("libc:dup2")
+    fields, figures, _, _ = _run(vfchildren, [dup2], guard=False)
+    assert figures[0][1] == 0
+    assert fields["dups"] < figures[0][0] <= fields["dups"] + V * K + S * K
+
+
+def test_record_no_child_event_as_the_parent(vfchildren):
+    work = djprobe.Djprobe("vf_work", record=True, lossless=True)
+    layout = AreaLayout(ring_count=8, ring_slots=1 << 16)
+    fields, figures, _, batches = _run(vfchildren, [work], layout=layout)
+    hits, apart = figures[0]
+    assert (hits, apart) == (fields["calls"], V * K)
+    x = np.concatenate([b.register("rdi") for b in batches]).astype(np.int64)
+    assert len(x) == hits and work.missed == 0
+    assert not (x >= 1_000_000).any(), "a vfork child's event is in the parent's rings"
+    assert int((x == -1).sum()) == V and int((x == -2).sum()) == S  # the main thread's own calls after each child
+
+
+def test_latency_parent_calls_equal_returns(vfchildren):
+    work = djprobe.Djprobe("vf_work", at="latency")
+    fields, figures, _, _ = _run(vfchildren, [work])
+    lat = work.latency
+    assert lat.calls == fields["calls"]
+    assert lat.returns + lat.unpaired == fields["calls"]
+    assert lat.unpaired <= lat.collisions
+    assert figures[0][1] == V * K
