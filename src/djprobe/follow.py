@@ -53,6 +53,11 @@ class ChildSite:
         return sum(view.count(slot) for view, slot in self.slots)
 
     @property
+    def vfork_hits(self) -> int:
+        """Hits of the child's own vfork/posix_spawn children before their exec (djprobe.vforks)."""
+        return sum(view.apart(slot) for view, slot in self.slots)
+
+    @property
     def missed(self) -> int:
         """Events of the site's record probes the child dropped (a ring was full)."""
         return sum(view.drops(slot) for view, slot in self.slots)

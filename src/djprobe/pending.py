@@ -48,6 +48,11 @@ class SiteTotal:
         return sum(d.hits for d in self.probes)
 
     @property
+    def vfork_hits(self) -> int:
+        """Hits of vfork/posix_spawn children before their exec (see :mod:`djprobe.vforks`)."""
+        return sum(d.vfork_hits for d in self.probes)
+
+    @property
     def missed(self) -> int:
         return sum(d.missed for d in self.probes)
 

@@ -20,7 +20,7 @@ from ..errors import DjprobeError, InvalidSiteError, ProcessGoneError
 from ..probes import Djprobe, ProbedProcess, attach
 from ._children import follow_children, guard_children
 from ._name_watch import NameWatch, known_pids, processes_named
-from ._output import notice, plural, print_refusals, refusal_reason, short_list
+from ._output import notice, plural, print_refusals, refusal_reason, short_list, vfork_lines
 from ._pending import follow_libraries
 from ._target import Refusal, interrupted, make_probes, pending_list
 
@@ -142,15 +142,17 @@ def close_member(member: Member) -> None:
 
 def _rows(sites: list) -> list[dict]:
     rows = sorted(sites, key=lambda d: (-d.hits, d.site or ""))
-    return [{"site": d.site, "address": d.address, "hits": d.hits} for d in rows]
+    return [{"site": d.site, "address": d.address, "hits": d.hits, "vfork_hits": d.vfork_hits} for d in rows]
 
 
 def _totals(members: list[Member]) -> list[dict]:
     totals: dict[str, int] = {}
+    apart: dict[str, int] = {}
     for member in members:
         for d in member.sites():
             totals[d.site] = totals.get(d.site, 0) + d.hits
-    return [{"site": s, "hits": h} for s, h in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
+            apart[d.site] = apart.get(d.site, 0) + d.vfork_hits
+    return [{"site": s, "hits": h, "vfork_hits": apart[s]} for s, h in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -184,7 +186,9 @@ def report(
         if args.interval:
             lines.append(f"[{time.strftime('%H:%M:%S')}] interval {interval}" + (" (final)" if final else ""))
         lines.append(f"all {plural(len(members), 'process', 'processes')}:")
-        lines += _table(_totals(members))
+        totals = _totals(members)
+        lines += _table(totals)
+        lines += vfork_lines([(r["site"] or "", r["vfork_hits"]) for r in totals])
         for m in members:
             lines.append("")
             lines.append(f"process {m.pid} ({m.command}):")

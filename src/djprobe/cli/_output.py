@@ -109,3 +109,14 @@ def print_refusals(refused: Iterable[tuple[str, str]]) -> None:
     notice(f"{plural(len(rows), 'site')} refused:")
     for site, reason in rows:
         notice(f"  {site}: {reason}")
+
+
+def vfork_lines(rows: list[tuple[str, int]]) -> list[str]:
+    """The hits of vfork/posix_spawn children before their exec (not in the counts above; see
+    djprobe.vforks), where there are any."""
+    rows = [(site, n) for site, n in rows if n]
+    if not rows:
+        return []
+    width = max([len("FUNC")] + [len(site) for site, _ in rows])
+    return ["", "vfork/posix_spawn children, before their exec (not counted above):",
+            f"{'FUNC':<{width}}  {'COUNT':>12}"] + [f"{site:<{width}}  {n:>12}" for site, n in rows]

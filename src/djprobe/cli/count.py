@@ -11,7 +11,7 @@ from ..area import AreaLayout
 from ..errors import InvalidSiteError
 from ..module_globs import ALL_FUNCTIONS
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream, vfork_lines
 from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
 from ._children import add_follow_argument, follow_children, guard_children, idle_with, report_family
 from ._fleet import run_fleet, wants_fleet
@@ -61,12 +61,13 @@ def _table(probes: list[Djprobe]) -> str:
     width = max([len("FUNC")] + [len(d.site or "") for d in rows])
     lines = [f"{'FUNC':<{width}}  MODE  {'COUNT':>12}"]
     lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>12}" for d in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + vfork_lines([(d.site or "", d.vfork_hits) for d in rows]))
 
 
 def probe_json(d: Djprobe) -> dict:
-    """A probe's site, address, hits, mode ("jump" or "trap") and, for a trap, why no jump."""
-    row = {"site": d.site, "address": d.address, "hits": d.hits, "mode": d.mode}
+    """A probe's site, address, hits, mode ("jump" or "trap"), the hits of vfork/posix_spawn
+    children before their exec (``vfork_hits``, not in ``hits``) and, for a trap, why no jump."""
+    row = {"site": d.site, "address": d.address, "hits": d.hits, "vfork_hits": d.vfork_hits, "mode": d.mode}
     if d.mode == "trap":
         row["no_jump_reason"] = d.no_jump_reason
     return row
