@@ -1,6 +1,7 @@
 """--follow beyond count: trace and latency take in forked children and exec'd images (events
-and figures per process, exact), --name takes in processes started later, and what a vfork
-child calls before its exec counts as its parent's (as documented)."""
+and figures per process, exact), --name takes in processes started later, and what a vfork or
+posix_spawn child calls before its exec is counted apart from its parent's figures (vfork_hits)
+and never recorded as the parent's events."""
 
 from __future__ import annotations
 
@@ -181,10 +182,10 @@ def vforker():
 
 
 @pytest.mark.parametrize("follow", [False, True], ids=["plain", "follow"])
-def test_vfork_child_calls_before_exec_count_as_the_parent(vforker, follow):
-    """Documented: a vfork child runs in its parent's memory (its stubs, its counters) until it
-    execs, so its 1,000 calls before the exec are the parent's; with --follow the program it
-    execs (3,000 calls) is counted apart, under the child's PID."""
+def test_vfork_child_calls_before_exec_count_apart(vforker, follow):
+    """A vfork child runs in its parent's memory (its stubs, its counters) until it execs: its
+    1,000 calls before the exec are counted apart (vfork_hits), not as the parent's; with
+    --follow the program it execs (3,000 calls) is counted apart, under the child's PID."""
     res = run(DJPROBE + ["count", "--json"] + (["--follow"] if follow else []) + ["fc_work", "--", vforker, 1000],
               input="go\n")
     assert res.returncode == 0, res.stderr
@@ -192,13 +193,14 @@ def test_vfork_child_calls_before_exec_count_as_the_parent(vforker, follow):
     assert lines[0] == "parent 1000 child 0"  # the child ran and its exec'd program exited 0
     report = json.loads(lines[-1])
     if not follow:
-        assert [p["hits"] for p in report["probes"]] == [2000]
+        assert [(p["hits"], p["vfork_hits"]) for p in report["probes"]] == [(1000, 1000)]
         return
-    per = [(p["command"].split()[1:], p["probes"][0]["hits"]) for p in report["processes"]]
-    assert per == [(["1000"], 2000), (["1000", "exec"], 3000)]
+    assert [(p["hits"], p["vfork_hits"]) for p in report["probes"]] == [(4000, 1000)]
+    per = [(p["command"].split()[1:], p["probes"][0]["hits"], p["probes"][0]["vfork_hits"]) for p in report["processes"]]
+    assert per == [(["1000"], 1000, 1000), (["1000", "exec"], 3000, 0)]
 
 
-def test_vfork_child_events_carry_the_parent_pid_and_tid(vforker, tmp_path):
+def test_vfork_child_events_are_not_the_parents(vforker, tmp_path):
     res, out = trace(tmp_path, ["--follow", "--json", "fc_work"], [vforker, 200], input="go\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout == "parent 200 child 0\n"
@@ -206,15 +208,17 @@ def test_vfork_child_events_carry_the_parent_pid_and_tid(vforker, tmp_path):
     report = json.loads(out.strip().splitlines()[-1])
     parent, image = (p["pid"] for p in report["processes"])
     where = Counter((e["pid"], e["tid"], e["args"][0] // 1000) for e in events)
-    # x < 1000: the parent's own; 1000..: the vfork child's (in the parent's rings, with the TID
-    # its parent's thread control block holds); 2000..: the exec'd program's, apart
-    assert where == {(parent, parent, 0): 200, (parent, parent, 1): 200, (image, image, 2): 600}
+    # x < 1000: the parent's own; 1000..: the vfork child's, counted apart and not recorded;
+    # 2000..: the exec'd program's, apart
+    assert where == {(parent, parent, 0): 200, (image, image, 2): 600}
     assert image != parent
+    assert [(p["hits"], p.get("vfork_hits")) for p in report["processes"][0]["probes"]] == [(200, 200)]
 
 
-def test_posix_spawn_child_file_actions_count_as_the_parent(forkcount, tmp_path):
+def test_posix_spawn_child_file_actions_count_apart(forkcount, tmp_path):
     """posix_spawn's child runs the file actions (dup2 here) in its parent's memory before its
-    exec: they are the parent's; the spawned program is counted apart from its first instruction."""
+    exec: they are counted apart (vfork_hits), not as the parent's; the spawned program is
+    counted apart from its first instruction."""
     spawner = compile_c(TARGETS / "pspawn_dup.c", name="pspawn_dup")
     exe = tmp_path / "forkcount"
     exe.write_bytes(forkcount.read_bytes())
@@ -224,8 +228,9 @@ def test_posix_spawn_child_file_actions_count_as_the_parent(forkcount, tmp_path)
     lines = res.stdout.strip().splitlines()
     assert lines[:2] == ["parent 14 children 0 bad 0", "spawned 0"]
     report = json.loads(lines[-1])
-    per = [(p["command"], {q["site"].split(":")[1]: q["hits"] for q in p["probes"]}) for p in report["processes"]]
-    assert per == [(f"{spawner} {exe} 3", {"dup2": 3}), (f"{exe} 7 0", {"fc_work": 14, "dup2": 0})]
+    per = [(p["command"], {q["site"].split(":")[1]: (q["hits"], q["vfork_hits"]) for q in p["probes"]})
+           for p in report["processes"]]
+    assert per == [(f"{spawner} {exe} 3", {"dup2": (0, 3)}), (f"{exe} 7 0", {"fc_work": (14, 0), "dup2": (0, 0)})]
 
 
 def test_api_child_events_lossless(forkcount):

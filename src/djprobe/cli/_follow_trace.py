@@ -21,7 +21,7 @@ from ..events import EventBatch
 from ..follow import FollowedChild
 from ..probes import ProbedProcess
 from ._children import Family, Placement, follow_children
-from ._output import plural
+from ._output import plural, vfork_lines
 from ._target import Interrupted, interrupted
 
 
@@ -34,10 +34,12 @@ class _Row:
     mode: str | None
     hits: int
     missed: int
+    vfork_hits: int = 0  # vfork/posix_spawn children before their exec: not in hits, not recorded
 
 
 def _rows(sites: list) -> list[_Row]:
-    return [_Row(s.site, s.address, getattr(s, "mode", None), s.hits, s.missed) for s in sites]
+    return [_Row(s.site, s.address, getattr(s, "mode", None), s.hits, s.missed, getattr(s, "vfork_hits", 0))
+            for s in sites]
 
 
 class TraceFamily:
@@ -146,13 +148,14 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
             t = totals.setdefault(r.site, _Row(r.site, r.address, r.mode, 0, 0))
             t.hits += r.hits
             t.missed += r.missed
+            t.vfork_hits += r.vfork_hits
 
     def ordered(rows) -> list[_Row]:
         return sorted(rows, key=lambda r: (-r.hits, r.site or ""))
 
     def row_json(r: _Row) -> dict:
         return {"site": r.site, "address": r.address, "mode": r.mode, "hits": r.hits,
-                "delivered": r.hits - r.missed, "dropped": r.missed}
+                "delivered": r.hits - r.missed, "dropped": r.missed, "vfork_hits": r.vfork_hits}
 
     if as_json:
         return json.dumps({
@@ -168,6 +171,7 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
         return lines + [f"{r.site:<{width}}  {r.hits:>10}  {r.hits - r.missed:>10}  {r.missed:>8}" for r in rows]
 
     lines = [f"all {plural(len(members), 'process', 'processes')}:"] + table(ordered(totals.values()))
+    lines += vfork_lines([(r.site or "", r.vfork_hits) for r in ordered(totals.values())])
     for pid, command, rows in members:
         lines += ["", f"process {pid} ({command}):"] + table(ordered(rows))
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")

@@ -11,7 +11,7 @@ from ..area import ARG_REGISTERS, MAX_STRING_SIZE, REGISTER_NAMES, AreaLayout
 from ..events import EventBatch
 from ..fetched import FetchedString, format_value, json_value
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream, vfork_lines
 from .count import probe_json
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
 from ._children import Placement, add_follow_argument, guard_children
@@ -207,6 +207,7 @@ def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
     width = max([len("PROBE")] + [len(d.site or "") for d in rows])
     lines = [f"{'PROBE':<{width}}  MODE  {'HITS':>10}  {'DELIVERED':>10}  {'DROPPED':>8}"]
     lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}" for d in rows]
+    lines += vfork_lines([(d.site or "", d.vfork_hits) for d in rows])
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
     return "\n".join(lines)
 
