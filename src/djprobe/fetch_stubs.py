@@ -32,6 +32,7 @@ from .area import (
     STRING_CLAIM_OFFSET, STRING_MASK_OFFSET, STRING_SLOT_HEADER,
     AreaLayout,
 )  # fmt: skip
+from .rseq import CPU_ID, VFORK_CPU
 from .stubs import (
     RED_ZONE,
     RecordTargets,
@@ -39,9 +40,11 @@ from .stubs import (
     Stub,
     _Asm,
     _finish,
+    _fs,
     _mem,
     _rdtsc,
     _rsp_slot,
+    apart_inc,
 )
 
 # The full frame of this stub (every general-purpose register pushed, then the flags slot) and
@@ -163,6 +166,9 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     a.add(Instruction.create(Code.LAHF))
     a.add(Instruction.create_reg(Code.SETO_RM8, R.AL))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _rsp_slot(_FLAGS_SLOT), R.RAX))
+    if where.rseq_offset is not None:  # a vfork/posix_spawn child (djprobe.vforks): counted apart, no record
+        a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _fs(where.rseq_offset + CPU_ID), VFORK_CPU))
+        a.branch(Code.JE_REL32_64, "apart")
     # Count the hit in a locked shard chosen by rsp (as the record stub does); rbx = the shard.
     stride_shift = layout.shard_stride.bit_length() - 1
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
@@ -308,6 +314,10 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RCX, _mem(R.RBP, 1)))
     a.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, _mem(R.R12), R.RCX))
     a.branch(Code.JMP_REL32_64, "done")
+    if where.rseq_offset is not None:
+        a.label("apart")
+        apart_inc(a, layout, where.counter)
+        a.branch(Code.JMP_REL32_64, "done")
     a.label("full")
     if where.wait_cycles:  # the string rings have their own number of slots
         _wait_for_room_rsi(a, dataclasses.replace(layout, ring_slots=layout.string_ring_slots), where.wait_cycles,

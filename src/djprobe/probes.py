@@ -815,6 +815,8 @@ class ProbedProcess:
                     self._populate_rings(region)
                     where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     rings = string_rings(region.layout, region.data_address)
+                    if getattr(self.process, "arch", X86_64) is X86_64:  # a vfork child's hits apart (djprobe.vforks)
+                        where = dataclasses.replace(where, rseq_offset=self._rseq_offset())
                     build_fetch = _FETCH_STUBS[getattr(self.process, "arch", X86_64)]
                     stub = build_fetch(self, analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif builder is not None:  # written for the modes its class names (stub_arches)

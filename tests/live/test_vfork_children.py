@@ -25,7 +25,8 @@ DJPROBE = [sys.executable, "-m", "djprobe"]
 # vfchildren T N V S K: T threads call vf_work(i) and dup2 at least N times each, until the main
 # thread is done; meanwhile the main thread makes V vfork children (each calls vf_work(1000000 +
 # i) and dup2 K times, then execs /bin/true or _exits) and S posix_spawn children of /bin/true
-# with K dup2 file actions, and calls vf_work once after each child. It prints the parent's
+# with K dup2 file actions, and calls vf_work once after each child. vf_name(s, i): each vfork child
+# calls it K times with "child", the main thread once after each child with "parent". It prints the parent's
 # calls of vf_work and dup2 in all.
 TARGET = r"""
 #define _GNU_SOURCE
@@ -39,6 +40,7 @@ extern char **environ;
 static long n, v, s, k;
 static volatile long main_done, calls, dups, bad;
 __attribute__((noinline)) long vf_work(long x) { __asm__ volatile(""); return x + 1; }
+__attribute__((noinline)) long vf_name(const char *s, long x) { __asm__ volatile(""); return s[0] + x; }
 static void *work(void *a) {
     long t = (long)a, i, sum = 0, d = 0;
     for (i = 0; i < n || !main_done; i++) {
@@ -61,13 +63,14 @@ int main(int argc, char **argv) {
         pid_t pid = vfork();
         if (pid == 0) {
             volatile long cs = 0;
-            for (long i = 0; i < k; i++) { cs += vf_work(1000000 + i); dup2(2, 200); }
+            for (long i = 0; i < k; i++) { cs += vf_work(1000000 + i); dup2(2, 200); cs += vf_name("child", i); }
             if (j % 2) execl("/bin/true", "true", (char *)NULL);
             _exit(0);
         }
         int st = 0;
         if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st)) failed++;
         vf_work(-1); mine++;   /* the parent's own call after each vfork */
+        vf_name("parent", j);
     }
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
@@ -78,6 +81,7 @@ int main(int argc, char **argv) {
         int st = 0;
         if (posix_spawn(&pid, "/bin/true", &fa, NULL, args, environ) || waitpid(pid, &st, 0) != pid || WEXITSTATUS(st)) failed++;
         vf_work(-2); mine++;
+        vf_name("parent", v + j);
     }
     main_done = 1;
     for (long t = 0; t < nt; t++) pthread_join(th[t], 0);
@@ -101,9 +105,10 @@ def _fields(output: str) -> dict[str, int]:
     return fields
 
 
-def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True):
+def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None):
     """Spawn vfchildren with the fork guard (and its vfork hooks) and ``probes``; run it to its
-    end. Returns (fields, proc, marks, batches)."""
+    end. Returns (fields, [(hits, vfork_hits) per probe], the hooks' hits, the event batches, and
+    what ``inspect(batches)`` returns, called while the process is still open)."""
     read_fd, write_fd = os.pipe()
     with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd) as proc:
         os.close(write_fd)
@@ -130,12 +135,13 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True):
             batches.append(proc.read_events())
         hooks = [h.hits for h in marks.hooks] if marks is not None else []
         figures = [(d.hits, d.vfork_hits) for d in probes]
-    return _fields(output), figures, hooks, batches
+        inspected = inspect(batches) if inspect is not None else None
+    return _fields(output), figures, hooks, batches, inspected
 
 
 def test_count_children_apart_parent_exact(vfchildren):
     work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
-    fields, figures, hooks, _ = _run(vfchildren, [work, dup2])
+    fields, figures, hooks, _, _ = _run(vfchildren, [work, dup2])
     assert hooks == [V, S]  # the parent's returns from vfork, the posix_spawn children
     assert fields["calls"] >= T * N
     assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
@@ -145,7 +151,7 @@ def test_without_the_hooks_children_count_as_the_parent(vfchildren):
     """The reference: without the vfork hooks, the children's calls before their exec are the
     parent's (and a per-CPU count may even be lost to a race with a parent thread)."""
     dup2 = djprobe.Djprobe("libc:dup2")
-    fields, figures, _, _ = _run(vfchildren, [dup2], guard=False)
+    fields, figures, _, _, _ = _run(vfchildren, [dup2], guard=False)
     assert figures[0][1] == 0
     assert fields["dups"] < figures[0][0] <= fields["dups"] + V * K + S * K
 
@@ -153,7 +159,7 @@ def test_without_the_hooks_children_count_as_the_parent(vfchildren):
 def test_record_no_child_event_as_the_parent(vfchildren):
     work = djprobe.Djprobe("vf_work", record=True, lossless=True)
     layout = AreaLayout(ring_count=8, ring_slots=1 << 16)
-    fields, figures, _, batches = _run(vfchildren, [work], layout=layout)
+    fields, figures, _, batches, _ = _run(vfchildren, [work], layout=layout)
     hits, apart = figures[0]
     assert (hits, apart) == (fields["calls"], V * K)
     x = np.concatenate([b.register("rdi") for b in batches]).astype(np.int64)
@@ -164,7 +170,7 @@ def test_record_no_child_event_as_the_parent(vfchildren):
 
 def test_latency_parent_calls_equal_returns(vfchildren):
     work = djprobe.Djprobe("vf_work", at="latency")
-    fields, figures, _, _ = _run(vfchildren, [work])
+    fields, figures, _, _, _ = _run(vfchildren, [work])
     lat = work.latency
     assert lat.calls == fields["calls"]
     assert lat.returns + lat.unpaired == fields["calls"]
@@ -190,3 +196,19 @@ def test_count_command_reports_children_apart(vfchildren):
     at = text.index("vfork/posix_spawn children, before their exec (not counted above):")
     assert text[at + 2].split() == ["libc.so.6:dup2", str(V * K + S * K)]
     assert text[2].split() == ["libc.so.6:dup2", "jump", str(_fields(text[0])["dups"])]
+
+
+def test_string_fetch_no_child_record(vfchildren):
+    """A probe that copies a string argument (djprobe.fetch_stubs, always locked): the children's
+    calls are counted apart and never recorded."""
+    from djprobe.events import EventBatch
+
+    work = djprobe.Djprobe("vf_name", prototype="const char *s, long x", lossless=True)
+
+    def strings(batches):
+        batch = EventBatch.concat([b for b in batches if len(b)])
+        return sorted(zip(batch.column("s"), batch.column("x")))
+
+    fields, figures, _, _, seen = _run(vfchildren, [work], inspect=strings)
+    assert figures == [(V + S, V * K)]
+    assert seen == sorted(("parent", j) for j in range(V + S))
