@@ -317,6 +317,8 @@ def _points(proc: "ProbedProcess", host: "Instance", region, leaving: Sequence =
         if member.action == "record":
             proc._populate_rings(region)
             record = region.record_targets(slot, proc._thread_map.tid_offset, proc._wait_cycles(member.lossless))
+            # locked records; the rseq offset only to tell a vfork child (djprobe.vforks): counted apart
+            record = dataclasses.replace(record, rseq_offset=proc._rseq_offset())
         if member.analysis.exit_path:
             paths.append(PathPoint(member.analysis, region.counter_address(slot), record, member.registers))
             continue
