@@ -25,8 +25,8 @@ Only where per-CPU counting is used (glibc registered rseq in the process, see
 :mod:`djprobe.rseq`): without it there is no ``cpu_id`` to mark and such children's hits count as
 the parent's (``lock inc``, no race). Without ``__spawni_child`` in any symbol table (no debug
 file for libc), only ``vfork`` children are marked. 64-bit processes only (the 32-bit stubs have
-no per-CPU path). The stubs that still count a vfork child as the parent: string-fetching
-(:mod:`djprobe.fetch_stubs`, always locked).
+no per-CPU path). Stubs without a per-CPU path in a process that has one (string-fetching
+stubs, the records of shared stubs) compare ``cpu_id`` with the marker before their locked count.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ SYS_VFORK = 58
 
 
 def vfork_action(counter: int, rseq_offset: int, *, child_only_if_rax_zero: bool) -> list[Instruction]:
-    """The hook's action: write VFORK_CPU into ``cpu_id`` (``fs:[rseq_offset + 4]``); with
+    """The hook's action: write VFORK_CPU into ``cpu_id`` (``fs:[rseq_offset + 4]``) if it holds a
+    CPU number (the thread is registered); with
     ``child_only_if_rax_zero`` only when ``rax`` is 0, else ``lock inc`` the counter at ``counter``
     (the parent returning from ``vfork``). Saves the flags, steps over the red zone; touches no
     register."""
@@ -66,6 +67,11 @@ def vfork_action(counter: int, rseq_offset: int, *, child_only_if_rax_zero: bool
     if child_only_if_rax_zero:
         a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
         a.branch(Code.JNE_REL32_64, "parent")
+    # Only where the parent thread is registered (cpu_id >= 0): the kernel writes its real CPU
+    # number back when it returns from vfork; an unregistered thread's -1 is left alone (its
+    # children then count as the parent's, with lock inc).
+    a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM8, _fs(rseq_offset + CPU_ID), 0))
+    a.branch(Code.JL_REL32_64, "done")
     a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _fs(rseq_offset + CPU_ID), VFORK_CPU))
     if child_only_if_rax_zero:
         a.branch(Code.JMP_REL32_64, "done")

@@ -212,3 +212,47 @@ def test_string_fetch_no_child_record(vfchildren):
     fields, figures, _, _, seen = _run(vfchildren, [work], inspect=strings)
     assert figures == [(V + S, V * K)]
     assert seen == sorted(("parent", j) for j in range(V + S))
+
+
+KILLER = """
+import os, signal, sys
+import djprobe
+from djprobe.forks import ForkGuard
+out = open(sys.argv[2], "w")
+proc = djprobe.spawn(sys.argv[1:2] + sys.argv[3:], stdout=out.fileno())
+guard = ForkGuard(proc)
+guard.install()
+assert [h.mode for h in guard.vforks.hooks] == ["jump", "jump"], guard.notes
+proc.register(djprobe.Djprobe("vf_work"))
+proc.register(djprobe.Djprobe("libc:dup2"))
+proc.start()
+print(proc.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the tracer dies at once: the children come after
+"""
+
+
+def test_tracer_dead_children_still_run(vfchildren, tmp_path):
+    """The hooks are plain code: with the tracer killed before the first child, every vfork and
+    posix_spawn child still runs and execs, and the parent is unharmed."""
+    import signal
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    out = tmp_path / "out"
+    tracer = subprocess.Popen([sys.executable, str(script), str(vfchildren), str(out), str(T), "2000", str(V), str(S),
+                               str(K)], stdout=subprocess.PIPE, text=True)
+    pid = int(tracer.stdout.readline())
+    try:
+        assert tracer.wait(timeout=60) == -signal.SIGKILL
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the target did not go on after the tracer died"
+            time.sleep(0.05)
+        _fields(out.read_text())  # done, no child failed, the threads' sums right
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

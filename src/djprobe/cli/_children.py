@@ -55,6 +55,8 @@ def guard_children(target: ProbedProcess) -> ForkGuard | None:
     except DjprobeError as exc:
         notice(f"note: children forked by process {target.pid} would add to its counts: {exc}", wrap=True)
         return None
+    for note in guard.notes:  # vfork/posix_spawn children that could not be marked (djprobe.vforks)
+        notice(f"note: process {target.pid}: {note}", wrap=True)
     return guard
 
 
