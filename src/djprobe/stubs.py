@@ -457,8 +457,8 @@ def _record_asm(
 
     if per_cpu:
         assert descriptors is not None and where.rseq_offset is not None
-        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[0]), "count", layout.cpu_shards, count_body, "count_locked",
-                         apart="apart")
+        _per_cpu_section(a, PerCpu(where.rseq_offset, descriptors[0]), "count", layout.cpu_shards, count_body,
+                         "count_locked", apart="apart")
     a.label("count_locked")
     if where.rseq_offset is not None and not per_cpu:  # locked only (a shared stub's record): the check here
         a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _fs(where.rseq_offset + CPU_ID), VFORK_CPU))

@@ -120,7 +120,8 @@ def find_vfork_site(target: "ProbedProcess") -> int:
         code = target.process.read(func.address, func.size)
         eax: int | None = None
         for insn in Decoder(64, code, ip=func.address):
-            if insn.mnemonic == Mnemonic.MOV and insn.op0_kind == OpKind.REGISTER and insn.op0_register in (Register.EAX, Register.RAX):
+            to_eax = insn.op0_kind == OpKind.REGISTER and insn.op0_register in (Register.EAX, Register.RAX)
+            if insn.mnemonic == Mnemonic.MOV and to_eax:
                 eax = insn.immediate(1) if insn.op1_kind in (OpKind.IMMEDIATE32, OpKind.IMMEDIATE32TO64) else None
             elif insn.mnemonic == Mnemonic.SYSCALL:
                 if eax == SYS_VFORK:
@@ -157,7 +158,8 @@ class VforkMarks:
             return
         offset = self.target._rseq_offset()
         if offset is None:
-            self.notes.append("no per-CPU counting (rseq) in this process: vfork/posix_spawn children count as the parent's")
+            self.notes.append("no per-CPU counting (rseq) in this process: "
+                              "vfork/posix_spawn children count as the parent's")
             return
         for find, after_syscall in ((find_vfork_site, True), (find_spawn_child, False)):
             try:

@@ -16,7 +16,6 @@ import pytest
 import djprobe
 from djprobe.area import AreaLayout
 from djprobe.forks import ForkGuard
-from djprobe.vforks import VforkMarks
 from tests.conftest import compile_c
 
 pytestmark = pytest.mark.timeout(240)
