@@ -216,3 +216,35 @@ def test_tracer_killed_while_a_32bit_child_waits(forkcount32, where, tmp_path):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _build32(name: str, *flags: str) -> Path:
+    try:
+        return compile_c(TARGETS / f"{name}.c", "-m32", *flags, name=f"{name}32")
+    except RuntimeError as exc:  # pragma: no cover
+        pytest.skip(f"gcc -m32 cannot build here (install gcc-multilib): {exc}")
+
+
+def test_follow_32bit_posix_spawn_and_vfork_children_from_their_exec(forkcount32, tmp_path):
+    """A 32-bit posix_spawn or vfork child runs in its parent's memory until it execs (its
+    calls before are the parent's, as documented); the exec hook in i386 code still holds its
+    exec, so the program it runs is probed apart from its first instruction."""
+    spawner = _build32("pspawn")
+    exe = tmp_path / "forkcount"  # a module name the pattern can give before it is loaded
+    exe.write_bytes(forkcount32.read_bytes())
+    exe.chmod(0o755)
+    res = run(DJPROBE + ["count", "--follow", "--json", "forkcount:fc_work", "libc:printf", "--", spawner, exe])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[:2] == ["parent 14 children 0 bad 0", "spawned 0"]
+    per = [(p["command"], {q["site"].split(":")[1]: q["hits"] for q in p["probes"]})
+           for p in json.loads(lines[-1])["processes"]]
+    assert per == [(f"{spawner} {exe}", {"printf": 1}), (f"{exe} 7 0", {"fc_work": 14, "printf": 1})]
+
+    vforker = _build32("vforker")
+    res = run(DJPROBE + ["count", "--follow", "--json", "fc_work", "--", vforker, 1000], input="go\n")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "parent 1000 child 0"
+    per = [(p["command"].split()[1:], p["probes"][0]["hits"]) for p in json.loads(lines[-1])["processes"]]
+    assert per == [(["1000"], 2000), (["1000", "exec"], 3000)]  # the child's 1,000 before its exec are the parent's
