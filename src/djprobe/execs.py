@@ -12,6 +12,10 @@ patterns are pending until ld.so has mapped them: its first ``RT_CONSISTENT``, b
 constructor) and the fork and exec hooks, then lets it run untraced. An ``execve`` that fails
 gives no exec stop: the thread is let go after ``EXEC_WAIT``. A tracer that dies leaves at most a
 seized thread, which the kernel detaches, and a wait of ``EXEC_WAIT``.
+
+In a 32-bit process the hook's action is i386 code (:mod:`.execs32`). The held image's
+:class:`~djprobe.process.Process` reads its architecture from the new executable, so an exec
+into a program of the other architecture (64 -> 32 or 32 -> 64) is probed in its own mode.
 """
 
 from __future__ import annotations
