@@ -140,7 +140,9 @@ def _wait_ack32(a: _Asm, words: int, wait_cycles: int) -> None:
     """--follow, in the child, its data parts replaced: wait until the tracer writes FORK_ACK in
     this area's copy (10 ms futex waits; at most ``wait_cycles`` TSC cycles)."""
     R, add = Register, a.add
-    add(Instruction.create_mem_u32(Code.CMP_RM32_IMM8, _at(R.ESP, _F_FOLLOW), 0))
+    # FORK_FOLLOW as this area's copy has it: 0 where the copy failed (fresh private memory,
+    # which the tracer cannot see: no wait), as on x86-64
+    add(Instruction.create_mem_u32(Code.CMP_RM32_IMM8, _abs(words + FORK_FOLLOW), 0))
     a.branch(Code.JE_REL32_32, "acked")
     add(Instruction.create(Code.RDTSC))
     add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, wait_cycles & 0xFFFFFFFF))
