@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"djprobe trace: error: --ring-slots must be a power of two, not {args.ring_slots}")
     if not 1 <= args.string_size <= MAX_STRING_SIZE:
         raise SystemExit(f"djprobe trace: error: --string-size must be from 1 to {MAX_STRING_SIZE} bytes, not {args.string_size}")
+    if wants_fleet(args) and args.perfetto is not None:
+        raise SystemExit("djprobe trace: error: --perfetto writes one process's trace: not with several processes")
     if args.perfetto is not None:
         from ._perfetto import missing_package_message
 
@@ -232,8 +234,6 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"djprobe trace: error: {why}")
     if args.follow:
         refuse_with_follow(args)
-    if wants_fleet(args) and args.perfetto is not None:
-        raise SystemExit("djprobe trace: error: --perfetto writes one process's trace: not with several processes")
     with report_stream(args) as out:
         if wants_fleet(args):
             return _run_fleet(args, out)
