@@ -125,5 +125,8 @@ class LatencyFamily:
         by_site: dict[str, list] = {}
         for _, rows in readings:
             for s, figures in rows:
-                by_site.setdefault(s.site, [s, []])[1].append(figures)
+                entry = by_site.setdefault(s.site, [s, []])
+                if entry[0].address != s.address:  # at different addresses (ASLR): no one address
+                    entry[0] = SiteFigures(s.site, None, s.raw, s.base)
+                entry[1].append(figures)
         return [(s, sum_figures(f)) for _, (s, f) in sorted(by_site.items())]

@@ -152,6 +152,8 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
     for _, _, rows in members:
         for r in rows:
             t = totals.setdefault(r.site, _Row(r.site, r.address, r.mode, 0, 0))
+            if t.address != r.address:  # the site at different addresses (ASLR): no one address
+                t.address = None
             t.hits += r.hits
             t.missed += r.missed
 
