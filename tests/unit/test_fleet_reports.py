@@ -64,6 +64,9 @@ def test_trace_summary_totals_per_site_then_each_process():
     assert [p["pid"] for p in doc["processes"]] == [10, 11]
     assert "exited" not in doc["processes"][0] and doc["processes"][1]["exited"] is True
     assert doc["waited_s"] == 0.25
+    assert doc["summary"][0]["address"] == 0x1000  # the same address in both
+    moved = members + [(12, "srv", [_Row("m:f", 0x5000, "jump", 1, 0)])]  # another load address
+    assert json.loads(summary(moved, True, 0.0))["summary"][0]["address"] is None
     text = summary(members, False, 0.0, {11}).splitlines()
     assert text[0] == "all 2 processes:"
     assert text[2].split() == ["m:f", "12", "11", "1"]
@@ -99,7 +102,7 @@ def test_latency_totals_add_bucket_by_bucket_and_reset_per_process():
 
     readings = read()
     ((site, total),) = LatencyFamily.totals(readings)
-    assert site.site == "m:f" and total.calls == 14 and total.returns == 13
+    assert site.site == "m:f" and site.address == 0x1000 and total.calls == 14 and total.returns == 13
     assert total.histogram[3] == 6 and total.histogram[10] == 1 and total.histogram[12] == 6
     assert total.total_ns == 8 * 6 + 1024 + 4096 * 6
     LatencyFamily.reset(readings)  # -i: each process starts again from zero
