@@ -265,3 +265,39 @@ def test_perfetto_takes_one_process():
     res = subprocess.run(DJPROBE + ["trace", "--perfetto", "/tmp/x.pftrace", "-p", "1,2", "f"], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode != 0 and "not with several processes" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("command", ["trace", "latency"])
+def test_several_pids_with_follow_take_in_each_ones_children(start_target, command, tmp_path):
+    exe = compile_c(TARGETS / "forkcount.c", name="forkcount")
+    targets = [start_target([exe, 100, 2, 3000], stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
+    report = tmp_path / "report.json"  # a file: 24,400 events would fill a pipe nobody reads yet
+    tracer = _start([command, "--json", "-o", str(report), "--follow", "-p", ",".join(str(t.pid) for t in targets),
+                     "fc_work"], processes=2)
+    try:
+        for t in targets:
+            t.proc.stdin.write(b"go\n")
+            t.proc.stdin.close()
+        for t in targets:
+            assert t.proc.wait(timeout=60) == 0
+            assert t.proc.stdout.read() == b"parent 200 children 2 bad 0\n"
+        _, err = tracer.communicate(timeout=90)  # every process asked for ended
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    assert tracer.returncode == 0, err
+    lines = [json.loads(line) for line in report.read_text().strip().splitlines()]
+    last = lines[-1]
+    if command == "trace":
+        per_event = Counter(e["pid"] for e in lines[:-1])
+        assert sum(per_event.values()) == 2 * 200 + 4 * 6000
+        assert _hits(last) == dict(per_event)
+        calls = dict(per_event)
+    else:
+        figures = _latency(last)
+        assert all(c == r == h for c, r, h in figures.values())
+        calls = {pid: c for pid, (c, _, _) in figures.items()}
+        assert last["functions"][0]["calls"] == 2 * 200 + 4 * 6000
+    assert len(calls) == 6 and [calls[t.pid] for t in targets] == [200, 200]
+    assert sorted(calls.values()) == [200, 200, 6000, 6000, 6000, 6000]
