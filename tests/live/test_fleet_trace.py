@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -50,9 +51,16 @@ class Server:
         return served
 
 
+def _own_name(exe: Path, tmp_path: Path, stem: str) -> Path:
+    """A copy of ``exe`` with a name (a /proc/PID/comm) no other test run shares, for --name."""
+    copy = tmp_path / f"{stem}{os.getpid()}"
+    shutil.copy2(exe, copy)
+    return copy
+
+
 @pytest.fixture
-def server(start_target):
-    exe = compile_c(TARGETS / "prefork_calls.c", name="prefork_calls")
+def server(start_target, tmp_path):
+    exe = _own_name(compile_c(TARGETS / "prefork_calls.c", name="prefork_calls"), tmp_path, "pfc")
     t = start_target([exe, WORKERS, CALLS], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     port = int(t.proc.stdout.readline().split()[1])
     workers = sorted(int(t.proc.stdout.readline().split()[1]) for _ in range(WORKERS))
@@ -75,7 +83,7 @@ def _start(argv: list[str], processes: int = WORKERS) -> subprocess.Popen:
     """Start djprobe; return once its banner says the probes are in, in ``processes`` processes."""
     proc = subprocess.Popen(DJPROBE + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     banner = proc.stderr.readline()
-    if not banner.startswith(f"Tracing 1 function in {processes} processes for"):
+    if not banner.startswith(f"Tracing 1 function in {processes} process{'es' if processes > 1 else ''} for"):
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"not the banner: {banner}{err}")
@@ -301,3 +309,30 @@ def test_several_pids_with_follow_take_in_each_ones_children(start_target, comma
         assert last["functions"][0]["calls"] == 2 * 200 + 4 * 6000
     assert len(calls) == 6 and [calls[t.pid] for t in targets] == [200, 200]
     assert sorted(calls.values()) == [200, 200, 6000, 6000, 6000, 6000]
+
+
+def test_name_with_follow_takes_in_a_process_started_later(start_target, tmp_path):
+    exe = _own_name(compile_c(TARGETS / "forkcount.c", name="forkcount"), tmp_path, "fcn")
+    first = start_target([exe, 100, 1, 500], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    report = tmp_path / "events.json"
+    tracer = _start(["trace", "--json", "-o", str(report), "--follow", "--name", exe.name, "fc_work"], processes=1)
+    try:
+        later = start_target([exe, 100, 1, 500], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        notice = tracer.stderr.readline()  # the scan found it and its probes are in
+        assert notice.startswith(f"process {later.pid} (") and "started later: 1 probe placed" in notice, notice
+        for t in (first, later):
+            t.proc.stdin.write(b"go\n")
+            t.proc.stdin.close()
+            assert t.proc.wait(timeout=60) == 0
+            assert t.proc.stdout.read() == b"parent 200 children 1 bad 0\n"
+        _, err = tracer.communicate(timeout=90)  # every process of the name ended
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    assert tracer.returncode == 0, err
+    lines = [json.loads(line) for line in report.read_text().strip().splitlines()]
+    per_event = Counter(e["pid"] for e in lines[:-1])
+    assert _hits(lines[-1]) == dict(per_event)
+    assert per_event[first.pid] == per_event[later.pid] == 200
+    assert sorted(per_event.values()) == [200, 200, 1000, 1000]  # and each one's child
