@@ -182,9 +182,10 @@ def test_latency_pids_calls_and_returns_per_worker(server):
     assert _latency(report) == expected
     (total,) = report["functions"]
     assert total["calls"] == total["returns"] == REQUESTS * CALLS
-    per_bucket = [sum(p["probes"][0]["hist"][i]["count"] if i < len(p["probes"][0]["hist"]) else 0
-                      for p in report["processes"]) for i in range(len(total["hist"]))]
-    assert per_bucket == [b["count"] for b in total["hist"]]  # added bucket by bucket
+    per_bucket: Counter = Counter()
+    for p in report["processes"]:
+        per_bucket.update({b["low_ns"]: b["count"] for b in p["probes"][0]["hist"]})
+    assert +per_bucket == +Counter({b["low_ns"]: b["count"] for b in total["hist"]})  # added bucket by bucket
 
 
 def test_latency_name_intervals_per_process(server):
@@ -319,7 +320,9 @@ def test_name_with_follow_takes_in_a_process_started_later(start_target, tmp_pat
     try:
         later = start_target([exe, 100, 1, 500], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         notice = tracer.stderr.readline()  # the scan found it and its probes are in
-        assert notice.startswith(f"process {later.pid} (") and "started later: 1 probe placed" in notice, notice
+        if not (notice.startswith(f"process {later.pid} (") and "started later: 1 probe placed" in notice):
+            tracer.kill()
+            pytest.fail(notice + tracer.communicate()[1])
         for t in (first, later):
             t.proc.stdin.write(b"go\n")
             t.proc.stdin.close()
