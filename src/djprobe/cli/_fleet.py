@@ -17,14 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from ..area import AreaLayout
 from ..errors import DjprobeError, InvalidSiteError, ProcessGoneError
 from ..probes import Djprobe, ProbedProcess, attach
 from ._children import Placement, follow_children, guard_children
 from ._name_watch import NameWatch, known_pids, processes_named
 from ._output import notice, plural, print_refusals, refusal_reason, short_list
 from ._pending import follow_libraries
-from ._target import Refusal, interrupted, make_probes, pending_list
+from ._target import Refusal, interrupted, pending_list
 
 
 def pid_list(text: str) -> list[int]:
