@@ -198,8 +198,6 @@ def run(args: argparse.Namespace) -> int:
             with no_match_in_script(args.command_argv, note):
                 probes, refused = make_probes(target, args.patterns, at="latency", pending=pending)
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
-            notice(banner(len(probes), args.patterns))
-            print_refusals((r.site, r.reason) for r in refused)
             follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
             sites = growing(shown)  # each function's figures, over every load of its library
@@ -209,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 placement = Placement(AreaLayout.for_latency, _place, _new_probe)
                 children = follow_children(args, target, guard, shown, placement)
                 followed = LatencyFamily(children, target, shown) if children is not None else None
+            notice(banner(len(probes), args.patterns))  # once every hook is in (see count.run)
+            print_refusals((r.site, r.reason) for r in refused)
             target.start()
             interval = 0
             for _ in run_until_done(target, args.duration, args.interval, idle_with(follower, children)):

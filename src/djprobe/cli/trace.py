@@ -289,16 +289,15 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         pending = pending_list(args)
         with no_match_in_script(args.command_argv, note):
             probes, refused = placement.place(target, args.patterns, pending)  # type: ignore[arg-type]
-        notice(banner(len(probes), args.patterns))
-        print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
-        print_traps(probes)
-
         follower = follow_libraries(target, args.patterns, probes, pending or [], placement.new_probe)
         guard = guard_children(target)
         shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
         family = None
         if args.follow:
             family = start_family(args, target, guard, shown, placement)
+        notice(banner(len(probes), args.patterns))  # once every hook is in (see count.run)
+        print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
+        print_traps(probes)
         poll = 0.05 if follower is not None else 0.2
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
