@@ -17,13 +17,13 @@ from __future__ import annotations
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from .area import EXEC_ACK, EXEC_SEQ, EXEC_TIDS, EXEC_TIDS_MAX, FORK_FOLLOW, LOADER_REQUEST
+from .loader32 import _FUTEX_WAIT, SYS_FUTEX32, wake_then_push_deadline
 from .stubs import _Asm
 from .stubs32 import _abs, _add64, _aimed32, _at
 
 __all__ = ["exec_action32", "SYS_GETTID32", "SYS_FUTEX32"]
 
-SYS_GETTID32, SYS_FUTEX32 = 224, 240
-_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+SYS_GETTID32 = 224
 _POLL_NS = 10_000_000
 
 
@@ -48,20 +48,7 @@ def exec_action32(counter: int, words: int, wait_cycles: int) -> list[Instructio
     add(xadd)
     add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.ECX, EXEC_TIDS_MAX - 1))
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, MemoryOperand(R.NONE, R.ECX, 4, words + EXEC_TIDS, 4), R.EDI))
-    # futex(REQUEST, FUTEX_WAKE, 1): the tracer waits on the loader's request word
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EBX, words + LOADER_REQUEST))
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, _FUTEX_WAKE))
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1))
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, SYS_FUTEX32))
-    add(Instruction.create_u32(Code.INT_IMM8, 0x80))
-    # the deadline (TSC + wait_cycles) at [esp+8] (low) and [esp+12] (high); {0, 10 ms} at [esp]
-    add(Instruction.create(Code.RDTSC))
-    add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, wait_cycles & 0xFFFFFFFF))
-    add(Instruction.create_reg_u32(Code.ADC_RM32_IMM32, R.EDX, wait_cycles >> 32))
-    add(Instruction.create_reg(Code.PUSH_R32, R.EDX))
-    add(Instruction.create_reg(Code.PUSH_R32, R.EAX))
-    add(Instruction.create_i32(Code.PUSHD_IMM32, _POLL_NS))
-    add(Instruction.create_i32(Code.PUSHD_IMM8, 0))
+    wake_then_push_deadline(a, words + LOADER_REQUEST, wait_cycles, _POLL_NS)  # the tracer waits on the request word
     a.label("wait")
     add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EBP, _abs(words + EXEC_ACK)))  # the value waited on
     add(Instruction.create_reg_reg(Code.CMP_RM32_R32, R.EBP, R.EDI))
