@@ -695,8 +695,9 @@ class ProbedProcess:
             return
         if existing is not None:
             conflict = latency.join_conflict(existing, djp)
-            if conflict is None and (existing.action == "custom") != (getattr(djp, "build_stub", None) is not None):
-                conflict = "djprobe's own hook (a stub of another kind) is there"
+            hook_joins = (existing.action == "custom") != (getattr(djp, "build_stub", None) is not None)
+            if conflict is None and hook_joins:
+                conflict = self._hook_conflict(existing, djp)
             if conflict is None:
                 conflict = returns.join_conflict(existing, analysis)
                 if conflict is not None and (overlaps.place_exit(self, djp, analysis, prepared)
@@ -709,7 +710,9 @@ class ProbedProcess:
                     f"{analysis.site}: a probe with size {existing.size} is already there, not {djp.size}",
                     address=address,
                 )
-            if not existing.serves(djp):
+            if hook_joins and existing.action != "custom":
+                self._take_hook(existing, djp)  # the hook's stub counts for the probes there too
+            elif not hook_joins and not existing.serves(djp):
                 self._replace_stub(existing, djp)
             self._join(djp, existing, analysis)
             return
@@ -1111,6 +1114,27 @@ class ProbedProcess:
                 self._settle(owner, region, slot)
         self._retired = still
 
+    @staticmethod
+    def _hook_conflict(existing: Instance, djp: Djprobe) -> str | None:
+        """Why a hook of djprobe's own (a probe that builds its stub) and a probe of another kind
+        cannot share one address, or None: only a hook that says whom it takes in, with a
+        ``join_conflict(action, strings)`` (djprobe.vforks), shares its address, whichever of
+        the two came first; its stub then serves both (see :meth:`_take_hook`)."""
+        placing_hook = getattr(djp, "build_stub", None) is not None
+        hook = djp if placing_hook else next((p for p in existing.probes if getattr(p, "build_stub", None)), None)
+        asks = getattr(hook, "join_conflict", None)
+        if asks is None:
+            return "djprobe's own hook (a stub of another kind) is there"
+        if placing_hook:
+            return asks(existing.action, existing.strings)
+        return asks(ProbedProcess._action_for(djp)[0], djp.strings)
+
+    def _take_hook(self, instance: Instance, hook: Djprobe) -> None:
+        """``hook`` (whose stub counts as a count stub does, djprobe.vforks) comes to the address
+        of the count stub ``instance``: the hook's stub serves them all from now on."""
+        prepared = self._prepare(instance.analysis, "custom", "all", part=hook)
+        self._switch_stub(instance, prepared, "custom", "all", False, 0)
+
     def _replace_stub(self, instance: Instance, djp: Djprobe) -> None:
         """Give ``instance`` a record stub (a probe that wants events joined a count-only site)."""
         registers = "all" if "all" in (djp.registers, instance.registers if instance.action == "record" else "args") else "args"
@@ -1119,7 +1143,14 @@ class ProbedProcess:
         if strings and registers == "all":
             raise SiteBusyError(f"{instance.analysis.site}: a probe recording every register is there; "
                                 "string arguments are fetched only by argument records", address=instance.address)
-        region, slot, stub = self._prepare(instance.analysis, "record", registers, lossless, strings=strings)
+        prepared = self._prepare(instance.analysis, "record", registers, lossless, strings=strings)
+        self._switch_stub(instance, prepared, "record", registers, lossless, strings)
+
+    def _switch_stub(self, instance: Instance, prepared: tuple[Region, int, Stub], action: str, registers: str,
+                     lossless: bool, strings: int) -> None:
+        """Point ``instance``'s jump at the new stub ``prepared`` (world stopped); the old one
+        is counted until it is given back."""
+        region, slot, stub = prepared
         patched = instance.patched if instance.springboard is not None else self._jump(instance.address, stub.address)
         entry = instance.region.view.entry(instance.slot)
         entry.stub_address = stub.address
@@ -1133,7 +1164,7 @@ class ProbedProcess:
         self._move_threads_out_of_stub(old_stub, onto=stub)
         instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
-        instance.action, instance.registers, instance.patched = "record", registers, entry.patched
+        instance.action, instance.registers, instance.patched = action, registers, entry.patched
         instance.lossless, instance.strings = lossless, strings
         self._by_slot[(self._region_number(region), slot)] = instance
         self._give_back_or_retire(instance, old_region, old_slot, old_stub)

@@ -38,6 +38,7 @@ from iced_x86 import Code, Decoder, Instruction, MemoryOperand, Mnemonic, OpKind
 
 from .arch import I386, X86_64
 from .errors import DjprobeError, SymbolNotFoundError
+from .overlaps import unpatched_memory
 from .probes import Djprobe
 from .rseq import CPU_ID, VFORK_CPU
 from .stubs import RED_ZONE, Stub, _Asm, _finish, _fs
@@ -54,13 +55,22 @@ log = logging.getLogger(__name__)
 SYS_VFORK = 58
 
 
-def vfork_action(counter: int, rseq_offset: int, *, child_only_if_rax_zero: bool) -> list[Instruction]:
-    """The hook's action: write VFORK_CPU into ``cpu_id`` (``fs:[rseq_offset + 4]``) if it holds a
-    CPU number (the thread is registered); with
-    ``child_only_if_rax_zero`` only when ``rax`` is 0, else ``lock inc`` the counter at ``counter``
-    (the parent returning from ``vfork``). Saves the flags, steps over the red zone; touches no
-    register."""
+def vfork_action(counter: int, apart: int, rseq_offset: int, *, child_only_if_rax_zero: bool) -> list[Instruction]:
+    """The hook's action: in a child whose thread is registered (``cpu_id`` at ``fs:[rseq_offset
+    + 4]`` holds a CPU number), write VFORK_CPU there and ``lock inc`` the apart counter at
+    ``apart``; else ``lock inc`` the counter at ``counter`` (the parent returning from ``vfork``,
+    or a child of an unregistered thread, which counts as the parent's as in every stub). With
+    ``child_only_if_rax_zero`` the child is the side where ``rax`` is 0; without, every pass is
+    a child's. So the hook's instance counts as a count stub would with the mark before it: a
+    counting probe at the hook's address shares it (:meth:`VforkHook.join_conflict`). Saves the
+    flags, steps over the red zone; touches no register."""
     R = Register
+
+    def locked_inc(address: int) -> Instruction:
+        inc = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=address))
+        inc.has_lock_prefix = True
+        return inc
+
     a = _Asm()
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, MemoryOperand(R.RSP, R.NONE, 1, -RED_ZONE, 1)))
     a.add(Instruction.create(Code.PUSHFQ))
@@ -68,21 +78,15 @@ def vfork_action(counter: int, rseq_offset: int, *, child_only_if_rax_zero: bool
         a.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, R.RAX, R.RAX))
         a.branch(Code.JNE_REL32_64, "parent")
     # Only where the parent thread is registered (cpu_id >= 0): the kernel writes its real CPU
-    # number back when it returns from vfork; an unregistered thread's -1 is left alone (its
-    # children then count as the parent's, with lock inc).
+    # number back when it returns from vfork; an unregistered thread's -1 (or -2) is left alone
+    # (its children then count as the parent's, with lock inc).
     a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM8, _fs(rseq_offset + CPU_ID), 0))
-    a.branch(Code.JL_REL32_64, "done")
+    a.branch(Code.JL_REL32_64, "parent")
     a.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, _fs(rseq_offset + CPU_ID), VFORK_CPU))
-    if child_only_if_rax_zero:
-        a.branch(Code.JMP_REL32_64, "done")
-        a.label("parent")
-        inc = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=counter))
-        inc.has_lock_prefix = True
-        a.add(inc)
-    else:
-        inc = Instruction.create_mem(Code.INC_RM64, MemoryOperand(R.RIP, displ=counter))
-        inc.has_lock_prefix = True
-        a.add(inc)
+    a.add(locked_inc(apart))
+    a.branch(Code.JMP_REL32_64, "done")
+    a.label("parent")
+    a.add(locked_inc(counter))
     a.label("done")
     a.add(Instruction.create(Code.POPFQ))
     a.add(Instruction.create_reg_mem(Code.LEA_R64_M, R.RSP, MemoryOperand(R.RSP, R.NONE, 1, RED_ZONE, 1)))
@@ -90,9 +94,11 @@ def vfork_action(counter: int, rseq_offset: int, *, child_only_if_rax_zero: bool
 
 
 class VforkHook(Djprobe):
-    """A jump probe that marks a vfork or posix_spawn child (see the module docstring); its
-    :attr:`hits` count the parent's returns from ``vfork`` (after ``__vfork``'s syscall) or the
-    posix_spawn children started (at ``__spawni_child``)."""
+    """A jump probe that marks a vfork or posix_spawn child (see the module docstring). Its
+    :attr:`vfork_hits` count the children it marked; its :attr:`hits` the parent's returns from
+    ``vfork`` (after ``__vfork``'s syscall) and the children it could not mark (their thread had
+    no rseq registration). A counting probe at the same address shares its stub and gets the
+    same figures (see :meth:`join_conflict`)."""
 
     stub_arches = frozenset({X86_64})
 
@@ -102,22 +108,37 @@ class VforkHook(Djprobe):
         self.after_syscall = after_syscall
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
-        counter = region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride
-        action = vfork_action(counter, self.rseq_offset, child_only_if_rax_zero=self.after_syscall)
-        return _finish(analysis, region.layout, region.slot_address(slot), action)
+        layout = region.layout
+        counter = region.counter_address(slot) + layout.locked_shard_base * layout.shard_stride
+        apart = region.counter_address(slot) + layout.apart_offset
+        action = vfork_action(counter, apart, self.rseq_offset, child_only_if_rax_zero=self.after_syscall)
+        return _finish(analysis, layout, region.slot_address(slot), action)
+
+    def join_conflict(self, action: str, strings: int) -> str | None:
+        """Why a probe whose stub would be of the kind ``action`` (copying the strings of the
+        argument mask ``strings``) cannot share this hook's address, or None:
+        the hook counts every pass as a count stub does (the child's apart, once marked), so a
+        plain counting probe shares its stub, whichever came first (``ProbedProcess`` swaps a
+        count stub for the hook's). Records, latency, string copies and other hooks need a stub
+        of their own."""
+        if action != "count" or strings:
+            return ("djprobe's vfork hook is there (it marks vfork/posix_spawn children): "
+                    "only a counting probe can share its address")
+        return None
 
 
 def find_vfork_site(target: "ProbedProcess") -> int:
     """The instruction after the ``vfork`` system call in libc's ``__vfork``.
 
-    Raises SymbolNotFoundError when there is no ``__vfork``/``vfork`` or no ``mov eax, 58;
-    syscall`` in it."""
+    The code is read as it is without djprobe's own jumps: a probe at ``vfork`` (``'*:*'``
+    places one) displaces the ``mov eax, 58``. Raises SymbolNotFoundError when there is no
+    ``__vfork``/``vfork`` or no ``mov eax, 58; syscall`` in it."""
     for module in target.symbols.modules:
         funcs = [s for name in ("__vfork", "vfork") for s in module.symbols(name) if s.size]
         if not funcs or module.arch is I386:
             continue
         func = funcs[0]
-        code = target.process.read(func.address, func.size)
+        code = unpatched_memory(target, func.address, func.address + func.size).read(func.address, func.size)
         eax: int | None = None
         for insn in Decoder(64, code, ip=func.address):
             to_eax = insn.op0_kind == OpKind.REGISTER and insn.op0_register in (Register.EAX, Register.RAX)

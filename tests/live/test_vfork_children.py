@@ -16,6 +16,7 @@ import pytest
 import djprobe
 from djprobe.area import AreaLayout
 from djprobe.forks import ForkGuard
+from djprobe.vforks import find_vfork_site
 from tests.conftest import compile_c
 
 pytestmark = pytest.mark.timeout(240)
@@ -104,10 +105,11 @@ def _fields(output: str) -> dict[str, int]:
     return fields
 
 
-def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None):
+def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None, probes_first=False):
     """Spawn vfchildren with the fork guard (and its vfork hooks) and ``probes``; run it to its
-    end. Returns (fields, [(hits, vfork_hits) per probe], the hooks' hits, the event batches, and
-    what ``inspect(batches)`` returns, called while the process is still open)."""
+    end. Returns (fields, [(hits, vfork_hits) per probe], the hooks' (hits, vfork_hits), the event batches, and
+    what ``inspect(batches)`` returns, called while the process is still open); ``probes_first``:
+    the probes are placed before the hooks (as the CLI does)."""
     read_fd, write_fd = os.pipe()
     with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd) as proc:
         os.close(write_fd)
@@ -115,13 +117,15 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, i
             proc.layout = layout
         proc.wait_timeout = 10.0  # lossless: a consumer slowed down by a loaded machine loses nothing
         marks = None
+        for djp in probes if probes_first else ():
+            proc.register(djp)
         if guard:
             fork_guard = ForkGuard(proc)
             fork_guard.install()
             marks = fork_guard.vforks
             assert marks is not None and marks.notes == [], marks and marks.notes
             assert [h.mode for h in marks.hooks] == ["jump", "jump"]
-        for djp in probes:
+        for djp in () if probes_first else probes:
             proc.register(djp)
         proc.start()
         batches = []
@@ -132,7 +136,7 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, i
         assert proc.process.popen.wait(timeout=60) == 0, output
         if batches:
             batches.append(proc.read_events())
-        hooks = [h.hits for h in marks.hooks] if marks is not None else []
+        hooks = [(h.hits, h.vfork_hits) for h in marks.hooks] if marks is not None else []
         figures = [(d.hits, d.vfork_hits) for d in probes]
         inspected = inspect(batches) if inspect is not None else None
     return _fields(output), figures, hooks, batches, inspected
@@ -141,9 +145,56 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, i
 def test_count_children_apart_parent_exact(vfchildren):
     work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
     fields, figures, hooks, _, _ = _run(vfchildren, [work, dup2])
-    assert hooks == [V, S]  # the parent's returns from vfork, the posix_spawn children
+    # after vfork's syscall: the parent's returns, the children marked; posix_spawn children marked
+    assert hooks == [(V, V), (0, S)]
     assert fields["calls"] >= T * N
     assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
+
+
+@pytest.mark.parametrize("probes_first", [True, False], ids=["probes-then-hooks", "hooks-then-probes"])
+def test_user_probes_at_the_hooks_sites(vfchildren, probes_first):
+    """Counting probes at the hooks' own sites (``'*:*'`` places one at ``vfork`` and at
+    ``__spawni_child``) share the hooks' stubs, whichever came first: the hooks are in (no note)
+    and every figure is exact. ``vfork`` runs in the parent only; the instruction after its
+    syscall (``vfork+0x8``, the hook's address) in the parent and, marked, in each child;
+    ``__spawni_child`` in posix_spawn children only."""
+    entry, after, spawn = (djprobe.Djprobe(s) for s in ("libc:vfork", "libc:vfork+0x8", "libc:__spawni_child"))
+    dup2 = djprobe.Djprobe("libc:dup2")
+    fields, figures, hooks, _, _ = _run(vfchildren, [entry, after, spawn, dup2], probes_first=probes_first)
+    assert [d.mode for d in (entry, after, spawn)] == ["jump"] * 3
+    assert hooks == [(V, V), (0, S)]
+    assert figures == [(V, 0), (V, V), (0, S), (fields["dups"], V * K + S * K)]
+
+
+def test_hook_site_refuses_what_it_cannot_serve(vfchildren):
+    """A probe that records (or a latency probe) at a hook's address is refused with the reason
+    while the hook is in; placed first, it keeps its site and the hook says it is not in."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(vfchildren), "1", "10", "1", "1", "1"], stdout=write_fd) as proc:
+        os.close(write_fd)
+        guard = ForkGuard(proc)
+        guard.install()
+        refusals = {"vfork hook is there.*only a counting probe": {"record": True},
+                    "a latency probe cannot share it": {"at": "latency"}}
+        for reason, spec in refusals.items():
+            with pytest.raises(djprobe.DjprobeError, match=reason):
+                proc.register(djprobe.Djprobe("libc:__spawni_child", **spec))
+        guard.close()
+    os.close(read_fd)
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(vfchildren), "1", "10", "1", "1", "1"], stdout=write_fd) as proc:
+        os.close(write_fd)
+        traced = proc.register(djprobe.Djprobe("libc:__spawni_child", record=True))
+        guard = ForkGuard(proc)
+        guard.install()
+        assert [h.address for h in guard.vforks.hooks] == [find_vfork_site(proc)]
+        assert len(guard.notes) == 1 and "only a counting probe" in guard.notes[0], guard.notes
+        assert traced.mode == "jump" and traced.registered
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            _fields(out.read())
+        assert proc.process.popen.wait(timeout=60) == 0
+        guard.close()
 
 
 def test_without_the_hooks_children_count_as_the_parent(vfchildren):

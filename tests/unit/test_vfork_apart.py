@@ -75,13 +75,29 @@ def test_record_checks_the_marker_on_its_fallback_or_locked_path():
     assert _marker_checks(assemble(plain.instructions(), SLOT), SLOT) == []
 
 
-def test_vfork_action_marks_only_the_child():
-    """test rax, jne to the parent's count; then cpu_id >= 0 checked, the marker written."""
-    insns = list(Decoder(64, assemble(vfork_action(COUNTER, -0x60, child_only_if_rax_zero=True), SLOT), ip=SLOT))
+APART = 0x5000_8000
+
+
+@pytest.mark.parametrize("after_syscall", [True, False])
+def test_vfork_action_marks_only_the_child(after_syscall):
+    """After the syscall: test rax, jne to the parent's count; then cpu_id >= 0 checked (else
+    the same count: an unregistered thread's child counts as the parent's), the marker written
+    and the apart counter lock-inc'd, so that a counting probe sharing the hook's stub gets the
+    figures a count stub would give it."""
+    code = assemble(vfork_action(COUNTER, APART, -0x60, child_only_if_rax_zero=after_syscall), SLOT)
+    insns = list(Decoder(64, code, ip=SLOT))
     assert insns[0].code == Code.LEA_R64_M and insns[-1].code == Code.LEA_R64_M  # the red zone stepped over and back
-    assert [i.mnemonic for i in insns[1:4]] == [Mnemonic.PUSHFQ, Mnemonic.TEST, Mnemonic.JNE]
+    assert insns[1].mnemonic == Mnemonic.PUSHFQ and insns[-2].mnemonic == Mnemonic.POPFQ
+    branches = [i for i in insns if i.mnemonic in (Mnemonic.JNE, Mnemonic.JL)]
+    assert [i.mnemonic for i in branches] == ([Mnemonic.JNE] if after_syscall else []) + [Mnemonic.JL]
+    (check,) = [i for i in insns if i.mnemonic == Mnemonic.CMP]
+    assert check.memory_displacement == (-0x60 + 4) & 0xFFFFFFFF and check.immediate(1) == 0
     (mark,) = [i for i in insns if i.code == Code.MOV_RM32_IMM32]
     assert mark.immediate(1) == VFORK_CPU and mark.memory_displacement == (-0x60 + 4) & 0xFFFFFFFF
-    parent = [i for i in insns if i.mnemonic == Mnemonic.INC]
-    assert len(parent) == 1 and parent[0].has_lock_prefix and parent[0].ip_rel_memory_address == COUNTER
-    assert insns[3].near_branch_target == parent[0].ip
+    incs = [i for i in insns if i.mnemonic == Mnemonic.INC]
+    assert [(i.has_lock_prefix, i.ip_rel_memory_address) for i in incs] == [(True, APART), (True, COUNTER)]
+    apart, parent = incs
+    assert insns[insns.index(mark) + 1] is apart  # the apart count right after the mark
+    assert all(b.near_branch_target == parent.ip for b in branches)  # parent and unregistered: the count
+    (over,) = [i for i in insns if i.mnemonic == Mnemonic.JMP]
+    assert insns[insns.index(apart) + 1] is over and over.near_branch_target == insns[-2].ip  # past the count
