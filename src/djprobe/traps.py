@@ -151,6 +151,12 @@ class TrapInstance:
             return self.final
         return self.carried_hits + sum(perf.read_count(fd) for fd in self.count_fds + self.sample_fds)
 
+    def apart(self) -> int:
+        """Hits of vfork/posix_spawn children before their exec: none are told apart by a trap
+        (such a child is not a thread of the process: ``inherit_thread`` gives it no event, so
+        its hits are not counted at all, neither here nor in :meth:`count`)."""
+        return 0
+
     def drops(self) -> int:
         """Samples lost in full rings; exact once removed and drained (hits minus delivered)."""
         if self.action != "record":
