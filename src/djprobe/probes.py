@@ -679,7 +679,8 @@ class ProbedProcess:
             return
         if existing is not None and overlaps.shared(existing) and djp._preset is None:
             if not overlaps.can_share(self, djp):
-                raise SiteBusyError(f"{analysis.site}: probes share a stub here; a probe copying strings cannot join them",
+                raise SiteBusyError(f"{analysis.site}: probes share a stub here; only a count or a record without strings "
+                                    "can join them (not a latency probe, a string copy, a hook of djprobe's)",
                                     address=address)
             if djp.size is not None and djp.size != existing.size:
                 raise SiteBusyError(f"{analysis.site}: inside the window of the probe at {(existing.host or existing).address:#x}: "
