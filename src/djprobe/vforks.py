@@ -122,8 +122,8 @@ class VforkHook(Djprobe):
         count stub for the hook's). Records, latency, string copies and other hooks need a stub
         of their own."""
         if action != "count" or strings:
-            return ("djprobe's vfork hook is there (it marks vfork/posix_spawn children): "
-                    "only a counting probe can share its address")
+            return ("djprobe's vfork hook (it marks vfork/posix_spawn children) shares an address "
+                    "only with counting probes")
         return None
 
 

@@ -174,7 +174,7 @@ def test_hook_site_refuses_what_it_cannot_serve(vfchildren):
         os.close(write_fd)
         guard = ForkGuard(proc)
         guard.install()
-        refusals = {"vfork hook is there.*only a counting probe": {"record": True},
+        refusals = {"vfork hook .* shares an address only with counting probes": {"record": True},
                     "a latency probe cannot share it": {"at": "latency"}}
         for reason, spec in refusals.items():
             with pytest.raises(djprobe.DjprobeError, match=reason):
@@ -188,7 +188,7 @@ def test_hook_site_refuses_what_it_cannot_serve(vfchildren):
         guard = ForkGuard(proc)
         guard.install()
         assert [h.address for h in guard.vforks.hooks] == [find_vfork_site(proc)]
-        assert len(guard.notes) == 1 and "only a counting probe" in guard.notes[0], guard.notes
+        assert len(guard.notes) == 1 and "only with counting probes" in guard.notes[0], guard.notes
         assert traced.mode == "jump" and traced.registered
         proc.start()
         with os.fdopen(read_fd) as out:
