@@ -10,16 +10,19 @@ plain ``inc`` on the shard of the parent's last CPU could race with a parent thr
 ``sigaction``...) would count as the parent's.
 
 Two jump probes of their own kind mark such a child: right after the ``syscall`` of libc's
-``__vfork`` when ``rax`` is 0 (in the parent, ``rax`` is the child's PID or an error: the hook
-only counts there), and at the entry of ``__spawni_child`` (which runs only in a posix_spawn
+``__vfork`` when ``rax`` is 0 (in the parent, ``rax`` is the child's PID or an error), and at the entry of ``__spawni_child`` (which runs only in a posix_spawn
 child; a static function, found in the symbol table or libc's separate debug file). Each writes
 :data:`~djprobe.rseq.VFORK_CPU` into ``cpu_id`` at ``fs:[__rseq_offset + 4]``: every per-CPU stub
 then takes its fallback path (``cpu_id`` is beyond its shards), where it finds the marker and only
 adds one, with ``lock inc``, to the instance's *apart* counter (:attr:`AreaLayout.apart_shard`,
 read by :attr:`Djprobe.vfork_hits`, not part of the hits): no record, no latency pairing. When
 the parent returns from the ``vfork`` (its thread was blocked), the kernel writes its real CPU
-number into ``cpu_id`` again. The hooks are plain code without waits: a dead tracer changes
-nothing.
+number into ``cpu_id`` again. The hook itself counts as a count stub would with the mark before
+it (a marked child apart, the parent's pass in its hits), so a counting probe at the hook's
+address (``'*:*'`` places one at ``vfork`` and at ``__spawni_child``) shares the hook's stub,
+whichever came first (:meth:`VforkHook.join_conflict`); ``__vfork``'s syscall is looked for in
+the code as it reads without djprobe's own jumps. The hooks are plain code without waits: a dead
+tracer changes nothing.
 
 Only where per-CPU counting is used (glibc registered rseq in the process, see
 :mod:`djprobe.rseq`): without it there is no ``cpu_id`` to mark and such children's hits count as
