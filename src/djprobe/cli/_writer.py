@@ -1,0 +1,330 @@
+"""A bounded writer for the report of the commands that print events: the tracer's loop never
+waits for its standard output.
+
+``trace`` (one process, ``--follow``, a fleet) drains the rings and takes in new children in one
+loop; a write to a pipe nobody reads (``djprobe trace -f ... | (sleep 60)``) or to a slow terminal
+would block that loop, so children waiting for the tracer (2 s at most) would go on without
+probes and the rings would fill. The loop hands its lines to an :class:`OutputQueue` instead:
+they are kept in memory, up to a bound in bytes, and written by a thread of their own. When the
+bound is reached, further lines are dropped and counted, as perf and bpftrace count lost events;
+the command reports the count (summary, stderr at exit).
+
+The writer thread never sets ``O_NONBLOCK`` on the stream (the file description is shared with
+the command djprobe started, whose writes would fail with EAGAIN): it waits with ``poll`` for room
+and writes at most ``PIPE_BUF`` bytes of whole lines at a time, which a pipe takes whole or not
+at all. At the end, :meth:`OutputQueue.close` waits for the queue to be written, without a limit
+while nothing asks djprobe to end (a slow reader gets everything, as with any program writing to
+a pipe), and at most ``grace`` seconds once a signal did; lines left then are counted as not
+written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import errno
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TextIO
+
+from ._output import notice, plural, report_stream
+
+# Bytes of output kept in memory while the output is not read (the default of --output-queue).
+DEFAULT_LIMIT = 8 << 20
+# Bytes written at once: a pipe takes a write of at most PIPE_BUF bytes whole or not at all.
+CHUNK = select.PIPE_BUF
+# Seconds the writer waits for room at a time before looking whether it must stop.
+_POLL_S = 0.05
+# Seconds djprobe goes on writing its queue once a signal asked it to end.
+GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class OutputLoss:
+    """What an :class:`OutputQueue` could not write: ``dropped`` lines refused while the queue was
+    full, ``unwritten`` lines still queued (or cut) when it was closed, of ``lines`` in all."""
+
+    lines: int
+    dropped: int
+    unwritten: int
+
+    @property
+    def lost(self) -> int:
+        """Every line not written."""
+        return self.dropped + self.unwritten
+
+
+class OutputQueue:
+    """A text stream whose writes never block: complete lines are queued (at most ``limit`` bytes)
+    and written to ``out``'s file descriptor by a thread; a line that does not fit is dropped and
+    counted. ``write`` and ``flush`` follow ``TextIO`` so ``print(..., file=queue)`` works; a
+    partial line waits for its end.
+
+    Raises ValueError for a ``limit`` below 1, and OSError when ``out`` has no file descriptor.
+    Once the reader has gone (EPIPE), ``write`` and ``flush`` raise BrokenPipeError, as a write
+    to ``out`` would have.
+    """
+
+    def __init__(self, out: TextIO, limit: int = DEFAULT_LIMIT) -> None:
+        if limit < 1:
+            raise ValueError(f"an output queue of {limit} bytes: at least 1 byte is needed")
+        out.flush()  # what was written to the stream before goes first
+        self.fd = out.fileno()
+        self.limit = limit
+        self._lock = threading.Condition()
+        self._queue: collections.deque[bytes] = collections.deque()  # encoded lines, each with its "\n"
+        self._queued = 0  # bytes in _queue
+        self._partial = ""  # the start of a line not ended yet
+        self._lines = 0  # lines given to the queue (kept or dropped)
+        self._dropped = 0  # lines dropped while the queue was full
+        self._in_flight = 0  # lines taken by the writer, not written yet
+        self._written = 0
+        self._stop = False  # close: write nothing more
+        self._closing = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="djprobe-output", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped so far because the queue was full."""
+        return self._dropped
+
+    @property
+    def written(self) -> int:
+        """Lines written to the stream so far."""
+        return self._written
+
+    @property
+    def broken(self) -> bool:
+        """Whether the reader has gone (a write failed with EPIPE)."""
+        return self._error is not None and self._error.errno == errno.EPIPE
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the queue."""
+        return self._queued
+
+    def write_lines(self, lines: Iterable[str], *, keep: bool = False) -> None:
+        """Queue ``lines`` (each without its ``"\\n"``); those beyond the bound are dropped and
+        counted, one by one, unless ``keep`` (a summary: queued whatever the bound).
+        Raises BrokenPipeError once the reader has gone, ValueError after ``close``."""
+        lines = list(lines)
+        if self._partial and lines:  # after a partial line written by write()
+            lines[0] = self._partial + lines[0]
+            self._partial = ""
+        self._queue_lines(lines, keep)
+
+    def _queue_lines(self, lines: list[str], keep: bool) -> None:
+        encoded = [(line + "\n").encode("utf-8", "backslashreplace") for line in lines]
+        with self._lock:
+            self._check()
+            self._lines += len(encoded)
+            for data in encoded:
+                if not keep and self._queued + len(data) > self.limit:
+                    self._dropped += 1
+                    continue
+                self._queue.append(data)
+                self._queued += len(data)
+            self._lock.notify()
+
+    def write(self, text: str, *, keep: bool = False) -> int:
+        """``TextIO.write``: the complete lines of ``text`` (after what is left of an earlier
+        partial line) are queued as :meth:`write_lines` does. Returns ``len(text)``."""
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if lines:
+            self._queue_lines(lines, keep)
+        else:
+            with self._lock:
+                self._check()
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do (the thread writes as soon as it can); raises BrokenPipeError once the
+        reader has gone."""
+        with self._lock:
+            self._check()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            if self._error.errno == errno.EPIPE:
+                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+            raise self._error
+        if self._closing:
+            raise ValueError("write to a closed output queue")
+
+    def close(self, give_up: Callable[[], bool] = lambda: False, grace: float = GRACE_S) -> OutputLoss:
+        """Write what is queued (a partial line ended first) and end the thread: without a time
+        limit while ``give_up()`` is false, then for at most ``grace`` seconds; lines left are
+        counted as not written. Returns what was lost. A second call returns the same."""
+        if self._partial:
+            partial, self._partial = self._partial, ""
+            try:
+                self.write_lines([partial], keep=True)
+            except (OSError, ValueError):
+                pass
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        deadline = None
+        while self._thread.is_alive():
+            if deadline is None and give_up():
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self._thread.join(_POLL_S)
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(_POLL_S)
+        with self._lock:
+            # Lines still queued, or taken by a write that did not finish (a thread still
+            # blocked in write() is abandoned: a daemon, it ends with djprobe).
+            unwritten = len(self._queue) + self._in_flight
+            if self._error is not None:  # EPIPE: the reader has gone, nothing more is written
+                unwritten = self._lines - self._dropped - self._written
+            return OutputLoss(self._lines, self._dropped, unwritten)
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _take(self) -> list[bytes] | None:
+        """Whole lines of at most CHUNK bytes (one longer line alone), or None when done."""
+        with self._lock:
+            while not self._queue and not self._closing and not self._stop:
+                self._lock.wait()
+            if self._stop or not self._queue:
+                return None
+            taken = [self._queue.popleft()]
+            size = len(taken[0])
+            while self._queue and size + len(self._queue[0]) <= CHUNK:
+                size += len(self._queue[0])
+                taken.append(self._queue.popleft())
+            self._queued -= size
+            self._in_flight = len(taken)
+            return taken
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            data = memoryview(b"".join(taken))
+            try:
+                while data:
+                    if self._stop:
+                        return
+                    if not poller.poll(_POLL_S * 1000):
+                        continue
+                    n = os.write(self.fd, data[:CHUNK])
+                    data = data[n:]
+            except OSError as exc:
+                with self._lock:
+                    self._error = exc
+                    self._in_flight = 0
+                return
+            with self._lock:
+                self._written += len(taken)
+                self._in_flight = 0
+
+
+def add_queue_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--output-queue BYTES`` option of the commands that print through an OutputQueue."""
+    parser.add_argument(
+        "--output-queue",
+        type=_byte_count,
+        default=DEFAULT_LIMIT,
+        metavar="BYTES",
+        help="output kept in memory while it is not read (default 8M; K and M suffixes); "
+        "lines beyond it are dropped and counted",
+    )
+
+
+def _byte_count(text: str) -> int:
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    try:
+        n = int(text[:-1] if scale > 1 else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
+    return n * scale
+
+
+def loss_note(loss: OutputLoss) -> str | None:
+    """The notice for what the output lost, or None when nothing was."""
+    if not loss.lost:
+        return None
+    why = []
+    if loss.dropped:
+        why.append(f"{loss.dropped} dropped while the output queue was full")
+    if loss.unwritten:
+        why.append(f"{loss.unwritten} still queued when djprobe ended")
+    return (f"djprobe: {loss.lost} of {plural(loss.lines, 'output line')} not written "
+            f"(the output was not read fast enough): {', '.join(why)}")
+
+
+@contextlib.contextmanager
+def queued_report(args: argparse.Namespace, give_up: Callable[[], str | None]) -> Iterator[OutputQueue]:
+    """The command's report stream (``-o FILE`` or stdout, as ``report_stream``) behind an
+    :class:`OutputQueue` of ``args.output_queue`` bytes. At the end the queue is written out:
+    for as long as it takes while ``give_up()`` is false and no SIGINT, SIGTERM or SIGHUP comes,
+    then for at most GRACE_S seconds; what could not be written is said on stderr. A reader
+    that has gone (``| head``) is not reported."""
+    with report_stream(args) as out:
+        queue = OutputQueue(out, getattr(args, "output_queue", DEFAULT_LIMIT))
+        signalled: list[int] = []
+        try:
+            yield queue
+        finally:
+            previous = {}
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    previous[sig] = signal.signal(sig, lambda signum, frame: signalled.append(signum))
+            except ValueError:  # not the main thread: no handlers, give_up() alone
+                pass
+            try:
+                loss = queue.close(lambda: bool(signalled) or give_up() is not None)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            note = None if queue.broken else loss_note(loss)
+            if note is not None:
+                notice(note)
+
+
+def write_kept(out: TextIO, text: str) -> None:
+    """Write ``text`` (whole lines) to ``out``; through an OutputQueue, whatever its bound (the
+    summary that reports the drops is never dropped itself)."""
+    if isinstance(out, OutputQueue):
+        out.write(text, keep=True)
+    else:
+        out.write(text)
+        out.flush()
+
+
+def dropped_lines(out: TextIO) -> int:
+    """Lines ``out`` dropped so far (0 for a plain stream)."""
+    return out.dropped if isinstance(out, OutputQueue) else 0
+
+
+def output_note(dropped: int) -> str | None:
+    """The summary's line for event lines the queue dropped, or None when it dropped none."""
+    if not dropped:
+        return None
+    return f"{plural(dropped, 'output line')} dropped: the output was not read fast enough"
