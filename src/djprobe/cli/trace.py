@@ -44,6 +44,8 @@ text lines marked [pid N], JSON lines with "pid"; the summary gives the totals p
 process's figures (one that exited while traced keeps its figures, marked so).
 
 The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
+djprobe never waits for that output: lines not read yet are kept in memory (--output-queue), those
+beyond are dropped and counted ("output_dropped" in the summary, a note on stderr at exit).
 """
 
 
@@ -55,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] [--string-size N] "
-        "[--no-debuginfo] [--perfetto FILE] [-f] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
+        "[--no-debuginfo] [--perfetto FILE] [--output-queue BYTES] [-f] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
