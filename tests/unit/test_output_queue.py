@@ -179,3 +179,26 @@ def test_a_reader_gone_raises_broken_pipe_in_the_writer_of_lines(pipe):
 def test_bad_bound_is_refused(pipe):
     with pytest.raises(ValueError, match="0 bytes"):
         OutputQueue(pipe.out, limit=0)
+
+
+def test_a_record_is_queued_whole_or_dropped_whole(pipe):
+    prefill = pipe.fill()
+    q = OutputQueue(pipe.out, limit=10 * 16)
+    q.write_lines([LINE])
+    _wait(lambda: q.queued_bytes == 0, "the writer to take the first line")
+    with q.record():
+        print("\n".join(f"{i:015d}" for i in range(6)), file=q)  # 6 lines: fit
+    with q.record():
+        q.write("\n".join(f"{i:014d}b" for i in range(6)) + "\n")  # 6 more: 12 > 10, all dropped
+    assert q.dropped == 6 and q.queued_bytes == 6 * 16
+    with q.record(keep=True):  # a final report: whatever the bound
+        q.write("final\nreport\n")
+    assert q.dropped == 6
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_read_until_eof(pipe.r)))
+    reader.start()
+    loss = q.close()
+    pipe.out.close()
+    reader.join(10)
+    assert got[0].decode().splitlines() == [LINE] * (prefill + 1) + [f"{i:015d}" for i in range(6)] + ["final", "report"]
+    assert (loss.lines, loss.dropped, loss.unwritten) == (15, 6, 0)

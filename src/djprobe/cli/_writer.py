@@ -80,6 +80,7 @@ class OutputQueue:
         self._queue: collections.deque[bytes] = collections.deque()  # encoded lines, each with its "\n"
         self._queued = 0  # bytes in _queue
         self._partial = ""  # the start of a line not ended yet
+        self._group: list[str] | None = None  # the lines of a record being written
         self._lines = 0  # lines given to the queue (kept or dropped)
         self._dropped = 0  # lines dropped while the queue was full
         self._in_flight = 0  # lines taken by the writer, not written yet
@@ -122,11 +123,30 @@ class OutputQueue:
             self._partial = ""
         self._queue_lines(lines, keep)
 
-    def _queue_lines(self, lines: list[str], keep: bool) -> None:
+    @contextlib.contextmanager
+    def record(self, *, keep: bool = False) -> Iterator[None]:
+        """Everything written inside is one record, queued whole or dropped whole (a report of
+        ``count -i``: never half a table), or queued whatever the bound when ``keep``."""
+        if self._group is not None:
+            raise ValueError("records do not nest")
+        self._group = []
+        try:
+            yield
+        finally:
+            group, self._group = self._group, None
+            self._queue_lines(group, keep, whole=True)
+
+    def _queue_lines(self, lines: list[str], keep: bool, whole: bool = False) -> None:
+        if self._group is not None:
+            self._group.extend(lines)
+            return
         encoded = [(line + "\n").encode("utf-8", "backslashreplace") for line in lines]
         with self._lock:
             self._check()
             self._lines += len(encoded)
+            if whole and not keep and self._queued + sum(map(len, encoded)) > self.limit:
+                self._dropped += len(encoded)
+                encoded = []
             for data in encoded:
                 if not keep and self._queued + len(data) > self.limit:
                     self._dropped += 1
@@ -328,3 +348,16 @@ def output_note(dropped: int) -> str | None:
     if not dropped:
         return None
     return f"{plural(dropped, 'output line')} dropped: the output was not read fast enough"
+
+
+def report_record(out: TextIO, *, keep: bool = False) -> contextlib.AbstractContextManager:
+    """``out.record(keep=...)`` for an OutputQueue (one report queued or dropped whole), nothing
+    for a plain stream."""
+    return out.record(keep=keep) if isinstance(out, OutputQueue) else contextlib.nullcontext()
+
+
+def interval_note(out: TextIO) -> str:
+    """What an interval report's header adds once the queue dropped lines: `` (N output lines
+    dropped)``, else nothing."""
+    n = dropped_lines(out)
+    return f" ({plural(n, 'output line')} dropped)" if n else ""
