@@ -5,6 +5,7 @@ children exit normally; SIGINT ends the tracer promptly while its output is stil
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -194,3 +195,48 @@ def test_sigint_ends_the_tracer_while_its_output_is_blocked(forkpace, targets):
     assert 0 < lost < given
     assert len(text.splitlines()) == given - lost
     assert "Traceback" not in err.text()
+
+
+def test_count_interval_reports_with_the_output_not_read(forkpace):
+    """``count -f -i 0.1 --json`` into a one-page pipe nobody reads while forkpace forks its 6
+    children: the loop that takes them in never waits for the output, so each is counted apart
+    with its 2,000 calls; interval reports that did not fit the queue (1 KiB) are dropped whole
+    and counted: the reports read plus those dropped are every interval, and the final report
+    (never dropped) says how many lines were."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    tracer = None
+    try:
+        tracer = subprocess.Popen(
+            DJPROBE + ["count", "-f", "-i", "0.1", "--json", "--output-queue", "1K", "fp_work", "--",
+                       str(forkpace), str(M), str(N), str(K), str(GAP_MS)],
+            stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE, text=True)
+        err = _Lines(tracer.stderr)
+        _wait_full(w)
+        tracer.stdin.write("go\n")
+        tracer.stdin.flush()
+        assert err.wait_for(r"^done bad") == "done bad 0"
+        assert _full(w)
+        os.close(w)
+        w = -1
+        got: list[bytes] = []
+        reader = threading.Thread(target=_read_to_eof, args=(r, got))
+        reader.start()
+        assert tracer.wait(60) == 0, err.text()
+        reader.join(30)
+    finally:
+        _kill(tracer)
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    reports = [json.loads(x) for x in b"".join(got).decode().splitlines()]
+    final = reports[-1]
+    assert final["final"] and all(not x["final"] for x in reports[:-1])
+    assert [p["probes"][0]["hits"] for p in final["processes"]] == [M] + [K] * N  # every child apart
+    assert final["probes"][0]["hits"] == M + N * K
+    dropped = final["output_dropped"]
+    assert dropped > 0 and len(reports) - 1 + dropped == final["interval"] - 1
+    assert [x["interval"] for x in reports[:-1]] == sorted({x["interval"] for x in reports[:-1]})
+    m = NOTE.search(err.text())
+    assert m is not None, err.text()
+    assert (int(m.group(1)), int(m.group(2))) == (dropped, final["interval"])
