@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -240,3 +241,72 @@ def test_count_interval_reports_with_the_output_not_read(forkpace):
     m = NOTE.search(err.text())
     assert m is not None, err.text()
     assert (int(m.group(1)), int(m.group(2))) == (dropped, final["interval"])
+
+
+def _fill(fd: int) -> int:
+    """Fill a pipe through our write end before anyone else has it (O_NONBLOCK is set on the
+    shared description only meanwhile); returns the bytes written."""
+    os.set_blocking(fd, False)
+    n = 0
+    try:
+        while True:
+            n += os.write(fd, b"filler\n")
+    except BlockingIOError:
+        pass
+    os.set_blocking(fd, True)
+    return n
+
+
+def test_notices_never_block_the_loop(forkpace, tmp_path):
+    """``trace -f -p A,B`` with its stderr a full pipe nobody reads (the report in a file):
+    the banner and the notice that A exited are queued, not written, so the loop goes on and B's
+    6 children, forked 0.4 s apart after A exited, are each taken in with their 2,000 calls. Once
+    stderr is read, every notice is there."""
+    r, w = os.pipe()
+    filled = _fill(w)
+    report = tmp_path / "trace.txt"
+    procs: list[subprocess.Popen] = []
+    tracer = None
+    try:
+        for n, gap in ((2, 50), (N, GAP_MS)):
+            procs.append(subprocess.Popen([str(forkpace), "0", str(n), str(K), str(gap)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        outs = [_Lines(p.stderr) for p in procs]
+        a, b = procs
+        tracer = subprocess.Popen(
+            DJPROBE + ["trace", "-f", "-o", str(report), "-p", f"{a.pid},{b.pid}", "fp_work"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w)
+        end = time.monotonic() + 60
+        while not (report.exists() and report.read_text().startswith("TIME")):  # after the banner
+            assert time.monotonic() < end and tracer.poll() is None, "the tracer never started its report"
+            time.sleep(0.01)
+        a.stdin.write("go\n")
+        a.stdin.flush()
+        assert a.wait(60) == 0 and outs[0].wait_for(r"^done bad") == "done bad 0"
+        b.stdin.write("go\n")
+        b.stdin.flush()
+        assert outs[1].wait_for(r"^done bad") == "done bad 0"
+        assert b.wait(60) == 0
+        assert _full(w)  # nobody read stderr all along
+        os.close(w)
+        w = -1
+        got: list[bytes] = []
+        reader = threading.Thread(target=_read_to_eof, args=(r, got))
+        reader.start()
+        assert tracer.wait(60) == 0
+        reader.join(30)
+    finally:
+        _kill(tracer, *procs)
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    err = b"".join(got).decode()
+    assert err.startswith("filler\n" * (filled // 7))
+    assert "Tracing 1 function in 2 processes" in err
+    assert f"process {a.pid} (" in err and "exited" in err
+    text = report.read_text()
+    assert f"all {2 + 2 + N} processes:" in text  # both, and every child of both taken in
+    per_pid = Counter(m.group(1) for m in re.finditer(r"^\[pid (\d+)\] ", text, re.M))
+    assert sorted(per_pid.values()) == [K] * (2 + N)  # each child's calls, and nothing lost
+    assert str(a.pid) not in per_pid and str(b.pid) not in per_pid
+    assert "output lines dropped" not in text

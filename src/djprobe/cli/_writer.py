@@ -27,12 +27,13 @@ import errno
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TextIO
 
-from ._output import notice, plural, report_stream
+from ._output import notice, plural, report_stream, set_notice_queue
 
 # Bytes of output kept in memory while the output is not read (the default of --output-queue).
 DEFAULT_LIMIT = 8 << 20
@@ -302,12 +303,22 @@ def loss_note(loss: OutputLoss) -> str | None:
 @contextlib.contextmanager
 def queued_report(args: argparse.Namespace, give_up: Callable[[], str | None]) -> Iterator[OutputQueue]:
     """The command's report stream (``-o FILE`` or stdout, as ``report_stream``) behind an
-    :class:`OutputQueue` of ``args.output_queue`` bytes. At the end the queue is written out:
-    for as long as it takes while ``give_up()`` is false and no SIGINT, SIGTERM or SIGHUP comes,
-    then for at most GRACE_S seconds; what could not be written is said on stderr. A reader
-    that has gone (``| head``) is not reported."""
+    :class:`OutputQueue` of ``args.output_queue`` bytes, and notices through one over stderr
+    (never dropped). At the end the queues are written out: for as long as it takes while
+    ``give_up()`` is false and no SIGINT, SIGTERM or SIGHUP comes, then for at most GRACE_S
+    seconds; what the report could not write is said on stderr. A reader that has gone
+    (``| head``) is not reported. A stream without a file descriptor is used as it is."""
     with report_stream(args) as out:
-        queue = OutputQueue(out, getattr(args, "output_queue", DEFAULT_LIMIT))
+        try:
+            queue = OutputQueue(out, getattr(args, "output_queue", DEFAULT_LIMIT))
+        except OSError:  # io.UnsupportedOperation: no file descriptor (a test's StringIO)
+            yield out
+            return
+        try:
+            notices: OutputQueue | None = OutputQueue(sys.stderr, DEFAULT_LIMIT)
+        except (OSError, AttributeError):
+            notices = None
+        set_notice_queue(notices)
         signalled: list[int] = []
         try:
             yield queue
@@ -318,14 +329,22 @@ def queued_report(args: argparse.Namespace, give_up: Callable[[], str | None]) -
                     previous[sig] = signal.signal(sig, lambda signum, frame: signalled.append(signum))
             except ValueError:  # not the main thread: no handlers, give_up() alone
                 pass
+            stop = lambda: bool(signalled) or give_up() is not None  # noqa: E731
             try:
-                loss = queue.close(lambda: bool(signalled) or give_up() is not None)
+                loss = queue.close(stop)
+                note = None if queue.broken else loss_note(loss)
+                if note is not None:
+                    try:
+                        notice(note)
+                    except (OSError, ValueError):  # stderr's reader gone too
+                        pass
+                set_notice_queue(None)
+                if notices is not None:
+                    notices.close(stop)
             finally:
+                set_notice_queue(None)
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-            note = None if queue.broken else loss_note(loss)
-            if note is not None:
-                notice(note)
 
 
 def write_kept(out: TextIO, text: str) -> None:
