@@ -87,6 +87,7 @@ class OutputQueue:
         self._in_flight = 0  # lines taken by the writer, not written yet
         self._written = 0
         self._stop = False  # close: write nothing more
+        self._writing = False  # the thread is inside os.write
         self._closing = False
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="djprobe-output", daemon=True)
@@ -154,7 +155,7 @@ class OutputQueue:
                     continue
                 self._queue.append(data)
                 self._queued += len(data)
-            self._lock.notify()
+            self._lock.notify_all()
 
     def write(self, text: str, *, keep: bool = False) -> int:
         """``TextIO.write``: the complete lines of ``text`` (after what is left of an earlier
@@ -200,7 +201,7 @@ class OutputQueue:
                 pass
         with self._lock:
             self._closing = True
-            self._lock.notify()
+            self._lock.notify_all()
         deadline = None
         while self._thread.is_alive():
             if deadline is None and give_up():
@@ -210,7 +211,10 @@ class OutputQueue:
             self._thread.join(_POLL_S)
         with self._lock:
             self._stop = True
-            self._lock.notify()
+            self._lock.notify_all()
+            end = time.monotonic() + _POLL_S * 10
+            while self._writing and time.monotonic() < end:  # a write that saw room ends now
+                self._lock.wait(_POLL_S)
         self._thread.join(_POLL_S)
         with self._lock:
             # Lines still queued, or taken by a write that did not finish (a thread still
@@ -248,11 +252,18 @@ class OutputQueue:
             data = memoryview(b"".join(taken))
             try:
                 while data:
-                    if self._stop:
-                        return
-                    if not poller.poll(_POLL_S * 1000):
+                    if not poller.poll(_POLL_S * 1000) and not self._stop:
                         continue
-                    n = os.write(self.fd, data[:CHUNK])
+                    with self._lock:
+                        if self._stop:  # close decides what was written: nothing after that
+                            return
+                        self._writing = True
+                    try:
+                        n = os.write(self.fd, data[:CHUNK])  # room was seen: does not wait
+                    finally:
+                        with self._lock:
+                            self._writing = False
+                            self._lock.notify_all()
                     data = data[n:]
             except OSError as exc:
                 with self._lock:
