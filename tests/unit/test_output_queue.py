@@ -202,3 +202,20 @@ def test_a_record_is_queued_whole_or_dropped_whole(pipe):
     reader.join(10)
     assert got[0].decode().splitlines() == [LINE] * (prefill + 1) + [f"{i:015d}" for i in range(6)] + ["final", "report"]
     assert (loss.lines, loss.dropped, loss.unwritten) == (15, 6, 0)
+
+
+def test_long_lines_and_big_writes_arrive_whole_and_in_order(pipe):
+    q = OutputQueue(pipe.out, limit=1 << 22)
+    long_line = "L" * (3 * 4096 + 17)  # longer than PIPE_BUF: written alone, in pieces
+    batch = [f"{i:07d} " + "y" * (i % 300) for i in range(5000)]
+    q.write_lines(batch[:2500])
+    q.write_lines([long_line])
+    q.write("\n".join(batch[2500:]) + "\n")
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_read_until_eof(pipe.r)))
+    reader.start()
+    loss = q.close()
+    pipe.out.close()
+    reader.join(10)
+    assert got[0].decode().splitlines() == batch[:2500] + [long_line] + batch[2500:]
+    assert (loss.lines, loss.lost) == (5001, 0) and q.written == 5001

@@ -78,8 +78,9 @@ class OutputQueue:
         self.fd = out.fileno()
         self.limit = limit
         self._lock = threading.Condition()
-        self._queue: collections.deque[bytes] = collections.deque()  # encoded lines, each with its "\n"
-        self._queued = 0  # bytes in _queue
+        self._queue: collections.deque[bytes] = collections.deque()  # encoded whole lines, by write
+        self._head = 0  # bytes of _queue[0] already taken by the writer
+        self._queued = 0  # bytes in _queue not taken yet
         self._partial = ""  # the start of a line not ended yet
         self._group: list[str] | None = None  # the lines of a record being written
         self._lines = 0  # lines given to the queue (kept or dropped)
@@ -116,14 +117,15 @@ class OutputQueue:
         return self._queued
 
     def write_lines(self, lines: Iterable[str], *, keep: bool = False) -> None:
-        """Queue ``lines`` (each without its ``"\\n"``); those beyond the bound are dropped and
-        counted, one by one, unless ``keep`` (a summary: queued whatever the bound).
+        """Queue ``lines`` (each without its ``"\\n"``): as many of the first ones as the bound
+        leaves room for, the others dropped and counted, unless ``keep`` (a summary: queued
+        whatever the bound).
         Raises BrokenPipeError once the reader has gone, ValueError after ``close``."""
         lines = list(lines)
-        if self._partial and lines:  # after a partial line written by write()
-            lines[0] = self._partial + lines[0]
-            self._partial = ""
-        self._queue_lines(lines, keep)
+        if not lines:
+            return
+        text, self._partial = self._partial + "\n".join(lines) + "\n", ""  # after a partial line of write()
+        self._queue_text(text, keep)
 
     @contextlib.contextmanager
     def record(self, *, keep: bool = False) -> Iterator[None]:
@@ -136,37 +138,41 @@ class OutputQueue:
             yield
         finally:
             group, self._group = self._group, None
-            self._queue_lines(group, keep, whole=True)
+            if group:
+                self._queue_text("".join(group), keep, whole=True)
 
-    def _queue_lines(self, lines: list[str], keep: bool, whole: bool = False) -> None:
+    def _queue_text(self, text: str, keep: bool, whole: bool = False) -> None:
+        """Queue ``text``, whole lines: as much of it as fits (whole lines, the first ones), all
+        of it when ``keep``, all of it or nothing when ``whole``."""
         if self._group is not None:
-            self._group.extend(lines)
+            self._group.append(text)
             return
-        encoded = [(line + "\n").encode("utf-8", "backslashreplace") for line in lines]
+        data = text.encode("utf-8", "backslashreplace")
+        n = data.count(b"\n")
         with self._lock:
             self._check()
-            self._lines += len(encoded)
-            if whole and not keep and self._queued + sum(map(len, encoded)) > self.limit:
-                self._dropped += len(encoded)
-                encoded = []
-            for data in encoded:
-                if not keep and self._queued + len(data) > self.limit:
-                    self._dropped += 1
-                    continue
+            self._lines += n
+            room = self.limit - self._queued
+            if not keep and len(data) > room:
+                cut = 0 if whole or room <= 0 else data.rfind(b"\n", 0, room) + 1
+                self._dropped += n - data.count(b"\n", 0, cut)
+                data = data[:cut]
+            if data:
                 self._queue.append(data)
                 self._queued += len(data)
-            self._lock.notify_all()
+                self._lock.notify_all()
 
     def write(self, text: str, *, keep: bool = False) -> int:
         """``TextIO.write``: the complete lines of ``text`` (after what is left of an earlier
         partial line) are queued as :meth:`write_lines` does. Returns ``len(text)``."""
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        if lines:
-            self._queue_lines(lines, keep)
-        else:
+        head, newline, tail = text.rpartition("\n")
+        if not newline:
+            self._partial += text
             with self._lock:
                 self._check()
+            return len(text)
+        whole, self._partial = self._partial + head + "\n", tail
+        self._queue_text(whole, keep)
         return len(text)
 
     def flush(self) -> None:
@@ -219,27 +225,49 @@ class OutputQueue:
         with self._lock:
             # Lines still queued, or taken by a write that did not finish (a thread still
             # blocked in write() is abandoned: a daemon, it ends with djprobe).
-            unwritten = len(self._queue) + self._in_flight
+            unwritten = sum(e.count(b"\n") for e in self._queue) + self._in_flight
+            if self._queue:
+                unwritten -= self._queue[0].count(b"\n", 0, self._head)
             if self._error is not None:  # EPIPE: the reader has gone, nothing more is written
                 unwritten = self._lines - self._dropped - self._written
             return OutputLoss(self._lines, self._dropped, unwritten)
 
     # -- the writer thread ------------------------------------------------------------------
 
-    def _take(self) -> list[bytes] | None:
+    def _take(self) -> bytes | None:
         """Whole lines of at most CHUNK bytes (one longer line alone), or None when done."""
         with self._lock:
             while not self._queue and not self._closing and not self._stop:
                 self._lock.wait()
             if self._stop or not self._queue:
                 return None
-            taken = [self._queue.popleft()]
-            size = len(taken[0])
-            while self._queue and size + len(self._queue[0]) <= CHUNK:
-                size += len(self._queue[0])
-                taken.append(self._queue.popleft())
-            self._queued -= size
-            self._in_flight = len(taken)
+            pieces: list[bytes] = []
+            size = 0
+            while self._queue:
+                entry, start = self._queue[0], self._head
+                end = start + CHUNK - size
+                if end >= len(entry):  # the rest of this write fits
+                    pieces.append(entry[start:] if start else entry)
+                    size += len(entry) - start
+                    self._queue.popleft()
+                    self._head = 0
+                    continue
+                cut = entry.rfind(b"\n", start, end) + 1
+                if cut <= start:  # not one whole line fits the room left
+                    if pieces:
+                        break
+                    cut = entry.find(b"\n", start) + 1  # a line longer than CHUNK, alone
+                pieces.append(entry[start:cut])
+                size += cut - start
+                if cut == len(entry):
+                    self._queue.popleft()
+                    self._head = 0
+                else:
+                    self._head = cut
+                break
+            taken = b"".join(pieces)
+            self._queued -= len(taken)
+            self._in_flight = taken.count(b"\n")
             return taken
 
     def _run(self) -> None:
@@ -249,7 +277,7 @@ class OutputQueue:
             taken = self._take()
             if taken is None:
                 return
-            data = memoryview(b"".join(taken))
+            data = memoryview(taken)
             try:
                 while data:
                     if not poller.poll(_POLL_S * 1000) and not self._stop:
@@ -271,7 +299,7 @@ class OutputQueue:
                     self._in_flight = 0
                 return
             with self._lock:
-                self._written += len(taken)
+                self._written += self._in_flight
                 self._in_flight = 0
 
 
