@@ -24,6 +24,7 @@ from ._name_watch import NameWatch, known_pids, processes_named
 from ._output import notice, plural, print_refusals, refusal_reason, short_list, vfork_lines
 from ._pending import follow_libraries
 from ._target import Refusal, interrupted, pending_list
+from ._writer import dropped_lines, interval_note, report_record
 
 
 def pid_list(text: str) -> list[int]:
@@ -208,7 +209,14 @@ def report(
     out: TextIO, args: argparse.Namespace, members: list, interval: int, final: bool, status: int | None = None
 ) -> None:
     """Totals per site, then each process's figures (``members``: objects with ``pid``,
-    ``command``, ``sites()`` and ``refused``)."""
+    ``command``, ``sites()`` and ``refused``), queued whole or dropped whole (the final one never
+    dropped; with -i the count of lines dropped so far in the header, ``"output_dropped"``)."""
+    with report_record(out, keep=final):
+        _report(out, args, members, interval, final, status)
+    out.flush()
+
+
+def _report(out: TextIO, args: argparse.Namespace, members: list, interval: int, final: bool, status: int | None) -> None:
     if args.json:
         out.write(
             json.dumps(
@@ -222,6 +230,7 @@ def report(
                                    **({"exited": True} if getattr(m, "ended", False) else {})} for m in members],
                     "refused": [{"pid": m.pid, "site": r.site, "reason": r.reason} for m in members for r in m.refused],
                     "exit_status": status,
+                    **({"output_dropped": dropped_lines(out)} if args.interval else {}),
                 }
             )
             + "\n"
@@ -229,7 +238,8 @@ def report(
     else:
         lines = []
         if args.interval:
-            lines.append(f"[{time.strftime('%H:%M:%S')}] interval {interval}" + (" (final)" if final else ""))
+            lines.append(f"[{time.strftime('%H:%M:%S')}] interval {interval}" + (" (final)" if final else "")
+                         + interval_note(out))
         lines.append(f"all {plural(len(members), 'process', 'processes')}:")
         totals = _totals(members)
         lines += _table(totals)
@@ -239,7 +249,6 @@ def report(
             lines.append(process_heading(m.pid, m.command, getattr(m, "ended", False)))
             lines += _table(_rows(m.sites()))
         out.write("\n".join(lines) + ("\n\n" if args.interval and not final else "\n"))
-    out.flush()
 
 
 def run_fleet(args: argparse.Namespace, out: TextIO) -> int:

@@ -23,6 +23,7 @@ from ._follow_trace import TraceFamily, summary, write_events
 from ._name_watch import NameWatch
 from ._output import notice, print_refusals, print_traps
 from ._target import Interrupted, interrupted
+from ._writer import dropped_lines, write_kept
 
 TextLines = Callable[[EventBatch, str], list[str]]
 JsonLines = Callable[[EventBatch, int], list[str]]
@@ -71,7 +72,8 @@ def run_fleet_trace(args: argparse.Namespace, out: TextIO, placement: Placement,
     write(last)
     rows = [row for m in members for row in m.reader.members(m.pid, m.command, m.sites())]  # type: ignore[attr-defined]
     ended = {m.pid for m in members if m.ended}
-    print(summary(rows, args.json, sum(waited.values()), ended), file=out, flush=True)
+    text = summary(rows, args.json, sum(waited.values()), ended, output_dropped=dropped_lines(out))
+    write_kept(out, text + "\n")
     return 0
 
 

@@ -26,6 +26,7 @@ from ._children import Family, Placement, follow_children
 from ._fleet import process_heading
 from ._output import plural, vfork_lines
 from ._target import Interrupted, interrupted
+from ._writer import output_note
 
 
 @dataclass
@@ -147,9 +148,10 @@ def follow_loop(args: argparse.Namespace, out: TextIO, family: TraceFamily, foll
 
 
 def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: float,
-            ended: frozenset[int] | set[int] = frozenset()) -> str:
+            ended: frozenset[int] | set[int] = frozenset(), output_dropped: int = 0) -> str:
     """Totals per site over every process, then each process's figures (``ended``: the PIDs of
-    processes that exited while traced, said so)."""
+    processes that exited while traced, said so; ``output_dropped``: event lines the output queue
+    dropped, see _writer.py)."""
     totals: dict[str, _Row] = {}
     for _, _, rows in members:
         for r in rows:
@@ -174,6 +176,7 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
                            **({"exited": True} if pid in ended else {})}
                           for pid, command, rows in members],
             "waited_s": round(waited, 6),
+            "output_dropped": output_dropped,
         })
 
     def table(rows: list[_Row]) -> list[str]:
@@ -186,6 +189,9 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
     for pid, command, rows in members:
         lines += ["", process_heading(pid, command, pid in ended)] + table(ordered(rows))
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
+    note = output_note(output_dropped)
+    if note is not None:
+        lines.append(note)
     return "\n".join(lines)
 
 

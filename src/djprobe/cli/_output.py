@@ -41,11 +41,25 @@ def report_stream(args: argparse.Namespace) -> Iterator[TextIO]:
         yield out
 
 
+# Where notices go instead of a direct write to stderr while a command's loop runs: an
+# OutputQueue over stderr (cli/_writer.py), so a stderr nobody reads never blocks the loop.
+_notice_queue: list = []
+
+
+def set_notice_queue(queue: object | None) -> None:
+    """Send notices through ``queue`` (an OutputQueue over stderr; written with ``keep=True``),
+    or again straight to stderr (None)."""
+    _notice_queue[:] = [queue] if queue is not None else []
+
+
 def notice(text: str, *, wrap: bool = False) -> None:
     """A message from djprobe itself (banner, refusals, hints): always on stderr; ``wrap`` folds
     a long note under 80 columns."""
     if wrap:
         text = textwrap.fill(text, 79, subsequent_indent="  ", break_on_hyphens=False)
+    if _notice_queue:
+        _notice_queue[0].write(text + "\n", keep=True)
+        return
     print(text, file=sys.stderr, flush=True)
 
 

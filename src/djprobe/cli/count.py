@@ -11,12 +11,13 @@ from ..area import AreaLayout
 from ..errors import InvalidSiteError
 from ..module_globs import ALL_FUNCTIONS
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream, vfork_lines
-from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, vfork_lines
+from ._target import Refusal, positive_seconds, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target, run_until_done, pending_list, interrupted
 from ._children import add_follow_argument, follow_children, guard_children, idle_with, report_family
 from ._fleet import run_fleet, wants_fleet
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
+from ._writer import add_queue_argument, dropped_lines, interval_note, queued_report, report_record
 
 EXAMPLES = """examples:
   djprobe count 'libc:*alloc' 'libc:free' -- ls -l /   # count allocator calls of one ls run
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--all-modules", action="store_true",
         help=f"every function of every module of the process (the pattern '{ALL_FUNCTIONS}')",
     )
+    add_queue_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -81,8 +83,10 @@ def _report_json(
     *,
     interval: int,
     final: bool,
+    output_dropped: int | None = None,
 ) -> str:
-    """One JSON line: the counts at this moment (``final`` for the last report of the run)."""
+    """One JSON line: the counts at this moment (``final`` for the last report of the run;
+    ``output_dropped``: with -i, lines of earlier reports the output queue dropped)."""
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     return json.dumps(
         {
@@ -93,25 +97,31 @@ def _report_json(
             "probes": [probe_json(d) for d in rows],
             "refused": [{"site": r.site, "reason": r.reason} for r in refused],
             "exit_status": status,
+            **({"output_dropped": output_dropped} if output_dropped is not None else {}),
         }
     )
 
 
-def _text_header(interval: int, final: bool) -> str:
+def _text_header(interval: int, final: bool, out: TextIO | None = None) -> str:
     stamp = time.strftime("%H:%M:%S")
-    return f"[{stamp}] interval {interval}" + (" (final)" if final else "")
+    return f"[{stamp}] interval {interval}" + (" (final)" if final else "") + (interval_note(out) if out else "")
 
 
 def _report(out: TextIO, args: argparse.Namespace, target_pid: int, probes: list[Djprobe], refused: list[Refusal],
             status: int | None, interval: int, final: bool, children=None) -> None:
+    """One report, queued whole or dropped whole (the final one never dropped)."""
     if children is not None and children.children:
         report_family(out, args, target_pid, probes, refused, children, interval, final, status)
-    elif args.json:
-        out.write(_report_json(target_pid, probes, refused, status, interval=interval, final=final) + "\n")
-    elif args.interval:
-        out.write(_text_header(interval, final) + "\n" + _table(probes) + ("\n" if final else "\n\n"))
-    else:
-        out.write(_table(probes) + "\n")
+        return
+    with report_record(out, keep=final):
+        if args.json:
+            dropped = dropped_lines(out) if args.interval else None
+            out.write(_report_json(target_pid, probes, refused, status, interval=interval, final=final,
+                                   output_dropped=dropped) + "\n")
+        elif args.interval:
+            out.write(_text_header(interval, final, out) + "\n" + _table(probes) + ("\n" if final else "\n\n"))
+        else:
+            out.write(_table(probes) + "\n")
     out.flush()
 
 
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     note = script_note(args.command_argv)
     if note is not None:
         notice(f"note: {note}", wrap=True)
-    with report_stream(args) as out:
+    with queued_report(args, interrupted) as out:
         if wants_fleet(args):
             return run_fleet(args, out)
         target = open_target(args)

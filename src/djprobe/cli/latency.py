@@ -11,11 +11,12 @@ from typing import Callable, TextIO
 from ..area import AreaLayout
 from ..latency import LatencyFigures
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason, report_stream
+from ._output import add_output_argument, banner, notice, print_refusals, refusal_reason
 from ._target import (Refusal, add_target_arguments, exit_status, install_signal_handlers, make_probes, open_target,
-                      pending_list, positive_seconds, run_until_done)
+                      interrupted, pending_list, positive_seconds, run_until_done)
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
+from ._writer import add_queue_argument, dropped_lines, interval_note, queued_report, report_record
 from ._children import Placement, add_follow_argument, follow_children, guard_children, idle_with
 from ._follow_latency import LatencyFamily, SiteFigures, growing
 from ._fleet import process_heading, wants_fleet
@@ -66,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-i", "--interval", type=positive_seconds,
                         help="print the histograms every INTERVAL seconds, then start them again from zero")
     add_follow_argument(parser, "measure")
+    add_queue_argument(parser)
     parser.set_defaults(run=run, unit="nsecs")
 
 
@@ -141,7 +143,16 @@ def write_report(out: TextIO, args: argparse.Namespace, rows: list, processes: l
                  status: int | None, *, interval: int, final: bool, ended: frozenset[int] | set[int] = frozenset()) -> None:
     """One report: ``rows`` (site, figures) of each function; ``processes`` (several processes):
     (pid, command, rows) of each, after the totals (``ended``: PIDs that exited while measured);
-    ``refused``: objects with ``site``, ``reason`` (and ``pid`` when several processes)."""
+    ``refused``: objects with ``site``, ``reason`` (and ``pid`` when several processes). Queued
+    whole or dropped whole (the final one never dropped; with -i the count of lines dropped so
+    far in the header, ``"output_dropped"``)."""
+    with report_record(out, keep=final):
+        _write_report(out, args, rows, processes, refused, status, interval=interval, final=final, ended=ended)
+    out.flush()
+
+
+def _write_report(out: TextIO, args: argparse.Namespace, rows: list, processes: list | None, refused: list,
+                  status: int | None, *, interval: int, final: bool, ended: frozenset[int] | set[int]) -> None:
     if args.json:
         doc: dict = {"functions": [function_json(d, f) for d, f in rows]}
         if processes is not None:
@@ -151,12 +162,12 @@ def write_report(out: TextIO, args: argparse.Namespace, rows: list, processes: l
         doc.update(refused=[{**({"pid": r.pid} if hasattr(r, "pid") else {}), "site": r.site, "reason": r.reason}
                             for r in refused], exit_status=status)
         if args.interval:
-            doc.update(time=round(time.time(), 6), interval=interval, final=final)
+            doc.update(time=round(time.time(), 6), interval=interval, final=final, output_dropped=dropped_lines(out))
         out.write(json.dumps(doc) + "\n")
     else:
         if args.interval:
             stamp = time.strftime("%H:%M:%S")
-            out.write(f"[{stamp}] interval {interval}" + (" (final)" if final else "") + "\n")
+            out.write(f"[{stamp}] interval {interval}" + (" (final)" if final else "") + interval_note(out) + "\n")
         if processes is None:
             out.write("\n\n".join(text_report(d, f, args.unit) for d, f in rows) + "\n")
         else:
@@ -166,7 +177,6 @@ def write_report(out: TextIO, args: argparse.Namespace, rows: list, processes: l
             out.write("\n\n".join(parts) + "\n")
         if args.interval and not final:
             out.write("\n")
-    out.flush()
 
 
 def _report_family(out: TextIO, args: argparse.Namespace, family: LatencyFamily, refused: list[Refusal],
@@ -184,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     note = script_note(args.command_argv)
     if note is not None:
         notice(f"note: {note}", wrap=True)
-    with report_stream(args) as out:
+    with queued_report(args, interrupted) as out:
         if wants_fleet(args):
             from ._fleet_latency import run_fleet_latency
 

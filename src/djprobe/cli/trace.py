@@ -11,7 +11,7 @@ from ..area import ARG_REGISTERS, MAX_STRING_SIZE, REGISTER_NAMES, AreaLayout
 from ..events import EventBatch
 from ..fetched import FetchedString, format_value, json_value
 from ..probes import Djprobe
-from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, report_stream, vfork_lines
+from ._output import add_output_argument, banner, notice, print_refusals, print_traps, refusal_reason, vfork_lines
 from .count import probe_json
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
 from ._children import Placement, add_follow_argument, guard_children
@@ -19,6 +19,7 @@ from ._follow_trace import follow_loop, refuse_with_follow, start_family, summar
 from ._fleet import wants_fleet
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
+from ._writer import add_queue_argument, dropped_lines, output_note, queued_report, write_kept
 
 EXAMPLES = """examples:
   djprobe trace 'libc:malloc' -- ls /           # every malloc call of one ls run, with arguments
@@ -43,6 +44,8 @@ text lines marked [pid N], JSON lines with "pid"; the summary gives the totals p
 process's figures (one that exited while traced keeps its figures, marked so).
 
 The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
+djprobe never waits for that output: lines not read yet are kept in memory (--output-queue), those
+beyond are dropped and counted ("output_dropped" in the summary, a note on stderr at exit).
 """
 
 
@@ -54,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] [--string-size N] "
-        "[--no-debuginfo] [--perfetto FILE] [-f] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
+        "[--no-debuginfo] [--perfetto FILE] [--output-queue BYTES] [-f] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
@@ -87,6 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--perfetto", metavar="FILE", help="also write a Perfetto trace (https://ui.perfetto.dev) to FILE")
     add_follow_argument(parser, "trace")
+    add_queue_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -195,11 +199,13 @@ def _run_followed(args, out: TextIO, target, probes, follower, guard, family, wa
         notice(f"note: {exec_note}", wrap=True)
     status = exit_status(target) if args.command_argv else None
     members = family.members(target.pid, family.family.command, shown())
-    print(summary(members, args.json, waited), file=out, flush=True)
+    write_kept(out, summary(members, args.json, waited, output_dropped=dropped_lines(out)) + "\n")
     return status or 0
 
 
-def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
+def _summary(probes: list[Djprobe], as_json: bool, waited: float, output_dropped: int = 0) -> str:
+    """The summary of one process's trace (``output_dropped``: event lines the output queue
+    dropped, see _writer.py)."""
     rows = sorted(probes, key=lambda d: (-d.hits, d.site or ""))
     if as_json:
         return json.dumps(
@@ -209,6 +215,7 @@ def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
                     for d in rows
                 ],
                 "waited_s": round(waited, 6),
+                "output_dropped": output_dropped,
             }
         )
     width = max([len("PROBE")] + [len(d.site or "") for d in rows])
@@ -216,6 +223,9 @@ def _summary(probes: list[Djprobe], as_json: bool, waited: float) -> str:
     lines += [f"{d.site:<{width}}  {d.mode or '':<4}  {d.hits:>10}  {d.hits - d.missed:>10}  {d.missed:>8}" for d in rows]
     lines += vfork_lines([(d.site or "", d.vfork_hits) for d in rows])
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
+    note = output_note(output_dropped)
+    if note is not None:
+        lines.append(note)
     return "\n".join(lines)
 
 
@@ -235,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"djprobe trace: error: {why}")
     if args.follow:
         refuse_with_follow(args)
-    with report_stream(args) as out:
+    with queued_report(args, interrupted) as out:
         if wants_fleet(args):
             return _run_fleet(args, out)
         return _run(args, out)
@@ -348,5 +358,6 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if exec_note is not None:
         notice(f"note: {exec_note}", wrap=True)
     status = exit_status(target) if args.command_argv else None
-    print(_summary(follower.sites if follower is not None else probes, args.json, waited), file=out, flush=True)  # type: ignore[arg-type]
+    sites = follower.sites if follower is not None else probes
+    write_kept(out, _summary(sites, args.json, waited, dropped_lines(out)) + "\n")  # type: ignore[arg-type]
     return status or 0
