@@ -22,6 +22,11 @@
   (or the sum's high dword) asks for it: each carry is added once, by the thread that made it, so
   the figures are exact once no stub runs (as the 32-bit count stub's counters).
 
+* **vfork children** (with the rseq offset, :mod:`djprobe.vforks32`): the entry's count sends a
+  marked child to the apart counter and then to the entry frame's ``popad`` (:data:`ENTRY_SKIP`):
+  its call is not timed; the exit checks the marker on its unpaired path only (a child's exit,
+  whose entry was not timed, is not an unpaired one).
+
 Registers: ``pushad`` (and ``pushfd`` at an entry whose flags are live: a first instruction that
 reads them), and ``xmm0`` in the frame; there is no red zone, but the stack below ``esp`` is
 nobody's at a function's entry or exit (a ``call`` would write there).

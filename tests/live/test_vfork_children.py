@@ -107,13 +107,14 @@ def _fields(output: str) -> dict[str, int]:
 
 
 def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None, probes_first=False,
-         hooks: int = 2):
+         hooks: int = 2, notes: int | None = None, env: dict[str, str] | None = None):
     """Spawn vfchildren with the fork guard (and its vfork hooks) and ``probes``; run it to its
     end. Returns (fields, [(hits, vfork_hits) per probe], the hooks' (hits, vfork_hits), the event batches, and
     what ``inspect(batches)`` returns, called while the process is still open); ``probes_first``:
-    the probes are placed before the hooks (as the CLI does); ``hooks``: how many hooks go in."""
+    the probes are placed before the hooks (as the CLI does); ``hooks``: how many hooks go in,
+    with ``notes`` notes (default: one per hook not in)."""
     read_fd, write_fd = os.pipe()
-    with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd) as proc:
+    with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd, env=env) as proc:
         os.close(write_fd)
         if layout is not None:
             proc.layout = layout
@@ -125,7 +126,7 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, i
             fork_guard = ForkGuard(proc)
             fork_guard.install()
             marks = fork_guard.vforks
-            assert marks is not None and len(marks.notes) == 2 - hooks, marks and marks.notes
+            assert marks is not None and len(marks.notes) == (2 - hooks if notes is None else notes), marks and marks.notes
             assert [h.mode for h in marks.hooks] == ["jump"] * hooks
         for djp in () if probes_first else probes:
             proc.register(djp)
@@ -391,3 +392,17 @@ def test_i386_string_fetch_no_child_record(vfchildren32):
     fields, figures, _, _, seen = _run(vfchildren32, [work], inspect=strings, hooks=_hooks32(vfchildren32))
     assert figures == [(V + S, V * K)]
     assert seen == sorted(("parent", j) for j in range(V + S))
+
+
+def test_i386_glibc_without_rseq_children_count_as_the_parent(vfchildren32):
+    """glibc.pthread.rseq=0: no rseq area to mark, so no hook goes in (a note says why), the
+    stubs have no marker check, and the children's calls count (and record) as the parent's,
+    exactly, as before."""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.pthread.rseq=0")
+    work, dup2 = djprobe.Djprobe("vf_work", record=True, lossless=True), djprobe.Djprobe("libc:dup2")
+    layout = AreaLayout(ring_count=8, ring_slots=1 << 16)
+    fields, figures, hooks, batches, _ = _run(vfchildren32, [work, dup2], layout=layout, hooks=0, notes=1, env=env)
+    assert hooks == []
+    assert figures == [(fields["calls"] + V * K, 0), (fields["dups"] + V * K + S * K, 0)]
+    x = np.concatenate([b.register("rdi") for b in batches]).astype(np.uint32).astype(np.int32)
+    assert int((x >= 1_000_000).sum()) == V * K  # the children's events, as the parent's
