@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .regions import Region
     from .stubs import RecordTargets
 
-__all__ = ["assemble32", "count_action32", "count_into32", "vfork_check32", "apart_add32", "build_count_stub32", "build_stub32", "finish32", "jump_bytes32"]
+__all__ = ["assemble32", "count_action32", "count_into32", "vfork_check32", "apart_add32", "build_count_stub32",
+           "build_stub32", "finish32", "jump_bytes32"]
 
 JMP_REL32_SIZE = 5
 

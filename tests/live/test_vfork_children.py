@@ -406,3 +406,21 @@ def test_i386_glibc_without_rseq_children_count_as_the_parent(vfchildren32):
     assert figures == [(fields["calls"] + V * K, 0), (fields["dups"] + V * K + S * K, 0)]
     x = np.concatenate([b.register("rdi") for b in batches]).astype(np.uint32).astype(np.int32)
     assert int((x >= 1_000_000).sum()) == V * K  # the children's events, as the parent's
+
+
+def test_i386_count_command_reports_children_apart(vfchildren32):
+    """`djprobe count --json` on the 32-bit target: the parent's figures exact, the vfork
+    children's pre-exec hits in vfork_hits (the posix_spawn children's too where the spawn hook
+    goes in; else the parent's, exactly, and a note says so)."""
+    hooks = _hooks32(vfchildren32)
+    argv = [str(vfchildren32), str(T), "2000", str(V), str(S), str(K)]
+    res = subprocess.run(DJPROBE + ["count", "--json", "vf_work", "libc:dup2", "--"] + argv,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert ("__spawni_child" in res.stderr) == (hooks == 1), res.stderr
+    lines = res.stdout.strip().splitlines()
+    fields = _fields(lines[0])
+    report = json.loads(lines[-1])
+    got = {p["site"].split(":")[1]: (p["hits"], p["vfork_hits"]) for p in report["probes"]}
+    apart = _spawn_apart(hooks)
+    assert got == {"vf_work": (fields["calls"], V * K), "dup2": (fields["dups"] + S * K - apart, V * K + apart)}
