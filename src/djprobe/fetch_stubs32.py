@@ -37,7 +37,7 @@ from .area import ARG_REGISTERS, ARGS_RECORD_SIZE, RING_HEARTBEAT, RING_TAIL, RI
 from .fetch_stubs import PAGE, StringRings
 from .process import _auxv
 from .stubs import RecordTargets, Relocatable, Stub, _Asm
-from .stubs32 import _abs, _add64, _aimed32, _at, _esp, _wait_for_room32, assemble32, count_and_reserve32
+from .stubs32 import _abs, _add64, _aimed32, _at, _esp, _wait_for_room32, apart_add32, assemble32, count_and_reserve32
 
 __all__ = ["fetch_action32", "build_fetch_stub32", "kernel_vsyscall", "SYS_PROCESS_VM_READV32", "SYS_GETPID32"]
 
@@ -83,7 +83,7 @@ def fetch_action32(layout: AreaLayout, where: RecordTargets, rings: StringRings,
     # count in a locked shard chosen by esp (as the other 32-bit stubs), reserve in string ring
     # shard % ring_count: esi = its header, edi = its records, edx:eax = the position
     count_and_reserve32(a, layout, where.counter, rings.headers, rings.records, layout.string_ring_stride,
-                        layout.string_ring_slots)
+                        layout.string_ring_slots, where.rseq_offset)  # a vfork child: to "apart"
     # the position in the frame; edi = the record
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _esp(_POS_LO), R.EAX))
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _esp(_POS_HI), R.EDX))
@@ -168,6 +168,10 @@ def fetch_action32(layout: AreaLayout, where: RecordTargets, rings: StringRings,
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _at(R.EDI, 4), R.EDX))
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _at(R.EDI, 0), R.EAX))
     a.branch(Code.JMP_REL32_32, "done")
+    if where.rseq_offset is not None:
+        a.label("apart")  # a vfork/posix_spawn child before its exec: counted apart, no record, no copy
+        apart_add32(a, layout, where.counter, "counted_apart")
+        a.branch(Code.JMP_REL32_32, "done")
     a.label("full")
     if where.wait_cycles:  # the string rings have their own number of slots
         _wait_for_room32(a, dataclasses.replace(layout, ring_slots=layout.string_ring_slots), where.wait_cycles,

@@ -351,7 +351,7 @@ class _StubSet:
 _STUBS = {
     X86_64: _StubSet(build_latency_entry_stub, build_latency_exit_stub, build_latency_both_stub, rseq=True, paths=True),
     I386: _StubSet(latency_stubs32.build_latency_entry_stub, latency_stubs32.build_latency_exit_stub,
-                   latency_stubs32.build_latency_both_stub, rseq=False, paths=False),
+                   latency_stubs32.build_latency_both_stub, rseq=True, paths=False),  # rseq: vfork children apart
 }
 
 

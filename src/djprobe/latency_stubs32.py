@@ -22,6 +22,11 @@
   (or the sum's high dword) asks for it: each carry is added once, by the thread that made it, so
   the figures are exact once no stub runs (as the 32-bit count stub's counters).
 
+* **vfork children** (with the rseq offset, :mod:`djprobe.vforks32`): the entry's count sends a
+  marked child to the apart counter and then to the entry frame's ``popad`` (:data:`ENTRY_SKIP`):
+  its call is not timed; the exit checks the marker on its unpaired path only (a child's exit,
+  whose entry was not timed, is not an unpaired one).
+
 Registers: ``pushad`` (and ``pushfd`` at an entry whose flags are live: a first instruction that
 reads them), and ``xmm0`` in the frame; there is no red zone, but the stack below ``esp`` is
 nobody's at a function's entry or exit (a ``call`` would write there).
@@ -36,7 +41,7 @@ from iced_x86 import Code, Instruction, MemoryOperand, Register
 from .area import LATENCY_ENTRY_SIZE, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
 from .latency_stubs import TAG_SHIFT, LatencyTargets
 from .stubs import Relocatable, Stub, _Asm
-from .stubs32 import _add64, _aimed32, _finish_exit32, assemble32, count_action32
+from .stubs32 import _add64, _aimed32, _finish_exit32, assemble32, count_into32, vfork_check32
 
 __all__ = ["GOLDEN32", "table_index32", "build_latency_entry_stub", "build_latency_exit_stub",
            "build_latency_both_stub"]
@@ -89,6 +94,7 @@ class _Frame:
     def restore(self, a: _Asm) -> None:
         a.add(Instruction.create_reg_mem(Code.MOVDQU_XMM_XMMM128, R.XMM0, _m(R.ESP, _XMM0)))
         a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM8, R.ESP, _LOCALS))
+        a.label(ENTRY_SKIP)  # a vfork child's count (count_into32's skip_to) comes here, pushad done
         a.add(Instruction.create(Code.POPAD))
         if self.flags:
             a.add(Instruction.create(Code.POPFD))
@@ -164,9 +170,14 @@ def entry_action32(a: _Asm, t: LatencyTargets, frame: _Frame) -> None:
     frame.restore(a)
 
 
-def exit_action32(t: LatencyTargets, layout: AreaLayout) -> list[Instruction]:
+#: The label of the entry frame's ``popad`` where a vfork child's count goes (not timed).
+ENTRY_SKIP = "lat_skip"
+
+
+def exit_action32(t: LatencyTargets, layout: AreaLayout, rseq_offset: int | None = None) -> list[Instruction]:
     """The exit's latency action: find its call's entry (or the neighbour), free it, add the
-    nanoseconds into a bucket of a locked shard; else count the exit as unpaired."""
+    nanoseconds into a bucket of a locked shard; else count the exit as unpaired (with
+    ``rseq_offset``: unless it is a vfork child's, whose entry was not timed)."""
     frame = _Frame(flags=False)  # dead at a return or a tail call
     high = t.tag << (TAG_SHIFT - 32)
     a = _Asm()
@@ -243,6 +254,7 @@ def exit_action32(t: LatencyTargets, layout: AreaLayout) -> list[Instruction]:
     a.add(_locked(Instruction.create_mem_reg(Code.ADD_RM32_R32, _m(R.ECX, 12), R.EDX)))
     a.branch(Code.JMP_REL32_32, "lat_done")
     a.label("lat_unpaired")
+    vfork_check32(a, rseq_offset, "lat_done")  # a vfork child's exit: not an unpaired one
     misc = t.misc + 8 * MISC_UNPAIRED
     _add64(a, _abs(misc), _abs(misc + 4), "lat_unpaired_counted")
     a.label("lat_done")
@@ -259,10 +271,11 @@ def _check(layout: AreaLayout, t: LatencyTargets) -> None:
 
 
 def build_latency_entry_stub(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int,
-                             targets: LatencyTargets) -> Stub:
+                             targets: LatencyTargets, rseq_offset: int | None = None) -> Stub:
     """The stub at a latency probe's function entry in 32-bit code: count the call (as the
     32-bit count stub), then remember when it began; the relocated entry instructions, the jump
-    back. The flags are kept where the first instruction reads them.
+    back. The flags are kept where the first instruction reads them. With ``rseq_offset``, a vfork
+    child's call is counted apart and not timed.
 
     Raises ValueError (not at an entry, or too big for a slot), RelocationError."""
     if not site.at_entry:
@@ -270,8 +283,7 @@ def build_latency_entry_stub(site: Relocatable, layout: AreaLayout, slot_address
     _check(layout, targets)
     flags = not site.flags_dead
     a = _Asm()
-    for i in count_action32(layout, counter_address, flags_live=flags):  # first: its branch targets stay valid
-        a.add(i)
+    count_into32(a, layout, counter_address, flags_live=flags, rseq_offset=rseq_offset, skip_to=ENTRY_SKIP)
     entry_action32(a, targets, _Frame(flags))
     action = assemble32(_aimed32(a), slot_address)
     relocated = site.relocate_to(slot_address + len(action), site.address + site.size)
@@ -282,7 +294,7 @@ def build_latency_entry_stub(site: Relocatable, layout: AreaLayout, slot_address
 
 
 def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address: int,
-                            targets: LatencyTargets) -> Stub:
+                            targets: LatencyTargets, rseq_offset: int | None = None) -> Stub:
     """The stub of one exit window of a latency probe in 32-bit code (laid out as a return
     probe's: relocated prefix, exit action, relocated exit).
 
@@ -290,11 +302,11 @@ def build_latency_exit_stub(site: Relocatable, layout: AreaLayout, slot_address:
     if getattr(site, "exit", None) is None or getattr(site, "exit_early", False):
         raise ValueError("a latency exit stub goes at an exit window that acts at its exit")
     _check(layout, targets)
-    return _finish_exit32(site, layout, slot_address, exit_action32(targets, layout))
+    return _finish_exit32(site, layout, slot_address, exit_action32(targets, layout, rseq_offset))
 
 
 def build_latency_both_stub(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int,
-                            targets: LatencyTargets) -> Stub:
+                            targets: LatencyTargets, rseq_offset: int | None = None) -> Stub:
     """The stub of a 32-bit function whose entry window ends with one of its exits: the entry
     action, the relocated instructions before the exit, the exit action, the relocated exit (see
     :func:`djprobe.latency_stubs.build_latency_both_stub`).
@@ -309,15 +321,14 @@ def build_latency_both_stub(site: Relocatable, layout: AreaLayout, slot_address:
     prefix, last = displaced[:-1], displaced[-1]
     flags = not site.flags_dead
     a = _Asm()
-    for i in count_action32(layout, counter_address, flags_live=flags):  # first: its branch targets stay valid
-        a.add(i)
+    count_into32(a, layout, counter_address, flags_live=flags, rseq_offset=rseq_offset, skip_to=ENTRY_SKIP)
     entry_action32(a, targets, _Frame(flags))
     entry_code = assemble32(_aimed32(a), slot_address)
     at = slot_address + len(entry_code)
     pre = relocate(prefix, at, None) if prefix else None
     address_map = dict(pre.address_map) if pre is not None else {}
     exit_at = at + (len(pre.code) if pre is not None else 0)
-    exit_code = assemble32(exit_action32(targets, layout), exit_at)
+    exit_code = assemble32(exit_action32(targets, layout, rseq_offset), exit_at)
     address_map[last.address] = exit_at  # a thread at the exit runs the exit action first
     last_code = relocate([last], exit_at + len(exit_code), None).code
     code = entry_code + (pre.code if pre is not None else b"") + exit_code + last_code

@@ -819,8 +819,7 @@ class ProbedProcess:
                     self._populate_rings(region)
                     where = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
                     rings = string_rings(region.layout, region.data_address)
-                    if getattr(self.process, "arch", X86_64) is X86_64:  # a vfork child's hits apart (djprobe.vforks)
-                        where = dataclasses.replace(where, rseq_offset=self._rseq_offset())
+                    where = dataclasses.replace(where, rseq_offset=self._rseq_offset())  # a vfork child's hits apart
                     build_fetch = _FETCH_STUBS[getattr(self.process, "arch", X86_64)]
                     stub = build_fetch(self, analysis, region.layout, region.slot_address(slot), where, rings, strings)
                 elif builder is not None:  # written for the modes its class names (stub_arches)
@@ -840,7 +839,8 @@ class ProbedProcess:
                     if action == "record":
                         self._populate_rings(region)
                         targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))
-                    stub = build_stub32(analysis, region, slot, action, registers, targets)
+                        targets = dataclasses.replace(targets, rseq_offset=self._rseq_offset())  # vfork children apart
+                    stub = build_stub32(analysis, region, slot, action, registers, targets, self._rseq_offset())
                 elif action == "record":
                     self._populate_rings(region)
                     targets = region.record_targets(slot, self._thread_map.tid_offset, self._wait_cycles(lossless))

@@ -1,7 +1,8 @@
 """Restartable sequences in the target: where glibc keeps each thread's ``struct rseq``.
 
 glibc 2.35+ registers an rseq area for every thread it creates, at ``__rseq_offset`` from the
-thread pointer (``fs`` base), with the signature :data:`RSEQ_SIG`. The kernel keeps ``cpu_id`` in
+thread pointer (``fs`` base; in a 32-bit (i386) process the ``gs`` base, ``__rseq_offset`` a 4-byte
+``ptrdiff_t``), with the signature :data:`RSEQ_SIG`. The kernel keeps ``cpu_id`` in
 it current, and restarts a critical section registered in ``rseq_cs`` at its abort handler if the
 thread is preempted, migrated or signalled inside it. The count stub uses this to add one to a
 per-CPU counter with a plain ``inc`` (no ``lock``), see :mod:`djprobe.stubs`.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._sys import ptrace as pt
+from .arch import I386
 from .errors import DjprobeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,8 +69,9 @@ def glibc_rseq_area(process: "Process", addresses: tuple[int, int] | None) -> tu
     ``addresses`` from :func:`rseq_symbols`."""
     if addresses is None:
         return None, "no __rseq_offset/__rseq_size (glibc older than 2.35, or not glibc)"
+    i386 = getattr(process, "arch", None) is I386  # gs-based TLS, a 4-byte ptrdiff_t
     try:
-        offset = int.from_bytes(process.read(addresses[0], 8), "little", signed=True)
+        offset = int.from_bytes(process.read(addresses[0], 4 if i386 else 8), "little", signed=True)
         size = int.from_bytes(process.read(addresses[1], 4), "little")
     except DjprobeError as exc:
         return None, f"cannot read __rseq_offset: {exc}"
@@ -83,7 +86,8 @@ def glibc_rseq_area(process: "Process", addresses: tuple[int, int] | None) -> tu
             return None, f"PTRACE_GET_RSEQ_CONFIGURATION: {exc.strerror}"
         if config.rseq_abi_pointer == 0:
             continue  # not registered: its cpu_id reads < 0 and the stub counts the other way
-        expected = (thread.regs().fs_base + offset) & ((1 << 64) - 1)
+        regs = thread.regs()
+        expected = ((regs.gs_base + offset) & 0xFFFF_FFFF) if i386 else ((regs.fs_base + offset) & ((1 << 64) - 1))
         if config.rseq_abi_pointer != expected or config.signature != RSEQ_SIG:
             return None, (
                 f"thread {thread.tid} registered rseq at {config.rseq_abi_pointer:#x} with signature "

@@ -11,6 +11,12 @@ absolute 32-bit displacements (the area is below 4 GiB, like everything in a 32-
   ``lock inc dword [hi]`` (each carry out of the low word is added once, by the thread whose
   increment produced it: the count stays exact), then ``popfd``/``pop eax``. Per-CPU (rseq)
   counting is not used in 32-bit processes.
+* **vfork children**: where glibc registered rseq (``rseq_offset`` given), one ``cmp dword
+  gs:[rseq_offset + 4], VFORK_CPU`` and a ``jcc`` come before the locked count: a vfork or
+  posix_spawn child marked by the vfork hook (:mod:`djprobe.vforks32`) adds one to the
+  instance's *apart* counter (:attr:`AreaLayout.apart_offset`, 64 bits in two words as
+  :func:`_add64`) and does nothing else (no record). Without ``rseq_offset`` (glibc without rseq,
+  ``glibc.pthread.rseq=0``) the stubs are as before and such children count as the parent's.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from typing import TYPE_CHECKING
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register
 
 from .area import RING_TAIL, AreaLayout
+from .rseq import CPU_ID, VFORK_CPU
 from .stubs import Relocatable, Stub
 
 if TYPE_CHECKING:  # pragma: no cover
     from .regions import Region
     from .stubs import RecordTargets
 
-__all__ = ["assemble32", "count_action32", "build_count_stub32", "build_stub32", "finish32", "jump_bytes32"]
+__all__ = ["assemble32", "count_action32", "count_into32", "vfork_check32", "apart_add32", "build_count_stub32",
+           "build_stub32", "finish32", "jump_bytes32"]
 
 JMP_REL32_SIZE = 5
 
@@ -42,30 +50,77 @@ def _abs(displ: int, base: Register = Register.NONE) -> MemoryOperand:
     return MemoryOperand(base, Register.NONE, 1, displ & 0xFFFFFFFF, 4)
 
 
-def count_action32(layout: AreaLayout, counter_address: int, *, flags_live: bool) -> list[Instruction]:
-    """Instructions that add one to the counter of an instance (shard 0 at ``counter_address``)."""
+def count_action32(layout: AreaLayout, counter_address: int, *, flags_live: bool,
+                   rseq_offset: int | None = None) -> list[Instruction]:
+    """Instructions that add one to the counter of an instance (shard 0 at ``counter_address``);
+    with ``rseq_offset``, a vfork child's hit to its apart counter instead (see the module
+    docstring)."""
+    from .stubs import _Asm
+
+    a = _Asm()
+    count_into32(a, layout, counter_address, flags_live=flags_live, rseq_offset=rseq_offset)
+    return _aimed32(a)
+
+
+def count_into32(a, layout: AreaLayout, counter_address: int, *, flags_live: bool, rseq_offset: int | None = None,
+                 skip_to: str | None = None) -> None:
+    """Append :func:`count_action32` to ``a``. With ``skip_to``, a vfork child's path, once it
+    counted apart and restored ``eax`` (and the flags), pushes ``pushfd`` (where ``flags_live``)
+    and ``pushad`` and jumps to that label (the latency entry's ``popad``: its call is not
+    timed)."""
     R = Register
-    out = [Instruction.create_reg(Code.PUSH_R32, R.EAX)]
+    a.add(Instruction.create_reg(Code.PUSH_R32, R.EAX))
     if flags_live:
-        out.append(Instruction.create(Code.PUSHFD))
+        a.add(Instruction.create(Code.PUSHFD))
+    if rseq_offset is not None:  # the fast path: one cmp and one jcc more
+        a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _gs(rseq_offset + CPU_ID), VFORK_CPU))
+        a.branch(Code.JNE_REL32_32, "count_shard")
+        apart_add32(a, layout, counter_address, "count_apart")
+        if skip_to is not None:
+            if flags_live:
+                a.add(Instruction.create(Code.POPFD))
+            a.add(Instruction.create_reg(Code.POP_R32, R.EAX))
+            if flags_live:
+                a.add(Instruction.create(Code.PUSHFD))
+            a.add(Instruction.create(Code.PUSHAD))
+            a.branch(Code.JMP_REL32_32, skip_to)
+        else:
+            a.branch(Code.JMP_REL32_32, "count_done")
+        a.label("count_shard")
     stride_shift = layout.shard_stride.bit_length() - 1
-    out += [
+    for i in (
         Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.ESP),
         Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.EAX, layout.shard_shift),
         Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1),
         Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base),
         Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift),
-    ]
-    from .stubs import _Asm
-
-    a = _Asm()
-    for i in out:
+    ):
         a.add(i)
     _add64(a, _abs(counter_address, R.EAX), _abs(counter_address + 4, R.EAX), "counted")
+    a.label("count_done")
     if flags_live:
         a.add(Instruction.create(Code.POPFD))
     a.add(Instruction.create_reg(Code.POP_R32, R.EAX))
-    return _aimed32(a)
+
+
+def _gs(displ: int) -> MemoryOperand:
+    """``gs:[displ]``: the thread's TLS (glibc's rseq area at ``__rseq_offset``)."""
+    return MemoryOperand(Register.NONE, Register.NONE, 1, displ & 0xFFFFFFFF, 4, False, Register.GS)
+
+
+def vfork_check32(a, rseq_offset: int | None, label: str) -> None:
+    """``cmp dword gs:[rseq_offset + 4], VFORK_CPU; je label`` (clobbers the flags): a vfork or
+    posix_spawn child marked by the vfork hook goes to ``label``. Nothing without ``rseq_offset``."""
+    if rseq_offset is not None:
+        a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _gs(rseq_offset + CPU_ID), VFORK_CPU))
+        a.branch(Code.JE_REL32_32, label)
+
+
+def apart_add32(a, layout: AreaLayout, counter_address: int, label: str) -> None:
+    """Add one to the apart counter of the instance whose shard 0 is at ``counter_address`` (a
+    vfork child's hit; 64 bits in two words as :func:`_add64`, clobbers the flags)."""
+    apart = counter_address + layout.apart_offset
+    _add64(a, _abs(apart), _abs(apart + 4), label)
 
 
 def _add64(a, low: MemoryOperand, high: MemoryOperand, label: str) -> None:
@@ -82,12 +137,14 @@ def _add64(a, low: MemoryOperand, high: MemoryOperand, label: str) -> None:
     a.label(label)
 
 
-def build_count_stub32(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int) -> Stub:
+def build_count_stub32(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int,
+                       rseq_offset: int | None = None) -> Stub:
     """The count stub of a site in 32-bit code, in the slot at ``slot_address``: the action, the
-    relocated displaced instructions, the jump back.
+    relocated displaced instructions, the jump back (``rseq_offset``: a vfork child counted apart).
 
     Raises ValueError when the stub does not fit a slot; RelocationError from the relocator."""
-    action = assemble32(count_action32(layout, counter_address, flags_live=not site.flags_dead), slot_address)
+    action = assemble32(count_action32(layout, counter_address, flags_live=not site.flags_dead,
+                                       rseq_offset=rseq_offset), slot_address)
     relocated = site.relocate_to(slot_address + len(action), site.address + site.size)
     code = action + relocated.code
     if len(code) > layout.slot_size:
@@ -102,10 +159,12 @@ def jump_bytes32(site: int, target: int) -> bytes:
 
 
 def build_stub32(site: Relocatable, region: "Region", slot: int, action: str, registers: str = "all",
-                 targets: "RecordTargets | None" = None) -> Stub:
+                 targets: "RecordTargets | None" = None, rseq_offset: int | None = None) -> Stub:
     """The stub of ``action`` ("count" or "record", with ``targets``) for a site of a 32-bit
     process in slot ``slot`` of ``region``; at an exit window of a return probe, laid out as the
     x86-64 one (relocated prefix, action, relocated exit: ``eax``/``edx`` hold the value returned).
+    ``rseq_offset`` (glibc's, where it registered rseq): a vfork child's hit is counted apart (a
+    record stub takes it from ``targets.rseq_offset``).
 
     Raises RelocationError from the relocator, ValueError if the stub does not fit a slot."""
     at_exit = getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False)
@@ -117,9 +176,10 @@ def build_stub32(site: Relocatable, region: "Region", slot: int, action: str, re
             return build_record_stub32(site, layout, slot_address, targets, registers)
         return _finish_exit32(site, layout, slot_address, record_action32(layout, targets, registers))
     if not at_exit:
-        return build_count_stub32(site, layout, slot_address, region.counter_address(slot))
+        return build_count_stub32(site, layout, slot_address, region.counter_address(slot), rseq_offset)
     # the flags are dead at a return or a tail call (cdecl keeps none across them)
-    return _finish_exit32(site, layout, slot_address, count_action32(layout, region.counter_address(slot), flags_live=False))
+    return _finish_exit32(site, layout, slot_address, count_action32(layout, region.counter_address(slot),
+                                                                     flags_live=False, rseq_offset=rseq_offset))
 
 
 def _finish_exit32(site: Relocatable, layout: AreaLayout, slot_address: int, action: list[Instruction]) -> Stub:
@@ -172,13 +232,16 @@ def _at(base: Register, displ: int) -> MemoryOperand:
 
 
 def count_and_reserve32(a, layout: AreaLayout, counter: int, headers: int, records: int, stride: int,
-                        slots: int) -> None:
+                        slots: int, rseq_offset: int | None = None) -> None:
     """Count the hit in a locked shard chosen by ``esp`` (ebx = the shard), then reserve a slot
     in ring ``shard % ring_count`` of the rings at ``headers``/``records`` (``stride`` bytes of
     records each, ``slots`` slots) with ``lock cmpxchg8b`` on its head: esi = the ring's header,
-    edi = its records, edx:eax = the position; a full ring goes to ``full``."""
+    edi = its records, edx:eax = the position; a full ring goes to ``full``. With ``rseq_offset``,
+    a vfork child (``cpu_id`` VFORK_CPU) goes to ``apart`` first, counting nothing (the caller
+    counts it apart there: :func:`apart_add32`)."""
     R = Register
     add = a.add
+    vfork_check32(a, rseq_offset, "apart")
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.ESP))
     add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, R.EAX, layout.shard_shift))
     add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
@@ -229,7 +292,7 @@ def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str =
     headers, records = (where.args_ring_headers, where.args_records) if args_only else (where.ring_headers, where.records)
     stride = layout.args_ring_stride if args_only else layout.ring_stride
     record_size = ARGS_RECORD_SIZE if args_only else RECORD_SIZE
-    count_and_reserve32(a, layout, where.counter, headers, records, stride, layout.ring_slots)
+    count_and_reserve32(a, layout, where.counter, headers, records, stride, layout.ring_slots, where.rseq_offset)
     # ebp:ebx = pos; edi = the record
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBP, R.EAX))
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EBX, R.EDX))
@@ -278,6 +341,10 @@ def record_action32(layout: AreaLayout, where: "RecordTargets", registers: str =
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _at(R.EDI, 4), R.EBX))
     add(Instruction.create_mem_reg(Code.MOV_RM32_R32, _at(R.EDI, 0), R.EBP))
     a.branch(Code.JMP_REL32_32, "done")
+    if where.rseq_offset is not None:
+        a.label("apart")  # a vfork/posix_spawn child before its exec: counted apart, no record
+        apart_add32(a, layout, where.counter, "counted_apart")
+        a.branch(Code.JMP_REL32_32, "done")
     a.label("full")
     if where.wait_cycles:
         _wait_for_room32(a, layout, where.wait_cycles, RING_HEARTBEAT, RING_TAIL, RING_WAITED)

@@ -27,8 +27,9 @@ tracer changes nothing.
 Only where per-CPU counting is used (glibc registered rseq in the process, see
 :mod:`djprobe.rseq`): without it there is no ``cpu_id`` to mark and such children's hits count as
 the parent's (``lock inc``, no race). Without ``__spawni_child`` in any symbol table (no debug
-file for libc), only ``vfork`` children are marked. 64-bit processes only (the 32-bit stubs have
-no per-CPU path). Stubs without a per-CPU path in a process that has one (string-fetching
+file for libc), only ``vfork`` children are marked. In 32-bit processes the hook's code and sites
+are :mod:`djprobe.vforks32`'s (``gs``-based TLS, after ``int 0x80``), and every 32-bit stub
+compares ``cpu_id`` with the marker before its locked count. Stubs without a per-CPU path in a process that has one (string-fetching
 stubs, the records of shared stubs) compare ``cpu_id`` with the marker before their locked count.
 """
 
@@ -103,7 +104,7 @@ class VforkHook(Djprobe):
     no rseq registration). A counting probe at the same address shares its stub and gets the
     same figures (see :meth:`join_conflict`)."""
 
-    stub_arches = frozenset({X86_64})
+    stub_arches = frozenset({X86_64, I386})  # 32-bit code: djprobe.vforks32
 
     def __init__(self, address: int, rseq_offset: int, after_syscall: bool) -> None:
         super().__init__(address, trap=False)  # its own stub or nothing
@@ -114,6 +115,12 @@ class VforkHook(Djprobe):
         layout = region.layout
         counter = region.counter_address(slot) + layout.locked_shard_base * layout.shard_stride
         apart = region.counter_address(slot) + layout.apart_offset
+        if getattr(target.process, "arch", X86_64) is I386:
+            from .stubs32 import finish32
+            from .vforks32 import vfork_action32
+
+            action = vfork_action32(counter, apart, self.rseq_offset, child_only_if_eax_zero=self.after_syscall)
+            return finish32(analysis, layout, region.slot_address(slot), action)
         action = vfork_action(counter, apart, self.rseq_offset, child_only_if_rax_zero=self.after_syscall)
         return _finish(analysis, layout, region.slot_address(slot), action)
 
@@ -177,15 +184,18 @@ class VforkMarks:
     def install(self) -> None:
         """Place the hooks that can go in; what cannot is said in :attr:`notes` (never raises
         for a missing function or rseq area; raises what registering a probe raises otherwise)."""
-        if getattr(self.target.process, "arch", X86_64) is I386:
-            self.notes.append("vfork/posix_spawn children of 32-bit processes count as the parent's")
-            return
+        i386 = getattr(self.target.process, "arch", X86_64) is I386
         offset = self.target._rseq_offset()
         if offset is None:
-            self.notes.append("no per-CPU counting (rseq) in this process: "
+            self.notes.append("no usable rseq area in this process (glibc without rseq, glibc.pthread.rseq=0): "
                               "vfork/posix_spawn children count as the parent's")
             return
-        for find, after_syscall in ((find_vfork_site, True), (find_spawn_child, False)):
+        finders = ((find_vfork_site, True), (find_spawn_child, False))
+        if i386:  # 32-bit code: djprobe.vforks32
+            from .vforks32 import find_spawn_child32, find_vfork_site32
+
+            finders = ((find_vfork_site32, True), (find_spawn_child32, False))
+        for find, after_syscall in finders:
             try:
                 site = find(self.target)
             except (SymbolNotFoundError, DjprobeError) as exc:

@@ -42,12 +42,13 @@ static volatile long main_done, calls, dups, bad;
 __attribute__((noinline)) long vf_work(long x) { __asm__ volatile(""); return x + 1; }
 __attribute__((noinline)) long vf_name(const char *s, long x) { __asm__ volatile(""); return s[0] + x; }
 static void *work(void *a) {
-    long t = (long)a, i, sum = 0, d = 0;
+    long t = (long)a, i, d = 0;
+    unsigned long long sum = 0;  /* 64 bits in a -m32 build too */
     for (i = 0; i < n || !main_done; i++) {
-        sum += vf_work(i);
+        sum += (unsigned long)vf_work(i);
         if (dup2(2, 300 + (int)t) == 300 + (int)t) d++;
     }
-    if (sum != i * (i + 1) / 2) __atomic_add_fetch(&bad, 1, __ATOMIC_SEQ_CST);
+    if (sum != (unsigned long long)i * (i + 1) / 2) __atomic_add_fetch(&bad, 1, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&calls, i, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&dups, d, __ATOMIC_SEQ_CST);
     return a;
@@ -105,13 +106,15 @@ def _fields(output: str) -> dict[str, int]:
     return fields
 
 
-def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None, probes_first=False):
+def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None, probes_first=False,
+         hooks: int = 2, notes: int | None = None, env: dict[str, str] | None = None):
     """Spawn vfchildren with the fork guard (and its vfork hooks) and ``probes``; run it to its
     end. Returns (fields, [(hits, vfork_hits) per probe], the hooks' (hits, vfork_hits), the event batches, and
     what ``inspect(batches)`` returns, called while the process is still open); ``probes_first``:
-    the probes are placed before the hooks (as the CLI does)."""
+    the probes are placed before the hooks (as the CLI does); ``hooks``: how many hooks go in,
+    with ``notes`` notes (default: one per hook not in)."""
     read_fd, write_fd = os.pipe()
-    with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd) as proc:
+    with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd, env=env) as proc:
         os.close(write_fd)
         if layout is not None:
             proc.layout = layout
@@ -123,8 +126,8 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, i
             fork_guard = ForkGuard(proc)
             fork_guard.install()
             marks = fork_guard.vforks
-            assert marks is not None and marks.notes == [], marks and marks.notes
-            assert [h.mode for h in marks.hooks] == ["jump", "jump"]
+            assert marks is not None and len(marks.notes) == (2 - hooks if notes is None else notes), marks and marks.notes
+            assert [h.mode for h in marks.hooks] == ["jump"] * hooks
         for djp in () if probes_first else probes:
             proc.register(djp)
         proc.start()
@@ -306,3 +309,118 @@ def test_tracer_dead_children_still_run(vfchildren, tmp_path):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# -- 32-bit (i386) processes: the same target built -m32 ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vfchildren32():
+    try:
+        return compile_c(TARGET, "-m32", name="vfchildren32")
+    except RuntimeError as exc:  # pragma: no cover
+        pytest.skip(f"gcc -m32 cannot build here (install gcc-multilib): {exc}")
+
+
+def _hooks32(exe) -> int:
+    """The vfork hooks that go in a 32-bit vfchildren: after vfork's int 0x80, and at the
+    posix_spawn child's start where the 32-bit libc names it (see djprobe.vforks32)."""
+    with djprobe.spawn([str(exe), "0", "0", "0", "0", "0"], stdout=subprocess.DEVNULL) as proc:
+        guard = ForkGuard(proc)
+        guard.install()
+        hooks = len(guard.vforks.hooks)
+        assert all("__spawni_child" in note for note in guard.notes), guard.notes
+        guard.close()
+    return hooks
+
+
+def _spawn_apart(hooks: int) -> int:
+    """posix_spawn children's dup2 calls counted apart: all of them when the spawn hook is in,
+    else none (then they are the parent's, exactly: the 32-bit count is locked)."""
+    return S * K if hooks == 2 else 0
+
+
+def test_i386_count_children_apart_parent_exact(vfchildren32):
+    hooks = _hooks32(vfchildren32)
+    work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
+    fields, figures, got_hooks, _, _ = _run(vfchildren32, [work, dup2], hooks=hooks)
+    assert got_hooks == [(V, V), (0, S)][:hooks]
+    assert fields["calls"] >= T * N
+    apart = _spawn_apart(hooks)
+    assert figures == [(fields["calls"], V * K), (fields["dups"] + S * K - apart, V * K + apart)]
+
+
+def test_i386_without_the_hooks_children_count_as_the_parent(vfchildren32):
+    """The reference: without the hooks, every child's call before its exec is the parent's
+    (exactly: the 32-bit count is locked)."""
+    dup2 = djprobe.Djprobe("libc:dup2")
+    fields, figures, _, _, _ = _run(vfchildren32, [dup2], guard=False)
+    assert figures == [(fields["dups"] + V * K + S * K, 0)]
+
+
+def test_i386_record_no_child_event_as_the_parent(vfchildren32):
+    work = djprobe.Djprobe("vf_work", record=True, lossless=True)
+    layout = AreaLayout(ring_count=8, ring_slots=1 << 16)
+    fields, figures, _, batches, _ = _run(vfchildren32, [work], layout=layout, hooks=_hooks32(vfchildren32))
+    hits, apart = figures[0]
+    assert (hits, apart) == (fields["calls"], V * K)
+    x = np.concatenate([b.register("rdi") for b in batches]).astype(np.uint32).astype(np.int32)  # cdecl arg 0
+    assert (len(x), work.missed) == (hits, 0)
+    assert not (x >= 1_000_000).any(), "a vfork child's event is in the parent's rings"
+    assert int((x == -1).sum()) == V and int((x == -2).sum()) == S
+
+
+def test_i386_latency_parent_calls_equal_returns(vfchildren32):
+    work = djprobe.Djprobe("vf_work", at="latency")
+    fields, figures, _, _, _ = _run(vfchildren32, [work], hooks=_hooks32(vfchildren32))
+    lat = work.latency
+    assert lat.calls == fields["calls"]
+    assert lat.returns + lat.unpaired == fields["calls"]
+    assert lat.unpaired <= lat.collisions
+    assert figures[0][1] == V * K
+
+
+def test_i386_string_fetch_no_child_record(vfchildren32):
+    from djprobe.events import EventBatch
+
+    work = djprobe.Djprobe("vf_name", prototype="const char *s, long x", lossless=True)
+
+    def strings(batches):
+        batch = EventBatch.concat([b for b in batches if len(b)])
+        return sorted(zip(batch.column("s"), batch.column("x")))
+
+    fields, figures, _, _, seen = _run(vfchildren32, [work], inspect=strings, hooks=_hooks32(vfchildren32))
+    assert figures == [(V + S, V * K)]
+    assert seen == sorted(("parent", j) for j in range(V + S))
+
+
+def test_i386_glibc_without_rseq_children_count_as_the_parent(vfchildren32):
+    """glibc.pthread.rseq=0: no rseq area to mark, so no hook goes in (a note says why), the
+    stubs have no marker check, and the children's calls count (and record) as the parent's,
+    exactly, as before."""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.pthread.rseq=0")
+    work, dup2 = djprobe.Djprobe("vf_work", record=True, lossless=True), djprobe.Djprobe("libc:dup2")
+    layout = AreaLayout(ring_count=8, ring_slots=1 << 16)
+    fields, figures, hooks, batches, _ = _run(vfchildren32, [work, dup2], layout=layout, hooks=0, notes=1, env=env)
+    assert hooks == []
+    assert figures == [(fields["calls"] + V * K, 0), (fields["dups"] + V * K + S * K, 0)]
+    x = np.concatenate([b.register("rdi") for b in batches]).astype(np.uint32).astype(np.int32)
+    assert int((x >= 1_000_000).sum()) == V * K  # the children's events, as the parent's
+
+
+def test_i386_count_command_reports_children_apart(vfchildren32):
+    """`djprobe count --json` on the 32-bit target: the parent's figures exact, the vfork
+    children's pre-exec hits in vfork_hits (the posix_spawn children's too where the spawn hook
+    goes in; else the parent's, exactly, and a note says so)."""
+    hooks = _hooks32(vfchildren32)
+    argv = [str(vfchildren32), str(T), "2000", str(V), str(S), str(K)]
+    res = subprocess.run(DJPROBE + ["count", "--json", "vf_work", "libc:dup2", "--"] + argv,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert ("__spawni_child" in res.stderr) == (hooks == 1), res.stderr
+    lines = res.stdout.strip().splitlines()
+    fields = _fields(lines[0])
+    report = json.loads(lines[-1])
+    got = {p["site"].split(":")[1]: (p["hits"], p["vfork_hits"]) for p in report["probes"]}
+    apart = _spawn_apart(hooks)
+    assert got == {"vf_work": (fields["calls"], V * K), "dup2": (fields["dups"] + S * K - apart, V * K + apart)}
