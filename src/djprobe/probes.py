@@ -57,6 +57,7 @@ from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
 from .fetch_stubs32 import build_fetch_stub32, kernel_vsyscall
 from .prototypes import Prototype, typed_probe
+from .batch_window import InsertWindow, RemoveWindow
 from .batches import StopBudget
 from .prototypes32 import cdecl_prototype
 from .stub_templates import build_count_stub_fast
@@ -566,8 +567,10 @@ class ProbedProcess:
                 plan[0] = None
         pending = [p for p in plans if p[0] is not None]
         pending.reverse()
+        window = InsertWindow(self)  # several stops: the call's counts start at its last one
         while pending:
             with self.stopped():
+                window.stopped()
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
                 budget = StopBudget(self._batch_deadline())
                 while pending:
@@ -578,6 +581,8 @@ class ProbedProcess:
                         refused.append((djp, self._site_error(exc)))
                     if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
+                if not pending:
+                    window.close(djps)
         if to_trap:
             with self.stopped():  # every thread stopped: the events cover all of them
                 for djp, analysis, exc in to_trap:
@@ -943,8 +948,10 @@ class ProbedProcess:
                 self._forget(djp)
             return
         pending = list(reversed(djps))
+        window = RemoveWindow(self, djps)  # several stops: the call's counts end at its first one
         while pending:
             with self.stopped():
+                window.stopped()
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
                 budget = StopBudget(self._batch_deadline())
                 while pending:
@@ -959,6 +966,7 @@ class ProbedProcess:
                     self._detach_probe(djp)
                     if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
+        window.close()
 
     def _image_replaced(self) -> bool:
         """Whether the target exec'd since our probe areas were mapped (they are gone)."""

@@ -123,6 +123,37 @@ def test_added_and_removed_under_load(start_target, exe, layout, order):
     assert (calls, bad, m) == ("calls", "bad", "0") and int(n) > 0
 
 
+@pytest.mark.parametrize("stop_seconds", [0.0, None])
+def test_probes_of_one_call_count_over_one_window(start_target, exe, stop_seconds):
+    """Placed in a running target one stop each (``max_stop_seconds`` 0: the case of a loaded
+    machine, where stopping the threads alone overruns the budget) and removed the same way, the
+    probes of one call count over one window (batch_window.py): sb_near+4 and +6 run equally
+    often (off by at most the 4 threads between them at each end), sb_near+0 half as often
+    (per thread, sb_near(k % 5) runs the loop body k % 5 times). Before, +4 (placed first)
+    counted every hit of the stops and runs between the insertions: 1% more in a 1 s window."""
+    t = _start_loop(start_target, exe)
+    proc = djprobe.attach(t.pid)
+    try:
+        proc.springboards = True
+        if stop_seconds is not None:
+            proc.max_stop_seconds = stop_seconds
+        probes = [djprobe.Djprobe(s) for s in SHORT]
+        generations = proc._stop_generation
+        assert proc.register_many(probes) == []
+        placed_in = proc._stop_generation - generations
+        time.sleep(0.2)
+        proc.unregister_many(probes)
+    finally:
+        proc.close()
+    near, four, six = (p.hits for p in probes)
+    if stop_seconds is not None:
+        assert placed_in >= 3  # one stop each: the case being tested
+    assert four > 1000 and abs(four - six) <= 8, (near, four, six)
+    assert abs(2 * near - four) <= 4 * 2 * 10, (near, four, six)
+    calls, n, bad, m = _finish(t).split()
+    assert m == "0" and int(n) > 0
+
+
 def _kill_tracer_with_short_jumps(pid: int) -> None:
     script = textwrap.dedent(
         f"""
