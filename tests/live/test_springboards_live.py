@@ -199,6 +199,40 @@ def test_cleanup_after_a_killed_tracer_restores_sites_and_springboards(start_tar
     assert m == "0" and int(n) > 0
 
 
+@pytest.mark.parametrize("wiped", [(0,), (0, 1, 2)])
+def test_cleanup_restores_short_jumps_without_a_table_entry(start_target, exe, layout, wiped):
+    """Short jumps whose table entries are gone (as a child forked while probed sees them: its
+    data part is fresh, the parent's jumps are in its code) are found by comparing the code with
+    the file, and ``cleanup`` puts back each rel8, then its springboard (orphan_short.py): sb_near
+    and the padding after it as in the file, no area left, the 4 threads go on with no wrong
+    result. Before, the rel8s and springboards stayed and the area stayed mapped."""
+    from djprobe._sys.procfs import ProcessMemory
+    from djprobe.area import ENTRY_SIZE
+
+    t = _start_loop(start_target, exe)
+    _kill_tracer_with_short_jumps(t.pid)
+    (area,) = recovery.find_areas(t.pid)
+    assert len(area.instances) == 3
+    gone = [area.instances[i] for i in wiped]
+    with ProcessMemory(t.pid) as mem:
+        for inst in gone:
+            mem.write(area.data_address + area.layout.table_offset + inst.index * ENTRY_SIZE, bytes(ENTRY_SIZE))
+    (area,) = recovery.status(t.pid)
+    assert len(area.instances) == 3 - len(wiped)
+    report = recovery.cleanup(t.pid)
+    assert report.ok and not report.left_mapped, report.to_json()
+    assert len(report.restored) == 3 - len(wiped)
+    rel8s = sorted(o.address for o in report.orphans if o.target not in {i.stub_address for i in gone})
+    assert rel8s == sorted(i.address for i in gone)
+    boards = [o for o in report.orphans if o.target in {i.stub_address for i in gone}]
+    assert sorted(o.address for o in boards) == sorted(i.springboard for i in gone)
+    assert _live(t.pid, layout) == layout[2]
+    assert not [m for m in read_maps(t.pid) if recovery.AREA_PATH_RE.match(m.path)]
+    time.sleep(0.1)
+    calls, n, bad, m = _finish(t).split()
+    assert m == "0" and int(n) > 0
+
+
 SWEEP_SCRIPT = textwrap.dedent(
     """
     import sys, djprobe
