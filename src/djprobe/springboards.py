@@ -37,7 +37,7 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
     """The short-jump window for ``djp`` whose site ``analysis`` refused a jmp rel32, as a
     jump verdict with ``springboard`` set (the nearest one now; the one used is chosen at
     insertion), or None: springboards off, a probe of another kind (return, latency, custom
-    stub, string fetching, a size asked for), a 32-bit process, someone else's patch, or no
+    stub, a size asked for), a 32-bit process, someone else's patch, or no
     short jump fits."""
     if not getattr(proc, "springboards", False) or analysis.ok or analysis.busy or not _plain(djp):
         return None
@@ -53,8 +53,9 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
 
 
 def _plain(djp: "Djprobe") -> bool:
-    """A count or record probe of its own site: what a short jump can serve."""
-    return not (djp._preset is not None or djp._latency_role is not None or djp.size is not None or djp.strings
+    """A count or record probe of its own site (also one copying string arguments): what a
+    short jump can serve."""
+    return not (djp._preset is not None or djp._latency_role is not None or djp.size is not None
                 or getattr(djp, "build_stub", None) is not None or djp.trap == "only")
 
 
@@ -121,7 +122,7 @@ def insert(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis,
         raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
     sb, padding = _choose(proc, analysis)
     action, registers, lossless = proc._action_for(djp)
-    region, slot, stub = prepared or proc._prepare(analysis, action, registers, lossless, part=djp)
+    region, slot, stub = prepared or proc._prepare(analysis, action, registers, lossless, part=djp, strings=djp.strings)
     try:
         board = jump_bytes(sb, stub.address)
     except ValueError as exc:
@@ -141,7 +142,7 @@ def insert(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis,
     proc.process.write(address, patched[:SHORT_JUMP_SIZE])
     entry.state = InstanceState.INSERTED
     region.view.set_entry(slot, entry)
-    instance = Instance(analysis, region, slot, stub, original, patched, action, registers, lossless,
+    instance = Instance(analysis, region, slot, stub, original, patched, action, registers, lossless, djp.strings,
                         springboard=sb, springboard_original=padding)
     proc._instances[address] = instance
     bisect.insort(proc._addresses, address)

@@ -1,0 +1,34 @@
+/* springboards_str_main N: 4 threads, each N calls of sb_str(s, k % 5) where s is
+   "t<thread>-k<k % 5>" (tests/targets/springboards_str.S); prints "done N" at the end. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+long sb_str(const char *s, long n);
+
+static long rounds;
+
+static void *worker(void *arg) {
+    long t = (long)arg, bad = 0;
+    char buf[32];
+    for (long k = 0; k < rounds; k++) {
+        snprintf(buf, sizeof buf, "t%ld-k%ld", t, k % 5);
+        bad += sb_str(buf, k % 5) != 0;
+    }
+    return (void *)bad;
+}
+
+int main(int argc, char **argv) {
+    pthread_t th[4];
+    rounds = argc > 1 ? atol(argv[1]) : 1000;
+    for (long t = 0; t < 4; t++)
+        pthread_create(&th[t], NULL, worker, (void *)t);
+    long bad = 0;
+    for (int t = 0; t < 4; t++) {
+        void *r;
+        pthread_join(th[t], &r);
+        bad += (long)r;
+    }
+    printf("done %ld bad %ld\n", rounds, bad);
+    return 0;
+}
