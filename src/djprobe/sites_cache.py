@@ -169,6 +169,17 @@ class ModuleVerdicts:
         return SiteAnalysis(size=n, verdict=Verdict.JUMP, reason=reason, displaced=displaced, flags_dead=flags_dead,
                             padding=padding, **base)
 
+    def get(self, key: str) -> list | None:
+        """The raw entry under ``key`` (an entry of another kind than a site's verdict, e.g.
+        ``springboard_cache.py``'s), or None."""
+        entry = self.entries.get(key)
+        return entry if isinstance(entry, list) else None
+
+    def put(self, key: str, entry: list) -> None:
+        """Keep a raw entry under ``key`` (written at the next flush, merged like the verdicts)."""
+        self.entries[key] = entry
+        self._new[key] = entry
+
     # -- writing ----------------------------------------------------------------------------
     def store(self, analysis: SiteAnalysis) -> None:
         """Remember a freshly computed default-size verdict (those that depend on the process

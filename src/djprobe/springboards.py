@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 from .area import ENTRY_SHORT, InstanceEntry, InstanceState
 from .errors import DjprobeError, NoRoomError, SiteBusyError
-from .sites import FunctionAnalysis, SiteAnalysis, Verdict, module_index
-from .sites.springboards import SHORT_JUMP_SIZE, short_jump, springboard_for
+from . import springboard_cache
+from .sites import SiteAnalysis, Verdict
+from .sites.springboards import SHORT_JUMP_SIZE
 from .stubs import Stub, jump_bytes, jump_target
 
 if TYPE_CHECKING:
@@ -45,11 +46,10 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
         return None
     if analysis.module is None or analysis.function is None:
         return None
-    fa = FunctionAnalysis(analysis.module, analysis.function, proc.process.memory.read)
-    sj = short_jump(fa, analysis.address)
-    if sj is None:
+    window = springboard_cache.short_window(proc, analysis)  # cached with the site verdicts
+    if window is None:
         return None
-    return replace(sj.window, verdict=Verdict.JUMP, site=analysis.site)
+    return replace(window, verdict=Verdict.JUMP, site=analysis.site)
 
 
 def _plain(djp: "Djprobe") -> bool:
@@ -82,10 +82,9 @@ def _choose(proc: "ProbedProcess", analysis: SiteAnalysis) -> tuple[int, bytes]:
     not used by another springboard of ours or by any window, the same in memory as in the file,
     no thread at them or holding an address in them. Returns its address and its bytes."""
     assert analysis.module is not None
-    idx = module_index(analysis.module)
     taken = {b for sb in proc._springboards for b in range(sb, sb + SPRINGBOARD_SIZE)}
     while True:
-        spot = springboard_for(idx, analysis.address, taken)
+        spot = springboard_cache.springboard(analysis.module, analysis.address, taken)
         if spot is None:
             raise NoRoomError(f"{analysis.site}: no free springboard (dead padding) within reach of a jmp rel8",
                               address=analysis.address)

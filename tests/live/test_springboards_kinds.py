@@ -58,3 +58,56 @@ def test_string_fetch_probe_through_a_short_jump(str_exe):
             assert all(isinstance(text, FetchedString) and not text.truncated for text, _ in calls)
             seen.add(t)
         assert seen == {f"t{t}" for t in range(THREADS)}
+
+
+SHORT = ("sb_near", "sb_near+4", "sb_near+6")
+
+
+@pytest.fixture(scope="module")
+def sb_exe():
+    return compile_c([TARGETS / "springboards.S", TARGETS / "springboards_main.c"], name="springboards")
+
+
+def _count_short(exe) -> tuple[dict[str, int], list[int]]:
+    """sb_near's 3 short-jump sites counted over a whole run of 4 threads; the counts and the
+    springboards' offsets from the module's base."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        probes = {s: proc.register(djprobe.Djprobe(s)) for s in SHORT}
+        assert all(p.mode == "jump" and proc.read(p.address, 1) == b"\xeb" for p in probes.values())
+        bias = proc.symbols.modules[0].bias
+        boards = sorted(p._instance.springboard - bias for p in probes.values())
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            assert out.read().startswith("done")
+        assert proc.process.popen.wait(timeout=60) == 0
+        return {s: p.hits for s, p in probes.items()}, boards
+
+
+def test_short_jump_verdicts_come_from_the_sites_cache(sb_exe, tmp_path, monkeypatch):
+    """The first run finds the short jumps (the module's index, its dead runs) and keeps them in
+    the sites cache (``s<vaddr>`` entries: the window and the dead runs in reach); a second run
+    places the same short jumps from the cache alone (finding them afresh would fail here) and
+    counts exactly as the first."""
+    from djprobe import springboard_cache
+
+    monkeypatch.setenv("DJPROBE_CACHE_DIR", str(tmp_path))
+    first, boards = _count_short(sb_exe)
+    want = {"sb_near": 4 * ROUNDS, "sb_near+4": 8 * ROUNDS, "sb_near+6": 8 * ROUNDS}
+    assert first == want
+    (path,) = tmp_path.glob("*.json")
+    import json
+
+    sites = json.loads(path.read_text())["sites"]
+    short = {k: v for k, v in sites.items() if k.startswith("s") and v[0] == "s"}
+    assert len(short) == 3 and all(v[5] for v in short.values())  # each with its dead runs
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("a short jump was looked for afresh")
+
+    monkeypatch.setattr(springboard_cache, "short_jump", no_analysis)
+    monkeypatch.setattr(springboard_cache, "module_index", no_analysis)
+    second, boards_again = _count_short(sb_exe)
+    assert second == want and boards_again == boards
