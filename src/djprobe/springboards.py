@@ -77,12 +77,25 @@ def in_the_way(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) ->
     return None
 
 
-def _choose(proc: "ProbedProcess", analysis: SiteAnalysis) -> tuple[int, bytes]:
+def _siblings(djp: "Djprobe") -> set[int]:
+    """The bytes of the windows of the other parts of ``djp``'s return or latency probe (a last
+    exit's window may take the padding after it): placed in the same stop, perhaps after it."""
+    parent = djp._parent
+    out: set[int] = set()
+    for part in (parent._parts or []) if parent is not None else []:
+        w = part._preset
+        if part is not djp and w is not None:
+            out.update(range(w.address, w.address + max(1, w.size)))
+    return out
+
+
+def _choose(proc: "ProbedProcess", analysis: SiteAnalysis, djp: "Djprobe") -> tuple[int, bytes]:
     """A springboard for the short jump of ``analysis`` (world stopped): dead bytes in reach,
-    not used by another springboard of ours or by any window, the same in memory as in the file,
-    no thread at them or holding an address in them. Returns its address and its bytes."""
+    not used by another springboard of ours or by any window (also the windows of ``djp``'s
+    sibling parts), the same in memory as in the file, no thread at them or holding an address
+    in them. Returns its address and its bytes."""
     assert analysis.module is not None
-    taken = {b for sb in proc._springboards for b in range(sb, sb + SPRINGBOARD_SIZE)}
+    taken = {b for sb in proc._springboards for b in range(sb, sb + SPRINGBOARD_SIZE)} | _siblings(djp)
     while True:
         spot = springboard_cache.springboard(analysis.module, analysis.address, taken)
         if spot is None:
@@ -119,7 +132,7 @@ def insert(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis,
     blocker = proc._return_into(address, address + size)
     if blocker:
         raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
-    sb, padding = _choose(proc, analysis)
+    sb, padding = _choose(proc, analysis, djp)
     action, registers, lossless = proc._action_for(djp)
     region, slot, stub = prepared or proc._prepare(analysis, action, registers, lossless, part=djp, strings=djp.strings)
     try:

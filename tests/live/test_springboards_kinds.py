@@ -111,3 +111,35 @@ def test_short_jump_verdicts_come_from_the_sites_cache(sb_exe, tmp_path, monkeyp
     monkeypatch.setattr(springboard_cache, "module_index", no_analysis)
     second, boards_again = _count_short(sb_exe)
     assert second == want and boards_again == boards
+
+
+def test_return_probe_through_a_short_exit_window(str_exe):
+    """sb_exit's first exit, ``xor eax, eax; ret`` (not its last instruction), begins at a branch
+    target 3 bytes before the end of the ret, and its only path window would be 4 bytes: a return
+    probe is refused, unless springboards are on. Then that exit window is a jmp rel8 to a
+    springboard (short_exits.py) while the last exit's window takes the padding after the
+    function (the springboard keeps out of it): 4 threads, each of ROUNDS calls counted once at
+    its return (2 of 3 through the short window), output unchanged."""
+    plain = subprocess.run([str(str_exe), str(ROUNDS)], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert plain.endswith("bad 0\n")
+    with djprobe.spawn([str(str_exe), "1"]) as proc:
+        with pytest.raises(djprobe.DjprobeError, match="branch target"):
+            proc.register(djprobe.Djprobe("sb_exit", at="return"))
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(str_exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        ret = proc.register(djprobe.Djprobe("sb_exit", at="return"))
+        short, last = sorted(ret._parts, key=lambda p: p.address)
+        assert short._instance.springboard is not None and proc.read(short.address, 1) == b"\xeb"
+        assert last._instance.springboard is None and last.size == 5  # ret + 4 bytes of padding
+        sb = short._instance.springboard
+        assert not (last.address <= sb + 4 and sb < last.address + last.size)
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        assert output == plain
+        assert ret.hits == 4 * ROUNDS and short.hits == 4 * (ROUNDS - ROUNDS // 3)

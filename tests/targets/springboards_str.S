@@ -21,3 +21,25 @@ sb_str:
         .size sb_str, .-sb_str
         .skip   16, 0xcc
         .section .note.GNU-stack,"",@progbits
+
+/* int sb_exit(int n): 2n if n > 0, else 0. Its first exit (+11, not the last instruction)
+   begins at a branch target 3 bytes before its end, and the only path window (the jle at +2)
+   would be 4 bytes from the entry: no jmp rel32 catches it; a jmp rel8 does. */
+        .text
+        .p2align 4
+        .globl sb_exit
+        .type sb_exit, @function
+sb_exit:
+        .cfi_startproc
+        test    edi, edi                /* +0 */
+        jle     1f                      /* +2 */
+        lea     eax, [rdi + rdi]        /* +4 */
+        jmp     2f                      /* +7 */
+1:      xor     eax, eax                /* +9 */
+        ret                             /* +11 */
+2:      add     eax, 0                  /* +12 */
+        ret                             /* +15 */
+        .cfi_endproc
+        .size sb_exit, .-sb_exit
+        .skip   16, 0xcc
+        .section .note.GNU-stack,"",@progbits

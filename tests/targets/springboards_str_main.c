@@ -1,10 +1,12 @@
 /* springboards_str_main N: 4 threads, each N calls of sb_str(s, k % 5) where s is
-   "t<thread>-k<k % 5>" (tests/targets/springboards_str.S); prints "done N" at the end. */
+   "t<thread>-k<k % 5>", and N of sb_exit(k % 3 - 1) (tests/targets/springboards_str.S);
+   prints "done N bad M" at the end (M: calls that returned a wrong value). */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 long sb_str(const char *s, long n);
+int sb_exit(int n);
 
 static long rounds;
 
@@ -14,6 +16,7 @@ static void *worker(void *arg) {
     for (long k = 0; k < rounds; k++) {
         snprintf(buf, sizeof buf, "t%ld-k%ld", t, k % 5);
         bad += sb_str(buf, k % 5) != 0;
+        bad += sb_exit((int)(k % 3) - 1) != ((k % 3) == 2 ? 2 : 0);
     }
     return (void *)bad;
 }
