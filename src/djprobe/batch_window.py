@@ -17,8 +17,10 @@ So that the counts of one call compare exactly, when a call took more than one s
 
 Both read the counters with the world stopped: a consistent snapshot, off by at most the threads
 that are between two probes at that instant. A call done in one stop (or while the spawned target
-is held before it starts) is left as it was. Trap probes (kernel uprobes, placed in a stop after
-the jumps) and the histograms and events of latency and record probes are not windowed.
+is held before it starts) is left as it was. Only counting probes are windowed (return probes'
+parts too): not record probes (their count stays the number of their events), not latency parts
+(their count is the ``calls`` paired with the histogram's returns), not trap probes (kernel
+uprobes, placed in a stop after the jumps).
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ __all__ = ["InsertWindow", "RemoveWindow"]
 
 
 def _served(proc: "ProbedProcess", djp: "Djprobe"):
-    """The jump instance counting for ``djp`` (placed, or draining after removal), or None."""
+    """The jump instance counting for ``djp`` (placed, or draining after removal), or None; None
+    too for a probe whose count goes with other figures that are not windowed (its events, a
+    latency part's histogram, a hook of djprobe's own): only counting probes are windowed."""
     from .probes import Instance
 
+    if djp.record or djp._latency_role is not None or getattr(djp, "build_stub", None) is not None:
+        return None
     source = djp._instance or djp._draining
     return source if isinstance(source, Instance) else None
 
