@@ -143,3 +143,25 @@ def test_return_probe_through_a_short_exit_window(str_exe):
         assert proc.process.popen.wait(timeout=60) == 0
         assert output == plain
         assert ret.hits == 4 * ROUNDS and short.hits == 4 * (ROUNDS - ROUNDS // 3)
+
+
+def test_latency_probe_through_a_short_exit_window(str_exe):
+    """A latency probe of sb_exit (refused without springboards: its first exit takes no jmp
+    rel32): its entry is a jmp rel32, that exit a jmp rel8 to a springboard. 4 threads: every
+    call paired with its return, none unpaired, output unchanged."""
+    plain = subprocess.run([str(str_exe), str(ROUNDS)], capture_output=True, text=True, timeout=60, check=True).stdout
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(str_exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        lat = proc.register(djprobe.Djprobe("sb_exit", at="latency"))
+        boards = [p for p in lat._parts if p._instance.springboard is not None]
+        assert len(boards) == 1 and proc.read(boards[0].address, 1) == b"\xeb"
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        assert output == plain
+        figures = lat.latency.read()
+        assert figures.calls == 4 * ROUNDS and int(figures.histogram.sum()) == 4 * ROUNDS, figures
+        assert lat.latency.unpaired == 0 and lat.latency.collisions == 0
