@@ -542,6 +542,7 @@ class ProbedProcess:
             short = springboards.plan(self, djp, analysis)
             if short is not None:
                 plan[1] = short  # a jmp rel8 to a springboard
+                windows.add(short)  # a probe inside it joins its stub
                 continue
             plan[0] = None
             other = self._overlapping(analysis.address, max(1, analysis.size))
@@ -554,6 +555,7 @@ class ProbedProcess:
                 exc = analysis.error()  # type: ignore[assignment]
             self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
         plans = [p for p in plans if p[0] is not None]
+        overlaps.order_plans(plans, windows)  # again: inside a short window, after it
         first_at: set[int] = set()
         for plan in plans:
             djp, analysis, _ = plan
@@ -656,7 +658,7 @@ class ProbedProcess:
             raise SiteBusyError(f"{analysis.site}: overlaps the short jump at {short.address:#x} or its springboard",
                                 address=address)
         existing = self._instances.get(address)
-        if analysis.springboard is not None and existing is None:
+        if analysis.springboard is not None and existing is None and not springboards.joins_short(self, djp, analysis):
             springboards.insert(self, djp, analysis, prepared)
             return
         if existing is not None and overlaps.shared(existing) and djp._preset is None:

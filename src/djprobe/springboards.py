@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .probes import Djprobe, Instance, ProbedProcess
     from .regions import Region
 
-__all__ = ["SPRINGBOARD_SIZE", "plan", "in_the_way", "insert", "remove", "repoint"]
+__all__ = ["SPRINGBOARD_SIZE", "plan", "in_the_way", "insert", "remove", "repoint", "patch_for", "joins_short"]
 
 #: Size of the springboard (a jmp rel32).
 SPRINGBOARD_SIZE = 5
@@ -71,6 +71,8 @@ def in_the_way(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) ->
     for sb, inst in proc._springboards.items():
         if inst.address == analysis.address and _plain(djp):
             continue
+        if _guest(proc, djp, analysis, inst):
+            continue  # it joins the short jump's stub (overlaps.py: a shared stub)
         if _windows_meet(analysis.address, size, inst.address, inst.size) or \
                 _windows_meet(analysis.address, size, sb, SPRINGBOARD_SIZE):
             return inst
@@ -87,6 +89,23 @@ def _siblings(djp: "Djprobe") -> set[int]:
         if part is not djp and w is not None:
             out.update(range(w.address, w.address + max(1, w.size)))
     return out
+
+
+def _guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, inst: "Instance") -> bool:
+    """Whether ``djp`` at ``analysis`` joins the short jump ``inst`` as a guest: an instruction
+    boundary inside its window (not its first byte), a count or record probe without strings."""
+    from . import overlaps
+
+    return (djp._preset is None and djp.size is None and overlaps.can_share(proc, djp)
+            and inst.address < analysis.address < inst.address + inst.size
+            and overlaps.host_for(proc, analysis.address) is inst)
+
+
+def joins_short(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> bool:
+    """Whether ``djp``, planned as a short jump of its own, joins instead the placed short jump
+    whose window it lies in (planned in the same batch, before that window was known)."""
+    inst = proc._overlapping(analysis.address, 1)
+    return inst is not None and inst.springboard is not None and _guest(proc, djp, analysis, inst)
 
 
 def _choose(proc: "ProbedProcess", analysis: SiteAnalysis, djp: "Djprobe") -> tuple[int, bytes]:
@@ -193,3 +212,15 @@ def repoint(proc: "ProbedProcess", instance: "Instance", stub: Stub) -> None:
     """Lead the springboard of ``instance`` to ``stub`` (its new stub; world stopped)."""
     assert instance.springboard is not None
     proc.process.write(instance.springboard, jump_bytes(instance.springboard, stub.address))
+
+
+def patch_for(proc: "ProbedProcess", instance: "Instance", stub: Stub) -> bytes:
+    """Lead ``instance`` to ``stub`` (its rebuilt shared stub; world stopped): a short jump keeps
+    its rel8 and its springboard is repointed; else the jmp rel32 at the site is rewritten.
+    Returns the jump's bytes at the site."""
+    if instance.springboard is not None:
+        repoint(proc, instance, stub)
+        return instance.patched[:SHORT_JUMP_SIZE]
+    patched = jump_bytes(instance.address, stub.address)
+    proc.process.write(instance.address, patched)
+    return patched

@@ -165,3 +165,63 @@ def test_latency_probe_through_a_short_exit_window(str_exe):
         figures = lat.latency.read()
         assert figures.calls == 4 * ROUNDS and int(figures.histogram.sum()) == 4 * ROUNDS, figures
         assert lat.latency.unpaired == 0 and lat.latency.collisions == 0
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_probe_inside_a_short_window_shares_its_stub(str_exe, together):
+    """sb_share+0 is a short jump whose window is 2 instructions; a probe at +1 joins its stub
+    (overlaps.py, a shared stub; the springboard is repointed at each rebuild, the rel8 stays),
+    added after it or in the same call, removed first; the loop body (+7) counted too. 4 threads:
+    +0 and +1 once per call, +7 k % 4 times, exact; output unchanged."""
+    plain = subprocess.run([str(str_exe), str(ROUNDS)], capture_output=True, text=True, timeout=60, check=True).stdout
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(str_exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        sites = ["sb_share", "sb_share+1", "sb_share+7"]
+        if together:
+            probes = [djprobe.Djprobe(s) for s in sites]
+            assert proc.register_many(probes) == []
+        else:
+            probes = [proc.register(djprobe.Djprobe(s)) for s in sites]
+        host, guest, loop = probes
+        assert host._instance.springboard is not None and proc.read(host.address, 1) == b"\xeb"
+        assert guest._instance.host is host._instance
+        board = host._instance.springboard
+        # a probe joining and leaving again: the stub is rebuilt twice, the springboard follows it
+        extra = proc.register(djprobe.Djprobe("sb_share+1"))
+        proc.unregister(extra)
+        assert proc.read(board, 1) == b"\xe9" and proc.read(host.address, 1) == b"\xeb"
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        assert output == plain
+        per_thread_loops = sum(k % 4 for k in range(ROUNDS))
+        assert (host.hits, guest.hits, loop.hits) == (4 * ROUNDS, 4 * ROUNDS, 4 * per_thread_loops)
+
+
+def test_short_host_and_guest_removed_in_both_orders_under_load(str_exe):
+    """Placed and removed while the 4 threads run: host then guest, guest then host; every
+    byte of sb_share and the padding after it is the file's after each round, and no call of
+    the program returned a wrong value."""
+    read_fd, write_fd = os.pipe()
+    proc = djprobe.spawn([str(str_exe), "20000000"], stdout=write_fd)  # about 10 s of calls
+    os.close(write_fd)
+    with proc:
+        proc.springboards = True
+        module = proc.symbols.modules[0]
+        (func,) = module.symbols("sb_share")
+        want = module.read_file(func.address, func.size + 16)
+        proc.start()
+        for order in ("host-first", "guest-first") * 5:
+            host = proc.register(djprobe.Djprobe("sb_share"))
+            guest = proc.register(djprobe.Djprobe("sb_share+1"))
+            assert guest._instance.host is host._instance
+            proc.unregister_many([host, guest] if order == "host-first" else [guest, host])
+            assert proc.read(func.address, func.size + 16) == want, order
+        assert host.hits > 0 and guest.hits > 0
+        assert proc.process.popen.poll() is None  # the rounds ran under load
+        with os.fdopen(read_fd) as out:
+            assert out.read() == "done 20000000 bad 0\n"
+        assert proc.process.popen.wait(timeout=90) == 0

@@ -43,3 +43,25 @@ sb_exit:
         .size sb_exit, .-sb_exit
         .skip   16, 0xcc
         .section .note.GNU-stack,"",@progbits
+
+/* long sb_share(int n): n down to 0, then 0. +0 takes no jmp rel32 (the loop's target at +3);
+   its short window is push rbx and mov ebx, edi ([+0, +3)), so a probe at +1 joins its stub. */
+        .text
+        .p2align 4
+        .globl sb_share
+        .type sb_share, @function
+sb_share:
+        .cfi_startproc
+        push    rbx                     /* +0 */
+        mov     ebx, edi                /* +1 */
+1:      test    ebx, ebx                /* +3 */
+        jle     2f                      /* +5 */
+        dec     ebx                     /* +7 */
+        jmp     1b                      /* +9 */
+2:      xor     eax, eax                /* +11 */
+        pop     rbx                     /* +13 */
+        ret                             /* +14 */
+        .cfi_endproc
+        .size sb_share, .-sb_share
+        .skip   16, 0xcc
+        .section .note.GNU-stack,"",@progbits

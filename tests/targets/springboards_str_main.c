@@ -1,5 +1,5 @@
 /* springboards_str_main N: 4 threads, each N calls of sb_str(s, k % 5) where s is
-   "t<thread>-k<k % 5>", and N of sb_exit(k % 3 - 1) (tests/targets/springboards_str.S);
+   "t<thread>-k<k % 5>", N of sb_exit(k % 3 - 1) and N of sb_share(k % 4) (tests/targets/springboards_str.S);
    prints "done N bad M" at the end (M: calls that returned a wrong value). */
 #include <pthread.h>
 #include <stdio.h>
@@ -7,6 +7,7 @@
 
 long sb_str(const char *s, long n);
 int sb_exit(int n);
+long sb_share(int n);
 
 static long rounds;
 
@@ -17,6 +18,7 @@ static void *worker(void *arg) {
         snprintf(buf, sizeof buf, "t%ld-k%ld", t, k % 5);
         bad += sb_str(buf, k % 5) != 0;
         bad += sb_exit((int)(k % 3) - 1) != ((k % 3) == 2 ? 2 : 0);
+        bad += sb_share((int)(k % 4)) != 0;
     }
     return (void *)bad;
 }
