@@ -63,14 +63,15 @@ _FINGERPRINT: str | None = None
 
 def analysis_fingerprint() -> str:
     """djprobe's version and a hash of the code whose output is cached (site analysis, decoding,
-    relocation checks, symbols and FDE bounds)."""
+    relocation checks, symbols and FDE bounds, short-jump verdicts)."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
         from . import __version__
 
         root = Path(__file__).parent
         h = hashlib.sha256(f"{FORMAT}:{__version__}".encode())
-        for path in sorted([*root.glob("sites/*.py"), *root.glob("x86/*.py"), root / "symbols.py", root / "fde.py"]):
+        for path in sorted([*root.glob("sites/*.py"), *root.glob("x86/*.py"), root / "symbols.py", root / "fde.py",
+                               root / "springboard_cache.py"]):
             h.update(path.name.encode())
             h.update(path.read_bytes())
         _FINGERPRINT = h.hexdigest()[:16]
