@@ -1,7 +1,9 @@
 """Short jumps at exit windows (return probes, and the exits of latency probes): where the block
 of an exit begins at a branch target too close to it for a ``jmp rel32`` (``sites/exits.py``:
 "only N byte(s) from a branch target to the end of 'ret'"), and no path windows replace it, the
-window from that target to the end of the exit, if it is at least 2 bytes and passes every check
+window from that target to the end of the exit, if every way into the target is a direct branch
+from inside the function (no other function's returns counted), it is at least 2 bytes and passes
+every check
 of a jump window (no way in after its first byte, relocatable, a ``call`` only last, not patched:
 ``FunctionAnalysis._finish``), takes a ``jmp rel8`` to a springboard in dead padding within reach
 (``springboards.py`` places it like any short jump; the part's stub is the exit's stub).
@@ -16,7 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import springboard_cache
-from .sites import FunctionAnalysis, Verdict
+from .sites import FunctionAnalysis, Verdict, module_index
 from .sites.exits import Exit, ExitAnalysis
 from .sites.springboards import SHORT_JUMP_SIZE
 
@@ -34,7 +36,7 @@ def with_short_windows(proc: "ProbedProcess", exits: ExitAnalysis, reader) -> Ex
         return exits
     if getattr(proc.process, "arch", None) is not None and proc.process.arch.bits != 64:
         return exits
-    if any(not e.ok and not _short_candidate(e) for e in exits.exits):
+    if not _refused_for_an_exit(exits) or any(not e.ok and not _short_candidate(e) for e in exits.exits):
         return exits  # refused for a reason a short window does not lift
     placed = {b for e in exits.exits if e.ok for w in e.windows for b in range(w.address, w.address + w.size)}
     new = [e if e.ok else _short_exit(proc, exits, e, reader, placed) for e in exits.exits]
@@ -48,8 +50,30 @@ def with_short_windows(proc: "ProbedProcess", exits: ExitAnalysis, reader) -> Ex
     return replace(exits, exits=tuple(new), verdict=Verdict.JUMP, reason=reason)  # type: ignore[arg-type]
 
 
+def _refused_for_an_exit(exits: ExitAnalysis) -> bool:
+    """Whether ``exits`` was refused only because an exit takes no jump: every exit analysed and
+    every check of the whole function passed (``function_exits`` words that refusal so, after
+    them; a refusal of the function, e.g. code of another function jumping into it, is worded
+    otherwise and may come with all exits fine)."""
+    bad = next((e for e in exits.exits if not e.ok), None)
+    if bad is None or exits.module is None:
+        return False
+    address = bad.insn.address
+    return exits.reason == (f"exit '{bad.insn.text}' at {address:#x} ({exits.module.describe(address)}) "
+                            f"cannot take a jump: {bad.window.reason}")
+
+
 def _short_candidate(e: Exit) -> bool:
     return e.window.exit is not None and bool(e.window.displaced) and "branch target" in e.window.reason
+
+
+def _entered_from_inside(module, function, start: int) -> bool:
+    """Whether every known way into ``start`` (the branch target beginning the exit's block) is
+    a direct branch from inside ``function``: a window there counts no other function's returns
+    (libc's ``__memset_avx512_unaligned`` jumps into the exit blocks of ``..._erms``)."""
+    ways = module_index(module).entries_between(start - 1, start + 1)
+    lo, hi = function.address, function.address + function.size
+    return bool(ways) and all(kind == "branch" and lo <= src < hi for _t, kind, src in ways)
 
 
 def _short_exit(proc: "ProbedProcess", exits: ExitAnalysis, e: Exit, reader, placed: set[int]) -> Exit | None:
@@ -63,6 +87,8 @@ def _short_exit(proc: "ProbedProcess", exits: ExitAnalysis, e: Exit, reader, pla
         return None
     function = module.function_at(start)
     if function is None or exits.function is None or function.address != exits.function.address:
+        return None
+    if not _entered_from_inside(module, function, start):
         return None
     fa = FunctionAnalysis(module, function, reader)
     if fa.problem is not None:

@@ -123,6 +123,7 @@ def test_return_probe_through_a_short_exit_window(str_exe):
     plain = subprocess.run([str(str_exe), str(ROUNDS)], capture_output=True, text=True, timeout=60, check=True).stdout
     assert plain.endswith("bad 0\n")
     with djprobe.spawn([str(str_exe), "1"]) as proc:
+        proc.springboards = False  # whatever DJPROBE_SPRINGBOARDS says
         with pytest.raises(djprobe.DjprobeError, match="branch target"):
             proc.register(djprobe.Djprobe("sb_exit", at="return"))
         proc.start()
