@@ -26,7 +26,6 @@ import bisect
 import dataclasses
 import gc
 import logging
-import os
 import time
 import traceback
 import weakref
@@ -385,8 +384,9 @@ class ProbedProcess:
         #: probe says otherwise (``Djprobe(trap=...)``). Off by default here; the CLI turns it on.
         self.trap_fallback = False
         #: Where no jmp rel32 fits, a jmp rel8 to a springboard in dead padding (springboards.py).
-        #: Off by default (``DJPROBE_SPRINGBOARDS=1`` turns it on).
-        self.springboards = os.environ.get("DJPROBE_SPRINGBOARDS") == "1"
+        #: On by default; False (or ``DJPROBE_SPRINGBOARDS=0`` in the environment) leaves such
+        #: sites to the trap fallback or a refusal.
+        self.springboards = springboards.default_on()
         self._springboards: dict[int, Instance] = {}  # springboard address -> its instance
         self._traps: TrapSet | None = None
         self._clock: TscClock | None = None
@@ -1357,8 +1357,9 @@ def attach(pid: int) -> ProbedProcess:
     """Take control of the running process ``pid`` (its threads keep running until a probe goes in).
 
     Raises ProcessGoneError (ESRCH) if there is no such process and TracePermissionError (EPERM)
-    if it may not be traced.
+    if it may not be traced, InvalidSiteError if ``DJPROBE_SPRINGBOARDS`` holds neither 0 nor 1.
     """
+    springboards.default_on()  # a bad value is refused before the process is touched
     return ProbedProcess(Process(pid))
 
 
@@ -1366,8 +1367,10 @@ def spawn(argv: Sequence[str], **kwargs: object) -> ProbedProcess:
     """Start ``argv`` and hold it after its libraries are loaded, before ``main``.
 
     Probes registered now are in place before ``main`` runs. The program starts running when
-    the first batch of probes is in (or on :meth:`ProbedProcess.start`).
+    the first batch of probes is in (or on :meth:`ProbedProcess.start`). Raises
+    InvalidSiteError if ``DJPROBE_SPRINGBOARDS`` holds neither 0 nor 1 (nothing is started).
     """
+    springboards.default_on()
     return ProbedProcess(Process.spawn(list(argv), **kwargs))  # type: ignore[arg-type]
 
 

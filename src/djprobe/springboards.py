@@ -1,7 +1,8 @@
 """Short-jump probes: a ``jmp rel8`` at a site where no ``jmp rel32`` fits, to a springboard (a
 ``jmp rel32`` to the stub) in dead padding between functions (``sites/springboards.py`` finds
-both). Off unless ``ProbedProcess.springboards`` is True (``DJPROBE_SPRINGBOARDS=1`` for the
-command line).
+both). On by default; ``ProbedProcess.springboards = False`` turns them off for one process,
+``DJPROBE_SPRINGBOARDS=0`` for every process made from then on (``--no-short`` on the command line):
+such sites then trap or are refused, as before.
 
 Insertion, world stopped: the stub is written, the instance entry recorded PREPARED with kind
 ``ENTRY_SHORT`` (its patched bytes are the rel8; the springboard is where the rel8 leads), the
@@ -18,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .area import ENTRY_SHORT, InstanceEntry, InstanceState
-from .errors import DjprobeError, NoRoomError, SiteBusyError
+from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from . import springboard_cache
 from .sites import SiteAnalysis, Verdict
 from .sites.springboards import SHORT_JUMP_SIZE
@@ -28,10 +29,29 @@ if TYPE_CHECKING:
     from .probes import Djprobe, Instance, ProbedProcess
     from .regions import Region
 
-__all__ = ["SPRINGBOARD_SIZE", "plan", "in_the_way", "insert", "remove", "repoint", "patch_for", "joins_short"]
+__all__ = ["SPRINGBOARD_SIZE", "ENV_VARIABLE", "default_on", "plan", "in_the_way", "insert", "remove", "repoint", "patch_for", "joins_short"]
 
 #: Size of the springboard (a jmp rel32).
 SPRINGBOARD_SIZE = 5
+
+#: The environment variable that sets ``ProbedProcess.springboards`` for new processes.
+ENV_VARIABLE = "DJPROBE_SPRINGBOARDS"
+_ON = ("", "1", "on", "yes", "true")
+_OFF = ("0", "off", "no", "false")
+
+
+def default_on(environ: "dict[str, str] | None" = None) -> bool:
+    """Whether short jumps are placed by default: True unless ``DJPROBE_SPRINGBOARDS`` is
+    ``0``/``off``/``no``/``false``. Raises InvalidSiteError (a ValueError) naming the variable
+    for any other value."""
+    import os
+
+    value = (os.environ if environ is None else environ).get(ENV_VARIABLE, "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise InvalidSiteError(f"{ENV_VARIABLE}={value!r}: give 1 (short jumps on, the default) or 0 (off)")
 
 
 def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteAnalysis | None:

@@ -1,4 +1,4 @@
-"""Short-jump probes (springboards.py, ``ProbedProcess.springboards``, off by default): a jmp
+"""Short-jump probes (springboards.py, ``ProbedProcess.springboards``, on by default): a jmp
 rel8 to a springboard in dead padding where no jmp rel32 fits (tests/targets/springboards.S),
 in 4 threads: exact counts, output unchanged, every byte back after removal; added and removed
 under load; and ``djprobe cleanup`` after a killed tracer restores sites and springboards."""
@@ -47,13 +47,32 @@ def _live(pid: int, layout) -> bytes:
         return syms._mem().read(base + addr, size + 16)
 
 
-def test_springboards_are_off_by_default(exe):
-    with djprobe.spawn([str(exe), "1"]) as proc:
-        assert proc.springboards is False
-        with pytest.raises(djprobe.InvalidSiteError, match="lands at"):
-            proc.register(djprobe.Djprobe("sb_near+4"))
+def test_springboards_are_on_by_default(exe, monkeypatch):
+    """No option: sb_near+4 takes a short jump and counts exactly; DJPROBE_SPRINGBOARDS=0 or
+    ``springboards = False`` gives the refusal of old (the site's way in); a bad value is refused
+    before anything is started."""
+    monkeypatch.delenv("DJPROBE_SPRINGBOARDS", raising=False)
+    with djprobe.spawn([str(exe), str(ROUNDS)]) as proc:
+        assert proc.springboards is True
+        p = proc.register(djprobe.Djprobe("sb_near+4"))
+        assert p.mode == "jump" and "short jump" in p.analysis.reason and proc.read(p.address, 1) == b"\xeb"
         proc.start()
         assert proc.process.popen.wait(timeout=60) == 0
+        assert p.hits == 8 * ROUNDS  # as in test_short_jumps_count_exactly
+    for off in ("env", "attribute"):
+        if off == "env":
+            monkeypatch.setenv("DJPROBE_SPRINGBOARDS", "0")
+        with djprobe.spawn([str(exe), "1"]) as proc:
+            if off == "attribute":
+                proc.springboards = False
+            assert proc.springboards is False
+            with pytest.raises(djprobe.InvalidSiteError, match="lands at"):
+                proc.register(djprobe.Djprobe("sb_near+4"))
+            proc.start()
+            assert proc.process.popen.wait(timeout=60) == 0
+    monkeypatch.setenv("DJPROBE_SPRINGBOARDS", "maybe")
+    with pytest.raises(djprobe.InvalidSiteError, match="DJPROBE_SPRINGBOARDS='maybe'"):
+        djprobe.spawn([str(exe), "1"])
 
 
 def test_short_jumps_count_exactly(exe, layout):

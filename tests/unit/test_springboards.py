@@ -1,6 +1,6 @@
 """Short jumps through springboards (sites/springboards.py) on tests/targets/springboards.S: which
 padding is dead, which sites take a jmp rel8 to a springboard, the rel8 reach, the coverage
-figures behind ``--springboards`` (off by default), and the audit of short-jump verdicts."""
+figures behind ``--springboards``, and the audit of short-jump verdicts."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_audit_finds_planted_springboards(exe, mod, where):
 def test_cli_text_gives_the_short_jump_figures(exe):
     out = subprocess.run([sys.executable, "-m", "djprobe", "sites", "--all", str(exe), "--boundaries",
                           "--springboards"], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "with short jumps through springboards (analysis only" not in out  # placed now, off by default
+    assert "with short jumps through springboards (placed unless --no-short)" in out  # placed by default
     assert "with short jumps through springboards" in out and "7 of the refused" in out
 
 

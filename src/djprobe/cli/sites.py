@@ -69,8 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "before the coverage object, so every verdict can be audited")
     parser.add_argument("--springboards", action="store_true",
                         help="with --all: also count refused sites where a short jump (jmp rel8 to a "
-                        "springboard in dead padding between functions) would fit; probes place them "
-                        "only with DJPROBE_SPRINGBOARDS=1")
+                        "springboard in dead padding between functions) would fit; count, trace and latency "
+                        "place them unless --no-short")
     parser.add_argument("sites", nargs="*", metavar="SITE",
                         help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, MODULE:sub_VADDR (code no symbol covers, bounds from .eh_frame), or an address with -p")
     parser.set_defaults(run=run)
@@ -280,7 +280,7 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
         for cls, n in rep.boundary_refused.most_common():
             lines.append(f"  {n:7d}  {cls}")
         if rep.springboards:
-            lines.append(_wrap(f"with short jumps through springboards (placed only with DJPROBE_SPRINGBOARDS=1): "
+            lines.append(_wrap(f"with short jumps through springboards (placed unless --no-short): "
                                f"{rep.boundaries_jump + rep.boundaries_short} ({100 * rep.boundary_short_ratio:.2f}%); "
                                f"{rep.boundaries_short} of the refused, by reason:", ""))
             for cls, n in rep.boundary_short_by.most_common():

@@ -120,7 +120,7 @@ class CoverageReport:
     boundaries_neither: Counter = field(default_factory=Counter)
     #: With ``springboards``: refused entries/boundaries where a short jump (``jmp rel8`` to a
     #: springboard in dead padding, ``sites/springboards.py``) fits, by the refusal's class.
-    #: Probes place them only with ``ProbedProcess.springboards`` on (off by default).
+    #: Probes place them unless ``ProbedProcess.springboards`` is off (on by default).
     springboards: bool = False
     entries_short: int = 0
     boundaries_short: int = 0

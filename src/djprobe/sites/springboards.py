@@ -11,7 +11,7 @@ unknown targets). Alignment nops *inside* a function are never used: fall-throug
 
 This module only finds the places (:func:`dead_runs`, :func:`short_jump`, :func:`springboard_for`).
 The coverage report counts them only when asked (``springboards=True``); ``djprobe/springboards.py``
-places them in a process when ``ProbedProcess.springboards`` is on (off by default).
+places them in a process when ``ProbedProcess.springboards`` is on (the default).
 """
 
 from __future__ import annotations
