@@ -535,12 +535,14 @@ class ProbedProcess:
             plans.append([djp, analysis, None])
         windows = overlaps.PlanWindows(plans)
         overlaps.order_plans(plans, windows)  # a probe inside another's window after it: it joins that stub
+        no_rel32: dict[int, SiteAnalysis] = {}  # id(djp) -> its refused analysis, for a short plan
         for plan in plans:
             djp, analysis, _ = plan
             if analysis.ok or analysis.address in self._instances or overlaps.joins(self, djp, analysis, windows):
                 continue
             short = springboards.plan(self, djp, analysis)
             if short is not None:
+                no_rel32[id(djp)] = analysis  # if the short jump fails: this refusal, or a trap
                 plan[1] = short  # a jmp rel8 to a springboard
                 windows.add(short)  # a probe inside it joins its stub
                 continue
@@ -565,6 +567,9 @@ class ProbedProcess:
             try:
                 plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp, strings=djp.strings)
             except DjprobeError as exc:
+                refusal = no_rel32.get(id(djp))
+                if refusal is not None:  # the short jump's stub: the site's own refusal, or a trap
+                    analysis, exc = refusal, springboards.refusal(refusal, self._site_error(exc))
                 self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
                 plan[0] = None
         pending = [p for p in plans if p[0] is not None]
@@ -580,7 +585,12 @@ class ProbedProcess:
                     try:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
-                        refused.append((djp, self._site_error(exc)))
+                        refusal = no_rel32.get(id(djp))
+                        if refusal is None:
+                            refused.append((djp, self._site_error(exc)))
+                        else:  # no short jump after all (no springboard left, ...): a trap, or refused
+                            self._refuse_or_trap(djp, refusal, springboards.refusal(refusal, self._site_error(exc)),
+                                                 refused, to_trap)
                     if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
                 if not pending:

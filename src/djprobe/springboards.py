@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .probes import Djprobe, Instance, ProbedProcess
     from .regions import Region
 
-__all__ = ["SPRINGBOARD_SIZE", "ENV_VARIABLE", "default_on", "plan", "in_the_way", "insert", "remove", "repoint", "patch_for", "joins_short"]
+__all__ = ["SPRINGBOARD_SIZE", "ENV_VARIABLE", "default_on", "plan", "refusal", "in_the_way", "insert", "remove", "repoint", "patch_for", "joins_short"]
 
 #: Size of the springboard (a jmp rel32).
 SPRINGBOARD_SIZE = 5
@@ -70,6 +70,21 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
     if window is None:
         return None
     return replace(window, verdict=Verdict.JUMP, site=analysis.site)
+
+
+def refusal(analysis: SiteAnalysis, exc: DjprobeError) -> DjprobeError:
+    """The error for a site refused a jmp rel32 (``analysis``) whose short jump could not be
+    placed either (``exc``: no springboard left, stub memory, bytes changed): the site's own
+    reason first, then the short jump's, so that the trap fallback (or the refusal) says why no
+    jump went in."""
+    why = getattr(exc, "reason", None) or str(exc)
+    prefix = f"{analysis.site}: "
+    if why.startswith(prefix):
+        why = why[len(prefix):]
+    reason = f"{analysis.reason}; no short jump either: {why}"
+    if analysis.busy or isinstance(exc, SiteBusyError):
+        return SiteBusyError(f"{analysis.site}: {reason}", address=analysis.address)
+    return InvalidSiteError(f"{analysis.site}: {reason}", address=analysis.address, reason=reason)
 
 
 def _plain(djp: "Djprobe") -> bool:
