@@ -462,14 +462,20 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
                 raise exits.error()
             name = exits.site.rsplit("%", 1)[0]
             entry = analyse_site(proc.symbols, exits.address, None, proc.process.memory)
-            if not entry.ok:
-                raise entry.error()
             windows = exits.windows
+            if not entry.ok:
+                entry = short_exits.short_entry(proc, entry) or entry  # a jmp rel8 (springboards on)
+                if not entry.ok:
+                    raise entry.error()
+                if _overlapping(entry, list(windows)):
+                    raise InvalidSiteError(f"{name}: its entry takes a short jump whose window overlaps an exit "
+                                           "window; one stub for both is not built for short jumps",
+                                           address=entry.address)
 
             def widen(size: int) -> "SiteAnalysis":
                 return analyse_site(proc.symbols, exits.address, size, proc.process.memory)
 
-            entry, both, why = entry_plan(entry, windows, widen)
+            entry, both, why = entry_plan(entry, windows, widen if entry.springboard is None else None)
             if why is not None:
                 raise InvalidSiteError(f"{name}: {why}", address=entry.address)
             if both is not None and both.springboard is not None:

@@ -10,6 +10,9 @@ of a jump window (no way in after its first byte, relocatable, a ``call`` only l
 
 Only when ``ProbedProcess.springboards`` is on, in a 64-bit process; an exit of an unnamed part
 of the function (code reached by a jump outside its symbol) is left refused.
+
+:func:`short_entry` does the same for the entry window of a latency probe: the short window a
+count probe would get there (``springboard_cache.short_window``), its stub the entry's.
 """
 
 from __future__ import annotations
@@ -18,14 +21,30 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import springboard_cache
-from .sites import FunctionAnalysis, Verdict, module_index
+from .sites import FunctionAnalysis, SiteAnalysis, Verdict, module_index
 from .sites.exits import Exit, ExitAnalysis
 from .sites.springboards import SHORT_JUMP_SIZE
 
 if TYPE_CHECKING:
     from .probes import ProbedProcess
 
-__all__ = ["with_short_windows"]
+__all__ = ["with_short_windows", "short_entry"]
+
+
+def short_entry(proc: "ProbedProcess", entry: SiteAnalysis) -> SiteAnalysis | None:
+    """The short-jump window at a function's entry refused a jmp rel32 (``entry``), as a jump
+    verdict with ``springboard`` set (the nearest one now; the one used is chosen at insertion),
+    or None: springboards off, a 32-bit process, someone else's patch, no short jump fits."""
+    if not getattr(proc, "springboards", False) or entry.ok or entry.busy:
+        return None
+    if getattr(proc.process, "arch", None) is not None and proc.process.arch.bits != 64:
+        return None
+    if entry.module is None or entry.function is None:
+        return None
+    window = springboard_cache.short_window(proc, entry)
+    if window is None:
+        return None
+    return replace(window, verdict=Verdict.JUMP, site=entry.site)
 
 
 def with_short_windows(proc: "ProbedProcess", exits: ExitAnalysis, reader) -> ExitAnalysis:

@@ -170,6 +170,60 @@ def test_latency_probe_through_a_short_exit_window(str_exe):
         assert lat.latency.unpaired == 0 and lat.latency.collisions == 0
 
 
+def test_latency_probe_with_a_short_entry_window(str_exe):
+    """sb_str's entry takes no jmp rel32 (the loop's jle at +3 is a branch target): a latency
+    probe is refused without springboards; with them its entry is a jmp rel8 to a springboard
+    (the latency entry stub behind it), its exit (the last ret) a jmp rel32 over the padding
+    after it, which the springboard keeps out of. 4 threads: every call paired with its return,
+    none unpaired, output unchanged; then placed and removed 5 times in a running copy, the
+    file's bytes back each time and no call of the program wrong."""
+    plain = subprocess.run([str(str_exe), str(ROUNDS)], capture_output=True, text=True, timeout=60, check=True).stdout
+    with djprobe.spawn([str(str_exe), "1"]) as proc:
+        proc.springboards = False
+        with pytest.raises(djprobe.InvalidSiteError, match="lands at"):
+            proc.register(djprobe.Djprobe("sb_str", at="latency"))
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(str_exe), str(ROUNDS)], stdout=write_fd) as proc:
+        os.close(write_fd)
+        proc.springboards = True
+        module = proc.symbols.modules[0]
+        (func,) = module.symbols("sb_str")
+        want = module.read_file(func.address, func.size + 16)
+        lat = proc.register(djprobe.Djprobe("sb_str", at="latency"))
+        roles = sorted((p._latency_role, p.address - func.address, p._instance.springboard is not None)
+                       for p in lat._parts)
+        assert roles == [("entry", 0, True), ("exit", 12, False)]
+        assert proc.read(func.address, 1) == b"\xeb" and proc.read(func.address + 12, 1) == b"\xe9"
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0
+        assert output == plain
+        figures = lat.latency.read()
+        assert figures.calls == 4 * ROUNDS and int(figures.histogram.sum()) == 4 * ROUNDS, figures
+        assert lat.latency.unpaired == 0 and lat.latency.collisions == 0
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(str_exe), "2000000000"], stdout=write_fd) as proc:  # until SIGUSR1
+        os.close(write_fd)
+        proc.springboards = True
+        (func,) = proc.symbols.modules[0].symbols("sb_str")  # this process's address
+        proc.start()
+        for _ in range(5):
+            lat = proc.register(djprobe.Djprobe("sb_str", at="latency"))
+            deadline = time.monotonic() + 30
+            while lat.latency.read().calls == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            proc.unregister(lat)
+            assert lat.latency.calls > 0
+            assert proc.read(func.address, func.size + 16) == want
+        os.kill(proc.pid, signal.SIGUSR1)
+        with os.fdopen(read_fd) as out:
+            assert out.read() == "stopped bad 0\n"
+        assert proc.process.popen.wait(timeout=60) == 0
+
+
 @pytest.mark.parametrize("together", [False, True])
 def test_probe_inside_a_short_window_shares_its_stub(str_exe, together):
     """sb_share+0 is a short jump whose window is 2 instructions; a probe at +1 joins its stub
