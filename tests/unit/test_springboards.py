@@ -138,6 +138,22 @@ def test_cli_each_gives_short_jump_verdicts_with_their_springboard(exe, mod):
     assert not any(s["verdict"] == "short-jump" or "springboard" in s for s in plain)
 
 
+def test_cli_one_site_shows_its_short_jump(exe, mod):
+    """``djprobe sites`` for one refused site says which short jump a probe would take (text and
+    JSON), none with --size or where a jmp rel32 fits."""
+    near = _f(mod, "sb_near")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "djprobe", "sites", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    text = " ".join(run(f"{exe}:sb_near+4").stdout.split())  # wrapped at 80 columns
+    assert "REFUSED" in text and "short jump: displaces 1 instruction(s), 2 bytes" in text
+    assert f"springboard at {near.end:#x}" in text and "unless --no-short" in text
+    (obj,) = [json.loads(x) for x in run("--json", f"{exe}:sb_near+4").stdout.splitlines()]
+    assert obj["short_jump"]["springboard"] == near.end and obj["short_jump"]["size"] == 2
+    (obj,) = [json.loads(x) for x in run("--json", "--size", "5", f"{exe}:sb_near+4").stdout.splitlines()]
+    assert obj["short_jump"] is None
+    assert "short jump" not in run(f"{exe}:sb_wall6").stdout  # a jump fits at its entry
+
+
 def test_cli_springboards_needs_all(exe, capsys):
     from djprobe.cli import main
 
