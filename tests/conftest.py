@@ -96,3 +96,11 @@ def start_target():
     yield start
     for t in started:
         t.kill()
+
+
+@pytest.fixture
+def no_short(monkeypatch):
+    """Short jumps off (``DJPROBE_SPRINGBOARDS=0``) for the test, in this process and in the
+    djprobe commands it runs: for tests of the trap fallback and of refusals, which short jumps
+    (on by default) would otherwise lift."""
+    monkeypatch.setenv("DJPROBE_SPRINGBOARDS", "0")

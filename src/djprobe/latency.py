@@ -42,6 +42,7 @@ from .area import HIST_BUCKETS, MISC_COLLISIONS, MISC_UNPAIRED
 from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
 from .latency_stubs import (LatencyTargets, build_latency_both_stub, build_latency_entry_stub, build_latency_exit_stub,
                             latency_supported)
+from . import short_exits
 from .sites import analyse_exits, analyse_site
 
 if TYPE_CHECKING:
@@ -450,6 +451,7 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
                 raise InvalidSiteError(f"{djp.addr}: latency probes need 16-byte atomic SSE accesses: {why}")
             site = proc.resolve_site(djp.addr)
             exits = analyse_exits(proc.symbols, site, proc.process.memory)  # type: ignore[arg-type]
+            exits = short_exits.with_short_windows(proc, exits, proc.process.memory.read)  # springboards on
             taken = [proc._overlapping(exits.address, 1)] + [proc._overlapping(e.window.address, e.window.size or 1)
                                                                for e in exits.exits]
             other = next((t for t in taken if t is not None), None)
@@ -460,16 +462,25 @@ def expand(proc: "ProbedProcess", djps: Sequence["Djprobe"], refused: list) -> l
                 raise exits.error()
             name = exits.site.rsplit("%", 1)[0]
             entry = analyse_site(proc.symbols, exits.address, None, proc.process.memory)
-            if not entry.ok:
-                raise entry.error()
             windows = exits.windows
+            if not entry.ok:
+                entry = short_exits.short_entry(proc, entry) or entry  # a jmp rel8 (springboards on)
+                if not entry.ok:
+                    raise entry.error()
+                if _overlapping(entry, list(windows)):
+                    raise InvalidSiteError(f"{name}: its entry takes a short jump whose window overlaps an exit "
+                                           "window; one stub for both is not built for short jumps",
+                                           address=entry.address)
 
             def widen(size: int) -> "SiteAnalysis":
                 return analyse_site(proc.symbols, exits.address, size, proc.process.memory)
 
-            entry, both, why = entry_plan(entry, windows, widen)
+            entry, both, why = entry_plan(entry, windows, widen if entry.springboard is None else None)
             if why is not None:
                 raise InvalidSiteError(f"{name}: {why}", address=entry.address)
+            if both is not None and both.springboard is not None:
+                raise InvalidSiteError(f"{name}: its entry window would end with an exit that takes a short jump; "
+                                       "one stub for both is not built for short jumps", address=entry.address)
             if both is not None and both.exit_path and not _STUBS[_arch(proc)].paths:
                 raise InvalidSiteError(f"{name}: its entry window ends with the way into an exit block; one stub for "
                                        f"both is not built for {_arch(proc).name} processes", address=entry.address)

@@ -22,11 +22,13 @@ import bisect
 import dataclasses
 from typing import TYPE_CHECKING, Sequence
 
+from . import springboards
 from .area import MAX_DISPLACED, InstanceEntry, InstanceState
 from .errors import NoRoomError, SiteBusyError
 from .shared_stubs import ActionPoint, PathPoint, StubTooLargeError, build_shared_stub
 from .sites import SiteAnalysis
 from .sites.sharing import way_in
+from .sites.springboards import SHORT_JUMP_SIZE
 from .stubs import jump_bytes
 from .x86 import Flow
 from .x86.relocate import RelocationError
@@ -114,6 +116,12 @@ class PlanWindows:
         windows = sorted((p[1] for p in plans if _shareable(p[1])), key=lambda a: a.address)
         self._starts = [w.address for w in windows]
         self._windows = windows
+
+    def add(self, window: SiteAnalysis) -> None:
+        """One more planned window (a short jump's, planned after the batch was indexed)."""
+        i = bisect.bisect_left(self._starts, window.address)
+        self._starts.insert(i, window.address)
+        self._windows.insert(i, window)
 
     def around(self, address: int, exclude: SiteAnalysis | None = None) -> SiteAnalysis | None:
         """The planned window (not ``exclude``) with ``address`` as an inner instruction boundary."""
@@ -355,14 +363,15 @@ def rebuild(proc: "ProbedProcess", host: "Instance", leaving: Sequence = ()) -> 
         region.give_back(slot)
         raise
     proc.process.write(stub.address, stub.code)
-    patched = jump_bytes(host.address, stub.address)
+    short = host.springboard is not None  # a short jump: its rel8 stays, the springboard moves
+    patched = host.patched[:SHORT_JUMP_SIZE] if short else jump_bytes(host.address, stub.address)
     entry = region.view.entry(old_slot)
     entry.stub_address = stub.address
     entry.size, entry.original = host.size, host.original  # a window grown to an exit's end
     entry.patched = patched + host.original[len(patched):]
     entry.state = InstanceState.INSERTED
     region.view.set_entry(slot, entry)
-    proc.process.write(host.address, patched)
+    springboards.patch_for(proc, host, stub)
     old_stub = host.stub
     proc._move_threads_out_of_stub(old_stub, onto=stub)
     host.old_slots.append((region, old_slot, old_stub))

@@ -26,7 +26,6 @@ import bisect
 import dataclasses
 import gc
 import logging
-import os
 import time
 import traceback
 import weakref
@@ -57,6 +56,7 @@ from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
 from .fetch_stubs32 import build_fetch_stub32, kernel_vsyscall
 from .prototypes import Prototype, typed_probe
+from .batch_window import InsertWindow, RemoveWindow
 from .batches import StopBudget
 from .prototypes32 import cdecl_prototype
 from .stub_templates import build_count_stub_fast
@@ -407,8 +407,9 @@ class ProbedProcess:
         #: probe says otherwise (``Djprobe(trap=...)``). Off by default here; the CLI turns it on.
         self.trap_fallback = False
         #: Where no jmp rel32 fits, a jmp rel8 to a springboard in dead padding (springboards.py).
-        #: Off by default (``DJPROBE_SPRINGBOARDS=1`` turns it on).
-        self.springboards = os.environ.get("DJPROBE_SPRINGBOARDS") == "1"
+        #: On by default; False (or ``DJPROBE_SPRINGBOARDS=0`` in the environment) leaves such
+        #: sites to the trap fallback or a refusal.
+        self.springboards = springboards.default_on()
         self._springboards: dict[int, Instance] = {}  # springboard address -> its instance
         self._traps: TrapSet | None = None
         self._clock: TscClock | None = None
@@ -557,13 +558,16 @@ class ProbedProcess:
             plans.append([djp, analysis, None])
         windows = overlaps.PlanWindows(plans)
         overlaps.order_plans(plans, windows)  # a probe inside another's window after it: it joins that stub
+        no_rel32: dict[int, SiteAnalysis] = {}  # id(djp) -> its refused analysis, for a short plan
         for plan in plans:
             djp, analysis, _ = plan
             if analysis.ok or analysis.address in self._instances or overlaps.joins(self, djp, analysis, windows):
                 continue
             short = springboards.plan(self, djp, analysis)
             if short is not None:
+                no_rel32[id(djp)] = analysis  # if the short jump fails: this refusal, or a trap
                 plan[1] = short  # a jmp rel8 to a springboard
+                windows.add(short)  # a probe inside it joins its stub
                 continue
             plan[0] = None
             other = self._overlapping(analysis.address, max(1, analysis.size))
@@ -576,6 +580,7 @@ class ProbedProcess:
                 exc = analysis.error()  # type: ignore[assignment]
             self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
         plans = [p for p in plans if p[0] is not None]
+        overlaps.order_plans(plans, windows)  # again: inside a short window, after it
         first_at: set[int] = set()
         for plan in plans:
             djp, analysis, _ = plan
@@ -585,12 +590,17 @@ class ProbedProcess:
             try:
                 plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp, strings=djp.strings)
             except DjprobeError as exc:
+                refusal = no_rel32.get(id(djp))
+                if refusal is not None:  # the short jump's stub: the site's own refusal, or a trap
+                    analysis, exc = refusal, springboards.refusal(refusal, self._site_error(exc))
                 self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
                 plan[0] = None
         pending = [p for p in plans if p[0] is not None]
         pending.reverse()
+        window = InsertWindow(self)  # several stops: the call's counts start at its last one
         while pending:
             with self.stopped():
+                window.stopped()
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
                 budget = StopBudget(self._batch_deadline())
                 while pending:
@@ -598,9 +608,16 @@ class ProbedProcess:
                     try:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
-                        refused.append((djp, self._site_error(exc)))
+                        refusal = no_rel32.get(id(djp))
+                        if refusal is None:
+                            refused.append((djp, self._site_error(exc)))
+                        else:  # no short jump after all (no springboard left, ...): a trap, or refused
+                            self._refuse_or_trap(djp, refusal, springboards.refusal(refusal, self._site_error(exc)),
+                                                 refused, to_trap)
                     if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
+                if not pending:
+                    window.close(djps)
         if to_trap:
             with self.stopped():  # every thread stopped: the events cover all of them
                 for djp, analysis, exc in to_trap:
@@ -674,7 +691,7 @@ class ProbedProcess:
             raise SiteBusyError(f"{analysis.site}: overlaps the short jump at {short.address:#x} or its springboard",
                                 address=address)
         existing = self._instances.get(address)
-        if analysis.springboard is not None and existing is None:
+        if analysis.springboard is not None and existing is None and not springboards.joins_short(self, djp, analysis):
             springboards.insert(self, djp, analysis, prepared)
             return
         if existing is not None and overlaps.shared(existing) and djp._preset is None:
@@ -974,8 +991,10 @@ class ProbedProcess:
                 self._forget(djp)
             return
         pending = list(reversed(djps))
+        window = RemoveWindow(self, djps)  # several stops: the call's counts end at its first one
         while pending:
             with self.stopped():
+                window.stopped()
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
                 budget = StopBudget(self._batch_deadline())
                 while pending:
@@ -990,6 +1009,7 @@ class ProbedProcess:
                     self._detach_probe(djp)
                     if not budget.room_for_another() and not returns.same_group(djp, pending):
                         break
+        window.close()
 
     def _image_replaced(self) -> bool:
         """Whether the target exec'd since our probe areas were mapped (they are gone)."""
@@ -1408,8 +1428,9 @@ def attach(pid: int) -> ProbedProcess:
     """Take control of the running process ``pid`` (its threads keep running until a probe goes in).
 
     Raises ProcessGoneError (ESRCH) if there is no such process and TracePermissionError (EPERM)
-    if it may not be traced.
+    if it may not be traced, InvalidSiteError if ``DJPROBE_SPRINGBOARDS`` holds neither 0 nor 1.
     """
+    springboards.default_on()  # a bad value is refused before the process is touched
     return ProbedProcess(Process(pid))
 
 
@@ -1417,8 +1438,10 @@ def spawn(argv: Sequence[str], **kwargs: object) -> ProbedProcess:
     """Start ``argv`` and hold it after its libraries are loaded, before ``main``.
 
     Probes registered now are in place before ``main`` runs. The program starts running when
-    the first batch of probes is in (or on :meth:`ProbedProcess.start`).
+    the first batch of probes is in (or on :meth:`ProbedProcess.start`). Raises
+    InvalidSiteError if ``DJPROBE_SPRINGBOARDS`` holds neither 0 nor 1 (nothing is started).
     """
+    springboards.default_on()
     return ProbedProcess(Process.spawn(list(argv), **kwargs))  # type: ignore[arg-type]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import area as _area
+from . import orphan_short
 from ._sys.procfs import MapEntry, ProcessMemory, find_mapping, read_maps
 from .area import ENTRY_SIZE, HEADER_SIZE, MAX_DISPLACED, AreaHeader, AreaLayout, InstanceState
 from .errors import DjprobeError, ProcessGoneError, TargetFaultError
@@ -783,6 +784,19 @@ def cleanup(pid: int, *, force: bool = False) -> CleanupReport:
             # whatever jump into these areas is left (no entry, an untrusted entry, or one whose
             # record disagrees with the file) goes too, replaced by the file's bytes; but not a
             # springboard that a jmp rel8 still in place leads to
+            # short jumps with no trusted entry (orphan_short.py): their rel8s, then their springboards
+            entries = {i.address for a in areas for i in a.instances if i.valid}
+            shorts, stay = orphan_short.find(process.memory, process.maps(), symbols, chosen, entries)
+            for owner, why in stay:
+                held.setdefault(owner.data_address, f"a short jump is still in place: {why}")  # type: ignore[attr-defined]
+            left = {o.springboard for o, _ in orphan_short.restore(process, shorts)}
+            for o in shorts:
+                jumps = [OrphanJump(o.site, o.springboard, o.site_original, symbols.describe(o.site))]
+                if o.springboard not in left and not any(j.address == o.springboard for j in report.orphans):
+                    jumps.append(OrphanJump(o.springboard, o.target, o.board_original, symbols.describe(o.springboard)))
+                for jump in jumps:
+                    o.area.orphans.append(jump)  # type: ignore[attr-defined]
+                    report.orphans.append(jump)
             for owner, orphan in find_orphans(process.memory, process.maps(), symbols, chosen, known=kept):
                 module = symbols.module_at(orphan.address)
                 if module is None or _rel8_into(process.memory, module, orphan.address):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from . import short_exits
 from .errors import DjprobeError, InvalidSiteError, SiteBusyError
 from .sites import ExitAnalysis, SiteAnalysis, analyse_exits
 
@@ -35,7 +36,8 @@ def analyse_return(proc: "ProbedProcess", djp: "Djprobe") -> ExitAnalysis:
     site = proc.resolve_site(djp.addr)
     func = getattr(site, "function", None)
     memory = unpatched_memory(proc, func.address, func.address + func.size) if func is not None else proc.process.memory
-    return analyse_exits(proc.symbols, site, memory)  # type: ignore[arg-type]
+    exits = analyse_exits(proc.symbols, site, memory)  # type: ignore[arg-type]
+    return short_exits.with_short_windows(proc, exits, memory.read)  # springboards on: short exit windows
 
 
 def _forward(parent: "Djprobe"):

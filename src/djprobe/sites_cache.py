@@ -63,14 +63,15 @@ _FINGERPRINT: str | None = None
 
 def analysis_fingerprint() -> str:
     """djprobe's version and a hash of the code whose output is cached (site analysis, decoding,
-    relocation checks, symbols and FDE bounds)."""
+    relocation checks, symbols and FDE bounds, short-jump verdicts)."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
         from . import __version__
 
         root = Path(__file__).parent
         h = hashlib.sha256(f"{FORMAT}:{__version__}".encode())
-        for path in sorted([*root.glob("sites/*.py"), *root.glob("x86/*.py"), root / "symbols.py", root / "fde.py"]):
+        for path in sorted([*root.glob("sites/*.py"), *root.glob("x86/*.py"), root / "symbols.py", root / "fde.py",
+                               root / "springboard_cache.py"]):
             h.update(path.name.encode())
             h.update(path.read_bytes())
         _FINGERPRINT = h.hexdigest()[:16]
@@ -168,6 +169,17 @@ class ModuleVerdicts:
             reason += f" (with {len(padding)} padding instruction(s) after the end of {function.name})"
         return SiteAnalysis(size=n, verdict=Verdict.JUMP, reason=reason, displaced=displaced, flags_dead=flags_dead,
                             padding=padding, **base)
+
+    def get(self, key: str) -> list | None:
+        """The raw entry under ``key`` (an entry of another kind than a site's verdict, e.g.
+        ``springboard_cache.py``'s), or None."""
+        entry = self.entries.get(key)
+        return entry if isinstance(entry, list) else None
+
+    def put(self, key: str, entry: list) -> None:
+        """Keep a raw entry under ``key`` (written at the next flush, merged like the verdicts)."""
+        self.entries[key] = entry
+        self._new[key] = entry
 
     # -- writing ----------------------------------------------------------------------------
     def store(self, analysis: SiteAnalysis) -> None:

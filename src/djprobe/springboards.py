@@ -1,7 +1,8 @@
 """Short-jump probes: a ``jmp rel8`` at a site where no ``jmp rel32`` fits, to a springboard (a
 ``jmp rel32`` to the stub) in dead padding between functions (``sites/springboards.py`` finds
-both). Off unless ``ProbedProcess.springboards`` is True (``DJPROBE_SPRINGBOARDS=1`` for the
-command line).
+both). On by default; ``ProbedProcess.springboards = False`` turns them off for one process,
+``DJPROBE_SPRINGBOARDS=0`` for every process made from then on (``--no-short`` on the command line):
+such sites then trap or are refused, as before.
 
 Insertion, world stopped: the stub is written, the instance entry recorded PREPARED with kind
 ``ENTRY_SHORT`` (its patched bytes are the rel8; the springboard is where the rel8 leads), the
@@ -18,26 +19,46 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .area import ENTRY_SHORT, InstanceEntry, InstanceState
-from .errors import DjprobeError, NoRoomError, SiteBusyError
-from .sites import FunctionAnalysis, SiteAnalysis, Verdict, module_index
-from .sites.springboards import SHORT_JUMP_SIZE, short_jump, springboard_for
+from .errors import DjprobeError, InvalidSiteError, NoRoomError, SiteBusyError
+from . import springboard_cache
+from .sites import SiteAnalysis, Verdict
+from .sites.springboards import SHORT_JUMP_SIZE
 from .stubs import Stub, jump_bytes, jump_target
 
 if TYPE_CHECKING:
     from .probes import Djprobe, Instance, ProbedProcess
     from .regions import Region
 
-__all__ = ["SPRINGBOARD_SIZE", "plan", "in_the_way", "insert", "remove", "repoint"]
+__all__ = ["SPRINGBOARD_SIZE", "ENV_VARIABLE", "default_on", "plan", "refusal", "in_the_way", "insert", "remove", "repoint", "patch_for", "joins_short"]
 
 #: Size of the springboard (a jmp rel32).
 SPRINGBOARD_SIZE = 5
+
+#: The environment variable that sets ``ProbedProcess.springboards`` for new processes.
+ENV_VARIABLE = "DJPROBE_SPRINGBOARDS"
+_ON = ("", "1", "on", "yes", "true")
+_OFF = ("0", "off", "no", "false")
+
+
+def default_on(environ: "dict[str, str] | None" = None) -> bool:
+    """Whether short jumps are placed by default: True unless ``DJPROBE_SPRINGBOARDS`` is
+    ``0``/``off``/``no``/``false``. Raises InvalidSiteError (a ValueError) naming the variable
+    for any other value."""
+    import os
+
+    value = (os.environ if environ is None else environ).get(ENV_VARIABLE, "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise InvalidSiteError(f"{ENV_VARIABLE}={value!r}: give 1 (short jumps on, the default) or 0 (off)")
 
 
 def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteAnalysis | None:
     """The short-jump window for ``djp`` whose site ``analysis`` refused a jmp rel32, as a
     jump verdict with ``springboard`` set (the nearest one now; the one used is chosen at
     insertion), or None: springboards off, a probe of another kind (return, latency, custom
-    stub, string fetching, a size asked for), a 32-bit process, someone else's patch, or no
+    stub, a size asked for), a 32-bit process, someone else's patch, or no
     short jump fits."""
     if not getattr(proc, "springboards", False) or analysis.ok or analysis.busy or not _plain(djp):
         return None
@@ -45,16 +66,31 @@ def plan(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> SiteA
         return None
     if analysis.module is None or analysis.function is None:
         return None
-    fa = FunctionAnalysis(analysis.module, analysis.function, proc.process.memory.read)
-    sj = short_jump(fa, analysis.address)
-    if sj is None:
+    window = springboard_cache.short_window(proc, analysis)  # cached with the site verdicts
+    if window is None:
         return None
-    return replace(sj.window, verdict=Verdict.JUMP, site=analysis.site)
+    return replace(window, verdict=Verdict.JUMP, site=analysis.site)
+
+
+def refusal(analysis: SiteAnalysis, exc: DjprobeError) -> DjprobeError:
+    """The error for a site refused a jmp rel32 (``analysis``) whose short jump could not be
+    placed either (``exc``: no springboard left, stub memory, bytes changed): the site's own
+    reason first, then the short jump's, so that the trap fallback (or the refusal) says why no
+    jump went in."""
+    why = getattr(exc, "reason", None) or str(exc)
+    prefix = f"{analysis.site}: "
+    if why.startswith(prefix):
+        why = why[len(prefix):]
+    reason = f"{analysis.reason}; no short jump either: {why}"
+    if analysis.busy or isinstance(exc, SiteBusyError):
+        return SiteBusyError(f"{analysis.site}: {reason}", address=analysis.address)
+    return InvalidSiteError(f"{analysis.site}: {reason}", address=analysis.address, reason=reason)
 
 
 def _plain(djp: "Djprobe") -> bool:
-    """A count or record probe of its own site: what a short jump can serve."""
-    return not (djp._preset is not None or djp._latency_role is not None or djp.size is not None or djp.strings
+    """A count or record probe of its own site (also one copying string arguments): what a
+    short jump can serve."""
+    return not (djp._preset is not None or djp._latency_role is not None or djp.size is not None
                 or getattr(djp, "build_stub", None) is not None or djp.trap == "only")
 
 
@@ -70,21 +106,52 @@ def in_the_way(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) ->
     for sb, inst in proc._springboards.items():
         if inst.address == analysis.address and _plain(djp):
             continue
+        if _guest(proc, djp, analysis, inst):
+            continue  # it joins the short jump's stub (overlaps.py: a shared stub)
         if _windows_meet(analysis.address, size, inst.address, inst.size) or \
                 _windows_meet(analysis.address, size, sb, SPRINGBOARD_SIZE):
             return inst
     return None
 
 
-def _choose(proc: "ProbedProcess", analysis: SiteAnalysis) -> tuple[int, bytes]:
+def _siblings(djp: "Djprobe") -> set[int]:
+    """The bytes of the windows of the other parts of ``djp``'s return or latency probe (a last
+    exit's window may take the padding after it): placed in the same stop, perhaps after it."""
+    parent = djp._parent
+    out: set[int] = set()
+    for part in (parent._parts or []) if parent is not None else []:
+        w = part._preset
+        if part is not djp and w is not None:
+            out.update(range(w.address, w.address + max(1, w.size)))
+    return out
+
+
+def _guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, inst: "Instance") -> bool:
+    """Whether ``djp`` at ``analysis`` joins the short jump ``inst`` as a guest: an instruction
+    boundary inside its window (not its first byte), a count or record probe without strings."""
+    from . import overlaps
+
+    return (djp._preset is None and djp.size is None and overlaps.can_share(proc, djp)
+            and inst.address < analysis.address < inst.address + inst.size
+            and overlaps.host_for(proc, analysis.address) is inst)
+
+
+def joins_short(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis) -> bool:
+    """Whether ``djp``, planned as a short jump of its own, joins instead the placed short jump
+    whose window it lies in (planned in the same batch, before that window was known)."""
+    inst = proc._overlapping(analysis.address, 1)
+    return inst is not None and inst.springboard is not None and _guest(proc, djp, analysis, inst)
+
+
+def _choose(proc: "ProbedProcess", analysis: SiteAnalysis, djp: "Djprobe") -> tuple[int, bytes]:
     """A springboard for the short jump of ``analysis`` (world stopped): dead bytes in reach,
-    not used by another springboard of ours or by any window, the same in memory as in the file,
-    no thread at them or holding an address in them. Returns its address and its bytes."""
+    not used by another springboard of ours or by any window (also the windows of ``djp``'s
+    sibling parts), the same in memory as in the file, no thread at them or holding an address
+    in them. Returns its address and its bytes."""
     assert analysis.module is not None
-    idx = module_index(analysis.module)
-    taken = {b for sb in proc._springboards for b in range(sb, sb + SPRINGBOARD_SIZE)}
+    taken = {b for sb in proc._springboards for b in range(sb, sb + SPRINGBOARD_SIZE)} | _siblings(djp)
     while True:
-        spot = springboard_for(idx, analysis.address, taken)
+        spot = springboard_cache.springboard(analysis.module, analysis.address, taken)
         if spot is None:
             raise NoRoomError(f"{analysis.site}: no free springboard (dead padding) within reach of a jmp rel8",
                               address=analysis.address)
@@ -119,9 +186,9 @@ def insert(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis,
     blocker = proc._return_into(address, address + size)
     if blocker:
         raise SiteBusyError(f"{analysis.site}: {blocker}", address=address)
-    sb, padding = _choose(proc, analysis)
+    sb, padding = _choose(proc, analysis, djp)
     action, registers, lossless = proc._action_for(djp)
-    region, slot, stub = prepared or proc._prepare(analysis, action, registers, lossless, part=djp)
+    region, slot, stub = prepared or proc._prepare(analysis, action, registers, lossless, part=djp, strings=djp.strings)
     try:
         board = jump_bytes(sb, stub.address)
     except ValueError as exc:
@@ -141,7 +208,7 @@ def insert(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis,
     proc.process.write(address, patched[:SHORT_JUMP_SIZE])
     entry.state = InstanceState.INSERTED
     region.view.set_entry(slot, entry)
-    instance = Instance(analysis, region, slot, stub, original, patched, action, registers, lossless,
+    instance = Instance(analysis, region, slot, stub, original, patched, action, registers, lossless, djp.strings,
                         springboard=sb, springboard_original=padding)
     proc._instances[address] = instance
     bisect.insort(proc._addresses, address)
@@ -180,3 +247,15 @@ def repoint(proc: "ProbedProcess", instance: "Instance", stub: Stub) -> None:
     """Lead the springboard of ``instance`` to ``stub`` (its new stub; world stopped)."""
     assert instance.springboard is not None
     proc.process.write(instance.springboard, jump_bytes(instance.springboard, stub.address))
+
+
+def patch_for(proc: "ProbedProcess", instance: "Instance", stub: Stub) -> bytes:
+    """Lead ``instance`` to ``stub`` (its rebuilt shared stub; world stopped): a short jump keeps
+    its rel8 and its springboard is repointed; else the jmp rel32 at the site is rewritten.
+    Returns the jump's bytes at the site."""
+    if instance.springboard is not None:
+        repoint(proc, instance, stub)
+        return instance.patched[:SHORT_JUMP_SIZE]
+    patched = jump_bytes(instance.address, stub.address)
+    proc.process.write(instance.address, patched)
+    return patched

@@ -240,9 +240,12 @@ def test_bad_addresses_and_sizes(start_target, counts_exe):
 
 
 def test_refused_site_branch_into_displaced_bytes(start_target, sites_exe):
+    """The refusals of a jmp rel32, short jumps off (on, each of these sites would take a jmp
+    rel8 to a springboard in the padding: tests/live/test_springboards_*.py)."""
     t = start_target([sites_exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert t.proc.stdout.readline().startswith("ready")
     with djprobe.attach(t.pid) as proc:
+        proc.springboards = False
         for site, words in [("f_loop", "lands at"), ("f_syscall+5", "not the last"), ("f_icall", "not the last")]:
             with pytest.raises(djprobe.InvalidSiteError) as info:
                 proc.register(djprobe.Djprobe(site))

@@ -123,7 +123,9 @@ def test_known_durations_land_in_their_buckets(timed_exe, tmp_path):
     funcs = ["spin_short", "spin_long", "tiny", "lat_overlap", "lat_noexit"]
     out, status, probes, refused = _run_with_latency([timed_exe, n, threads, record], funcs)
     assert status == 0 and out == f"calls={3 * n * threads} checksum={threads * sum(i + 1 for i in range(n))}\n"
-    assert list(refused) == ["lat_noexit"] and "the way in by" in str(refused["lat_noexit"]), refused
+    # lat_noexit's early return takes a short jump (its refusal without them: test_refusals_and_exclusive_sites)
+    assert refused == {}, refused
+    _check_pairing(probes["lat_noexit"].latency, 2 * n * threads, 2 * n * threads)
     _check_pairing(probes["tiny"].latency, n * threads, n * threads)  # one stub: entry, lea, exit, ret
     _check_pairing(probes["lat_overlap"].latency, 2 * n * threads, 2 * n * threads)  # grown: one stub too
     for f, kind, floor in (("spin_short", "short", 5000), ("spin_long", "long", 40000)):
@@ -206,10 +208,23 @@ def test_entry_window_ending_with_the_way_into_an_exit(per_cpu):
         _check_pairing(probes[f].latency, n * threads, n * threads)
 
 
-def test_refusals_and_exclusive_sites(returns_exe):
+def test_refusals_and_exclusive_sites(returns_exe, timed_exe):
+    with djprobe.spawn([str(timed_exe), "1", "1", "/dev/null"], stdout=subprocess.DEVNULL) as proc:
+        proc.springboards = False  # lat_noexit's early return then has no window: refused
+        with pytest.raises(djprobe.InvalidSiteError, match="the way in by"):
+            proc.register(djprobe.Djprobe("lat_noexit", at="latency"))
+        assert not proc.probes
+        proc.start()
+        assert proc.process.popen.wait(timeout=60) == 0
     with djprobe.spawn([str(returns_exe), "60", "1"], stdout=subprocess.DEVNULL) as proc:
+        proc.springboards = False  # short jumps would give x_short's first exit a window
         with pytest.raises(djprobe.InvalidSiteError):
             proc.register(djprobe.Djprobe("x_short", at="latency"))  # its return side is refused
+        assert not proc.probes
+        proc.springboards = True
+        short = proc.register(djprobe.Djprobe("x_short", at="latency"))  # its first exit: a jmp rel8
+        assert any(p._instance.springboard is not None for p in short._parts)
+        proc.unregister(short)
         assert not proc.probes
         with pytest.raises(djprobe.InvalidSiteError, match="no size, handler"):
             djprobe.Djprobe("x_three", handler=lambda d, r: None, at="latency")
@@ -238,17 +253,22 @@ def _cli(*args, timeout=120):
 def test_cli_json(timed_exe, tmp_path):
     n, threads = 60, 2
     record = tmp_path / "d.txt"
+    res = _cli("latency", "--json", "--no-short", "lat_noexit", "tiny", "--", timed_exe, 5, 1, record)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.splitlines()[-1])
+    assert [(r["site"].split(":")[-1], "the way in by" in r["reason"]) for r in report["refused"]] == [
+        ("lat_noexit", True)]  # without short jumps, its early return has no window
     res = _cli("latency", "--json", "spin_*", "tiny", "lat_noexit", "--", timed_exe, n, threads, record)
     assert res.returncode == 0, res.stderr
     assert f"calls={3 * n * threads}" in res.stdout  # the command's own output
     report = json.loads(res.stdout.splitlines()[-1])
     assert set(report) == {"functions", "refused", "exit_status"}
     assert report["exit_status"] == 0
-    assert [(r["site"].split(":")[-1], "the way in by" in r["reason"]) for r in report["refused"]] == [
-        ("lat_noexit", True)]
+    assert report["refused"] == []  # lat_noexit's early return: a short jump
     funcs = {f["site"].split(":")[-1]: f for f in report["functions"]}
-    assert set(funcs) == {"spin_short", "spin_long", "tiny"}
+    assert set(funcs) == {"spin_short", "spin_long", "tiny", "lat_noexit"}
     assert funcs["tiny"]["calls"] == n * threads
+    assert funcs["lat_noexit"]["calls"] == funcs["lat_noexit"]["returns"] == 2 * n * threads
     for name, floor in (("spin_short", 5000), ("spin_long", 40000)):
         f = funcs[name]
         assert set(f) == {"site", "address", "calls", "returns", "total_ns", "hist"}

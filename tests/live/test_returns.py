@@ -204,10 +204,16 @@ def test_trace_text_and_count_with_globs(returns_exe):
 
 def test_refused_as_a_whole(returns_exe):
     with djprobe.spawn([str(returns_exe), "60", "1"], stdout=subprocess.DEVNULL) as proc:
+        proc.springboards = False  # with short jumps, x_short's first exit takes a jmp rel8 (below)
         with pytest.raises(djprobe.InvalidSiteError) as info:
             proc.register(djprobe.Djprobe("x_short", at="return"))
         assert "exit 'ret' at" in str(info.value) and "branch target" in str(info.value)
         assert not proc.probes  # no exit of x_short left behind
+        proc.springboards = True
+        short = proc.register(djprobe.Djprobe("x_short", at="return"))
+        assert len(short._parts) == 2 and sum(p._instance.springboard is not None for p in short._parts) == 1
+        proc.unregister(short)
+        assert not proc.probes
         with pytest.raises(djprobe.InvalidSiteError, match="a return probe takes no size"):
             djprobe.Djprobe("x_three", 5, at="return")
         with pytest.raises(djprobe.InvalidSiteError, match="at must be"):

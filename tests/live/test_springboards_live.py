@@ -1,4 +1,4 @@
-"""Short-jump probes (springboards.py, ``ProbedProcess.springboards``, off by default): a jmp
+"""Short-jump probes (springboards.py, ``ProbedProcess.springboards``, on by default): a jmp
 rel8 to a springboard in dead padding where no jmp rel32 fits (tests/targets/springboards.S),
 in 4 threads: exact counts, output unchanged, every byte back after removal; added and removed
 under load; and ``djprobe cleanup`` after a killed tracer restores sites and springboards."""
@@ -47,13 +47,32 @@ def _live(pid: int, layout) -> bytes:
         return syms._mem().read(base + addr, size + 16)
 
 
-def test_springboards_are_off_by_default(exe):
-    with djprobe.spawn([str(exe), "1"]) as proc:
-        assert proc.springboards is False
-        with pytest.raises(djprobe.InvalidSiteError, match="lands at"):
-            proc.register(djprobe.Djprobe("sb_near+4"))
+def test_springboards_are_on_by_default(exe, monkeypatch):
+    """No option: sb_near+4 takes a short jump and counts exactly; DJPROBE_SPRINGBOARDS=0 or
+    ``springboards = False`` gives the refusal of old (the site's way in); a bad value is refused
+    before anything is started."""
+    monkeypatch.delenv("DJPROBE_SPRINGBOARDS", raising=False)
+    with djprobe.spawn([str(exe), str(ROUNDS)]) as proc:
+        assert proc.springboards is True
+        p = proc.register(djprobe.Djprobe("sb_near+4"))
+        assert p.mode == "jump" and "short jump" in p.analysis.reason and proc.read(p.address, 1) == b"\xeb"
         proc.start()
         assert proc.process.popen.wait(timeout=60) == 0
+        assert p.hits == 8 * ROUNDS  # as in test_short_jumps_count_exactly
+    for off in ("env", "attribute"):
+        if off == "env":
+            monkeypatch.setenv("DJPROBE_SPRINGBOARDS", "0")
+        with djprobe.spawn([str(exe), "1"]) as proc:
+            if off == "attribute":
+                proc.springboards = False
+            assert proc.springboards is False
+            with pytest.raises(djprobe.InvalidSiteError, match="lands at"):
+                proc.register(djprobe.Djprobe("sb_near+4"))
+            proc.start()
+            assert proc.process.popen.wait(timeout=60) == 0
+    monkeypatch.setenv("DJPROBE_SPRINGBOARDS", "maybe")
+    with pytest.raises(djprobe.InvalidSiteError, match="DJPROBE_SPRINGBOARDS='maybe'"):
+        djprobe.spawn([str(exe), "1"])
 
 
 def test_short_jumps_count_exactly(exe, layout):
@@ -123,6 +142,37 @@ def test_added_and_removed_under_load(start_target, exe, layout, order):
     assert (calls, bad, m) == ("calls", "bad", "0") and int(n) > 0
 
 
+@pytest.mark.parametrize("stop_seconds", [0.0, None])
+def test_probes_of_one_call_count_over_one_window(start_target, exe, stop_seconds):
+    """Placed in a running target one stop each (``max_stop_seconds`` 0: the case of a loaded
+    machine, where stopping the threads alone overruns the budget) and removed the same way, the
+    probes of one call count over one window (batch_window.py): sb_near+4 and +6 run equally
+    often (off by at most the 4 threads between them at each end), sb_near+0 half as often
+    (per thread, sb_near(k % 5) runs the loop body k % 5 times). Before, +4 (placed first)
+    counted every hit of the stops and runs between the insertions: 1% more in a 1 s window."""
+    t = _start_loop(start_target, exe)
+    proc = djprobe.attach(t.pid)
+    try:
+        proc.springboards = True
+        if stop_seconds is not None:
+            proc.max_stop_seconds = stop_seconds
+        probes = [djprobe.Djprobe(s) for s in SHORT]
+        generations = proc._stop_generation
+        assert proc.register_many(probes) == []
+        placed_in = proc._stop_generation - generations
+        time.sleep(0.2)
+        proc.unregister_many(probes)
+    finally:
+        proc.close()
+    near, four, six = (p.hits for p in probes)
+    if stop_seconds is not None:
+        assert placed_in >= 3  # one stop each: the case being tested
+    assert four > 1000 and abs(four - six) <= 8, (near, four, six)
+    assert abs(2 * near - four) <= 4 * 2 * 10, (near, four, six)
+    calls, n, bad, m = _finish(t).split()
+    assert m == "0" and int(n) > 0
+
+
 def _kill_tracer_with_short_jumps(pid: int) -> None:
     script = textwrap.dedent(
         f"""
@@ -161,6 +211,40 @@ def test_cleanup_after_a_killed_tracer_restores_sites_and_springboards(start_tar
     assert all("springboard" in i for i in instances)
     report = recovery.cleanup(t.pid)
     assert report.ok and len(report.restored) == 3 and not report.left_mapped and not report.orphans
+    assert _live(t.pid, layout) == layout[2]
+    assert not [m for m in read_maps(t.pid) if recovery.AREA_PATH_RE.match(m.path)]
+    time.sleep(0.1)
+    calls, n, bad, m = _finish(t).split()
+    assert m == "0" and int(n) > 0
+
+
+@pytest.mark.parametrize("wiped", [(0,), (0, 1, 2)])
+def test_cleanup_restores_short_jumps_without_a_table_entry(start_target, exe, layout, wiped):
+    """Short jumps whose table entries are gone (as a child forked while probed sees them: its
+    data part is fresh, the parent's jumps are in its code) are found by comparing the code with
+    the file, and ``cleanup`` puts back each rel8, then its springboard (orphan_short.py): sb_near
+    and the padding after it as in the file, no area left, the 4 threads go on with no wrong
+    result. Before, the rel8s and springboards stayed and the area stayed mapped."""
+    from djprobe._sys.procfs import ProcessMemory
+    from djprobe.area import ENTRY_SIZE
+
+    t = _start_loop(start_target, exe)
+    _kill_tracer_with_short_jumps(t.pid)
+    (area,) = recovery.find_areas(t.pid)
+    assert len(area.instances) == 3
+    gone = [area.instances[i] for i in wiped]
+    with ProcessMemory(t.pid) as mem:
+        for inst in gone:
+            mem.write(area.data_address + area.layout.table_offset + inst.index * ENTRY_SIZE, bytes(ENTRY_SIZE))
+    (area,) = recovery.status(t.pid)
+    assert len(area.instances) == 3 - len(wiped)
+    report = recovery.cleanup(t.pid)
+    assert report.ok and not report.left_mapped, report.to_json()
+    assert len(report.restored) == 3 - len(wiped)
+    rel8s = sorted(o.address for o in report.orphans if o.target not in {i.stub_address for i in gone})
+    assert rel8s == sorted(i.address for i in gone)
+    boards = [o for o in report.orphans if o.target in {i.stub_address for i in gone}]
+    assert sorted(o.address for o in boards) == sorted(i.springboard for i in gone)
     assert _live(t.pid, layout) == layout[2]
     assert not [m for m in read_maps(t.pid) if recovery.AREA_PATH_RE.match(m.path)]
     time.sleep(0.1)

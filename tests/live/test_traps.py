@@ -3,6 +3,11 @@
 Target: tests/targets/traps.S (one function per reason a jump is refused) called by 4 threads
 (traps_main.c: 2 started before the probes are in, 2 after). Counts must be exact, the mode
 "trap", and nothing of ours may stay registered in the kernel afterwards.
+
+Short jumps (on by default) reach most of these sites with a jmp rel8 to a springboard in the
+padding: the tests of the trap path pin them off (``no_short``: ``DJPROBE_SPRINGBOARDS=0``, also
+for the commands they run); ``test_short_jumps_by_default_then_traps_where_no_springboard_is_left``
+shows what the default does with the same sites.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from djprobe.errors import InvalidSiteError
 from djprobe.traps import group_name
 from tests.conftest import TARGETS, compile_c
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_short")]
 DJPROBE = [sys.executable, "-m", "djprobe"]
 ROOT = Path(__file__).resolve().parents[2]
 TRAPPED = ("t_branch_into", "t_jumptable", "t_call_mid", "t_args")
@@ -136,6 +141,42 @@ def test_each_refusal_reason_counts_exactly_through_a_trap(traps_exe):
         _end(target)
 
 
+def test_short_jumps_by_default_then_traps_where_no_springboard_is_left(traps_exe, monkeypatch):
+    """Short jumps on (the default): the sites of each refusal reason take a jmp rel8 to a
+    springboard in the padding after t_branch_into, t_call_mid and t_leaf (4 springboards: 9, 8
+    and 10 bytes of padding), placed in the order given; t_args, last, finds none left in reach
+    and falls back to a trap, its reason saying both. Exact counts through each, 4 threads; the
+    file's bytes back at every site and springboard after removal."""
+    monkeypatch.delenv("DJPROBE_SPRINGBOARDS")
+    names = ("t_branch_into", "t_jumptable", "t_call_mid", "t_neither", "t_args", "t_leaf")
+    target = _start(traps_exe)
+    try:
+        with djprobe.attach(target.pid) as proc:
+            assert proc.springboards is True
+            proc.trap_fallback = True
+            module = proc.symbols.modules[0]
+            span = (module.symbols("t_branch_into")[0].address, module.symbols("t_after")[0].address)
+            want = proc.read(span[0], span[1] - span[0])
+            probes = [djprobe.Djprobe(name) for name in names]
+            assert proc.register_many(probes) == []
+            got = {d.site.split(":")[1]: (d.mode, getattr(d._instance, "springboard", None) is not None)
+                   for d in probes[:5]}
+            assert got == {"t_branch_into": ("jump", True), "t_jumptable": ("jump", True),
+                           "t_call_mid": ("jump", True), "t_neither": ("jump", True), "t_args": ("trap", False)}
+            assert "a jump needs 5" in probes[4].no_jump_reason
+            assert "no short jump either: no free springboard" in probes[4].no_jump_reason
+            assert len(_ours(target.pid, os.getpid())) == 1
+            # the lock inc of t_neither, relocated into its stub, still counts every call exactly
+            assert _finish(target).split() == ["done", str(4 * ITERATIONS)]
+            hits = {d.site.split(":")[1]: d.hits for d in probes}
+            assert hits == {n: 4 * ITERATIONS for n in names}
+            proc.unregister_many(probes)
+            assert proc.read(span[0], span[1] - span[0]) == want
+            assert _ours(target.pid) == []
+    finally:
+        _end(target)
+
+
 def test_trap_off_by_default_in_the_api_and_per_probe(traps_exe):
     target = _start(traps_exe, 10)
     try:
@@ -235,6 +276,24 @@ def test_cli_no_trap_refuses_as_before(traps_exe):
     assert [(p["site"].split(":")[1], p["mode"]) for p in report["probes"]] == [("t_leaf", "jump")]
     assert [r["site"].split(":")[1] for r in report["refused"]] == ["t_branch_into"]
     assert "inside the displaced bytes" in report["refused"][0]["reason"]
+
+
+def test_cli_no_short_flag(traps_exe, monkeypatch):
+    """Default: count --no-trap takes a short jump at t_branch_into (mode jump, exact count);
+    --no-short refuses it as before (the site's reason); DJPROBE_SPRINGBOARDS unset for both."""
+    monkeypatch.delenv("DJPROBE_SPRINGBOARDS")
+    for flags, want in ((["--no-trap"], [("t_branch_into", "jump", 40), ("t_leaf", "jump", 40)]),
+                        (["--no-trap", "--no-short"], [("t_leaf", "jump", 40)])):
+        res = subprocess.run(DJPROBE + ["count", "--json", *flags, "t_branch_into", "t_leaf", "--", str(traps_exe), "10"],
+                             capture_output=True, text=True, timeout=90)
+        assert res.returncode == 0, res.stderr
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+        assert sorted((p["site"].split(":")[1], p["mode"], p["hits"]) for p in report["probes"]) == want, flags
+        if "--no-short" in flags:
+            assert [r["site"].split(":")[1] for r in report["refused"]] == ["t_branch_into"]
+            assert "inside the displaced bytes" in report["refused"][0]["reason"]
+        else:
+            assert report["refused"] == []
 
 
 TRACER = textwrap.dedent(

@@ -1,6 +1,6 @@
 """Short jumps through springboards (sites/springboards.py) on tests/targets/springboards.S: which
 padding is dead, which sites take a jmp rel8 to a springboard, the rel8 reach, the coverage
-figures behind ``--springboards`` (off by default), and the audit of short-jump verdicts."""
+figures behind ``--springboards``, and the audit of short-jump verdicts."""
 
 from __future__ import annotations
 
@@ -138,6 +138,22 @@ def test_cli_each_gives_short_jump_verdicts_with_their_springboard(exe, mod):
     assert not any(s["verdict"] == "short-jump" or "springboard" in s for s in plain)
 
 
+def test_cli_one_site_shows_its_short_jump(exe, mod):
+    """``djprobe sites`` for one refused site says which short jump a probe would take (text and
+    JSON), none with --size or where a jmp rel32 fits."""
+    near = _f(mod, "sb_near")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "djprobe", "sites", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    text = " ".join(run(f"{exe}:sb_near+4").stdout.split())  # wrapped at 80 columns
+    assert "REFUSED" in text and "short jump: displaces 1 instruction(s), 2 bytes" in text
+    assert f"springboard at {near.end:#x}" in text and "unless --no-short" in text
+    (obj,) = [json.loads(x) for x in run("--json", f"{exe}:sb_near+4").stdout.splitlines()]
+    assert obj["short_jump"]["springboard"] == near.end and obj["short_jump"]["size"] == 2
+    (obj,) = [json.loads(x) for x in run("--json", "--size", "5", f"{exe}:sb_near+4").stdout.splitlines()]
+    assert obj["short_jump"] is None
+    assert "short jump" not in run(f"{exe}:sb_wall6").stdout  # a jump fits at its entry
+
+
 def test_cli_springboards_needs_all(exe, capsys):
     from djprobe.cli import main
 
@@ -177,7 +193,7 @@ def test_audit_finds_planted_springboards(exe, mod, where):
 def test_cli_text_gives_the_short_jump_figures(exe):
     out = subprocess.run([sys.executable, "-m", "djprobe", "sites", "--all", str(exe), "--boundaries",
                           "--springboards"], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "with short jumps through springboards (analysis only" not in out  # placed now, off by default
+    assert "with short jumps through springboards (placed unless --no-short)" in out  # placed by default
     assert "with short jumps through springboards" in out and "7 of the refused" in out
 
 

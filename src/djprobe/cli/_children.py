@@ -144,6 +144,8 @@ class Family:
     def _setup_image(self, target: ProbedProcess) -> _Image:
         from ..follow import _command
 
+        if getattr(self.args, "no_short", False):
+            target.springboards = False  # as in the process that exec'd
         target.layout = self.placement.layout()
         command = _command(target.pid)
         pending: list[str] = []

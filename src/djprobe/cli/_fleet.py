@@ -23,7 +23,7 @@ from ._children import Placement, follow_children, guard_children
 from ._name_watch import NameWatch, known_pids, processes_named
 from ._output import notice, plural, print_refusals, refusal_reason, short_list, vfork_lines
 from ._pending import follow_libraries
-from ._target import Refusal, interrupted, pending_list
+from ._target import Refusal, interrupted, pending_list, set_fallbacks
 from ._writer import dropped_lines, interval_note, report_record
 
 
@@ -117,7 +117,7 @@ def open_member(args: argparse.Namespace, pid: int, placement: Placement | None 
     except DjprobeError as exc:
         raise _naming(exc, pid, command) from None
     try:
-        target.trap_fallback = not getattr(args, "no_trap", False)
+        set_fallbacks(target, args)
         target.layout = placement.layout()
         pending = pending_list(args)
         try:

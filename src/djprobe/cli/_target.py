@@ -50,6 +50,12 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, patterns_optional: 
         help="never fall back to a kernel uprobe (a trap, ~1 us per hit) where no jump fits: refuse the site",
     )
     parser.add_argument(
+        "--no-short",
+        action="store_true",
+        help="never place a short jump (a 2-byte jmp rel8 to a 5-byte jump in the padding between "
+        "functions) where no 5-byte jump fits: trap or refuse the site instead (as DJPROBE_SPRINGBOARDS=0)",
+    )
+    parser.add_argument(
         "patterns",
         nargs="*" if patterns_optional else "+",
         metavar="PATTERN",
@@ -77,8 +83,16 @@ def open_target(args: argparse.Namespace) -> ProbedProcess:
         target = spawn(args.command_argv)
     else:
         raise InvalidSiteError("no target: give -p PID or -- COMMAND [ARG...]")
-    target.trap_fallback = not getattr(args, "no_trap", False)
+    set_fallbacks(target, args)
     return target
+
+
+def set_fallbacks(target: ProbedProcess, args: argparse.Namespace) -> None:
+    """What ``target`` does where no 5-byte jump fits, as the command line says: a trap unless
+    --no-trap, a short jump unless --no-short (or DJPROBE_SPRINGBOARDS=0)."""
+    target.trap_fallback = not getattr(args, "no_trap", False)
+    if getattr(args, "no_short", False):
+        target.springboards = False
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from ..errors import InvalidSiteError, SymbolNotFoundError
 from ..sites import ExitAnalysis, SiteAnalysis, Verdict, analyse_exits, analyse_site, coverage, split_return_spec
-from ..sites.coverage import site_trap_refusal
+from ..sites.coverage import site_short_jump, site_trap_refusal
 from ._output import add_output_argument, report_stream
 from ._returns import format_exits
 
@@ -69,8 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "before the coverage object, so every verdict can be audited")
     parser.add_argument("--springboards", action="store_true",
                         help="with --all: also count refused sites where a short jump (jmp rel8 to a "
-                        "springboard in dead padding between functions) would fit; probes place them "
-                        "only with DJPROBE_SPRINGBOARDS=1")
+                        "springboard in dead padding between functions) would fit; count, trace and latency "
+                        "place them unless --no-short")
     parser.add_argument("sites", nargs="*", metavar="SITE",
                         help="MODULE:SYMBOL[+OFF], MODULE:0xVADDR, MODULE:sub_VADDR (code no symbol covers, bounds from .eh_frame), or an address with -p")
     parser.set_defaults(run=run)
@@ -194,8 +194,9 @@ def _wrap(text: str, indent: str) -> str:
     return textwrap.fill(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ")
 
 
-def format_site(res: SiteAnalysis) -> str:
-    """The human form of one analysis (lines under 80 columns)."""
+def format_site(res: SiteAnalysis, size_asked: int | None = None) -> str:
+    """The human form of one analysis (lines under 80 columns); the short jump a probe would
+    take where no jmp rel32 fits, unless a size was asked for."""
     lines = []
     head = res.site
     if res.module is not None and res.function is not None:
@@ -217,6 +218,9 @@ def format_site(res: SiteAnalysis) -> str:
     lines.append(f"  size {res.size}: {verdict}" + (f" ({', '.join(extra)})" if extra else ""))
     if res.verdict is not Verdict.JUMP:
         lines.append(_wrap(res.reason, "  "))
+        short = site_short_jump(res) if size_asked is None else None
+        if short is not None:
+            lines.append(_wrap(f"{short.window.reason} (count, trace and latency place it unless --no-short)", "  "))
         if res.exit is None:
             why = site_trap_refusal(res)
             lines.append(_wrap("trap: a kernel uprobe can go here (count/trace place one unless --no-trap)"
@@ -280,7 +284,7 @@ def format_coverage(rep, *, name: str | None = None, verbose: bool = False) -> s
         for cls, n in rep.boundary_refused.most_common():
             lines.append(f"  {n:7d}  {cls}")
         if rep.springboards:
-            lines.append(_wrap(f"with short jumps through springboards (placed only with DJPROBE_SPRINGBOARDS=1): "
+            lines.append(_wrap(f"with short jumps through springboards (placed unless --no-short): "
                                f"{rep.boundaries_jump + rep.boundaries_short} ({100 * rep.boundary_short_ratio:.2f}%); "
                                f"{rep.boundaries_short} of the refused, by reason:", ""))
             for cls, n in rep.boundary_short_by.most_common():
@@ -355,9 +359,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             if isinstance(res, SiteAnalysis) and not res.ok and res.exit is None:
                 why = site_trap_refusal(res)
                 obj.update(trap=why is None, trap_refusal=why)
+                short = site_short_jump(res) if args.size is None else None
+                obj.update(short_jump=None if short is None else {
+                    "size": short.window.size, "springboard": short.springboard, "reason": short.window.reason})
             print(json.dumps(obj), file=out)
         else:
             if i:
                 print(file=out)
-            print(format_exits(res) if isinstance(res, ExitAnalysis) else format_site(res), file=out)
+            print(format_exits(res) if isinstance(res, ExitAnalysis) else format_site(res, args.size), file=out)
     return 0 if all(r.verdict is Verdict.JUMP for r in results) else 1

@@ -16,7 +16,7 @@ from .function import FunctionAnalysis
 from .index import module_index
 from .result import SiteAnalysis, Verdict
 from .sharing import sharing_problem
-from .springboards import short_jump
+from .springboards import ShortJump, short_jump
 
 if TYPE_CHECKING:
     from ..symbols import Module
@@ -120,7 +120,7 @@ class CoverageReport:
     boundaries_neither: Counter = field(default_factory=Counter)
     #: With ``springboards``: refused entries/boundaries where a short jump (``jmp rel8`` to a
     #: springboard in dead padding, ``sites/springboards.py``) fits, by the refusal's class.
-    #: Probes place them only with ``ProbedProcess.springboards`` on (off by default).
+    #: Probes place them unless ``ProbedProcess.springboards`` is off (on by default).
     springboards: bool = False
     entries_short: int = 0
     boundaries_short: int = 0
@@ -297,6 +297,18 @@ def site_trap_refusal(res: SiteAnalysis) -> str | None:
     if res.address not in fa.boundaries():
         return "it is not an instruction boundary"
     return trap_refusal(res.module, res.address)
+
+
+def site_short_jump(res: SiteAnalysis) -> "ShortJump | None":
+    """The short jump (``springboards.short_jump``) a probe would take at the site of ``res`` (a
+    refused default-size jump verdict), or None: someone else's patch, no function, a 32-bit
+    module, or none fits."""
+    if res.ok or res.busy or res.module is None or res.function is None or res.exit is not None:
+        return None
+    if res.module.arch.bits != 64:
+        return None  # no short jumps in 32-bit processes
+    fa = FunctionAnalysis(res.module, res.function)
+    return short_jump(fa, res.address)
 
 
 _COLD = re.compile(r"^.*\.cold(?:\.\d+)?$")

@@ -11,7 +11,7 @@ unknown targets). Alignment nops *inside* a function are never used: fall-throug
 
 This module only finds the places (:func:`dead_runs`, :func:`short_jump`, :func:`springboard_for`).
 The coverage report counts them only when asked (``springboards=True``); ``djprobe/springboards.py``
-places them in a process when ``ProbedProcess.springboards`` is on (off by default).
+places them in a process when ``ProbedProcess.springboards`` is on (the default).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .function import FunctionAnalysis
     from .index import ModuleIndex
 
-__all__ = ["SHORT_JUMP_SIZE", "DeadRun", "ShortJump", "dead_runs", "short_jump", "springboard_for"]
+__all__ = ["SHORT_JUMP_SIZE", "DeadRun", "ShortJump", "dead_runs", "nearest_springboard", "short_jump", "springboard_for"]
 
 #: Size of the ``jmp rel8`` written at a short-jump site.
 SHORT_JUMP_SIZE = 2
@@ -151,6 +151,12 @@ def springboard_for(index: "ModuleIndex", site: int, taken: "set[int] | None" = 
     """The nearest springboard address a ``jmp rel8`` at ``site`` reaches (5 dead bytes, none of
     them in ``taken``, springboards already in use), and its run; None if there is none."""
     keys, runs = _runs(index)
+    return nearest_springboard(keys, runs, site, taken)
+
+
+def nearest_springboard(keys: list[int], runs: list[DeadRun], site: int,
+                        taken: "set[int] | None" = None) -> tuple[int, DeadRun] | None:
+    """:func:`springboard_for` over ``runs`` (sorted, ``keys`` their starts)."""
     base = site + SHORT_JUMP_SIZE
     lo, hi = base + REL8_MIN, base + REL8_MAX
     best: tuple[int, int, DeadRun] | None = None
