@@ -295,12 +295,12 @@ class Instance:
     carried_hits: int = 0  # from earlier stubs of this instance that are given back
     carried_drops: int = 0
     # Earlier stubs (region, slot, stub) that a thread may still run through: still counted.
-    old_slots: list[tuple[Region, int, Stub]] = field(default_factory=list)
+    old_slots: tuple[tuple[Region, int, Stub], ...] = ()
     removed: bool = False  # unregistered: its slot is in old_slots until given back
-    drained: list[Djprobe] = field(default_factory=list)  # unregistered while a thread was inside
+    drained: tuple[Djprobe, ...] = ()  # unregistered while a thread was inside
     # Overlapping probes (see overlaps.py): a guest's host, a host's guests.
     host: "Instance | None" = field(default=None, repr=False, compare=False)
-    guests: list["Instance"] = field(default_factory=list, repr=False, compare=False)
+    guests: tuple["Instance", ...] = field(default=(), repr=False, compare=False)
     # A short jump (springboards.py): the jmp rel8's springboard and the padding bytes it replaced.
     springboard: int | None = None
     springboard_original: bytes = b""
@@ -327,7 +327,7 @@ class Instance:
             djp._final_hits = self.count() - djp._baseline
             djp._final_missed = self.drops() - djp._drop_baseline
             djp._draining = None
-        self.drained = []
+        self.drained = ()
 
     def serves(self, djp: Djprobe) -> bool:
         """Whether this instance's stub does what ``djp`` needs."""
@@ -911,11 +911,10 @@ class ProbedProcess:
 
     def _move_threads_into_stub(self, analysis: SiteAnalysis, stub: Stub) -> None:
         start, end = analysis.address, analysis.address + analysis.size
-        mapping = stub.relocated.address_map
         for thread in self.process.threads.values():
             regs = thread.regs()
             if start < regs.rip < end or (thread.in_syscall_restart() and start < regs.rip - 2 < end):
-                new_rip = mapping.get(regs.rip)
+                new_rip = stub.relocated.address_map.get(regs.rip)  # built on demand (stub_templates.TemplateStub)
                 if new_rip is None:
                     raise SiteBusyError(
                         f"{analysis.site}: thread {thread.tid} stopped at {regs.rip:#x}, not at an instruction "
@@ -1013,9 +1012,9 @@ class ProbedProcess:
         self._move_threads_out_of_stub(instance.stub)
         del self._instances[instance.address]
         _remove_sorted(self._addresses, instance.address)
-        instance.old_slots.append((instance.region, instance.slot, instance.stub))
+        instance.old_slots += ((instance.region, instance.slot, instance.stub),)
         instance.removed = True
-        instance.drained = instance.drained + list(instance.probes)
+        instance.drained = instance.drained + tuple(instance.probes)
         for djp in instance.drained:
             djp._draining = instance  # counts stay live until every slot is given back
         for region, slot, stub in list(instance.old_slots):
@@ -1060,7 +1059,7 @@ class ProbedProcess:
         """No thread can be in ``slot`` any more: its counts are final; give it back."""
         if owner.action == "record":
             self._drain(complete=True)  # its events are attributed before the slot can be reused
-        owner.old_slots = [s for s in owner.old_slots if (s[0], s[1]) != (region, slot)]
+        owner.old_slots = tuple(s for s in owner.old_slots if (s[0], s[1]) != (region, slot))
         owner.carried_hits += region.view.count(slot)
         owner.carried_drops += region.view.drops(slot)
         if owner.removed and not owner.old_slots:
@@ -1102,7 +1101,7 @@ class ProbedProcess:
             self.process.write(instance.address, patched)
         old_region, old_slot, old_stub = instance.region, instance.slot, instance.stub
         self._move_threads_out_of_stub(old_stub, onto=stub)
-        instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
+        instance.old_slots += ((old_region, old_slot, old_stub),)  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = "record", registers, entry.patched
         instance.lossless, instance.strings = lossless, strings

@@ -25,6 +25,7 @@ be writable by others (verdicts from it decide where jumps are written), else no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from .sites import SiteAnalysis, Verdict, analyse_site
 from .x86 import Flow, decode
+from .x86.packed import PackedInsns
 
 if TYPE_CHECKING:  # pragma: no cover
     from .symbols import Module, ResolvedSite, Symbol, Symbols
@@ -159,11 +161,13 @@ class ModuleVerdicts:
             return None
         body = n - padding_bytes
         bits = module.arch.bits  # a 32-bit module's bytes decode as 32-bit code
-        displaced = tuple(decode(raw[:body], address, bits))
+        decoded = tuple(decode(raw[:body], address, bits))
         padding = tuple(decode(raw[body:], address + body, bits)) if padding_bytes else ()
-        if any(i.flow is Flow.INVALID for i in displaced + padding):
+        if any(i.flow is Flow.INVALID for i in decoded + padding):
             return None
-        reason = f"jump: displaces {len(displaced)} instruction(s), {n} bytes"
+        # kept as bytes, decoded when asked: 20,000 probes would keep 45,000 decoded instructions
+        displaced = PackedInsns(raw[:body], address, bits, len(decoded))
+        reason = _jump_reason(len(decoded), n)
         if padding:
             reason += f" (with {len(padding)} padding instruction(s) after the end of {function.name})"
         return SiteAnalysis(size=n, verdict=Verdict.JUMP, reason=reason, displaced=displaced, flags_dead=flags_dead,
@@ -215,6 +219,12 @@ class ModuleVerdicts:
         except OSError as exc:
             log.info("site cache %s not written: %s", self.path, exc)
         self._new.clear()
+
+
+@functools.lru_cache(maxsize=256)
+def _jump_reason(instructions: int, size: int) -> str:
+    """A jump verdict's reason (one string per count and size, not one per site)."""
+    return f"jump: displaces {instructions} instruction(s), {size} bytes"
 
 
 def _key(vaddr: int) -> str:

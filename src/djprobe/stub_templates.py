@@ -27,7 +27,7 @@ from .area import AreaLayout
 from .stubs import JMP_REL32_SIZE, RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, assemble, build_count_stub, count_action, rseq_descriptor
 from .x86 import Flow, Relocated, RelocationError
 
-__all__ = ["CountTemplate", "count_template", "build_count_stub_fast", "relocate_plain"]
+__all__ = ["CountTemplate", "TemplateStub", "count_template", "build_count_stub_fast", "relocate_plain"]
 
 _INT32 = struct.Struct("<i")
 # Where a template is assembled: any address works (its bytes do not depend on it); the dummy
@@ -108,7 +108,7 @@ def relocate_plain(site: Relocatable, stub_address: int) -> Relocated:
     and address map as the relocator's. Anything else goes to the relocator itself.
 
     Raises RelocationError (``out_of_reach``) as ``relocate_to`` does."""
-    displaced = getattr(site, "displaced", ())
+    displaced = tuple(getattr(site, "displaced", ()))  # decoded once (packed instructions decode on access)
     if not getattr(site, "ok", False) or not _plain(displaced) or displaced[0].bits != 64:
         return site.relocate_to(stub_address, site.address + site.size)
     if not -(1 << 31) <= stub_address - (site.address + JMP_REL32_SIZE) < 1 << 31:
@@ -138,6 +138,14 @@ def relocate_plain(site: Relocatable, stub_address: int) -> Relocated:
     return Relocated(bytes(code), stub_address, amap, at)
 
 
+def _count_parts(site: Relocatable, layout: AreaLayout, slot_address: int, counter_address: int,
+                 rseq_offset: int | None) -> tuple[CountTemplate, bytes, Relocated]:
+    template = count_template(layout, red_zone_live=not site.at_entry, flags_live=not site.flags_dead,
+                              rseq_offset=rseq_offset)
+    action = template.action_at(slot_address, counter_address)
+    return template, action, relocate_plain(site, slot_address + len(action))
+
+
 def build_count_stub_fast(
     site: Relocatable,
     layout: AreaLayout,
@@ -146,22 +154,79 @@ def build_count_stub_fast(
     rseq_offset: int | None = None,
 ) -> Stub:
     """What :func:`djprobe.stubs.build_count_stub` builds, from a template (see the module
-    docstring); the exit window of a return probe is built by ``build_count_stub`` itself.
+    docstring); the exit window of a return probe is built by ``build_count_stub`` itself. The
+    stub returned is a :class:`TemplateStub`: it keeps what it was built from, not its bytes.
 
     Raises RelocationError if the displaced instructions or the counter cannot be reached from
     this slot, ValueError if the stub does not fit in a slot."""
     if getattr(site, "exit", None) is not None and not getattr(site, "exit_early", False):
         return build_count_stub(site, layout, slot_address, counter_address, rseq_offset)
-    template = count_template(layout, red_zone_live=not site.at_entry, flags_live=not site.flags_dead,
-                              rseq_offset=rseq_offset)
-    action = template.action_at(slot_address, counter_address)
-    relocated = relocate_plain(site, slot_address + len(action))
-    code = action + relocated.code
+    template, action, relocated = _count_parts(site, layout, slot_address, counter_address, rseq_offset)
+    size = len(action) + len(relocated.code)
     reserve = RSEQ_CS_SIZE if template.rseq_labels is not None else 0
-    if len(code) > layout.slot_size - reserve:
-        raise ValueError(f"stub of {len(code)} bytes does not fit a {layout.slot_size}-byte slot")
-    if template.rseq_labels is None:
-        return Stub(address=slot_address, code=code, action_size=len(action), relocated=relocated)
-    start, end, abort = (slot_address + offset for offset in template.rseq_labels)
-    return Stub(address=slot_address, code=code, action_size=len(action), relocated=relocated,
-                trailer=rseq_descriptor(start, end, abort), slot_size=layout.slot_size)
+    if size > layout.slot_size - reserve:
+        raise ValueError(f"stub of {size} bytes does not fit a {layout.slot_size}-byte slot")
+    return TemplateStub(site, layout, slot_address, counter_address, rseq_offset, len(action), size,
+                        template.rseq_labels is not None)
+
+
+class TemplateStub(Stub):
+    """A count stub built by :func:`build_count_stub_fast` that keeps only what it was built
+    from (the site analysis, the layout, its slot and counter addresses, the rseq offset) and
+    its sizes: ``code``, ``relocated`` and ``trailer`` are built again from them when asked
+    (the same bytes: building is deterministic). 20,000 probes would otherwise keep 12 MiB of
+    code, relocated copies, address maps and descriptors that are needed only to move a thread
+    or to rebuild a shared stub."""
+
+    __slots__ = ("_site", "_layout", "_counter", "_rseq_offset", "_size", "_per_cpu")
+
+    def __init__(self, site: Relocatable, layout: AreaLayout, address: int, counter_address: int,
+                 rseq_offset: int | None, action_size: int, size: int, per_cpu: bool) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "address", address)
+        setattr_(self, "action_size", action_size)
+        setattr_(self, "action_start", None)
+        setattr_(self, "extra_action_ranges", ())
+        setattr_(self, "slot_size", layout.slot_size if per_cpu else 0)
+        setattr_(self, "_site", site)
+        setattr_(self, "_layout", layout)
+        setattr_(self, "_counter", counter_address)
+        setattr_(self, "_rseq_offset", rseq_offset)
+        setattr_(self, "_size", size)
+        setattr_(self, "_per_cpu", per_cpu)
+
+    def _parts(self) -> tuple[CountTemplate, bytes, Relocated]:
+        return _count_parts(self._site, self._layout, self.address, self._counter, self._rseq_offset)
+
+    @property  # type: ignore[override]
+    def code(self) -> bytes:
+        _, action, relocated = self._parts()
+        return action + relocated.code
+
+    @property  # type: ignore[override]
+    def relocated(self) -> Relocated:
+        return self._parts()[2]
+
+    @property  # type: ignore[override]
+    def trailer(self) -> bytes:
+        if not self._per_cpu:
+            return b""
+        template = self._parts()[0]
+        start, end, abort = (self.address + offset for offset in template.rseq_labels)  # type: ignore[union-attr]
+        return rseq_descriptor(start, end, abort)
+
+    @property
+    def end(self) -> int:
+        return self.address + (self.slot_size if self._per_cpu else self._size)
+
+    def image(self) -> bytes:
+        template, action, relocated = self._parts()
+        code = action + relocated.code
+        if not self._per_cpu:
+            return code
+        start, end, abort = (self.address + offset for offset in template.rseq_labels)  # type: ignore[union-attr]
+        return code + b"\xcc" * (self.slot_size - RSEQ_CS_SIZE - len(code)) + rseq_descriptor(start, end, abort)
+
+    def __reduce__(self) -> tuple:
+        return (TemplateStub, (self._site, self._layout, self.address, self._counter, self._rseq_offset,
+                               self.action_size, self._size, self._per_cpu))

@@ -4,6 +4,7 @@ flags live or dead, per-CPU or locked, two layouts) over every site of a real li
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from djprobe.stub_templates import _plain, build_count_stub_fast, count_template
 from djprobe.stubs import build_count_stub
 from djprobe.symbols import Symbols
 from djprobe.x86 import RelocationError
+from djprobe.x86.packed import PackedInsns
 
 LIBZ = "/lib/x86_64-linux-gnu/libz.so.1"
 
@@ -43,6 +45,8 @@ def _same(a, b):
     assert a.relocated.code == b.relocated.code
     assert a.relocated.address_map == b.relocated.address_map
     assert a.relocated.return_jump == b.relocated.return_jump
+    assert a.end == b.end
+    assert a.action_ranges == b.action_ranges
 
 
 @pytest.mark.parametrize("layout", [AreaLayout(), AreaLayout.for_counting()], ids=["default", "counting"])
@@ -61,6 +65,22 @@ def test_template_stubs_equal_assembled_ones(sites, layout, rseq_offset):
         kinds.add(_plain(site.displaced))
     assert len(shapes) >= 3  # entry and mid-function sites, flags live and dead
     assert kinds == {True, False}  # copied as they are, and through the relocator
+
+
+def test_stubs_of_packed_instructions_equal_assembled_ones(sites):
+    """A cached verdict keeps its displaced instructions packed (decoded on access): the stub built
+    from it is the one assembled from the decoded instructions."""
+    layout = AreaLayout.for_counting()
+    packed = 0
+    for n, site in enumerate(sites[:400]):
+        lean = dataclasses.replace(site, displaced=PackedInsns.of(site.displaced))
+        packed += isinstance(lean.displaced, PackedInsns)
+        assert lean.original == site.original
+        slot = site.address + 0x40_0000 + (n % 64) * layout.slot_size
+        counter = slot + 0x123_4568
+        _same(build_count_stub_fast(lean, layout, slot, counter, -0x60),
+              build_count_stub(site, layout, slot, counter, -0x60))
+    assert packed == min(400, len(sites))
 
 
 def test_template_is_built_once_per_shape():
