@@ -47,6 +47,7 @@ from .errors import (
     TracePermissionError,
 )
 from .process import Process, Thread
+from ._sys.heap import release_free_heap
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns, springboards
@@ -90,6 +91,8 @@ DRAIN_MARGIN_SECONDS = 20e-6
 #: room in one of the rings it holds back (its record cannot be committed before the handler
 #: returns), and the consumer must let that ring go before the handler's wait times out.
 HOLE_PATIENCE_SECONDS = 0.1
+#: After placing this many probes at once, the free pages of the C heap go back to the system.
+TRIM_AFTER = 1000
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 
 
@@ -588,6 +591,8 @@ class ProbedProcess:
         order = {id(djp): i for i, djp in enumerate(djps)}
         refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
         self.site_cache.flush()
+        if len(djps) >= TRIM_AFTER:
+            release_free_heap()  # the batch's temporaries (cache files, plans) leave holes in the C heap
         self._heartbeat()  # registration took its time: the consumer is alive as of now
         return returns.settle(self, refused)
 
@@ -697,7 +702,9 @@ class ProbedProcess:
         if other is not None:
             raise SiteBusyError(f"{analysis.site}: displaced bytes overlap the probe at {other.address:#x}", address=address)
         original = self.process.read(address, analysis.size)
-        if original != analysis.original:
+        if original == analysis.original:
+            original = analysis.original  # the analysis's bytes: one copy per probe, not two
+        else:
             # Changed since it was analysed: look again now that nothing runs.
             analysis = self.analyse(djp, cached=False)
             if not analysis.ok:

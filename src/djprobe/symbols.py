@@ -59,7 +59,7 @@ from elftools.elf.elffile import ELFFile
 
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
 from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
-from .fde import fde_ranges
+from .fde import FdeTable, fde_ranges
 from .reloc_table import RelocationTable
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
@@ -253,7 +253,7 @@ class _ElfInfo:
         self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
         self._stream = stream if data is not None else None
         self._eh_frame: tuple[int, int, int] | None = None  # (file offset, size, vaddr)
-        self._fdes: list | None = None
+        self._fdes: FdeTable | None = None
         eh = e.by_name.get(".eh_frame")
         if eh is not None and eh["sh_type"] == "SHT_PROGBITS" and eh["sh_addr"]:
             self._eh_frame = (eh["sh_offset"], eh["sh_size"], eh["sh_addr"])
@@ -372,15 +372,17 @@ class _ElfInfo:
 
     # -- .eh_frame function bounds (lazy) ------------------------------------------------
 
-    def fde_ranges(self) -> list:
-        """The code ranges of the FDEs of ``.eh_frame`` (file vaddrs, sorted); [] without one."""
+    def fde_ranges(self) -> FdeTable:
+        """The code ranges of the FDEs of ``.eh_frame`` (file vaddrs, sorted; empty without one),
+        kept as columns (iterated as ``FdeRange`` objects)."""
         with self._lock:
             if self._fdes is None:
-                self._fdes = []
+                ranges = []
                 if self._eh_frame is not None:
                     off, size, vaddr = self._eh_frame
                     data = self._stream_read(off, size)
-                    self._fdes = fde_ranges(data, vaddr)
+                    ranges = fde_ranges(data, vaddr)
+                self._fdes = FdeTable(ranges)
             return self._fdes
 
     def _stream_read(self, offset: int, size: int) -> bytes:
@@ -767,7 +769,10 @@ class Module:
                 if m:
                     cold.setdefault(m.group(1), []).append(s)
         self._all = all_syms
-        self._by_name = by_name
+        # a name of one symbol maps to the symbol itself (no one-element list per name: 65,000 of
+        # them in a whole python3), several to a tuple; read through _named()
+        self._by_name: dict[str, Symbol | tuple[Symbol, ...]] = {
+            name: lst[0] if len(lst) == 1 else tuple(lst) for name, lst in by_name.items()}
         self._funcs = dedup
         self._func_starts = [s.address for s in dedup]
         self._func_maxend = _prefix_max_end(dedup)
@@ -843,10 +848,16 @@ class Module:
             default_only = "@@" in name
             return [
                 s
-                for s in self._by_name.get(base, ())
+                for s in self._named(base)
                 if s.version == version and (not default_only or not s.version_hidden)
             ]
-        return list(self._by_name.get(name, ()))
+        return list(self._named(name))
+
+    def _named(self, name: str) -> tuple[Symbol, ...]:
+        found = self._by_name.get(name)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, Symbol) else found
 
     def function_at(self, address: int) -> Symbol | None:
         """The function whose [address, end) contains ``address``: the one starting closest below;
