@@ -52,7 +52,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -60,6 +60,7 @@ from elftools.elf.elffile import ELFFile
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
 from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
 from .fde import FdeTable, fde_ranges
+from .row_columns import RowColumns
 from .reloc_table import RelocationTable
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
@@ -218,6 +219,7 @@ class _Load:
 
 # raw symbol: (name, version, hidden, value, size, st_type, binding, in_exec_section)
 _RawSym = tuple
+_RAW_SYM_DTYPES = (None, None, "?", "u8", "u8", "u1", "u1", "?")
 
 
 class _ElfInfo:
@@ -245,9 +247,9 @@ class _ElfInfo:
         self.loads.sort(key=lambda l: l.vaddr)
         self.build_id = _build_id(e)
         self.debug_file: str | None = None
-        self.symbols: list[_RawSym] = []
+        self.symbols: Sequence[_RawSym] = []
         # dynamic symbol table by index (for relocations): (name, version, hidden, defined)
-        self.dynsym: list[tuple[str, str | None, bool, bool]] = []
+        self.dynsym: Sequence[tuple[str, str | None, bool, bool]] = []
         self._rela: RelocationTable | None = None  # (r_offset, type, sym index, addend) columns
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
         self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
@@ -282,7 +284,7 @@ class _ElfInfo:
                 continue
             seen.add(key)
             merged.append(s)
-        self.symbols = merged
+        self.symbols = RowColumns(merged, _RAW_SYM_DTYPES)  # kept for later symbol tables: as columns
         for sec in e.secs:
             if sec["sh_type"] == "SHT_RELA" and sec["sh_flags"] & 0x2:  # SHF_ALLOC
                 self._rela_sections.append((sec["sh_offset"], sec["sh_size"], sec["sh_entsize"] or 24))
@@ -308,7 +310,7 @@ class _ElfInfo:
             if "@" in name:
                 name, version, hidden = _split_version(name)
             out.append((name, version, hidden, value, size, st_type, bind, exec_sec))
-        self.dynsym = table
+        self.dynsym = RowColumns(table, (None, None, "?", "?"))
         return out
 
     def _find_debug_elf(self, elf: "_Elf") -> "_Elf | None":
