@@ -50,6 +50,7 @@ import re
 import struct
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -926,8 +927,10 @@ class Module:
 _COLD_RE = re.compile(r"^(.*)\.cold(?:\.\d+)?$")
 
 
-def _prefix_max_end(syms: list[Symbol]) -> list[int]:
-    out, m = [], 0
+def _prefix_max_end(syms: list[Symbol]) -> "array[int]":
+    """The largest end of ``syms[:i + 1]`` for every i (an array of words: no integer object per
+    symbol kept)."""
+    out, m = array("Q"), 0
     for s in syms:
         e = s.address + s.size
         if e > m:
@@ -936,7 +939,7 @@ def _prefix_max_end(syms: list[Symbol]) -> list[int]:
     return out
 
 
-def _containing(syms: list[Symbol], starts: list[int], maxend: list[int], address: int) -> Symbol | None:
+def _containing(syms: list[Symbol], starts: list[int], maxend: Sequence[int], address: int) -> Symbol | None:
     i = bisect.bisect_right(starts, address) - 1
     while i >= 0 and maxend[i] > address:
         s = syms[i]
