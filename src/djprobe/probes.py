@@ -59,6 +59,7 @@ from .fetch_stubs import build_fetch_stub, string_rings
 from .fetch_stubs32 import build_fetch_stub32, kernel_vsyscall
 from .prototypes import Prototype, typed_probe
 from .batches import StopBudget
+from .stop_priority import StopPriority
 from .prototypes32 import cdecl_prototype
 from .stub_templates import build_count_stub_fast
 from .stubs import Stub, build_record_stub, jump_bytes
@@ -361,6 +362,8 @@ class ProbedProcess:
         self._instances: dict[int, Instance] = {}
         self._addresses: list[int] = []  # sorted keys of _instances
         self.max_stop_seconds = MAX_STOP_SECONDS
+        #: The tracer runs under SCHED_FIFO while the target is stopped (``enabled = False``: not).
+        self.stop_priority = StopPriority()
         self._closed = False
         self._stop_depth = 0
         self._own_stop = False
@@ -427,10 +430,12 @@ class ProbedProcess:
             gc.disable()  # a full collection (100+ ms with 20,000 probes) must not fall inside a stop
             try:
                 self.process.stop()
+                self.stop_priority.raise_()  # not preempted while the target waits (stop_priority.py)
                 self._stop_generation += 1
                 self._thread_map.learn(self.process)
                 self._reclaim_retired()
             except BaseException:
+                self.stop_priority.restore()
                 if collecting:
                     gc.enable()
                 raise
@@ -449,6 +454,7 @@ class ProbedProcess:
                     self.process.resume()
                     self._resume_seconds = min(time.monotonic() - resumed, self.max_stop_seconds / 2)
                 finally:
+                    self.stop_priority.restore()
                     if collecting:
                         gc.enable()
 
