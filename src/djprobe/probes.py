@@ -469,8 +469,10 @@ class ProbedProcess:
         (the system calls that map a probe area) is cut into short stops."""
         if self._stop_depth != 1 or not self._own_stop:
             return
+        self.stop_priority.restore()  # the target runs: the tracer is an ordinary task again
         self.process.resume()
         self.process.stop()
+        self.stop_priority.raise_()
         self._stop_generation += 1
         self._thread_map.learn(self.process)
 

@@ -166,8 +166,10 @@ def build_count_stub_fast(
     reserve = RSEQ_CS_SIZE if template.rseq_labels is not None else 0
     if size > layout.slot_size - reserve:
         raise ValueError(f"stub of {size} bytes does not fit a {layout.slot_size}-byte slot")
-    return TemplateStub(site, layout, slot_address, counter_address, rseq_offset, len(action), size,
+    stub = TemplateStub(site, layout, slot_address, counter_address, rseq_offset, len(action), size,
                         template.rseq_labels is not None)
+    object.__setattr__(stub, "_unwritten", stub._image_of(template, action, relocated))
+    return stub
 
 
 class TemplateStub(Stub):
@@ -178,7 +180,7 @@ class TemplateStub(Stub):
     code, relocated copies, address maps and descriptors that are needed only to move a thread
     or to rebuild a shared stub."""
 
-    __slots__ = ("_site", "_layout", "_counter", "_rseq_offset", "_size", "_per_cpu")
+    __slots__ = ("_site", "_layout", "_counter", "_rseq_offset", "_size", "_per_cpu", "_unwritten")
 
     def __init__(self, site: Relocatable, layout: AreaLayout, address: int, counter_address: int,
                  rseq_offset: int | None, action_size: int, size: int, per_cpu: bool) -> None:
@@ -194,6 +196,7 @@ class TemplateStub(Stub):
         setattr_(self, "_rseq_offset", rseq_offset)
         setattr_(self, "_size", size)
         setattr_(self, "_per_cpu", per_cpu)
+        setattr_(self, "_unwritten", None)  # the image built with the stub, until it is asked for once
 
     def _parts(self) -> tuple[CountTemplate, bytes, Relocated]:
         return _count_parts(self._site, self._layout, self.address, self._counter, self._rseq_offset)
@@ -220,7 +223,15 @@ class TemplateStub(Stub):
         return self.address + (self.slot_size if self._per_cpu else self._size)
 
     def image(self) -> bytes:
-        template, action, relocated = self._parts()
+        """The bytes to write at ``address``: the first call gives those built with the stub
+        (then dropped), a later one builds them again."""
+        image = self._unwritten
+        if image is not None:
+            object.__setattr__(self, "_unwritten", None)
+            return image
+        return self._image_of(*self._parts())
+
+    def _image_of(self, template: CountTemplate, action: bytes, relocated: Relocated) -> bytes:
         code = action + relocated.code
         if not self._per_cpu:
             return code
