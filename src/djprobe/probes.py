@@ -429,8 +429,8 @@ class ProbedProcess:
             collecting = gc.isenabled()
             gc.disable()  # a full collection (100+ ms with 20,000 probes) must not fall inside a stop
             try:
-                self.process.stop()
                 self.stop_priority.raise_()  # not preempted while the target waits (stop_priority.py)
+                self.process.stop()
                 self._stop_generation += 1
                 self._thread_map.learn(self.process)
                 self._reclaim_retired()
@@ -471,8 +471,8 @@ class ProbedProcess:
             return
         self.stop_priority.restore()  # the target runs: the tracer is an ordinary task again
         self.process.resume()
-        self.process.stop()
         self.stop_priority.raise_()
+        self.process.stop()
         self._stop_generation += 1
         self._thread_map.learn(self.process)
 

@@ -4,10 +4,12 @@ A batch of insertions inside one stop is cut so that the stop keeps its 10 ms bu
 (:mod:`djprobe.batches`), but a tracer preempted in the middle of a step (on a busy machine,
 a time slice of another program: 3 to 5 ms, measured) holds the target that much longer: on a
 machine with a load of 9 on two CPUs, a third of the insertion stops of 20,000 probes ran over
-10 ms, by up to 3.5 ms, every one of them because of one such step. While the world is stopped,
-:class:`StopPriority` runs the tracer's thread under ``SCHED_FIFO`` at the lowest real-time
-priority, so that no ordinary task takes its CPU; it goes back to its own policy as soon as the
-target runs again. Only with the right to (root or ``CAP_SYS_NICE``); otherwise nothing changes.
+10 ms, by up to 3.5 ms, every one of them because of one such step; at load 21, stopping the
+threads itself took up to 26 ms (the tracer preempted between two threads). From the request to
+stop to the end of the resume, :class:`StopPriority` runs the tracer's thread under
+``SCHED_FIFO`` at the lowest real-time priority, so that no ordinary task takes its CPU; it goes
+back to its own policy as soon as the target runs again. (Its waits for the target's threads
+sleep after a few yields, so they do not keep the CPU from them.) Only with the right to (root or ``CAP_SYS_NICE``); otherwise nothing changes.
 The kernel's real-time throttling (95% of each second by default) still bounds what a
 real-time thread can take, and the stops themselves are bounded.
 """
@@ -23,7 +25,7 @@ ENV = "DJPROBE_RT_STOPS"
 
 
 class StopPriority:
-    """``raise_()`` when the world has stopped, ``restore()`` once it runs again (the calling
+    """``raise_()`` before stopping the world, ``restore()`` once it runs again (the calling
     thread: the one that traces). ``enabled`` False, or a failed first attempt (no right to),
     makes both do nothing."""
 
