@@ -125,26 +125,29 @@ class Djprobe:
     registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
 
-    # 20,000 probes in a whole process: no per-probe dict unless someone adds an attribute of their own
+    # 20,000 probes in a whole process: no per-probe dict unless someone adds an attribute of their
+    # own, or one of the attributes below (class defaults) is set: only handlers, prototypes,
+    # traps, return and latency probes and their parts set them (88 bytes less per count probe).
+    handler: "Handler | None" = None
+    trap: "bool | str | None" = None
+    prototype: "Prototype | None" = None
+    strings = 0
+    exits: "ExitAnalysis | None" = None
+    latency: "latency.Latency | None" = None
+    _latency_role: str | None = None
+    _latency_exit: "SiteAnalysis | None" = None
+    _parts: "list[Djprobe] | None" = None
+    _parent: "Djprobe | None" = None
+    _preset: "SiteAnalysis | None" = None
     __slots__ = (
         "addr",
         "size",
-        "handler",
         "record",
         "registers",
         "lossless",
         "at",
-        "trap",
         "_mode",
         "no_jump_reason",
-        "strings",
-        "exits",
-        "latency",
-        "_latency_role",
-        "_latency_exit",
-        "_parts",
-        "_parent",
-        "_preset",
         "address",
         "site",
         "analysis",
@@ -155,7 +158,6 @@ class Djprobe:
         "_final_hits",
         "_final_missed",
         "_draining",
-        "prototype",
         "__dict__",
         "__weakref__",
     )
@@ -196,7 +198,8 @@ class Djprobe:
             raise InvalidSiteError(f"registers must be 'all' or 'args', not {registers!r}")
         self.addr: int | str = addr
         self.size = size
-        self.handler = handler
+        if handler is not None:
+            self.handler = handler
         self.record = record or handler is not None or lossless
         self.registers = registers
         #: Recording waits for room in a full ring (up to ``ProbedProcess.wait_timeout``) instead
@@ -207,22 +210,22 @@ class Djprobe:
         #: None for the process's ``trap_fallback``; "only" places a trap even where a jump fits
         #: (to compare, or to leave the code to the kernel). ``mode`` is then "trap", and
         #: ``no_jump_reason`` says why no jump could be placed.
-        self.trap = trap
+        if trap is not None:
+            self.trap = trap
         self._mode: str | None = None  # "jump" or "trap" once registered (see ``mode``)
         self.no_jump_reason: str | None = None
         #: Parameter names and types (``prototype="char *s, long n"``, or one from
         #: ``djprobe.debuginfo``): a recording probe; ``char *`` arguments are copied at the hit.
-        self.prototype, self.strings = typed_probe(prototype, at)
-        if self.prototype is not None:
+        typed, strings = typed_probe(prototype, at)
+        if typed is not None:
+            self.prototype, self.strings = typed, strings
             self.record, self.registers = True, "args"
-        self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
-        #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
-        self.latency: latency.Latency | None = None
-        self._latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
-        self._latency_exit: SiteAnalysis | None = None  # for "both": the exit window its stub takes in
-        self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
-        self._parent: Djprobe | None = None  # the return probe this is a part of
-        self._preset: SiteAnalysis | None = None  # a part's exit window
+        # exits: a return probe's exits (after registration); latency: a latency probe's figures
+        # (``at="latency"``, after registration, see djprobe.latency); _latency_role: "entry",
+        # "exit" or "both" for a part of a latency probe; _latency_exit: for "both", the exit
+        # window its stub takes in; _parts: a return probe's instances, one part per exit;
+        # _parent: the return probe this is a part of; _preset: a part's exit window. Class
+        # defaults (None) until set.
         self.address: int | None = None
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
