@@ -132,13 +132,13 @@ class Djprobe:
     trap: "bool | str | None" = None
     prototype: "Prototype | None" = None
     strings = 0
-    exits: "ExitAnalysis | None" = None
-    latency: "latency.Latency | None" = None
-    _latency_role: str | None = None
-    _latency_exit: "SiteAnalysis | None" = None
-    _parts: "list[Djprobe] | None" = None
-    _parent: "Djprobe | None" = None
-    _preset: "SiteAnalysis | None" = None
+    exits: "ExitAnalysis | None" = None  # a return probe's exits (after registration)
+    latency: "latency.Latency | None" = None  # a latency probe's figures (after registration)
+    _latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
+    _latency_exit: "SiteAnalysis | None" = None  # for "both": the exit window its stub takes in
+    _parts: "list[Djprobe] | None" = None  # a return probe's instances: one part per exit
+    _parent: "Djprobe | None" = None  # the return probe this is a part of
+    _preset: "SiteAnalysis | None" = None  # a part's exit window
     __slots__ = (
         "addr",
         "size",
@@ -220,12 +220,6 @@ class Djprobe:
         if typed is not None:
             self.prototype, self.strings = typed, strings
             self.record, self.registers = True, "args"
-        # exits: a return probe's exits (after registration); latency: a latency probe's figures
-        # (``at="latency"``, after registration, see djprobe.latency); _latency_role: "entry",
-        # "exit" or "both" for a part of a latency probe; _latency_exit: for "both", the exit
-        # window its stub takes in; _parts: a return probe's instances, one part per exit;
-        # _parent: the return probe this is a part of; _preset: a part's exit window. Class
-        # defaults (None) until set.
         self.address: int | None = None
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
