@@ -40,6 +40,7 @@ def sites():
 def _same(a, b):
     assert a.code == b.code
     assert a.image() == b.image()
+    assert a.image() == b.image()  # a template stub: built with it, then built again
     assert (a.address, a.action_size, a.trailer, a.slot_size, a.action_start) == (
         b.address, b.action_size, b.trailer, b.slot_size, b.action_start)
     assert a.relocated.code == b.relocated.code
