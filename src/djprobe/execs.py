@@ -12,6 +12,10 @@ patterns are pending until ld.so has mapped them: its first ``RT_CONSISTENT``, b
 constructor) and the fork and exec hooks, then lets it run untraced. An ``execve`` that fails
 gives no exec stop: the thread is let go after ``EXEC_WAIT``. A tracer that dies leaves at most a
 seized thread, which the kernel detaches, and a wait of ``EXEC_WAIT``.
+
+In a 32-bit process the hook's action is i386 code (:mod:`.execs32`). The held image's
+:class:`~djprobe.process.Process` reads its architecture from the new executable, so an exec
+into a program of the other architecture (64 -> 32 or 32 -> 64) is probed in its own mode.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from typing import TYPE_CHECKING, Callable
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from ._sys import ptrace as pt
+from .arch import I386, X86_64
 from .area import EXEC_ACK, EXEC_SEQ, EXEC_TIDS, EXEC_TIDS_MAX, FORK_FOLLOW, LOADER_REQUEST, AreaView
 from .errors import DjprobeError, SymbolNotFoundError
+from .execs32 import exec_action32
 from .loader import FUTEX_WAKE, _futex
 from .probes import Djprobe
 from .stubs import Stub, _Asm, _finish, _rdtsc
+from .stubs32 import finish32
 
 if TYPE_CHECKING:
     from .probes import ProbedProcess
@@ -106,13 +113,20 @@ def exec_action(counter: int, words: int, wait_cycles: int) -> list[Instruction]
 
 
 class ExecHook(Djprobe):
-    """The jump probe at the entry of libc's ``execve`` (see the module docstring)."""
+    """The jump probe at the entry of libc's ``execve`` (see the module docstring). Its stub is
+    x86-64 or i386 code (:mod:`djprobe.execs32`) as the process is."""
+
+    #: the modes whose processes this custom stub is written for (``ProbedProcess._prepare``)
+    stub_arches = frozenset({X86_64, I386})
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         if not analysis.at_entry:
             raise DjprobeError(f"{analysis.site}: the exec hook must be at the function's entry")
         counter = region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride
         cycles = int(EXEC_WAIT * 1e9 / target.clock.ns_per_tick)
+        if getattr(target.process, "arch", X86_64) is I386:  # 32-bit code: djprobe.execs32
+            action = exec_action32(counter, region.data_address, cycles)
+            return finish32(analysis, region.layout, region.slot_address(slot), action)
         return _finish(analysis, region.layout, region.slot_address(slot), exec_action(counter, region.data_address, cycles))
 
 

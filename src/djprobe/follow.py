@@ -14,6 +14,8 @@ of children still alive are removed as ``djprobe cleanup`` does (from their inst
 The image an ``exec`` puts in place is followed by :mod:`.execs`; the child's events and latency
 figures are read by :mod:`.child_data`. ``vfork``/``posix_spawn`` children are not taken in:
 they share their parent's memory until they ``exec`` (what they call before is the parent's).
+The same code serves 32-bit (i386) processes: only the hooks' stubs differ (:mod:`.forks32`,
+:mod:`.execs32`), and an image whose architecture changed at ``exec`` is probed in its own mode.
 """
 
 from __future__ import annotations

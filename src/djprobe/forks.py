@@ -17,7 +17,7 @@ is reading, is replaced last. A new area is added to every table while the world
 before any jump leads into it (``ProbedProcess.region_hooks``).
 
 In a 32-bit process the hook is i386 code (:mod:`djprobe.forks32`: after ``call gs:[0x10]`` of
-``clone``), without ``--follow``.
+``clone``), ``--follow`` included.
 
 Not covered: ``vfork`` and ``posix_spawn`` children share the parent's memory until they
 ``exec`` (what they run before, through probed functions, is counted as the parent's), and a raw
@@ -254,13 +254,12 @@ class ForkHook(Djprobe):
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         counter = region.counter_address(slot) + region.layout.locked_shard_base * region.layout.shard_stride
-        if getattr(target.process, "arch", X86_64) is I386:  # no --follow for 32-bit children
-            action32 = fork_action32(counter, region.data_address + FORK_TABLE)
-            return finish32(analysis, region.layout, region.slot_address(slot), action32)
         wait_cycles = int(FOLLOW_WAIT * 1e9 / target.clock.ns_per_tick)
         data = region.data_address
-        action = fork_action(counter, data + FORK_TABLE, data, data + LOADER_REQUEST, wait_cycles)
-        return _finish(analysis, region.layout, region.slot_address(slot), action)
+        args = (counter, data + FORK_TABLE, data, data + LOADER_REQUEST, wait_cycles)
+        if getattr(target.process, "arch", X86_64) is I386:  # 32-bit code: djprobe.forks32
+            return finish32(analysis, region.layout, region.slot_address(slot), fork_action32(*args))
+        return _finish(analysis, region.layout, region.slot_address(slot), fork_action(*args))
 
 
 def find_fork_site(target: "ProbedProcess") -> int:

@@ -22,7 +22,7 @@ from .area import LOADER_ACK, LOADER_ARMED, LOADER_HEARTBEAT, LOADER_REQUEST
 from .stubs import _Asm
 from .stubs32 import _abs, _add64, _aimed32, _at
 
-__all__ = ["loader_action32", "SYS_FUTEX32"]
+__all__ = ["loader_action32", "wake_then_push_deadline", "SYS_FUTEX32"]
 
 SYS_FUTEX32 = 240
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
@@ -51,20 +51,7 @@ def loader_action32(counter: int, words: int, r_state: int, stale_cycles: int, m
     xadd.has_lock_prefix = True
     add(xadd)
     add(Instruction.create_reg(Code.INC_RM32, R.EDI))
-    # futex(REQUEST, FUTEX_WAKE, 1): the tracer may be waiting on it
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EBX, request))
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, _FUTEX_WAKE))
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1))
-    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, SYS_FUTEX32))
-    add(Instruction.create_u32(Code.INT_IMM8, 0x80))
-    # the deadline (TSC + max_cycles) at [esp+8] (low) and [esp+12] (high); {0, poll_ns} at [esp]
-    add(Instruction.create(Code.RDTSC))
-    add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, max_cycles & 0xFFFFFFFF))
-    add(Instruction.create_reg_u32(Code.ADC_RM32_IMM32, R.EDX, max_cycles >> 32))
-    add(Instruction.create_reg(Code.PUSH_R32, R.EDX))
-    add(Instruction.create_reg(Code.PUSH_R32, R.EAX))
-    add(Instruction.create_i32(Code.PUSHD_IMM32, poll_ns))
-    add(Instruction.create_i32(Code.PUSHD_IMM8, 0))
+    wake_then_push_deadline(a, request, max_cycles, poll_ns)  # the tracer may be waiting on it
     a.label("wait")
     add(Instruction.create_reg_mem(Code.MOV_R32_RM32, R.EBP, _abs(ack)))  # the value waited on
     add(Instruction.create_reg_reg(Code.MOV_R32_RM32, R.EAX, R.EBP))
@@ -102,3 +89,22 @@ def loader_action32(counter: int, words: int, r_state: int, stale_cycles: int, m
     add(Instruction.create(Code.POPAD))
     add(Instruction.create(Code.POPFD))
     return _aimed32(a)
+
+
+def wake_then_push_deadline(a: _Asm, word: int, cycles: int, poll_ns: int) -> None:
+    """``futex(word, FUTEX_WAKE, 1)`` by ``int 0x80`` (the tracer waits on ``word``), then the
+    deadline of a bounded wait pushed: TSC + ``cycles`` at [esp+8] (low) and [esp+12] (high), the
+    ``timespec`` {0, ``poll_ns``} of each futex wait at [esp]. Clobbers eax, ebx, ecx, edx."""
+    R, add = Register, a.add
+    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EBX, word))
+    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.ECX, _FUTEX_WAKE))
+    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EDX, 1))
+    add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, R.EAX, SYS_FUTEX32))
+    add(Instruction.create_u32(Code.INT_IMM8, 0x80))
+    add(Instruction.create(Code.RDTSC))
+    add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, cycles & 0xFFFFFFFF))
+    add(Instruction.create_reg_u32(Code.ADC_RM32_IMM32, R.EDX, cycles >> 32))
+    add(Instruction.create_reg(Code.PUSH_R32, R.EDX))
+    add(Instruction.create_reg(Code.PUSH_R32, R.EAX))
+    add(Instruction.create_i32(Code.PUSHD_IMM32, poll_ns))
+    add(Instruction.create_i32(Code.PUSHD_IMM8, 0))

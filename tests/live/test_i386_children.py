@@ -83,12 +83,3 @@ def test_api_32bit_guard_counts_forks_and_covers_areas_added_later(forkcount32):
             popen.kill()
         proc.close()
         popen.wait(timeout=10)
-
-
-def test_follow_says_32bit_children_are_not_followed(forkcount32):
-    res = run(DJPROBE + ["count", "-f", "--json", "fc_work", "--", forkcount32, 1000, 2, 5000], input="go\n")
-    assert res.returncode == 0, res.stderr
-    assert "children of 32-bit processes are not followed yet" in " ".join(res.stderr.split())
-    lines = res.stdout.strip().splitlines()
-    assert lines[-2] == "parent 2000 children 2 bad 0"
-    assert [p["hits"] for p in json.loads(lines[-1])["probes"]] == [2000]

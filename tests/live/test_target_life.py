@@ -185,8 +185,10 @@ def test_leader_exited_count_status_cleanup(start_target, life):
         killed.communicate(timeout=30)
     go(1)
     status = json.loads(run(DJPROBE + ["status", "--json", "-p", t.pid]).stdout)
-    (area,) = status["areas"]
-    assert not area["tracer_alive"] and [i["hits"] for i in area["instances"]] == [3 * rounds]
+    # the banner comes once the hooks are in: the loader's and the fork hooks may have areas too
+    (area,) = [a for a in status["areas"] if any(i["site"].endswith(":f_add") for i in a["instances"])]
+    assert not area["tracer_alive"]
+    assert [i["hits"] for i in area["instances"] if i["site"].endswith(":f_add")] == [3 * rounds]
     res = run(DJPROBE + ["cleanup", "-p", t.pid])
     assert res.returncode == 0, res.stderr
     assert run(DJPROBE + ["status", "-p", t.pid]).stdout.strip() == f"process {t.pid}: no djprobe probe areas"
@@ -437,10 +439,11 @@ def test_vdso_clock_gettime_counted_exactly(start_target, life):
         killed.kill()
         killed.communicate(timeout=30)
     assert vdso_bytes() != before
-    (area,) = json.loads(run(DJPROBE + ["status", "--json", "-p", t.pid]).stdout)["areas"]
-    assert [(i["site"], i["valid"], i["code"]) for i in area["instances"]] == [("[vdso]:clock_gettime", True, "patched")]
+    instances = [i for a in json.loads(run(DJPROBE + ["status", "--json", "-p", t.pid]).stdout)["areas"]
+                 for i in a["instances"] if i["site"].startswith("[vdso]")]  # (and the hooks, placed before the banner)
+    assert [(i["site"], i["valid"], i["code"]) for i in instances] == [("[vdso]:clock_gettime", True, "patched")]
     res = run(DJPROBE + ["cleanup", "-p", t.pid])
-    assert res.returncode == 0 and "1 restored" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "restored" in res.stdout and "[vdso]:clock_gettime" in res.stdout, res.stdout + res.stderr
     assert vdso_bytes() == before and _areas_in(t.pid) == []
     t.proc.stdin.write(b"end\n")
     t.proc.stdin.flush()

@@ -3,7 +3,8 @@
  * status: the number of wrong ones, at most 100), then calls fc_work N times more.
  * Usage: forkcount N CHILDREN [CHILD_CALLS]. Stdin: waits for one line before starting (so a
  * tracer can attach). Prints "parent N2 children C bad B" (N2: its own calls). A child given
- * "x" as argv[4] execs itself (argv[0] N 0) instead of running its threads. */
+ * "x" as argv[4] execs itself (argv[0] N 0) instead of running its threads, or the program
+ * argv[5] when given (a build of this file for the other architecture: argv[5] N 0). */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,7 +37,8 @@ int main(int argc, char **argv) {
             if (exec_child && c == 0) {
                 char num[32];
                 snprintf(num, sizeof num, "%ld", child_calls);
-                execl(argv[0], argv[0], num, "0", (char *)NULL);
+                const char *prog = argc > 5 ? argv[5] : argv[0];
+                execl(prog, prog, num, "0", (char *)NULL);
                 _exit(127);
             }
             pthread_t th[2];

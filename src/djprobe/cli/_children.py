@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..arch import I386
 from ..area import AreaLayout
 from ..errors import DjprobeError
 from ..follow import ChildFollower
@@ -65,10 +64,6 @@ def follow_children(args, target: ProbedProcess, guard: ForkGuard | None, sites:
     where the fork hook is not."""
     if guard is None:
         notice("note: --follow: children cannot be followed without the fork hook")
-        return None
-    if getattr(target.process, "arch", None) is I386:
-        notice("note: --follow: children of 32-bit processes are not followed yet (they count apart, unseen)",
-               wrap=True)
         return None
     return Family(args, target, guard, sites, placement or Placement())
 

@@ -5,6 +5,8 @@ A forked child's calls are measured in its own copies of the probe areas (child_
 reads them); an exec'd image has latency probes of its own. Reports give each function's figures
 over every process (histograms added bucket by bucket), then each process's; with ``-i`` every
 process's figures start again from zero after each report, as the process's own do.
+``latency -p A,B`` and ``--name`` (_fleet_latency.py) read each process of the fleet through a
+``LatencyFamily`` of its own (without a ``Family`` when not ``--follow``).
 """
 
 from __future__ import annotations
@@ -76,15 +78,20 @@ class Member:
 
 
 class LatencyFamily:
-    """The processes ``latency --follow`` reads figures from (see the module docstring)."""
+    """The processes ``latency --follow`` reads figures from (see the module docstring):
+    ``target`` (named ``command``, else as ``family`` names it) and, when ``family`` is given,
+    everyone it took in."""
 
-    def __init__(self, family: Family, target: ProbedProcess, sites: Callable[[], list]) -> None:
+    def __init__(self, family: Family | None, target: ProbedProcess, sites: Callable[[], list],
+                 command: str | None = None) -> None:
         self.family = family
-        self.members: list[Member] = [Member(target.pid, family.command, growing(sites))]
-        family.on_process.append(self._add)
+        name = command if command is not None else family.command if family is not None else "?"
+        self.members: list[Member] = [Member(target.pid, name, growing(sites))]
+        if family is not None:
+            family.on_process.append(self._add)
 
     def _add(self, process: object) -> None:
-        if isinstance(process, FollowedChild):
+        if isinstance(process, FollowedChild) and self.family is not None:
             sources = [f.sites for f in self.family.followers if f.target is process.source]
             sites = sources[0]() if sources else []
             figures = [self._child_figures(process, s) for s in sites]
@@ -118,5 +125,8 @@ class LatencyFamily:
         by_site: dict[str, list] = {}
         for _, rows in readings:
             for s, figures in rows:
-                by_site.setdefault(s.site, [s, []])[1].append(figures)
+                entry = by_site.setdefault(s.site, [s, []])
+                if entry[0].address != s.address:  # at different addresses (ASLR): no one address
+                    entry[0] = SiteFigures(s.site, None, s.raw, s.base)
+                entry[1].append(figures)
         return [(s, sum_figures(f)) for _, (s, f) in sorted(by_site.items())]

@@ -5,7 +5,9 @@ A forked child records into its own copies of the probe areas (child_data.ChildE
 them); an exec'd image has probes and rings of its own. Each turn, every process's events are
 drained and written in time order; text lines are marked ``[pid N]`` once there is more than
 one process, JSON lines carry ``"pid"``. The summary gives the totals per site, then each
-process's own figures.
+process's own figures. ``trace -p A,B`` and ``--name`` (_fleet_trace.py) read each process of the
+fleet through a ``TraceFamily`` of its own (without a ``Family`` when not ``--follow``) and
+write them all with ``write_events``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..follow import FollowedChild
 from ..probes import ProbedProcess
 from ._children import Family, Placement, follow_children
 from ._output import plural
+from ._fleet import process_heading
 from ._target import Interrupted, interrupted
 
 
@@ -41,17 +44,19 @@ def _rows(sites: list) -> list[_Row]:
 
 
 class TraceFamily:
-    """The processes ``trace --follow`` reads events from (see the module docstring)."""
+    """The processes ``trace --follow`` reads events from (see the module docstring): ``target``
+    and, when ``family`` is given, everyone it took in."""
 
-    def __init__(self, family: Family, target: ProbedProcess) -> None:
+    def __init__(self, family: Family | None, target: ProbedProcess) -> None:
         self.family = family
         self.target = target
         self.children: list[ChildEvents] = []
         self.images: list = []  # _Image, while its areas are mapped
         self.held: list[tuple[int, EventBatch]] = []  # last events of closed images
         self.waited = 0.0  # seconds the lossless probes of closed images waited
-        family.on_process.append(self._add)
-        family.before_image_close.append(self._image_closing)
+        if family is not None:
+            family.on_process.append(self._add)
+            family.before_image_close.append(self._image_closing)
 
     def _add(self, process: object) -> None:
         if isinstance(process, FollowedChild):
@@ -69,10 +74,11 @@ class TraceFamily:
 
     @property
     def several(self) -> bool:
-        return bool(self.family.children)
+        return self.family is not None and bool(self.family.children)
 
     def poll(self) -> None:
-        self.family.poll()
+        if self.family is not None:
+            self.family.poll()
 
     def read(self, complete: bool = False) -> list[tuple[int, EventBatch]]:
         """The events of every process since the last call, with their PID."""
@@ -90,7 +96,7 @@ class TraceFamily:
     def members(self, pid: int, command: str, sites: list) -> list[tuple[int, str, list[_Row]]]:
         """(pid, command, rows) of the process and of everyone taken in."""
         out = [(pid, command, _rows(sites))]
-        for child in self.family.children:
+        for child in self.family.children if self.family is not None else []:
             out.append((child.pid, child.command, _rows(child.sites())))
         return out
 
@@ -138,12 +144,16 @@ def follow_loop(args: argparse.Namespace, out: TextIO, family: TraceFamily, foll
         pass
 
 
-def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: float) -> str:
-    """Totals per site over every process, then each process's figures."""
+def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: float,
+            ended: frozenset[int] | set[int] = frozenset()) -> str:
+    """Totals per site over every process, then each process's figures (``ended``: the PIDs of
+    processes that exited while traced, said so)."""
     totals: dict[str, _Row] = {}
     for _, _, rows in members:
         for r in rows:
             t = totals.setdefault(r.site, _Row(r.site, r.address, r.mode, 0, 0))
+            if t.address != r.address:  # the site at different addresses (ASLR): no one address
+                t.address = None
             t.hits += r.hits
             t.missed += r.missed
 
@@ -157,7 +167,8 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
     if as_json:
         return json.dumps({
             "summary": [row_json(r) for r in ordered(totals.values())],
-            "processes": [{"pid": pid, "command": command, "probes": [row_json(r) for r in ordered(rows)]}
+            "processes": [{"pid": pid, "command": command, "probes": [row_json(r) for r in ordered(rows)],
+                           **({"exited": True} if pid in ended else {})}
                           for pid, command, rows in members],
             "waited_s": round(waited, 6),
         })
@@ -169,7 +180,7 @@ def summary(members: list[tuple[int, str, list[_Row]]], as_json: bool, waited: f
 
     lines = [f"all {plural(len(members), 'process', 'processes')}:"] + table(ordered(totals.values()))
     for pid, command, rows in members:
-        lines += ["", f"process {pid} ({command}):"] + table(ordered(rows))
+        lines += ["", process_heading(pid, command, pid in ended)] + table(ordered(rows))
     lines.append(f"probes waited {waited:.6f} s in all for the rings to drain")
     return "\n".join(lines)
 

@@ -5,7 +5,9 @@ not seen; those that descend from a process djprobe already follows are left alo
 parent's fork hook and exec hook take them in, or keep them apart), the others are attached
 and probed like the ones found at the start. The scan is a poll: calls a new process makes
 before it is found (within about ``NEW_PROCESS_SCAN`` seconds of its start, plus the time
-to place the probes) are not counted, and a process that ends sooner is not seen at all.
+to place the probes) are not counted, and a process that ends sooner is not seen at all. A
+process caught inside its ``execve`` (its new name set, its arguments not yet: an empty
+``/proc/PID/cmdline``, its mappings still being made) is left for the next scan.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def descends_from(pid: int, known: set[int]) -> bool:
     return False
 
 
+def _in_exec(pid: int) -> bool:
+    """Whether ``pid`` looks midway through ``execve``: no arguments yet (a kernel thread has
+    none either: it is never taken)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return not f.read(1)
+    except OSError:
+        return True
+
+
 def known_pids(processes: Iterable[object]) -> set[int]:
     """The PIDs of objects with a ``pid``."""
     return {p.pid for p in processes}  # type: ignore[attr-defined]
@@ -83,7 +95,7 @@ class NameWatch:
         self._next = now + self.every
         found = []
         for pid in processes_named(self.comm):
-            if pid in self.seen:
+            if pid in self.seen or _in_exec(pid):
                 continue
             self.seen.add(pid)
             if not descends_from(pid, known):

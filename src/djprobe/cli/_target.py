@@ -33,13 +33,15 @@ def positive_seconds(text: str) -> float:
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, patterns_optional: bool = False) -> None:
-    parser.add_argument("-p", "--pid", type=_pid_list, metavar="PID[,PID...]", help="probe this running process (count: several)")
+    parser.add_argument("-p", "--pid", type=_pid_list, metavar="PID[,PID...]",
+                        help="probe this running process, or each of several (PID,PID,...)")
     parser.add_argument(
         "--pending",
         action="store_true",
         help="with -p: a pattern naming a library not loaded yet waits for it (always so for a command after --)",
     )
-    parser.add_argument("--name", metavar="COMM", help="count: probe every running process with this name (/proc/PID/comm)")
+    parser.add_argument("--name", metavar="COMM",
+                        help="probe every running process with this name (/proc/PID/comm); with -f also those started later")
     parser.add_argument("-d", "--duration", type=positive_seconds, help="stop after this many seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
@@ -67,7 +69,7 @@ def open_target(args: argparse.Namespace) -> ProbedProcess:
     if args.pid is not None and args.command_argv:
         raise InvalidSiteError("give either -p PID or -- COMMAND, not both")
     if getattr(args, "name", None) or (args.pid is not None and len(args.pid) > 1):
-        raise InvalidSiteError(f"only count takes several processes (-p PID,PID... or --name), not {args.command}")
+        raise InvalidSiteError(f"{args.command} takes one process (-p PID or -- COMMAND), not several")
     if args.pid is not None:
         (pid,) = args.pid
         target = attach(pid)

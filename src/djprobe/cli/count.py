@@ -134,13 +134,15 @@ def run(args: argparse.Namespace) -> int:
             with no_match_in_script(args.command_argv, note):
                 probes, refused = make_probes(target, args.patterns, pending=pending)
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
-            notice(banner(len(probes), args.patterns))
-            print_refusals((r.site, r.reason) for r in refused)
-            print_traps(probes)
             follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             guard = guard_children(target)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
             children = follow_children(args, target, guard, shown) if args.follow else None
+            # the banner once every hook is in: a script that starts working when it sees it
+            # must not fork before the fork hook is there
+            notice(banner(len(probes), args.patterns))
+            print_refusals((r.site, r.reason) for r in refused)
+            print_traps(probes)
             target.start()
             interval = 0
             idle = idle_with(follower, children)

@@ -18,6 +18,7 @@ from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 from ._children import Placement, add_follow_argument, follow_children, guard_children, idle_with
 from ._follow_latency import LatencyFamily, SiteFigures, growing
+from ._fleet import process_heading, wants_fleet
 
 EXAMPLES = """examples:
   djprobe latency 'libc:malloc' -- ls -l /          # malloc's latency over one ls run, in ns
@@ -25,6 +26,8 @@ EXAMPLES = """examples:
   djprobe latency -m -i 5 -p 1234 'query'           # in ms, a report every 5 s (then reset)
   djprobe latency --json -o lat.json 'libz:deflate' -- gzip -k big.file
   djprobe latency -f 'libc:malloc' -- make -j4      # make and every program it runs: totals, each
+  djprobe latency -p 101,102,103 'handle_*'          # three workers: totals, then each
+  djprobe latency --name nginx -i 10 'libc:write'    # every nginx process, every 10 s (then reset)
 
 Per function: calls (entries), returns (exits paired with their entry), the average, p50 and
 p99 (interpolated inside the log2 buckets) and the histogram. The time of a call is from its
@@ -32,6 +35,9 @@ entry to its exit (a tail call ends it: the called function is measured on its o
 left by longjmp or an exception has no return; calls already running when the probes went in
 are not measured. A pattern naming a library not loaded yet waits for it (always so for a
 command after --; with -p, --pending): each load of the library adds to the same function.
+With several processes (-p PID,PID... or --name COMM) each function's figures over all of them
+(histograms added bucket by bucket) come first, then each process's ("processes" in --json); a
+process that exits while measured keeps its figures, marked so.
 """
 
 UNITS = {"nsecs": 1, "usecs": 1000, "msecs": 1_000_000}
@@ -46,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "exits, and histogram the time between them inside the target.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] [-f] (-p PID | -- COMMAND [ARG...]) "
+        usage="djprobe latency [--json] [-u|-m] [-o FILE] [-d SECONDS] [-i INTERVAL] [-f] "
+        "(-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) "
         "PATTERN...",
     )
     add_target_arguments(parser)
@@ -118,7 +125,7 @@ def _report(out: TextIO, args: argparse.Namespace, sites: Callable[[], list[Site
             status: int | None, *, interval: int, final: bool) -> list[tuple[SiteFigures, LatencyFigures]]:
     """Write one report; returns each function's figures as reported."""
     rows = [(s, s.read()) for s in sorted(sites(), key=lambda s: s.site or "")]
-    _write(out, args, rows, None, refused, status, interval=interval, final=final)
+    write_report(out, args, rows, None, refused, status, interval=interval, final=final)
     return rows
 
 
@@ -126,16 +133,23 @@ def _new_probe(address: int, at_return: bool) -> Djprobe:
     return Djprobe(address, at="latency")
 
 
-def _write(out: TextIO, args: argparse.Namespace, rows: list, processes: list | None, refused: list[Refusal],
-           status: int | None, *, interval: int, final: bool) -> None:
-    """One report: ``rows`` (site, figures) of each function; ``processes`` (--follow, several
-    processes): (pid, command, rows) of each, after the totals."""
+def _place(image: object, patterns: list[str], pending: list[str] | None) -> tuple:
+    return make_probes(image, patterns, at="latency", pending=pending)  # type: ignore[arg-type]
+
+
+def write_report(out: TextIO, args: argparse.Namespace, rows: list, processes: list | None, refused: list,
+                 status: int | None, *, interval: int, final: bool, ended: frozenset[int] | set[int] = frozenset()) -> None:
+    """One report: ``rows`` (site, figures) of each function; ``processes`` (several processes):
+    (pid, command, rows) of each, after the totals (``ended``: PIDs that exited while measured);
+    ``refused``: objects with ``site``, ``reason`` (and ``pid`` when several processes)."""
     if args.json:
         doc: dict = {"functions": [function_json(d, f) for d, f in rows]}
         if processes is not None:
-            doc["processes"] = [{"pid": pid, "command": command, "probes": [function_json(d, f) for d, f in prows]}
+            doc["processes"] = [{"pid": pid, "command": command, "probes": [function_json(d, f) for d, f in prows],
+                                 **({"exited": True} if pid in ended else {})}
                                 for pid, command, prows in processes]
-        doc.update(refused=[{"site": r.site, "reason": r.reason} for r in refused], exit_status=status)
+        doc.update(refused=[{**({"pid": r.pid} if hasattr(r, "pid") else {}), "site": r.site, "reason": r.reason}
+                            for r in refused], exit_status=status)
         if args.interval:
             doc.update(time=round(time.time(), 6), interval=interval, final=final)
         out.write(json.dumps(doc) + "\n")
@@ -147,8 +161,8 @@ def _write(out: TextIO, args: argparse.Namespace, rows: list, processes: list | 
             out.write("\n\n".join(text_report(d, f, args.unit) for d, f in rows) + "\n")
         else:
             parts = [f"all {len(processes)} processes:\n" + "\n\n".join(text_report(d, f, args.unit) for d, f in rows)]
-            parts += [f"process {pid} ({command}):\n" + "\n\n".join(text_report(d, f, args.unit) for d, f in prows)
-                      for pid, command, prows in processes]
+            parts += [process_heading(pid, command, pid in ended) + "\n"
+                      + "\n\n".join(text_report(d, f, args.unit) for d, f in prows) for pid, command, prows in processes]
             out.write("\n\n".join(parts) + "\n")
         if args.interval and not final:
             out.write("\n")
@@ -160,7 +174,7 @@ def _report_family(out: TextIO, args: argparse.Namespace, family: LatencyFamily,
     """--follow: the totals, then each process (only the totals while there is one process)."""
     readings = family.read()
     processes = [(m.pid, m.command, rows) for m, rows in readings] if family.several else None
-    _write(out, args, family.totals(readings), processes, refused, status, interval=interval, final=final)
+    write_report(out, args, family.totals(readings), processes, refused, status, interval=interval, final=final)
     if args.interval and not final:
         family.reset(readings)
 
@@ -171,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
     if note is not None:
         notice(f"note: {note}", wrap=True)
     with report_stream(args) as out:
+        if wants_fleet(args):
+            from ._fleet_latency import run_fleet_latency
+
+            placement = Placement(AreaLayout.for_latency, _place, _new_probe)
+            return run_fleet_latency(args, out, placement, write_report)
         target = open_target(args)
         with target:
             target.layout = AreaLayout.for_latency()
@@ -179,20 +198,17 @@ def run(args: argparse.Namespace) -> int:
             with no_match_in_script(args.command_argv, note):
                 probes, refused = make_probes(target, args.patterns, at="latency", pending=pending)
             refused = [Refusal(r.site, refusal_reason(r.site, r.reason)) for r in refused]
-            notice(banner(len(probes), args.patterns))
-            print_refusals((r.site, r.reason) for r in refused)
             follower = follow_libraries(target, args.patterns, probes, pending or [], _new_probe)
             shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
             sites = growing(shown)  # each function's figures, over every load of its library
             guard = guard_children(target)  # a forked child measures apart
             children = followed = None
             if args.follow:
-                def place(image: object, patterns: list[str], pending: list[str]) -> tuple:
-                    return make_probes(image, patterns, at="latency", pending=pending)  # type: ignore[arg-type]
-
-                placement = Placement(AreaLayout.for_latency, place, _new_probe)
+                placement = Placement(AreaLayout.for_latency, _place, _new_probe)
                 children = follow_children(args, target, guard, shown, placement)
                 followed = LatencyFamily(children, target, shown) if children is not None else None
+            notice(banner(len(probes), args.patterns))  # once every hook is in (see count.run)
+            print_refusals((r.site, r.reason) for r in refused)
             target.start()
             interval = 0
             for _ in run_until_done(target, args.duration, args.interval, idle_with(follower, children)):

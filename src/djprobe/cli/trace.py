@@ -16,6 +16,7 @@ from .count import probe_json
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
 from ._children import Placement, add_follow_argument, guard_children
 from ._follow_trace import follow_loop, refuse_with_follow, start_family, summary, write_events
+from ._fleet import wants_fleet
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
 
@@ -29,11 +30,17 @@ EXAMPLES = """examples:
   djprobe trace 'libc:open*' -- cat /etc/hostname    # names and types from libc's debug info
   djprobe trace --perfetto t.pftrace 'f' 'f%return' -- ./prog  # calls as slices for ui.perfetto.dev
   djprobe trace -f 'handle_*' -- ./server          # its children and what they exec too ([pid N])
+  djprobe trace -p 101,102 'handle_*'              # two workers, events in time order ([pid N])
+  djprobe trace --name nginx -f 'libc:write'       # every nginx process, and those started later
 
 A pattern may carry a C prototype: SITE(TYPE NAME, ...): integers, bool, pointers, char * (a string,
 copied in the program at the hit, up to --string-size bytes, "..."-marked when longer; a bad pointer
 shows as ADDRESS<ERROR>) and '...'. Without one, DWARF debug info (the module's or its separate debug
 file's) names and types the arguments; without either, the six argument registers are shown.
+
+With several processes (-p PID,PID... or --name COMM) the events of all are written in time order,
+text lines marked [pid N], JSON lines with "pid"; the summary gives the totals per site, then each
+process's figures (one that exited while traced keeps its figures, marked so).
 
 The banner and refusals go to stderr, the hits and the summary to stdout (or -o FILE).
 """
@@ -47,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="djprobe trace [--json] [-o FILE] [-T] [-d SECONDS] [--drop] [--buffer-size N] [--string-size N] "
-        "[--no-debuginfo] [--perfetto FILE] [-f] (-p PID | -- COMMAND [ARG...]) PATTERN...",
+        "[--no-debuginfo] [--perfetto FILE] [-f] (-p PID[,PID...] | --name COMM | -- COMMAND [ARG...]) PATTERN...",
     )
     add_target_arguments(parser)
     add_output_argument(parser)
@@ -217,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"djprobe trace: error: --ring-slots must be a power of two, not {args.ring_slots}")
     if not 1 <= args.string_size <= MAX_STRING_SIZE:
         raise SystemExit(f"djprobe trace: error: --string-size must be from 1 to {MAX_STRING_SIZE} bytes, not {args.string_size}")
+    if wants_fleet(args) and args.perfetto is not None:
+        raise SystemExit("djprobe trace: error: --perfetto writes one process's trace: not with several processes")
     if args.perfetto is not None:
         from ._perfetto import missing_package_message
 
@@ -226,7 +235,45 @@ def run(args: argparse.Namespace) -> int:
     if args.follow:
         refuse_with_follow(args)
     with report_stream(args) as out:
+        if wants_fleet(args):
+            return _run_fleet(args, out)
         return _run(args, out)
+
+
+def _layout(args: argparse.Namespace) -> AreaLayout:
+    return AreaLayout(
+        ring_slots=args.ring_slots,
+        string_size=(args.string_size + 7) // 8 * 8,
+        string_ring_slots=max(1, args.ring_slots // 8),
+    )
+
+
+def _placement(args: argparse.Namespace, layout: AreaLayout) -> Placement:
+    """Trace's record probes, as placed in every process it takes (an exec'd image, a fleet's)."""
+    registers = "all" if args.all_registers else "args"
+
+    def place(image, patterns: list[str], pending: list[str] | None):
+        return make_probes(image, patterns, record=True, registers=registers, lossless=not args.drop,
+                           pending=pending, debuginfo=not args.no_debuginfo)
+
+    def new_probe(address: int, at_return: bool) -> Djprobe:
+        at = "return" if at_return else "entry"
+        return Djprobe(address, record=True, registers=registers, lossless=not args.drop, at=at)
+
+    return Placement(lambda: layout, place, new_probe)
+
+
+def _run_fleet(args: argparse.Namespace, out: TextIO) -> int:
+    """Several processes (-p PID,PID... or --name COMM): see _fleet_trace.py."""
+    from ._fleet_trace import run_fleet_trace
+
+    start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    wall_offset = time.time_ns() - start_ns
+
+    def text(batch: EventBatch, mark: str) -> list[str]:
+        return _format_lines(batch, start_ns, wall_offset, args.timestamp, mark)
+
+    return run_fleet_trace(args, out, _placement(args, _layout(args)), text, _json_lines)
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
@@ -235,40 +282,22 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         notice(f"note: {note}", wrap=True)
     target = open_target(args)
     with target:
-        target.layout = AreaLayout(
-            ring_slots=args.ring_slots,
-            string_size=(args.string_size + 7) // 8 * 8,
-            string_ring_slots=max(1, args.ring_slots // 8),
-        )
-        registers = "all" if args.all_registers else "args"
+        target.layout = _layout(args)
+        placement = _placement(args, target.layout)
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         watch = ExecWatch(target.pid) if args.command_argv else None
         pending = pending_list(args)
         with no_match_in_script(args.command_argv, note):
-            probes, refused = make_probes(
-                target, args.patterns, record=True, registers=registers, lossless=not args.drop, pending=pending,
-                debuginfo=not args.no_debuginfo,
-            )
-        notice(banner(len(probes), args.patterns))
-        print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
-        print_traps(probes)
-
-        def new_probe(address: int, at_return: bool) -> Djprobe:
-            at = "return" if at_return else "entry"
-            return Djprobe(address, record=True, registers=registers, lossless=not args.drop, at=at)
-
-        follower = follow_libraries(target, args.patterns, probes, pending or [], new_probe)
+            probes, refused = placement.place(target, args.patterns, pending)  # type: ignore[arg-type]
+        follower = follow_libraries(target, args.patterns, probes, pending or [], placement.new_probe)
         guard = guard_children(target)
         shown = (lambda: follower.sites) if follower is not None else (lambda: probes)
         family = None
         if args.follow:
-            layout = target.layout
-
-            def place(image, patterns: list[str], pending: list[str]):
-                return make_probes(image, patterns, record=True, registers=registers, lossless=not args.drop,
-                                   pending=pending, debuginfo=not args.no_debuginfo)
-
-            family = start_family(args, target, guard, shown, Placement(lambda: layout, place, new_probe))
+            family = start_family(args, target, guard, shown, placement)
+        notice(banner(len(probes), args.patterns))  # once every hook is in (see count.run)
+        print_refusals((r.site, refusal_reason(r.site, r.reason)) for r in refused)
+        print_traps(probes)
         poll = 0.05 if follower is not None else 0.2
         if not args.json:
             print(f"{'TIME':<15} {'TID':<7} PROBE ARGS", file=out)
