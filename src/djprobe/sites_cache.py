@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .sites import SiteAnalysis, Verdict, analyse_site
+from .verdict_index import VerdictIndex
+from .verdict_index import parse as parse_index
 from .x86 import Flow, decode
 from .x86.packed import PackedInsns
 
@@ -99,22 +101,36 @@ class ModuleVerdicts:
         self.module = module
         self.path = path
         self._key = {"format": FORMAT, "build_id": module.build_id, "fingerprint": analysis_fingerprint()}
-        self._entries: dict[str, list] | None = None  # read on first use, dropped at flush
+        # read on first use (kept as text + arrays, see verdict_index.py), dropped at flush
+        self._entries: VerdictIndex | dict[str, list] | None = None
         self._new: dict[str, list] = {}
         self.hits = 0
         self.misses = 0
 
     @property
-    def entries(self) -> dict[str, list]:
-        """The verdicts known (read from the file on first use)."""
+    def entries(self) -> VerdictIndex | dict[str, list]:
+        """The verdicts known (read from the file on first use): a :class:`VerdictIndex`
+        (``get(vaddr)``), or a dict by hex vaddr for a file laid out otherwise."""
         if self._entries is None:
-            self._entries = self._load(self.path)
+            self._entries = self._load(self.path, indexed=True)
         return self._entries
 
-    def _load(self, path: Path) -> dict[str, list]:
+    def _entry(self, vaddr: int) -> list | None:
+        new = self._new.get(_key(vaddr))
+        if new is not None:
+            return new
+        entries = self.entries
+        return entries.get(vaddr) if isinstance(entries, VerdictIndex) else entries.get(_key(vaddr))
+
+    def _load(self, path: Path, indexed: bool = False) -> VerdictIndex | dict[str, list]:
         try:
             with open(path, "rb") as f:
-                data = json.loads(f.read())
+                raw = f.read()
+            if indexed:
+                index = parse_index(raw.decode(), self._key)
+                if index is not None:
+                    return index
+            data = json.loads(raw)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -132,8 +148,8 @@ class ModuleVerdicts:
         ``name``), or None."""
         if function is None:
             return None
-        entry = self.entries.get(_key(address - self.module.bias))
         try:
+            entry = self._entry(address - self.module.bias)
             analysis = self._rebuild(address, function, name, entry) if entry is not None else None
         except (ValueError, TypeError, IndexError, KeyError):
             analysis = None  # a damaged entry: analyse afresh
@@ -191,9 +207,7 @@ class ModuleVerdicts:
             reason = _HEX.sub(lambda m: f"{{V:{int(m.group(0), 16) - bias:#x}}}" if lo <= int(m.group(0), 16) < hi
                               else m.group(0), analysis.reason)
             entry = ["r", *head, reason]
-        key = _key(analysis.address - bias)
-        self.entries[key] = entry
-        self._new[key] = entry
+        self._new[_key(analysis.address - bias)] = entry
 
     def flush(self) -> None:
         """Write the new verdicts (merged with the file's current ones) atomically, and forget
