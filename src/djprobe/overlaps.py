@@ -275,7 +275,7 @@ def join_member(proc: "ProbedProcess", djp: "Djprobe", member: "Instance", analy
         try:
             rebuild(proc, member.host or member)
         except BaseException:
-            member.probes.remove(djp)
+            member.probes = tuple(p for p in member.probes if p is not djp)
             djp._instance = None
             raise
 
@@ -508,7 +508,7 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
         points, paths = _points(proc, host, region)
         stub = build_shared_stub(merged, region.layout, region.slot_address(host_slot), points, proc._rseq_offset(), paths)
     except BaseException as exc:  # undo: the old host is as it was
-        host.probes.remove(djp)
+        host.probes = tuple(p for p in host.probes if p is not djp)
         djp._instance = None
         old.guests = tuple(g for g in host.guests if g is not old)
         for member in (old, *old.guests):

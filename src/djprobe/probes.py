@@ -31,7 +31,6 @@ import time
 import traceback
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -53,6 +52,8 @@ from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns, springboards
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .sites_cache import SiteCache
+from .slot_owners import SlotOwners
+from .instance import Instance
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
@@ -139,22 +140,23 @@ class Djprobe:
     _parts: "list[Djprobe] | None" = None  # a return probe's instances: one part per exit
     _parent: "Djprobe | None" = None  # the return probe this is a part of
     _preset: "SiteAnalysis | None" = None  # a part's exit window
+    # Also class defaults (set per probe only where they differ: 72 bytes less per count probe).
+    size: int | None = None
+    record = False
+    registers = "all"
+    lossless = False
+    at = "entry"
+    no_jump_reason: str | None = None
+    _baseline = 0  # the instance's count when the probe joined it
+    _drop_baseline = 0
+    _join_tsc = 0
     __slots__ = (
         "addr",
-        "size",
-        "record",
-        "registers",
-        "lossless",
-        "at",
         "_mode",
-        "no_jump_reason",
         "address",
         "site",
         "analysis",
         "_instance",
-        "_baseline",
-        "_drop_baseline",
-        "_join_tsc",
         "_final_hits",
         "_final_missed",
         "_draining",
@@ -197,15 +199,20 @@ class Djprobe:
         if registers not in ("all", "args"):
             raise InvalidSiteError(f"registers must be 'all' or 'args', not {registers!r}")
         self.addr: int | str = addr
-        self.size = size
+        if size is not None:
+            self.size = size
         if handler is not None:
             self.handler = handler
-        self.record = record or handler is not None or lossless
-        self.registers = registers
+        if record or handler is not None or lossless:
+            self.record = True
+        if registers != "all":
+            self.registers = registers
         #: Recording waits for room in a full ring (up to ``ProbedProcess.wait_timeout``) instead
         #: of dropping the event, while the consumer is draining.
-        self.lossless = lossless
-        self.at = at
+        if lossless:
+            self.lossless = lossless
+        if at != "entry":
+            self.at = at
         #: Where no jump fits, fall back to a kernel uprobe (see ``traps.py``): True, False, or
         #: None for the process's ``trap_fallback``; "only" places a trap even where a jump fits
         #: (to compare, or to leave the code to the kernel). ``mode`` is then "trap", and
@@ -213,7 +220,6 @@ class Djprobe:
         if trap is not None:
             self.trap = trap
         self._mode: str | None = None  # "jump" or "trap" once registered (see ``mode``)
-        self.no_jump_reason: str | None = None
         #: Parameter names and types (``prototype="char *s, long n"``, or one from
         #: ``djprobe.debuginfo``): a recording probe; ``char *`` arguments are copied at the hit.
         typed, strings = typed_probe(prototype, at)
@@ -224,9 +230,6 @@ class Djprobe:
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
         self._instance: Instance | None = None
-        self._baseline = 0
-        self._drop_baseline = 0
-        self._join_tsc = 0
         self._final_hits: int | None = None
         self._final_missed: int | None = None
         # Unregistered, but a thread may still be running through its stub: counts stay live.
@@ -278,70 +281,6 @@ class Djprobe:
         return f"<Djprobe {where} {state} hits={self.hits}>"
 
 
-@dataclass(slots=True)  # 20,000 of them in a whole process: no per-instance dict
-class Instance:
-    """The patch at one address: a stub in a region slot, shared by the probes placed there."""
-
-    analysis: SiteAnalysis
-    region: Region
-    slot: int
-    stub: Stub
-    original: bytes
-    patched: bytes
-    action: str = "count"  # or "record"
-    registers: str = "all"
-    lossless: bool = False  # its record stub waits for room while the consumer drains
-    strings: int = 0  # argument registers whose strings its stub copies (djprobe.fetch_stubs)
-    probes: list[Djprobe] = field(default_factory=list)
-    carried_hits: int = 0  # from earlier stubs of this instance that are given back
-    carried_drops: int = 0
-    # Earlier stubs (region, slot, stub) that a thread may still run through: still counted.
-    old_slots: tuple[tuple[Region, int, Stub], ...] = ()
-    removed: bool = False  # unregistered: its slot is in old_slots until given back
-    drained: tuple[Djprobe, ...] = ()  # unregistered while a thread was inside
-    # Overlapping probes (see overlaps.py): a guest's host, a host's guests.
-    host: "Instance | None" = field(default=None, repr=False, compare=False)
-    guests: tuple["Instance", ...] = field(default=(), repr=False, compare=False)
-    # A short jump (springboards.py): the jmp rel8's springboard and the padding bytes it replaced.
-    springboard: int | None = None
-    springboard_original: bytes = b""
-
-    @property
-    def address(self) -> int:
-        return self.analysis.address
-
-    @property
-    def size(self) -> int:
-        return self.analysis.size
-
-    def count(self) -> int:
-        live = 0 if self.removed else self.region.view.count(self.slot)
-        return self.carried_hits + live + sum(r.view.count(i) for r, i, _ in self.old_slots)
-
-    def drops(self) -> int:
-        live = 0 if self.removed else self.region.view.drops(self.slot)
-        return self.carried_drops + live + sum(r.view.drops(i) for r, i, _ in self.old_slots)
-
-    def finish_drained(self) -> None:
-        """The probes unregistered while a thread was inside get their final counts now."""
-        for djp in self.drained:
-            djp._final_hits = self.count() - djp._baseline
-            djp._final_missed = self.drops() - djp._drop_baseline
-            djp._draining = None
-        self.drained = ()
-
-    def serves(self, djp: Djprobe) -> bool:
-        """Whether this instance's stub does what ``djp`` needs."""
-        if not djp.record:
-            return True
-        return (
-            self.action == "record"
-            and (self.registers == "all" or djp.registers == "args")
-            and (self.lossless or not djp.lossless)
-            and not djp.strings & ~self.strings
-        )
-
-
 class ProbedProcess:
     """A live process that djprobes can be placed in. Use :func:`attach` or :func:`spawn`.
 
@@ -381,7 +320,7 @@ class ProbedProcess:
         self.site_cache = SiteCache()
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
-        self._by_slot: dict[tuple[int, int], Instance] = {}
+        self._by_slot: SlotOwners[Instance] = SlotOwners()  # (region number, slot) -> owner
         self._pending: list[EventBatch] = []
         #: Where a jump cannot be placed, place a kernel uprobe instead (``traps.py``), unless a
         #: probe says otherwise (``Djprobe(trap=...)``). Off by default here; the CLI turns it on.
@@ -751,17 +690,20 @@ class ProbedProcess:
         now, world stopped, so its counts are 0 (its slot's counters were zeroed when the slot was
         given back, and no thread could reach its stub before): not read, which would map every
         counter page of the area into the tracer (1 MiB per 1,024 probes) during insertion."""
-        djp.mode, djp.no_jump_reason = "jump", None
+        djp.mode = "jump"
         djp.address = analysis.address
         djp.site = analysis.site
         djp.analysis = analysis
-        djp._baseline = 0 if fresh else instance.count()
-        djp._drop_baseline = 0 if fresh else instance.drops()
-        djp._join_tsc = self.clock.now_tsc() if djp.record else 0
+        # set only where they differ from the class defaults (no per-probe dict for a count probe)
+        for name, value in (("no_jump_reason", None), ("_baseline", 0 if fresh else instance.count()),
+                            ("_drop_baseline", 0 if fresh else instance.drops()),
+                            ("_join_tsc", self.clock.now_tsc() if djp.record else 0)):
+            if getattr(djp, name) != value:
+                setattr(djp, name, value)
         djp._final_hits = None
         djp._final_missed = None
         djp._instance = instance
-        instance.probes.append(djp)
+        instance.probes += (djp,)
 
     def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
                  part: Djprobe | None = None, strings: int = 0) -> tuple[Region, int, Stub]:
@@ -1001,8 +943,7 @@ class ProbedProcess:
             djp._final_hits = instance.count() - djp._baseline
             djp._final_missed = instance.drops() - djp._drop_baseline
         djp._instance = None
-        if djp in instance.probes:
-            instance.probes.remove(djp)
+        instance.probes = tuple(p for p in instance.probes if p is not djp)
 
     def _remove_instance(self, instance: Instance) -> None:
         try:
