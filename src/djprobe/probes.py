@@ -46,7 +46,7 @@ from .errors import (
     TracePermissionError,
 )
 from .process import Process, Thread
-from ._sys.heap import release_free_heap
+from ._sys.heap import release_free_heap, release_shared_pages
 from .regions import Region, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns, springboards
@@ -537,6 +537,8 @@ class ProbedProcess:
         self.site_cache.flush()
         if len(djps) >= TRIM_AFTER:
             release_free_heap()  # the batch's temporaries (cache files, plans) leave holes in the C heap
+            for region in self._regions:  # written through the tracer's views: not needed resident
+                release_shared_pages(region._mmap)
         self._heartbeat()  # registration took its time: the consumer is alive as of now
         return returns.settle(self, refused)
 
