@@ -152,7 +152,7 @@ def build_count_stub_fast(
     slot_address: int,
     counter_address: int,
     rseq_offset: int | None = None,
-) -> Stub:
+) -> "Stub | TemplateStub":
     """What :func:`djprobe.stubs.build_count_stub` builds, from a template (see the module
     docstring); the exit window of a return probe is built by ``build_count_stub`` itself. The
     stub returned is a :class:`TemplateStub`: it keeps what it was built from, not its bytes.
@@ -172,24 +172,29 @@ def build_count_stub_fast(
     return stub
 
 
-class TemplateStub(Stub):
+class TemplateStub:
     """A count stub built by :func:`build_count_stub_fast` that keeps only what it was built
     from (the site analysis, the layout, its slot and counter addresses, the rseq offset) and
     its sizes: ``code``, ``relocated`` and ``trailer`` are built again from them when asked
     (the same bytes: building is deterministic). 20,000 probes would otherwise keep 12 MiB of
     code, relocated copies, address maps and descriptors that are needed only to move a thread
-    or to rebuild a shared stub."""
+    or to rebuild a shared stub. It has the attributes and methods of a :class:`~djprobe.stubs.Stub`
+    without its slots (``action_start``, ``extra_action_ranges`` are class defaults, ``slot_size``
+    comes from the layout): 104 bytes instead of 152."""
 
-    __slots__ = ("_site", "_layout", "_counter", "_rseq_offset", "_size", "_per_cpu", "_unwritten")
+    __slots__ = ("address", "action_size", "_site", "_layout", "_counter", "_rseq_offset", "_size", "_per_cpu",
+                 "_unwritten")
+    action_start: int | None = None
+    extra_action_ranges: tuple[tuple[int, int], ...] = ()
+    action_range = Stub.action_range
+    action_ranges = Stub.action_ranges
+    in_action = Stub.in_action
 
     def __init__(self, site: Relocatable, layout: AreaLayout, address: int, counter_address: int,
                  rseq_offset: int | None, action_size: int, size: int, per_cpu: bool) -> None:
         setattr_ = object.__setattr__
         setattr_(self, "address", address)
         setattr_(self, "action_size", action_size)
-        setattr_(self, "action_start", None)
-        setattr_(self, "extra_action_ranges", ())
-        setattr_(self, "slot_size", layout.slot_size if per_cpu else 0)
         setattr_(self, "_site", site)
         setattr_(self, "_layout", layout)
         setattr_(self, "_counter", counter_address)
@@ -201,22 +206,30 @@ class TemplateStub(Stub):
     def _parts(self) -> tuple[CountTemplate, bytes, Relocated]:
         return _count_parts(self._site, self._layout, self.address, self._counter, self._rseq_offset)
 
-    @property  # type: ignore[override]
+    @property
     def code(self) -> bytes:
         _, action, relocated = self._parts()
         return action + relocated.code
 
-    @property  # type: ignore[override]
+    @property
     def relocated(self) -> Relocated:
         return self._parts()[2]
 
-    @property  # type: ignore[override]
+    @property
     def trailer(self) -> bytes:
         if not self._per_cpu:
             return b""
         template = self._parts()[0]
         start, end, abort = (self.address + offset for offset in template.rseq_labels)  # type: ignore[union-attr]
         return rseq_descriptor(start, end, abort)
+
+    @property
+    def slot_size(self) -> int:
+        """Where the trailer ends (a per-CPU stub), else 0 (as ``Stub.slot_size``)."""
+        return self._layout.slot_size if self._per_cpu else 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a stub is immutable (cannot set {name})")
 
     @property
     def end(self) -> int:
