@@ -107,7 +107,7 @@ def shared(instance: "Instance") -> bool:
 
 
 class PlanWindows:
-    """The shareable windows of a batch of registration plans (``[djp, analysis, prepared]``),
+    """The shareable windows of a batch of registration plans (``[djp, analysis, ...]``),
     indexed by address: which planned window has an address strictly inside it."""
 
     def __init__(self, plans: Sequence[list]) -> None:

@@ -152,10 +152,15 @@ def build_count_stub_fast(
     slot_address: int,
     counter_address: int,
     rseq_offset: int | None = None,
+    *,
+    slot: int | None = None,
+    code_address: int | None = None,
 ) -> "Stub | TemplateStub":
     """What :func:`djprobe.stubs.build_count_stub` builds, from a template (see the module
     docstring); the exit window of a return probe is built by ``build_count_stub`` itself. The
-    stub returned is a :class:`TemplateStub`: it keeps what it was built from, not its bytes.
+    stub returned is a :class:`TemplateStub`: it keeps what it was built from, not its bytes;
+    given the ``slot`` and the area's ``code_address`` the two addresses are, it keeps those
+    (shared with the instance and the area) instead of two integers of its own.
 
     Raises RelocationError if the displaced instructions or the counter cannot be reached from
     this slot, ValueError if the stub does not fit in a slot."""
@@ -167,7 +172,7 @@ def build_count_stub_fast(
     if size > layout.slot_size - reserve:
         raise ValueError(f"stub of {size} bytes does not fit a {layout.slot_size}-byte slot")
     stub = TemplateStub(site, layout, slot_address, counter_address, rseq_offset, len(action), size,
-                        template.rseq_labels is not None)
+                        template.rseq_labels is not None, slot=slot, code_address=code_address)
     object.__setattr__(stub, "_unwritten", stub._image_of(template, action, relocated))
     return stub
 
@@ -182,8 +187,8 @@ class TemplateStub:
     without its slots (``action_start``, ``extra_action_ranges`` are class defaults, ``slot_size``
     comes from the layout): 104 bytes instead of 152."""
 
-    __slots__ = ("address", "action_size", "_site", "_layout", "_counter", "_rseq_offset", "_size", "_per_cpu",
-                 "_unwritten")
+    __slots__ = ("_base", "_slot", "action_size", "_site", "_layout", "_counter", "_rseq_offset", "_size",
+                 "_per_cpu", "_unwritten")
     action_start: int | None = None
     extra_action_ranges: tuple[tuple[int, int], ...] = ()
     action_range = Stub.action_range
@@ -191,20 +196,40 @@ class TemplateStub:
     in_action = Stub.in_action
 
     def __init__(self, site: Relocatable, layout: AreaLayout, address: int, counter_address: int,
-                 rseq_offset: int | None, action_size: int, size: int, per_cpu: bool) -> None:
+                 rseq_offset: int | None, action_size: int, size: int, per_cpu: bool, *,
+                 slot: int | None = None, code_address: int | None = None) -> None:
         setattr_ = object.__setattr__
-        setattr_(self, "address", address)
+        derived = (slot is not None and code_address is not None
+                   and layout.slot_address(code_address, slot) == address
+                   and layout.counter_address(code_address + layout.code_size, slot) == counter_address)
+        # the addresses from (area, slot) when they are those: no two integers per stub
+        setattr_(self, "_base", code_address if derived else address)
+        setattr_(self, "_slot", slot if derived else None)
+        setattr_(self, "_counter", None if derived else counter_address)
         setattr_(self, "action_size", action_size)
         setattr_(self, "_site", site)
         setattr_(self, "_layout", layout)
-        setattr_(self, "_counter", counter_address)
         setattr_(self, "_rseq_offset", rseq_offset)
         setattr_(self, "_size", size)
         setattr_(self, "_per_cpu", per_cpu)
         setattr_(self, "_unwritten", None)  # the image built with the stub, until it is asked for once
 
+    @property
+    def address(self) -> int:
+        """Where the stub is (its slot's address)."""
+        if self._slot is None:
+            return self._base
+        return self._layout.slot_address(self._base, self._slot)
+
+    @property
+    def counter_address(self) -> int:
+        """Shard 0 of the counter the stub adds to."""
+        if self._slot is None:
+            return self._counter  # type: ignore[return-value]
+        return self._layout.counter_address(self._base + self._layout.code_size, self._slot)
+
     def _parts(self) -> tuple[CountTemplate, bytes, Relocated]:
-        return _count_parts(self._site, self._layout, self.address, self._counter, self._rseq_offset)
+        return _count_parts(self._site, self._layout, self.address, self.counter_address, self._rseq_offset)
 
     @property
     def code(self) -> bytes:
@@ -252,5 +277,5 @@ class TemplateStub:
         return code + b"\xcc" * (self.slot_size - RSEQ_CS_SIZE - len(code)) + rseq_descriptor(start, end, abort)
 
     def __reduce__(self) -> tuple:
-        return (TemplateStub, (self._site, self._layout, self.address, self._counter, self._rseq_offset,
+        return (TemplateStub, (self._site, self._layout, self.address, self.counter_address, self._rseq_offset,
                                self.action_size, self._size, self._per_cpu))

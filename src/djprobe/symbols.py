@@ -1548,7 +1548,7 @@ class Symbols:
                     address=base + offset,
                     reason="offset beyond the symbol",
                 )
-        address = base + offset
+        address = base + offset if offset else base  # the symbol's own integer: one per site, not two
         module = self.module_at(address) or sym.module
         if func is not None and not (func.address <= address < max(func.end, func.address + 1)):
             func = None
