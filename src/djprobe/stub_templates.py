@@ -194,6 +194,7 @@ class TemplateStub:
     action_range = Stub.action_range
     action_ranges = Stub.action_ranges
     in_action = Stub.in_action
+    original_address = Stub.original_address
 
     def __init__(self, site: Relocatable, layout: AreaLayout, address: int, counter_address: int,
                  rseq_offset: int | None, action_size: int, size: int, per_cpu: bool, *,

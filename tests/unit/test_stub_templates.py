@@ -105,3 +105,29 @@ def test_out_of_reach_is_refused_like_the_assembler(sites):
     with pytest.raises(RelocationError) as counter:
         build_count_stub_fast(site, layout, near, near + (3 << 30), None)
     assert counter.value.out_of_reach
+
+
+def test_template_stub_has_every_attribute_of_a_stub(sites):
+    """A TemplateStub is not a Stub subclass (no unused slots): it still answers everything a
+    Stub does, with the same values as the assembled stub."""
+    from djprobe.stub_templates import TemplateStub
+    from djprobe.stubs import Stub
+
+    layout = AreaLayout.for_counting()
+    site = sites[0]
+    code_address = site.address + 0x40_0000
+    slot = 3
+    slot_address = layout.slot_address(code_address, slot)
+    counter = layout.counter_address(code_address + layout.code_size, slot)
+    fast = build_count_stub_fast(site, layout, slot_address, counter, 0x20, slot=slot, code_address=code_address)
+    ref = build_count_stub(site, layout, slot_address, counter, 0x20)
+    assert isinstance(fast, TemplateStub)
+    public = [k for k in vars(Stub) if not k.startswith("_")]
+    for name in public:
+        assert hasattr(fast, name), name
+    assert (fast.address, fast.end, fast.action_ranges, fast.counter_address) == (ref.address, ref.end, ref.action_ranges, counter)
+    inside = next(iter(ref.relocated.address_map.values()))
+    assert fast.original_address(inside) == ref.original_address(inside)
+    assert fast.in_action(fast.address) and not fast.in_action(fast.end)
+    with pytest.raises(AttributeError):
+        fast.address = 0  # type: ignore[misc]
