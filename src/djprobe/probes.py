@@ -47,7 +47,7 @@ from .errors import (
 )
 from .process import Process, Thread
 from ._sys.heap import release_free_heap, release_shared_pages
-from .regions import Region, create_region, unmap_region
+from .regions import Region, area_candidates, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns, springboards
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
@@ -734,8 +734,10 @@ class ProbedProcess:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
                 self.process.prepare_syscalls()  # the slow part of the first injected call, before the stop
+                near = area_candidates(self.process, analysis.address, self.layout)  # the maps: before it too
                 with self.stopped():  # mapping it takes injected syscalls: short stops
-                    region = create_region(self.process, analysis.address, self.layout, between=self._breathe)
+                    region = create_region(self.process, analysis.address, self.layout, between=self._breathe,
+                                           candidates=near)
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._region_numbers[id(region)] = len(self._regions) - 1
