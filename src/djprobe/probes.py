@@ -46,7 +46,7 @@ from .errors import (
     TracePermissionError,
 )
 from .process import Process, Thread
-from ._sys.heap import release_free_heap, release_shared_pages
+from ._sys.heap import fix_mmap_threshold, release_free_heap, release_shared_pages
 from .regions import Region, area_candidates, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns, springboards
@@ -290,6 +290,7 @@ class ProbedProcess:
     """
 
     def __init__(self, process: Process) -> None:
+        fix_mmap_threshold()  # large temporaries (symbol sections, cache files) leave no holes in the heap
         self.process = process
         self.pid = process.pid
         self._symbols: Symbols | None = None
