@@ -52,6 +52,10 @@ class WholeProcessResult:
     tracer_rss_probed_kib: int
     tracer_maxrss_kib: int
     tracer_rss_counted_kib: int = 0  # after reading every probe's count (maps the counter pages)
+    # RssAnon (no file-backed pages): the RSS growth also counts library code pages touched again
+    # when the page cache dropped them since the baseline (seen: a baseline 5 MiB lower)
+    tracer_anon_before_kib: int = 0
+    tracer_anon_probed_kib: int = 0
 
     @property
     def total_s(self) -> float:
@@ -67,7 +71,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
     try:
         if target.stdout.readline().strip() != "ready":
             raise RuntimeError("whole-process target did not start")
-        rss_before = rss_kib()
+        rss_before, anon_before = rss_kib(), rss_kib(field="RssAnon")
         t0 = time.monotonic()
         with attach(target.pid) as proc:
             proc.layout = AreaLayout.for_counting()  # as `djprobe count` does
@@ -98,7 +102,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
             proc.process.stop, proc.process.resume = timed_stop, timed_resume
             refused = proc.register_many(probes)
             t2 = time.monotonic()
-            rss_probed = rss_kib()
+            rss_probed, anon_probed = rss_kib(), rss_kib(field="RssAnon")
             placed = [d for d in probes if d.registered]
             time.sleep(0.5)
             counting = sum(1 for d in placed if d.hits)
@@ -113,6 +117,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
             stops=len(stops), longest_stop_ms=max(stops) * 1000 if stops else 0.0, remove_s=remove_s,
             counting=counting, cache_hits=hits, cache_misses=misses, tracer_rss_before_kib=rss_before,
             tracer_rss_probed_kib=rss_probed, tracer_maxrss_kib=rss_kib(field="VmHWM"), tracer_rss_counted_kib=rss_counted,
+            tracer_anon_before_kib=anon_before, tracer_anon_probed_kib=anon_probed,
         )
     finally:
         target.kill()
@@ -148,7 +153,8 @@ def format_result(results: list[dict]) -> str:
         lines.append(
             f"        tracer RSS {r['tracer_rss_before_kib'] // 1024} MiB before attach -> "
             f"{r['tracer_rss_probed_kib'] // 1024} MiB with the probes "
-            f"(+{(r['tracer_rss_probed_kib'] - r['tracer_rss_before_kib']) / 1024:.0f} MiB), "
+            f"(+{(r['tracer_rss_probed_kib'] - r['tracer_rss_before_kib']) / 1024:.1f} MiB; anonymous "
+            f"+{(r.get('tracer_anon_probed_kib', 0) - r.get('tracer_anon_before_kib', 0)) / 1024:.1f} MiB), "
             f"peak {r['tracer_maxrss_kib'] // 1024} MiB; {r.get('tracer_rss_counted_kib', 0) // 1024} MiB "
             "once every count was read"
         )

@@ -57,7 +57,7 @@ class ChildEvents:
         self.child = child
         self.pid = child.pid
         self.clock = source.clock
-        self._by_slot = dict(source._by_slot)  # the instances as the child inherited them
+        self._by_slot = source._by_slot.copy()  # the instances as the child inherited them
         self._threads = ThreadMap()
         self._threads.tid_offset = source._thread_map.tid_offset
         with_rings = {reader.region_index for reader in source._readers}

@@ -109,7 +109,7 @@ def shared(instance: "Instance") -> bool:
 
 
 class PlanWindows:
-    """The shareable windows of a batch of registration plans (``[djp, analysis, prepared]``),
+    """The shareable windows of a batch of registration plans (``[djp, analysis, ...]``),
     indexed by address: which planned window has an address strictly inside it."""
 
     def __init__(self, plans: Sequence[list]) -> None:
@@ -196,12 +196,12 @@ def insert_guest(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, 
     else:
         own = guest_analysis(host, address, site, exit_insn)
     guest = Instance(own, host.region, slot, host.stub, b"", b"", action, registers, lossless, host=host)
-    host.guests.append(guest)
+    host.guests += (guest,)
     proc._join(djp, guest, guest.analysis)
     try:
         rebuild(proc, host)
     except BaseException:
-        host.guests = [g for g in host.guests if g is not guest]
+        host.guests = tuple(g for g in host.guests if g is not guest)
         djp._instance = None
         host.region.give_back(slot)
         raise
@@ -283,7 +283,7 @@ def join_member(proc: "ProbedProcess", djp: "Djprobe", member: "Instance", analy
         try:
             rebuild(proc, member.host or member)
         except BaseException:
-            member.probes.remove(djp)
+            member.probes = tuple(p for p in member.probes if p is not djp)
             djp._instance = None
             raise
 
@@ -292,7 +292,7 @@ def remove_member(proc: "ProbedProcess", member: "Instance", departing: "Djprobe
     """The last probe of ``member`` (a guest, or a host with guests) is leaving (world stopped)."""
     host = member.host or member
     if member.host is not None:  # a guest: its action leaves the host's stub
-        host.guests = [g for g in host.guests if g is not member]
+        host.guests = tuple(g for g in host.guests if g is not member)
         old = host.stub
         del proc._instances[member.address]
         proc._addresses.remove(member.address)
@@ -300,15 +300,15 @@ def remove_member(proc: "ProbedProcess", member: "Instance", departing: "Djprobe
             proc._remove_instance(host)  # the anchor goes with its last guest
         else:
             rebuild(proc, host, leaving=(member,))
-        member.old_slots.append((member.region, member.slot, old))
+        member.old_slots += ((member.region, member.slot, old),)
         member.removed = True
-        member.drained = [departing]
+        member.drained = (departing,)
         departing._draining = member
         proc._give_back_or_retire(member, member.region, member.slot, old)
         return
     # a host with guests: it stays as an anchor, without an action of its own
     departing._draining = member
-    member.drained.append(departing)
+    member.drained += (departing,)
     rebuild(proc, host, leaving=(departing,))
 
 
@@ -374,7 +374,7 @@ def rebuild(proc: "ProbedProcess", host: "Instance", leaving: Sequence = ()) -> 
     springboards.patch_for(proc, host, stub)
     old_stub = host.stub
     proc._move_threads_out_of_stub(old_stub, onto=stub)
-    host.old_slots.append((region, old_slot, old_stub))
+    host.old_slots += ((region, old_slot, old_stub),)
     host.slot, host.stub, host.patched = slot, stub, entry.patched
     for guest in host.guests:
         guest.stub = stub
@@ -387,7 +387,7 @@ def forget_member(proc: "ProbedProcess", instance: "Instance") -> None:
     or exec'd: drop it, and its anchor if nothing else holds it (nothing to write back)."""
     host = instance.host
     if host is not None:
-        host.guests = [g for g in host.guests if g is not instance]
+        host.guests = tuple(g for g in host.guests if g is not instance)
         if proc._instances.get(instance.address) is instance:
             del proc._instances[instance.address]
             proc._addresses.remove(instance.address)
@@ -502,31 +502,31 @@ def reanchor(proc: "ProbedProcess", djp: "Djprobe", analysis: SiteAnalysis, othe
     # kept among its old slots until no thread can be in that stub.
     old_stub, old_slot = old.stub, old.slot
     analyses = {id(m): m.analysis for m in (old, *old.guests)}
-    old.old_slots.append((region, old_slot, old_stub))
+    old.old_slots += ((region, old_slot, old_stub),)
     old.slot = old_slot_new
     old.host = host
     if old_path:
         old.analysis = dataclasses.replace(old.analysis, address=old_point, size=old_end - old_point)
     else:
         old.analysis = guest_analysis(host, old_point, old.analysis.site, old_exit)
-    host.guests = [old, *old.guests]
+    host.guests = (old, *old.guests)
     for guest in old.guests:
         guest.host = host
         guest.analysis = _rederived(host, guest)
-    old.guests = []
+    old.guests = ()
     proc._join(djp, host, merged)
     try:
         points, paths = _points(proc, host, region)
         stub = build_shared_stub(merged, region.layout, region.slot_address(host_slot), points, proc._rseq_offset(), paths)
     except BaseException as exc:  # undo: the old host is as it was
-        host.probes.remove(djp)
+        host.probes = tuple(p for p in host.probes if p is not djp)
         djp._instance = None
-        old.guests = [g for g in host.guests if g is not old]
+        old.guests = tuple(g for g in host.guests if g is not old)
         for member in (old, *old.guests):
             member.host = old if member is not old else None
             member.analysis = analyses[id(member)]
         old.slot = old_slot
-        old.old_slots.pop()
+        old.old_slots = old.old_slots[:-1]
         region.give_back(host_slot)
         region.give_back(old_slot_new)
         if isinstance(exc, StubTooLargeError):

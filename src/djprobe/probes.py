@@ -30,7 +30,6 @@ import time
 import traceback
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -46,11 +45,14 @@ from .errors import (
     TracePermissionError,
 )
 from .process import Process, Thread
-from .regions import Region, create_region, unmap_region
+from ._sys.heap import fix_mmap_threshold, release_free_heap, release_shared_pages
+from .regions import Region, area_candidates, create_region, unmap_region
 from .rseq import RseqArea, glibc_rseq_area, rseq_symbols
 from . import latency, overlaps, returns, springboards
 from .sites import ExitAnalysis, SiteAnalysis, analyse_site, split_return_spec
 from .sites_cache import SiteCache
+from .slot_owners import SlotOwners
+from .instance import Instance
 from .stacks import StackWords
 from .events import EventBatch, Regs, RingReader, ThreadMap, TscClock, decode
 from .fetch_stubs import build_fetch_stub, string_rings
@@ -58,6 +60,7 @@ from .fetch_stubs32 import build_fetch_stub32, kernel_vsyscall
 from .prototypes import Prototype, typed_probe
 from .batch_window import InsertWindow, RemoveWindow
 from .batches import StopBudget
+from .stop_priority import StopPriority
 from .prototypes32 import cdecl_prototype
 from .stub_templates import build_count_stub_fast
 from .stubs import Stub, build_record_stub, jump_bytes
@@ -90,6 +93,8 @@ DRAIN_MARGIN_SECONDS = 20e-6
 #: room in one of the rings it holds back (its record cannot be committed before the handler
 #: returns), and the consumer must let that ring go before the handler's wait times out.
 HOLE_PATIENCE_SECONDS = 0.1
+#: After placing this many probes at once, the free pages of the C heap go back to the system.
+TRIM_AFTER = 1000
 MAX_STOP_SECONDS = 0.01  # batches of insertions and removals: stop the target about this long at a time
 
 
@@ -121,39 +126,42 @@ class Djprobe:
     registration ``latency`` holds the figures and ``hits`` counts the calls.
     """
 
-    # 20,000 probes in a whole process: no per-probe dict unless someone adds an attribute of their own
+    # 20,000 probes in a whole process: no per-probe dict unless someone adds an attribute of their
+    # own, or one of the attributes below (class defaults) is set: only handlers, prototypes,
+    # traps, return and latency probes and their parts set them (88 bytes less per count probe).
+    handler: "Handler | None" = None
+    trap: "bool | str | None" = None
+    prototype: "Prototype | None" = None
+    strings = 0
+    exits: "ExitAnalysis | None" = None  # a return probe's exits (after registration)
+    latency: "latency.Latency | None" = None  # a latency probe's figures (after registration)
+    _latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
+    _latency_exit: "SiteAnalysis | None" = None  # for "both": the exit window its stub takes in
+    _parts: "list[Djprobe] | None" = None  # a return probe's instances: one part per exit
+    _parent: "Djprobe | None" = None  # the return probe this is a part of
+    _preset: "SiteAnalysis | None" = None  # a part's exit window
+    # Also class defaults (set per probe only where they differ: 72 bytes less per count probe).
+    size: int | None = None
+    record = False
+    registers = "all"
+    lossless = False
+    at = "entry"
+    no_jump_reason: str | None = None
+    _baseline = 0  # the instance's count when the probe joined it
+    _drop_baseline = 0
+    _join_tsc = 0
     __slots__ = (
         "addr",
-        "size",
-        "handler",
-        "record",
-        "registers",
-        "lossless",
-        "at",
-        "trap",
         "_mode",
-        "no_jump_reason",
-        "strings",
-        "exits",
-        "latency",
-        "_latency_role",
-        "_latency_exit",
-        "_parts",
-        "_parent",
-        "_preset",
         "address",
         "site",
         "analysis",
         "_instance",
-        "_baseline",
-        "_drop_baseline",
-        "_join_tsc",
         "_final_hits",
         "_final_missed",
         "_apart_baseline",
         "_final_apart",
         "_draining",
-        "prototype",
         "__dict__",
         "__weakref__",
     )
@@ -193,41 +201,37 @@ class Djprobe:
         if registers not in ("all", "args"):
             raise InvalidSiteError(f"registers must be 'all' or 'args', not {registers!r}")
         self.addr: int | str = addr
-        self.size = size
-        self.handler = handler
-        self.record = record or handler is not None or lossless
-        self.registers = registers
+        if size is not None:
+            self.size = size
+        if handler is not None:
+            self.handler = handler
+        if record or handler is not None or lossless:
+            self.record = True
+        if registers != "all":
+            self.registers = registers
         #: Recording waits for room in a full ring (up to ``ProbedProcess.wait_timeout``) instead
         #: of dropping the event, while the consumer is draining.
-        self.lossless = lossless
-        self.at = at
+        if lossless:
+            self.lossless = lossless
+        if at != "entry":
+            self.at = at
         #: Where no jump fits, fall back to a kernel uprobe (see ``traps.py``): True, False, or
         #: None for the process's ``trap_fallback``; "only" places a trap even where a jump fits
         #: (to compare, or to leave the code to the kernel). ``mode`` is then "trap", and
         #: ``no_jump_reason`` says why no jump could be placed.
-        self.trap = trap
+        if trap is not None:
+            self.trap = trap
         self._mode: str | None = None  # "jump" or "trap" once registered (see ``mode``)
-        self.no_jump_reason: str | None = None
         #: Parameter names and types (``prototype="char *s, long n"``, or one from
         #: ``djprobe.debuginfo``): a recording probe; ``char *`` arguments are copied at the hit.
-        self.prototype, self.strings = typed_probe(prototype, at)
-        if self.prototype is not None:
+        typed, strings = typed_probe(prototype, at)
+        if typed is not None:
+            self.prototype, self.strings = typed, strings
             self.record, self.registers = True, "args"
-        self.exits: ExitAnalysis | None = None  # a return probe's exits (after registration)
-        #: A latency probe's figures (``at="latency"``, after registration): see djprobe.latency.
-        self.latency: latency.Latency | None = None
-        self._latency_role: str | None = None  # "entry", "exit" or "both" for a part of a latency probe
-        self._latency_exit: SiteAnalysis | None = None  # for "both": the exit window its stub takes in
-        self._parts: list[Djprobe] | None = None  # a return probe's instances: one part per exit
-        self._parent: Djprobe | None = None  # the return probe this is a part of
-        self._preset: SiteAnalysis | None = None  # a part's exit window
         self.address: int | None = None
         self.site: str | None = None
         self.analysis: SiteAnalysis | None = None
         self._instance: Instance | None = None
-        self._baseline = 0
-        self._drop_baseline = 0
-        self._join_tsc = 0
         self._final_hits: int | None = None
         self._final_missed: int | None = None
         self._apart_baseline = 0
@@ -293,77 +297,6 @@ class Djprobe:
         return f"<Djprobe {where} {state} hits={self.hits}>"
 
 
-@dataclass(slots=True)  # 20,000 of them in a whole process: no per-instance dict
-class Instance:
-    """The patch at one address: a stub in a region slot, shared by the probes placed there."""
-
-    analysis: SiteAnalysis
-    region: Region
-    slot: int
-    stub: Stub
-    original: bytes
-    patched: bytes
-    action: str = "count"  # or "record"
-    registers: str = "all"
-    lossless: bool = False  # its record stub waits for room while the consumer drains
-    strings: int = 0  # argument registers whose strings its stub copies (djprobe.fetch_stubs)
-    probes: list[Djprobe] = field(default_factory=list)
-    carried_hits: int = 0  # from earlier stubs of this instance that are given back
-    carried_drops: int = 0
-    carried_apart: int = 0
-    # Earlier stubs (region, slot, stub) that a thread may still run through: still counted.
-    old_slots: list[tuple[Region, int, Stub]] = field(default_factory=list)
-    removed: bool = False  # unregistered: its slot is in old_slots until given back
-    drained: list[Djprobe] = field(default_factory=list)  # unregistered while a thread was inside
-    # Overlapping probes (see overlaps.py): a guest's host, a host's guests.
-    host: "Instance | None" = field(default=None, repr=False, compare=False)
-    guests: list["Instance"] = field(default_factory=list, repr=False, compare=False)
-    # A short jump (springboards.py): the jmp rel8's springboard and the padding bytes it replaced.
-    springboard: int | None = None
-    springboard_original: bytes = b""
-
-    @property
-    def address(self) -> int:
-        return self.analysis.address
-
-    @property
-    def size(self) -> int:
-        return self.analysis.size
-
-    def count(self) -> int:
-        live = 0 if self.removed else self.region.view.count(self.slot)
-        return self.carried_hits + live + sum(r.view.count(i) for r, i, _ in self.old_slots)
-
-    def apart(self) -> int:
-        """Hits of vfork/posix_spawn children before their exec (see :mod:`djprobe.vforks`)."""
-        live = 0 if self.removed else self.region.view.apart(self.slot)
-        return self.carried_apart + live + sum(r.view.apart(i) for r, i, _ in self.old_slots)
-
-    def drops(self) -> int:
-        live = 0 if self.removed else self.region.view.drops(self.slot)
-        return self.carried_drops + live + sum(r.view.drops(i) for r, i, _ in self.old_slots)
-
-    def finish_drained(self) -> None:
-        """The probes unregistered while a thread was inside get their final counts now."""
-        for djp in self.drained:
-            djp._final_hits = self.count() - djp._baseline
-            djp._final_missed = self.drops() - djp._drop_baseline
-            djp._final_apart = self.apart() - djp._apart_baseline
-            djp._draining = None
-        self.drained = []
-
-    def serves(self, djp: Djprobe) -> bool:
-        """Whether this instance's stub does what ``djp`` needs."""
-        if not djp.record:
-            return True
-        return (
-            self.action == "record"
-            and (self.registers == "all" or djp.registers == "args")
-            and (self.lossless or not djp.lossless)
-            and not djp.strings & ~self.strings
-        )
-
-
 class ProbedProcess:
     """A live process that djprobes can be placed in. Use :func:`attach` or :func:`spawn`.
 
@@ -373,6 +306,7 @@ class ProbedProcess:
     """
 
     def __init__(self, process: Process) -> None:
+        fix_mmap_threshold()  # large temporaries (symbol sections, cache files) leave no holes in the heap
         self.process = process
         self.pid = process.pid
         self._symbols: Symbols | None = None
@@ -381,6 +315,8 @@ class ProbedProcess:
         self._instances: dict[int, Instance] = {}
         self._addresses: list[int] = []  # sorted keys of _instances
         self.max_stop_seconds = MAX_STOP_SECONDS
+        #: The tracer runs under SCHED_FIFO while the target is stopped (``enabled = False``: not).
+        self.stop_priority = StopPriority()
         self._closed = False
         self._stop_depth = 0
         self._own_stop = False
@@ -401,7 +337,7 @@ class ProbedProcess:
         self.site_cache = SiteCache()
         self.layout = AreaLayout()  # of probe areas created from now on (ring sizes, ...)
         self._readers: list[RingReader] = []
-        self._by_slot: dict[tuple[int, int], Instance] = {}
+        self._by_slot: SlotOwners[Instance] = SlotOwners()  # (region number, slot) -> owner
         self._pending: list[EventBatch] = []
         #: Where a jump cannot be placed, place a kernel uprobe instead (``traps.py``), unless a
         #: probe says otherwise (``Djprobe(trap=...)``). Off by default here; the CLI turns it on.
@@ -447,11 +383,13 @@ class ProbedProcess:
             collecting = gc.isenabled()
             gc.disable()  # a full collection (100+ ms with 20,000 probes) must not fall inside a stop
             try:
+                self.stop_priority.raise_()  # not preempted while the target waits (stop_priority.py)
                 self.process.stop()
                 self._stop_generation += 1
                 self._thread_map.learn(self.process)
                 self._reclaim_retired()
             except BaseException:
+                self.stop_priority.restore()
                 if collecting:
                     gc.enable()
                 raise
@@ -470,6 +408,7 @@ class ProbedProcess:
                     self.process.resume()
                     self._resume_seconds = min(time.monotonic() - resumed, self.max_stop_seconds / 2)
                 finally:
+                    self.stop_priority.restore()
                     if collecting:
                         gc.enable()
 
@@ -484,7 +423,9 @@ class ProbedProcess:
         (the system calls that map a probe area) is cut into short stops."""
         if self._stop_depth != 1 or not self._own_stop:
             return
+        self.stop_priority.restore()  # the target runs: the tracer is an ordinary task again
         self.process.resume()
+        self.stop_priority.raise_()
         self.process.stop()
         self._stop_generation += 1
         self._thread_map.learn(self.process)
@@ -539,11 +480,17 @@ class ProbedProcess:
                     djp.strings = djp.prototype.string_mask if djp.strings else 0
         djps = returns.expand(self, djps, refused)  # a return probe: one part per exit window
         djps = latency.expand(self, djps, refused)  # a latency probe: its entry, then its exit windows
-        plans: list[list] = []  # [djp, analysis, prepared (region, slot, stub) or None]
+        # [djp, analysis, region, slot, stub] (the last three once prepared), all made before any
+        # analysis: the batch's temporaries then fill whole allocator pools of their own, given
+        # back together (made one by one between the analyses, with a (region, slot, stub) tuple
+        # each, they left 2.6 MB of holes among the objects kept)
+        plans: list[list] = [[djp, None, None, None, None] for djp in djps]
         to_trap: list[tuple[Djprobe, SiteAnalysis | None, DjprobeError]] = []
-        for djp in djps:
+        for plan in plans:
+            djp = plan[0]
             if djp.registered:
                 refused.append((djp, InvalidSiteError(f"{djp!r} is already registered")))
+                plan[0] = None
                 continue
             analysis = None
             try:
@@ -554,13 +501,15 @@ class ProbedProcess:
                                            address=analysis.address, reason="a trap was asked for (trap='only')")
             except DjprobeError as exc:
                 self._refuse_or_trap(djp, analysis, exc, refused, to_trap)
+                plan[0] = None
                 continue
-            plans.append([djp, analysis, None])
+            plan[1] = analysis
+        plans = [p for p in plans if p[0] is not None]
         windows = overlaps.PlanWindows(plans)
         overlaps.order_plans(plans, windows)  # a probe inside another's window after it: it joins that stub
         no_rel32: dict[int, SiteAnalysis] = {}  # id(djp) -> its refused analysis, for a short plan
         for plan in plans:
-            djp, analysis, _ = plan
+            djp, analysis = plan[0], plan[1]
             if analysis.ok or analysis.address in self._instances or overlaps.joins(self, djp, analysis, windows):
                 continue
             short = springboards.plan(self, djp, analysis)
@@ -583,12 +532,12 @@ class ProbedProcess:
         overlaps.order_plans(plans, windows)  # again: inside a short window, after it
         first_at: set[int] = set()
         for plan in plans:
-            djp, analysis, _ = plan
+            djp, analysis = plan[0], plan[1]
             if analysis.address in self._instances or analysis.address in first_at or overlaps.joins(self, djp, analysis, windows):
                 continue
             first_at.add(analysis.address)
             try:
-                plan[2] = self._prepare(analysis, *self._action_for(djp), part=djp, strings=djp.strings)
+                plan[2:] = self._prepare(analysis, *self._action_for(djp), part=djp, strings=djp.strings)
             except DjprobeError as exc:
                 refusal = no_rel32.get(id(djp))
                 if refusal is not None:  # the short jump's stub: the site's own refusal, or a trap
@@ -604,7 +553,8 @@ class ProbedProcess:
                 self._stack_snapshot()  # first: it costs the same for one probe as for many
                 budget = StopBudget(self._batch_deadline())
                 while pending:
-                    djp, analysis, prepared = pending.pop()
+                    djp, analysis, region, slot, stub = pending.pop()
+                    prepared = (region, slot, stub) if region is not None else None
                     try:
                         self._insert(djp, analysis, prepared)
                     except DjprobeError as exc:
@@ -628,6 +578,10 @@ class ProbedProcess:
         order = {id(djp): i for i, djp in enumerate(djps)}
         refused.sort(key=lambda r: order.get(id(r[0]), -1))  # as given (return probes first)
         self.site_cache.flush()
+        if len(djps) >= TRIM_AFTER:
+            release_free_heap()  # the batch's temporaries (cache files, plans) leave holes in the C heap
+            for region in self._regions:  # written through the tracer's views: not needed resident
+                release_shared_pages(region._mmap)
         self._heartbeat()  # registration took its time: the consumer is alive as of now
         return returns.settle(self, refused)
 
@@ -741,7 +695,9 @@ class ProbedProcess:
         if other is not None:
             raise SiteBusyError(f"{analysis.site}: displaced bytes overlap the probe at {other.address:#x}", address=address)
         original = self.process.read(address, analysis.size)
-        if original != analysis.original:
+        if original == analysis.original:
+            original = analysis.original  # the analysis's bytes: one copy per probe, not two
+        else:
             # Changed since it was analysed: look again now that nothing runs.
             analysis = self.analyse(djp, cached=False)
             if not analysis.ok:
@@ -783,19 +739,22 @@ class ProbedProcess:
         now, world stopped, so its counts are 0 (its slot's counters were zeroed when the slot was
         given back, and no thread could reach its stub before): not read, which would map every
         counter page of the area into the tracer (1 MiB per 1,024 probes) during insertion."""
-        djp.mode, djp.no_jump_reason = "jump", None
+        djp.mode = "jump"
         djp.address = analysis.address
         djp.site = analysis.site
         djp.analysis = analysis
-        djp._baseline = 0 if fresh else instance.count()
-        djp._drop_baseline = 0 if fresh else instance.drops()
-        djp._apart_baseline = 0 if fresh else instance.apart()
+        # set only where they differ from the class defaults (no per-probe dict for a count probe)
+        for name, value in (("no_jump_reason", None), ("_baseline", 0 if fresh else instance.count()),
+                            ("_drop_baseline", 0 if fresh else instance.drops()),
+                            ("_apart_baseline", 0 if fresh else instance.apart()),
+                            ("_join_tsc", self.clock.now_tsc() if djp.record else 0)):
+            if getattr(djp, name) != value:
+                setattr(djp, name, value)
         djp._final_apart = None
-        djp._join_tsc = self.clock.now_tsc() if djp.record else 0
         djp._final_hits = None
         djp._final_missed = None
         djp._instance = instance
-        instance.probes.append(djp)
+        instance.probes += (djp,)
 
     def _prepare(self, analysis: SiteAnalysis, action: str, registers: str, lossless: bool = False,
                  part: Djprobe | None = None, strings: int = 0) -> tuple[Region, int, Stub]:
@@ -815,8 +774,10 @@ class ProbedProcess:
                 if tried_new:
                     raise NoRoomError(f"{analysis.site}: no stub memory within reach", address=analysis.address)
                 self.process.prepare_syscalls()  # the slow part of the first injected call, before the stop
+                near = area_candidates(self.process, analysis.address, self.layout)  # the maps: before it too
                 with self.stopped():  # mapping it takes injected syscalls: short stops
-                    region = create_region(self.process, analysis.address, self.layout, between=self._breathe)
+                    region = create_region(self.process, analysis.address, self.layout, between=self._breathe,
+                                           candidates=near)
                     # owned (and unmapped by close) even if resuming after it fails
                     self._regions.append(region)
                     self._region_numbers[id(region)] = len(self._regions) - 1
@@ -870,6 +831,8 @@ class ProbedProcess:
                         region.slot_address(slot),
                         region.counter_address(slot),
                         self._rseq_offset(),
+                        slot=slot,
+                        code_address=region.code_address,
                     )
             except RelocationError as exc:
                 region.free_slots.append(slot)
@@ -959,11 +922,10 @@ class ProbedProcess:
 
     def _move_threads_into_stub(self, analysis: SiteAnalysis, stub: Stub) -> None:
         start, end = analysis.address, analysis.address + analysis.size
-        mapping = stub.relocated.address_map
         for thread in self.process.threads.values():
             regs = thread.regs()
             if start < regs.rip < end or (thread.in_syscall_restart() and start < regs.rip - 2 < end):
-                new_rip = mapping.get(regs.rip)
+                new_rip = stub.relocated.address_map.get(regs.rip)  # built on demand (stub_templates.TemplateStub)
                 if new_rip is None:
                     raise SiteBusyError(
                         f"{analysis.site}: thread {thread.tid} stopped at {regs.rip:#x}, not at an instruction "
@@ -1042,8 +1004,7 @@ class ProbedProcess:
             djp._final_missed = instance.drops() - djp._drop_baseline
             djp._final_apart = instance.apart() - djp._apart_baseline
         djp._instance = None
-        if djp in instance.probes:
-            instance.probes.remove(djp)
+        instance.probes = tuple(p for p in instance.probes if p is not djp)
 
     def _remove_instance(self, instance: Instance) -> None:
         try:
@@ -1065,9 +1026,9 @@ class ProbedProcess:
         self._move_threads_out_of_stub(instance.stub)
         del self._instances[instance.address]
         _remove_sorted(self._addresses, instance.address)
-        instance.old_slots.append((instance.region, instance.slot, instance.stub))
+        instance.old_slots += ((instance.region, instance.slot, instance.stub),)
         instance.removed = True
-        instance.drained = instance.drained + list(instance.probes)
+        instance.drained = instance.drained + tuple(instance.probes)
         for djp in instance.drained:
             djp._draining = instance  # counts stay live until every slot is given back
         for region, slot, stub in list(instance.old_slots):
@@ -1112,7 +1073,7 @@ class ProbedProcess:
         """No thread can be in ``slot`` any more: its counts are final; give it back."""
         if owner.action == "record":
             self._drain(complete=True)  # its events are attributed before the slot can be reused
-        owner.old_slots = [s for s in owner.old_slots if (s[0], s[1]) != (region, slot)]
+        owner.old_slots = tuple(s for s in owner.old_slots if (s[0], s[1]) != (region, slot))
         owner.carried_hits += region.view.count(slot)
         owner.carried_drops += region.view.drops(slot)
         owner.carried_apart += region.view.apart(slot)
@@ -1183,7 +1144,7 @@ class ProbedProcess:
             self.process.write(instance.address, patched)
         old_region, old_slot, old_stub = instance.region, instance.slot, instance.stub
         self._move_threads_out_of_stub(old_stub, onto=stub)
-        instance.old_slots.append((old_region, old_slot, old_stub))  # counted until given back
+        instance.old_slots += ((old_region, old_slot, old_stub),)  # counted until given back
         instance.region, instance.slot, instance.stub = region, slot, stub
         instance.action, instance.registers, instance.patched = action, registers, entry.patched
         instance.lossless, instance.strings = lossless, strings

@@ -8,11 +8,11 @@ with a mask first, so a search looks at the few rows of the types it wants.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RelocationTable"]
+__all__ = ["RelocationTable", "RowsByName"]
 
 _RELA64 = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
 
@@ -28,7 +28,7 @@ class RelocationTable:
         self.types = types
         self.indexes = indexes
         self.addends = addends
-        self._by_name: dict[tuple[int, ...], dict[str, list[tuple[int, int, int, int]]]] = {}
+        self._by_name: dict[tuple[int, ...], RowsByName] = {}
 
     @classmethod
     def from_rela64(cls, chunks: Iterable[bytes]) -> "RelocationTable":
@@ -66,16 +66,51 @@ class RelocationTable:
         """A mask of the rows whose type is one of ``types``."""
         return np.isin(self.types, np.fromiter(types, dtype=np.uint32))
 
-    def by_symbol_name(self, types: Iterable[int], symbols: Sequence[Sequence]) -> dict[str, list[tuple[int, int, int, int]]]:
+    def row(self, i: int) -> tuple[int, int, int, int]:
+        """Row ``i`` as Python ints."""
+        return int(self.offsets[i]), int(self.types[i]), int(self.indexes[i]), int(self.addends[i])
+
+    def by_symbol_name(self, types: Iterable[int], symbols: Sequence[Sequence]) -> "RowsByName":
         """The rows of ``types`` grouped by the name of their symbol (``symbols[index][0]``, the
         file's dynamic symbol table; rows whose index is beyond it are left out), each group in
         file order. Kept per ``types``: a file's tables do not change."""
         key = tuple(sorted(types))
         found = self._by_name.get(key)
         if found is None:
-            found = {}
-            for row in self.rows(self.of_types(key)):
-                if row[2] < len(symbols):
-                    found.setdefault(symbols[row[2]][0], []).append(row)
+            groups: dict[str, list[int]] = {}
+            picked = np.flatnonzero(self.of_types(key))
+            for i, index in zip(picked.tolist(), self.indexes[picked].tolist()):
+                if index < len(symbols):
+                    groups.setdefault(symbols[index][0], []).append(i)
+            found = RowsByName(self, groups)
             self._by_name[key] = found
         return found
+
+
+class RowsByName(Mapping[str, list[tuple[int, int, int, int]]]):
+    """Rows of a :class:`RelocationTable` grouped by symbol name, kept as one array of row numbers
+    (grouped, each group in file order) and one integer per name (where its group starts, how
+    many): a whole python3's GOT relocations took 4 MiB as lists of row tuples. A group is read
+    as a list of ``(r_offset, type, symbol index, addend)`` tuples."""
+
+    __slots__ = ("_table", "_order", "_spans")
+
+    def __init__(self, table: RelocationTable, groups: dict[str, list[int]]) -> None:
+        self._table = table
+        order: list[int] = []
+        self._spans: dict[str, int] = {}
+        for name, rows in groups.items():
+            self._spans[name] = len(order) << 32 | len(rows)
+            order += rows
+        self._order = np.array(order, dtype=np.uint32)
+
+    def __getitem__(self, name: str) -> list[tuple[int, int, int, int]]:
+        span = self._spans[name]
+        start = span >> 32
+        return [self._table.row(i) for i in self._order[start: start + (span & 0xFFFFFFFF)].tolist()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)

@@ -25,6 +25,7 @@ be writable by others (verdicts from it decide where jumps are written), else no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .sites import SiteAnalysis, Verdict, analyse_site
+from .verdict_index import VerdictIndex
+from .verdict_index import parse as parse_index
 from .x86 import Flow, decode
+from .x86.packed import PackedInsns
 
 if TYPE_CHECKING:  # pragma: no cover
     from .symbols import Module, ResolvedSite, Symbol, Symbols
@@ -98,22 +102,36 @@ class ModuleVerdicts:
         self.module = module
         self.path = path
         self._key = {"format": FORMAT, "build_id": module.build_id, "fingerprint": analysis_fingerprint()}
-        self._entries: dict[str, list] | None = None  # read on first use, dropped at flush
+        # read on first use (kept as text + arrays, see verdict_index.py), dropped at flush
+        self._entries: VerdictIndex | dict[str, list] | None = None
         self._new: dict[str, list] = {}
         self.hits = 0
         self.misses = 0
 
     @property
-    def entries(self) -> dict[str, list]:
-        """The verdicts known (read from the file on first use)."""
+    def entries(self) -> VerdictIndex | dict[str, list]:
+        """The verdicts known (read from the file on first use): a :class:`VerdictIndex`
+        (``get(vaddr)``), or a dict by hex vaddr for a file laid out otherwise."""
         if self._entries is None:
-            self._entries = self._load(self.path)
+            self._entries = self._load(self.path, indexed=True)
         return self._entries
 
-    def _load(self, path: Path) -> dict[str, list]:
+    def _entry(self, vaddr: int) -> list | None:
+        new = self._new.get(_key(vaddr))
+        if new is not None:
+            return new
+        entries = self.entries
+        return entries.get(vaddr) if isinstance(entries, VerdictIndex) else entries.get(_key(vaddr))
+
+    def _load(self, path: Path, indexed: bool = False) -> VerdictIndex | dict[str, list]:
         try:
             with open(path, "rb") as f:
-                data = json.loads(f.read())
+                raw = f.read()
+            if indexed:
+                index = parse_index(raw.decode(), self._key)
+                if index is not None:
+                    return index
+            data = json.loads(raw)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -131,8 +149,8 @@ class ModuleVerdicts:
         ``name``), or None."""
         if function is None:
             return None
-        entry = self.entries.get(_key(address - self.module.bias))
         try:
+            entry = self._entry(address - self.module.bias)
             analysis = self._rebuild(address, function, name, entry) if entry is not None else None
         except (ValueError, TypeError, IndexError, KeyError):
             analysis = None  # a damaged entry: analyse afresh
@@ -160,11 +178,13 @@ class ModuleVerdicts:
             return None
         body = n - padding_bytes
         bits = module.arch.bits  # a 32-bit module's bytes decode as 32-bit code
-        displaced = tuple(decode(raw[:body], address, bits))
+        decoded = tuple(decode(raw[:body], address, bits))
         padding = tuple(decode(raw[body:], address + body, bits)) if padding_bytes else ()
-        if any(i.flow is Flow.INVALID for i in displaced + padding):
+        if any(i.flow is Flow.INVALID for i in decoded + padding):
             return None
-        reason = f"jump: displaces {len(displaced)} instruction(s), {n} bytes"
+        # kept as bytes, decoded when asked: 20,000 probes would keep 45,000 decoded instructions
+        displaced = PackedInsns(raw[:body], address, bits, len(decoded))
+        reason = _jump_reason(len(decoded), n)
         if padding:
             reason += f" (with {len(padding)} padding instruction(s) after the end of {function.name})"
         return SiteAnalysis(size=n, verdict=Verdict.JUMP, reason=reason, displaced=displaced, flags_dead=flags_dead,
@@ -199,9 +219,7 @@ class ModuleVerdicts:
             reason = _HEX.sub(lambda m: f"{{V:{int(m.group(0), 16) - bias:#x}}}" if lo <= int(m.group(0), 16) < hi
                               else m.group(0), analysis.reason)
             entry = ["r", *head, reason]
-        key = _key(analysis.address - bias)
-        self.entries[key] = entry
-        self._new[key] = entry
+        self._new[_key(analysis.address - bias)] = entry
 
     def flush(self) -> None:
         """Write the new verdicts (merged with the file's current ones) atomically, and forget
@@ -227,6 +245,12 @@ class ModuleVerdicts:
         except OSError as exc:
             log.info("site cache %s not written: %s", self.path, exc)
         self._new.clear()
+
+
+@functools.lru_cache(maxsize=256)
+def _jump_reason(instructions: int, size: int) -> str:
+    """A jump verdict's reason (one string per count and size, not one per site)."""
+    return f"jump: displaces {instructions} instruction(s), {size} bytes"
 
 
 def _key(vaddr: int) -> str:

@@ -50,16 +50,18 @@ import re
 import struct
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ._sys.procfs import MapEntry, ProcessMemory, proc_dir, read_maps
 from .arch import ARCHES, X86_64, Arch, check_elf_header, check_target
-from .fde import fde_ranges
+from .fde import FdeTable, fde_ranges
+from .row_columns import RowColumns
 from .reloc_table import RelocationTable
 from .errors import DjprobeError, InvalidSiteError, SymbolNotFoundError
 
@@ -218,6 +220,7 @@ class _Load:
 
 # raw symbol: (name, version, hidden, value, size, st_type, binding, in_exec_section)
 _RawSym = tuple
+_RAW_SYM_DTYPES = (None, None, "?", "u8", "u8", "u1", "u1", "?")
 
 
 class _ElfInfo:
@@ -245,15 +248,15 @@ class _ElfInfo:
         self.loads.sort(key=lambda l: l.vaddr)
         self.build_id = _build_id(e)
         self.debug_file: str | None = None
-        self.symbols: list[_RawSym] = []
+        self.symbols: Sequence[_RawSym] = []
         # dynamic symbol table by index (for relocations): (name, version, hidden, defined)
-        self.dynsym: list[tuple[str, str | None, bool, bool]] = []
+        self.dynsym: Sequence[tuple[str, str | None, bool, bool]] = []
         self._rela: RelocationTable | None = None  # (r_offset, type, sym index, addend) columns
         self._rela_sections: list[tuple[int, int, int]] = []  # (offset, size, entsize) in the file
         self._rel_sections: list[tuple[int, int, int]] = []  # SHT_REL (i386): the addend in the place
         self._stream = stream if data is not None else None
         self._eh_frame: tuple[int, int, int] | None = None  # (file offset, size, vaddr)
-        self._fdes: list | None = None
+        self._fdes: FdeTable | None = None
         eh = e.by_name.get(".eh_frame")
         if eh is not None and eh["sh_type"] == "SHT_PROGBITS" and eh["sh_addr"]:
             self._eh_frame = (eh["sh_offset"], eh["sh_size"], eh["sh_addr"])
@@ -282,7 +285,7 @@ class _ElfInfo:
                 continue
             seen.add(key)
             merged.append(s)
-        self.symbols = merged
+        self.symbols = RowColumns(merged, _RAW_SYM_DTYPES)  # kept for later symbol tables: as columns
         for sec in e.secs:
             if sec["sh_type"] == "SHT_RELA" and sec["sh_flags"] & 0x2:  # SHF_ALLOC
                 self._rela_sections.append((sec["sh_offset"], sec["sh_size"], sec["sh_entsize"] or 24))
@@ -308,7 +311,7 @@ class _ElfInfo:
             if "@" in name:
                 name, version, hidden = _split_version(name)
             out.append((name, version, hidden, value, size, st_type, bind, exec_sec))
-        self.dynsym = table
+        self.dynsym = RowColumns(table, (None, None, "?", "?"))
         return out
 
     def _find_debug_elf(self, elf: "_Elf") -> "_Elf | None":
@@ -372,15 +375,17 @@ class _ElfInfo:
 
     # -- .eh_frame function bounds (lazy) ------------------------------------------------
 
-    def fde_ranges(self) -> list:
-        """The code ranges of the FDEs of ``.eh_frame`` (file vaddrs, sorted); [] without one."""
+    def fde_ranges(self) -> FdeTable:
+        """The code ranges of the FDEs of ``.eh_frame`` (file vaddrs, sorted; empty without one),
+        kept as columns (iterated as ``FdeRange`` objects)."""
         with self._lock:
             if self._fdes is None:
-                self._fdes = []
+                ranges = []
                 if self._eh_frame is not None:
                     off, size, vaddr = self._eh_frame
                     data = self._stream_read(off, size)
-                    self._fdes = fde_ranges(data, vaddr)
+                    ranges = fde_ranges(data, vaddr)
+                self._fdes = FdeTable(ranges)
             return self._fdes
 
     def _stream_read(self, offset: int, size: int) -> bytes:
@@ -767,7 +772,10 @@ class Module:
                 if m:
                     cold.setdefault(m.group(1), []).append(s)
         self._all = all_syms
-        self._by_name = by_name
+        # a name of one symbol maps to the symbol itself (no one-element list per name: 65,000 of
+        # them in a whole python3), several to a tuple; read through _named()
+        self._by_name: dict[str, Symbol | tuple[Symbol, ...]] = {
+            name: lst[0] if len(lst) == 1 else tuple(lst) for name, lst in by_name.items()}
         self._funcs = dedup
         self._func_starts = [s.address for s in dedup]
         self._func_maxend = _prefix_max_end(dedup)
@@ -843,10 +851,16 @@ class Module:
             default_only = "@@" in name
             return [
                 s
-                for s in self._by_name.get(base, ())
+                for s in self._named(base)
                 if s.version == version and (not default_only or not s.version_hidden)
             ]
-        return list(self._by_name.get(name, ()))
+        return list(self._named(name))
+
+    def _named(self, name: str) -> tuple[Symbol, ...]:
+        found = self._by_name.get(name)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, Symbol) else found
 
     def function_at(self, address: int) -> Symbol | None:
         """The function whose [address, end) contains ``address``: the one starting closest below;
@@ -913,8 +927,10 @@ class Module:
 _COLD_RE = re.compile(r"^(.*)\.cold(?:\.\d+)?$")
 
 
-def _prefix_max_end(syms: list[Symbol]) -> list[int]:
-    out, m = [], 0
+def _prefix_max_end(syms: list[Symbol]) -> "array[int]":
+    """The largest end of ``syms[:i + 1]`` for every i (an array of words: no integer object per
+    symbol kept)."""
+    out, m = array("Q"), 0
     for s in syms:
         e = s.address + s.size
         if e > m:
@@ -923,7 +939,7 @@ def _prefix_max_end(syms: list[Symbol]) -> list[int]:
     return out
 
 
-def _containing(syms: list[Symbol], starts: list[int], maxend: list[int], address: int) -> Symbol | None:
+def _containing(syms: list[Symbol], starts: list[int], maxend: Sequence[int], address: int) -> Symbol | None:
     i = bisect.bisect_right(starts, address) - 1
     while i >= 0 and maxend[i] > address:
         s = syms[i]
@@ -1532,7 +1548,7 @@ class Symbols:
                     address=base + offset,
                     reason="offset beyond the symbol",
                 )
-        address = base + offset
+        address = base + offset if offset else base  # the symbol's own integer: one per site, not two
         module = self.module_at(address) or sym.module
         if func is not None and not (func.address <= address < max(func.end, func.address + 1)):
             func = None

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidSiteError
 from ..x86 import Insn, Relocated, RelocationError, relocate
+from ..x86.packed import PackedInsns
 
 if TYPE_CHECKING:
     from ..symbols import Module, Symbol
@@ -84,7 +85,9 @@ class SiteAnalysis:
     @property
     def original(self) -> bytes:
         """The overwritten bytes (as decoded, i.e. as in the file), padding included."""
-        return b"".join(i.raw for i in self.displaced) + b"".join(i.raw for i in self.padding)
+        displaced = self.displaced
+        head = displaced.raw if isinstance(displaced, PackedInsns) else b"".join(i.raw for i in displaced)
+        return head + b"".join(i.raw for i in self.padding)
 
     def error(self) -> Exception:
         """The exception a caller should raise for a refusal: SiteBusyError or InvalidSiteError."""
