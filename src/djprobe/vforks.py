@@ -50,6 +50,7 @@ from .stubs import RED_ZONE, Stub, _Asm, _finish, _fs
 if TYPE_CHECKING:
     from .probes import ProbedProcess
     from .regions import Region
+    from .symbols import ResolvedSite
     from .sites import SiteAnalysis
 
 __all__ = ["VforkHook", "VforkMarks", "find_vfork_site", "find_spawn_child", "vfork_action"]
@@ -106,10 +107,19 @@ class VforkHook(Djprobe):
 
     stub_arches = frozenset({X86_64, I386})  # 32-bit code: djprobe.vforks32
 
-    def __init__(self, address: int, rseq_offset: int, after_syscall: bool) -> None:
-        super().__init__(address, trap=False)  # its own stub or nothing
+    def __init__(self, address: "int | ResolvedSite", rseq_offset: int, after_syscall: bool,
+                 clone_flags: str | None = None) -> None:
+        """``after_syscall``: the child is the side where the system call returned 0;
+        ``clone_flags`` (32-bit only, the hooks after ``__clone``'s and ``__clone3``'s ``int
+        0x80``: ``"ebx"`` or ``"[ebx]"``): and only where the clone flags there have
+        ``CLONE_VM|CLONE_VFORK`` without ``CLONE_SETTLS`` (:func:`djprobe.vforks32.vfork_action32`)."""
+        site = address
+        super().__init__(site if isinstance(site, int) else site.address, trap=False)  # its own stub or nothing
+        if not isinstance(site, int):  # a site no symbol covers, with the function to analyse it in
+            self.addr = site  # type: ignore[assignment]
         self.rseq_offset = rseq_offset
         self.after_syscall = after_syscall
+        self.clone_flags = clone_flags
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         layout = region.layout
@@ -119,8 +129,11 @@ class VforkHook(Djprobe):
             from .stubs32 import finish32
             from .vforks32 import vfork_action32
 
-            action = vfork_action32(counter, apart, self.rseq_offset, child_only_if_eax_zero=self.after_syscall)
+            action = vfork_action32(counter, apart, self.rseq_offset, child_only_if_eax_zero=self.after_syscall,
+                                    clone_flags=self.clone_flags)
             return finish32(analysis, layout, region.slot_address(slot), action)
+        if self.clone_flags:
+            raise ValueError("the clone-flags vfork hook is built for 32-bit code only")
         action = vfork_action(counter, apart, self.rseq_offset, child_only_if_rax_zero=self.after_syscall)
         return _finish(analysis, layout, region.slot_address(slot), action)
 
@@ -190,22 +203,24 @@ class VforkMarks:
             self.notes.append("no usable rseq area in this process (glibc without rseq, glibc.pthread.rseq=0): "
                               "vfork/posix_spawn children count as the parent's")
             return
-        finders = ((find_vfork_site, True), (find_spawn_child, False))
-        if i386:  # 32-bit code: djprobe.vforks32
-            from .vforks32 import find_spawn_child32, find_vfork_site32
+        finders = ((find_vfork_site, True, None), (find_spawn_child, False, None))
+        if i386:  # 32-bit code: djprobe.vforks32 (posix_spawn children marked after clone3's and clone's int 0x80)
+            from .vforks32 import clone3_site32, find_clone_site32, find_vfork_site32
 
-            finders = ((find_vfork_site32, True), (find_spawn_child32, False))
-        for find, after_syscall in finders:
+            finders = ((find_vfork_site32, True, None), (clone3_site32, True, "[ebx]"),
+                       (find_clone_site32, True, "ebx"))
+        for find, after_syscall, clone_flags in finders:
             try:
                 site = find(self.target)
             except (SymbolNotFoundError, DjprobeError) as exc:
                 self.notes.append(f"{exc}: such children count as the parent's")
                 continue
-            hook = VforkHook(site, offset, after_syscall)
+            hook = VforkHook(site, offset, after_syscall, clone_flags)
             try:
                 self.target.register(hook)
             except DjprobeError as exc:
-                self.notes.append(f"vfork hook at {site:#x} refused: {exc}")
+                where = site if isinstance(site, int) else site.address
+                self.notes.append(f"vfork hook at {where:#x} refused: {exc}")
                 continue
             self.hooks.append(hook)
         for note in self.notes:
