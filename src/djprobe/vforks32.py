@@ -10,19 +10,22 @@ instance's apart counter, nothing else.
 
 The i386 ``__vfork`` is ``pop ecx; mov eax, 190; int 0x80; push ecx; cmp eax, -4095; jae error;
 ret``: the hook goes after the ``int 0x80`` (the relocated ``push ecx; cmp`` follow its action),
-marking only where ``eax`` is 0. posix_spawn children are marked by a second hook after the
-``int 0x80`` of ``__clone`` (exported as ``clone``), through which i386 glibc 2.36's
-``__spawni`` makes its child with ``CLONE_VM|CLONE_VFORK|SIGCHLD`` (``__clone_internal`` has no
-``clone3`` on i386): there ``ebx`` still holds the clone flags (the kernel keeps the registers;
-``pop edi; pop esi; pop ebx; test eax, eax`` follow, relocated after the action), so the hook marks
-only where ``eax`` is 0 and the flags have ``CLONE_VM`` and ``CLONE_VFORK`` and no
-``CLONE_SETTLS`` (a child with a TLS of its own does not read its parent's rseq area). Every other
-pass (the parent's return, an error, a new thread from ``pthread_create``: ``CLONE_SETTLS``, no
-``CLONE_VFORK``) only counts in the hook's hits, as a count stub would, and runs the displaced
-instructions: no TLS write, no wait. This hook is used for 32-bit processes whether or not the
-libc names ``__spawni_child`` (a static function; Debian ships no symbol table nor debug file for
-``libc6-i386``): one path everywhere, the one tested here, which marks the child at its first
-instruction and covers any ``clone(CLONE_VM|CLONE_VFORK)`` through libc. The action saves the
+marking only where ``eax`` is 0. posix_spawn children are marked by hooks after the ``int 0x80``
+of ``__clone3`` and of ``__clone`` (exported as ``clone``): i386 glibc 2.36's ``__spawni`` makes
+its child through ``__clone_internal`` with ``CLONE_VM|CLONE_VFORK``, which tries ``clone3``
+first (the only one run on this machine's kernel) and ``__clone`` where that fails with
+``ENOSYS``. There the kernel keeps the registers: ``ebx`` holds the flags (``__clone``) or the
+``struct clone_args`` whose first word they are (``__clone3``), ``esi`` the function's argument.
+The hook marks only where ``eax`` is 0 and the flags have ``CLONE_VM`` and ``CLONE_VFORK`` and
+no ``CLONE_SETTLS`` (a child with a TLS of its own does not read its parent's rseq area); at
+``__clone3`` a thread of ``pthread_create`` (argument ``esi`` == ``gs:[8]``, its own ``struct
+pthread``) is told apart before the flags are read, its creator not being suspended. Every other
+pass (the parent's return, an error, a new thread) only counts in the hook's hits, as a count
+stub would, and runs the displaced instructions: no TLS write, no wait. These hooks are used for
+32-bit processes whether or not the libc names ``__spawni_child`` (a static function; Debian
+ships no symbol table nor debug file for ``libc6-i386``): one path everywhere, the one tested
+here, which marks the child at its first instruction and covers any
+``clone(CLONE_VM|CLONE_VFORK)`` through glibc. The action saves the
 flags with ``pushfd`` (the slot below ``esp``: below the saved registers in the parent, below the
 new stack's top in the child, both unused), touches no register, never waits.
 """
@@ -35,11 +38,11 @@ from iced_x86 import Code, Decoder, Instruction, Mnemonic, OpKind, Register
 
 from .arch import I386
 from .errors import SymbolNotFoundError
-from .symbols import ResolvedSite, Symbol, SymbolKind
 from .overlaps import unpatched_memory
 from .rseq import CPU_ID, VFORK_CPU
 from .stubs import _Asm
 from .stubs32 import _abs, _add64, _aimed32, _gs
+from .symbols import ResolvedSite, Symbol, SymbolKind
 
 if TYPE_CHECKING:  # pragma: no cover
     from .probes import ProbedProcess
