@@ -37,7 +37,23 @@ TARGET = r"""
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 extern char **environ;
+/* VF_NO_CLONE3 set: clone3 fails with ENOSYS (as under container runtimes' seccomp filters), so
+   glibc's __clone_internal falls back to __clone for threads and posix_spawn children. */
+static void no_clone3(void) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 435, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 38),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {4, f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) exit(3);
+}
 static long n, v, s, k;
 static volatile long main_done, calls, dups, bad;
 __attribute__((noinline)) long vf_work(long x) { __asm__ volatile(""); return x + 1; }
@@ -56,6 +72,7 @@ static void *work(void *a) {
 }
 int main(int argc, char **argv) {
     if (argc < 6) return 2;
+    if (getenv("VF_NO_CLONE3")) no_clone3();
     int nt = atoi(argv[1]);
     n = atol(argv[2]); v = atol(argv[3]); s = atol(argv[4]); k = atol(argv[5]);
     pthread_t th[16];
@@ -326,7 +343,7 @@ def vfchildren32():
 # The 32-bit hooks: after vfork's int 0x80; after __clone3's (the main thread's T pthread_create
 # and S posix_spawn clones, the parent's returns, and the T new threads' first pass as hits; the
 # S posix_spawn children, CLONE_VM|CLONE_VFORK, marked, apart); after __clone's (glibc's fallback
-# where the kernel has no clone3: not run here).
+# where clone3 fails with ENOSYS: not run here unless VF_NO_CLONE3 makes it so, same figures).
 HOOKS32 = 3
 CLONE3_HOOK = (2 * T + S, S)
 
@@ -339,6 +356,17 @@ def test_i386_count_children_apart_parent_exact(vfchildren32):
     fields, figures, got_hooks, _, _ = _run(vfchildren32, [work, dup2], hooks=HOOKS32)
     assert got_hooks == [(V, V), CLONE3_HOOK, (0, 0)]
     assert fields["calls"] >= T * N
+    assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
+
+
+def test_i386_without_clone3_the_clone_hook_marks(vfchildren32):
+    """clone3 refused with ENOSYS by a seccomp filter (VF_NO_CLONE3): glibc falls back to
+    ``__clone`` for the threads and the posix_spawn children, and the hook after its ``int 0x80``
+    (flags in ``ebx``) marks the children and not the threads; every figure exact."""
+    env = dict(os.environ, VF_NO_CLONE3="1")
+    work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
+    fields, figures, got_hooks, _, _ = _run(vfchildren32, [work, dup2], hooks=HOOKS32, env=env)
+    assert got_hooks == [(V, V), (T + S, 0), CLONE3_HOOK]  # each clone3 refused: its parent's return only
     assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
 
 
