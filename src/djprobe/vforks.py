@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .probes import ProbedProcess
     from .regions import Region
     from .symbols import ResolvedSite
+    from .vforks32 import CloneFlagsAt
     from .sites import SiteAnalysis
 
 __all__ = ["VforkHook", "VforkMarks", "find_vfork_site", "find_spawn_child", "vfork_action"]
@@ -109,10 +110,10 @@ class VforkHook(Djprobe):
     stub_arches = frozenset({X86_64, I386})  # 32-bit code: djprobe.vforks32
 
     def __init__(self, address: "int | ResolvedSite", rseq_offset: int, after_syscall: bool,
-                 clone_flags: str | None = None) -> None:
+                 clone_flags: "CloneFlagsAt | None" = None) -> None:
         """``after_syscall``: the child is the side where the system call returned 0;
         ``clone_flags`` (32-bit only, the hooks after ``__clone``'s and ``__clone3``'s ``int
-        0x80``: ``"ebx"`` or ``"[ebx]"``): and only where the clone flags there have
+        0x80``: where the flags are): and only where the clone flags there have
         ``CLONE_VM|CLONE_VFORK`` without ``CLONE_SETTLS`` (:func:`djprobe.vforks32.vfork_action32`)."""
         site = address
         super().__init__(site if isinstance(site, int) else site.address, trap=False)  # its own stub or nothing
@@ -206,10 +207,10 @@ class VforkMarks:
             return
         finders = ((find_vfork_site, True, None), (find_spawn_child, False, None))
         if i386:  # 32-bit code: djprobe.vforks32 (posix_spawn children marked after clone3's and clone's int 0x80)
-            from .vforks32 import clone3_site32, find_clone_site32, find_vfork_site32
+            from .vforks32 import CloneFlagsAt, clone3_site32, find_clone_site32, find_vfork_site32
 
-            finders = ((find_vfork_site32, True, None), (clone3_site32, True, "[ebx]"),
-                       (find_clone_site32, True, "ebx"))
+            finders = ((find_vfork_site32, True, None), (clone3_site32, True, CloneFlagsAt.CLONE_ARGS_AT_EBX),
+                       (find_clone_site32, True, CloneFlagsAt.EBX))
         for find, after_syscall, clone_flags in finders:
             try:
                 site = find(self.target)

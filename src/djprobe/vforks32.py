@@ -32,6 +32,7 @@ new stack's top in the child, both unused), touches no register, never waits.
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 from iced_x86 import Code, Decoder, Instruction, Mnemonic, OpKind, Register
@@ -48,8 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .probes import ProbedProcess
 
 __all__ = ["SYS_VFORK32", "SYS_CLONE32", "CLONE_VM", "CLONE_VFORK", "CLONE_SETTLS", "vfork_action32",
-           "find_vfork_site32", "find_clone_site32", "find_clone3_site32",
-           "clone3_site32"]
+           "CloneFlagsAt", "find_vfork_site32", "find_clone_site32", "find_clone3_site32", "clone3_site32"]
 
 SYS_VFORK32 = 190
 SYS_CLONE32 = 120
@@ -60,35 +60,43 @@ SYS_CLONE3_32 = 435
 THREAD_SELF32 = 8  #: gs:[8]: the thread's own ``struct pthread`` (``header.self`` of i386 glibc's TCB)
 
 
+class CloneFlagsAt(enum.Enum):
+    """Where a clone hook finds the clone flags after the ``int 0x80``."""
+
+    EBX = "ebx"  #: in ``ebx`` (``__clone``)
+    CLONE_ARGS_AT_EBX = "[ebx]"  #: first word of the ``struct clone_args`` at ``ebx`` (``__clone3``)
+
+
 def vfork_action32(counter: int, apart: int, rseq_offset: int, *, child_only_if_eax_zero: bool,
-                   clone_flags: str | None = None) -> list[Instruction]:
+                   clone_flags: CloneFlagsAt | None = None) -> list[Instruction]:
     """The i386 hook's action (as :func:`djprobe.vforks.vfork_action`): in a child whose thread is
     registered (``cpu_id`` at ``gs:[rseq_offset + 4]`` >= 0), write VFORK_CPU there and add one to
     the 64-bit apart counter at ``apart``; else add one to the counter at ``counter`` (the parent
     returning from ``vfork``, or a child of an unregistered thread). With
     ``child_only_if_eax_zero`` the child is the side where ``eax`` is 0; without, every pass is a
     child's. With ``clone_flags`` (the clone hooks) the child is marked only where the clone
-    flags have ``CLONE_VM`` and ``CLONE_VFORK`` and no ``CLONE_SETTLS``: ``"ebx"``, in ``ebx``
-    (after ``__clone``'s ``int 0x80``); ``"[ebx]"``, in the low word of the ``struct clone_args``
+    flags have ``CLONE_VM`` and ``CLONE_VFORK`` and no ``CLONE_SETTLS``: ``EBX``, in ``ebx``
+    (after ``__clone``'s ``int 0x80``); ``CLONE_ARGS_AT_EBX``, in the low word of the ``struct clone_args``
     at ``ebx`` (after ``__clone3``'s), read only where ``esi`` (the function's argument) is not
     ``gs:[8]`` (``THREAD_SELF``: a thread of ``pthread_create``, whose argument is its own ``struct
     pthread``; its flags may be overwritten already, its parent not being suspended). Any other
-    pass adds to ``counter`` and writes nothing else. Saves the flags; touches no register."""
+    pass adds to ``counter`` and writes nothing else. Saves the flags; touches no register.
+    Raises ValueError for a ``clone_flags`` that is not a :class:`CloneFlagsAt`."""
     R = Register
     a = _Asm()
     a.add(Instruction.create(Code.PUSHFD))
     if child_only_if_eax_zero:
         a.add(Instruction.create_reg_reg(Code.TEST_RM32_R32, R.EAX, R.EAX))
         a.branch(Code.JNE_REL32_32, "parent")
-    if clone_flags == "[ebx]":
+    if clone_flags is not None and not isinstance(clone_flags, CloneFlagsAt):
+        raise ValueError(f"clone_flags must be a CloneFlagsAt or None, not {clone_flags!r}")
+    if clone_flags is CloneFlagsAt.CLONE_ARGS_AT_EBX:
         a.add(Instruction.create_reg_mem(Code.CMP_R32_RM32, R.ESI, _gs(THREAD_SELF32)))
         a.branch(Code.JE_REL32_32, "parent")
-    elif clone_flags not in (None, "ebx"):
-        raise ValueError(f"clone_flags must be None, 'ebx' or '[ebx]', not {clone_flags!r}")
     if clone_flags:  # three tests: no register to spare for an and/cmp
         for flag, not_child in ((CLONE_VM, Code.JE_REL32_32), (CLONE_VFORK, Code.JE_REL32_32),
                                 (CLONE_SETTLS, Code.JNE_REL32_32)):
-            if clone_flags == "ebx":
+            if clone_flags is CloneFlagsAt.EBX:
                 a.add(Instruction.create_reg_u32(Code.TEST_RM32_IMM32, R.EBX, flag))
             else:
                 a.add(Instruction.create_mem_u32(Code.TEST_RM32_IMM32, _abs(0, R.EBX), flag))

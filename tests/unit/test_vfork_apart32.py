@@ -15,7 +15,7 @@ from djprobe.latency_stubs32 import ENTRY_SKIP, exit_action32
 from djprobe.rseq import VFORK_CPU
 from djprobe.stubs import RecordTargets
 from djprobe.stubs32 import assemble32, count_action32, record_action32
-from djprobe.vforks32 import vfork_action32
+from djprobe.vforks32 import CloneFlagsAt, vfork_action32
 
 SLOT = 0x4000_0000
 COUNTER = 0x5000_0000
@@ -103,7 +103,7 @@ def test_vfork_action32_marks_only_the_child(after_syscall):
     assert all(b.near_branch_target == adds[1].ip for b in branches)  # the parent, or an unregistered child
 
 
-@pytest.mark.parametrize("where", ["ebx", "[ebx]"])
+@pytest.mark.parametrize("where", list(CloneFlagsAt), ids=lambda w: w.value)
 def test_clone_hook_marks_only_a_vfork_child_without_tls(where):
     """The clone hooks (after ``__clone``'s and ``__clone3``'s ``int 0x80``): the mark is reached
     only through eax == 0 (the child), for ``[ebx]`` esi != gs:[8] (not a pthread_create thread,
@@ -121,13 +121,13 @@ def test_clone_hook_marks_only_a_vfork_child_without_tls(where):
     checks = insns[1:insns.index(mark)]
     tests = [(c.mnemonic, c.immediate(1) if c.op1_kind != OpKind.REGISTER and c.mnemonic == Mnemonic.TEST else None,
               b.mnemonic) for c, b in zip(checks[::2], checks[1::2])]
-    thread = [(Mnemonic.CMP, None, Mnemonic.JE)] if where == "[ebx]" else []
+    thread = [(Mnemonic.CMP, None, Mnemonic.JE)] if where is CloneFlagsAt.CLONE_ARGS_AT_EBX else []
     assert tests == [(Mnemonic.TEST, None, Mnemonic.JNE)] + thread + [
         (Mnemonic.TEST, CLONE_VM, Mnemonic.JE), (Mnemonic.TEST, CLONE_VFORK, Mnemonic.JE),
         (Mnemonic.TEST, CLONE_SETTLS, Mnemonic.JNE), (Mnemonic.CMP, None, Mnemonic.JL)]
     assert all(b.near_branch_target == adds[1].ip for b in checks[1::2])  # each way out: the parent's count
     flag_tests = [c for c in checks[::2] if c.mnemonic == Mnemonic.TEST][1:]
-    if where == "ebx":
+    if where is CloneFlagsAt.EBX:
         assert all(c.op0_kind == OpKind.REGISTER and c.op0_register == Register.EBX for c in flag_tests)
     else:
         assert all(c.op0_kind == OpKind.MEMORY and c.memory_base == Register.EBX and c.memory_displacement == 0
