@@ -26,8 +26,8 @@ tracer changes nothing.
 
 Only where per-CPU counting is used (glibc registered rseq in the process, see
 :mod:`djprobe.rseq`): without it there is no ``cpu_id`` to mark and such children's hits count as
-the parent's (``lock inc``, no race). Without ``__spawni_child`` in any symbol table (no debug
-file for libc), only ``vfork`` children are marked. In 32-bit processes the hooks' code and sites
+the parent's (``lock inc``, no race). In a 64-bit process without ``__spawni_child`` in any
+symbol table (no debug file for libc), only ``vfork`` children are marked. In 32-bit processes the hooks' code and sites
 are :mod:`djprobe.vforks32`'s (``gs``-based TLS, after ``int 0x80``; posix_spawn children marked
 after ``__clone3``'s and ``__clone``'s system call, no ``__spawni_child`` needed), and every 32-bit stub
 compares ``cpu_id`` with the marker before its locked count. Stubs without a per-CPU path in a process that has one (string-fetching
