@@ -26,9 +26,10 @@ tracer changes nothing.
 
 Only where per-CPU counting is used (glibc registered rseq in the process, see
 :mod:`djprobe.rseq`): without it there is no ``cpu_id`` to mark and such children's hits count as
-the parent's (``lock inc``, no race). Without ``__spawni_child`` in any symbol table (no debug
-file for libc), only ``vfork`` children are marked. In 32-bit processes the hook's code and sites
-are :mod:`djprobe.vforks32`'s (``gs``-based TLS, after ``int 0x80``), and every 32-bit stub
+the parent's (``lock inc``, no race). In a 64-bit process without ``__spawni_child`` in any
+symbol table (no debug file for libc), only ``vfork`` children are marked. In 32-bit processes the hooks' code and sites
+are :mod:`djprobe.vforks32`'s (``gs``-based TLS, after ``int 0x80``; posix_spawn children marked
+after ``__clone3``'s and ``__clone``'s system call, no ``__spawni_child`` needed), and every 32-bit stub
 compares ``cpu_id`` with the marker before its locked count. Stubs without a per-CPU path in a process that has one (string-fetching
 stubs, the records of shared stubs) compare ``cpu_id`` with the marker before their locked count.
 """
@@ -50,6 +51,8 @@ from .stubs import RED_ZONE, Stub, _Asm, _finish, _fs
 if TYPE_CHECKING:
     from .probes import ProbedProcess
     from .regions import Region
+    from .symbols import ResolvedSite
+    from .vforks32 import CloneFlagsAt
     from .sites import SiteAnalysis
 
 __all__ = ["VforkHook", "VforkMarks", "find_vfork_site", "find_spawn_child", "vfork_action"]
@@ -106,10 +109,19 @@ class VforkHook(Djprobe):
 
     stub_arches = frozenset({X86_64, I386})  # 32-bit code: djprobe.vforks32
 
-    def __init__(self, address: int, rseq_offset: int, after_syscall: bool) -> None:
-        super().__init__(address, trap=False)  # its own stub or nothing
+    def __init__(self, address: "int | ResolvedSite", rseq_offset: int, after_syscall: bool,
+                 clone_flags: "CloneFlagsAt | None" = None) -> None:
+        """``after_syscall``: the child is the side where the system call returned 0;
+        ``clone_flags`` (32-bit only, the hooks after ``__clone``'s and ``__clone3``'s ``int
+        0x80``: where the flags are): and only where the clone flags there have
+        ``CLONE_VM|CLONE_VFORK`` without ``CLONE_SETTLS`` (:func:`djprobe.vforks32.vfork_action32`)."""
+        site = address
+        super().__init__(site if isinstance(site, int) else site.address, trap=False)  # its own stub or nothing
+        if not isinstance(site, int):  # a site no symbol covers, with the function to analyse it in
+            self.addr = site  # type: ignore[assignment]
         self.rseq_offset = rseq_offset
         self.after_syscall = after_syscall
+        self.clone_flags = clone_flags
 
     def build_stub(self, target: "ProbedProcess", analysis: "SiteAnalysis", region: "Region", slot: int) -> Stub:
         layout = region.layout
@@ -119,8 +131,11 @@ class VforkHook(Djprobe):
             from .stubs32 import finish32
             from .vforks32 import vfork_action32
 
-            action = vfork_action32(counter, apart, self.rseq_offset, child_only_if_eax_zero=self.after_syscall)
+            action = vfork_action32(counter, apart, self.rseq_offset, child_only_if_eax_zero=self.after_syscall,
+                                    clone_flags=self.clone_flags)
             return finish32(analysis, layout, region.slot_address(slot), action)
+        if self.clone_flags:
+            raise ValueError("the clone-flags vfork hook is built for 32-bit code only")
         action = vfork_action(counter, apart, self.rseq_offset, child_only_if_rax_zero=self.after_syscall)
         return _finish(analysis, layout, region.slot_address(slot), action)
 
@@ -190,22 +205,24 @@ class VforkMarks:
             self.notes.append("no usable rseq area in this process (glibc without rseq, glibc.pthread.rseq=0): "
                               "vfork/posix_spawn children count as the parent's")
             return
-        finders = ((find_vfork_site, True), (find_spawn_child, False))
-        if i386:  # 32-bit code: djprobe.vforks32
-            from .vforks32 import find_spawn_child32, find_vfork_site32
+        finders = ((find_vfork_site, True, None), (find_spawn_child, False, None))
+        if i386:  # 32-bit code: djprobe.vforks32 (posix_spawn children marked after clone3's and clone's int 0x80)
+            from .vforks32 import CloneFlagsAt, clone3_site32, find_clone_site32, find_vfork_site32
 
-            finders = ((find_vfork_site32, True), (find_spawn_child32, False))
-        for find, after_syscall in finders:
+            finders = ((find_vfork_site32, True, None), (clone3_site32, True, CloneFlagsAt.CLONE_ARGS_AT_EBX),
+                       (find_clone_site32, True, CloneFlagsAt.EBX))
+        for find, after_syscall, clone_flags in finders:
             try:
                 site = find(self.target)
             except (SymbolNotFoundError, DjprobeError) as exc:
                 self.notes.append(f"{exc}: such children count as the parent's")
                 continue
-            hook = VforkHook(site, offset, after_syscall)
+            hook = VforkHook(site, offset, after_syscall, clone_flags)
             try:
                 self.target.register(hook)
             except DjprobeError as exc:
-                self.notes.append(f"vfork hook at {site:#x} refused: {exc}")
+                where = site if isinstance(site, int) else site.address
+                self.notes.append(f"vfork hook at {where:#x} refused: {exc}")
                 continue
             self.hooks.append(hook)
         for note in self.notes:

@@ -226,8 +226,8 @@ def _build32(name: str, *flags: str) -> Path:
 
 
 def test_follow_32bit_posix_spawn_and_vfork_children_from_their_exec(forkcount32, tmp_path):
-    """A 32-bit posix_spawn or vfork child runs in its parent's memory until it execs (a vfork
-    child's calls before are counted apart, in the parent's vfork_hits: djprobe.vforks32); the
+    """A 32-bit posix_spawn or vfork child runs in its parent's memory until it execs (its calls
+    before are counted apart, in the parent's vfork_hits: djprobe.vforks32); the
     exec hook in i386 code still holds its exec, so the program it runs is probed apart from its
     first instruction."""
     spawner = _build32("pspawn")

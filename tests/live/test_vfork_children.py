@@ -17,6 +17,7 @@ import djprobe
 from djprobe.area import AreaLayout
 from djprobe.forks import ForkGuard
 from djprobe.vforks import find_vfork_site
+from djprobe.vforks32 import find_clone3_site32
 from tests.conftest import compile_c
 
 pytestmark = pytest.mark.timeout(240)
@@ -36,7 +37,23 @@ TARGET = r"""
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 extern char **environ;
+/* VF_NO_CLONE3 set: clone3 fails with ENOSYS (as under container runtimes' seccomp filters), so
+   glibc's __clone_internal falls back to __clone for threads and posix_spawn children. */
+static void no_clone3(void) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 435, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 38),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {4, f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) exit(3);
+}
 static long n, v, s, k;
 static volatile long main_done, calls, dups, bad;
 __attribute__((noinline)) long vf_work(long x) { __asm__ volatile(""); return x + 1; }
@@ -55,6 +72,7 @@ static void *work(void *a) {
 }
 int main(int argc, char **argv) {
     if (argc < 6) return 2;
+    if (getenv("VF_NO_CLONE3")) no_clone3();
     int nt = atoi(argv[1]);
     n = atol(argv[2]); v = atol(argv[3]); s = atol(argv[4]); k = atol(argv[5]);
     pthread_t th[16];
@@ -107,12 +125,12 @@ def _fields(output: str) -> dict[str, int]:
 
 
 def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, inspect=None, probes_first=False,
-         hooks: int = 2, notes: int | None = None, env: dict[str, str] | None = None):
+         hooks: int = 2, notes: int = 0, env: dict[str, str] | None = None):
     """Spawn vfchildren with the fork guard (and its vfork hooks) and ``probes``; run it to its
     end. Returns (fields, [(hits, vfork_hits) per probe], the hooks' (hits, vfork_hits), the event batches, and
     what ``inspect(batches)`` returns, called while the process is still open); ``probes_first``:
     the probes are placed before the hooks (as the CLI does); ``hooks``: how many hooks go in,
-    with ``notes`` notes (default: one per hook not in)."""
+    with ``notes`` notes."""
     read_fd, write_fd = os.pipe()
     with djprobe.spawn([str(exe), str(T), str(N), str(V), str(S), str(K)], stdout=write_fd, env=env) as proc:
         os.close(write_fd)
@@ -126,7 +144,7 @@ def _run(exe, probes, *, layout: AreaLayout | None = None, guard: bool = True, i
             fork_guard = ForkGuard(proc)
             fork_guard.install()
             marks = fork_guard.vforks
-            assert marks is not None and len(marks.notes) == (2 - hooks if notes is None else notes), marks and marks.notes
+            assert marks is not None and len(marks.notes) == notes, marks and marks.notes
             assert [h.mode for h in marks.hooks] == ["jump"] * hooks
         for djp in () if probes_first else probes:
             proc.register(djp)
@@ -322,32 +340,70 @@ def vfchildren32():
         pytest.skip(f"gcc -m32 cannot build here (install gcc-multilib): {exc}")
 
 
-def _hooks32(exe) -> int:
-    """The vfork hooks that go in a 32-bit vfchildren: after vfork's int 0x80, and at the
-    posix_spawn child's start where the 32-bit libc names it (see djprobe.vforks32)."""
-    with djprobe.spawn([str(exe), "0", "0", "0", "0", "0"], stdout=subprocess.DEVNULL) as proc:
-        guard = ForkGuard(proc)
-        guard.install()
-        hooks = len(guard.vforks.hooks)
-        assert all("__spawni_child" in note for note in guard.notes), guard.notes
-        guard.close()
-    return hooks
-
-
-def _spawn_apart(hooks: int) -> int:
-    """posix_spawn children's dup2 calls counted apart: all of them when the spawn hook is in,
-    else none (then they are the parent's, exactly: the 32-bit count is locked)."""
-    return S * K if hooks == 2 else 0
+# The 32-bit hooks: after vfork's int 0x80; after __clone3's (the main thread's T pthread_create
+# and S posix_spawn clones, the parent's returns, and the T new threads' first pass as hits; the
+# S posix_spawn children, CLONE_VM|CLONE_VFORK, marked, apart); after __clone's (glibc's fallback
+# where clone3 fails with ENOSYS: not run here unless VF_NO_CLONE3 makes it so, same figures).
+HOOKS32 = 3
+CLONE3_HOOK = (2 * T + S, S)
 
 
 def test_i386_count_children_apart_parent_exact(vfchildren32):
-    hooks = _hooks32(vfchildren32)
+    """The 32-bit hooks go in: every vfork and posix_spawn child's call before its exec is in
+    vfork_hits; the parent's figures exact with three threads, created while probed, running
+    meanwhile."""
     work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
-    fields, figures, got_hooks, _, _ = _run(vfchildren32, [work, dup2], hooks=hooks)
-    assert got_hooks == [(V, V), (0, S)][:hooks]
+    fields, figures, got_hooks, _, _ = _run(vfchildren32, [work, dup2], hooks=HOOKS32)
+    assert got_hooks == [(V, V), CLONE3_HOOK, (0, 0)]
     assert fields["calls"] >= T * N
-    apart = _spawn_apart(hooks)
-    assert figures == [(fields["calls"], V * K), (fields["dups"] + S * K - apart, V * K + apart)]
+    assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
+
+
+def test_i386_without_clone3_the_clone_hook_marks(vfchildren32):
+    """clone3 refused with ENOSYS by a seccomp filter (VF_NO_CLONE3): glibc falls back to
+    ``__clone`` for the threads and the posix_spawn children, and the hook after its ``int 0x80``
+    (flags in ``ebx``) marks the children and not the threads; every figure exact."""
+    env = dict(os.environ, VF_NO_CLONE3="1")
+    work, dup2 = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2")
+    fields, figures, got_hooks, _, _ = _run(vfchildren32, [work, dup2], hooks=HOOKS32, env=env)
+    assert got_hooks == [(V, V), (T + S, 0), CLONE3_HOOK]  # each clone3 refused: its parent's return only
+    assert figures == [(fields["calls"], V * K), (fields["dups"], V * K + S * K)]
+
+
+@pytest.mark.parametrize("probes_first", [True, False], ids=["probes-then-hooks", "hooks-then-probes"])
+def test_i386_threads_count_as_the_parent_with_the_clone_hook(vfchildren32, probes_first):
+    """pthread_create goes through the same ``__clone3`` as posix_spawn: the T threads, created
+    while the hook is in, are not marked (their argument is their own struct pthread,
+    CLONE_SETTLS, no CLONE_VFORK): every call of theirs is the parent's, exact, nothing apart. A
+    user's counting probe at the hook's address shares its stub when the hook is in first; placed
+    before it, it is refused (no symbol of the stripped libc covers the address) and the hook
+    still goes in."""
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(vfchildren32), str(T), str(N), "0", "0", "0"], stdout=write_fd) as proc:
+        os.close(write_fd)
+        site = find_clone3_site32(proc)
+        work, dup2, at_hook = djprobe.Djprobe("vf_work"), djprobe.Djprobe("libc:dup2"), djprobe.Djprobe(site)
+        probes = [work, dup2]
+        if probes_first:
+            with pytest.raises(djprobe.DjprobeError, match="no symbol covers"):
+                proc.register(at_hook)
+        guard = ForkGuard(proc)
+        guard.install()
+        assert guard.vforks.notes == [] and guard.vforks.hooks[1].address == site
+        if not probes_first:
+            probes.append(proc.register(at_hook))
+            assert at_hook.mode == "jump" and at_hook.address == site
+        for djp in probes[:2]:
+            proc.register(djp)
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0, output
+        fields = _fields(output)
+        assert [(h.hits, h.vfork_hits) for h in guard.vforks.hooks] == [(0, 0), (2 * T, 0), (0, 0)]
+        expected = [(fields["calls"], 0), (fields["dups"], 0)] + ([] if probes_first else [(2 * T, 0)])
+        assert [(d.hits, d.vfork_hits) for d in probes] == expected
+        assert fields["calls"] >= T * N
 
 
 def test_i386_without_the_hooks_children_count_as_the_parent(vfchildren32):
@@ -361,7 +417,7 @@ def test_i386_without_the_hooks_children_count_as_the_parent(vfchildren32):
 def test_i386_record_no_child_event_as_the_parent(vfchildren32):
     work = djprobe.Djprobe("vf_work", record=True, lossless=True)
     layout = AreaLayout(ring_count=8, ring_slots=1 << 16)
-    fields, figures, _, batches, _ = _run(vfchildren32, [work], layout=layout, hooks=_hooks32(vfchildren32))
+    fields, figures, _, batches, _ = _run(vfchildren32, [work], layout=layout, hooks=HOOKS32)
     hits, apart = figures[0]
     assert (hits, apart) == (fields["calls"], V * K)
     x = np.concatenate([b.register("rdi") for b in batches]).astype(np.uint32).astype(np.int32)  # cdecl arg 0
@@ -372,7 +428,7 @@ def test_i386_record_no_child_event_as_the_parent(vfchildren32):
 
 def test_i386_latency_parent_calls_equal_returns(vfchildren32):
     work = djprobe.Djprobe("vf_work", at="latency")
-    fields, figures, _, _, _ = _run(vfchildren32, [work], hooks=_hooks32(vfchildren32))
+    fields, figures, _, _, _ = _run(vfchildren32, [work], hooks=HOOKS32)
     lat = work.latency
     assert lat.calls == fields["calls"]
     assert lat.returns + lat.unpaired == fields["calls"]
@@ -389,7 +445,7 @@ def test_i386_string_fetch_no_child_record(vfchildren32):
         batch = EventBatch.concat([b for b in batches if len(b)])
         return sorted(zip(batch.column("s"), batch.column("x")))
 
-    fields, figures, _, _, seen = _run(vfchildren32, [work], inspect=strings, hooks=_hooks32(vfchildren32))
+    fields, figures, _, _, seen = _run(vfchildren32, [work], inspect=strings, hooks=HOOKS32)
     assert figures == [(V + S, V * K)]
     assert seen == sorted(("parent", j) for j in range(V + S))
 
@@ -409,18 +465,15 @@ def test_i386_glibc_without_rseq_children_count_as_the_parent(vfchildren32):
 
 
 def test_i386_count_command_reports_children_apart(vfchildren32):
-    """`djprobe count --json` on the 32-bit target: the parent's figures exact, the vfork
-    children's pre-exec hits in vfork_hits (the posix_spawn children's too where the spawn hook
-    goes in; else the parent's, exactly, and a note says so)."""
-    hooks = _hooks32(vfchildren32)
+    """`djprobe count --json` on the 32-bit target: the parent's figures exact, the vfork and
+    posix_spawn children's pre-exec hits in vfork_hits, no note (both hooks in)."""
     argv = [str(vfchildren32), str(T), "2000", str(V), str(S), str(K)]
     res = subprocess.run(DJPROBE + ["count", "--json", "vf_work", "libc:dup2", "--"] + argv,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert ("__spawni_child" in res.stderr) == (hooks == 1), res.stderr
+    assert "count as the parent" not in res.stderr, res.stderr
     lines = res.stdout.strip().splitlines()
     fields = _fields(lines[0])
     report = json.loads(lines[-1])
     got = {p["site"].split(":")[1]: (p["hits"], p["vfork_hits"]) for p in report["probes"]}
-    apart = _spawn_apart(hooks)
-    assert got == {"vf_work": (fields["calls"], V * K), "dup2": (fields["dups"] + S * K - apart, V * K + apart)}
+    assert got == {"vf_work": (fields["calls"], V * K), "dup2": (fields["dups"], V * K + S * K)}

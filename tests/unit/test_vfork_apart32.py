@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from iced_x86 import Code, Decoder, Mnemonic, Register
+from iced_x86 import Code, Decoder, Mnemonic, OpKind, Register
 
 from djprobe.area import AreaLayout
 from djprobe.latency_stubs import LatencyTargets
@@ -15,7 +15,7 @@ from djprobe.latency_stubs32 import ENTRY_SKIP, exit_action32
 from djprobe.rseq import VFORK_CPU
 from djprobe.stubs import RecordTargets
 from djprobe.stubs32 import assemble32, count_action32, record_action32
-from djprobe.vforks32 import vfork_action32
+from djprobe.vforks32 import CloneFlagsAt, vfork_action32
 
 SLOT = 0x4000_0000
 COUNTER = 0x5000_0000
@@ -101,3 +101,47 @@ def test_vfork_action32_marks_only_the_child(after_syscall):
     assert [(i.has_lock_prefix, i.memory_displacement) for i in adds] == [(True, APART), (True, COUNTER)]
     assert insns[insns.index(mark) + 1] is adds[0]
     assert all(b.near_branch_target == adds[1].ip for b in branches)  # the parent, or an unregistered child
+
+
+@pytest.mark.parametrize("where", list(CloneFlagsAt), ids=lambda w: w.value)
+def test_clone_hook_marks_only_a_vfork_child_without_tls(where):
+    """The clone hooks (after ``__clone``'s and ``__clone3``'s ``int 0x80``): the mark is reached
+    only through eax == 0 (the child), for ``[ebx]`` esi != gs:[8] (not a pthread_create thread,
+    whose argument is its own struct pthread), CLONE_VM and CLONE_VFORK set, CLONE_SETTLS clear and
+    a registered cpu_id; every other way goes to the parent's count, which writes nothing but
+    the counter. No register is written."""
+    from djprobe.vforks32 import CLONE_SETTLS, CLONE_VFORK, CLONE_VM
+
+    insns = _decode(assemble32(vfork_action32(COUNTER, APART, OFFSET, child_only_if_eax_zero=True, clone_flags=where),
+                               SLOT))
+    assert insns[0].mnemonic == Mnemonic.PUSHFD and insns[-1].mnemonic == Mnemonic.POPFD
+    adds = [i for i in insns if i.mnemonic == Mnemonic.ADD]
+    assert [(i.has_lock_prefix, i.memory_displacement) for i in adds] == [(True, APART), (True, COUNTER)]
+    (mark,) = [i for i in insns if i.code == Code.MOV_RM32_IMM32]
+    checks = insns[1:insns.index(mark)]
+    tests = [(c.mnemonic, c.immediate(1) if c.op1_kind != OpKind.REGISTER and c.mnemonic == Mnemonic.TEST else None,
+              b.mnemonic) for c, b in zip(checks[::2], checks[1::2])]
+    thread = [(Mnemonic.CMP, None, Mnemonic.JE)] if where is CloneFlagsAt.CLONE_ARGS_AT_EBX else []
+    assert tests == [(Mnemonic.TEST, None, Mnemonic.JNE)] + thread + [
+        (Mnemonic.TEST, CLONE_VM, Mnemonic.JE), (Mnemonic.TEST, CLONE_VFORK, Mnemonic.JE),
+        (Mnemonic.TEST, CLONE_SETTLS, Mnemonic.JNE), (Mnemonic.CMP, None, Mnemonic.JL)]
+    assert all(b.near_branch_target == adds[1].ip for b in checks[1::2])  # each way out: the parent's count
+    flag_tests = [c for c in checks[::2] if c.mnemonic == Mnemonic.TEST][1:]
+    if where is CloneFlagsAt.EBX:
+        assert all(c.op0_kind == OpKind.REGISTER and c.op0_register == Register.EBX for c in flag_tests)
+    else:
+        assert all(c.op0_kind == OpKind.MEMORY and c.memory_base == Register.EBX and c.memory_displacement == 0
+                   for c in flag_tests)
+        (self_cmp,) = [c for c in checks[::2] if c.mnemonic == Mnemonic.CMP and c.op0_kind == OpKind.REGISTER]
+        assert (self_cmp.op0_register, self_cmp.segment_prefix, self_cmp.memory_displacement) == (
+            Register.ESI, Register.GS, 8)
+    written = [i for i in insns if i.op_count and i.op0_kind == OpKind.REGISTER and i.mnemonic not in (
+        Mnemonic.TEST, Mnemonic.CMP)]
+    assert written == []  # no register touched (pushfd/popfd keep the flags)
+    gs_writes = [i for i in insns if i.segment_prefix == Register.GS and i.mnemonic == Mnemonic.MOV]
+    assert gs_writes == [mark]  # the only TLS write: the child's mark
+
+
+def test_clone_flags_must_be_known():
+    with pytest.raises(ValueError, match="clone_flags"):
+        vfork_action32(COUNTER, APART, OFFSET, child_only_if_eax_zero=True, clone_flags="ecx")
