@@ -22,8 +22,12 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from .insertion import rss_kib
+
+if TYPE_CHECKING:  # pragma: no cover
+    from djprobe.probes import Djprobe, ProbedProcess
 
 N_PROBES = 20_000
 _TARGET = """
@@ -62,10 +66,27 @@ class WholeProcessResult:
         return self.resolve_s + self.insert_s
 
 
+def whole_process_probes(proc: ProbedProcess, n: int) -> list[Djprobe]:
+    """Count probes at the first ``n`` function entries of the process's modules, by name."""
+    from djprobe.module_globs import matching_modules
+    from djprobe.probes import Djprobe
+
+    symbols = proc.symbols
+    probes: list[Djprobe] = []
+    for module in sorted(matching_modules(symbols, "*"), key=lambda m: m.name):
+        try:
+            sites = symbols.resolve(f"{module.path}:*")
+        except Exception:  # noqa: BLE001 (a module without functions)
+            continue
+        probes += [Djprobe(s.address) for s in sites]
+        if len(probes) >= n:
+            break
+    return probes[:n]
+
+
 def _one(phase: str, n: int) -> WholeProcessResult:
     from djprobe.area import AreaLayout
-    from djprobe.module_globs import matching_modules
-    from djprobe.probes import Djprobe, attach
+    from djprobe.probes import attach
 
     target = subprocess.Popen([sys.executable, "-c", _TARGET], stdout=subprocess.PIPE, text=True)
     try:
@@ -75,17 +96,7 @@ def _one(phase: str, n: int) -> WholeProcessResult:
         t0 = time.monotonic()
         with attach(target.pid) as proc:
             proc.layout = AreaLayout.for_counting()  # as `djprobe count` does
-            symbols = proc.symbols
-            probes = []
-            for module in sorted(matching_modules(symbols, "*"), key=lambda m: m.name):
-                try:
-                    sites = symbols.resolve(f"{module.path}:*")
-                except Exception:  # noqa: BLE001 (a module without functions)
-                    continue
-                probes += [Djprobe(s.address) for s in sites]
-                if len(probes) >= n:
-                    break
-            probes = probes[:n]
+            probes = whole_process_probes(proc, n)
             t1 = time.monotonic()
             stops: list[float] = []
             stop, resume = proc.process.stop, proc.process.resume

@@ -21,7 +21,7 @@ import time
 import tracemalloc
 
 from .insertion import rss_kib
-from .whole_process import N_PROBES, _TARGET
+from .whole_process import N_PROBES, _TARGET, whole_process_probes
 
 
 def _mib(n: float) -> str:
@@ -30,8 +30,7 @@ def _mib(n: float) -> str:
 
 def _measure(n: int, top: int) -> None:
     from djprobe.area import AreaLayout
-    from djprobe.module_globs import matching_modules
-    from djprobe.probes import Djprobe, attach
+    from djprobe.probes import attach
 
     target = subprocess.Popen([sys.executable, "-c", _TARGET], stdout=subprocess.PIPE, text=True)
     try:
@@ -48,17 +47,7 @@ def _measure(n: int, top: int) -> None:
         mark("before attach")
         with attach(target.pid) as proc:
             proc.layout = AreaLayout.for_counting()
-            symbols = proc.symbols
-            probes = []
-            for module in sorted(matching_modules(symbols, "*"), key=lambda m: m.name):
-                try:
-                    sites = symbols.resolve(f"{module.path}:*")
-                except Exception:  # noqa: BLE001 (a module without functions)
-                    continue
-                probes += [Djprobe(s.address) for s in sites]
-                if len(probes) >= n:
-                    break
-            probes = probes[:n]
+            probes = whole_process_probes(proc, n)
             mark("symbols + patterns resolved")
             t = time.monotonic()
             refused = proc.register_many(probes)

@@ -20,10 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from .errors import DjprobeError
-
 if TYPE_CHECKING:
     from ._sys.procfs import ProcessMemory
     from .process import Process
@@ -56,57 +52,40 @@ def find(memory: "ProcessMemory", maps: list, symbols: "Symbols", areas: list, k
     file) to a slot start. A springboard is taken with all its rel8s only if every byte that
     differs from the file within :data:`CLEAN_AROUND` of each of them and of it belongs to such
     a rel8 or springboard; else it is returned with why it stays (its area, the reason)."""
-    from .recovery import _probeable_code
+    from .recovery import changed_code
 
     live = [a for a in areas if a.valid and a.layout is not None]
     found: list[ShortOrphan] = []
     kept: list[tuple[object, str]] = []
     if not live:
         return found, kept
-    for m in maps:
-        if not _probeable_code(m):
-            continue
-        module = symbols.module_at(m.start)
-        if module is None:
-            continue
-        for lo, hi in module.executable_ranges():
-            lo, hi = max(lo, m.start), min(hi, m.end)
-            if hi - lo < 7:
+    for lo, now, disk, diff in changed_code(memory, maps, symbols, 7):
+        changed = {lo + int(d) for d in diff}
+        pairs: list[ShortOrphan] = []
+        for p in sorted({int(d) - k for d in diff for k in (0, 1) if int(d) - k >= 0}):
+            if now[p] != 0xEB or p + 2 > len(now) or lo + p in known:
                 continue
-            try:
-                now = memory.read(lo, hi - lo)
-                disk = module.read_file(lo, hi - lo)
-            except (DjprobeError, OSError):
+            sb = p + 2 + int.from_bytes(now[p + 1:p + 2], "little", signed=True)
+            if sb < 0 or sb + 5 > len(now) or now[sb] != 0xE9 or now[sb:sb + 5] == disk[sb:sb + 5]:
                 continue
-            diff = np.flatnonzero(np.frombuffer(now, dtype=np.uint8) != np.frombuffer(disk, dtype=np.uint8))
-            if not len(diff):
+            target = lo + sb + 5 + int.from_bytes(now[sb + 1:sb + 5], "little", signed=True)
+            owner = next((a for a in live if a.slot_start(target)), None)
+            if owner is None:
                 continue
-            changed = {lo + int(d) for d in diff}
-            pairs: list[ShortOrphan] = []
-            for p in sorted({int(d) - k for d in diff for k in (0, 1) if int(d) - k >= 0}):
-                if now[p] != 0xEB or p + 2 > len(now) or lo + p in known:
-                    continue
-                sb = p + 2 + int.from_bytes(now[p + 1:p + 2], "little", signed=True)
-                if sb < 0 or sb + 5 > len(now) or now[sb] != 0xE9 or now[sb:sb + 5] == disk[sb:sb + 5]:
-                    continue
-                target = lo + sb + 5 + int.from_bytes(now[sb + 1:sb + 5], "little", signed=True)
-                owner = next((a for a in live if a.slot_start(target)), None)
-                if owner is None:
-                    continue
-                pairs.append(ShortOrphan(lo + p, lo + sb, target, disk[p:p + 2], disk[sb:sb + 5], owner))
-            explained = {a for o in pairs for a in (*range(o.site, o.site + 2), *range(o.springboard, o.springboard + 5))}
-            bad_boards: dict[int, str] = {}
-            for o in pairs:
-                for at in (o.site, o.springboard):
-                    stray = sorted(a for a in changed - explained if at - CLEAN_AROUND <= a < at + 5 + CLEAN_AROUND)
-                    if stray:
-                        bad_boards.setdefault(o.springboard, f"the code at {stray[0]:#x}, near the jmp rel8 at "
-                                              f"{o.site:#x} or its springboard {o.springboard:#x}, differs from the file")
-            for o in pairs:
-                if o.springboard in bad_boards:
-                    kept.append((o.area, bad_boards[o.springboard]))
-                else:
-                    found.append(o)
+            pairs.append(ShortOrphan(lo + p, lo + sb, target, disk[p:p + 2], disk[sb:sb + 5], owner))
+        explained = {a for o in pairs for a in (*range(o.site, o.site + 2), *range(o.springboard, o.springboard + 5))}
+        bad_boards: dict[int, str] = {}
+        for o in pairs:
+            for at in (o.site, o.springboard):
+                stray = sorted(a for a in changed - explained if at - CLEAN_AROUND <= a < at + 5 + CLEAN_AROUND)
+                if stray:
+                    bad_boards.setdefault(o.springboard, f"the code at {stray[0]:#x}, near the jmp rel8 at "
+                                          f"{o.site:#x} or its springboard {o.springboard:#x}, differs from the file")
+        for o in pairs:
+            if o.springboard in bad_boards:
+                kept.append((o.area, bad_boards[o.springboard]))
+            else:
+                found.append(o)
     return found, kept
 
 

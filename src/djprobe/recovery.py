@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -453,6 +454,32 @@ def _describe_sites(pid: int, areas: list[FoundArea], memory: ProcessMemory | No
         symbols.close()
 
 
+def changed_code(
+    memory: ProcessMemory, maps: list[MapEntry], symbols: Symbols, min_size: int
+) -> Iterator[tuple[int, bytes, bytes, np.ndarray]]:
+    """Each executable range of probeable code (at least ``min_size`` bytes) that differs from
+    its file: ``(start, bytes now, bytes in the file, offsets of the differing bytes)``.
+    Ranges that cannot be read are skipped."""
+    for m in maps:
+        if not _probeable_code(m):
+            continue
+        module = symbols.module_at(m.start)
+        if module is None:
+            continue
+        for lo, hi in module.executable_ranges():
+            lo, hi = max(lo, m.start), min(hi, m.end)
+            if hi - lo < min_size:
+                continue
+            try:
+                now = memory.read(lo, hi - lo)
+                disk = module.read_file(lo, hi - lo)
+            except (DjprobeError, OSError):
+                continue
+            diff = np.flatnonzero(np.frombuffer(now, dtype=np.uint8) != np.frombuffer(disk, dtype=np.uint8))
+            if len(diff):
+                yield lo, now, disk, diff
+
+
 def find_orphans(
     memory: ProcessMemory,
     maps: list[MapEntry],
@@ -470,39 +497,21 @@ def find_orphans(
     if not live:
         return []
     found: list[tuple[FoundArea, OrphanJump]] = []
-    for m in maps:
-        if not _probeable_code(m):
-            continue
-        module = symbols.module_at(m.start)
-        if module is None:
-            continue
-        for lo, hi in module.executable_ranges():
-            lo, hi = max(lo, m.start), min(hi, m.end)
-            if hi - lo < 5:
+    for lo, now, disk, diff in changed_code(memory, maps, symbols, 5):
+        starts = sorted({int(p) for d in diff for p in range(max(0, d - 4), d + 1) if now[p] == 0xE9})
+        claimed_end = -1
+        for p in starts:
+            if p < claimed_end or p + 5 > len(now) or lo + p in known:
                 continue
-            try:
-                now = memory.read(lo, hi - lo)
-                disk = module.read_file(lo, hi - lo)
-            except (DjprobeError, OSError):
+            target = lo + p + 5 + int.from_bytes(now[p + 1 : p + 5], "little", signed=True)
+            owner = next((a for a in live if a.slot_start(target)), None)
+            if owner is None:
                 continue
-            a_now = np.frombuffer(now, dtype=np.uint8)
-            diff = np.flatnonzero(a_now != np.frombuffer(disk, dtype=np.uint8))
-            if not len(diff):
-                continue
-            starts = sorted({int(p) for d in diff for p in range(max(0, d - 4), d + 1) if now[p] == 0xE9})
-            claimed_end = -1
-            for p in starts:
-                if p < claimed_end or p + 5 > len(now) or lo + p in known:
-                    continue
-                target = lo + p + 5 + int.from_bytes(now[p + 1 : p + 5], "little", signed=True)
-                owner = next((a for a in live if a.slot_start(target)), None)
-                if owner is None:
-                    continue
-                near = diff[(diff >= p - 8) & (diff < p + 13)]
-                if not all(p <= d < p + 5 for d in near.tolist()):
-                    continue  # other changes around: not just our jump
-                found.append((owner, OrphanJump(lo + p, target, disk[p : p + 5], symbols.describe(lo + p))))
-                claimed_end = p + 5
+            near = diff[(diff >= p - 8) & (diff < p + 13)]
+            if not all(p <= d < p + 5 for d in near.tolist()):
+                continue  # other changes around: not just our jump
+            found.append((owner, OrphanJump(lo + p, target, disk[p : p + 5], symbols.describe(lo + p))))
+            claimed_end = p + 5
     return found
 
 

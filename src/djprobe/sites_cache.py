@@ -193,12 +193,14 @@ class ModuleVerdicts:
     def get(self, key: str) -> list | None:
         """The raw entry under ``key`` (an entry of another kind than a site's verdict, e.g.
         ``springboard_cache.py``'s), or None."""
-        entry = self.entries.get(key)
+        entry = self._new.get(key)
+        if entry is None:
+            entries = self.entries
+            entry = entries.get_key(key) if isinstance(entries, VerdictIndex) else entries.get(key)
         return entry if isinstance(entry, list) else None
 
     def put(self, key: str, entry: list) -> None:
         """Keep a raw entry under ``key`` (written at the next flush, merged like the verdicts)."""
-        self.entries[key] = entry
         self._new[key] = entry
 
     # -- writing ----------------------------------------------------------------------------

@@ -60,3 +60,21 @@ def test_other_layouts_are_left_to_json(case):
     else:
         text = _text(sites)[:-1] + "]"
     assert parse(text, KEY) is None
+
+
+def test_entries_of_other_kinds_by_their_text_key():
+    """springboard_cache.py keeps short-jump verdicts under ``s<vaddr>`` keys in the same file:
+    found by their key, never taken for a site's verdict, and a site's verdict by its text key."""
+    sites = {
+        "0x1100": ["j", "0x1100", 40, "554889e5", 0, 1],
+        "s0x11b4": ["s", "0x11a0", 60, "eb0390", 1, [[4576, 4590, 0]]],
+        "0x11b4": ["r", "0x11a0", 60, 'a reason naming ,"s0x1100":["x"] in quotes'],
+        "s0x1200": ["n", "0x11f0", 30],
+    }
+    index = parse(_text(sites), KEY)
+    assert index is not None and len(index) == 2  # the sites' verdicts
+    for key, entry in sites.items():
+        assert index.get_key(key) == entry
+    assert index.get(0x1200) is None and index.get_key("s0x1100") is None
+    only_other = parse(_text({"s0x1200": ["n", "0x11f0", 30]}), KEY)
+    assert only_other is not None and only_other.get_key("s0x1200") == ["n", "0x11f0", 30]

@@ -3,7 +3,7 @@
 Each process of the fleet is opened as ``count`` opens it (_fleet.open_member: its own
 ``ProbedProcess``, probes, loader hook and fork hook, and with ``--follow`` its own ``Family``)
 with trace's record probes, and read through a ``TraceFamily`` of its own (_follow_trace.py,
-the reader of ``trace --follow``): one merger, ``write_events``, puts every process's events in
+the reader of ``trace --follow``): one merger, ``TimeOrderedWriter``, puts every process's events in
 time order, text lines marked ``[pid N]`` once there is more than one process, JSON lines with
 ``"pid"``. A process that exits while traced keeps its events and figures; the notice and the
 summary say it exited. The summary gives the totals per site, then each process's figures.
@@ -19,7 +19,7 @@ from ..errors import ProcessGoneError
 from ..events import EventBatch
 from ._children import Placement
 from ._fleet import Member, close_member, fleet_banner, open_fleet, process_ended, take_in
-from ._follow_trace import TraceFamily, summary, write_events
+from ._follow_trace import TimeOrderedWriter, TraceFamily, summary
 from ._name_watch import NameWatch
 from ._output import notice, print_refusals, print_traps
 from ._target import Interrupted, interrupted
@@ -41,8 +41,10 @@ def run_fleet_trace(args: argparse.Namespace, out: TextIO, placement: Placement,
     def several() -> bool:
         return len(members) > 1 or any(m.reader.several for m in members)  # type: ignore[attr-defined]
 
-    def write(got: list[tuple[int, EventBatch]]) -> None:
-        write_events(out, got, several(), text, as_json, args.json)
+    merger = TimeOrderedWriter(out, text, as_json, args.json)
+
+    def write(got: list[tuple[int, EventBatch]], final: bool = False) -> None:
+        merger.write(got, several(), final)
 
     def last_events(member: Member) -> None:  # its probes are out, its areas still mapped
         reader: TraceFamily = member.reader  # type: ignore[assignment]
@@ -69,7 +71,7 @@ def run_fleet_trace(args: argparse.Namespace, out: TextIO, placement: Placement,
                 close_member(m, last_events)
             except Exception as exc:  # noqa: BLE001 - the other processes' probes must come out too
                 notice(f"process {m.pid}: {exc}")
-    write(last)
+    write(last, final=True)
     rows = [row for m in members for row in m.reader.members(m.pid, m.command, m.sites())]  # type: ignore[attr-defined]
     ended = {m.pid for m in members if m.ended}
     text = summary(rows, args.json, sum(waited.values()), ended, output_dropped=dropped_lines(out))

@@ -7,7 +7,7 @@ drained and written in time order; text lines are marked ``[pid N]`` once there 
 one process, JSON lines carry ``"pid"``. The summary gives the totals per site, then each
 process's own figures. ``trace -p A,B`` and ``--name`` (_fleet_trace.py) read each process of the
 fleet through a ``TraceFamily`` of its own (without a ``Family`` when not ``--follow``) and
-write them all with ``write_events``.
+write them all through one ``TimeOrderedWriter``.
 """
 
 from __future__ import annotations
@@ -111,20 +111,45 @@ def start_family(args: argparse.Namespace, target: ProbedProcess, guard, sites: 
     return TraceFamily(family, target) if family is not None else None
 
 
-def write_events(out: TextIO, got: list[tuple[int, EventBatch]], several: bool,
-                 text: Callable[[EventBatch, str], list[str]], as_json: Callable[[EventBatch, int], list[str]],
-                 json_mode: bool) -> None:
-    """Write the events of several processes in time order."""
-    entries: list[tuple[int, int, str]] = []
-    for n, (pid, batch) in enumerate(got):
-        lines = as_json(batch, pid) if json_mode else text(batch, f"[pid {pid}] " if several else "")
-        times = batch.events["time_ns"].tolist()
-        entries += [(t, n, line) for t, line in zip(times, lines)]
-    if not entries:
-        return
-    entries.sort(key=lambda e: (e[0], e[1]))
-    out.write("\n".join(e[2] for e in entries) + "\n")
-    out.flush()
+#: How long the newest events are held back before they are written (ns): a record whose
+#: timestamp was taken before a read may be committed, and read, only at the next one (its
+#: thread preempted between the two: 139 µs seen on a loaded machine), so events younger than
+#: this wait for the next reads to be placed among theirs in time order.
+HOLD_NS = 200_000_000
+
+
+class TimeOrderedWriter:
+    """Writes the events of several processes in time order across reads: each read's events
+    are merged with those held back, and written once older than :data:`HOLD_NS` (all of them
+    at the last read)."""
+
+    def __init__(self, out: TextIO, text: Callable[[EventBatch, str], list[str]],
+                 as_json: Callable[[EventBatch, int], list[str]], json_mode: bool, hold_ns: int = HOLD_NS) -> None:
+        self._out, self._text, self._as_json, self._json_mode = out, text, as_json, json_mode
+        self._hold_ns = hold_ns
+        self._held: list[tuple[int, int, str]] = []  # (time_ns, order of arrival, line)
+        self._arrived = 0
+
+    def write(self, got: list[tuple[int, EventBatch]], several: bool, final: bool = False) -> None:
+        """Add ``got`` ((pid, events) per process) and write what is old enough (``final``: all)."""
+        for pid, batch in got:
+            lines = self._as_json(batch, pid) if self._json_mode else self._text(batch, f"[pid {pid}] " if several else "")
+            times = batch.events["time_ns"].tolist()
+            self._held += [(t, self._arrived + k, line) for k, (t, line) in enumerate(zip(times, lines))]
+            self._arrived += len(lines)
+        if not self._held:
+            return
+        self._held.sort()
+        if final:
+            ready, self._held = self._held, []
+        else:
+            cutoff = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._hold_ns
+            n = next((i for i, e in enumerate(self._held) if e[0] > cutoff), len(self._held))
+            if n == 0:
+                return
+            ready, self._held = self._held[:n], self._held[n:]
+        self._out.write("\n".join(e[2] for e in ready) + "\n")
+        self._out.flush()
 
 
 def follow_loop(args: argparse.Namespace, out: TextIO, family: TraceFamily, follower, write: Callable[[list, bool], None]) -> None:

@@ -15,7 +15,7 @@ from ._output import add_output_argument, banner, notice, print_refusals, print_
 from .count import probe_json
 from ._target import Interrupted, add_target_arguments, interrupted, exit_status, install_signal_handlers, make_probes, open_target, pending_list
 from ._children import Placement, add_follow_argument, guard_children
-from ._follow_trace import follow_loop, refuse_with_follow, start_family, summary, write_events
+from ._follow_trace import TimeOrderedWriter, follow_loop, refuse_with_follow, start_family, summary
 from ._fleet import wants_fleet
 from ._pending import follow_libraries
 from ._wrapper import ExecWatch, no_match_in_script, script_note
@@ -181,9 +181,7 @@ def _run_followed(args, out: TextIO, target, probes, follower, guard, family, wa
     def text(batch: EventBatch, mark: str) -> list[str]:
         return _format_lines(batch, start_ns, wall_offset, args.timestamp, mark)
 
-    def write(got: list, several: bool) -> None:
-        write_events(out, got, several, text, _json_lines, args.json)
-
+    write = TimeOrderedWriter(out, text, _json_lines, args.json).write
     follow_loop(args, out, family, follower, write)
     if follower is not None:
         follower.close()
@@ -191,7 +189,7 @@ def _run_followed(args, out: TextIO, target, probes, follower, guard, family, wa
     family.family.close()  # children's jumps out; images' last events kept
     if guard is not None:
         guard.close()
-    write(family.read(complete=True), family.several)
+    write(family.read(complete=True), family.several, final=True)
     waited = family.waited_seconds()
     target.close()
     exec_note = watch.note() if watch is not None else None
