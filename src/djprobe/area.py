@@ -230,6 +230,8 @@ class AreaLayout:
                 raise ValueError(f"{name} must be a power of two, not {value}")
         if self.n_shards < 2:
             raise ValueError("n_shards must be at least 2 (per-CPU and locked halves)")
+        if self.n_shards > 512 or self.ring_count > 256:  # stubs.stack_hash gives 8 bits to mask
+            raise ValueError(f"n_shards ({self.n_shards}) must be at most 512 and ring_count ({self.ring_count}) at most 256")
 
     @property
     def table_offset(self) -> int:

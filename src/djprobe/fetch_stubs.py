@@ -45,6 +45,7 @@ from .stubs import (
     _rdtsc,
     _rsp_slot,
     apart_inc,
+    stack_hash,
 )
 
 # The full frame of this stub (every general-purpose register pushed, then the flags slot) and
@@ -171,8 +172,7 @@ def fetch_action(layout: AreaLayout, where: RecordTargets, rings: StringRings, s
         a.branch(Code.JE_REL32_64, "apart")
     # Count the hit in a locked shard chosen by rsp (as the record stub does); rbx = the shard.
     stride_shift = layout.shard_stride.bit_length() - 1
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
-    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    stack_hash(a, R.RAX, R.EAX, layout.shard_shift)
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
     a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
     a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RBX, R.RAX))

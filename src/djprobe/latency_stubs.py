@@ -43,7 +43,7 @@ from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from .area import LATENCY_ENTRY_SIZE, HIST_WORDS, LATENCY_MISC_WORDS, MISC_COLLISIONS, MISC_UNPAIRED, AreaLayout
 from .rseq import CPU_ID, RSEQ_CS, RSEQ_SIG, VFORK_CPU
-from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _fs, _mem, _rsp_slot, count_action, rseq_descriptor
+from .stubs import RSEQ_CS_SIZE, PerCpu, Relocatable, Stub, _Asm, _finish, _fs, _mem, _rsp_slot, count_action, rseq_descriptor, stack_hash
 
 __all__ = ["LatencyTargets", "GOLDEN", "TAG_SHIFT", "latency_key", "table_index", "build_latency_entry_stub",
            "build_latency_exit_stub", "build_latency_both_stub", "latency_supported"]
@@ -254,8 +254,7 @@ def exit_action(t: LatencyTargets, per_cpu: PerCpu | None = None) -> _Asm:
         a.label("disarm")
         a.add(Instruction.create_mem_u32(Code.MOV_RM64_IMM32, rseq_cs, 0))
         a.label("locked")
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RDX, R.RSP))
-    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RDX, t.shard_shift))
+    stack_hash(a, R.RDX, R.EDX, t.shard_shift)
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EDX, t.locked_shards - 1))
     a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EDX, t.cpu_shards))
     a.add(Instruction.create_reg_reg_u32(Code.IMUL_R32_RM32_IMM32, R.EDX, R.EDX, t.shard_stride))

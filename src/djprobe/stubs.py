@@ -156,8 +156,7 @@ def count_action(
         else:
             a.branch(Code.JMP_REL32_64, "done")
         a.label("locked")
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
-    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    stack_hash(a, R.RAX, R.EAX, layout.shard_shift)
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
     a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
     a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
@@ -337,6 +336,23 @@ class _Asm:
 # at the probe are read from here into the record), the raw flags, and the lossless wait's two
 # TSC values.
 _SCRATCH = (Register.RAX, Register.RCX, Register.RDX, Register.R10, Register.R11)
+
+
+#: Fibonacci hashing's multiplier (2**32 / the golden ratio): the stack address a locked shard or
+#: ring is chosen by is hashed, see :func:`stack_hash`.
+STACK_HASH = 0x9E3779B1
+
+
+def stack_hash(a: "_Asm", reg64: Register, reg32: Register, shift: int) -> None:
+    """``reg32`` = a hash of ``rsp >> shift`` in its low 8 bits (take them with a mask). glibc
+    gives each thread an 8 MiB stack plus a guard page, so ``rsp >> 21`` differs by 4 between
+    threads: masked alone, every thread chose the same one of four locked rings."""
+    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, reg64, Register.RSP))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, reg64, shift))
+    a.add(Instruction.create_reg_reg_u32(Code.IMUL_R32_RM32_IMM32, reg32, reg32, STACK_HASH))
+    a.add(Instruction.create_reg_u32(Code.SHR_RM32_IMM8, reg32, 24))  # the product's top byte
+
+
 _SAVED_AT = {Register.RAX: 40, Register.RCX: 32, Register.RDX: 24, Register.R10: 16, Register.R11: 8}
 _FLAGS_SLOT = 0
 _WAIT_BEGAN = 48
@@ -463,8 +479,7 @@ def _record_asm(
     if where.rseq_offset is not None and not per_cpu:  # locked only (a shared stub's record): the check here
         a.add(Instruction.create_mem_u32(Code.CMP_RM32_IMM32, _fs(where.rseq_offset + CPU_ID), VFORK_CPU))
         a.branch(Code.JE_REL32_64, "apart")
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
-    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    stack_hash(a, R.RAX, R.EAX, layout.shard_shift)
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, layout.locked_shards - 1))
     a.add(Instruction.create_reg_u32(Code.ADD_RM32_IMM32, R.EAX, layout.locked_shard_base))
     a.add(Instruction.create_reg_u32(Code.SHL_RM32_IMM8, R.EAX, stride_shift))
@@ -497,8 +512,7 @@ def _record_asm(
     # Locked: reserve with lock cmpxchg in a ring chosen by rsp (plus the rings escaped, see
     # _own_slot_check), then write, then commit with the slot's sequence number.
     a.label("reserve_locked")
-    a.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, R.RAX, R.RSP))
-    a.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, R.RAX, layout.shard_shift))
+    stack_hash(a, R.RAX, R.EAX, layout.shard_shift)
     if where.wait_cycles and locked_rings > 1:
         a.add(Instruction.create_reg_mem(Code.ADD_R32_RM32, R.EAX, _rsp_slot(_ESCAPED)))
     a.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, R.EAX, locked_rings - 1))
