@@ -30,11 +30,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .process import Process
     from .symbols import Symbols
 
-__all__ = ["RSEQ_SIG", "RseqArea", "rseq_symbols", "glibc_rseq_area", "CPU_ID", "RSEQ_CS", "VFORK_CPU"]
+__all__ = ["RSEQ_SIG", "RseqArea", "rseq_symbols", "glibc_rseq_area", "CPU_ID", "CPU_ID_START", "RSEQ_CS", "VFORK_CPU"]
 
 #: glibc's signature on x86 (also librseq's): the 4 bytes before every abort handler.
 RSEQ_SIG = 0x53053053
 #: Offsets inside ``struct rseq``.
+CPU_ID_START = 0  # struct rseq's cpu_id_start: written by the kernel with cpu_id
 CPU_ID = 4
 RSEQ_CS = 8
 #: What the vfork hook (:mod:`djprobe.vforks`) writes into ``cpu_id`` in a vfork/posix_spawn

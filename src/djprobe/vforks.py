@@ -45,7 +45,7 @@ from .arch import I386, X86_64
 from .errors import DjprobeError, SymbolNotFoundError
 from .overlaps import unpatched_memory
 from .probes import Djprobe
-from .rseq import CPU_ID, VFORK_CPU
+from .rseq import CPU_ID, CPU_ID_START, VFORK_CPU
 from .stubs import RED_ZONE, Stub, _Asm, _finish, _fs
 
 if TYPE_CHECKING:
@@ -60,6 +60,27 @@ __all__ = ["VforkHook", "VforkMarks", "find_vfork_site", "find_spawn_child", "vf
 log = logging.getLogger(__name__)
 
 SYS_VFORK = 58
+
+
+def unmark_parent(a: _Asm, cpu_id_start: MemoryOperand, cpu_id: MemoryOperand, saved: tuple[Register, Register],
+                  push: Code, pop: Code) -> None:
+    """Where the hook runs in the parent (back from ``vfork``/``clone``): if ``cpu_id`` still
+    holds the child's mark, put the CPU number the kernel last wrote (``cpu_id_start``) back,
+    with ``lock cmpxchg`` (a kernel update meanwhile wins). The kernel rewrites ``cpu_id`` when
+    the parent was scheduled out while waiting for its child, but not when the child had already
+    exec'd before the parent waited (seen once in a CI run: one parent call counted apart). Saves
+    the two registers it uses; the flags must be saved by the caller."""
+    R = Register
+    eax, ecx = (R.EAX, R.ECX)
+    for reg in saved:
+        a.add(Instruction.create_reg(push, reg))
+    a.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, eax, VFORK_CPU))
+    a.add(Instruction.create_reg_mem(Code.MOV_R32_RM32, ecx, cpu_id_start))
+    cas = Instruction.create_mem_reg(Code.CMPXCHG_RM32_R32, cpu_id, ecx)
+    cas.has_lock_prefix = True
+    a.add(cas)
+    for reg in reversed(saved):
+        a.add(Instruction.create_reg(pop, reg))
 
 
 def vfork_action(counter: int, apart: int, rseq_offset: int, *, child_only_if_rax_zero: bool) -> list[Instruction]:
@@ -93,6 +114,7 @@ def vfork_action(counter: int, apart: int, rseq_offset: int, *, child_only_if_ra
     a.add(locked_inc(apart))
     a.branch(Code.JMP_REL32_64, "done")
     a.label("parent")
+    unmark_parent(a, _fs(rseq_offset + CPU_ID_START), _fs(rseq_offset + CPU_ID), (R.RAX, R.RCX), Code.PUSH_R64, Code.POP_R64)
     a.add(locked_inc(counter))
     a.label("done")
     a.add(Instruction.create(Code.POPFQ))

@@ -40,7 +40,7 @@ from iced_x86 import Code, Decoder, Instruction, Mnemonic, OpKind, Register
 from .arch import I386
 from .errors import SymbolNotFoundError
 from .overlaps import unpatched_memory
-from .rseq import CPU_ID, VFORK_CPU
+from .rseq import CPU_ID, CPU_ID_START, VFORK_CPU
 from .stubs import _Asm
 from .stubs32 import _abs, _add64, _aimed32, _gs
 from .symbols import ResolvedSite, Symbol, SymbolKind
@@ -82,6 +82,8 @@ def vfork_action32(counter: int, apart: int, rseq_offset: int, *, child_only_if_
     pthread``; its flags may be overwritten already, its parent not being suspended). Any other
     pass adds to ``counter`` and writes nothing else. Saves the flags; touches no register.
     Raises ValueError for a ``clone_flags`` that is not a :class:`CloneFlagsAt`."""
+    from .vforks import unmark_parent
+
     R = Register
     a = _Asm()
     a.add(Instruction.create(Code.PUSHFD))
@@ -107,6 +109,8 @@ def vfork_action32(counter: int, apart: int, rseq_offset: int, *, child_only_if_
     _add64(a, _abs(apart), _abs(apart + 4), "apart_counted")
     a.branch(Code.JMP_REL32_32, "done")
     a.label("parent")
+    unmark_parent(a, _gs(rseq_offset + CPU_ID_START), _gs(rseq_offset + CPU_ID), (Register.EAX, Register.ECX),
+                  Code.PUSH_R32, Code.POP_R32)
     _add64(a, _abs(counter), _abs(counter + 4), "counted")
     a.label("done")
     a.add(Instruction.create(Code.POPFD))

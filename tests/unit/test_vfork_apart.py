@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from iced_x86 import Code, Decoder, Mnemonic
+from iced_x86 import Code, Decoder, Instruction, Mnemonic, Register
 
 from djprobe.area import VERSION, AreaHeader, AreaLayout, AreaView
 from djprobe.rseq import VFORK_CPU
@@ -98,6 +98,25 @@ def test_vfork_action_marks_only_the_child(after_syscall):
     assert [(i.has_lock_prefix, i.ip_rel_memory_address) for i in incs] == [(True, APART), (True, COUNTER)]
     apart, parent = incs
     assert insns[insns.index(mark) + 1] is apart  # the apart count right after the mark
-    assert all(b.near_branch_target == parent.ip for b in branches)  # parent and unregistered: the count
+    start = _unmark_before(insns, parent, -0x60, Register.FS)
+    assert all(b.near_branch_target == start.ip for b in branches)  # parent and unregistered: unmark, count
     (over,) = [i for i in insns if i.mnemonic == Mnemonic.JMP]
     assert insns[insns.index(apart) + 1] is over and over.near_branch_target == insns[-2].ip  # past the count
+
+
+def _unmark_before(insns, count, offset: int, segment) -> Instruction:
+    """The parent's way (``vforks.unmark_parent``) right before its count: save eax and ecx,
+    ``lock cmpxchg`` cpu_id from the mark to cpu_id_start, restore; returns its first
+    instruction."""
+    at = insns.index(count)
+    seq = insns[at - 7:at]
+    assert [i.mnemonic for i in seq] == [Mnemonic.PUSH, Mnemonic.PUSH, Mnemonic.MOV, Mnemonic.MOV, Mnemonic.CMPXCHG,
+                                         Mnemonic.POP, Mnemonic.POP]
+    assert seq[2].op0_register == Register.EAX and seq[2].immediate(1) == VFORK_CPU
+    assert (seq[3].op0_register, seq[3].segment_prefix, seq[3].memory_displacement) == (
+        Register.ECX, segment, offset & 0xFFFFFFFF)  # cpu_id_start
+    cas = seq[4]
+    assert cas.has_lock_prefix and cas.segment_prefix == segment and cas.op1_register == Register.ECX
+    assert cas.memory_displacement == (offset + 4) & 0xFFFFFFFF  # cpu_id
+    assert [i.op0_register for i in seq[5:]] == [seq[1].op0_register, seq[0].op0_register]
+    return seq[0]

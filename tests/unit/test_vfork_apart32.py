@@ -16,6 +16,7 @@ from djprobe.rseq import VFORK_CPU
 from djprobe.stubs import RecordTargets
 from djprobe.stubs32 import assemble32, count_action32, record_action32
 from djprobe.vforks32 import CloneFlagsAt, vfork_action32
+from tests.unit.test_vfork_apart import _unmark_before
 
 SLOT = 0x4000_0000
 COUNTER = 0x5000_0000
@@ -100,7 +101,8 @@ def test_vfork_action32_marks_only_the_child(after_syscall):
     adds = [i for i in insns if i.mnemonic == Mnemonic.ADD]
     assert [(i.has_lock_prefix, i.memory_displacement) for i in adds] == [(True, APART), (True, COUNTER)]
     assert insns[insns.index(mark) + 1] is adds[0]
-    assert all(b.near_branch_target == adds[1].ip for b in branches)  # the parent, or an unregistered child
+    start = _unmark_before(insns, adds[1], OFFSET, Register.GS)
+    assert all(b.near_branch_target == start.ip for b in branches)  # the parent, or an unregistered child
 
 
 @pytest.mark.parametrize("where", list(CloneFlagsAt), ids=lambda w: w.value)
@@ -125,7 +127,8 @@ def test_clone_hook_marks_only_a_vfork_child_without_tls(where):
     assert tests == [(Mnemonic.TEST, None, Mnemonic.JNE)] + thread + [
         (Mnemonic.TEST, CLONE_VM, Mnemonic.JE), (Mnemonic.TEST, CLONE_VFORK, Mnemonic.JE),
         (Mnemonic.TEST, CLONE_SETTLS, Mnemonic.JNE), (Mnemonic.CMP, None, Mnemonic.JL)]
-    assert all(b.near_branch_target == adds[1].ip for b in checks[1::2])  # each way out: the parent's count
+    start = _unmark_before(insns, adds[1], OFFSET, Register.GS)
+    assert all(b.near_branch_target == start.ip for b in checks[1::2])  # each way out: the parent's count
     flag_tests = [c for c in checks[::2] if c.mnemonic == Mnemonic.TEST][1:]
     if where is CloneFlagsAt.EBX:
         assert all(c.op0_kind == OpKind.REGISTER and c.op0_register == Register.EBX for c in flag_tests)
@@ -135,11 +138,13 @@ def test_clone_hook_marks_only_a_vfork_child_without_tls(where):
         (self_cmp,) = [c for c in checks[::2] if c.mnemonic == Mnemonic.CMP and c.op0_kind == OpKind.REGISTER]
         assert (self_cmp.op0_register, self_cmp.segment_prefix, self_cmp.memory_displacement) == (
             Register.ESI, Register.GS, 8)
+    unmark = insns[insns.index(start):insns.index(start) + 7]  # saves and restores eax, ecx
     written = [i for i in insns if i.op_count and i.op0_kind == OpKind.REGISTER and i.mnemonic not in (
-        Mnemonic.TEST, Mnemonic.CMP)]
+        Mnemonic.TEST, Mnemonic.CMP) and i not in unmark]
     assert written == []  # no register touched (pushfd/popfd keep the flags)
-    gs_writes = [i for i in insns if i.segment_prefix == Register.GS and i.mnemonic == Mnemonic.MOV]
-    assert gs_writes == [mark]  # the only TLS write: the child's mark
+    gs_writes = [i for i in insns if i.segment_prefix == Register.GS and i.op0_kind == OpKind.MEMORY
+                 and i.mnemonic in (Mnemonic.MOV, Mnemonic.CMPXCHG)]
+    assert gs_writes == [mark, unmark[4]]  # the child's mark; the parent's unmark (only from the mark)
 
 
 def test_clone_flags_must_be_known():

@@ -13,7 +13,6 @@ target); the tracer faults them in again when it next reads them (:func:`release
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 
@@ -23,6 +22,13 @@ _trim = None
 _mallopt = None
 _M_MMAP_THRESHOLD = -3
 _threshold_fixed = False
+
+
+def _own_libc() -> ctypes.CDLL:
+    """The C library this interpreter runs on, by its already-loaded symbols (not
+    ``ctypes.util.find_library``, which runs ``ldconfig -p`` as a child process: a tracer that
+    holds a command must have no other child)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def fix_mmap_threshold(size: int = 128 * 1024) -> bool:
@@ -37,7 +43,7 @@ def fix_mmap_threshold(size: int = 128 * 1024) -> bool:
         return False
     if _mallopt is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc = _own_libc()
             _mallopt = libc.mallopt
             _mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
             _mallopt.restype = ctypes.c_int
@@ -55,7 +61,7 @@ def release_free_heap() -> bool:
     global _trim
     if _trim is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            libc = _own_libc()
             _trim = libc.malloc_trim
             _trim.argtypes = [ctypes.c_size_t]
             _trim.restype = ctypes.c_int
