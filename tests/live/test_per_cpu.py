@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 import djprobe
@@ -109,3 +110,29 @@ def test_without_glibc_rseq_falls_back(churn_exe):
     hits, calls, per_cpu, locked, _ = _run(churn_exe, 100_000, env=env)
     assert hits == calls
     assert per_cpu == 0 and locked == calls
+
+
+def test_threads_without_rseq_spread_over_the_locked_rings(churn_exe):
+    """Without rseq every record takes a locked ring chosen from the thread's stack address: NT
+    threads with glibc's 8 MiB stacks (rsp >> 21 four apart) use more than one of the four
+    locked rings (stubs.stack_hash; before it, all of them chose the same ring)."""
+    from djprobe.area import RING_HEADER_SIZE
+
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.pthread.rseq=0")
+    read_fd, write_fd = os.pipe()
+    with djprobe.spawn([str(churn_exe), "2000"], stdout=write_fd, env=env) as proc:
+        os.close(write_fd)
+        djp = proc.register(djprobe.Djprobe("f_count", record=True))
+        view = djp._instance.region.view
+        proc.start()
+        with os.fdopen(read_fd) as out:
+            output = out.read()
+        assert proc.process.popen.wait(timeout=60) == 0, output
+        lay = view.layout
+        heads = [int(np.frombuffer(view.buffer, np.uint64, 1, lay.rings_offset + r * RING_HEADER_SIZE)[0])
+                 for r in range(lay.ring_count)]
+        hits = djp.hits
+    cpu_rings = lay.ring_count // 2
+    assert sum(heads[:cpu_rings]) == 0, heads  # no rseq: no per-CPU ring
+    assert sum(heads) > 0 and hits > 0
+    assert sum(1 for h in heads[cpu_rings:] if h) >= 2, heads
